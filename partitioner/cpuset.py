@@ -1,0 +1,127 @@
+"""Sets of host CPUs, and the kernel's cpulist syntax ("0-3,8,10-11"), parsed and printed here only."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+
+class CpuListSyntaxError(ValueError):
+    """Text that is not a kernel cpulist."""
+
+
+class CpuSet:
+    """An immutable, ordered set of CPU numbers."""
+
+    __slots__ = ("_cpus",)
+
+    def __init__(self, cpus: Iterable[int] = ()) -> None:
+        items = frozenset(cpus)
+        for c in items:
+            if not isinstance(c, int) or isinstance(c, bool) or c < 0:
+                raise ValueError(f"not a CPU number: {c!r}")
+        self._cpus: tuple[int, ...] = tuple(sorted(items))
+
+    @classmethod
+    def parse(cls, text: str) -> CpuSet:
+        """Parse kernel cpulist syntax: ``"0-3,8,10-11"``; also ``"0-7:2"`` strides as the kernel accepts.
+
+        An empty string (or only whitespace) is the empty set, as in an empty sysfs ``cpulist``.
+        """
+        text = text.strip()
+        if not text:
+            return cls()
+        out: set[int] = set()
+        for part in text.split(","):
+            part = part.strip()
+            if not part:
+                raise CpuListSyntaxError(f"empty item in CPU list {text!r}")
+            stride = 1
+            if ":" in part:
+                part, _, stride_text = part.partition(":")
+                if "/" in stride_text:  # kernel form "0-15:2/4": used/group size
+                    raise CpuListSyntaxError(f"group strides are not supported in {text!r}")
+                stride = _parse_int(stride_text, text)
+                if stride <= 0:
+                    raise CpuListSyntaxError(f"stride must be positive in {text!r}")
+            if "-" in part:
+                lo_text, _, hi_text = part.partition("-")
+                lo, hi = _parse_int(lo_text, text), _parse_int(hi_text, text)
+                if hi < lo:
+                    raise CpuListSyntaxError(f"range {part!r} runs backwards in CPU list {text!r}")
+                out.update(range(lo, hi + 1, stride))
+            else:
+                out.add(_parse_int(part, text))
+        return cls(out)
+
+    @classmethod
+    def from_mask(cls, text: str) -> CpuSet:
+        """Parse a kernel hex mask (``"00000000,0000ff0f"``), as in ``cpumap`` or ``Cpus_allowed``."""
+        digits = text.strip().replace(",", "")
+        if not digits:
+            return cls()
+        try:
+            value = int(digits, 16)
+        except ValueError:
+            raise CpuListSyntaxError(f"not a CPU mask: {text!r}") from None
+        return cls(i for i in range(value.bit_length()) if value >> i & 1)
+
+    def __str__(self) -> str:
+        """Canonical cpulist syntax, ranges collapsed: ``0-3,8``."""
+        parts: list[str] = []
+        cpus = self._cpus
+        i = 0
+        while i < len(cpus):
+            j = i
+            while j + 1 < len(cpus) and cpus[j + 1] == cpus[j] + 1:
+                j += 1
+            parts.append(str(cpus[i]) if i == j else f"{cpus[i]}-{cpus[j]}")
+            i = j + 1
+        return ",".join(parts)
+
+    def __repr__(self) -> str:
+        return f"CpuSet({str(self)!r})"
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._cpus)
+
+    def __len__(self) -> int:
+        return len(self._cpus)
+
+    def __contains__(self, cpu: object) -> bool:
+        return cpu in frozenset(self._cpus) if len(self._cpus) > 16 else cpu in self._cpus
+
+    def __bool__(self) -> bool:
+        return bool(self._cpus)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CpuSet) and self._cpus == other._cpus
+
+    def __hash__(self) -> int:
+        return hash(self._cpus)
+
+    def __or__(self, other: CpuSet) -> CpuSet:
+        return CpuSet(self._cpus + other._cpus)
+
+    def __and__(self, other: CpuSet) -> CpuSet:
+        theirs = set(other._cpus)
+        return CpuSet(c for c in self._cpus if c in theirs)
+
+    def __sub__(self, other: CpuSet) -> CpuSet:
+        theirs = set(other._cpus)
+        return CpuSet(c for c in self._cpus if c not in theirs)
+
+    def isdisjoint(self, other: CpuSet) -> bool:
+        return set(self._cpus).isdisjoint(other._cpus)
+
+    def issubset(self, other: CpuSet) -> bool:
+        return set(self._cpus).issubset(other._cpus)
+
+    def as_list(self) -> list[int]:
+        return list(self._cpus)
+
+
+def _parse_int(text: str, whole: str) -> int:
+    text = text.strip()
+    if not text.isdigit():
+        raise CpuListSyntaxError(f"{text!r} is not a CPU number in CPU list {whole!r}")
+    return int(text)

@@ -1,0 +1,151 @@
+"""The one exception tree of the project.
+
+Only the CLI turns these into text and exit codes (``exit_code`` below, as
+``cli.md`` documents them)::
+
+    PartitionError                 1  unexpected, or not classified
+     +-- UsageError                2  bad arguments
+     +-- ManifestError             2  the manifest is not valid (carries .problems)
+     +-- HostReadError             2  a --host-root tree that cannot be read as a host
+     +-- PlanError                 3  valid manifest that does not fit this host (.problems)
+     +-- DeviceError               4  claiming / releasing a PCI function failed (.address, .path)
+     +-- GuestError                4  QEMU could not be started or driven (.partition)
+     |    +-- VMLaunchFailure         QEMU exited while starting (.exitcode, .command, .output)
+     +-- StateError                1  the state record is unreadable or locked (.path)
+     +-- ApplyFailed               4  apply failed and was rolled back (.cause)
+          +-- RollbackIncomplete   5  ... and could not put everything back (.leftover)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class PartitionError(Exception):
+    """Root of every error this project raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(PartitionError):
+    exit_code = 2
+
+
+@dataclass(frozen=True, order=True)
+class Problem:
+    """One located problem in a manifest: ``FILE:LINE:COL: message``.
+
+    ``line`` and ``column`` are 1-based; 0 means "the whole file".  ``path``
+    is the JSON path of the offending node (``partitions.fw0.cpus``), used to
+    sort problems that share a line.
+    """
+
+    file: str
+    line: int
+    column: int
+    message: str
+    path: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}: {self.message}"
+
+
+class ManifestError(PartitionError):
+    exit_code = 2
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = sorted(problems, key=lambda p: (p.file, p.line, p.column, p.path, p.message))
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class HostReadError(PartitionError):
+    """The host tree cannot be read as a host (missing /sys, garbage files)."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: str = "") -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class PlanError(PartitionError):
+    """The manifest is valid but does not fit the host.  Every reason is kept."""
+
+    exit_code = 3
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class DeviceError(PartitionError):
+    """A PCI function could not be claimed or given back.
+
+    ``path`` is the sysfs file the kernel refused (if any), ``errno`` its error.
+    """
+
+    exit_code = 4
+
+    def __init__(
+        self, message: str, *, address: str = "", path: str = "", errno: int | None = None
+    ) -> None:
+        self.address = address
+        self.path = path
+        self.errno = errno
+        super().__init__(message)
+
+
+class GuestError(PartitionError):
+    exit_code = 4
+
+    def __init__(self, message: str, *, partition: str = "") -> None:
+        self.partition = partition
+        super().__init__(message)
+
+
+class VMLaunchFailure(GuestError):
+    """QEMU exited (or never answered QMP) while being started."""
+
+    def __init__(
+        self, *, partition: str, exitcode: int | None, command: Sequence[str], output: str
+    ) -> None:
+        self.exitcode = exitcode
+        self.command = list(command)
+        self.output = output
+        tail = "\n".join(output.strip().splitlines()[-10:])
+        super().__init__(
+            f"QEMU for partition {partition} exited with code {exitcode} while starting"
+            + (f":\n{tail}" if tail else ""),
+            partition=partition,
+        )
+
+
+class StateError(PartitionError):
+    exit_code = 1
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        self.path = path
+        super().__init__(message)
+
+
+class ApplyFailed(PartitionError):
+    """An action failed; the actions done before it were undone."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, cause: BaseException | None = None) -> None:
+        self.cause = cause
+        super().__init__(message)
+
+
+class RollbackIncomplete(ApplyFailed):
+    """An action failed and undoing the earlier ones failed too: ``leftover`` names what is left."""
+
+    exit_code = 5
+
+    def __init__(
+        self, message: str, *, cause: BaseException | None = None, leftover: Sequence[str] = ()
+    ) -> None:
+        self.leftover = list(leftover)
+        super().__init__(message, cause=cause)

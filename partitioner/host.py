@@ -1,0 +1,126 @@
+"""The host as the partitioner sees it: a read-only picture, built by ``inventory.scan(HostRoot)``.
+
+Everything here is a frozen value.  Nothing in this module reads the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from partitioner.cpuset import CpuSet
+from partitioner.pci import PciAddress
+
+
+@dataclass(frozen=True)
+class Cpu:
+    id: int
+    online: bool
+    allowed: bool  # in the cgroup/affinity set the partitioner may hand out
+    package: int
+    die: int
+    core: int  # core_id as the kernel gives it (unique within a package only)
+    node: int | None  # NUMA node, None if the kernel tells none
+    siblings: CpuSet  # thread_siblings_list: this CPU and its SMT siblings
+    kind: str = ""  # hybrid CPUs: "core" (performance) / "atom" (efficiency); "" when uniform
+
+
+@dataclass(frozen=True)
+class HugepagePool:
+    size_bytes: int
+    total: int
+    free: int
+    surplus: int = 0
+
+
+@dataclass(frozen=True)
+class NumaNode:
+    id: int
+    cpus: CpuSet  # online CPUs of this node (may be empty: memory-only nodes)
+    memory_bytes: int  # MemTotal of the node
+    free_bytes: int  # MemFree of the node
+    distances: tuple[int, ...]  # to every node, in node order as the kernel lists them
+    hugepages: Mapping[int, HugepagePool]  # page size in bytes -> pool
+
+
+@dataclass(frozen=True)
+class PciFunction:
+    address: PciAddress
+    vendor: str  # 4 lowercase hex digits, no 0x: "8086"
+    device: str
+    class_code: str  # 6 hex digits: "020000"
+    subsystem_vendor: str
+    subsystem_device: str
+    driver: str | None
+    driver_override: str | None
+    iommu_group: int | None
+    numa_node: int | None  # None where the kernel says -1
+    reset_methods: tuple[str, ...]  # reset_method, e.g. ("flr", "bus"); () if none or unknown
+    boot_vga: bool
+    is_bridge: bool  # PCI class 06xx: bridges, root ports, switch ports stay with the host
+    upstream: tuple[PciAddress, ...]  # bridges/ports from the root down to this function's parent
+    netdevs: tuple[str, ...]  # network interfaces of this function
+    label: str = ""  # a human name (udev hwdb or a class name) when one is known
+
+    @property
+    def id(self) -> str:
+        return f"{self.vendor}:{self.device}"
+
+
+@dataclass(frozen=True)
+class IommuGroup:
+    id: int
+    members: tuple[PciAddress, ...]
+
+
+@dataclass(frozen=True)
+class NetInterface:
+    name: str
+    pci: PciAddress | None
+    up: bool
+    has_address: bool
+    default_route: bool
+
+
+@dataclass(frozen=True)
+class Host:
+    cpus: Mapping[int, Cpu]  # every CPU the kernel lists (online or not)
+    nodes: Mapping[int, NumaNode]
+    pci: Mapping[PciAddress, PciFunction]
+    iommu_groups: Mapping[int, IommuGroup]
+    # Functions the host itself is using, with why: "controller of / (nvme0n1p2)",
+    # "enp3s0 carries the default route", "boot VGA device".  Rule 5 of manifest.md.
+    in_use: Mapping[PciAddress, tuple[str, ...]]
+    netdevs: Mapping[str, NetInterface]
+    has_kvm: bool
+    has_iommu: bool  # /sys/kernel/iommu_groups exists and is not empty
+    hugepage_sizes: tuple[int, ...]  # page sizes the kernel offers (bytes), ascending
+    page_size: int = 4096
+    vfio_pci_loaded: bool = False
+    notes: tuple[str, ...] = field(default=())  # quirks met while reading (contradictory NUMA data...)
+
+    @property
+    def online_cpus(self) -> CpuSet:
+        return CpuSet(c.id for c in self.cpus.values() if c.online)
+
+    @property
+    def usable_cpus(self) -> CpuSet:
+        """CPUs that may be handed out: online and allowed (rule 1)."""
+        return CpuSet(c.id for c in self.cpus.values() if c.online and c.allowed)
+
+    def threads_per_core(self) -> int:
+        """The most common SMT width among usable CPUs (1 without SMT)."""
+        widths: dict[int, int] = {}
+        for c in self.cpus.values():
+            if c.online and c.allowed:
+                w = len(c.siblings) or 1
+                widths[w] = widths.get(w, 0) + 1
+        if not widths:
+            return 1
+        return max(widths.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+    def group_of(self, address: PciAddress) -> IommuGroup | None:
+        fn = self.pci.get(address)
+        if fn is None or fn.iommu_group is None:
+            return None
+        return self.iommu_groups.get(fn.iommu_group)

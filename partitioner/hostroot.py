@@ -1,0 +1,111 @@
+"""The one door to the host: every read (and write) of /sys, /proc and /dev goes through a HostRoot.
+
+A HostRoot is rooted at a directory: ``/`` for the live machine, or a snapshot
+tree (``partition snapshot``, hwloc's test corpus) for ``--host-root``.  Paths
+given to it are absolute paths *as the kernel names them* (``/sys/bus/pci``);
+the root is prefixed here and nowhere else.
+
+Writes are for the live host only (claiming devices, hugepage pools).  Tests
+subclass HostRoot and override :meth:`write` to play the kernel's part on a
+tree they built (see ``tests/fakekernel.py``), so the code under test runs
+unchanged.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+from pathlib import Path
+
+
+class HostRoot:
+    def __init__(self, root: str | os.PathLike[str] = "/") -> None:
+        self.root = Path(root).resolve()
+        self.live = self.root == Path("/")
+
+    def __repr__(self) -> str:
+        return f"HostRoot({str(self.root)!r})"
+
+    # -- paths ---------------------------------------------------------------
+
+    def path(self, kernel_path: str) -> Path:
+        """The file on this machine that stands for ``kernel_path`` (an absolute kernel path)."""
+        if not kernel_path.startswith("/"):
+            raise ValueError(f"kernel paths are absolute: {kernel_path!r}")
+        if self.live:
+            return Path(kernel_path)
+        return self.root / kernel_path.lstrip("/")
+
+    def kernel_path(self, local: str | os.PathLike[str]) -> str:
+        """Inverse of :meth:`path`: ``/snap/sys/devices/x`` -> ``/sys/devices/x``."""
+        p = Path(local)
+        if self.live:
+            return str(p)
+        try:
+            return "/" + str(p.relative_to(self.root))
+        except ValueError:
+            return str(p)
+
+    # -- reads ---------------------------------------------------------------
+
+    def exists(self, kernel_path: str) -> bool:
+        return os.path.exists(self.path(kernel_path))
+
+    def is_dir(self, kernel_path: str) -> bool:
+        return os.path.isdir(self.path(kernel_path))
+
+    def read(self, kernel_path: str, default: str | None = None) -> str | None:
+        """The file's text with surrounding whitespace stripped, or ``default`` if it cannot be read.
+
+        Sysfs files that exist but refuse a read (EINVAL, EIO, EACCES: write-only
+        attributes, devices that went away) also give ``default``.
+        """
+        try:
+            with open(self.path(kernel_path), encoding="utf-8", errors="replace") as f:
+                return f.read().strip()
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
+            return default
+        except OSError as e:
+            if e.errno in (errno_mod.EINVAL, errno_mod.EIO, errno_mod.ENODEV, errno_mod.ENXIO):
+                return default
+            raise
+
+    def read_int(self, kernel_path: str, default: int | None = None, base: int = 10) -> int | None:
+        text = self.read(kernel_path)
+        if text is None:
+            return default
+        try:
+            return int(text, base)
+        except ValueError:
+            return default
+
+    def listdir(self, kernel_path: str) -> list[str]:
+        """Sorted entries of a directory; empty if it is missing."""
+        try:
+            return sorted(os.listdir(self.path(kernel_path)))
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            return []
+
+    def readlink_name(self, kernel_path: str) -> str | None:
+        """The last component of a symlink's target (``driver`` -> ``e1000e``), or None."""
+        try:
+            return os.path.basename(os.readlink(self.path(kernel_path)))
+        except OSError:
+            return None
+
+    def realpath(self, kernel_path: str) -> str:
+        """Resolve symlinks inside the tree and give the result as a kernel path.
+
+        Sysfs links are relative, so they resolve inside a snapshot too.
+        """
+        return self.kernel_path(os.path.realpath(self.path(kernel_path)))
+
+    # -- writes (live host, or a test's fake kernel) -------------------------
+
+    def write(self, kernel_path: str, value: str) -> None:
+        """Write ``value`` to a kernel attribute in one ``write(2)``; OSError propagates with its errno."""
+        fd = os.open(self.path(kernel_path), os.O_WRONLY)
+        try:
+            os.write(fd, value.encode())
+        finally:
+            os.close(fd)

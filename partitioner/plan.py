@@ -1,0 +1,139 @@
+"""The placement of every partition on the host: a pure function of Manifest, Host and what runs.
+
+``plan(manifest, host, running)`` returns a :class:`Plan` or raises
+:class:`~partitioner.errors.PlanError` carrying every reason it cannot place.
+It does no I/O and is deterministic: the same inputs give the same plan,
+byte for byte in ``to_json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from partitioner.cpuset import CpuSet
+from partitioner.manifest import PartitionSpec
+from partitioner.pci import PciAddress
+from partitioner.units import page_size_name
+
+
+@dataclass(frozen=True)
+class DeviceAssignment:
+    address: PciAddress
+    iommu_group: int
+    vendor_device: str  # "8086:10d3"
+    driver: str | None  # the host driver bound when planned (given back on destroy)
+    added: bool  # True: not named by the user, taken because its slot or group goes along
+    reason: str  # "named as pci: 0000:81:00.0", "same slot as 0000:81:00.0", ...
+    reset_none_ok: bool = False
+
+
+@dataclass(frozen=True)
+class Placement:
+    name: str
+    cpus: tuple[int, ...]  # vCPU i runs on host CPU cpus[i]; siblings adjacent, core by core
+    sockets: int  # guest topology: sockets x cores x threads == len(cpus)
+    cores: int
+    threads: int
+    numa_nodes: tuple[int, ...]
+    memory_per_node: tuple[tuple[int, int], ...]  # (node, bytes), node order
+    hugepage_bytes: int | None
+    devices: tuple[DeviceAssignment, ...]  # named first (in manifest order), then added ones
+    spec: PartitionSpec
+    notes: tuple[str, ...] = ()
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(b for _, b in self.memory_per_node)
+
+    @property
+    def cpuset(self) -> CpuSet:
+        return CpuSet(self.cpus)
+
+    @property
+    def iommu_groups(self) -> tuple[int, ...]:
+        return tuple(sorted({d.iommu_group for d in self.devices}))
+
+    def same_resources(self, other: Placement) -> bool:
+        """True when a running partition placed as ``other`` need not be replaced to become ``self``."""
+        return (
+            self.cpus == other.cpus
+            and self.memory_per_node == other.memory_per_node
+            and self.hugepage_bytes == other.hugepage_bytes
+            and tuple(d.address for d in self.devices) == tuple(d.address for d in other.devices)
+            and (self.sockets, self.cores, self.threads) == (other.sockets, other.cores, other.threads)
+            and self.spec.boot == other.spec.boot
+            and self.spec.disks == other.spec.disks
+            and self.spec.firmware == other.spec.firmware
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The shape of ``partition plan --json`` (cli.md), plus the topology and per-node memory."""
+        return {
+            "cpus": list(self.cpus),
+            "numa_nodes": list(self.numa_nodes),
+            "memory_bytes": self.memory_bytes,
+            "memory_per_node": {str(n): b for n, b in self.memory_per_node},
+            "hugepages": page_size_name(self.hugepage_bytes) if self.hugepage_bytes else "none",
+            "topology": {"sockets": self.sockets, "cores": self.cores, "threads": self.threads},
+            "devices": [str(d.address) for d in self.devices if not d.added],
+            "added_devices": [str(d.address) for d in self.devices if d.added],
+            "iommu_groups": list(self.iommu_groups),
+            "device_details": [
+                {
+                    "address": str(d.address),
+                    "iommu_group": d.iommu_group,
+                    "id": d.vendor_device,
+                    "driver": d.driver,
+                    "added": d.added,
+                    "reason": d.reason,
+                }
+                for d in self.devices
+            ],
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class Plan:
+    accel: str
+    smt: str
+    host_cpus: CpuSet  # the host reserve: emulator threads of every partition run here
+    host_memory_bytes: int
+    placements: Mapping[str, Placement]  # in name order
+    notes: tuple[str, ...] = field(default=())
+
+    def hugepages_needed(self) -> dict[tuple[int, int], int]:
+        """(node, page size in bytes) -> pages the placed partitions need there."""
+        need: dict[tuple[int, int], int] = {}
+        for p in self.placements.values():
+            if p.hugepage_bytes is None:
+                continue
+            for node, size in p.memory_per_node:
+                key = (node, p.hugepage_bytes)
+                need[key] = need.get(key, 0) + size // p.hugepage_bytes
+        return need
+
+    def start_order(self) -> list[Placement]:
+        return sorted(self.placements.values(), key=lambda p: (p.spec.order, p.name))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "partitions": {name: p.to_json() for name, p in sorted(self.placements.items())},
+            "host": {"cpus": self.host_cpus.as_list(), "memory_bytes": self.host_memory_bytes},
+            "accel": self.accel,
+            "smt": self.smt,
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class RunningPartition:
+    """What the state record says a running partition holds; the planner keeps it where it is (rule 8)."""
+
+    name: str
+    cpus: tuple[int, ...]
+    memory_per_node: tuple[tuple[int, int], ...]
+    hugepage_bytes: int | None
+    devices: tuple[PciAddress, ...]

@@ -1,0 +1,42 @@
+"""Sizes with binary units, as the manifest writes them (``4GiB``) and as people read them."""
+
+from __future__ import annotations
+
+import re
+
+KiB = 1024
+MiB = 1024**2
+GiB = 1024**3
+TiB = 1024**4
+
+_UNITS = {"B": 1, "KiB": KiB, "MiB": MiB, "GiB": GiB, "TiB": TiB}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB|TiB)\s*$")
+
+
+class SizeSyntaxError(ValueError):
+    """Text that is not a size with a binary unit."""
+
+
+def parse_size(text: str) -> int:
+    """``"4GiB"`` -> 4294967296.  Only whole numbers and binary units: ``4GB`` is refused on purpose
+    (decimal or binary? the manifest does not guess)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        hint = ""
+        if re.match(r"^\s*\d+(\.\d+)?\s*[KMGT]?B?\s*$", text, re.IGNORECASE):
+            hint = " (use a binary unit: KiB, MiB, GiB or TiB, e.g. 4GiB)"
+        raise SizeSyntaxError(f"{text!r} is not a size{hint}")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def format_size(n: int) -> str:
+    """The largest binary unit that divides ``n`` exactly: 4294967296 -> ``4GiB``; 1536 MiB -> ``1536MiB``."""
+    for unit in ("TiB", "GiB", "MiB", "KiB"):
+        if n and n % _UNITS[unit] == 0:
+            return f"{n // _UNITS[unit]}{unit}"
+    return f"{n}B"
+
+
+def page_size_name(n: int) -> str:
+    """Hugepage size in the manifest's spelling: 2097152 -> ``2MiB``."""
+    return format_size(n)
