@@ -55,7 +55,9 @@ class ManifestError(PartitionError):
     exit_code = 2
 
     def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems = sorted(problems, key=lambda p: (p.file, p.line, p.column, p.path, p.message))
+        self.problems = sorted(
+            problems, key=lambda p: (p.file, p.line, p.column, p.path, p.message)
+        )
         super().__init__("\n".join(str(p) for p in self.problems))
 
 

@@ -97,7 +97,9 @@ class Host:
     hugepage_sizes: tuple[int, ...]  # page sizes the kernel offers (bytes), ascending
     page_size: int = 4096
     vfio_pci_loaded: bool = False
-    notes: tuple[str, ...] = field(default=())  # quirks met while reading (contradictory NUMA data...)
+    notes: tuple[str, ...] = field(
+        default=()
+    )  # quirks met while reading (contradictory NUMA data...)
 
     @property
     def online_cpus(self) -> CpuSet:

@@ -31,8 +31,12 @@ class PciAddress:
             )
         slot = int(m.group("slot"), 16)
         if slot > 0x1F:
-            raise PciAddressSyntaxError(f"{text!r} is not a PCI address: slot {slot:#x} is above 1f")
-        return cls(int(m.group("domain") or "0", 16), int(m.group("bus"), 16), slot, int(m.group("func")))
+            raise PciAddressSyntaxError(
+                f"{text!r} is not a PCI address: slot {slot:#x} is above 1f"
+            )
+        return cls(
+            int(m.group("domain") or "0", 16), int(m.group("bus"), 16), slot, int(m.group("func"))
+        )
 
     def __str__(self) -> str:
         return f"{self.domain:04x}:{self.bus:02x}:{self.slot:02x}.{self.function}"

@@ -62,7 +62,8 @@ class Placement:
             and self.memory_per_node == other.memory_per_node
             and self.hugepage_bytes == other.hugepage_bytes
             and tuple(d.address for d in self.devices) == tuple(d.address for d in other.devices)
-            and (self.sockets, self.cores, self.threads) == (other.sockets, other.cores, other.threads)
+            and (self.sockets, self.cores, self.threads)
+            == (other.sockets, other.cores, other.threads)
             and self.spec.boot == other.spec.boot
             and self.spec.disks == other.spec.disks
             and self.spec.firmware == other.spec.firmware

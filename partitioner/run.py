@@ -1,0 +1,85 @@
+"""The one place that starts processes: argv lists only (never a shell), logged at debug level."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+log = logging.getLogger("partitioner.run")
+
+
+class CommandFailed(Exception):
+    """A command exited non-zero (or could not be started); carries what it said."""
+
+    def __init__(self, argv: Sequence[str], returncode: int | None, output: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.output = output
+        tail = "\n".join(output.strip().splitlines()[-10:])
+        super().__init__(
+            f"{shlex.join(argv)} exited with {returncode}" + (f":\n{tail}" if tail else "")
+        )
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    check: bool = True,
+    timeout: float | None = None,
+    input: str | bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run to completion, stdout and stderr captured together as text."""
+    log.debug("run: %s", shlex.join(argv))
+    try:
+        cp = subprocess.run(
+            list(argv),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            input=input.decode() if isinstance(input, bytes) else input,
+            text=True,
+            timeout=timeout,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            check=False,
+        )
+    except FileNotFoundError as e:
+        raise CommandFailed(argv, None, f"{argv[0]}: not found ({e.strerror})") from e
+    except subprocess.TimeoutExpired as e:
+        out = e.output if isinstance(e.output, str) else (e.output or b"").decode(errors="replace")
+        raise CommandFailed(argv, None, f"timed out after {timeout}s\n{out}") from e
+    if check and cp.returncode != 0:
+        raise CommandFailed(argv, cp.returncode, cp.stdout)
+    return cp
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    stdout: int | None = subprocess.DEVNULL,
+    stderr: int | None = subprocess.STDOUT,
+    stdin: int | None = subprocess.DEVNULL,
+    env: Mapping[str, str] | None = None,
+    cwd: str | Path | None = None,
+    new_session: bool = True,
+    pass_fds: Sequence[int] = (),
+) -> subprocess.Popen[bytes]:
+    """Start a long-lived process (QEMU); the caller owns it and must wait for it or end it."""
+    log.debug("spawn: %s", shlex.join(argv))
+    try:
+        return subprocess.Popen(
+            list(argv),
+            stdout=stdout,
+            stderr=stderr,
+            stdin=stdin,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=new_session,
+            pass_fds=tuple(pass_fds),
+        )
+    except FileNotFoundError as e:
+        raise CommandFailed(argv, None, f"{argv[0]}: not found ({e.strerror})") from e
