@@ -42,6 +42,9 @@ class Placement:
     devices: tuple[DeviceAssignment, ...]  # named first (in manifest order), then added ones
     spec: PartitionSpec
     notes: tuple[str, ...] = ()
+    # NUMA node of each host CPU in ``cpus`` (same order), so the guest's NUMA nodes get the
+    # vCPUs that really run there.  () is allowed when ``numa_nodes`` has a single node.
+    cpu_nodes: tuple[int, ...] = ()
 
     @property
     def memory_bytes(self) -> int:
