@@ -1,1 +1,21 @@
-"""The device side: claim PCI functions (whole IOMMU groups) for vfio-pci and give them back."""
+"""The device side: claim PCI functions (whole IOMMU groups) for vfio-pci and give them back.
+
+- :mod:`vfio.claim`: ``claim_group`` / ``release_group`` through sysfs, with the
+  original drivers recorded in a ``GroupClaim`` (stored in the state file).
+- :mod:`vfio.ioctl`: ``check_group``, the kernel's own word on viability and
+  reset, through the VFIO ioctls (cffi).  Imported on demand: it loads libc.
+- :mod:`vfio.preview`: ``claim_preview``, what claiming a function takes with it.
+"""
+
+from vfio.claim import ClaimFailed, FunctionRecord, GroupClaim, claim_group, release_group
+from vfio.preview import ClaimPreview, claim_preview
+
+__all__ = [
+    "ClaimFailed",
+    "ClaimPreview",
+    "FunctionRecord",
+    "GroupClaim",
+    "claim_group",
+    "claim_preview",
+    "release_group",
+]

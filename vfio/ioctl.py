@@ -1,0 +1,337 @@
+"""Ask the kernel itself whether a group can be handed to QEMU: the VFIO ioctls, bound with cffi.
+
+ABI mode (no compiler at run time): the structures are declared as
+``linux/vfio.h`` lays them out and the request numbers are computed the way
+the kernel's ``_IO()`` macro does.  The sequence is the one
+Documentation/driver-api/vfio.rst shows: open the container, check the API
+version and the type1 IOMMU extension, open the group, ask its status, attach
+it to the container, set the IOMMU model, then get each device's fd and info.
+Everything is closed again before returning, so that QEMU can open the group.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import os
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import cffi
+
+from partitioner.errors import DeviceError
+from partitioner.host import Host
+from partitioner.hostroot import HostRoot
+
+_CDEF = """
+struct vfio_group_status {
+    uint32_t argsz;
+    uint32_t flags;
+};
+struct vfio_device_info {
+    uint32_t argsz;
+    uint32_t flags;
+    uint32_t num_regions;
+    uint32_t num_irqs;
+    uint32_t cap_offset;
+};
+int ioctl(int fd, unsigned long request, ...);
+"""
+
+ffi = cffi.FFI()
+ffi.cdef(_CDEF)
+_libc: Any = None
+
+
+def _lib() -> Any:
+    global _libc
+    if _libc is None:
+        # None: the C library the interpreter already uses.
+        _libc = ffi.dlopen(None)
+    return _libc
+
+
+# <asm-generic/ioctl.h>: dir(2 bits) << 30 | size(14) << 16 | type(8) << 8 | nr(8).
+_IOC_NRSHIFT = 0
+_IOC_TYPESHIFT = 8
+_IOC_SIZESHIFT = 16
+_IOC_DIRSHIFT = 30
+_IOC_NONE = 0
+
+
+def _IOC(direction: int, type_: int, nr: int, size: int) -> int:
+    return (
+        (direction << _IOC_DIRSHIFT)
+        | (type_ << _IOC_TYPESHIFT)
+        | (nr << _IOC_NRSHIFT)
+        | (size << _IOC_SIZESHIFT)
+    )
+
+
+def _IO(type_: int, nr: int) -> int:
+    return _IOC(_IOC_NONE, type_, nr, 0)
+
+
+VFIO_API_VERSION = 0
+VFIO_TYPE1_IOMMU = 1
+VFIO_TYPE1v2_IOMMU = 3
+VFIO_TYPE = ord(";")
+VFIO_BASE = 100
+
+# linux/vfio.h declares them all with _IO(): the argument's size is not encoded.
+VFIO_GET_API_VERSION = _IO(VFIO_TYPE, VFIO_BASE + 0)
+VFIO_CHECK_EXTENSION = _IO(VFIO_TYPE, VFIO_BASE + 1)
+VFIO_SET_IOMMU = _IO(VFIO_TYPE, VFIO_BASE + 2)
+VFIO_GROUP_GET_STATUS = _IO(VFIO_TYPE, VFIO_BASE + 3)
+VFIO_GROUP_SET_CONTAINER = _IO(VFIO_TYPE, VFIO_BASE + 4)
+VFIO_GROUP_UNSET_CONTAINER = _IO(VFIO_TYPE, VFIO_BASE + 5)
+VFIO_GROUP_GET_DEVICE_FD = _IO(VFIO_TYPE, VFIO_BASE + 6)
+VFIO_DEVICE_GET_INFO = _IO(VFIO_TYPE, VFIO_BASE + 7)
+
+VFIO_GROUP_FLAGS_VIABLE = 1 << 0
+VFIO_GROUP_FLAGS_CONTAINER_SET = 1 << 1
+VFIO_DEVICE_FLAGS_RESET = 1 << 0
+VFIO_DEVICE_FLAGS_PCI = 1 << 1
+
+CONTAINER_PATH = "/dev/vfio/vfio"
+
+
+@dataclass(frozen=True)
+class GroupStatus:
+    viable: bool
+    container_set: bool
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    address: str
+    flags: int
+    num_regions: int
+    num_irqs: int
+
+    @property
+    def can_reset(self) -> bool:
+        return bool(self.flags & VFIO_DEVICE_FLAGS_RESET)
+
+    @property
+    def is_pci(self) -> bool:
+        return bool(self.flags & VFIO_DEVICE_FLAGS_PCI)
+
+
+def _errname(code: int) -> str:
+    return errno_mod.errorcode.get(code, str(code))
+
+
+def _ioctl(fd: int, request: int, arg: Any, *, what: str, address: str = "", path: str = "") -> int:
+    ret: int = _lib().ioctl(fd, request, arg)
+    if ret < 0:
+        code = ffi.errno
+        raise DeviceError(
+            f"{what}: the kernel answered {_errname(code)} ({os.strerror(code)})",
+            address=address,
+            path=path,
+            errno=code,
+        )
+    return ret
+
+
+def _open(root: HostRoot, kernel_path: str, *, what: str, hint: str) -> int:
+    try:
+        return os.open(root.path(kernel_path), os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        cause = {
+            errno_mod.ENOENT: hint,
+            errno_mod.EBUSY: "it is already open: a running QEMU (or another partition) holds it",
+            errno_mod.EACCES: "permission denied: VFIO needs root",
+            errno_mod.EPERM: "permission denied: VFIO needs root",
+        }.get(e.errno or 0, e.strerror or "")
+        raise DeviceError(
+            f"cannot open {kernel_path} ({what}): {_errname(e.errno or 0)}: {cause}",
+            path=kernel_path,
+            errno=e.errno,
+        ) from e
+
+
+@contextmanager
+def _fd(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class Container:
+    """An open VFIO container (``/dev/vfio/vfio``) whose API and IOMMU model were checked."""
+
+    def __init__(self, fd: int, iommu_type: int) -> None:
+        self.fd = fd
+        self.iommu_type = iommu_type
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Container:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_container(root: HostRoot) -> Container:
+    """Open ``/dev/vfio/vfio`` and check the API version and a type1 IOMMU model."""
+    fd = _open(
+        root,
+        CONTAINER_PATH,
+        what="the VFIO container",
+        hint="the vfio module is not loaded, or this host has no IOMMU "
+        "(enable VT-d / AMD-Vi and boot with intel_iommu=on or amd_iommu=on, then modprobe vfio-pci)",
+    )
+    try:
+        version = _ioctl(fd, VFIO_GET_API_VERSION, ffi.cast("int", 0), what="VFIO_GET_API_VERSION")
+        if version != VFIO_API_VERSION:
+            raise DeviceError(
+                f"{CONTAINER_PATH} speaks VFIO API version {version}, not {VFIO_API_VERSION}",
+                path=CONTAINER_PATH,
+            )
+        # v2 first: it is what QEMU uses when the kernel offers it.
+        for model in (VFIO_TYPE1v2_IOMMU, VFIO_TYPE1_IOMMU):
+            if _ioctl(
+                fd, VFIO_CHECK_EXTENSION, ffi.cast("int", model), what="VFIO_CHECK_EXTENSION"
+            ):
+                return Container(fd, model)
+        raise DeviceError(
+            f"{CONTAINER_PATH} offers no type1 IOMMU model (is vfio_iommu_type1 loaded?)",
+            path=CONTAINER_PATH,
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_group(root: HostRoot, group: int) -> int:
+    return _open(
+        root,
+        f"/dev/vfio/{group}",
+        what=f"IOMMU group {group}",
+        hint="no function of the group is bound to vfio-pci (claim it first)",
+    )
+
+
+def _status_of(fd: int, group: int) -> GroupStatus:
+    st = ffi.new("struct vfio_group_status *")
+    st.argsz = ffi.sizeof("struct vfio_group_status")
+    _ioctl(fd, VFIO_GROUP_GET_STATUS, st, what=f"VFIO_GROUP_GET_STATUS of group {group}")
+    flags = int(st.flags)
+    return GroupStatus(
+        viable=bool(flags & VFIO_GROUP_FLAGS_VIABLE),
+        container_set=bool(flags & VFIO_GROUP_FLAGS_CONTAINER_SET),
+    )
+
+
+def group_status(root: HostRoot, group: int) -> GroupStatus:
+    """VFIO_GROUP_GET_STATUS of ``/dev/vfio/<group>``."""
+    with _fd(_open_group(root, group)) as fd:
+        return _status_of(fd, group)
+
+
+def device_info(group_fd: int, address: str) -> DeviceInfo:
+    """VFIO_GROUP_GET_DEVICE_FD then VFIO_DEVICE_GET_INFO for one function of an attached group."""
+    name = ffi.new("char[]", address.encode())
+    dev = _ioctl(
+        group_fd,
+        VFIO_GROUP_GET_DEVICE_FD,
+        name,
+        what=f"VFIO_GROUP_GET_DEVICE_FD for {address}",
+        address=address,
+    )
+    with _fd(dev):
+        info = ffi.new("struct vfio_device_info *")
+        info.argsz = ffi.sizeof("struct vfio_device_info")
+        _ioctl(
+            dev,
+            VFIO_DEVICE_GET_INFO,
+            info,
+            what=f"VFIO_DEVICE_GET_INFO of {address}",
+            address=address,
+        )
+        return DeviceInfo(address, int(info.flags), int(info.num_regions), int(info.num_irqs))
+
+
+def _not_viable_members(root: HostRoot, host: Host, group: int) -> list[tuple[str, str]]:
+    """(address, sentence) for each member whose driver keeps the group from being viable."""
+    by_addr = {str(a): fn for a, fn in host.pci.items()}
+    out: list[tuple[str, str]] = []
+    for a in root.listdir(f"/sys/kernel/iommu_groups/{group}/devices"):
+        drv = root.readlink_name(f"/sys/bus/pci/devices/{a}/driver")
+        # Drivers the kernel lets share a group with VFIO (driver_managed_dma).
+        if drv is not None and drv not in ("vfio-pci", "pci-stub", "pcieport"):
+            fn = by_addr.get(a)
+            what = f" ({fn.id})" if fn is not None else ""
+            out.append((a, f"{a}{what} is still bound to {drv}"))
+    return out
+
+
+def check_group(
+    root: HostRoot,
+    host: Host,
+    group: int,
+    *,
+    reset_none_ok: set[str] | frozenset[str] = frozenset(),
+) -> list[DeviceInfo]:
+    """Ask the kernel whether QEMU will be able to use ``group``; DeviceError naming why not.
+
+    Every function of the group bound to vfio-pci is opened and its info read;
+    one without a reset is refused unless its address is in ``reset_none_ok``.
+    """
+    infos: list[DeviceInfo] = []
+    with ExitStack() as stack:
+        container = stack.enter_context(open_container(root))
+        gfd = stack.enter_context(_fd(_open_group(root, group)))
+        status = _status_of(gfd, group)
+        if not status.viable:
+            who = _not_viable_members(root, host, group)
+            raise DeviceError(
+                f"IOMMU group {group} is not viable: "
+                + (
+                    "; ".join(s for _, s in who)
+                    if who
+                    else "the kernel says a member is not bound to a VFIO driver"
+                )
+                + " (every endpoint of the group must be claimed together)",
+                address=who[0][0] if who else "",
+                path=f"/dev/vfio/{group}",
+            )
+        if status.container_set:
+            raise DeviceError(
+                f"IOMMU group {group} is already attached to a container: "
+                "a running QEMU (or another partition) holds it",
+                path=f"/dev/vfio/{group}",
+            )
+        cfd = ffi.new("int *", container.fd)
+        _ioctl(
+            gfd, VFIO_GROUP_SET_CONTAINER, cfd, what=f"VFIO_GROUP_SET_CONTAINER of group {group}"
+        )
+        _ioctl(
+            container.fd,
+            VFIO_SET_IOMMU,
+            ffi.cast("int", container.iommu_type),
+            what=f"VFIO_SET_IOMMU for group {group}",
+        )
+        members = root.listdir(f"/sys/kernel/iommu_groups/{group}/devices")
+        for a in members:
+            if root.readlink_name(f"/sys/bus/pci/devices/{a}/driver") != "vfio-pci":
+                continue
+            infos.append(device_info(gfd, a))
+    refused = [i.address for i in infos if not i.can_reset and i.address not in reset_none_ok]
+    if refused:
+        raise DeviceError(
+            f"{', '.join(refused)} in IOMMU group {group} cannot be reset (VFIO reports no reset "
+            "method): a guest that restarts cannot be given a clean device; add `reset: none-ok` "
+            "to the device in the manifest to accept it",
+            address=refused[0],
+            path=f"/dev/vfio/{group}",
+        )
+    return infos
