@@ -1,0 +1,162 @@
+"""``partition inspect``: the host as the partitioner sees it."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from partitioner.cli.common import Context, table
+from partitioner.cpuset import CpuSet
+from partitioner.host import Host
+from partitioner.inventory import scan
+from partitioner.units import format_size, page_size_name
+from vfio.preview import claim_preview
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("inspect", help="show the host: CPUs, NUMA nodes, memory, PCI functions")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    host = scan(ctx.root())
+    doc = to_json(host)
+    if ctx.json:
+        ctx.emit_json(doc)
+    else:
+        ctx.say(render(host, doc))
+    return 0
+
+
+def to_json(host: Host) -> dict[str, Any]:
+    """The shape of ``partition inspect --json`` (cli.md), and more."""
+    cpus = [
+        {
+            "cpu": c.id,
+            "core": c.core,
+            "package": c.package,
+            "die": c.die,
+            "node": c.node,
+            "online": c.online,
+            "allowed": c.allowed,
+            "siblings": c.siblings.as_list(),
+            **({"kind": c.kind} if c.kind else {}),
+        }
+        for c in sorted(host.cpus.values(), key=lambda c: c.id)
+    ]
+    nodes = []
+    for n in sorted(host.nodes.values(), key=lambda n: n.id):
+        pools = {page_size_name(size): {"total": 0, "free": 0} for size in host.hugepage_sizes}
+        for size, pool in n.hugepages.items():
+            pools[page_size_name(size)] = {"total": pool.total, "free": pool.free}
+        nodes.append(
+            {
+                "node": n.id,
+                "cpus": n.cpus.as_list(),
+                "memory_bytes": n.memory_bytes,
+                "free_bytes": n.free_bytes,
+                "distances": list(n.distances),
+                "hugepages": pools,
+            }
+        )
+    pci = []
+    for addr in sorted(host.pci):
+        fn = host.pci[addr]
+        preview = claim_preview(host, addr)
+        pci.append(
+            {
+                "address": str(addr),
+                "vendor": fn.vendor,
+                "device": fn.device,
+                "class": fn.class_code,
+                "label": fn.label,
+                "subsystem": f"{fn.subsystem_vendor}:{fn.subsystem_device}",
+                "iommu_group": fn.iommu_group,
+                "numa_node": fn.numa_node,
+                "driver": fn.driver,
+                "netdev": list(fn.netdevs),
+                "reset_methods": list(fn.reset_methods),
+                "is_bridge": fn.is_bridge,
+                "boot_vga": fn.boot_vga,
+                "in_use": list(host.in_use.get(addr, ())),
+                "assignable": preview.assignable,
+                "why_not": preview.why_not,
+                "takes_with_it": [str(a) for a in preview.takes_with_it],
+            }
+        )
+    return {
+        "cpus": cpus,
+        "numa_nodes": nodes,
+        "pci": pci,
+        "kvm": host.has_kvm,
+        "iommu": host.has_iommu,
+        "hugepage_sizes": [page_size_name(s) for s in host.hugepage_sizes],
+        "notes": list(host.notes),
+    }
+
+
+def render(host: Host, doc: dict[str, Any]) -> str:
+    online = [c for c in host.cpus.values() if c.online]
+    packages = {c.package for c in online}
+    cores = {(c.package, c.siblings) for c in online}
+    offline = CpuSet(c.id for c in host.cpus.values() if not c.online)
+    disallowed = CpuSet(c.id for c in online if not c.allowed)
+    lines = [
+        f"CPUs: {len(online)} online in {len(packages)} package{'s' if len(packages) != 1 else ''}, "
+        f"{len(cores)} cores, {host.threads_per_core()} thread{'s' if host.threads_per_core() != 1 else ''} "
+        f"per core"
+        + (f"; offline: {offline}" if offline else "")
+        + (f"; not allowed here: {disallowed}" if disallowed else ""),
+        f"KVM: {'yes' if host.has_kvm else 'no (/dev/kvm missing)'}; "
+        f"IOMMU: {'yes' if host.has_iommu else 'no (no IOMMU groups: boot with intel_iommu=on or amd_iommu=on)'}",
+        "",
+    ]
+    size_names = [page_size_name(s) for s in host.hugepage_sizes]
+    node_rows = []
+    for n in doc["numa_nodes"]:
+        node_rows.append(
+            [
+                str(n["node"]),
+                str(CpuSet(n["cpus"])) or "-",
+                format_size(n["memory_bytes"]),
+                format_size(n["free_bytes"]),
+                *(f"{n['hugepages'][s]['free']}/{n['hugepages'][s]['total']}" for s in size_names),
+            ]
+        )
+    lines.append(
+        table(
+            node_rows, ["NODE", "CPUS", "MEMORY", "FREE", *(f"{s} FREE/TOTAL" for s in size_names)]
+        )
+    )
+    lines.append("")
+    pci_rows = []
+    for f in doc["pci"]:
+        if f["assignable"]:
+            verdict = "yes"
+            if f["takes_with_it"]:
+                verdict += f" (takes {', '.join(f['takes_with_it'])})"
+        else:
+            verdict = f"no: {f['why_not']}"
+        pci_rows.append(
+            [
+                f["address"],
+                f"{f['vendor']}:{f['device']}",
+                f["label"] or f["class"],
+                "-" if f["iommu_group"] is None else str(f["iommu_group"]),
+                "-" if f["numa_node"] is None else str(f["numa_node"]),
+                f["driver"] or "-",
+                ",".join(f["netdev"]) or "-",
+                verdict,
+            ]
+        )
+    if pci_rows:
+        lines.append(
+            table(
+                pci_rows, ["PCI", "ID", "CLASS", "GROUP", "NODE", "DRIVER", "NETDEV", "ASSIGNABLE"]
+            )
+        )
+    else:
+        lines.append("no PCI functions")
+    for note in host.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

@@ -1,0 +1,97 @@
+"""``partition plan FILE``: the manifest against the host: placements and the actions apply would take."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from partitioner.actions import diff
+from partitioner.cli.common import Context, table
+from partitioner.host import Host
+from partitioner.inventory import scan
+from partitioner.loader import load
+from partitioner.manifest import Manifest
+from partitioner.plan import Plan, RunningPartition
+from partitioner.planner import plan
+from partitioner.state import State, StateStore, running_partitions
+from partitioner.units import format_size
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("plan", help="check a manifest against the host and show the placement")
+    p.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    manifest = load(args.file)
+    host = scan(ctx.root())
+    running, actions = _running_and_actions(ctx, manifest, host)
+    result = plan(manifest, host, running)
+    if ctx.json:
+        doc = result.to_json()
+        doc["actions"] = actions(result)
+        ctx.emit_json(doc)
+        return 0
+    ctx.say(render(result))
+    acts = actions(result)
+    ctx.say()
+    if acts:
+        ctx.say("apply would:")
+        for a in acts:
+            ctx.say(f"  {a['action']:<18} {a['target']:<14} {a['detail']}")
+    else:
+        ctx.say("apply would change nothing.")
+    return 0
+
+
+def render(result: Plan) -> str:
+    rows = []
+    for name, p in result.placements.items():
+        named = [str(d.address) for d in p.devices if not d.added]
+        added = [str(d.address) for d in p.devices if d.added]
+        rows.append(
+            [
+                name,
+                str(p.cpuset),
+                f"{p.sockets}x{p.cores}x{p.threads}",
+                ",".join(map(str, p.numa_nodes)),
+                format_size(p.memory_bytes),
+                format_size(p.hugepage_bytes) if p.hugepage_bytes else "none",
+                " ".join(named) + (f" +{' '.join(added)}" if added else "") or "-",
+                ",".join(map(str, p.iommu_groups)) or "-",
+            ]
+        )
+    out = [
+        f"host keeps CPUs {result.host_cpus or 'none'} and {format_size(result.host_memory_bytes)}; "
+        f"smt: {result.smt}; accel: {result.accel}",
+        "",
+        table(
+            rows, ["PARTITION", "CPUS", "TOPOLOGY", "NODES", "MEMORY", "PAGES", "DEVICES", "GROUPS"]
+        ),
+    ]
+    notes = list(result.notes) + [
+        f"{n}: {note}" for n, p in result.placements.items() for note in p.notes
+    ]
+    if notes:
+        out.append("")
+        out.extend(f"note: {n}" for n in notes)
+    return "\n".join(out)
+
+
+def _running_and_actions(
+    ctx: Context, manifest: Manifest, host: Host
+) -> tuple[dict[str, RunningPartition], Callable[[Plan], list[dict[str, Any]]]]:
+    """What runs now, from the state record, and how to list apply's actions against it.
+
+    With --host-root the state directory belongs to this machine, not to the
+    tree being read, so the plan is made as if nothing ran there.
+    """
+    del manifest
+    state = State() if ctx.host_root is not None else StateStore(ctx.state_dir).load()
+
+    def actions(result: Plan) -> list[dict[str, Any]]:
+        return [a.to_json() for a in diff(result, state, host, replace=set())]
+
+    return running_partitions(state), actions

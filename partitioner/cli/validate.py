@@ -1,0 +1,43 @@
+"""``partition validate FILE``: the manifest alone, no host needed."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from partitioner.cli.common import Context
+from partitioner.errors import ManifestError
+from partitioner.loader import load
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("validate", help="check a manifest alone (no host needed)")
+    p.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    try:
+        manifest = load(args.file)
+    except ManifestError as e:
+        if not ctx.json:
+            raise
+        ctx.emit_json(
+            {
+                "valid": False,
+                "file": args.file,
+                "problems": [
+                    {"file": p.file, "line": p.line, "column": p.column, "message": p.message}
+                    for p in e.problems
+                ],
+            }
+        )
+        return e.exit_code
+    if ctx.json:
+        ctx.emit_json({"valid": True, "file": args.file, "partitions": sorted(manifest.partitions)})
+    else:
+        n = len(manifest.partitions)
+        ctx.say(
+            f"{args.file}: valid, {n} partition{'s' if n != 1 else ''}: {', '.join(manifest.partitions)}"
+        )
+    return 0
