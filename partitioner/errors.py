@@ -11,6 +11,7 @@ Only the CLI turns these into text and exit codes (``exit_code`` below, as
      +-- DeviceError               4  claiming / releasing a PCI function failed (.address, .path)
      +-- GuestError                4  QEMU could not be started or driven (.partition)
      |    +-- VMLaunchFailure         QEMU exited while starting (.exitcode, .command, .output)
+     |    +-- HugepageError           a node's hugepage pool cannot be raised (.node, .size_bytes, ...)
      +-- StateError                1  the state record is unreadable or locked (.path)
      +-- ApplyFailed               4  apply failed and was rolled back (.cause)
           +-- RollbackIncomplete   5  ... and could not put everything back (.leftover)
@@ -121,6 +122,24 @@ class VMLaunchFailure(GuestError):
             + (f":\n{tail}" if tail else ""),
             partition=partition,
         )
+
+
+class HugepageError(GuestError):
+    """The kernel could not give a node's hugepage pool the pages a partition needs.
+
+    ``wanted`` is the pool size asked for, ``got`` what the kernel reached, ``original`` the
+    size it was put back to.
+    """
+
+    def __init__(
+        self, message: str, *, node: int, size_bytes: int, wanted: int, got: int, original: int
+    ) -> None:
+        self.node = node
+        self.size_bytes = size_bytes
+        self.wanted = wanted
+        self.got = got
+        self.original = original
+        super().__init__(message)
 
 
 class StateError(PartitionError):
