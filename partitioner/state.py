@@ -1,0 +1,476 @@
+"""The record of what ``apply`` put on the host: one JSON file, written atomically after every action.
+
+The record is what lets a later command (``status``, ``stop``, a second
+``apply`` after a killed one, ``destroy``) know what this host is running and
+what must be given back: which QEMU process is which partition, the drivers
+devices had before they were claimed, the hugepages added to the pools.
+
+Writes go ``write temp -> fsync -> rename -> fsync dir``, so a crash at any
+point leaves either the old record or the new one, never half of one.  One
+``flock`` on ``STATE_DIR/lock`` keeps two changing commands apart; the holder
+writes its pid and verb there so a waiting command can say who it waits for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import fcntl
+import json
+import os
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from partitioner.cpuset import CpuSet
+from partitioner.errors import StateError
+from partitioner.hostroot import HostRoot
+from partitioner.manifest import NOWHERE, Boot, DeviceSpec, Disk, Location, PartitionSpec
+from partitioner.pci import PciAddress
+from partitioner.plan import DeviceAssignment, Placement, Plan, RunningPartition
+
+STATE_VERSION = 1
+STATE_FILE = "state.json"
+LOCK_FILE = "lock"
+
+
+class RunState(StrEnum):
+    RUNNING = "running"
+    STOPPED = "stopped"  # not running on purpose (stop, or not started yet); resources still held
+    FAILED = "failed"  # recorded as running, but its QEMU is gone
+
+
+@dataclass(frozen=True)
+class HugepageGrant:
+    """Pages ``apply`` added to a node's pool for one partition; destroy gives back exactly these."""
+
+    node: int
+    size_bytes: int
+    pages: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"node": self.node, "size_bytes": self.size_bytes, "pages": self.pages}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> HugepageGrant:
+        return cls(int(d["node"]), int(d["size_bytes"]), int(d["pages"]))
+
+
+@dataclass(frozen=True)
+class SiteRecord:
+    """The host side of the applied plan: what a later ``start`` needs to rebuild a Plan."""
+
+    manifest: str
+    accel: str
+    smt: str
+    host_cpus: CpuSet
+    host_memory_bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "manifest": self.manifest,
+            "accel": self.accel,
+            "smt": self.smt,
+            "host_cpus": str(self.host_cpus),
+            "host_memory_bytes": self.host_memory_bytes,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> SiteRecord:
+        return cls(
+            manifest=str(d["manifest"]),
+            accel=str(d["accel"]),
+            smt=str(d["smt"]),
+            host_cpus=CpuSet.parse(str(d["host_cpus"])),
+            host_memory_bytes=int(d["host_memory_bytes"]),
+        )
+
+    @classmethod
+    def of_plan(cls, plan: Plan, manifest: str) -> SiteRecord:
+        return cls(manifest, plan.accel, plan.smt, plan.host_cpus, plan.host_memory_bytes)
+
+
+@dataclass(frozen=True)
+class PartitionRecord:
+    name: str
+    state: RunState
+    placement: Placement
+    argv: tuple[str, ...] = ()  # the QEMU command line it was (or will be) started with
+    pid: int | None = None
+    vcpu_threads: Mapping[int, int] = field(default_factory=dict)  # vCPU index -> host thread id
+    paths: Mapping[str, str] = field(default_factory=dict)  # qmp, console, console_log, dir...
+    started_at: float | None = None  # time.time() when it was let run
+    claims: tuple[Mapping[str, Any], ...] = ()  # vfio GroupClaim.to_json(), in claim order
+    hugepages: tuple[HugepageGrant, ...] = ()
+
+    def holds_nothing(self) -> bool:
+        return self.state is not RunState.RUNNING and not self.claims and not self.hugepages
+
+    def claim_groups(self) -> list[int]:
+        return [int(c["group"]) for c in self.claims]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "state": self.state.value,
+            "pid": self.pid,
+            "started_at": self.started_at,
+            "vcpu_threads": {str(k): v for k, v in sorted(self.vcpu_threads.items())},
+            "paths": dict(sorted(self.paths.items())),
+            "claims": [dict(c) for c in self.claims],
+            "hugepages": [g.to_json() for g in self.hugepages],
+            "argv": list(self.argv),
+            "placement": placement_to_json(self.placement),
+        }
+
+    @classmethod
+    def from_json(cls, name: str, d: Mapping[str, Any]) -> PartitionRecord:
+        return cls(
+            name=name,
+            state=RunState(d["state"]),
+            placement=placement_from_json(d["placement"]),
+            argv=tuple(str(a) for a in d.get("argv", [])),
+            pid=None if d.get("pid") is None else int(d["pid"]),
+            vcpu_threads={int(k): int(v) for k, v in d.get("vcpu_threads", {}).items()},
+            paths={str(k): str(v) for k, v in d.get("paths", {}).items()},
+            started_at=None if d.get("started_at") is None else float(d["started_at"]),
+            claims=tuple(dict(c) for c in d.get("claims", [])),
+            hugepages=tuple(HugepageGrant.from_json(g) for g in d.get("hugepages", [])),
+        )
+
+
+@dataclass(frozen=True)
+class State:
+    site: SiteRecord | None = None
+    partitions: Mapping[str, PartitionRecord] = field(default_factory=dict)
+
+    def with_partition(self, rec: PartitionRecord) -> State:
+        parts = dict(self.partitions)
+        parts[rec.name] = rec
+        return replace(self, partitions=dict(sorted(parts.items())))
+
+    def without_partition(self, name: str) -> State:
+        return replace(self, partitions={k: v for k, v in self.partitions.items() if k != name})
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "site": self.site.to_json() if self.site else None,
+            "partitions": {n: r.to_json() for n, r in sorted(self.partitions.items())},
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> State:
+        if d.get("version") != STATE_VERSION:
+            raise ValueError(f"unknown state version {d.get('version')!r}")
+        site = d.get("site")
+        return cls(
+            site=SiteRecord.from_json(site) if site else None,
+            partitions={
+                str(n): PartitionRecord.from_json(str(n), r)
+                for n, r in sorted(d.get("partitions", {}).items())
+            },
+        )
+
+    def serialize(self) -> bytes:
+        """Deterministic bytes: the same State always gives the same file (a no-op apply changes nothing)."""
+        return (json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n").encode()
+
+
+# -- Placement to and from JSON ----------------------------------------------
+# Placement.to_json is the plan's view (lossy); the record needs every field
+# back, the manifest's PartitionSpec included, to start the guest again later.
+
+
+def _loc_to_json(loc: Location) -> list[Any]:
+    return [loc.file, loc.line, loc.column]
+
+
+def _loc_from_json(v: Any) -> Location:
+    if not v:
+        return NOWHERE
+    return Location(str(v[0]), int(v[1]), int(v[2]))
+
+
+def spec_to_json(s: PartitionSpec) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "cpu_count": s.cpu_count,
+        "cpu_list": None if s.cpu_list is None else str(s.cpu_list),
+        "memory_bytes": s.memory_bytes,
+        "hugepage_bytes": s.hugepage_bytes,
+        "numa": s.numa if s.numa == "auto" else list(s.numa),
+        "devices": [
+            {
+                "kind": d.kind,
+                "value": d.value,
+                "count": d.count,
+                "required": d.required,
+                "reset_none_ok": d.reset_none_ok,
+                "where": _loc_to_json(d.where),
+            }
+            for d in s.devices
+        ],
+        "boot": None
+        if s.boot is None
+        else {"kernel": s.boot.kernel, "initrd": s.boot.initrd, "cmdline": s.boot.cmdline},
+        "disks": [{"path": d.path, "readonly": d.readonly} for d in s.disks],
+        "firmware": s.firmware,
+        "autostart": s.autostart,
+        "order": s.order,
+        "where": _loc_to_json(s.where),
+    }
+
+
+def spec_from_json(d: Mapping[str, Any]) -> PartitionSpec:
+    boot = d.get("boot")
+    numa = d["numa"]
+    return PartitionSpec(
+        name=str(d["name"]),
+        cpu_count=int(d["cpu_count"]),
+        cpu_list=None if d.get("cpu_list") is None else CpuSet.parse(str(d["cpu_list"])),
+        memory_bytes=int(d["memory_bytes"]),
+        hugepage_bytes=None if d.get("hugepage_bytes") is None else int(d["hugepage_bytes"]),
+        numa="auto" if numa == "auto" else tuple(int(n) for n in numa),
+        devices=tuple(
+            DeviceSpec(
+                kind=x["kind"],
+                value=str(x["value"]),
+                count=int(x.get("count", 1)),
+                required=bool(x.get("required", True)),
+                reset_none_ok=bool(x.get("reset_none_ok", False)),
+                where=_loc_from_json(x.get("where")),
+            )
+            for x in d.get("devices", [])
+        ),
+        boot=None
+        if not boot
+        else Boot(str(boot["kernel"]), boot.get("initrd"), boot.get("cmdline")),
+        disks=tuple(
+            Disk(str(x["path"]), bool(x.get("readonly", False))) for x in d.get("disks", [])
+        ),
+        firmware="uefi" if d.get("firmware") == "uefi" else "bios",
+        autostart=bool(d.get("autostart", True)),
+        order=int(d.get("order", 0)),
+        where=_loc_from_json(d.get("where")),
+    )
+
+
+def placement_to_json(p: Placement) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "cpus": list(p.cpus),
+        "topology": [p.sockets, p.cores, p.threads],
+        "numa_nodes": list(p.numa_nodes),
+        "memory_per_node": [[n, b] for n, b in p.memory_per_node],
+        "hugepage_bytes": p.hugepage_bytes,
+        "devices": [
+            {
+                "address": str(d.address),
+                "iommu_group": d.iommu_group,
+                "vendor_device": d.vendor_device,
+                "driver": d.driver,
+                "added": d.added,
+                "reason": d.reason,
+                "reset_none_ok": d.reset_none_ok,
+            }
+            for d in p.devices
+        ],
+        "spec": spec_to_json(p.spec),
+        "notes": list(p.notes),
+        "cpu_nodes": list(p.cpu_nodes),
+    }
+
+
+def placement_from_json(d: Mapping[str, Any]) -> Placement:
+    sockets, cores, threads = (int(x) for x in d["topology"])
+    return Placement(
+        name=str(d["name"]),
+        cpus=tuple(int(c) for c in d["cpus"]),
+        sockets=sockets,
+        cores=cores,
+        threads=threads,
+        numa_nodes=tuple(int(n) for n in d["numa_nodes"]),
+        memory_per_node=tuple((int(n), int(b)) for n, b in d["memory_per_node"]),
+        hugepage_bytes=None if d.get("hugepage_bytes") is None else int(d["hugepage_bytes"]),
+        devices=tuple(
+            DeviceAssignment(
+                address=PciAddress.parse(str(x["address"])),
+                iommu_group=int(x["iommu_group"]),
+                vendor_device=str(x["vendor_device"]),
+                driver=x.get("driver"),
+                added=bool(x["added"]),
+                reason=str(x.get("reason", "")),
+                reset_none_ok=bool(x.get("reset_none_ok", False)),
+            )
+            for x in d.get("devices", [])
+        ),
+        spec=spec_from_json(d["spec"]),
+        notes=tuple(str(n) for n in d.get("notes", [])),
+        cpu_nodes=tuple(int(n) for n in d.get("cpu_nodes", [])),
+    )
+
+
+# -- the store ------------------------------------------------------------------
+
+
+class StateStore:
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir)
+        self.path = self.dir / STATE_FILE
+        self.lock_path = self.dir / LOCK_FILE
+        self._held: int | None = None
+
+    def load(self) -> State:
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return State()
+        except OSError as e:
+            raise StateError(
+                f"cannot read the state record {self.path}: {e.strerror}", path=str(self.path)
+            ) from e
+        try:
+            return State.from_json(json.loads(data))
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            raise StateError(
+                f"the state record {self.path} is damaged ({e}); it is not changed. "
+                "Check with `partition status` which guests run (ps -C qemu-system-x86_64), "
+                f"stop them by hand if needed, then move {self.path} aside and apply again",
+                path=str(self.path),
+            ) from e
+
+    def save(self, state: State) -> None:
+        """Replace the record atomically: after a crash the old or the new file is there, whole."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        data = state.serialize()
+        tmp = self.dir / f".{STATE_FILE}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise StateError(
+                f"cannot write the state record {self.path}: {e.strerror}", path=str(self.path)
+            ) from e
+        # The rename is durable only once the directory entry is on disk.
+        dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def holder(self) -> str:
+        """Who holds the lock, as its holder wrote it (``pid 4242 (apply)``), or "" if unknown."""
+        try:
+            return self.lock_path.read_text().strip()
+        except OSError:
+            return ""
+
+    @contextlib.contextmanager
+    def lock(self, verb: str, timeout: float = 60.0) -> Iterator[None]:
+        """Hold the state lock for ``verb``; wait up to ``timeout`` s for another holder, then fail naming it."""
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno_mod.EWOULDBLOCK, errno_mod.EAGAIN):
+                        raise
+                if time.monotonic() >= deadline:
+                    who = self.holder() or "another partition command"
+                    raise StateError(
+                        f"the state in {self.dir} is locked by {who}; waited {timeout:g}s. "
+                        "Wait for it to finish, or raise --lock-timeout",
+                        path=str(self.lock_path),
+                    )
+                time.sleep(0.1)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} ({verb})\n".encode(), 0)
+            self._held = fd
+            try:
+                yield
+            finally:
+                self._held = None
+                # Clear our name before letting go so a waiter never names a finished holder.
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+# -- views for the planner and for status --------------------------------------
+
+
+def running_partitions(state: State) -> dict[str, RunningPartition]:
+    """What the planner must keep where it is (manifest rule 8): partitions holding host resources.
+
+    A stopped or failed partition still holds its devices and pages until it is
+    destroyed, so the planner sees it too.
+    """
+    out: dict[str, RunningPartition] = {}
+    for name, rec in state.partitions.items():
+        p = rec.placement
+        out[name] = RunningPartition(
+            name=name,
+            cpus=p.cpus,
+            memory_per_node=p.memory_per_node,
+            hugepage_bytes=p.hugepage_bytes,
+            devices=tuple(d.address for d in p.devices),
+        )
+    return out
+
+
+def plan_of_state(state: State) -> Plan:
+    """The applied plan, rebuilt from the record: what ``start`` of one partition launches against."""
+    if state.site is None:
+        raise StateError("nothing has been applied on this host (the state record is empty)")
+    return Plan(
+        accel=state.site.accel,
+        smt=state.site.smt,
+        host_cpus=state.site.host_cpus,
+        host_memory_bytes=state.site.host_memory_bytes,
+        placements={n: r.placement for n, r in sorted(state.partitions.items())},
+    )
+
+
+def reconcile(state: State, root: HostRoot) -> tuple[State, list[str]]:
+    """Check the record against the host: a QEMU that is gone makes its partition ``failed``.
+
+    Returns the corrected state and one sentence per thing found amiss (a
+    device no longer on vfio-pci is reported, not changed: the operator or
+    another tool moved it, and guessing back is worse than saying so).
+    """
+    from partitioner.guest.launch import is_running
+
+    notes: list[str] = []
+    for name, rec in list(state.partitions.items()):
+        if rec.state is RunState.RUNNING and (
+            rec.pid is None or not is_running(root, rec.pid, name)
+        ):
+            notes.append(f"partition {name}: its QEMU (pid {rec.pid}) is no longer running")
+            state = state.with_partition(replace(rec, state=RunState.FAILED))
+        for claim in rec.claims:
+            for fn in claim.get("functions", []):
+                addr = str(fn["address"])
+                drv = root.readlink_name(f"/sys/bus/pci/devices/{addr}/driver")
+                if drv != "vfio-pci":
+                    notes.append(
+                        f"partition {name}: {addr} (IOMMU group {claim['group']}) is no longer "
+                        f"bound to vfio-pci (now {drv or 'no driver'})"
+                    )
+    return state, notes
