@@ -1,0 +1,508 @@
+"""Reading a site manifest: YAML with locations, the JSON Schema, then the checks a schema cannot say.
+
+``load(path)`` and ``loads(text)`` return a :class:`~partitioner.manifest.Manifest`
+or raise :class:`~partitioner.errors.ManifestError` carrying every problem
+found, each at its ``FILE:LINE:COLUMN``.  Nothing here looks at the host: paths
+are not checked for existence, CPU numbers not against the machine (that is
+``plan``'s business).
+
+A file that cannot be read (missing, a directory, no permission) is a
+ManifestError too, with one problem at line 0, so that every caller gets the
+manifest's troubles in one shape.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib.resources
+import json
+import re
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import jsonschema
+from jsonschema.exceptions import ValidationError, best_match
+
+from partitioner.cpuset import CpuListSyntaxError, CpuSet
+from partitioner.errors import ManifestError, Problem
+from partitioner.manifest import (
+    Boot,
+    DeviceSpec,
+    Disk,
+    HostSpec,
+    Location,
+    Manifest,
+    PartitionSpec,
+)
+from partitioner.pci import PciAddress, PciAddressSyntaxError
+from partitioner.units import GiB, KiB, MiB, SizeSyntaxError, format_size, parse_size
+from partitioner.yamlnodes import Document, PathKey, Pos, decode, dotted, parse
+
+# A manifest is a few KiB; this refuses a wrong file (a disk image, a log) before parsing it.
+MAX_BYTES = 1024 * 1024
+
+DEFAULT_RESERVE_MEMORY = 1 * GiB
+DEFAULT_HUGEPAGES = "2MiB"
+PAGE_BYTES = 4 * KiB
+_HUGEPAGE_BYTES = {"2MiB": 2 * MiB, "1GiB": 1 * GiB, "none": None}
+# The kernel's NR_CPUS tops out at 8192; a bound here keeps "0-99999999999" from building a huge set.
+MAX_CPU = 8191
+
+_SCALARS = (str, int, bool, type(None))
+
+
+@functools.cache
+def schema() -> dict[str, Any]:
+    """The site manifest's JSON Schema, as shipped inside the package."""
+    text = importlib.resources.files("partitioner").joinpath("site.schema.json").read_text("utf-8")
+    return cast(dict[str, Any], json.loads(text))
+
+
+def schema_defs(name: str) -> Any:
+    return schema()["$defs"][name]
+
+
+def _size_hint(text: str) -> str:
+    m = re.match(r"^\s*([0-9]+)\s*([kKmMgGtT])[bB]?\s*$", text)
+    if not m:
+        return ""
+    # The manifest does not guess between 10^9 and 2^30; it says which spelling means what.
+    return f": decimal units are refused, write {m.group(1)}{m.group(2).upper()}iB for binary"
+
+
+@functools.cache
+def _validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(schema())
+
+
+def load(path: str | Path) -> Manifest:
+    """Read and check the manifest at ``path``."""
+    file = str(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_BYTES + 1)
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ManifestError([Problem(file, 0, 0, f"cannot read the manifest: {reason}")]) from None
+    return loads(data, file)
+
+
+def loads(text: str | bytes, file: str = "<manifest>") -> Manifest:
+    """Check the manifest in ``text`` (``file`` names it in problems)."""
+    if len(text) > MAX_BYTES:
+        raise ManifestError(
+            [
+                Problem(
+                    file,
+                    0,
+                    0,
+                    f"the manifest is larger than {MAX_BYTES // MiB}MiB, the most this reads: "
+                    "is this the right file?",
+                )
+            ]
+        )
+    if isinstance(text, bytes):
+        text = decode(text, file)
+    doc = parse(text, file)
+    if doc is None or doc.root is None:
+        raise ManifestError(
+            [Problem(file, 1, 1, "the manifest is empty: it needs at least `version: 1`")]
+        )
+    if not isinstance(doc.root, dict):
+        kind = "a list" if isinstance(doc.root, list) else f"the single value `{doc.root}`"
+        raise ManifestError(
+            [
+                Problem(
+                    file,
+                    1,
+                    1,
+                    f"the manifest is {kind}: it must be a mapping of `version`, `host` "
+                    "and `partitions`",
+                )
+            ]
+        )
+    checker = _Checker(doc)
+    checker.check_schema()
+    checker.check_semantics()
+    if checker.problems:
+        raise ManifestError(checker.problems)
+    return checker.build()
+
+
+# -- messages for schema errors ---------------------------------------------------------------
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "an empty value"
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    text = str(value)
+    return f"`{text if len(text) <= 40 else text[:37] + '...'}`"
+
+
+_TYPE_NAMES = {
+    "object": "a mapping",
+    "array": "a list",
+    "string": "text",
+    "integer": "a whole number",
+    "boolean": "true or false",
+    "null": "nothing",
+}
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean `{close[0]}`?" if close else ""
+
+
+def _type_message(error: ValidationError) -> str:
+    wanted: Any = error.validator_value
+    names = [wanted] if isinstance(wanted, str) else list(wanted)
+    expected = " or ".join(_TYPE_NAMES.get(n, n) for n in names if n != "null")
+    message = f"expected {expected}, not {_shown(error.instance)}"
+    if (
+        "boolean" in names
+        and isinstance(error.instance, str)
+        and error.instance.lower() in ("yes", "no", "on", "off", "y", "n")
+    ):
+        message += " (yes, no, on and off are text in a manifest, not booleans)"
+    return message
+
+
+class _Checker:
+    """Collects every problem of one document, then builds the Manifest from it."""
+
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+        self.problems: list[Problem] = list(doc.problems)
+        # Paths the schema already complained about: the semantic checks leave them alone,
+        # so that one mistake gives one message.
+        self.bad: set[PathKey] = {_path_of(p.path) for p in doc.problems}
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def report(self, pos: Pos, message: str, path: PathKey) -> None:
+        self.problems.append(Problem(self.doc.file, pos.line, pos.column, message, dotted(path)))
+        self.bad.add(path)
+
+    def is_bad(self, path: PathKey) -> bool:
+        return any(path[: len(b)] == b for b in self.bad)
+
+    def get(self, path: PathKey) -> Any:
+        node: Any = self.doc.root
+        for part in path:
+            if isinstance(node, dict) and isinstance(part, str):
+                node = node.get(part)
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                return None
+        return node
+
+    # -- the schema ---------------------------------------------------------------------------
+
+    def check_schema(self) -> None:
+        errors = list(_validator().iter_errors(self.doc.root))
+        typed = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
+        seen: set[tuple[PathKey, str]] = set()
+        for error in sorted(errors, key=lambda e: (list(map(str, e.absolute_path)), e.message)):
+            path: PathKey = tuple(error.absolute_path)
+            # A value of the wrong kind trips every other keyword too; its kind is the news.
+            if error.validator != "type" and path in typed:
+                continue
+            for pos, where, message in self.explain(error):
+                if (where, message) not in seen:
+                    seen.add((where, message))
+                    self.report(pos, message, where)
+
+    def explain(self, error: ValidationError) -> Iterator[tuple[Pos, PathKey, str]]:
+        path: PathKey = tuple(error.absolute_path)
+        name = dotted(path) or "the manifest"
+        schema: Mapping[str, Any] = error.schema if isinstance(error.schema, Mapping) else {}
+        kind = error.validator
+        wanted: Any = error.validator_value
+        if kind == "additionalProperties" and isinstance(error.instance, dict):
+            known = [str(k) for k in schema.get("properties", {})]
+            extra = [k for k in error.instance if k not in known]
+            for key in extra:
+                where = (*path, key)
+                hint = _did_you_mean(key, known) or (
+                    f"; expected one of: {', '.join(known)}" if known else ""
+                )
+                yield self.doc.where(where), where, f"{name}: unknown key `{key}`{hint}"
+            return
+        if "propertyNames" in error.relative_schema_path or "propertyNames" in (error.schema_path):
+            where = (*path, str(error.instance))
+            message = schema.get("patternErrorMessage") or error.message
+            yield (
+                self.doc.where(where),
+                where,
+                f"{dotted(where)}: {message}, not `{error.instance}`",
+            )
+            return
+        if kind == "required" and isinstance(error.instance, dict):
+            missing = [k for k in wanted if k not in error.instance]
+            custom = schema.get("errorMessage")
+            for key in missing:
+                message = f"{name}: {custom}" if custom else f"{name} needs `{key}`"
+                yield self.doc.where(path), path, message
+            return
+        custom = schema.get("patternErrorMessage") if kind == "pattern" else None
+        custom = custom or schema.get("errorMessage")
+        if custom:
+            scalar = isinstance(error.instance, _SCALARS)
+            tail = f", not {_shown(error.instance)}" if scalar else ""
+            if schema == schema_defs("size") and isinstance(error.instance, str):
+                tail += _size_hint(error.instance)
+            yield self.doc.where_value(path), path, f"{name}: {custom}{tail}"
+            return
+        if kind in ("oneOf", "anyOf") and error.context:
+            best = best_match(error.context)
+            yield from self.explain(best)
+            return
+        if kind == "type":
+            message = _type_message(error)
+        elif kind == "enum":
+            choices = [str(c) for c in wanted]
+            message = f"expected one of {', '.join(choices)}, not {_shown(error.instance)}"
+            if isinstance(error.instance, str):
+                message += _did_you_mean(error.instance, choices)
+        elif kind == "const":
+            message = f"expected {wanted}, not {_shown(error.instance)}"
+        elif kind == "minimum":
+            message = f"expected at least {wanted}, not {_shown(error.instance)}"
+        elif kind == "maximum":
+            message = f"expected at most {wanted}, not {_shown(error.instance)}"
+        elif kind == "minLength":
+            message = "expected some text, not an empty one"
+        elif kind == "minItems":
+            message = f"expected at least {wanted} item(s)"
+        elif kind == "uniqueItems":
+            message = "expected each item once, but some are repeated"
+        else:
+            message = error.message
+        yield self.doc.where_value(path), path, f"{name}: {message}"
+
+    # -- what the schema cannot say -----------------------------------------------------------
+
+    def check_semantics(self) -> None:
+        host_list = self.reserve_cpus_list()
+        if self.get(("host", "reserve", "memory")) is not None:
+            self.size(("host", "reserve", "memory"), allow_zero=True)
+        partitions = self.get(("partitions",))
+        if not isinstance(partitions, dict):
+            return
+        owners: list[tuple[str, PathKey, CpuSet]] = []
+        if host_list is not None:
+            owners.append(("the host's reserve", ("host", "reserve", "cpus"), host_list))
+        devices: dict[tuple[str, str], PathKey] = {}
+        # File order, so that "already named" points back up the file.
+        for name in sorted(partitions, key=lambda n: self.doc.where(("partitions", n)).line):
+            base: PathKey = ("partitions", name)
+            if not isinstance(partitions[name], dict):
+                continue
+            self.memory(base)
+            cpus = self.cpu_list((*base, "cpus"))
+            if cpus is not None:
+                self.overlaps(name, (*base, "cpus"), cpus, owners)
+                owners.append((f"partition {name}", (*base, "cpus"), cpus))
+            self.device_names(name, base, devices)
+
+    def reserve_cpus_list(self) -> CpuSet | None:
+        return self.cpu_list(("host", "reserve", "cpus"))
+
+    def cpu_list(self, path: PathKey) -> CpuSet | None:
+        text = self.get(path)
+        if not isinstance(text, str) or self.is_bad(path):
+            return None
+        too_big = [int(n) for n in re.findall(r"[0-9]+", text) if int(n) > MAX_CPU]
+        if too_big:
+            self.report(
+                self.doc.where_value(path),
+                f"{dotted(path)}: CPU {too_big[0]} is beyond the largest CPU number Linux "
+                f"supports ({MAX_CPU})",
+                path,
+            )
+            return None
+        try:
+            cpus = CpuSet.parse(text)
+        except CpuListSyntaxError as e:
+            self.report(self.doc.where_value(path), f"{dotted(path)}: {e}", path)
+            return None
+        if not cpus:
+            self.report(self.doc.where_value(path), f"{dotted(path)}: names no CPU", path)
+            return None
+        return cpus
+
+    def overlaps(
+        self,
+        name: str,
+        path: PathKey,
+        cpus: CpuSet,
+        owners: list[tuple[str, PathKey, CpuSet]],
+    ) -> None:
+        for owner, owner_path, theirs in owners:
+            common = cpus & theirs
+            if common:
+                line = self.doc.where_value(owner_path).line
+                self.report(
+                    self.doc.where_value(path),
+                    f"{dotted(path)}: partition {name} and {owner} (line {line}) both take "
+                    f"CPU{'s' if len(common) > 1 else ''} {common}: a CPU has one owner",
+                    path,
+                )
+
+    def size(self, path: PathKey, *, allow_zero: bool = False) -> int | None:
+        text = self.get(path)
+        if not isinstance(text, str) or self.is_bad(path):
+            return None
+        try:
+            n = parse_size(text)
+        except (SizeSyntaxError, ValueError) as e:
+            self.report(self.doc.where_value(path), f"{dotted(path)}: {e}", path)
+            return None
+        if n == 0 and not allow_zero:
+            self.report(self.doc.where_value(path), f"{dotted(path)}: must be more than 0", path)
+            return None
+        return n
+
+    def memory(self, base: PathKey) -> None:
+        path = (*base, "memory")
+        n = self.size(path)
+        if n is None:
+            return
+        hugepages = self.get((*base, "hugepages"))
+        if hugepages is None:
+            hugepages = DEFAULT_HUGEPAGES
+        page = _HUGEPAGE_BYTES.get(hugepages) if isinstance(hugepages, str) else None
+        if page is not None and not self.is_bad((*base, "hugepages")) and n % page:
+            lower, upper = n // page * page, (n // page + 1) * page
+            choices = (
+                f"{format_size(lower)} or {format_size(upper)}" if lower else format_size(upper)
+            )
+            self.report(
+                self.doc.where_value(path),
+                f"{dotted(path)}: {format_size(n)} is not a whole number of "
+                f"{hugepages} hugepages: use {choices}, or another `hugepages:` size",
+                path,
+            )
+        elif n % PAGE_BYTES:
+            self.report(
+                self.doc.where_value(path),
+                f"{dotted(path)}: {format_size(n)} is not a multiple of the 4KiB page size",
+                path,
+            )
+
+    def device_names(self, name: str, base: PathKey, seen: dict[tuple[str, str], PathKey]) -> None:
+        devices = self.get((*base, "devices"))
+        if not isinstance(devices, list):
+            return
+        for i, device in enumerate(devices):
+            path: PathKey = (*base, "devices", i)
+            if not isinstance(device, dict) or self.is_bad(path):
+                continue
+            key: tuple[str, str] | None = None
+            if isinstance(device.get("pci"), str):
+                try:
+                    key = ("pci", str(PciAddress.parse(device["pci"])))
+                except PciAddressSyntaxError as e:
+                    self.report(self.doc.where_value((*path, "pci")), f"{dotted(path)}: {e}", path)
+                    continue
+            elif isinstance(device.get("netdev"), str):
+                key = ("netdev", device["netdev"])
+            if key is None:
+                continue
+            if key in seen:
+                first = seen[key]
+                owner = first[1]
+                line = self.doc.where_value(first).line
+                within = "again" if owner == name else f"already by partition {owner}"
+                self.report(
+                    self.doc.where_value(path),
+                    f"{dotted(path)}: {key[0]} {key[1]} is named {within} (line {line}): "
+                    "a device belongs to one partition, once",
+                    path,
+                )
+            else:
+                seen[key] = path
+
+    # -- the values ---------------------------------------------------------------------------
+
+    def location(self, path: PathKey) -> Location:
+        pos = self.doc.where(path)
+        return Location(self.doc.file, pos.line, pos.column)
+
+    def build(self) -> Manifest:
+        root = self.doc.root
+        host = root.get("host") or {}
+        reserve = host.get("reserve") or {}
+        reserve_cpus = reserve.get("cpus")
+        host_spec = HostSpec(
+            reserve_cpu_count=reserve_cpus if isinstance(reserve_cpus, int) else None,
+            reserve_cpu_list=CpuSet.parse(reserve_cpus) if isinstance(reserve_cpus, str) else None,
+            reserve_memory_bytes=(
+                parse_size(reserve["memory"]) if "memory" in reserve else DEFAULT_RESERVE_MEMORY
+            ),
+            smt=host.get("smt", "isolate"),
+            accel=host.get("accel", "kvm"),
+        )
+        partitions = root.get("partitions") or {}
+        specs = {name: self.partition(name, partitions[name]) for name in sorted(partitions)}
+        return Manifest(file=self.doc.file, host=host_spec, partitions=specs)
+
+    def partition(self, name: str, p: dict[str, Any]) -> PartitionSpec:
+        base: PathKey = ("partitions", name)
+        cpus = p["cpus"]
+        cpu_list = CpuSet.parse(cpus) if isinstance(cpus, str) else None
+        numa = p.get("numa", "auto")
+        boot = p.get("boot")
+        return PartitionSpec(
+            name=name,
+            cpu_count=len(cpu_list) if cpu_list is not None else cpus,
+            cpu_list=cpu_list,
+            memory_bytes=parse_size(p["memory"]),
+            hugepage_bytes=_HUGEPAGE_BYTES[p.get("hugepages", DEFAULT_HUGEPAGES)],
+            numa="auto"
+            if numa == "auto"
+            else tuple(sorted([numa] if isinstance(numa, int) else numa)),
+            devices=tuple(
+                self.device(d, (*base, "devices", i)) for i, d in enumerate(p.get("devices") or [])
+            ),
+            boot=Boot(boot["kernel"], boot.get("initrd"), boot.get("cmdline")) if boot else None,
+            disks=tuple(Disk(d["path"], d.get("readonly", False)) for d in p.get("disks") or []),
+            firmware=p.get("firmware", "bios"),
+            autostart=p.get("autostart", True),
+            order=p.get("order", 0),
+            where=self.location(base),
+        )
+
+    def device(self, d: dict[str, Any], path: PathKey) -> DeviceSpec:
+        kind: Literal["pci", "id", "netdev"]
+        if "pci" in d:
+            kind, value = "pci", str(PciAddress.parse(d["pci"]))
+        elif "id" in d:
+            kind, value = "id", d["id"].lower()
+        else:
+            kind, value = "netdev", d["netdev"]
+        return DeviceSpec(
+            kind=kind,
+            value=value,
+            count=d.get("count", 1),
+            required=d.get("required", True),
+            reset_none_ok=d.get("reset") == "none-ok",
+            where=self.location(path),
+        )
+
+
+def _path_of(text: str) -> PathKey:
+    out: list[str | int] = []
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", text):
+        out.append(int(part[1:-1]) if part.startswith("[") else part)
+    return tuple(out)

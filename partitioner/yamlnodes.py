@@ -1,0 +1,335 @@
+"""YAML read into plain values, with the line and column of every value and every key.
+
+The manifest is read with a loader of its own rather than PyYAML's SafeLoader,
+because YAML 1.1 (what PyYAML implements) turns text people write in a site
+manifest into surprising values:
+
+* ``81:00.0`` (a PCI address written unquoted) is a sexagesimal float,
+  ``0o7``/``07`` octal, ``0x1f`` hex, ``1_000`` an integer;
+* ``no``, ``yes``, ``on``, ``off``, ``y``, ``n`` are booleans, so a partition
+  called ``no`` or ``autostart: yes`` mean something nobody intended;
+* ``2026-11-20`` is a date.
+
+Here a plain scalar is a boolean only when it is ``true`` or ``false`` (any
+case YAML 1.2 allows), null only when it is empty, ``~`` or ``null``, an
+integer only when it is decimal digits with an optional sign, and text
+otherwise (YAML 1.2's core schema, without floats: no field of the manifest is
+a fraction).  Mapping keys are always text, as written.
+
+Other choices, all reported as located :class:`~partitioner.errors.Problem`:
+aliases (``*name``) are refused, which also rules out "billion laughs"
+expansion; duplicate keys are an error, not "the last one wins"; tags other
+than the standard ``!!str``/``!!int``/``!!bool``/``!!null``/``!!seq``/``!!map``
+are refused; nesting deeper than :data:`MAX_DEPTH` is refused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from yaml.composer import Composer
+from yaml.events import AliasEvent, StreamEndEvent
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.parser import Parser
+from yaml.reader import Reader
+from yaml.resolver import BaseResolver
+from yaml.scanner import Scanner
+
+from partitioner.errors import ManifestError, Problem
+
+# Far deeper than any manifest (which is five levels deep); keeps the
+# recursive composer and the converters below clear of Python's recursion limit.
+MAX_DEPTH = 64
+
+# Decimal digits only; 30 keeps int() clear of Python's limit on long digit strings.
+_INT_RE = re.compile(r"^[-+]?[0-9]{1,30}$")
+_BOOL_RE = re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$")
+_NULL_RE = re.compile(r"^(?:~|null|Null|NULL|)$")
+
+_TAG = "tag:yaml.org,2002:"
+_STR, _INT, _BOOL, _NULL = _TAG + "str", _TAG + "int", _TAG + "bool", _TAG + "null"
+_SEQ, _MAP = _TAG + "seq", _TAG + "map"
+
+PathKey = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Pos:
+    """A place in the file, 1-based."""
+
+    line: int
+    column: int
+
+
+@dataclass
+class Document:
+    """The YAML document as plain values (dict, list, str, int, bool, None).
+
+    ``values[path]`` is where the value at ``path`` starts; ``keys[path]`` is
+    where the key that leads to it stands (absent for list items and the root).
+    ``problems`` are the ones that did not stop the reading (duplicate keys,
+    aliases, tags): the document is still usable for further checks.
+    """
+
+    file: str
+    root: Any
+    values: dict[PathKey, Pos] = field(default_factory=dict)
+    keys: dict[PathKey, Pos] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+
+    def where(self, path: PathKey) -> Pos:
+        """The key of ``path`` if it has one (what a reader looks for), else its value."""
+        return self.keys.get(path) or self.values.get(path) or Pos(1, 1)
+
+    def where_value(self, path: PathKey) -> Pos:
+        return self.values.get(path) or self.where(path)
+
+
+class _Resolver(BaseResolver):
+    pass
+
+
+_Resolver.add_implicit_resolver(_BOOL, _BOOL_RE, list("tTfF"))
+_Resolver.add_implicit_resolver(_NULL, _NULL_RE, ["~", "n", "N", ""])
+_Resolver.add_implicit_resolver(_INT, _INT_RE, list("-+0123456789"))
+
+
+class _TooDeep(Exception):
+    def __init__(self, mark: Any) -> None:
+        self.mark = mark
+
+
+class _Loader(Reader, Scanner, Parser, Composer, _Resolver):
+    """PyYAML's reading stages with the resolver above and refusal of aliases and deep nesting."""
+
+    def __init__(self, text: str, file: str) -> None:
+        Reader.__init__(self, text)
+        Scanner.__init__(self)
+        Parser.__init__(self)
+        Composer.__init__(self)
+        _Resolver.__init__(self)
+        self.file = file
+        self.depth = 0
+        self.alias_problems: list[Problem] = []
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        if self.check_event(AliasEvent):
+            event = self.get_event()  # type: ignore[no-untyped-call]
+            m = event.start_mark
+            self.alias_problems.append(
+                Problem(
+                    self.file,
+                    m.line + 1,
+                    m.column + 1,
+                    f"alias *{event.anchor} is not allowed in a manifest: write the value out",
+                )
+            )
+            # A null stands in for the alias so that the rest of the file is still checked.
+            return ScalarNode(_NULL, "", m, event.end_mark)
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark)  # type: ignore[no-untyped-call]
+            node: Node | None = super().compose_node(parent, index)
+            assert node is not None  # only a missing document composes to None
+            return node
+        finally:
+            self.depth -= 1
+
+
+def _line_col(text: str, index: int) -> tuple[int, int]:
+    line = text.count("\n", 0, index) + 1
+    return line, index - (text.rfind("\n", 0, index) + 1) + 1
+
+
+def decode(data: bytes, file: str) -> str:
+    """UTF-8 text (a BOM is allowed), or a ManifestError that says where it stops being text."""
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        line, col = _line_col(data[:nul].decode("utf-8", "replace"), nul)
+        raise ManifestError(
+            [Problem(file, line, col, "this is a binary file, not a YAML manifest (NUL byte)")]
+        )
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        prefix = data[: e.start].decode("utf-8-sig", "replace")
+        line, col = _line_col(prefix, len(prefix))
+        raise ManifestError(
+            [Problem(file, line, col, "the manifest is not UTF-8 text (a binary file?)")]
+        ) from None
+
+
+def _tab_problems(text: str, file: str) -> list[Problem]:
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        indent = line[: len(line) - len(line.lstrip(" \t"))]
+        if "\t" in indent and line.strip():
+            out.append(
+                Problem(
+                    file,
+                    n,
+                    indent.index("\t") + 1,
+                    "a tab indents this line: YAML indents with spaces only",
+                )
+            )
+    return out
+
+
+def _yaml_error(e: yaml.YAMLError, text: str, file: str) -> list[Problem]:
+    if isinstance(e, yaml.reader.ReaderError):
+        line, col = _line_col(text, e.position)
+        return [
+            Problem(
+                file,
+                line,
+                col,
+                f"character {e.character!r} is not allowed in YAML (a binary file?)",
+            )
+        ]
+    if isinstance(e, yaml.MarkedYAMLError):
+        mark = e.problem_mark or e.context_mark
+        problem = e.problem or "invalid YAML"
+        if "'\\t'" in problem:
+            tabs = _tab_problems(text, file)
+            if tabs:
+                return tabs
+            problem = "a tab here: YAML separates and indents with spaces only"
+        elif e.context:
+            cm = e.context_mark
+            where = f" (line {cm.line + 1})" if cm is not None and cm is not mark else ""
+            problem = f"{problem}, {e.context}{where}"
+        if mark is None:
+            return [Problem(file, 0, 0, f"invalid YAML: {problem}")]
+        return [Problem(file, mark.line + 1, mark.column + 1, f"invalid YAML: {problem}")]
+    return [Problem(file, 0, 0, f"invalid YAML: {e}")]
+
+
+def compose(text: str, file: str) -> tuple[Node | None, list[Problem]]:
+    """The single document's node graph (None for a file with no document at all), and the
+    aliases found in it, refused."""
+    loader = _Loader(text, file)
+    try:
+        loader.get_event()  # type: ignore[no-untyped-call]  # the stream start
+        if loader.check_event(StreamEndEvent):
+            return None, []
+        node = loader.compose_document()
+        if not loader.check_event(StreamEndEvent):
+            m = loader.peek_event().start_mark  # type: ignore[no-untyped-call]
+            raise ManifestError(
+                [
+                    *loader.alias_problems,
+                    Problem(
+                        file,
+                        m.line + 1,
+                        m.column + 1,
+                        "a second YAML document starts here: a manifest is one document",
+                    ),
+                ]
+            )
+        return node, loader.alias_problems
+    except _TooDeep as e:
+        raise ManifestError(
+            [
+                Problem(
+                    file,
+                    e.mark.line + 1,
+                    e.mark.column + 1,
+                    f"nested more than {MAX_DEPTH} levels deep: this is not a manifest",
+                )
+            ]
+        ) from None
+    except yaml.YAMLError as e:
+        raise ManifestError(_yaml_error(e, text, file)) from None
+    finally:
+        loader.dispose()
+
+
+def _pos(node: Node) -> Pos:
+    return Pos(node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+class _Converter:
+    def __init__(self, doc: Document) -> None:
+        self.doc = doc
+
+    def problem(self, node: Node, message: str, path: PathKey) -> None:
+        p = _pos(node)
+        self.doc.problems.append(Problem(self.doc.file, p.line, p.column, message, dotted(path)))
+
+    def convert(self, node: Node, path: PathKey) -> Any:
+        self.doc.values[path] = _pos(node)
+        if isinstance(node, MappingNode):
+            return self.mapping(node, path)
+        if isinstance(node, SequenceNode):
+            if node.tag != _SEQ:
+                self.problem(node, f"YAML tag {node.tag} is not used in a manifest", path)
+            return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
+        assert isinstance(node, ScalarNode)
+        return self.scalar(node, path)
+
+    def scalar(self, node: ScalarNode, path: PathKey) -> Any:
+        text: str = node.value
+        if node.tag == _STR:
+            return text
+        if node.tag == _NULL and _NULL_RE.match(text):
+            return None
+        if node.tag == _BOOL and _BOOL_RE.match(text):
+            return text.lower() == "true"
+        if node.tag == _INT and _INT_RE.match(text):
+            return int(text)
+        if node.tag in (_NULL, _BOOL, _INT):
+            self.problem(node, f"{text!r} is not a valid {node.tag.rsplit(':', 1)[1]}", path)
+        else:
+            self.problem(node, f"YAML tag {node.tag} is not used in a manifest", path)
+        return text
+
+    def mapping(self, node: MappingNode, path: PathKey) -> dict[str, Any]:
+        if node.tag != _MAP:
+            self.problem(node, f"YAML tag {node.tag} is not used in a manifest", path)
+        out: dict[str, Any] = {}
+        first: dict[str, Pos] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, ScalarNode):
+                self.problem(key_node, "a key must be a plain name, not a list or mapping", path)
+                continue
+            # Keys are names as written: `no:` is the name "no", `08:` the name "08".
+            key: str = key_node.value
+            where = _pos(key_node)
+            if key in first:
+                self.problem(
+                    key_node,
+                    f"duplicate key `{key}` (first at line {first[key].line}): "
+                    "each key may appear once",
+                    (*path, key),
+                )
+                continue
+            first[key] = where
+            self.doc.keys[(*path, key)] = where
+            out[key] = self.convert(value_node, (*path, key))
+        return out
+
+
+def dotted(path: PathKey | Iterator[str | int]) -> str:
+    """``("partitions", "fw0", "devices", 1)`` -> ``partitions.fw0.devices[1]``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def parse(text: str, file: str) -> Document | None:
+    """The document with its locations; None for an empty file.  Unreadable YAML raises ManifestError."""
+    node, alias_problems = compose(text, file)
+    if node is None:
+        return None
+    doc = Document(file, None, problems=list(alias_problems))
+    doc.root = _Converter(doc).convert(node, ())
+    return doc
