@@ -1,0 +1,396 @@
+"""Boot an emulated VT-d server, run one command in it, and always take it down again.
+
+Channels between the host and the emulated server:
+
+- ttyS0, the kernel's console, goes to a log file (``console.log`` in the run
+  directory); its tail is shown when the server does not come up.
+- ttyS1 carries the command's stdout and stderr, through QEMU's stdout, to
+  ``stream``.  The command's stdin is ``/dev/null``.
+- The control share (9p tag ``tbctl``, ``/run/testbed`` inside) brings the job
+  script in and the ``started`` and ``rc`` files out.
+- The output share (9p tag ``tbout``, ``$TESTBED_OUT`` = ``/run/testbed-out``
+  inside) is a writable directory for the command's files.
+
+QEMU runs in its own session, so a Ctrl-C reaches only this process, which
+then ends QEMU; so do a timeout and any exception.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+import io
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TextIO
+
+from partitioner.errors import GuestError
+from partitioner.run import spawn
+from partitioner.testbed.initramfs import OUT_DIR, default_kernel, initramfs_for
+from partitioner.testbed.topology import Share, Topology, kernel_cmdline, load_topology, qemu_args
+
+QEMU = "qemu-system-x86_64"
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class TestbedTimeout(GuestError):
+    """The command did not finish in time; the emulated server was ended."""
+
+    def __init__(self, topology: str, timeout: float, booted: bool) -> None:
+        self.timeout = timeout
+        self.booted = booted
+        what = "the command" if booted else "the emulated server's boot"
+        super().__init__(
+            f"testbed {topology}: {what} did not finish within {timeout:g}s; "
+            "the emulated server was stopped (raise --timeout if the command is just slow)",
+            partition=f"testbed:{topology}",
+        )
+
+
+class TestbedBootFailure(GuestError):
+    """QEMU or the emulated server's kernel stopped before the command could run (or report)."""
+
+    def __init__(self, topology: str, reason: str, log_tail: str, log_path: Path | None) -> None:
+        self.reason = reason
+        self.log_tail = log_tail
+        self.log_path = log_path
+        where = f" (whole log: {log_path})" if log_path else ""
+        super().__init__(
+            f"testbed {topology}: {reason}{where}" + (f"\n{log_tail}" if log_tail else ""),
+            partition=f"testbed:{topology}",
+        )
+
+
+def job_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str:
+    """The shell script the emulated server runs (inside the chroot): a clean env, cwd, argv."""
+    if not argv:
+        raise ValueError("empty command")
+    assigns = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()))
+    return (
+        "# written by partition testbed\n"
+        f"cd {shlex.quote(cwd)} || exit 125\n"
+        f"exec /usr/bin/env -i {assigns} {shlex.join(argv)}\n"
+    )
+
+
+def guest_env(topo: Topology, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = {
+        "PATH": GUEST_PATH,
+        "HOME": "/root",
+        "USER": "root",
+        "LOGNAME": "root",
+        "LANG": "C.UTF-8",
+        "TERM": "dumb",
+        # The host's tree is read-only in there: do not try to write bytecode into it.
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "TESTBED": topo.name,
+        "TESTBED_OUT": OUT_DIR,
+    }
+    env.update(extra or {})
+    return env
+
+
+class TestbedServer:
+    """One boot of an emulated server running one command.
+
+    ``with TestbedServer(topo, argv) as tb: rc = tb.wait()``; leaving the block
+    (normally, by an exception, or by KeyboardInterrupt) ends QEMU if it still
+    runs and removes the run directory unless ``keep`` is set.
+    """
+
+    def __init__(
+        self,
+        topology: Topology | str,
+        argv: Sequence[str],
+        *,
+        timeout: float = 900,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        out_dir: Path | None = None,
+        stream: TextIO | None = sys.stdout,
+        progress: TextIO | None = sys.stderr,
+        kernel: str | os.PathLike[str] | None = None,
+        keep: bool = False,
+    ) -> None:
+        self.topology = load_topology(topology) if isinstance(topology, str) else topology
+        self.argv = list(argv)
+        if not self.argv:
+            raise GuestError(
+                "testbed: no command to run", partition=f"testbed:{self.topology.name}"
+            )
+        self.timeout = timeout
+        self.cwd = cwd or os.getcwd()
+        self.env = guest_env(self.topology, env)
+        self.out_dir = out_dir
+        self.stream = stream
+        self.progress = progress
+        self.kernel = Path(kernel) if kernel else None
+        self.keep = keep
+        self.run_dir: Path | None = None
+        self.console_log: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.boot_seconds: float | None = None  # from QEMU's start to the command's start
+        self.total_seconds: float | None = None
+        self._pump: threading.Thread | None = None
+        self._t0 = 0.0
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def __enter__(self) -> TestbedServer:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def start(self) -> None:
+        if shutil.which(QEMU) is None:
+            raise GuestError(
+                f"{QEMU} not found: install qemu-system-x86",
+                partition=f"testbed:{self.topology.name}",
+            )
+        kernel = self.kernel or default_kernel()
+        initrd = initramfs_for(kernel)
+        self.run_dir = Path(tempfile.mkdtemp(prefix="partition-testbed-"))
+        ctl = self.run_dir / "ctl"
+        ctl.mkdir()
+        out = self.out_dir or self.run_dir / "out"
+        out.mkdir(parents=True, exist_ok=True)
+        (ctl / "job").write_text(job_script(self.argv, self.cwd, self.env))
+        self.console_log = self.run_dir / "console.log"
+        argv = qemu_args(
+            self.topology,
+            kernel=str(kernel),
+            initrd=str(initrd),
+            cmdline=kernel_cmdline(self.topology),
+            console_log=str(self.console_log),
+            shares=[
+                Share("hostroot", "/", readonly=True),
+                Share("tbctl", str(ctl), readonly=False),
+                Share("tbout", str(out.resolve()), readonly=False),
+            ],
+            qemu=QEMU,
+        )
+        self._say(f"booting emulated server ({self.topology.describe()})...")
+        self._t0 = time.monotonic()
+        with open(self.run_dir / "qemu.err", "wb") as qemu_err:
+            self.proc = spawn(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=qemu_err.fileno(),
+                stdin=subprocess.DEVNULL,
+                new_session=True,
+            )
+        self._pump = threading.Thread(target=self._copy_output, daemon=True)
+        self._pump.start()
+
+    def wait(self) -> int:
+        """Until the command ends: its exit code.  Raises TestbedTimeout or TestbedBootFailure."""
+        assert self.proc is not None and self.run_dir is not None
+        ctl = self.run_dir / "ctl"
+        ticker = self.progress is not None and self.progress.isatty()
+        last_tick = 0
+        deadline = self._t0 + self.timeout
+        while True:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=0.25)
+            now = time.monotonic()
+            if self.boot_seconds is None and (ctl / "started").exists():
+                self.boot_seconds = now - self._t0
+                if ticker:
+                    self._write_progress("\r\033[K")
+                self._say(
+                    f"emulated server up after {self.boot_seconds:.1f}s; running: {shlex.join(self.argv)}"
+                )
+            if self.proc.returncode is not None:
+                break
+            if now >= deadline:
+                self._kill()
+                raise TestbedTimeout(
+                    self.topology.name, self.timeout, self.boot_seconds is not None
+                )
+            if ticker and self.boot_seconds is None and int(now - self._t0) != last_tick:
+                last_tick = int(now - self._t0)
+                self._write_progress(f"\r  booting... {last_tick}s")
+        self.total_seconds = time.monotonic() - self._t0
+        if self._pump is not None:
+            self._pump.join(timeout=10)
+        rc_text = (ctl / "rc").read_text().strip() if (ctl / "rc").exists() else ""
+        if rc_text.isdigit():
+            return int(rc_text)
+        if ticker and self.boot_seconds is None:
+            self._write_progress("\r\033[K")
+        stderr = (self.run_dir / "qemu.err").read_text(errors="replace")
+        if self.boot_seconds is None:
+            reason = (
+                f"the emulated server did not come up (QEMU exited with {self.proc.returncode})"
+            )
+        else:
+            reason = f"the emulated server stopped before the command reported its exit status (QEMU exited with {self.proc.returncode})"
+        tail = "\n".join((stderr.strip().splitlines() + self.console_tail(30))[-40:])
+        raise TestbedBootFailure(
+            self.topology.name, reason, tail, self.console_log if self.keep else None
+        )
+
+    def close(self) -> None:
+        """End QEMU if it still runs, and remove the run directory (unless ``keep``)."""
+        self._kill()
+        if self._pump is not None:
+            self._pump.join(timeout=5)
+        if self.proc is not None and self.proc.stdout is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdout.close()
+        if self.run_dir is not None and not self.keep:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    def console_tail(self, n: int) -> list[str]:
+        if self.console_log is None:
+            return []
+        try:
+            text = self.console_log.read_text(errors="replace")
+        except OSError:
+            return []
+        return [ln.rstrip("\r") for ln in text.splitlines()[-n:]]
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _kill(self) -> None:
+        p = self.proc
+        if p is None or p.returncode is not None:
+            return
+        # SIGINT would be ignored if QEMU is wedged in TCG; SIGTERM ends it at once,
+        # SIGKILL is for a QEMU that does not even do that.
+        for sig, grace in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 10.0)):
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(sig)
+            try:
+                p.wait(timeout=grace)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def _copy_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        src = self.proc.stdout
+        dest = self.stream
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while True:
+            try:
+                chunk = os.read(src.fileno(), 65536)
+            except (OSError, ValueError):
+                return
+            if dest is None:
+                if not chunk:
+                    return
+                continue
+            try:
+                dest.write(decoder.decode(chunk, final=not chunk))
+                dest.flush()
+            except (OSError, ValueError):
+                # The reader went away (a closed pipe): keep draining so QEMU never blocks.
+                dest = None
+            if not chunk:
+                return
+
+    def _say(self, text: str) -> None:
+        self._write_progress(f"testbed: {text}\n")
+
+    def _write_progress(self, text: str) -> None:
+        if self.progress is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self.progress.write(text)
+            self.progress.flush()
+
+
+def run_in_testbed(
+    topology: Topology | str,
+    argv: Sequence[str],
+    *,
+    timeout: float = 900,
+    cwd: str | None = None,
+    env: Mapping[str, str] | None = None,
+    out_dir: Path | None = None,
+    stream: TextIO | None = sys.stdout,
+    progress: TextIO | None = sys.stderr,
+) -> int:
+    """Boot ``topology``, run ``argv`` in it as root, stream its output; its exit code.
+
+    ``cwd`` (default: the current directory) is the same path inside, where the
+    host's filesystem is mounted read-only.  ``out_dir`` (on the host) is
+    writable inside as ``$TESTBED_OUT``.
+    """
+    with TestbedServer(
+        topology,
+        argv,
+        timeout=timeout,
+        cwd=cwd,
+        env=env,
+        out_dir=out_dir,
+        stream=stream,
+        progress=progress,
+    ) as tb:
+        return tb.wait()
+
+
+def snapshot_testbed(
+    topology: Topology | str,
+    dest: Path,
+    *,
+    timeout: float = 900,
+    progress: TextIO | None = sys.stderr,
+) -> None:
+    """Boot ``topology`` and save its ``/sys`` and ``/proc`` into ``dest`` as ``partition snapshot`` does."""
+    topo = load_topology(topology) if isinstance(topology, str) else topology
+    dest = Path(dest)
+    with tempfile.TemporaryDirectory(prefix="partition-testbed-snap-") as tmp:
+        out = Path(tmp)
+        project = str(Path(__file__).resolve().parents[2])
+        buf = io.StringIO()
+        rc = run_in_testbed(
+            topo,
+            [sys.executable, "-m", "partitioner.cli.main", "snapshot", f"{OUT_DIR}/snap"],
+            timeout=timeout,
+            cwd=project,
+            env={"PYTHONPATH": project},
+            out_dir=out,
+            stream=buf,
+            progress=progress,
+        )
+        if rc != 0:
+            raise GuestError(
+                f"testbed {topo.name}: partition snapshot exited with {rc} inside the emulated server"
+                + (f":\n{_tail(buf.getvalue())}" if buf.getvalue().strip() else ""),
+                partition=f"testbed:{topo.name}",
+            )
+        if dest.exists() and any(dest.iterdir()):
+            raise GuestError(
+                f"testbed snapshot: {dest} exists and is not empty",
+                partition=f"testbed:{topo.name}",
+            )
+        dest.mkdir(parents=True, exist_ok=True)
+        # symlinks=True: sysfs trees are made of relative links, kept as links.
+        shutil.copytree(out / "snap", dest, symlinks=True, dirs_exist_ok=True)
+
+
+def _tail(text: str, n: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-n:])
