@@ -338,7 +338,13 @@ def _ensure_vfio_pci(
     try:
         load_module(VFIO_PCI)
     except CommandFailed as e:
-        raise DeviceError(f"could not load the vfio-pci module: {e}", path=drv) from e
+        said = e.output.strip().splitlines()
+        detail = said[-1] if said else f"exited with {e.returncode}"
+        raise DeviceError(
+            f"could not load the vfio-pci module (modprobe vfio-pci: {detail}); "
+            "is the kernel built with VFIO (CONFIG_VFIO_PCI)?",
+            path=drv,
+        ) from e
     if not watch.wait(lambda: root.exists(drv), timeout):
         raise DeviceError(
             f"vfio-pci was loaded but {drv} did not appear within {timeout:g}s", path=drv
