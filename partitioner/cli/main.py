@@ -26,7 +26,13 @@ from partitioner.errors import (
 )
 
 # Verb modules, in the order `partition --help` lists them.
-VERB_MODULES: list[str] = []
+VERB_MODULES: list[str] = [
+    "apply",
+    "status",
+    "lifecycle",
+    "destroy",
+    "console",
+]
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,93 @@
+"""``apply`` as a library: manifest and host in, the actions that converge them, then running them.
+
+``prepare()`` does no writes: it loads, scans, reconciles the record with
+the host, plans against what runs and diffs.  ``converge()`` runs the
+actions under :func:`partitioner.actions.execute` (saving after each, undoing
+on failure).  The CLI verb and the benchmark both go through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from partitioner.actions import Action, ApplyContext, diff, execute, held_replacements
+from partitioner.errors import UsageError
+from partitioner.host import Host
+from partitioner.hostroot import HostRoot
+from partitioner.manifest import Manifest
+from partitioner.plan import Plan
+from partitioner.state import SiteRecord, State, StateStore, reconcile, running_partitions
+
+
+@dataclass(frozen=True)
+class Prepared:
+    manifest: Manifest
+    host: Host
+    plan: Plan
+    state: State  # the record, reconciled with the host
+    actions: list[Action]
+    held: dict[str, str]  # running partitions the manifest changed, left running: name -> change
+    notes: list[str]  # what reconciling the record with the host found
+
+
+def prepare(
+    manifest_path: str | Path,
+    root: HostRoot,
+    store: StateStore,
+    *,
+    replace_names: Iterable[str] = (),
+    replace_all: bool = False,
+) -> Prepared:
+    from partitioner.inventory import scan
+    from partitioner.loader import load
+    from partitioner.planner import plan
+
+    manifest = load(manifest_path)
+    host = scan(root)
+    state, notes = reconcile(store.load(), root)
+    result = plan(manifest, host, running_partitions(state))
+    wanted = set(result.placements) if replace_all else set(replace_names)
+    unknown = sorted(wanted - set(result.placements))
+    if unknown:
+        raise UsageError(
+            f"--replace names {', '.join(unknown)}, not a partition of {manifest.file} "
+            f"(partitions: {', '.join(result.placements) or 'none'})"
+        )
+    return Prepared(
+        manifest=manifest,
+        host=host,
+        plan=result,
+        state=state,
+        actions=diff(result, state, host, replace=wanted),
+        held=held_replacements(result, state, replace=wanted),
+        notes=notes,
+    )
+
+
+def converge(
+    prepared: Prepared,
+    *,
+    root: HostRoot,
+    store: StateStore,
+    run_dir: Path,
+    log_dir: Path,
+    stop_timeout: float = 60.0,
+    on_progress: Callable[[str], None] | None = None,
+) -> ApplyContext:
+    """Run the prepared actions; the caller holds ``store.lock``.  Returns the context (its final state)."""
+    site = SiteRecord.of_plan(prepared.plan, str(Path(prepared.manifest.file).resolve()))
+    ctx = ApplyContext(
+        root=root,
+        plan=prepared.plan,
+        state=replace(prepared.state, site=site),
+        run_dir=run_dir,
+        log_dir=log_dir,
+        state_dir=store.dir,
+        host=prepared.host,
+        stop_timeout=stop_timeout,
+        on_progress=on_progress,
+    )
+    execute(prepared.actions, ctx, store)
+    return ctx

@@ -1,0 +1,125 @@
+"""``partition apply FILE [--dry-run] [--replace NAME]... [--replace-all]``: converge the host."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from partitioner.actions import Action
+from partitioner.apply import converge, prepare
+from partitioner.cli.common import Context
+from partitioner.state import StateStore
+
+DEFAULT_LOCK_TIMEOUT = 60.0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("apply", help="converge the host to a site manifest")
+    p.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="print the actions and do nothing")
+    p.add_argument(
+        "--replace",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="restart running partition NAME if the manifest changed it (repeatable)",
+    )
+    p.add_argument(
+        "--replace-all", action="store_true", help="restart every running partition that changed"
+    )
+    add_lock_timeout(p)
+    p.add_argument(
+        "--stop-timeout",
+        metavar="S",
+        type=float,
+        default=60.0,
+        help="seconds a guest gets to power down before QEMU is told to quit (default 60)",
+    )
+    p.set_defaults(func=run)
+
+
+def add_lock_timeout(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--lock-timeout",
+        metavar="S",
+        type=float,
+        default=DEFAULT_LOCK_TIMEOUT,
+        help=f"seconds to wait for another partition command to finish (default {DEFAULT_LOCK_TIMEOUT:g})",
+    )
+
+
+def progress(ctx: Context) -> Callable[[str], None] | None:
+    """Long steps say what they do on a terminal, and stay quiet in a pipe (cli.md)."""
+    if ctx.verbosity > 0 or (ctx.verbosity == 0 and ctx.err.isatty()):
+        return lambda text: ctx.info(f"partition: {text}")
+    return None
+
+
+def print_actions(ctx: Context, actions: Sequence[Action], heading: str) -> None:
+    ctx.say(heading)
+    for a in actions:
+        ctx.say(f"  {a.kind:<18} {a.target:<14} {a.detail}")
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    ctx.require_live("apply")
+    root = ctx.root()
+    store = StateStore(ctx.state_dir)
+    # A dry run changes nothing, so it neither waits for nor blocks a running apply.
+    lock = contextlib.nullcontext() if args.dry_run else store.lock("apply", args.lock_timeout)
+    with lock:
+        prepared = prepare(
+            args.file,
+            root,
+            store,
+            replace_names=args.replace,
+            replace_all=args.replace_all,
+        )
+        for note in prepared.notes:
+            ctx.warn(f"partition: {note}")
+        for name, change in prepared.held.items():
+            ctx.warn(
+                f"partition: {name} is running and the manifest changed it ({change}); "
+                f"it is left as it runs. Use --replace {name} to restart it with the new placement"
+            )
+        acts = prepared.actions
+        if ctx.json:
+            doc: dict[str, Any] = {
+                "actions": [a.to_json() for a in acts],
+                "held": dict(prepared.held),
+                "notes": list(prepared.notes),
+                "dry_run": bool(args.dry_run),
+            }
+        if not acts:
+            if ctx.json:
+                doc["applied"] = False
+                ctx.emit_json(doc)
+            else:
+                ctx.say("nothing to do")
+            return 0
+        if args.dry_run:
+            if ctx.json:
+                doc["applied"] = False
+                ctx.emit_json(doc)
+            else:
+                print_actions(ctx, acts, "apply would:")
+            return 0
+        if not ctx.json:
+            print_actions(ctx, acts, "applying:")
+        converge(
+            prepared,
+            root=root,
+            store=store,
+            run_dir=ctx.run_dir,
+            log_dir=ctx.log_dir,
+            stop_timeout=args.stop_timeout,
+            on_progress=progress(ctx),
+        )
+        if ctx.json:
+            doc["applied"] = True
+            ctx.emit_json(doc)
+        else:
+            ctx.say(f"done: {len(acts)} action{'s' if len(acts) != 1 else ''}")
+    return 0

@@ -1,0 +1,70 @@
+"""``partition destroy [FILE | --all]``: stop partitions and give back everything they hold."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+from typing import Any
+
+from partitioner.actions import execute, teardown
+from partitioner.cli.apply import add_lock_timeout, print_actions
+from partitioner.cli.common import Context
+from partitioner.cli.lifecycle import lifecycle_context
+from partitioner.errors import UsageError
+from partitioner.state import StateStore, reconcile
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("destroy", help="stop partitions and give their devices and hugepages back")
+    p.add_argument(
+        "file", metavar="FILE", nargs="?", help="destroy the partitions of this manifest"
+    )
+    p.add_argument("--all", action="store_true", help="destroy every applied partition")
+    p.add_argument("--dry-run", action="store_true", help="print the actions and do nothing")
+    p.add_argument(
+        "--timeout",
+        metavar="S",
+        type=float,
+        default=60.0,
+        help="seconds each guest gets to power down before QEMU is told to quit (default 60)",
+    )
+    add_lock_timeout(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    if (args.file is None) == (not args.all):
+        raise UsageError("destroy needs a manifest FILE or --all (not both)")
+    ctx.require_live("destroy")
+    store = StateStore(ctx.state_dir)
+    with store.lock("destroy", args.lock_timeout):
+        root = ctx.root()
+        state, notes = reconcile(store.load(), root)
+        for note in notes:
+            ctx.warn(f"partition: {note}")
+        if args.all:
+            names = set(state.partitions)
+        else:
+            from partitioner.loader import load
+
+            names = set(load(args.file).partitions) & set(state.partitions)
+        actions = teardown(r for n, r in state.partitions.items() if n in names)
+        if not actions:
+            ctx.say("nothing to do")
+            return 0
+        print_actions(ctx, actions, "destroy would:" if args.dry_run else "destroying:")
+        if args.dry_run:
+            return 0
+        host = None
+        if any(state.partitions[n].claims for n in names):
+            from partitioner.inventory import scan
+
+            # Only a failed give-back needs the host: to claim the group again on undo.
+            host = scan(root)
+        actx = lifecycle_context(ctx, store, state, host)
+        actx.stop_timeout = args.timeout
+        execute(actions, actx, store)
+        if not actx.state.partitions and actx.state.site is not None:
+            store.save(replace(actx.state, site=None))
+        ctx.say(f"destroyed: {', '.join(sorted(names))}")
+    return 0

@@ -1,0 +1,92 @@
+"""``partition status [NAME]``: each partition's state, CPUs, memory, devices, uptime and process."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from partitioner.cli.common import Context, table
+from partitioner.errors import UsageError
+from partitioner.state import PartitionRecord, RunState, StateStore, reconcile
+from partitioner.units import format_size
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("status", help="the applied partitions and how they run")
+    p.add_argument("name", metavar="NAME", nargs="?", help="only this partition")
+    p.set_defaults(func=run)
+
+
+def record_json(rec: PartitionRecord, now: float) -> dict[str, Any]:
+    p = rec.placement
+    running = rec.state is RunState.RUNNING
+    return {
+        "state": rec.state.value,
+        "pid": rec.pid if running else None,
+        "cpus": list(p.cpus),
+        "numa_nodes": list(p.numa_nodes),
+        "memory_bytes": p.memory_bytes,
+        "hugepages": format_size(p.hugepage_bytes) if p.hugepage_bytes else "none",
+        "vcpu_threads": {str(i): t for i, t in sorted(rec.vcpu_threads.items())} if running else {},
+        "devices": [str(d.address) for d in p.devices],
+        "iommu_groups": list(p.iommu_groups),
+        "uptime_s": round(now - rec.started_at, 1)
+        if running and rec.started_at is not None
+        else None,
+        "console_log": rec.paths.get("console_log"),
+        "hugepages_added": [g.to_json() for g in rec.hugepages],
+    }
+
+
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    return (f"{d}d" if d else "") + (f"{h:02d}:{m:02d}:{s:02d}" if d or h else f"{m}:{s:02d}")
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    store = StateStore(ctx.state_dir)
+    # Read-only: the record is checked against the live processes but not rewritten here;
+    # the next apply or lifecycle verb records what it finds.
+    state, notes = reconcile(store.load(), ctx.root())
+    recs = dict(state.partitions)
+    if args.name is not None:
+        if args.name not in recs:
+            raise UsageError(
+                f"no partition {args.name} has been applied here "
+                f"(applied: {', '.join(recs) or 'none'})"
+            )
+        recs = {args.name: recs[args.name]}
+    now = time.time()
+    docs = {name: record_json(rec, now) for name, rec in sorted(recs.items())}
+    if ctx.json:
+        ctx.emit_json({"partitions": docs})
+        return 0
+    for note in notes:
+        ctx.warn(f"partition: {note}")
+    if not docs:
+        ctx.say("no partitions are applied on this host")
+        return 0
+    rows = []
+    for name, d in docs.items():
+        rows.append(
+            [
+                name,
+                d["state"],
+                str(d["pid"] or "-"),
+                str(recs[name].placement.cpuset),
+                ",".join(map(str, d["numa_nodes"])),
+                format_size(d["memory_bytes"]) + f" ({d['hugepages']})",
+                " ".join(d["devices"]) or "-",
+                _uptime(d["uptime_s"]),
+            ]
+        )
+    ctx.say(
+        table(rows, ["PARTITION", "STATE", "PID", "CPUS", "NODES", "MEMORY", "DEVICES", "UPTIME"])
+    )
+    return 0
