@@ -184,7 +184,7 @@ class _Checker:
         self.problems: list[Problem] = list(doc.problems)
         # Paths the schema already complained about: the semantic checks leave them alone,
         # so that one mistake gives one message.
-        self.bad: set[PathKey] = {_path_of(p.path) for p in doc.problems}
+        self.bad: set[PathKey] = set(doc.unreadable)
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -215,7 +215,7 @@ class _Checker:
         for error in sorted(errors, key=lambda e: (list(map(str, e.absolute_path)), e.message)):
             path: PathKey = tuple(error.absolute_path)
             # A value of the wrong kind trips every other keyword too; its kind is the news.
-            if error.validator != "type" and path in typed:
+            if (error.validator != "type" and path in typed) or self.is_bad(path):
                 continue
             for pos, where, message in self.explain(error):
                 if (where, message) not in seen:
@@ -499,10 +499,3 @@ class _Checker:
             reset_none_ok=d.get("reset") == "none-ok",
             where=self.location(path),
         )
-
-
-def _path_of(text: str) -> PathKey:
-    out: list[str | int] = []
-    for part in re.findall(r"[^.\[\]]+|\[\d+\]", text):
-        out.append(int(part[1:-1]) if part.startswith("[") else part)
-    return tuple(out)

@@ -53,6 +53,7 @@ _NULL_RE = re.compile(r"^(?:~|null|Null|NULL|)$")
 _TAG = "tag:yaml.org,2002:"
 _STR, _INT, _BOOL, _NULL = _TAG + "str", _TAG + "int", _TAG + "bool", _TAG + "null"
 _SEQ, _MAP = _TAG + "seq", _TAG + "map"
+_ALIAS = " alias"  # not a tag anyone can write: YAML tags have no spaces
 
 PathKey = tuple[str | int, ...]
 
@@ -80,6 +81,7 @@ class Document:
     values: dict[PathKey, Pos] = field(default_factory=dict)
     keys: dict[PathKey, Pos] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
+    unreadable: set[PathKey] = field(default_factory=set)  # values refused above (alias, tag)
 
     def where(self, path: PathKey) -> Pos:
         """The key of ``path`` if it has one (what a reader looks for), else its value."""
@@ -106,30 +108,20 @@ class _TooDeep(Exception):
 class _Loader(Reader, Scanner, Parser, Composer, _Resolver):
     """PyYAML's reading stages with the resolver above and refusal of aliases and deep nesting."""
 
-    def __init__(self, text: str, file: str) -> None:
+    def __init__(self, text: str) -> None:
         Reader.__init__(self, text)
         Scanner.__init__(self)
         Parser.__init__(self)
         Composer.__init__(self)
         _Resolver.__init__(self)
-        self.file = file
         self.depth = 0
-        self.alias_problems: list[Problem] = []
 
     def compose_node(self, parent: Node | None, index: Any) -> Node:
         if self.check_event(AliasEvent):
+            # Stands in for the alias, so the converter refuses it where it stands and the rest
+            # of the file is still checked.  The anchored node is never shared: no expansion.
             event = self.get_event()  # type: ignore[no-untyped-call]
-            m = event.start_mark
-            self.alias_problems.append(
-                Problem(
-                    self.file,
-                    m.line + 1,
-                    m.column + 1,
-                    f"alias *{event.anchor} is not allowed in a manifest: write the value out",
-                )
-            )
-            # A null stands in for the alias so that the rest of the file is still checked.
-            return ScalarNode(_NULL, "", m, event.end_mark)
+            return ScalarNode(_ALIAS, event.anchor, event.start_mark, event.end_mark)
         self.depth += 1
         try:
             if self.depth > MAX_DEPTH:
@@ -183,12 +175,10 @@ def _tab_problems(text: str, file: str) -> list[Problem]:
 def _yaml_error(e: yaml.YAMLError, text: str, file: str) -> list[Problem]:
     if isinstance(e, yaml.reader.ReaderError):
         line, col = _line_col(text, e.position)
+        code = e.character if isinstance(e.character, int) else ord(str(e.character)[:1] or "?")
         return [
             Problem(
-                file,
-                line,
-                col,
-                f"character {e.character!r} is not allowed in YAML (a binary file?)",
+                file, line, col, f"character U+{code:04X} is not allowed in YAML (a binary file?)"
             )
         ]
     if isinstance(e, yaml.MarkedYAMLError):
@@ -209,29 +199,28 @@ def _yaml_error(e: yaml.YAMLError, text: str, file: str) -> list[Problem]:
     return [Problem(file, 0, 0, f"invalid YAML: {e}")]
 
 
-def compose(text: str, file: str) -> tuple[Node | None, list[Problem]]:
-    """The single document's node graph (None for a file with no document at all), and the
-    aliases found in it, refused."""
-    loader = _Loader(text, file)
+def compose(text: str, file: str) -> Node | None:
+    """The single document's node graph, or None for a file with no document at all."""
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)
         loader.get_event()  # type: ignore[no-untyped-call]  # the stream start
         if loader.check_event(StreamEndEvent):
-            return None, []
+            return None
         node = loader.compose_document()
         if not loader.check_event(StreamEndEvent):
             m = loader.peek_event().start_mark  # type: ignore[no-untyped-call]
             raise ManifestError(
                 [
-                    *loader.alias_problems,
                     Problem(
                         file,
                         m.line + 1,
                         m.column + 1,
                         "a second YAML document starts here: a manifest is one document",
-                    ),
+                    )
                 ]
             )
-        return node, loader.alias_problems
+        return node
     except _TooDeep as e:
         raise ManifestError(
             [
@@ -246,7 +235,12 @@ def compose(text: str, file: str) -> tuple[Node | None, list[Problem]]:
     except yaml.YAMLError as e:
         raise ManifestError(_yaml_error(e, text, file)) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
+
+
+def _tag(tag: str) -> str:
+    return "!!" + tag.removeprefix(_TAG) if tag.startswith(_TAG) else tag
 
 
 def _pos(node: Node) -> Pos:
@@ -257,7 +251,10 @@ class _Converter:
     def __init__(self, doc: Document) -> None:
         self.doc = doc
 
-    def problem(self, node: Node, message: str, path: PathKey) -> None:
+    def problem(self, node: Node, message: str, path: PathKey, *, refused: bool = True) -> None:
+        """``refused``: the value at ``path`` is not what was written, so later checks skip it."""
+        if refused:
+            self.doc.unreadable.add(path)
         p = _pos(node)
         self.doc.problems.append(Problem(self.doc.file, p.line, p.column, message, dotted(path)))
 
@@ -267,13 +264,18 @@ class _Converter:
             return self.mapping(node, path)
         if isinstance(node, SequenceNode):
             if node.tag != _SEQ:
-                self.problem(node, f"YAML tag {node.tag} is not used in a manifest", path)
+                self.problem(node, f"YAML tag {_tag(node.tag)} is not used in a manifest", path)
             return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
         assert isinstance(node, ScalarNode)
         return self.scalar(node, path)
 
     def scalar(self, node: ScalarNode, path: PathKey) -> Any:
         text: str = node.value
+        if node.tag == _ALIAS:
+            self.problem(
+                node, f"alias *{text} is not allowed in a manifest: write the value out", path
+            )
+            return None
         if node.tag == _STR:
             return text
         if node.tag == _NULL and _NULL_RE.match(text):
@@ -283,19 +285,24 @@ class _Converter:
         if node.tag == _INT and _INT_RE.match(text):
             return int(text)
         if node.tag in (_NULL, _BOOL, _INT):
-            self.problem(node, f"{text!r} is not a valid {node.tag.rsplit(':', 1)[1]}", path)
+            self.problem(node, f"{text!r} is not a valid {_tag(node.tag)}", path)
         else:
-            self.problem(node, f"YAML tag {node.tag} is not used in a manifest", path)
+            self.problem(node, f"YAML tag {_tag(node.tag)} is not used in a manifest", path)
         return text
 
     def mapping(self, node: MappingNode, path: PathKey) -> dict[str, Any]:
         if node.tag != _MAP:
-            self.problem(node, f"YAML tag {node.tag} is not used in a manifest", path)
+            self.problem(node, f"YAML tag {_tag(node.tag)} is not used in a manifest", path)
         out: dict[str, Any] = {}
         first: dict[str, Pos] = {}
         for key_node, value_node in node.value:
             if not isinstance(key_node, ScalarNode):
-                self.problem(key_node, "a key must be a plain name, not a list or mapping", path)
+                self.problem(
+                    key_node,
+                    "a key must be a plain name, not a list or mapping",
+                    path,
+                    refused=False,
+                )
                 continue
             # Keys are names as written: `no:` is the name "no", `08:` the name "08".
             key: str = key_node.value
@@ -306,6 +313,7 @@ class _Converter:
                     f"duplicate key `{key}` (first at line {first[key].line}): "
                     "each key may appear once",
                     (*path, key),
+                    refused=False,
                 )
                 continue
             first[key] = where
@@ -327,9 +335,9 @@ def dotted(path: PathKey | Iterator[str | int]) -> str:
 
 def parse(text: str, file: str) -> Document | None:
     """The document with its locations; None for an empty file.  Unreadable YAML raises ManifestError."""
-    node, alias_problems = compose(text, file)
+    node = compose(text, file)
     if node is None:
         return None
-    doc = Document(file, None, problems=list(alias_problems))
+    doc = Document(file, None)
     doc.root = _Converter(doc).convert(node, ())
     return doc
