@@ -1,0 +1,277 @@
+"""The QEMU command line of a partition: a pure function of its Placement, the Plan and QEMU's caps.
+
+Nothing here reads the host or starts anything; ``tests/test_argv.py`` compares
+the output with golden files.  Decisions worth knowing:
+
+- The guest starts paused (``-S``): ``launch`` pins the vCPU threads first.
+- One memory backend per host NUMA node the partition uses, bound there
+  (``policy=bind``), preallocated and locked (``-overcommit mem-lock=on``):
+  a partition's memory is never taken back or swapped.  Hugepages come from
+  ``memory-backend-memfd,hugetlb=on`` (no hugetlbfs mount needed).
+- Preallocation threads run in a ``thread-context`` pinned to the partition's
+  own CPUs on that node (QEMU 7.2+): they touch the memory from where it will
+  be used, and never from CPUs that belong to the host or to a neighbour.
+- Disk format comes from the file name: ``*.qcow2`` is qcow2, anything else
+  raw.  Reading the image's magic would be I/O; saying ``format=`` explicitly
+  keeps QEMU from probing raw images (and from the warning it prints).
+- Block devices (``/dev/...``) bypass the host page cache (``cache=none,
+  aio=native``); image files keep QEMU's default cache, because tmpfs and some
+  other filesystems refuse O_DIRECT.
+- PCI functions that share a host slot and include function 0 (a GPU and its
+  audio function) stay together as one multifunction device behind one
+  PCIe root port, with their function numbers; any other function gets a
+  root port of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from partitioner.cpuset import CpuSet
+from partitioner.errors import GuestError
+from partitioner.guest.caps import QemuCaps
+from partitioner.plan import DeviceAssignment, Placement, Plan
+from partitioner.units import GiB, KiB, MiB
+
+# Under TCG the translation cache is an anonymous mapping that mem-lock=on would lock and
+# populate whole (1 GiB by default): a smaller cache keeps a test guest small.
+TCG_TB_SIZE_MIB = 256
+
+
+@dataclass(frozen=True)
+class GuestPaths:
+    """Where one partition's QEMU keeps its sockets and files."""
+
+    dir: Path  # /run/partition/NAME, mode 0700, removed when the guest is gone
+    qmp: Path
+    console: Path
+    console_log: Path  # in the log directory: it outlives the guest
+    pidfile: Path
+    output: Path  # QEMU's own stdout and stderr, kept to explain a failed start
+    ovmf_vars: Path  # this partition's UEFI variable store (copied at first launch)
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "dir": str(self.dir),
+            "qmp": str(self.qmp),
+            "console": str(self.console),
+            "console_log": str(self.console_log),
+            "pidfile": str(self.pidfile),
+            "output": str(self.output),
+            "ovmf_vars": str(self.ovmf_vars),
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> GuestPaths:
+        d = Path(doc["dir"])
+        return cls(
+            dir=d,
+            qmp=Path(doc["qmp"]),
+            console=Path(doc["console"]),
+            console_log=Path(doc["console_log"]),
+            pidfile=Path(doc["pidfile"]),
+            output=Path(doc.get("output") or d / "qemu.out"),
+            ovmf_vars=Path(doc.get("ovmf_vars") or d / "OVMF_VARS.fd"),
+        )
+
+
+def guest_paths(
+    run_dir: Path, log_dir: Path, name: str, *, state_dir: Path | None = None
+) -> GuestPaths:
+    """The paths of partition ``name``.  UEFI variables live under ``state_dir`` when given,
+    so that boot entries survive a host reboot (the run directory is a tmpfs)."""
+    d = Path(run_dir) / name
+    vars_dir = Path(state_dir) / name if state_dir is not None else d
+    return GuestPaths(
+        dir=d,
+        qmp=d / "qmp.sock",
+        console=d / "console.sock",
+        console_log=Path(log_dir) / f"{name}.console.log",
+        pidfile=d / "qemu.pid",
+        output=d / "qemu.out",
+        ovmf_vars=vars_dir / "OVMF_VARS.fd",
+    )
+
+
+def qemu_argv(p: Placement, plan: Plan, paths: GuestPaths, caps: QemuCaps) -> list[str]:
+    """The full argv (binary first) that starts partition ``p`` paused."""
+    a: list[str] = [caps.binary]
+    a += ["-name", f"{_esc(p.name)},debug-threads=on"]
+    a += ["-no-user-config", "-nodefaults", "-display", "none", "-msg", "timestamp=on"]
+    # mem-merge=off: no KSM on memory the partition owns; dump-guest-core=off: a QEMU crash
+    # must not write the guest's whole memory into a core file.
+    # Under KVM the full in-kernel irqchip (the default) is kept: split is only needed for
+    # interrupt remapping by a guest-visible IOMMU, which partitions do not get.
+    a += ["-machine", "q35,mem-merge=off,dump-guest-core=off"]
+    if plan.accel == "kvm":
+        a += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        # thread=multi: one host thread per vCPU, so each can be pinned.
+        a += ["-accel", f"tcg,thread=multi,tb-size={TCG_TB_SIZE_MIB}", "-cpu", "max"]
+    n = len(p.cpus)
+    a += ["-smp", f"{n},sockets={p.sockets},cores={p.cores},threads={p.threads},maxcpus={n}"]
+    a += ["-m", _size(p.memory_bytes)]
+    a += _memory(p, caps)
+    a += ["-overcommit", "mem-lock=on"]
+    a += _firmware(p, paths, caps)
+    a += _boot(p)
+    a += _disks(p)
+    a += _devices(p.devices)
+    a += ["-chardev", f"socket,id=qmp0,path={_esc(paths.qmp)},server=on,wait=off"]
+    a += ["-mon", "chardev=qmp0,mode=control"]
+    a += [
+        "-chardev",
+        f"socket,id=con0,path={_esc(paths.console)},server=on,wait=off,"
+        f"logfile={_esc(paths.console_log)},logappend=on",
+    ]
+    a += ["-serial", "chardev:con0"]
+    a += ["-pidfile", str(paths.pidfile)]
+    if caps.sandbox:
+        # resourcecontrol=deny stops QEMU from changing its own affinity and priorities: the
+        # partitioner pins its threads from outside, and the thread-context that places the
+        # preallocation threads is set up before the filter is installed.
+        a += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+    a += ["-S"]
+    return a
+
+
+def guest_cpus_by_node(p: Placement) -> list[tuple[int, list[int]]]:
+    """(host node, guest vCPU indices on it) for each node of ``p.memory_per_node``, in order."""
+    nodes = [node for node, _ in p.memory_per_node]
+    if p.cpu_nodes and len(p.cpu_nodes) == len(p.cpus):
+        per = {node: [i for i, cn in enumerate(p.cpu_nodes) if cn == node] for node in nodes}
+    else:
+        # Without per-CPU nodes the planner placed all CPUs on one node: its first.
+        per = {node: [] for node in nodes}
+        if nodes:
+            per[nodes[0]] = list(range(len(p.cpus)))
+    return [(node, per[node]) for node in nodes]
+
+
+def _memory(p: Placement, caps: QemuCaps) -> list[str]:
+    a: list[str] = []
+    for i, (node, vcpus) in enumerate(guest_cpus_by_node(p)):
+        size = dict(p.memory_per_node)[node]
+        # A memory-only node is preallocated from all the partition's CPUs (remote, but
+        # still nobody else's); policy=bind puts the pages on the node all the same.
+        host_cpus = CpuSet(p.cpus[v] for v in vcpus) if vcpus else CpuSet(p.cpus)
+        threads = max(1, len(host_cpus))
+        opts = [f"id=mem{i}", f"size={_size(size)}"]
+        if p.hugepage_bytes is None:
+            kind = "memory-backend-ram"
+        elif caps.memfd:
+            kind = "memory-backend-memfd"
+            opts += ["hugetlb=on", f"hugetlbsize={_size(p.hugepage_bytes)}"]
+        else:
+            kind = "memory-backend-file"
+            # The mount points libvirt and systemd use for each page size.
+            mount = "/dev/hugepages" if p.hugepage_bytes < GiB else "/dev/hugepages1G"
+            opts += [f"mem-path={mount}"]
+        opts += [f"host-nodes={node}", "policy=bind", "prealloc=on", f"prealloc-threads={threads}"]
+        if caps.thread_context:
+            affinity = ",".join(f"cpu-affinity={r}" for r in str(host_cpus).split(","))
+            a += ["-object", f"thread-context,id=tc{i},{affinity}"]
+            opts += [f"prealloc-context=tc{i}"]
+        a += ["-object", f"{kind}," + ",".join(opts)]
+        numa = f"node,nodeid={i},memdev=mem{i}"
+        if vcpus:
+            numa += "," + ",".join(f"cpus={r}" for r in str(CpuSet(vcpus)).split(","))
+        a += ["-numa", numa]
+    return a
+
+
+def _firmware(p: Placement, paths: GuestPaths, caps: QemuCaps) -> list[str]:
+    if p.spec.firmware != "uefi":
+        return []  # SeaBIOS, QEMU's default
+    if caps.ovmf_code is None:
+        raise GuestError(
+            f"partition {p.name} wants firmware: uefi but no OVMF firmware is installed: "
+            "install it with `apt-get install ovmf` (Debian, Ubuntu) or `dnf install edk2-ovmf`",
+            partition=p.name,
+        )
+    return [
+        "-drive",
+        f"if=pflash,format=raw,unit=0,readonly=on,file={_esc(caps.ovmf_code)}",
+        "-drive",
+        f"if=pflash,format=raw,unit=1,file={_esc(paths.ovmf_vars)}",
+    ]
+
+
+def _boot(p: Placement) -> list[str]:
+    boot = p.spec.boot
+    if boot is None:
+        return []
+    a = ["-kernel", boot.kernel]
+    if boot.initrd:
+        a += ["-initrd", boot.initrd]
+    if boot.cmdline:
+        a += ["-append", boot.cmdline]
+    return a
+
+
+def disk_format(path: str) -> str:
+    """``qcow2`` for ``*.qcow2`` files, ``raw`` for everything else (see the module docstring)."""
+    return "qcow2" if path.lower().endswith(".qcow2") else "raw"
+
+
+def _disks(p: Placement) -> list[str]:
+    a: list[str] = []
+    for i, disk in enumerate(p.spec.disks):
+        drive = [
+            f"file={_esc(disk.path)}",
+            "if=none",
+            f"id=disk{i}",
+            f"format={disk_format(disk.path)}",
+        ]
+        if disk.path.startswith("/dev/"):
+            drive += ["cache=none", "aio=native"]
+        if disk.readonly:
+            drive += ["readonly=on"]
+        dev = [f"drive=disk{i}", f"iothread=io{i}", f"id=vd{i}"]
+        if i == 0 and p.spec.boot is None:
+            dev += ["bootindex=1"]
+        a += ["-object", f"iothread,id=io{i}"]
+        a += ["-drive", ",".join(drive)]
+        a += ["-device", "virtio-blk-pci," + ",".join(dev)]
+    return a
+
+
+def _devices(devices: tuple[DeviceAssignment, ...]) -> list[str]:
+    slots: dict[tuple[int, int, int], list[DeviceAssignment]] = {}
+    for d in sorted(devices, key=lambda d: d.address):
+        slots.setdefault(d.address.slot_key, []).append(d)
+    # Each entry: the functions that go behind one root port, with their guest function numbers.
+    ports: list[list[tuple[DeviceAssignment, int]]] = []
+    for functions in slots.values():
+        if functions[0].address.function == 0:
+            ports.append([(d, d.address.function) for d in functions])
+        else:
+            # Without function 0 the guest would not probe the slot: one port each.
+            ports.extend([(d, 0)] for d in functions)
+    a: list[str] = []
+    n = 0
+    for k, members in enumerate(ports):
+        a += ["-device", f"pcie-root-port,id=rp{k},chassis={k + 1},port={k + 16:#x}"]
+        multi = len(members) > 1
+        for d, fn in members:
+            opts = [f"host={d.address}", f"id=hostdev{n}", f"bus=rp{k}", f"addr=0.{fn}"]
+            if multi and fn == 0:
+                opts.append("multifunction=on")
+            a += ["-device", "vfio-pci," + ",".join(opts)]
+            n += 1
+    return a
+
+
+def _size(n: int) -> str:
+    """A size QEMU reads exactly: the largest of G, M, K that divides it, else bytes."""
+    for unit, suffix in ((GiB, "G"), (MiB, "M"), (KiB, "K")):
+        if n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return f"{n}B"
+
+
+def _esc(value: object) -> str:
+    """QEMU option values escape a comma by doubling it."""
+    return str(value).replace(",", ",,")

@@ -1,0 +1,136 @@
+"""What the installed QEMU can do, asked of QEMU itself once per binary.
+
+One short QEMU run (``-machine none -qmp stdio``) answers everything: the
+version, the object types it was built with (``thread-context`` arrived in
+7.2, ``memory-backend-memfd`` needs Linux memfd, ``vfio-pci`` needs a VFIO
+build) and whether ``-sandbox`` exists (only when built with seccomp).  The
+answer is cached per binary path and modification time, so an upgraded QEMU
+is probed again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from partitioner.errors import GuestError
+from partitioner.run import CommandFailed, run
+
+# OVMF (code, vars template) pairs, preferred first.  Debian's ``ovmf`` ships the 4M
+# builds next to the legacy 2M ones; Fedora and Arch use the edk2 paths.
+OVMF_CANDIDATES: tuple[tuple[str, str], ...] = (
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+    ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
+    ("/usr/share/edk2/x64/OVMF_CODE.fd", "/usr/share/edk2/x64/OVMF_VARS.fd"),
+)
+
+_SANDBOX_KNOBS = frozenset({"obsolete", "elevateprivileges", "spawn", "resourcecontrol"})
+
+
+@dataclass(frozen=True)
+class QemuCaps:
+    binary: str  # absolute path of the QEMU that was probed
+    version: tuple[int, int, int]
+    package: str = ""  # distribution build string, e.g. "Debian 1:7.2+dfsg-7+deb12u18"
+    thread_context: bool = False  # -object thread-context (7.2+): prealloc threads placed by us
+    sandbox: bool = False  # -sandbox with obsolete/elevateprivileges/spawn/resourcecontrol
+    memfd: bool = False  # memory-backend-memfd (hugetlb without a hugetlbfs mount)
+    vfio_pci: bool = False
+    iothread: bool = False
+    ovmf_code: str | None = None  # UEFI firmware found on this host, None when not installed
+    ovmf_vars: str | None = None
+
+    @property
+    def version_text(self) -> str:
+        return ".".join(str(v) for v in self.version)
+
+
+_cache: dict[tuple[str, int], QemuCaps] = {}
+
+
+def probe_qemu(binary: str = "qemu-system-x86_64") -> QemuCaps:
+    """Ask ``binary`` (a name on PATH or a path) what it supports.
+
+    Raises GuestError when it is not installed or does not answer.
+    """
+    path = binary if os.sep in binary else shutil.which(binary)
+    if path is None or not os.access(path, os.X_OK):
+        raise GuestError(
+            f"QEMU ({binary}) is not installed: install it with `apt-get install qemu-system-x86` "
+            "(Debian, Ubuntu) or `dnf install qemu-kvm` (Fedora)"
+        )
+    path = os.path.realpath(path)
+    key = (path, os.stat(path).st_mtime_ns)
+    cached = _cache.get(key)
+    if cached is not None:
+        return cached
+    caps = _probe(path)
+    _cache[key] = caps
+    return caps
+
+
+def _probe(path: str) -> QemuCaps:
+    commands: list[dict[str, Any]] = [
+        {"execute": "qmp_capabilities"},
+        {"execute": "query-version", "id": "version"},
+        {"execute": "qom-list-types", "id": "types"},
+        {
+            "execute": "query-command-line-options",
+            "arguments": {"option": "sandbox"},
+            "id": "sandbox",
+        },
+        {"execute": "quit"},
+    ]
+    stdin = "".join(json.dumps(c) + "\n" for c in commands)
+    argv = [path, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none"]
+    argv += ["-qmp", "stdio"]
+    try:
+        cp = run(argv, input=stdin, timeout=30, check=False)
+    except CommandFailed as e:
+        raise GuestError(f"QEMU ({path}) could not be probed: {e}") from e
+    replies: dict[str, dict[str, Any]] = {}
+    for line in cp.stdout.splitlines():
+        try:
+            msg = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(msg, dict) and isinstance(msg.get("id"), str):
+            replies[msg["id"]] = msg
+    version_reply = replies.get("version", {}).get("return")
+    if not isinstance(version_reply, dict):
+        raise GuestError(
+            f"QEMU ({path}) did not answer a QMP query-version (exit code {cp.returncode}):\n"
+            + "\n".join(cp.stdout.strip().splitlines()[-5:])
+        )
+    v = version_reply.get("qemu", {})
+    version = (int(v.get("major", 0)), int(v.get("minor", 0)), int(v.get("micro", 0)))
+    types = {t.get("name") for t in replies.get("types", {}).get("return", []) or []}
+    sandbox_knobs: set[str] = set()
+    # QEMU without seccomp has no "sandbox" option and answers this query with an error.
+    for opt in replies.get("sandbox", {}).get("return", []) or []:
+        sandbox_knobs.update(p.get("name", "") for p in opt.get("parameters", []))
+    ovmf_code, ovmf_vars = _find_ovmf()
+    return QemuCaps(
+        binary=path,
+        version=version,
+        package=str(version_reply.get("package", "")).strip(),
+        thread_context="thread-context" in types,
+        sandbox=sandbox_knobs >= _SANDBOX_KNOBS,
+        memfd="memory-backend-memfd" in types,
+        vfio_pci="vfio-pci" in types,
+        iothread="iothread" in types,
+        ovmf_code=ovmf_code,
+        ovmf_vars=ovmf_vars,
+    )
+
+
+def _find_ovmf() -> tuple[str | None, str | None]:
+    for code, vars_ in OVMF_CANDIDATES:
+        if Path(code).is_file() and Path(vars_).is_file():
+            return code, vars_
+    return None, None

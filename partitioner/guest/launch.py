@@ -1,0 +1,393 @@
+"""Starting, pinning, watching and stopping one partition's QEMU.
+
+``launch`` starts QEMU paused, waits for QMP (QEMU answers only once it has
+preallocated the guest's memory), pins vCPU ``i`` to host CPU ``cpus[i]``,
+puts every other QEMU thread on the host's reserved CPUs, checks the kernel
+agrees, and only then lets the guest run.  Whatever fails after QEMU was
+started ends that QEMU and removes its run directory before the error goes up.
+
+A later command that stops a partition is not QEMU's parent: waiting for an
+exit polls ``/proc/PID`` (and reaps the child when it is ours).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from partitioner.cpuset import CpuSet
+from partitioner.errors import GuestError, PartitionError, VMLaunchFailure
+from partitioner.guest.argv import GuestPaths, qemu_argv
+from partitioner.guest.caps import QemuCaps
+from partitioner.guest.qmp import Qmp
+from partitioner.hostroot import HostRoot
+from partitioner.plan import Placement, Plan
+from partitioner.run import CommandFailed, spawn
+from partitioner.units import MiB
+
+log = logging.getLogger("partitioner.guest")
+
+Progress = Callable[[str], None]
+
+# QEMU processes started by this process, kept so they can be reaped (and so that
+# subprocess does not warn about a Popen dropped while its process runs).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@dataclass(frozen=True)
+class RunningGuest:
+    name: str
+    pid: int
+    vcpu_threads: dict[int, int] = field(hash=False)  # vCPU index -> host thread id
+    paths: GuestPaths
+    started_at: float  # time.time() when the guest was let run
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "pid": self.pid,
+            "vcpu_threads": {str(i): t for i, t in sorted(self.vcpu_threads.items())},
+            "paths": self.paths.to_json(),
+            "started_at": self.started_at,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> RunningGuest:
+        return cls(
+            name=str(doc["name"]),
+            pid=int(doc["pid"]),
+            vcpu_threads={int(i): int(t) for i, t in doc["vcpu_threads"].items()},
+            paths=GuestPaths.from_json(doc["paths"]),
+            started_at=float(doc["started_at"]),
+        )
+
+
+def launch(
+    p: Placement,
+    plan: Plan,
+    paths: GuestPaths,
+    caps: QemuCaps,
+    *,
+    root: HostRoot,
+    timeout: float = 60.0,
+    on_progress: Progress | None = None,
+) -> RunningGuest:
+    """Start partition ``p``, pinned, and running.  Raises VMLaunchFailure when QEMU exits while
+    starting, GuestError for anything else; either way no QEMU and no run directory is left."""
+    say = on_progress or (lambda _msg: None)
+    argv = qemu_argv(p, plan, paths, caps)
+    _prepare_dirs(p, paths, caps)
+    deadline = time.monotonic() + timeout
+    say(f"{p.name}: starting QEMU")
+    out_fd = os.open(paths.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with _own_affinity(plan.host_cpus):
+            proc = spawn(argv, stdout=out_fd, stderr=subprocess.STDOUT)
+    except CommandFailed as e:
+        shutil.rmtree(paths.dir, ignore_errors=True)
+        raise VMLaunchFailure(partition=p.name, exitcode=None, command=argv, output=e.output) from e
+    finally:
+        os.close(out_fd)
+    _children[proc.pid] = proc
+    try:
+        say(f"{p.name}: preallocating {p.memory_bytes // MiB} MiB and waiting for QEMU")
+        with _connect(proc, argv, p.name, paths, deadline) as qmp:
+            say(f"{p.name}: pinning {len(p.cpus)} vCPUs to CPUs {CpuSet(p.cpus)}")
+            vcpus = qmp.vcpu_threads()
+            if sorted(vcpus) != list(range(len(p.cpus))):
+                raise GuestError(
+                    f"QEMU of partition {p.name} reports vCPUs {sorted(vcpus)}, "
+                    f"expected 0-{len(p.cpus) - 1}",
+                    partition=p.name,
+                )
+            _pin(root, proc.pid, p, plan.host_cpus, vcpus)
+            _verify(root, proc.pid, p, plan.host_cpus, vcpus)
+            qmp.cont()
+            status = qmp.status()
+            if status != "running":
+                raise GuestError(
+                    f"QEMU of partition {p.name} is {status!r} after cont, not running",
+                    partition=p.name,
+                )
+        say(f"{p.name}: running (pid {proc.pid})")
+        return RunningGuest(
+            name=p.name, pid=proc.pid, vcpu_threads=vcpus, paths=paths, started_at=time.time()
+        )
+    except BaseException as e:
+        _end(proc)
+        shutil.rmtree(paths.dir, ignore_errors=True)
+        if isinstance(e, PartitionError) or not isinstance(e, Exception):
+            raise
+        raise GuestError(f"starting partition {p.name} failed: {e}", partition=p.name) from e
+
+
+def thread_affinities(root: HostRoot, pid: int) -> dict[int, CpuSet]:
+    """Thread id -> the CPUs the kernel lets it run on, for every thread of ``pid``."""
+    out: dict[int, CpuSet] = {}
+    for tid in root.listdir(f"/proc/{pid}/task"):
+        status = root.read(f"/proc/{pid}/task/{tid}/status")
+        for line in (status or "").splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                out[int(tid)] = CpuSet.parse(line.split(":", 1)[1])
+    return out
+
+
+def thread_names(root: HostRoot, pid: int) -> dict[int, str]:
+    """Thread id -> name (``CPU 0/KVM``, ``IO iothread0``... with ``debug-threads=on``)."""
+    return {
+        int(tid): root.read(f"/proc/{pid}/task/{tid}/comm", "") or ""
+        for tid in root.listdir(f"/proc/{pid}/task")
+    }
+
+
+def is_running(root: HostRoot, pid: int, name: str) -> bool:
+    """True when ``pid`` is alive and is a QEMU started for partition ``name``.
+
+    The command line is checked because a pid recorded long ago may belong to
+    another process now.
+    """
+    if not _alive(root, pid):
+        return False
+    argv = _cmdline(root, pid)
+    if not argv or "qemu" not in os.path.basename(argv[0]):
+        return False
+    for flag, value in itertools.pairwise(argv):
+        if flag == "-name" and value.split(",", 1)[0] == name:
+            return True
+    return False
+
+
+def powerdown(
+    paths: GuestPaths, pid: int, *, timeout: float = 60.0, root: HostRoot, qmp_timeout: float = 5.0
+) -> None:
+    """Ask the guest to power off (ACPI), wait up to ``timeout`` s, then ``quit``, then SIGKILL.
+
+    Returns once the process is gone; its run directory is removed.
+    """
+    if _ours(root, pid, paths):
+        try:
+            with Qmp(paths.qmp, timeout=qmp_timeout) as qmp:
+                qmp.system_powerdown()
+        except GuestError as e:
+            log.info("ACPI power-down of pid %d not sent: %s", pid, e)
+        if not _wait_gone(root, pid, timeout) and _ours(root, pid, paths):
+            log.info("pid %d did not power down within %g s: quitting it", pid, timeout)
+            try:
+                with Qmp(paths.qmp, timeout=qmp_timeout) as qmp:
+                    qmp.quit()
+            except GuestError as e:
+                log.info("QMP quit of pid %d failed: %s", pid, e)
+            if not _wait_gone(root, pid, 10.0) and _ours(root, pid, paths):
+                kill(pid, root=root)
+    else:
+        _reap(pid)
+    shutil.rmtree(paths.dir, ignore_errors=True)
+
+
+def kill(pid: int, *, root: HostRoot | None = None, timeout: float = 10.0) -> None:
+    """SIGKILL ``pid`` and wait until it is gone (reaping it when it is our child)."""
+    r = root or HostRoot("/")
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    if not _wait_gone(r, pid, timeout):
+        raise GuestError(f"process {pid} is still there {timeout:g} s after SIGKILL")
+
+
+# -- helpers -------------------------------------------------------------------
+
+
+def _prepare_dirs(p: Placement, paths: GuestPaths, caps: QemuCaps) -> None:
+    try:
+        paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(paths.dir, 0o700)  # the umask may have cut it; sockets in here are root's
+        # Leftovers of a QEMU that died without cleaning up would make QMP answer stale.
+        for stale in (paths.qmp, paths.console, paths.pidfile):
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+        paths.console_log.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        if p.spec.firmware == "uefi" and caps.ovmf_vars and not paths.ovmf_vars.exists():
+            paths.ovmf_vars.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            shutil.copyfile(caps.ovmf_vars, paths.ovmf_vars)
+    except OSError as e:
+        raise GuestError(
+            f"cannot prepare the files of partition {p.name}: {e}", partition=p.name
+        ) from e
+
+
+@contextlib.contextmanager
+def _own_affinity(cpus: CpuSet) -> Iterator[None]:
+    """Run the body on ``cpus``, so that QEMU (forked in it) starts on the host's CPUs.
+
+    QEMU inherits this affinity at fork: its main loop and every thread it creates before
+    we pin them stay off the partitions' CPUs from the first instruction.
+    """
+    before = os.sched_getaffinity(0)
+    wanted = set(cpus)
+    if not wanted or not wanted <= before:
+        yield
+        return
+    os.sched_setaffinity(0, wanted)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@contextlib.contextmanager
+def _connect(
+    proc: subprocess.Popen[bytes], argv: list[str], name: str, paths: GuestPaths, deadline: float
+) -> Iterator[Qmp]:
+    last: GuestError | None = None
+    while True:
+        code = proc.poll()
+        if code is not None:
+            raise VMLaunchFailure(
+                partition=name, exitcode=code, command=argv, output=_read_output(paths)
+            )
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise GuestError(
+                f"QEMU of partition {name} did not answer on QMP in time"
+                + (f" ({last})" if last else ""),
+                partition=name,
+            )
+        if paths.qmp.exists():
+            # QEMU greets only after preallocation: the wait is in this connect.
+            qmp = Qmp(paths.qmp, timeout=remaining, partition=name)
+            try:
+                qmp.connect()
+            except GuestError as e:
+                last = e
+            else:
+                try:
+                    yield qmp
+                finally:
+                    qmp.close()
+                return
+        time.sleep(0.05)
+
+
+def _pin(root: HostRoot, pid: int, p: Placement, host_cpus: CpuSet, vcpus: dict[int, int]) -> None:
+    for index, tid in sorted(vcpus.items()):
+        try:
+            os.sched_setaffinity(tid, {p.cpus[index]})
+        except OSError as e:
+            raise GuestError(
+                f"cannot pin vCPU {index} (thread {tid}) of partition {p.name} to CPU "
+                f"{p.cpus[index]}: {e.strerror}",
+                partition=p.name,
+            ) from e
+    if not host_cpus:
+        return
+    vcpu_tids = set(vcpus.values())
+    for tid_text in root.listdir(f"/proc/{pid}/task"):
+        tid = int(tid_text)
+        if tid in vcpu_tids:
+            continue
+        try:
+            os.sched_setaffinity(tid, set(host_cpus))
+        except ProcessLookupError:
+            continue  # a short-lived worker thread that ended meanwhile
+        except OSError as e:
+            raise GuestError(
+                f"cannot move thread {tid} of partition {p.name}'s QEMU to the host CPUs "
+                f"{host_cpus}: {e.strerror}",
+                partition=p.name,
+            ) from e
+
+
+def _verify(
+    root: HostRoot, pid: int, p: Placement, host_cpus: CpuSet, vcpus: dict[int, int]
+) -> None:
+    actual = thread_affinities(root, pid)
+    wrong: list[str] = []
+    for index, tid in sorted(vcpus.items()):
+        want = CpuSet([p.cpus[index]])
+        if actual.get(tid) != want:
+            wrong.append(f"vCPU {index} (thread {tid}) may run on {actual.get(tid)}, not {want}")
+    if host_cpus:
+        for tid, cpus in sorted(actual.items()):
+            if tid not in vcpus.values() and cpus != host_cpus:
+                wrong.append(f"thread {tid} may run on {cpus}, not the host CPUs {host_cpus}")
+    if wrong:
+        raise GuestError(
+            f"QEMU of partition {p.name} is not pinned as planned: " + "; ".join(wrong),
+            partition=p.name,
+        )
+
+
+def _read_output(paths: GuestPaths) -> str:
+    try:
+        return paths.output.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _end(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=10)
+    _children.pop(proc.pid, None)
+
+
+def _cmdline(root: HostRoot, pid: int) -> list[str]:
+    try:
+        raw = root.path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _alive(root: HostRoot, pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie has exited; only its parent's wait is due)."""
+    if pid <= 0:
+        return False
+    stat = root.read(f"/proc/{pid}/stat")
+    if stat is None:
+        return False
+    # "PID (comm) STATE ...": comm may hold spaces and parentheses, so split at the last ")".
+    state = stat.rsplit(")", 1)[-1].split()[:1]
+    return state != ["Z"] and state != ["X"]
+
+
+def _ours(root: HostRoot, pid: int, paths: GuestPaths) -> bool:
+    """Alive and still the QEMU that serves ``paths``: its QMP socket path is unique to it."""
+    if not _alive(root, pid):
+        return False
+    return any(str(paths.qmp) in arg.replace(",,", ",") for arg in _cmdline(root, pid))
+
+
+def _reap(pid: int) -> bool:
+    """Collect ``pid`` if it is our exited child; True when it is known to be gone."""
+    proc = _children.get(pid)
+    if proc is not None:
+        if proc.poll() is None:
+            return False
+        del _children[pid]
+        return True
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False  # not our child: /proc tells
+    return done == pid
+
+
+def _wait_gone(root: HostRoot, pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if _reap(pid) or not _alive(root, pid):
+            _reap(pid)
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
