@@ -32,6 +32,7 @@ VERB_MODULES: list[str] = [
     "lifecycle",
     "destroy",
     "console",
+    "testbed",
 ]
 
 

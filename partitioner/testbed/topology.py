@@ -353,6 +353,9 @@ def kernel_cmdline(topo: Topology, extra: Sequence[str] = ()) -> str:
         "iommu=pt",
         # TCG gains nothing from speculation mitigations, and they cost boot time.
         "mitigations=off",
+        # The IO-APIC timer check fails at random when TCG vCPUs are starved of host
+        # CPU ("timer doesn't work through Interrupt-remapped IO-APIC", a panic).
+        "no_timer_check",
         "rdinit=/init",
     ]
     if any(n.hugepages_2m for n in topo.nodes):
