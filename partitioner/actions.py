@@ -666,7 +666,7 @@ def execute(actions: Sequence[Action], ctx: Any, store: StateStore) -> None:
     """
     initial: State = ctx.state
     done: list[Action] = []
-    for action in actions:
+    for action in _flatten(actions):
         if action.check(ctx):
             log.info("already done: %s", action)
             continue
@@ -700,6 +700,14 @@ def execute(actions: Sequence[Action], ctx: Any, store: StateStore) -> None:
             ) from e
         done.append(action)
         store.save(ctx.state)
+
+
+def _flatten(actions: Sequence[Action]) -> list[Action]:
+    """A replacement runs as its steps, so the record is saved after each of them too."""
+    out: list[Action] = []
+    for a in actions:
+        out.extend(_flatten(a.steps) if isinstance(a, Replace) else [a])
+    return out
 
 
 def _unwind(done: Sequence[Action], ctx: Any, store: StateStore) -> list[str]:
