@@ -544,6 +544,15 @@ def _place(
     w: _Work,
 ) -> Placement | None:
     notes: list[str] = []
+    tpc = host.threads_per_core()
+    if smt_isolate and spec.cpu_list is None and tpc > 1 and spec.cpu_count % tpc:
+        w.problems.append(
+            f"{spec.name} asks for {spec.cpu_count} CPUs, but under smt: isolate a partition takes whole "
+            f"cores, so its CPU count must be a multiple of {tpc} threads per core (rule 2); "
+            f"ask for {spec.cpu_count - spec.cpu_count % tpc or tpc} or {spec.cpu_count + tpc - spec.cpu_count % tpc}, "
+            "or set `host.smt: share`"
+        )
+        return None
     if spec.cpu_list is not None:
         cpus = _take_listed(spec, host, smt_isolate, rooms, w)
         if cpus is None:
@@ -604,14 +613,16 @@ def _place(
 
     fitting = [r for r in rooms.values() if _fits(spec, r, smt_isolate) is None]
     if not fitting:
-        detail = "; ".join(
-            f"node {r.id}: {_free_cpus(r)} CPUs, {format_size(max(r.memory_left, 0))} free"
-            for r in rooms.values()
-            if r.cores or r.memory_left > 0
-        )
+        with_cpus = [r for r in rooms.values() if host.nodes[r.id].cpus]
+        if len(with_cpus) == 1:
+            w.problems.append(
+                f"{spec.name} needs {_fits(spec, with_cpus[0], smt_isolate)} (rules 1 and 3)"
+            )
+            return None
+        detail = "; ".join(f"{_fits(spec, r, smt_isolate)}" for r in with_cpus)
         w.problems.append(
             f"{spec.name} needs {spec.cpu_count} CPUs and {format_size(spec.memory_bytes)} on one NUMA "
-            f"node (rule 6, numa: auto) and no node has both ({detail or 'nothing is free'}); "
+            f"node (rule 6, numa: auto) and no node has room: it would need {detail}; "
             "set `numa:` to a list of nodes to let it span them, or make it smaller"
         )
         return None
@@ -648,20 +659,25 @@ def _place_on_nodes(
     picked: dict[int, list[Core]] = {n: [] for n in with_cpus}
     need = spec.cpu_count
     cursor = {n: 0 for n in with_cpus}
+    # Under isolate a unit is a whole core; under share a single CPU, taken core by
+    # core so that siblings still end up together where they can.
+    units_of = {
+        n: rooms[n].cores if smt_isolate else [(c,) for core in rooms[n].cores for c in core]
+        for n in with_cpus
+    }
     progress = True
     while need > 0 and progress:
         progress = False
         for n in with_cpus:
             if need <= 0:
                 break
-            cores = rooms[n].cores
-            while cursor[n] < len(cores):
-                core = cores[cursor[n]]
+            units = units_of[n]
+            while cursor[n] < len(units):
+                unit = units[cursor[n]]
                 cursor[n] += 1
-                width = len(core) if smt_isolate else 1
-                if width <= need:
-                    picked[n].append(core if smt_isolate else core[:1])
-                    need -= width
+                if len(unit) <= need:
+                    picked[n].append(unit)
+                    need -= len(unit)
                     progress = True
                     break
     if need > 0:
@@ -699,7 +715,9 @@ def _place_on_nodes(
         per_node_cpus.setdefault(n, 0)
     for c in cpus:
         w.cpu_owner[c] = spec.name
-    mem = _split(spec, per_node_cpus)
+    # A numa list binds memory to every node it names: shared out evenly, even to
+    # a node that got no CPUs (it becomes a memory-only node of the guest).
+    mem = _split(spec, {n: 1 for n in nodes})
     if not _fit_memory(spec, mem, rooms, w):
         return None
     notes: tuple[str, ...] = ()
@@ -849,9 +867,10 @@ def _fits(spec: PartitionSpec, room: _NodeRoom | None, smt_isolate: bool) -> str
         return f"{spec.cpu_count} CPUs on a node this host does not have"
     need = spec.cpu_count
     for core in room.cores:
-        width = len(core) if smt_isolate else 1
-        if width <= need:
-            need -= width
+        if not smt_isolate:
+            need -= min(len(core), need)
+        elif len(core) <= need:
+            need -= len(core)
         if need == 0:
             break
     cpus_ok = need == 0
