@@ -22,6 +22,9 @@ class HostRoot:
     def __init__(self, root: str | os.PathLike[str] = "/") -> None:
         self.root = Path(root).resolve()
         self.live = self.root == Path("/")
+        # Reads go through plain strings: pathlib's joining costs more than the
+        # read itself when a scan opens thousands of sysfs files.
+        self._prefix = "" if self.live else str(self.root)
 
     def __repr__(self) -> str:
         return f"HostRoot({str(self.root)!r})"
@@ -36,6 +39,11 @@ class HostRoot:
             return Path(kernel_path)
         return self.root / kernel_path.lstrip("/")
 
+    def _local(self, kernel_path: str) -> str:
+        if not kernel_path.startswith("/"):
+            raise ValueError(f"kernel paths are absolute: {kernel_path!r}")
+        return self._prefix + kernel_path
+
     def kernel_path(self, local: str | os.PathLike[str]) -> str:
         """Inverse of :meth:`path`: ``/snap/sys/devices/x`` -> ``/sys/devices/x``."""
         p = Path(local)
@@ -49,10 +57,10 @@ class HostRoot:
     # -- reads ---------------------------------------------------------------
 
     def exists(self, kernel_path: str) -> bool:
-        return os.path.exists(self.path(kernel_path))
+        return os.path.exists(self._local(kernel_path))
 
     def is_dir(self, kernel_path: str) -> bool:
-        return os.path.isdir(self.path(kernel_path))
+        return os.path.isdir(self._local(kernel_path))
 
     def read(self, kernel_path: str, default: str | None = None) -> str | None:
         """The file's text with surrounding whitespace stripped, or ``default`` if it cannot be read.
@@ -61,8 +69,19 @@ class HostRoot:
         attributes, devices that went away) also give ``default``.
         """
         try:
-            with open(self.path(kernel_path), encoding="utf-8", errors="replace") as f:
-                return f.read().strip()
+            # os.read on raw bytes: a buffered text file costs several times the
+            # syscalls' price, and a host scan reads thousands of tiny files.
+            fd = os.open(self._local(kernel_path), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                chunks = [os.read(fd, 65536)]
+                # A sysfs attribute comes whole in one read; procfs hands out about
+                # a page per read, so there only an empty read is the end.
+                if kernel_path.startswith("/proc/") or len(chunks[0]) == 65536:
+                    while chunks[-1]:
+                        chunks.append(os.read(fd, 65536))
+            finally:
+                os.close(fd)
+            return b"".join(chunks).decode("utf-8", errors="replace").strip()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
             return default
         except OSError as e:
@@ -82,14 +101,21 @@ class HostRoot:
     def listdir(self, kernel_path: str) -> list[str]:
         """Sorted entries of a directory; empty if it is missing."""
         try:
-            return sorted(os.listdir(self.path(kernel_path)))
+            return sorted(os.listdir(self._local(kernel_path)))
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             return []
 
     def readlink_name(self, kernel_path: str) -> str | None:
         """The last component of a symlink's target (``driver`` -> ``e1000e``), or None."""
         try:
-            return os.path.basename(os.readlink(self.path(kernel_path)))
+            return os.path.basename(os.readlink(self._local(kernel_path)))
+        except OSError:
+            return None
+
+    def readlink(self, kernel_path: str) -> str | None:
+        """A symlink's target as written (sysfs writes relative ones), or None if not a link."""
+        try:
+            return os.readlink(self._local(kernel_path))
         except OSError:
             return None
 
@@ -98,7 +124,7 @@ class HostRoot:
 
         Sysfs links are relative, so they resolve inside a snapshot too.
         """
-        return self.kernel_path(os.path.realpath(self.path(kernel_path)))
+        return self.kernel_path(os.path.realpath(self._local(kernel_path)))
 
     # -- writes (live host, or a test's fake kernel) -------------------------
 

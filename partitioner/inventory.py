@@ -13,6 +13,7 @@ an oracle for this module.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -124,9 +125,23 @@ class _Scanner:
             self.notes.append(text)
 
     def realpath(self, kernel_path: str) -> str:
+        """Where a sysfs link leads, as a kernel path.
+
+        Sysfs links are relative and sit in real directories, so one readlink
+        and a normalisation resolve them; a full realpath (an lstat per path
+        component) is kept for the odd link that does not fit that shape.
+        """
         got = self._realpaths.get(kernel_path)
         if got is None:
-            got = self.root.realpath(kernel_path)
+            target = self.root.readlink(kernel_path)
+            if target is None:
+                got = kernel_path
+            elif target.startswith("/"):
+                got = self.root.realpath(kernel_path)
+            else:
+                got = os.path.normpath(os.path.join(os.path.dirname(kernel_path), target))
+                if not got.startswith("/sys/") or not self.root.exists(got):
+                    got = self.root.realpath(kernel_path)
             self._realpaths[kernel_path] = got
         return got
 
@@ -220,7 +235,8 @@ class _Scanner:
         if present is not None and present:
             # A possible-but-absent CPU has no directory; a directory outside
             # "present" is a leftover the kernel does not count.
-            ids = [i for i in ids if i in set(present)]
+            present_ids = set(present)
+            ids = [i for i in ids if i in present_ids]
         if not ids:
             raise HostReadError(
                 f"no CPUs found under {self.root.path(SYS_CPU)}: the tree is not a host; "
@@ -233,11 +249,25 @@ class _Scanner:
         kinds = self.scan_cpu_kinds()
         allowed = self.scan_allowed_cpus()
 
+        # The kernel's sibling, package and die lists are symmetric: read once
+        # for the first CPU of each core, package or die, and reused for the
+        # others (a 1024-CPU host would otherwise cost thousands of opens).
+        known_siblings: dict[int, CpuSet] = {}
+        known_package: dict[int, int] = {}
+        known_die: dict[int, int] = {}
         cpus: dict[int, Cpu] = {}
         for i in ids:
             d = f"{SYS_CPU}/cpu{i}"
             topo = f"{d}/topology"
-            package = self.read_int(f"{topo}/physical_package_id")
+            package = known_package.get(i)
+            if package is None:
+                package = self.read_int(f"{topo}/physical_package_id")
+                if package is not None:
+                    members = self.read_cpuset(
+                        f"{topo}/package_cpus_list", f"{topo}/core_siblings"
+                    ) or self.read_cpuset(f"{topo}/core_siblings_list")
+                    if members is not None and i in members:
+                        known_package.update(dict.fromkeys(members, package))
             if online_ids is not None:
                 online = i in online_ids
             else:
@@ -260,19 +290,28 @@ class _Scanner:
                     kind=kinds.get(i, ""),
                 )
                 continue
-            die = self.read_int(f"{topo}/die_id", 0)
+            die = known_die.get(i)
+            if die is None:
+                die = self.read_int(f"{topo}/die_id", 0)
+                die = die if die is not None and die >= 0 else 0
+                members = self.read_cpuset(f"{topo}/die_cpus_list")
+                if members is not None and i in members:
+                    known_die.update(dict.fromkeys(members, die))
             core = self.read_int(f"{topo}/core_id", i)
-            siblings = self.read_cpuset(f"{topo}/thread_siblings_list", f"{topo}/thread_siblings")
+            siblings = known_siblings.get(i)
             if siblings is None:
-                siblings = self.read_cpuset(f"{topo}/core_cpus_list", f"{topo}/core_cpus")
-            if siblings is None or i not in set(siblings):
-                siblings = CpuSet([i]) | (siblings or CpuSet())
+                siblings = self.read_cpuset(
+                    f"{topo}/thread_siblings_list", f"{topo}/thread_siblings"
+                ) or self.read_cpuset(f"{topo}/core_cpus_list", f"{topo}/core_cpus")
+                if siblings is None or i not in siblings:
+                    siblings = CpuSet([i]) | (siblings or CpuSet())
+                known_siblings.update(dict.fromkeys(siblings, siblings))
             cpus[i] = Cpu(
                 id=i,
                 online=True,
                 allowed=allowed is None or i in allowed,
                 package=package,
-                die=die if die is not None and die >= 0 else 0,
+                die=die,
                 core=core if core is not None else i,
                 node=None,
                 siblings=siblings,
@@ -516,7 +555,7 @@ class _Scanner:
                 self.note(f"{SYS_PCI_DEVICES}/{name} points nowhere; ignored")
                 continue
             upstream = tuple(
-                PciAddress.parse(part) for part in real.split("/")[:-1] if _PCI_ADDR_RE.match(part)
+                _parse_pci(part) for part in real.split("/")[:-1] if _PCI_ADDR_RE.match(part)
             )
             class_code = self.read_hex(f"{real}/class", 6)
             override = self.root.read(f"{real}/driver_override")
@@ -536,7 +575,8 @@ class _Scanner:
                 iommu_group=int(group) if group is not None and group.isdigit() else None,
                 numa_node=numa if numa is not None and numa >= 0 else None,
                 reset_methods=tuple(reset.split()) if reset else (),
-                boot_vga=self.read_int(f"{real}/boot_vga") == 1,
+                # The kernel gives boot_vga to display-class devices only.
+                boot_vga=class_code.startswith("03") and self.read_int(f"{real}/boot_vga") == 1,
                 is_bridge=class_code.startswith("06"),
                 upstream=upstream,
                 netdevs=netdevs,
@@ -765,8 +805,13 @@ def _is_hex(text: str) -> bool:
 def _nearest_pci(real: str) -> PciAddress | None:
     for part in reversed(real.split("/")):
         if _PCI_ADDR_RE.match(part):
-            return PciAddress.parse(part)
+            return _parse_pci(part)
     return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_pci(text: str) -> PciAddress:
+    return PciAddress.parse(text)
 
 
 def _replace_cpu(c: Cpu, *, siblings: CpuSet | None = None, node: int | None = None) -> Cpu:

@@ -105,6 +105,8 @@ class TreeBuilder:
         self._mem_total = None
         self._hybrid = False
         self._next_minor = 0
+        self._made: set[str] = set()
+        self._words: int | None = None
         self.built = False  # after build(), bind/unbind change the files
 
     # -- CPUs and memory -----------------------------------------------------
@@ -337,19 +339,25 @@ class TreeBuilder:
     def _p(self, kernel_path: str) -> Path:
         return self.root / kernel_path.lstrip("/")
 
+    def _mkdir(self, local: str) -> None:
+        if local not in self._made:
+            os.makedirs(local, exist_ok=True)
+            self._made.add(local)
+
     def _write(self, kernel_path: str, text: str) -> None:
-        p = self._p(kernel_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
+        local = str(self.root) + kernel_path
+        self._mkdir(os.path.dirname(local))
+        with open(local, "w") as f:
+            f.write(text)
 
     def _link(self, kernel_path: str, target_kernel_path: str) -> None:
         """A relative symlink, as sysfs makes them."""
-        p = self._p(kernel_path)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        local = str(self.root) + kernel_path
+        self._mkdir(os.path.dirname(local))
         rel = os.path.relpath(target_kernel_path, os.path.dirname(kernel_path))
-        if p.is_symlink():
-            p.unlink()
-        p.symlink_to(rel)
+        if os.path.islink(local):
+            os.unlink(local)
+        os.symlink(rel, local)
 
     def pci_path(self, address: str) -> str:
         """The kernel path of a function under /sys/devices (``/sys/devices/pci0000:80/.../ADDR``)."""
@@ -362,6 +370,7 @@ class TreeBuilder:
 
     def build(self) -> Path:
         self.root.mkdir(parents=True, exist_ok=True)
+        self._words = max(1, (max(self._cpus, default=0) + 32) // 32)
         self._build_cpus()
         self._build_nodes()
         self._build_pci()
@@ -381,7 +390,7 @@ class TreeBuilder:
         for i in ids:
             v |= 1 << i
         words = []
-        n = max(1, (max(self._cpus, default=0) + 32) // 32)
+        n = max(1, (max(self._cpus, default=0) + 32) // 32) if self._words is None else self._words
         for w in range(n):
             words.append(f"{(v >> (32 * w)) & 0xFFFFFFFF:08x}")
         return ",".join(reversed(words))
@@ -394,6 +403,12 @@ class TreeBuilder:
         self._write(f"{base}/present", self._cpulist(all_ids) + "\n")
         self._write(f"{base}/online", self._cpulist(online) + "\n")
         self._write(f"{base}/offline", self._cpulist(set(all_ids) - set(online)) + "\n")
+        by_pkg: dict[int, list[int]] = {}
+        by_die: dict[tuple[int, int], list[int]] = {}
+        for o in self._cpus.values():
+            if o.online:
+                by_pkg.setdefault(o.package, []).append(o.id)
+                by_die.setdefault((o.package, o.die), []).append(o.id)
         for c in self._cpus.values():
             d = f"{base}/cpu{c.id}"
             if c.id != 0 or not c.online:
@@ -411,8 +426,11 @@ class TreeBuilder:
             self._write(f"{t}/thread_siblings_list", self._cpulist(sib) + "\n")
             self._write(f"{t}/thread_siblings", self._mask(sib) + "\n")
             self._write(f"{t}/core_cpus_list", self._cpulist(sib) + "\n")
-            pkg = [o.id for o in self._cpus.values() if o.online and o.package == c.package]
+            pkg = by_pkg[c.package]
             self._write(f"{t}/package_cpus_list", self._cpulist(pkg) + "\n")
+            self._write(f"{t}/core_siblings_list", self._cpulist(pkg) + "\n")
+            die = by_die[(c.package, c.die)]
+            self._write(f"{t}/die_cpus_list", self._cpulist(die) + "\n")
             if c.node is not None and self._numa:
                 self._link(f"{d}/node{c.node}", f"/sys/devices/system/node/node{c.node}")
         if self._hybrid:
