@@ -108,8 +108,11 @@ def qemu_argv(p: Placement, plan: Plan, paths: GuestPaths, caps: QemuCaps) -> li
     if plan.accel == "kvm":
         a += ["-accel", "kvm", "-cpu", "host"]
     else:
-        # thread=multi: one host thread per vCPU, so each can be pinned.
-        a += ["-accel", f"tcg,thread=multi,tb-size={TCG_TB_SIZE_MIB}", "-cpu", "max"]
+        # thread=multi: one host thread per vCPU, so each can be pinned.  TCG's "max" model
+        # says AuthenticAMD by default, and QEMU then warns that it cannot show SMT threads
+        # (and the guest sees every thread as a core); as GenuineIntel it shows them.
+        a += ["-accel", f"tcg,thread=multi,tb-size={TCG_TB_SIZE_MIB}"]
+        a += ["-cpu", "max,vendor=GenuineIntel"]
     n = len(p.cpus)
     a += ["-smp", f"{n},sockets={p.sockets},cores={p.cores},threads={p.threads},maxcpus={n}"]
     a += ["-m", _size(p.memory_bytes)]

@@ -1,0 +1,358 @@
+"""The QEMU command line as a pure function: golden files plus the rules it must keep.
+
+Golden files are tests/golden/argv/NAME.txt, one argument per line.  Regenerate
+them with ``PARTITION_REGEN_GOLDEN=1 pytest tests/test_argv.py`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from partitioner.cpuset import CpuSet
+from partitioner.errors import GuestError
+from partitioner.guest.argv import GuestPaths, disk_format, guest_paths, qemu_argv
+from partitioner.guest.caps import QemuCaps
+from partitioner.guest.launch import RunningGuest
+from partitioner.manifest import Boot, Disk, PartitionSpec
+from partitioner.pci import PciAddress
+from partitioner.plan import DeviceAssignment, Placement, Plan
+from partitioner.units import GiB, MiB
+
+GOLDEN = Path(__file__).parent / "golden" / "argv"
+
+CAPS = QemuCaps(
+    binary="/usr/bin/qemu-system-x86_64",
+    version=(7, 2, 0),
+    thread_context=True,
+    sandbox=True,
+    memfd=True,
+    vfio_pci=True,
+    iothread=True,
+    ovmf_code="/usr/share/OVMF/OVMF_CODE_4M.fd",
+    ovmf_vars="/usr/share/OVMF/OVMF_VARS_4M.fd",
+)
+OLD_CAPS = QemuCaps(binary="/opt/qemu-6.2/bin/qemu-system-x86_64", version=(6, 2, 0))
+
+
+def _paths(name: str) -> GuestPaths:
+    return guest_paths(
+        Path("/run/partition"),
+        Path("/var/log/partition"),
+        name,
+        state_dir=Path("/var/lib/partition"),
+    )
+
+
+def _dev(addr: str, group: int, *, added: bool = False) -> DeviceAssignment:
+    return DeviceAssignment(
+        address=PciAddress.parse(addr),
+        iommu_group=group,
+        vendor_device="10de:1eb8",
+        driver="nvidia",
+        added=added,
+        reason="test",
+    )
+
+
+def _placement(
+    name: str,
+    cpus: tuple[int, ...],
+    memory: tuple[tuple[int, int], ...],
+    *,
+    topology: tuple[int, int, int] = (1, 1, 1),
+    hugepages: int | None = 2 * MiB,
+    cpu_nodes: tuple[int, ...] = (),
+    devices: tuple[DeviceAssignment, ...] = (),
+    boot: Boot | None = None,
+    disks: tuple[Disk, ...] = (),
+    firmware: str = "bios",
+) -> Placement:
+    spec = PartitionSpec(
+        name=name,
+        cpu_count=len(cpus),
+        cpu_list=None,
+        memory_bytes=sum(b for _, b in memory),
+        hugepage_bytes=hugepages,
+        numa="auto",
+        devices=(),
+        boot=boot,
+        disks=disks,
+        firmware=firmware,  # type: ignore[arg-type]
+    )
+    sockets, cores, threads = topology
+    return Placement(
+        name=name,
+        cpus=cpus,
+        sockets=sockets,
+        cores=cores,
+        threads=threads,
+        numa_nodes=tuple(n for n, _ in memory),
+        memory_per_node=memory,
+        hugepage_bytes=hugepages,
+        devices=devices,
+        spec=spec,
+        cpu_nodes=cpu_nodes,
+    )
+
+
+def _plan(p: Placement, accel: str = "kvm", host: str = "0-1") -> Plan:
+    return Plan(
+        accel=accel,
+        smt="isolate",
+        host_cpus=CpuSet.parse(host),
+        host_memory_bytes=GiB,
+        placements={p.name: p},
+    )
+
+
+CASES: dict[str, tuple[Placement, str, QemuCaps]] = {
+    # The test guest of this machine: TCG, one CPU, normal pages, direct kernel boot.
+    "tcg-small": (
+        _placement(
+            "t1",
+            (1,),
+            ((0, 256 * MiB),),
+            hugepages=None,
+            boot=Boot("/boot/vmlinuz", "/tmp/initrd.gz", "console=ttyS0 panic=-1"),
+        ),
+        "tcg",
+        CAPS,
+    ),
+    # A firewall: 2 cores x 2 threads, 2 MiB pages, a GPU with its audio function (added), a
+    # NIC, a function without function 0 in its slot, UEFI, a qcow2 image, a read-only disk
+    # and a block device; a path with a comma.
+    "kvm-devices-uefi": (
+        _placement(
+            "fw0",
+            (4, 12, 5, 13),
+            ((0, 4 * GiB),),
+            topology=(1, 2, 2),
+            devices=(
+                _dev("0000:82:00.0", 20),
+                _dev("0000:81:00.0", 19),
+                _dev("0000:03:10.2", 40),
+                _dev("0000:81:00.1", 19, added=True),
+            ),
+            disks=(
+                Disk("/srv/fw/root.qcow2"),
+                Disk("/srv/fw/data,1.img", readonly=True),
+                Disk("/dev/nvme1n1"),
+            ),
+            firmware="uefi",
+        ),
+        "kvm",
+        CAPS,
+    ),
+    # Two NUMA nodes with 1 GiB pages and disk boot: each guest node gets the vCPUs that run
+    # on that host node, and its own backend bound there.
+    "kvm-two-nodes-1g": (
+        _placement(
+            "db0",
+            (8, 9, 24, 25),
+            ((0, 8 * GiB), (1, 6 * GiB)),
+            topology=(2, 2, 1),
+            hugepages=GiB,
+            cpu_nodes=(0, 0, 1, 1),
+            disks=(Disk("/dev/disk/by-id/nvme-db0"),),
+        ),
+        "kvm",
+        CAPS,
+    ),
+    # A node with memory only, and an old QEMU without thread-context, memfd or seccomp.
+    "old-qemu-memory-only-node": (
+        _placement(
+            "m1",
+            (2, 3),
+            ((0, 1 * GiB), (2, 512 * MiB)),
+            topology=(1, 2, 1),
+            cpu_nodes=(0, 0),
+            boot=Boot("/srv/m1/vmlinuz"),
+        ),
+        "kvm",
+        OLD_CAPS,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_golden(case: str) -> None:
+    p, accel, caps = CASES[case]
+    argv = qemu_argv(p, _plan(p, accel), _paths(p.name), caps)
+    text = "\n".join(argv) + "\n"
+    golden = GOLDEN / f"{case}.txt"
+    if os.environ.get("PARTITION_REGEN_GOLDEN") == "1":
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(text)
+    assert golden.exists(), f"no golden file {golden}: run with PARTITION_REGEN_GOLDEN=1"
+    assert text == golden.read_text(), f"argv of {case} differs from {golden}"
+
+
+def _opts(argv: list[str], flag: str) -> list[str]:
+    return [v for f, v in zip(argv, argv[1:], strict=False) if f == flag]
+
+
+def _kv(opt: str) -> list[tuple[str, str]]:
+    """QEMU's key=value list (first item may be a bare type name), ",," unescaped."""
+    out = []
+    for item in opt.replace(",,", "\0").split(","):
+        k, _, v = item.partition("=")
+        out.append((k, v.replace("\0", ",")))
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_rules_every_command_line_keeps(case: str) -> None:
+    p, accel, caps = CASES[case]
+    argv = qemu_argv(p, _plan(p, accel), _paths(p.name), caps)
+    assert argv[0] == caps.binary
+    assert argv[-1] == "-S", "the guest must start paused, to be pinned before it runs"
+    assert _opts(argv, "-overcommit") == ["mem-lock=on"]
+    assert _opts(argv, "-name") == [f"{p.name},debug-threads=on"]
+
+    # Every id is unique, across objects, drives, devices and chardevs.
+    ids = [
+        v
+        for flag in ("-object", "-drive", "-device", "-chardev")
+        for o in _opts(argv, flag)
+        for k, v in _kv(o)
+        if k == "id"
+    ]
+    assert len(ids) == len(set(ids))
+
+    # Memory: one backend per node, bound there, preallocated; sizes add up to -m.
+    backends = [dict(_kv(o)) for o in _opts(argv, "-object") if o.startswith("memory-backend-")]
+    assert [int(b["host-nodes"]) for b in backends] == [n for n, _ in p.memory_per_node]
+    total = 0
+    for b, (_, size) in zip(backends, p.memory_per_node, strict=True):
+        assert b["policy"] == "bind" and b["prealloc"] == "on"
+        assert _bytes(b["size"]) == size
+        total += size
+        if p.hugepage_bytes is None:
+            assert "memory-backend-ram" in b
+        elif caps.memfd:
+            assert b["hugetlb"] == "on" and _bytes(b["hugetlbsize"]) == p.hugepage_bytes
+        else:
+            assert b["mem-path"].startswith("/dev/hugepages")
+    assert _bytes(_opts(argv, "-m")[0]) == total == p.memory_bytes
+
+    # Guest NUMA: every vCPU on exactly one node, the node its host CPU is on.
+    seen: list[int] = []
+    for i, numa in enumerate(_opts(argv, "-numa")):
+        kv = _kv(numa)
+        assert ("memdev", f"mem{i}") in kv
+        vcpus = [c for k, v in kv if k == "cpus" for c in CpuSet.parse(v)]
+        if p.cpu_nodes:
+            host_node = p.memory_per_node[i][0]
+            assert all(p.cpu_nodes[v] == host_node for v in vcpus)
+        seen += vcpus
+    assert sorted(seen) == list(range(len(p.cpus)))
+
+    # Prealloc threads run on the partition's CPUs only, never on the host's or a neighbour's.
+    contexts = [o for o in _opts(argv, "-object") if o.startswith("thread-context")]
+    assert bool(contexts) == caps.thread_context
+    for tc in contexts:
+        cpus = CpuSet.parse(",".join(v for k, v in _kv(tc) if k == "cpu-affinity"))
+        assert cpus and cpus.issubset(CpuSet(p.cpus))
+
+    smp = dict(_kv("n=" + _opts(argv, "-smp")[0]))
+    assert (
+        int(smp["n"])
+        == len(p.cpus)
+        == int(smp["sockets"]) * int(smp["cores"]) * int(smp["threads"])
+    )
+    assert bool(_opts(argv, "-sandbox")) == caps.sandbox
+    if accel == "kvm":
+        assert _opts(argv, "-accel") == ["kvm"] and _opts(argv, "-cpu") == ["host"]
+    else:
+        assert _opts(argv, "-accel")[0].startswith("tcg,thread=multi")
+
+
+def test_devices_keep_slots_together_and_in_order() -> None:
+    p, accel, caps = CASES["kvm-devices-uefi"]
+    argv = qemu_argv(p, _plan(p, accel), _paths(p.name), caps)
+    vfio = [dict(_kv(o)) for o in _opts(argv, "-device") if o.startswith("vfio-pci,")]
+    assert [d["host"] for d in vfio] == [
+        "0000:03:10.2",
+        "0000:81:00.0",
+        "0000:81:00.1",
+        "0000:82:00.0",
+    ]
+    by_host = {d["host"]: d for d in vfio}
+    # GPU and audio: one root port, functions 0 and 1, function 0 multifunction.
+    assert by_host["0000:81:00.0"]["bus"] == by_host["0000:81:00.1"]["bus"]
+    assert (by_host["0000:81:00.0"]["addr"], by_host["0000:81:00.1"]["addr"]) == ("0.0", "0.1")
+    assert by_host["0000:81:00.0"].get("multifunction") == "on"
+    # A lone function 2 (no function 0 in its slot) becomes function 0 of its own port.
+    assert (
+        by_host["0000:03:10.2"]["addr"] == "0.0" and "multifunction" not in by_host["0000:03:10.2"]
+    )
+    assert len({d["bus"] for d in vfio}) == 3
+
+
+def test_disks() -> None:
+    p, accel, caps = CASES["kvm-devices-uefi"]
+    argv = qemu_argv(p, _plan(p, accel), _paths(p.name), caps)
+    drives = [dict(_kv(o)) for o in _opts(argv, "-drive") if "if=none" in o]
+    assert [d["file"] for d in drives] == [
+        "/srv/fw/root.qcow2",
+        "/srv/fw/data,1.img",
+        "/dev/nvme1n1",
+    ]
+    assert [d["format"] for d in drives] == ["qcow2", "raw", "raw"]
+    assert [d.get("readonly") for d in drives] == [None, "on", None]
+    assert drives[2]["cache"] == "none" and "cache" not in drives[0]
+    blk = [dict(_kv(o)) for o in _opts(argv, "-device") if o.startswith("virtio-blk-pci")]
+    iothreads = [dict(_kv(o))["id"] for o in _opts(argv, "-object") if o.startswith("iothread")]
+    assert [b["iothread"] for b in blk] == iothreads and len(iothreads) == 3
+    # Direct kernel boot is absent, so the first disk boots... only without -kernel.
+    assert blk[0].get("bootindex") == "1"
+    assert disk_format("/x/IMAGE.QCOW2") == "qcow2" and disk_format("/x/a.img") == "raw"
+
+
+def test_uefi_uses_a_private_vars_copy_and_read_only_code() -> None:
+    p, accel, caps = CASES["kvm-devices-uefi"]
+    argv = qemu_argv(p, _plan(p, accel), _paths(p.name), caps)
+    flash = [dict(_kv(o)) for o in _opts(argv, "-drive") if o.startswith("if=pflash")]
+    assert flash[0]["file"] == caps.ovmf_code and flash[0]["readonly"] == "on"
+    assert flash[1]["file"] == "/var/lib/partition/fw0/OVMF_VARS.fd" and "readonly" not in flash[1]
+
+
+def test_uefi_without_ovmf_is_a_guest_error_naming_the_package() -> None:
+    p, accel, _ = CASES["kvm-devices-uefi"]
+    with pytest.raises(GuestError, match="ovmf") as e:
+        qemu_argv(p, _plan(p, accel), _paths(p.name), replace(CAPS, ovmf_code=None))
+    assert e.value.partition == "fw0"
+
+
+def test_console_and_qmp_sockets_and_log() -> None:
+    p, accel, caps = CASES["tcg-small"]
+    paths = _paths(p.name)
+    argv = qemu_argv(p, _plan(p, accel), paths, caps)
+    chardevs = {dict(_kv(o))["id"]: dict(_kv(o)) for o in _opts(argv, "-chardev")}
+    assert chardevs["qmp0"]["path"] == str(paths.qmp)
+    assert chardevs["con0"]["path"] == str(paths.console)
+    assert chardevs["con0"]["logfile"] == "/var/log/partition/t1.console.log"
+    assert _opts(argv, "-serial") == ["chardev:con0"]
+    assert _opts(argv, "-mon") == ["chardev=qmp0,mode=control"]
+    assert _opts(argv, "-kernel") == ["/boot/vmlinuz"]
+    assert _opts(argv, "-append") == ["console=ttyS0 panic=-1"]
+
+
+def test_guest_paths_and_running_guest_round_trip() -> None:
+    paths = guest_paths(Path("/run/partition"), Path("/var/log/partition"), "fw0")
+    assert paths.dir == Path("/run/partition/fw0")
+    assert paths.qmp.parent == paths.dir and paths.console.parent == paths.dir
+    assert paths.ovmf_vars == Path("/run/partition/fw0/OVMF_VARS.fd")
+    assert GuestPaths.from_json(paths.to_json()) == paths
+    g = RunningGuest(name="fw0", pid=42, vcpu_threads={0: 50, 1: 51}, paths=paths, started_at=1.5)
+    assert RunningGuest.from_json(g.to_json()) == g
+    assert g.to_json()["vcpu_threads"] == {"0": 50, "1": 51}
+
+
+def _bytes(text: str) -> int:
+    units = {"B": 1, "K": 1024, "M": MiB, "G": GiB}
+    return int(text[:-1]) * units[text[-1]]
