@@ -6,6 +6,7 @@ them with ``PARTITION_REGEN_GOLDEN=1 pytest tests/test_argv.py`` and review the 
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -192,7 +193,7 @@ def test_golden(case: str) -> None:
 
 
 def _opts(argv: list[str], flag: str) -> list[str]:
-    return [v for f, v in zip(argv, argv[1:], strict=False) if f == flag]
+    return [v for f, v in itertools.pairwise(argv) if f == flag]
 
 
 def _kv(opt: str) -> list[tuple[str, str]]:
