@@ -457,6 +457,15 @@ class _Scanner:
                 distances=self.read_distances(f"{d}/distance"),
                 hugepages=self.read_pools(f"{d}/hugepages"),
             )
+        total_kb = self.read_meminfo("/proc/meminfo").get("MemTotal")
+        nodes_kb = sum(n.memory_bytes for n in nodes.values()) // 1024
+        if total_kb and abs(nodes_kb - total_kb) > total_kb // 20 and not dropped:
+            # Seen on VMs whose memory was hot-added or ballooned: the per-node
+            # figures are what can be placed on a node, so they are the ones kept.
+            self.note(
+                f"the NUMA nodes hold {nodes_kb // 1024} MiB in all but /proc/meminfo says "
+                f"MemTotal {total_kb // 1024} MiB; the nodes' figures are used"
+            )
         if dropped:
             self.note(
                 "the kernel gives some CPUs to more than one NUMA node; "

@@ -416,6 +416,9 @@ class TreeBuilder:
                 self._write(f"{d}/online", "1\n" if c.online else "0\n")
             else:
                 self._p(d).mkdir(parents=True, exist_ok=True)
+            if c.node is not None and self._numa:
+                # The link stays while the CPU is offline: it says where it would come back.
+                self._link(f"{d}/node{c.node}", f"/sys/devices/system/node/node{c.node}")
             if not c.online:
                 continue
             t = f"{d}/topology"
@@ -431,8 +434,6 @@ class TreeBuilder:
             self._write(f"{t}/core_siblings_list", self._cpulist(pkg) + "\n")
             die = by_die[(c.package, c.die)]
             self._write(f"{t}/die_cpus_list", self._cpulist(die) + "\n")
-            if c.node is not None and self._numa:
-                self._link(f"{d}/node{c.node}", f"/sys/devices/system/node/node{c.node}")
         if self._hybrid:
             for kind in ("core", "atom"):
                 ids = [c.id for c in self._cpus.values() if c.kind == kind]
@@ -562,14 +563,16 @@ class TreeBuilder:
                 d = f"{self.pci_path(n.pci)}/net/{n.name}"
                 self._link(f"{d}/device", self.pci_path(n.pci))
             self._write(f"{d}/operstate", "up\n" if n.up else "down\n")
+            self._write(f"{d}/flags", "0x1003\n" if n.up else "0x1002\n")
             self._write(f"{d}/ifindex", f"{i + 2}\n")
             self._link(f"/sys/class/net/{n.name}", d)
             if n.default_route:
                 route.append(f"{n.name}\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0")
             if n.address:
                 route.append(f"{n.name}\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0")
+                # A routable (scope 00) address: link-local ones come with every up interface.
                 inet6.append(
-                    f"fe80000000000000000000000000{i + 2:04x} {i + 2:02x} 40 20 80 {n.name:>8}"
+                    f"fd00000000000000000000000000{i + 2:04x} {i + 2:02x} 40 00 80 {n.name:>8}"
                 )
         self._write("/proc/net/route", "\n".join(route) + "\n")
         self._write("/proc/net/if_inet6", "".join(x + "\n" for x in inet6))
