@@ -46,6 +46,8 @@ GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 class TestbedTimeout(GuestError):
     """The command did not finish in time; the emulated server was ended."""
 
+    __test__ = False  # not a pytest test class, whatever its name
+
     def __init__(self, topology: str, timeout: float, booted: bool) -> None:
         self.timeout = timeout
         self.booted = booted
@@ -59,6 +61,8 @@ class TestbedTimeout(GuestError):
 
 class TestbedBootFailure(GuestError):
     """QEMU or the emulated server's kernel stopped before the command could run (or report)."""
+
+    __test__ = False  # not a pytest test class, whatever its name
 
     def __init__(self, topology: str, reason: str, log_tail: str, log_path: Path | None) -> None:
         self.reason = reason
@@ -107,6 +111,8 @@ class TestbedServer:
     (normally, by an exception, or by KeyboardInterrupt) ends QEMU if it still
     runs and removes the run directory unless ``keep`` is set.
     """
+
+    __test__ = False  # not a pytest test class, whatever its name
 
     def __init__(
         self,

@@ -146,7 +146,8 @@ def parse_topology(doc: object, source: str = "<topology>") -> Topology:
         raise TopologyError(source, ["the file must be a mapping with cpu, nodes and ports"])
     _unknown_keys(doc, {"name", "cpu", "nodes", "ports"}, "", problems)
 
-    name = doc.get("name", Path(source).stem)
+    default_name = Path(source).stem if not source.startswith("<") else "custom"
+    name = doc.get("name", default_name)
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         problems.append(f"name: {name!r} is not a simple name (letters, digits, . _ -)")
         name = "topology"
@@ -259,7 +260,7 @@ def _parse_models(v: object, where: str, pcie: bool, problems: list[str]) -> tup
         if m not in MODELS:
             problems.append(f"{where}: unknown device model {m!r} (known: {', '.join(MODELS)})")
         elif MODELS[m][1] != pcie:
-            kind = "behind a bridge" if pcie else "on a PCIe port"
+            kind = "on a PCIe port" if pcie else "behind a bridge"
             problems.append(
                 f"{where}: {m} is {'a conventional PCI' if not MODELS[m][1] else 'a PCIe'} "
                 f"device and cannot go {kind}"

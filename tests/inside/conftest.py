@@ -1,0 +1,61 @@
+"""Fixtures for tests that run INSIDE the emulated VT-d server (see tests/test_inside.py).
+
+The server's init sets ``$TESTBED`` (the topology's name) and ``$TESTBED_OUT``
+(a directory shared writable with the host).  Outside a testbed these tests
+skip: the host run ignores this directory anyway (pyproject's addopts).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# The project and tests/ on the path whatever the invoking directory: the host's
+# tree is mounted read-only at the same path, nothing is installed in there.
+_TESTS = Path(__file__).resolve().parents[1]
+for p in (str(_TESTS.parent), str(_TESTS)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from partitioner.host import Host  # noqa: E402
+from partitioner.hostroot import HostRoot  # noqa: E402
+from partitioner.testbed.topology import Topology, load_topology  # noqa: E402
+
+INSIDE = "TESTBED" in os.environ and os.geteuid() == 0
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if INSIDE:
+        return
+    skip = pytest.mark.skip(reason="runs inside the emulated server: pytest tests/test_inside.py")
+    for item in items:
+        if Path(str(item.fspath)).resolve().is_relative_to(Path(__file__).parent):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def topology() -> Topology:
+    """The topology this server was booted with (its name is in $TESTBED)."""
+    return load_topology(os.environ.get("TESTBED", "numa"))
+
+
+@pytest.fixture(scope="session")
+def live_root() -> HostRoot:
+    return HostRoot("/")
+
+
+@pytest.fixture(scope="session")
+def live_host(live_root: HostRoot) -> Host:
+    """The inventory of the emulated server, scanned once (a scan under TCG is not free)."""
+    from partitioner.inventory import scan
+
+    return scan(live_root)
+
+
+@pytest.fixture(scope="session")
+def testbed_out() -> Path:
+    """The directory shared writable with the host: files put here come out."""
+    return Path(os.environ.get("TESTBED_OUT", "/run/testbed-out"))

@@ -1,0 +1,141 @@
+"""Run tests/inside/ inside the emulated VT-d server, once, and report one result per module.
+
+The server (the ``numa`` preset unless ``PARTITION_TESTBED_TOPOLOGY`` names
+another) is booted once per session; pytest runs there on tests/inside with a
+JUnit report written to the writable share, and each host-side test below
+passes iff every case of its module passed in there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from partitioner.testbed.initramfs import OUT_DIR
+from partitioner.testbed.server import TestbedServer
+
+pytestmark = [pytest.mark.testbed, pytest.mark.qemu]
+
+PROJECT = Path(__file__).resolve().parents[1]
+INSIDE = PROJECT / "tests" / "inside"
+MODULES = sorted(p.stem for p in INSIDE.glob("test_*.py"))
+TOPOLOGY = os.environ.get("PARTITION_TESTBED_TOPOLOGY", "numa")
+TIMEOUT = float(os.environ.get("PARTITION_TESTBED_TIMEOUT", "1500"))
+
+
+@dataclass
+class CaseResult:
+    name: str
+    outcome: str  # passed, failed, error, skipped
+    text: str = ""
+
+
+@dataclass
+class InsideRun:
+    rc: int | None
+    log: str
+    boot_seconds: float | None
+    cases: dict[str, list[CaseResult]] = field(default_factory=dict)  # module stem -> cases
+    problem: str = ""  # why there are no results at all
+
+
+def _module_of(classname: str, name: str) -> str | None:
+    for part in [*classname.split("."), *name.split(".")]:
+        if part in MODULES:
+            return part
+    return None
+
+
+def parse_junit(path: Path) -> dict[str, list[CaseResult]]:
+    out: dict[str, list[CaseResult]] = {m: [] for m in MODULES}
+    for tc in ET.parse(path).getroot().iter("testcase"):
+        module = _module_of(tc.get("classname", ""), tc.get("name", ""))
+        if module is None:
+            continue
+        outcome, text = "passed", ""
+        for child in tc:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = {"failure": "failed"}.get(child.tag, child.tag)
+                text = (child.get("message") or "") + "\n" + (child.text or "")
+                break
+        out[module].append(CaseResult(tc.get("name", "?"), outcome, text.strip()))
+    return out
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root (the emulated server shares the host's / as root)"
+    if shutil.which("qemu-system-x86_64") is None:
+        return "needs qemu-system-x86_64"
+    if not list(Path("/boot").glob("vmlinuz-*")) or not Path("/bin/busybox").exists():
+        return "needs linux-image-amd64 and busybox-static"
+    return None
+
+
+@pytest.fixture(scope="session")
+def inside_run(tmp_path_factory: pytest.TempPathFactory) -> InsideRun:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path_factory.mktemp("testbed-out")
+    log_path = out / "inside.log"
+    argv = [
+        sys.executable, "-m", "pytest", "tests/inside",
+        "-p", "no:cacheprovider",
+        "-o", "addopts=-ra",  # the project's addopts ignore tests/inside: not in here
+        f"--junitxml={OUT_DIR}/inside.xml",
+    ]  # fmt: skip
+    with (
+        log_path.open("w") as log,
+        TestbedServer(
+            TOPOLOGY, argv, timeout=TIMEOUT, cwd=str(PROJECT), out_dir=out, stream=log
+        ) as tb,
+    ):
+        try:
+            rc: int | None = tb.wait()
+            problem = ""
+        except Exception as e:  # a timeout or a boot failure: every module reports it
+            rc, problem = None, str(e)
+    text = log_path.read_text(errors="replace")
+    run = InsideRun(rc=rc, log=text, boot_seconds=tb.boot_seconds, problem=problem)
+    xml = out / "inside.xml"
+    if xml.exists():
+        run.cases = parse_junit(xml)
+    elif not problem:
+        run.problem = f"pytest inside exited with {rc} and wrote no report"
+    if rc not in (None, 0, 1) and not run.problem:
+        run.problem = f"pytest inside exited with {rc} (interrupted, internal or usage error)"
+    return run
+
+
+def _tail(text: str, n: int = 60) -> str:
+    return "\n".join(text.strip().splitlines()[-n:])
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_inside_module(inside_run: InsideRun, module: str) -> None:
+    if inside_run.problem:
+        pytest.fail(f"{inside_run.problem}\n--- output inside ---\n{_tail(inside_run.log)}")
+    cases = inside_run.cases.get(module, [])
+    if not cases:
+        pytest.fail(
+            f"no test case of {module} ran inside (a collection error?)\n"
+            f"--- output inside ---\n{_tail(inside_run.log)}"
+        )
+    bad = [c for c in cases if c.outcome in ("failed", "error")]
+    if bad:
+        pytest.fail(
+            f"{len(bad)} of {len(cases)} cases of {module} failed inside:\n\n"
+            + "\n\n".join(f"--- {c.name} ({c.outcome}) ---\n{_tail(c.text, 40)}" for c in bad)
+        )
+    if all(c.outcome == "skipped" for c in cases):
+        pytest.fail(
+            f"every case of {module} was skipped inside:\n"
+            + "\n".join(f"{c.name}: {c.text.splitlines()[0] if c.text else ''}" for c in cases)
+        )
