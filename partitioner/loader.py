@@ -215,7 +215,8 @@ class _Checker:
         for error in sorted(errors, key=lambda e: (list(map(str, e.absolute_path)), e.message)):
             path: PathKey = tuple(error.absolute_path)
             # A value of the wrong kind trips every other keyword too; its kind is the news.
-            if (error.validator != "type" and path in typed) or self.is_bad(path):
+            unreadable = any(path[: len(u)] == u for u in self.doc.unreadable)
+            if (error.validator != "type" and path in typed) or unreadable:
                 continue
             for pos, where, message in self.explain(error):
                 if (where, message) not in seen:
@@ -409,13 +410,13 @@ class _Checker:
             if not isinstance(device, dict) or self.is_bad(path):
                 continue
             key: tuple[str, str] | None = None
-            if isinstance(device.get("pci"), str):
+            if isinstance(device.get("pci"), str) and not self.is_bad((*path, "pci")):
                 try:
                     key = ("pci", str(PciAddress.parse(device["pci"])))
                 except PciAddressSyntaxError as e:
                     self.report(self.doc.where_value((*path, "pci")), f"{dotted(path)}: {e}", path)
                     continue
-            elif isinstance(device.get("netdev"), str):
+            elif isinstance(device.get("netdev"), str) and not self.is_bad((*path, "netdev")):
                 key = ("netdev", device["netdev"])
             if key is None:
                 continue
@@ -423,10 +424,10 @@ class _Checker:
                 first = seen[key]
                 owner = first[1]
                 line = self.doc.where_value(first).line
-                within = "again" if owner == name else f"already by partition {owner}"
+                within = "named again" if owner == name else f"already named by partition {owner}"
                 self.report(
                     self.doc.where_value(path),
-                    f"{dotted(path)}: {key[0]} {key[1]} is named {within} (line {line}): "
+                    f"{dotted(path)}: {key[0]} {key[1]} is {within} (line {line}): "
                     "a device belongs to one partition, once",
                     path,
                 )
