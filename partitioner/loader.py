@@ -17,6 +17,7 @@ import difflib
 import functools
 import importlib.resources
 import json
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -304,6 +305,7 @@ class _Checker:
         if host_list is not None:
             owners.append(("the host's reserve", ("host", "reserve", "cpus"), host_list))
         devices: dict[tuple[str, str], PathKey] = {}
+        disks: dict[str, tuple[PathKey, bool]] = {}
         # File order, so that "already named" points back up the file.
         for name in sorted(partitions, key=lambda n: self.doc.where(("partitions", n)).line):
             base: PathKey = ("partitions", name)
@@ -315,6 +317,7 @@ class _Checker:
                 self.overlaps(name, (*base, "cpus"), cpus, owners)
                 owners.append((f"partition {name}", (*base, "cpus"), cpus))
             self.device_names(name, base, devices)
+            self.disk_paths(name, base, disks)
 
     def reserve_cpus_list(self) -> CpuSet | None:
         return self.cpu_list(("host", "reserve", "cpus"))
@@ -433,6 +436,36 @@ class _Checker:
                 )
             else:
                 seen[key] = path
+
+    def disk_paths(self, name: str, base: PathKey, seen: dict[str, tuple[PathKey, bool]]) -> None:
+        """Nothing is shared between partitions (manifest.md), but an image that nobody writes
+        can be: two readers of one file are safe, a writer and anyone else are not."""
+        disks = self.get((*base, "disks"))
+        if not isinstance(disks, list):
+            return
+        for i, disk in enumerate(disks):
+            path: PathKey = (*base, "disks", i)
+            if not isinstance(disk, dict) or self.is_bad(path):
+                continue
+            file, readonly = disk.get("path"), disk.get("readonly", False)
+            if not isinstance(file, str) or not isinstance(readonly, bool):
+                continue
+            key = os.path.normpath(file)
+            if key not in seen:
+                seen[key] = (path, readonly)
+                continue
+            first, first_readonly = seen[key]
+            if readonly and first_readonly:
+                continue
+            owner = "this partition" if first[1] == name else f"partition {first[1]}"
+            line = self.doc.where_value(first).line
+            self.report(
+                self.doc.where_value((*path, "path")),
+                f"{dotted(path)}: {file} is also a disk of {owner} (line {line}): "
+                "a disk that is written belongs to one partition; share it only with "
+                "`readonly: true` everywhere",
+                path,
+            )
 
     # -- the values ---------------------------------------------------------------------------
 

@@ -412,6 +412,33 @@ def test_the_same_id_in_two_partitions_is_fine() -> None:
     assert [p.devices[0].value for p in m.partitions.values()] == ["8086:10d3", "8086:10d3"]
 
 
+def two_with_disks(a: str, b: str) -> str:
+    return (
+        HEAD
+        + f"  fw0:\n    cpus: 1\n    memory: 1GiB\n    disks:\n      - {a}\n"
+        + f"  lan0:\n    cpus: 1\n    memory: 1GiB\n    disks:\n      - {b}\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("path: /srv/a.img", "path: /srv/a.img"),
+        ("path: /srv/a.img", "{path: /srv//a.img, readonly: true}"),
+        ("{path: /srv/a.img, readonly: true}", "path: /srv/./a.img"),
+    ],
+)
+def test_a_written_disk_is_not_shared(a: str, b: str) -> None:
+    p = only(two_with_disks(a, b))
+    assert p.line == 12 and p.path == "partitions.lan0.disks[0]"
+    assert "also a disk of partition fw0 (line 7)" in p.message
+
+
+def test_a_read_only_disk_may_be_shared() -> None:
+    m = loads(two_with_disks("{path: /iso, readonly: true}", "{path: /iso, readonly: true}"))
+    assert [p.disks[0].readonly for p in m.partitions.values()] == [True, True]
+
+
 @pytest.mark.parametrize(
     ("memory", "hugepages", "message"),
     [
