@@ -27,6 +27,7 @@ from partitioner.errors import (
 
 # Verb modules, in the order `partition --help` lists them.
 VERB_MODULES: list[str] = [
+    "snapshot",
     "apply",
     "status",
     "lifecycle",

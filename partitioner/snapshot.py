@@ -1,0 +1,259 @@
+"""``partition snapshot DIR``: copy the part of /sys, /proc and /dev that ``scan`` reads.
+
+The copy is driven by the scan itself: ``scan`` runs once against a recorder
+that notes every path it reads, lists or resolves, and exactly those are
+mirrored into DIR.  So the snapshot holds what the partitioner needs and no
+more, nothing is walked blindly (all of /sys is huge and full of loops), and
+``scan(HostRoot(DIR))`` gives the same Host as the scan that recorded it.
+
+Under /sys, symlinks are copied as symlinks with their (relative) targets, as
+the kernel writes them, so PCI topology and driver links survive.  Under /proc
+the links (``/proc/self`` is the reader's pid, ``/proc/net`` is per-process)
+are followed and their content stored as plain files.  ``/dev/kvm`` becomes an
+empty file: the scan only asks whether it exists.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from partitioner.errors import UsageError
+from partitioner.host import Host
+from partitioner.hostroot import HostRoot
+from partitioner.inventory import scan
+
+# The parts of a host tree a snapshot owns; --force replaces these and leaves the rest of DIR alone.
+SNAPSHOT_TOPS = ("sys", "proc", "dev")
+_MAX_FILE = 16 * 1024 * 1024
+_MAX_LINK_DEPTH = 40
+
+
+class _Recorder(HostRoot):
+    """A HostRoot that reads through another one and remembers what was asked."""
+
+    def __init__(self, inner: HostRoot) -> None:
+        super().__init__(inner.root)
+        self.inner = inner
+        self.files: dict[str, str] = {}  # path -> the text the scan got
+        self.dirs: list[str] = []
+        self.links: list[str] = []
+        self.probes: list[str] = []
+
+    def exists(self, kernel_path: str) -> bool:
+        self.probes.append(kernel_path)
+        return self.inner.exists(kernel_path)
+
+    def is_dir(self, kernel_path: str) -> bool:
+        self.probes.append(kernel_path)
+        return self.inner.is_dir(kernel_path)
+
+    def read(self, kernel_path: str, default: str | None = None) -> str | None:
+        text = self.inner.read(kernel_path, None)
+        if text is not None:
+            self.files.setdefault(kernel_path, text)
+            return text
+        return default
+
+    def listdir(self, kernel_path: str) -> list[str]:
+        self.dirs.append(kernel_path)
+        return self.inner.listdir(kernel_path)
+
+    def readlink_name(self, kernel_path: str) -> str | None:
+        self.links.append(kernel_path)
+        return self.inner.readlink_name(kernel_path)
+
+    def readlink(self, kernel_path: str) -> str | None:
+        self.links.append(kernel_path)
+        return self.inner.readlink(kernel_path)
+
+    def realpath(self, kernel_path: str) -> str:
+        self.links.append(kernel_path)
+        return self.inner.realpath(kernel_path)
+
+
+@dataclass
+class _Mirror:
+    src: HostRoot
+    dest: Path
+    files: int = 0
+    # What the scan read, written as it was read: live files change between two reads.
+    seen: dict[str, str] = field(default_factory=dict)
+    _done: dict[str, str | None] = field(default_factory=dict)
+
+    def local_src(self, kernel_path: str) -> str:
+        return str(self.src.path(kernel_path))
+
+    def local_dest(self, kernel_path: str) -> str:
+        return str(self.dest) + kernel_path
+
+    def mirror(self, kernel_path: str, depth: int = 0) -> str | None:
+        """Make ``kernel_path`` exist in dest as in src, link by link; return the real path reached."""
+        if kernel_path in self._done:
+            return self._done[kernel_path]
+        if depth > _MAX_LINK_DEPTH:
+            return None
+        kernel_path = os.path.normpath(kernel_path)
+        if kernel_path.startswith("/proc/") or kernel_path == "/proc":
+            result = self.mirror_flat(kernel_path)
+            self._done[kernel_path] = result
+            return result
+        cur = ""
+        parts = [p for p in kernel_path.split("/") if p]
+        for i, part in enumerate(parts):
+            nxt = f"{cur}/{part}"
+            try:
+                st = os.lstat(self.local_src(nxt))
+            except OSError:
+                self._done[kernel_path] = None
+                return None
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(self.local_src(nxt))
+                resolved = os.path.normpath(
+                    target if target.startswith("/") else os.path.join(cur or "/", target)
+                )
+                self.make_link(nxt, resolved)
+                # Links that leave the kernel's trees are copied but not followed.
+                if not resolved.startswith(("/sys/", "/dev/")):
+                    self._done[kernel_path] = None
+                    return None
+                real = self.mirror(resolved, depth + 1)
+                if real is None:
+                    self._done[kernel_path] = None
+                    return None
+                cur = real
+            elif stat.S_ISDIR(st.st_mode):
+                os.makedirs(self.local_dest(nxt), exist_ok=True)
+                cur = nxt
+            elif i == len(parts) - 1:
+                self.copy_file(nxt, st)
+                cur = nxt
+            else:
+                self._done[kernel_path] = None
+                return None
+        self._done[kernel_path] = cur
+        return cur
+
+    def mirror_flat(self, kernel_path: str) -> str | None:
+        """/proc: follow links in the source, store real files and directories in dest."""
+        local = self.local_src(kernel_path)
+        try:
+            st = os.stat(local)
+        except OSError:
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            os.makedirs(self.local_dest(kernel_path), exist_ok=True)
+        else:
+            self.copy_file(kernel_path, st)
+        return kernel_path
+
+    def make_link(self, kernel_path: str, resolved: str) -> None:
+        dest = self.local_dest(kernel_path)
+        if os.path.lexists(dest):
+            return
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        os.symlink(os.path.relpath(resolved, os.path.dirname(kernel_path)), dest)
+
+    def copy_file(self, kernel_path: str, st: os.stat_result) -> None:
+        dest = self.local_dest(kernel_path)
+        if os.path.lexists(dest):
+            return
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        if not stat.S_ISREG(st.st_mode):
+            # Device nodes (/dev/kvm): the scan only asks whether they exist.
+            Path(dest).touch()
+            self.files += 1
+            return
+        text = self.seen.get(kernel_path)
+        if text is not None:
+            data = (text + "\n").encode()
+        else:
+            try:
+                with open(self.local_src(kernel_path), "rb") as f:
+                    data = f.read(_MAX_FILE)
+            except OSError:
+                return  # write-only or refusing attribute: the scan saw nothing there either
+        with open(dest, "wb") as f:
+            f.write(data)
+        self.files += 1
+
+    def mirror_listing(self, kernel_path: str) -> None:
+        """A listed directory: its subdirectories and links are copied (the scan uses their
+        names); its plain files only if they were read."""
+        real = self.mirror(kernel_path)
+        if real is None:
+            return
+        try:
+            entries = os.listdir(self.local_src(real))
+        except OSError:
+            return
+        for name in entries:
+            p = f"{real}/{name}"
+            try:
+                st = os.lstat(self.local_src(p))
+            except OSError:
+                continue
+            if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
+                if real.startswith("/proc"):
+                    if stat.S_ISDIR(st.st_mode):
+                        os.makedirs(self.local_dest(p), exist_ok=True)
+                    continue
+                if stat.S_ISLNK(st.st_mode):
+                    target = os.readlink(self.local_src(p))
+                    resolved = os.path.normpath(
+                        target if target.startswith("/") else os.path.join(real, target)
+                    )
+                    self.make_link(p, resolved)
+                else:
+                    os.makedirs(self.local_dest(p), exist_ok=True)
+
+
+def check_dest(dest: Path, force: bool) -> None:
+    """Refuse a directory that holds anything, unless ``force``."""
+    if dest.exists() and not dest.is_dir():
+        raise UsageError(f"{dest} exists and is not a directory")
+    if dest.is_dir() and any(dest.iterdir()) and not force:
+        raise UsageError(
+            f"{dest} exists and is not empty; choose a new directory, or add --force "
+            f"to replace the {', '.join(SNAPSHOT_TOPS)} it holds"
+        )
+
+
+def clear_dest(dest: Path) -> None:
+    """Remove what an earlier snapshot left in ``dest`` (only the parts a snapshot owns)."""
+    for top in SNAPSHOT_TOPS:
+        p = dest / top
+        if p.is_symlink() or p.is_file():
+            p.unlink()
+        elif p.is_dir():
+            shutil.rmtree(p)
+    dest.mkdir(parents=True, exist_ok=True)
+
+
+def take_snapshot_with_host(src: HostRoot, dest: Path, *, force: bool = False) -> tuple[int, Host]:
+    """Snapshot ``src`` into ``dest``; also give the Host the recording scan saw."""
+    dest = Path(dest).absolute()
+    if any(dest.is_relative_to(src.root / top) for top in SNAPSHOT_TOPS):
+        raise UsageError(f"{dest} is inside the tree being copied ({src.root})")
+    check_dest(dest, force)
+    recorder = _Recorder(src)
+    host = scan(recorder)  # HostReadError passes up before anything is written
+    clear_dest(dest)
+    m = _Mirror(src=src, dest=dest, seen=recorder.files)
+    for p in recorder.files:
+        m.mirror(p)
+    for p in recorder.links:
+        m.mirror(p)
+    for p in recorder.probes:
+        m.mirror(p)
+    for p in recorder.dirs:
+        m.mirror_listing(p)
+    return m.files, host
+
+
+def take_snapshot(src: HostRoot, dest: Path, *, force: bool = False) -> int:
+    """Copy what ``scan(src)`` reads into ``dest``; the number of files written."""
+    return take_snapshot_with_host(src, dest, force=force)[0]
