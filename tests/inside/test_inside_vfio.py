@@ -1,0 +1,213 @@
+"""vfio against a real kernel: run INSIDE the emulated VT-d server, as root.
+
+The server's topology (the `numa` or `small` preset) gives: e1000e NICs alone
+in their IOMMU groups, a two-function e1000e slot (one group), and conventional
+e1000s behind a PCI bridge (one group with the bridge).  The NIC drivers are
+modules nobody loads there (no udev), so the module fixture loads them first:
+that is what makes "given back to e1000e" observable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from partitioner.errors import DeviceError
+from partitioner.host import Host, PciFunction
+from partitioner.hostroot import HostRoot
+from partitioner.pci import PciAddress
+from partitioner.run import run
+from vfio.claim import GroupClaim, claim_group, current_driver, release_group
+from vfio.ioctl import check_group, group_status
+from vfio.preview import claim_preview
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.isdir("/sys/kernel/iommu_groups/0"),
+    reason="runs inside the emulated VT-d server (root, IOMMU groups)",
+)
+
+ROOT = HostRoot("/")
+
+
+def scan() -> Host:
+    try:
+        from partitioner.inventory import scan as inventory_scan
+    except ImportError:  # the inventory is not there yet: read the PCI side only
+        from fakekernel import scan_pci
+
+        return scan_pci(ROOT)
+    return inventory_scan(ROOT)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nic_drivers() -> None:
+    for module in ("e1000e", "e1000"):
+        run(["modprobe", module], timeout=120)
+
+
+def endpoints(host: Host, group: int) -> list[PciFunction]:
+    return [host.pci[a] for a in host.iommu_groups[group].members if not host.pci[a].is_bridge]
+
+
+def groups_where(host: Host, pred: object) -> list[int]:
+    assert callable(pred)
+    return [g for g in sorted(host.iommu_groups) if pred(host, g)]
+
+
+def drivers(addresses: list[str]) -> list[str | None]:
+    return [current_driver(ROOT, a) for a in addresses]
+
+
+@pytest.fixture
+def released() -> Iterator[list[GroupClaim]]:
+    """Claims a test makes; given back even when the test fails."""
+    claims: list[GroupClaim] = []
+    yield claims
+    for c in reversed(claims):
+        release_group(ROOT, c)
+
+
+def test_claim_check_release_a_lone_nic(released: list[GroupClaim]) -> None:
+    host = scan()
+    alone = groups_where(
+        host,
+        lambda h, g: [(f.id, f.driver) for f in endpoints(h, g)] == [("8086:10d3", "e1000e")],
+    )
+    assert alone, "no e1000e alone in its IOMMU group"
+    group = alone[0]
+    addr = str(endpoints(host, group)[0].address)
+    assert claim_preview(host, PciAddress.parse(addr)).assignable
+
+    claim = claim_group(ROOT, host, group)
+    released.append(claim)
+    assert [f.driver for f in claim.functions] == ["e1000e"]
+    assert current_driver(ROOT, addr) == "vfio-pci"
+    assert os.path.exists(f"/dev/vfio/{group}")
+
+    infos = check_group(ROOT, host, group, reset_none_ok=set())
+    assert [i.address for i in infos] == [addr]
+    assert infos[0].is_pci and infos[0].num_regions >= 7 and infos[0].num_irqs >= 1
+    # check_group closed everything: the group is free for QEMU.
+    st = group_status(ROOT, group)
+    assert st.viable and not st.container_set
+
+    released.remove(claim)
+    release_group(ROOT, claim)
+    assert current_driver(ROOT, addr) == "e1000e"
+    assert ROOT.read(f"/sys/bus/pci/devices/{addr}/driver_override") == "(null)"
+    assert ROOT.listdir(f"/sys/bus/pci/devices/{addr}/net"), "e1000e made no interface again"
+    assert not os.path.exists(f"/dev/vfio/{group}")
+    release_group(ROOT, claim)  # again: nothing to do
+    assert current_driver(ROOT, addr) == "e1000e"
+
+
+def test_two_function_slot_goes_together(released: list[GroupClaim]) -> None:
+    host = scan()
+    pairs = groups_where(
+        host,
+        lambda h, g: (
+            len(endpoints(h, g)) == 2
+            and len({f.address.slot_key for f in endpoints(h, g)}) == 1
+            and all(f.id == "8086:10d3" for f in endpoints(h, g))
+        ),
+    )
+    assert pairs, "no two-function e1000e slot"
+    group = pairs[0]
+    f0, f1 = (str(f.address) for f in endpoints(host, group))
+    preview = claim_preview(host, PciAddress.parse(f0))
+    assert [str(a) for a in preview.takes_with_it] == [f1]
+
+    claim = claim_group(ROOT, host, group)
+    released.append(claim)
+    assert claim.addresses == (f0, f1)
+    assert drivers([f0, f1]) == ["vfio-pci", "vfio-pci"]
+    infos = check_group(ROOT, host, group, reset_none_ok={f0, f1})
+    assert sorted(i.address for i in infos) == [f0, f1]
+
+    released.remove(claim)
+    release_group(ROOT, claim)
+    assert drivers([f0, f1]) == ["e1000e", "e1000e"]
+
+
+def test_group_behind_the_bridge(released: list[GroupClaim]) -> None:
+    host = scan()
+    bridged = groups_where(
+        host,
+        lambda h, g: (
+            any(h.pci[a].is_bridge for a in h.iommu_groups[g].members)
+            and len(endpoints(h, g)) >= 2
+            and all(f.id == "8086:100e" for f in endpoints(h, g))
+        ),
+    )
+    assert bridged, "no group of a PCI bridge with e1000s behind it"
+    group = bridged[0]
+    eps = [str(f.address) for f in endpoints(host, group)]
+    bridges = [str(a) for a in host.iommu_groups[group].members if host.pci[a].is_bridge]
+    bridge_drivers = drivers(bridges)
+    assert drivers(eps) == ["e1000"] * len(eps)
+
+    # Rule 4: assigning one of them takes the others; the preview says so.
+    preview = claim_preview(host, PciAddress.parse(eps[0]))
+    assert [str(a) for a in preview.takes_with_it] == eps[1:]
+    assert [str(a) for a in preview.stays_with_host] == bridges
+
+    # Only one endpoint on vfio-pci (done by hand, as a careless tool would): the
+    # kernel says the group is not viable, and the message names the other one.
+    one = eps[0]
+    ROOT.write(f"/sys/bus/pci/devices/{one}/driver_override", "vfio-pci")
+    ROOT.write(f"/sys/bus/pci/devices/{one}/driver/unbind", one)
+    ROOT.write("/sys/bus/pci/drivers_probe", one)
+    try:
+        assert current_driver(ROOT, one) == "vfio-pci"
+        with pytest.raises(DeviceError) as e:
+            check_group(ROOT, host, group, reset_none_ok=set(eps))
+        assert (
+            f"IOMMU group {group} is not viable: {eps[1]} (8086:100e) is still bound to e1000"
+            in str(e.value)
+        )
+        assert e.value.address == eps[1]
+    finally:
+        ROOT.write(f"/sys/bus/pci/devices/{one}/driver/unbind", one)
+        ROOT.write(f"/sys/bus/pci/devices/{one}/driver_override", "\n")
+        ROOT.write("/sys/bus/pci/drivers/e1000/bind", one)
+    assert current_driver(ROOT, one) == "e1000"
+
+    # The whole group: every endpoint, never the bridge.
+    claim = claim_group(ROOT, host, group)
+    released.append(claim)
+    assert claim.addresses == tuple(eps)
+    assert drivers(eps) == ["vfio-pci"] * len(eps)
+    assert drivers(bridges) == bridge_drivers
+
+    # A function the kernel cannot reset is refused unless the manifest accepts it.
+    # The kernel's answer (VFIO_DEVICE_FLAGS_RESET, probed when vfio-pci binds) is
+    # what counts: sysfs reset_method is computed when a function is enumerated,
+    # and a bus reset it offered then may be gone once a sibling shares the bus.
+    infos = check_group(ROOT, host, group, reset_none_ok=set(eps))
+    assert sorted(i.address for i in infos) == eps
+    no_reset = sorted(i.address for i in infos if not i.can_reset)
+    sysfs_none = [a for a in eps if not ROOT.read(f"/sys/bus/pci/devices/{a}/reset_method")]
+    assert set(sysfs_none) <= set(no_reset)
+    if no_reset:
+        with pytest.raises(DeviceError, match="reset: none-ok") as e:
+            check_group(ROOT, host, group, reset_none_ok=set())
+        assert e.value.address == no_reset[0]
+        assert all(a in str(e.value) for a in no_reset)
+        with pytest.raises(
+            DeviceError, match=f"{no_reset[-1]} in IOMMU group {group} cannot be reset"
+        ):
+            check_group(ROOT, host, group, reset_none_ok=set(no_reset[:-1]))
+
+    released.remove(claim)
+    release_group(ROOT, claim)
+    assert drivers(eps) == ["e1000"] * len(eps)
+    assert drivers(bridges) == bridge_drivers
+
+
+def test_group_not_claimed_has_no_vfio_node() -> None:
+    host = scan()
+    free = groups_where(host, lambda h, g: [f.driver for f in endpoints(h, g)] == ["e1000e"])
+    with pytest.raises(DeviceError, match="claim it first"):
+        group_status(ROOT, free[0])
