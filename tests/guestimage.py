@@ -6,6 +6,7 @@ Console lines (one each, in this order)::
     GUEST-CPUS 1                      online CPUs the guest kernel counts
     GUEST-MEM-KB 246000               MemTotal
     GUEST-NUMA-NODES 1
+    GUEST-SMT 0-1                     thread_siblings_list of CPU 0
     GUEST-PCI 8086:10d3 0000:01:00.0  one line per PCI function the guest sees
     GUEST-READY
     GUEST-POWERDOWN                   when the power button was pressed (then poweroff -f)
@@ -43,6 +44,7 @@ for m in /lib/modules/*.ko; do insmod "$m" 2>/dev/null; done
 echo "GUEST-CPUS $(grep -c '^processor' /proc/cpuinfo)"
 echo "GUEST-MEM-KB $(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)"
 echo "GUEST-NUMA-NODES $(ls -d /sys/devices/system/node/node* 2>/dev/null | wc -l)"
+echo "GUEST-SMT $(cat /sys/devices/system/cpu/cpu0/topology/thread_siblings_list)"
 for d in /sys/bus/pci/devices/*; do
   [ -e "$d/vendor" ] || continue
   v=$(cat "$d/vendor"); i=$(cat "$d/device")

@@ -30,11 +30,12 @@ from partitioner.guest.launch import (
     thread_affinities,
     thread_names,
 )
-from partitioner.guest.qmp import Qmp
+from partitioner.guest.qmp import Qmp, QmpCommandError
 from partitioner.hostroot import HostRoot
 from partitioner.hugepages import ensure_pages, pool_counts, release_pages
 from partitioner.manifest import Boot, Disk, PartitionSpec
 from partitioner.plan import Placement, Plan
+from partitioner.run import run, spawn
 from partitioner.units import GiB, MiB
 
 pytestmark = pytest.mark.qemu
@@ -84,6 +85,7 @@ def _placement(
     hugepages: int | None,
     *,
     cpus: tuple[int, ...] = (GUEST_CPU,),
+    threads: int = 1,
     disks: tuple[Disk, ...] = (),
 ) -> Placement:
     spec = PartitionSpec(
@@ -100,8 +102,8 @@ def _placement(
         name="t1",
         cpus=cpus,
         sockets=1,
-        cores=len(cpus),
-        threads=1,
+        cores=len(cpus) // threads,
+        threads=threads,
         numa_nodes=(0,),
         memory_per_node=((0, memory),),
         hugepage_bytes=hugepages,
@@ -278,3 +280,85 @@ def test_failure_after_start_ends_qemu(caps: QemuCaps, image: Image, paths: Gues
         launch(p, _plan(p), paths, replace(caps, thread_context=False), root=ROOT)
     assert _pid_serving(paths) is None
     assert not paths.dir.exists()
+
+
+def test_each_vcpu_runs_on_its_own_host_cpu(
+    caps: QemuCaps, image: Image, paths: GuestPaths
+) -> None:
+    # vCPU i runs on cpus[i], whatever the order: (1, 0) is not sorted on purpose.  On this
+    # 2-CPU machine vCPU 1 shares CPU 0 with the host, which the test tolerates.
+    p = _placement(image, 128 * MiB, None, cpus=(GUEST_CPU, 0), threads=2)
+    g = launch(p, _plan(p), paths, caps, root=ROOT)
+    try:
+        affinity = thread_affinities(ROOT, g.pid)
+        assert affinity[g.vcpu_threads[0]] == CpuSet([GUEST_CPU])
+        assert affinity[g.vcpu_threads[1]] == CpuSet([0])
+        names = thread_names(ROOT, g.pid)
+        assert names[g.vcpu_threads[0]].startswith("CPU 0/")
+        assert names[g.vcpu_threads[1]].startswith("CPU 1/")
+        text = _wait_console(paths, "GUEST-READY")
+        assert _console_value(text, "GUEST-CPUS") == "2"
+        # One core with two threads, as placed: the guest sees the two as siblings.
+        assert _console_value(text, "GUEST-SMT") == "0-1"
+        assert _last_cpu(g.pid, g.vcpu_threads[0]) == GUEST_CPU
+        assert _last_cpu(g.pid, g.vcpu_threads[1]) == 0
+    finally:
+        powerdown(paths, g.pid, root=ROOT, timeout=30)
+    _assert_gone(g)
+
+
+def test_probe_matches_what_qemu_says(caps: QemuCaps) -> None:
+    out = run([caps.binary, "-version"]).stdout
+    m = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
+    assert m
+    assert caps.version == tuple(int(x) for x in m.groups())
+    assert caps.binary.startswith("/")
+    assert caps.thread_context == (caps.version >= (7, 2, 0))
+    assert probe_qemu(caps.binary) is caps, "probed once per binary"
+
+
+def test_probe_of_a_missing_qemu_says_how_to_install_it(tmp_path: Path) -> None:
+    with pytest.raises(GuestError, match="apt-get install qemu-system-x86"):
+        probe_qemu(str(tmp_path / "qemu-system-x86_64"))
+    with pytest.raises(GuestError, match="not installed"):
+        probe_qemu("qemu-system-does-not-exist")
+
+
+def test_qmp_session_and_its_errors(caps: QemuCaps, tmp_path: Path) -> None:
+    sock = tmp_path / "qmp.sock"
+    with pytest.raises(GuestError, match="cannot connect") as e:
+        Qmp(sock, timeout=2, partition="t9").connect()
+    assert e.value.partition == "t9"
+    argv = [caps.binary, "-machine", "none", "-nodefaults", "-display", "none", "-S"]
+    proc = spawn([*argv, "-qmp", f"unix:{sock},server=on,wait=off"])
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with Qmp(sock, timeout=10, partition="t9") as q:
+            assert q.status() == "prelaunch"
+            with pytest.raises(QmpCommandError) as ce:
+                q.execute("no-such-command")
+            assert ce.value.error_class == "CommandNotFound"
+            assert ce.value.partition == "t9" and ce.value.command == "no-such-command"
+            assert q.status() == "prelaunch", "the session survives a refused command"
+            q.quit()
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_zombie_is_not_running_and_kill_reaps_it() -> None:
+    proc = spawn(["/bin/true"])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        stat = ROOT.read(f"/proc/{proc.pid}/stat") or ""
+        if stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]:
+            break
+        time.sleep(0.02)
+    assert ROOT.exists(f"/proc/{proc.pid}"), "still a zombie, waiting for its parent"
+    assert not is_running(ROOT, proc.pid, "t1")
+    kill(proc.pid, root=ROOT, timeout=5)
+    assert not ROOT.exists(f"/proc/{proc.pid}")

@@ -15,6 +15,7 @@ out as :class:`~partitioner.errors.GuestError` naming the partition::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine, Mapping
 from pathlib import Path
@@ -71,6 +72,9 @@ class Qmp:
         try:
             self._run(client.connect(self.socket_path), "connect")
         except GuestError:
+            # A connect cut short by the deadline leaves the library's tasks pending.
+            with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
+                self._loop.run_until_complete(asyncio.wait_for(client.disconnect(), 1.0))
             self._loop.close()
             self._loop = None
             raise
