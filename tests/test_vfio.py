@@ -300,8 +300,10 @@ def test_bind_that_never_happens_times_out_and_is_undone(fk: FakeKernelRoot) -> 
 
 def test_refused_override_write_names_file_device_and_cause(fk: FakeKernelRoot) -> None:
     fk.fail("override", NIC, errno.EACCES)
-    with pytest.raises(DeviceError) as e:
+    with pytest.raises(ClaimFailed) as e:
         claim_group(fk, host_of(fk), 2)
+    assert e.value.restored == []  # nothing had been taken yet
+    assert "given back" not in str(e.value)
     msg = str(e.value)
     assert f"/sys/bus/pci/devices/{NIC}/driver_override" in msg
     assert NIC in msg and "needs root" in msg
@@ -373,3 +375,33 @@ def test_preview_without_iommu(fk: FakeKernelRoot, tmp_path: Path) -> None:
     host = scan_pci(HostRoot(t.root))
     p = claim_preview(host, PciAddress.parse("0000:01:00.0"))
     assert not p.assignable and "intel_iommu=on" in (p.why_not or "")
+
+
+# -- with the inventory's own Host ----------------------------------------------------
+
+
+def test_in_use_rules_of_the_inventory_are_honoured(tree: TreeBuilder) -> None:
+    from partitioner.inventory import scan
+
+    tree.cpus(count=2)
+    tree.pci("0000:81:00.0", driver="e1000e", iommu_group=19, netdevs=("enp129s0",))
+    tree.pci("0000:82:00.0", driver="e1000e", iommu_group=20, netdevs=("enp130s0",))
+    tree.pci("0000:83:00.0", vendor="1b36", device="0010", class_code="010802", driver="nvme",
+             iommu_group=21)  # fmt: skip
+    tree.disk("nvme0n1", "0000:83:00.0", partitions=2)
+    tree.mount("nvme0n1p2", "/")
+    tree.netdev_up("enp129s0", default_route=True)
+    tree.driver("vfio-pci")
+    tree.build()
+    fk = FakeKernelRoot(tree)
+    host = scan(fk)
+    with pytest.raises(DeviceError, match=r"0000:81:00.0 is in use by the host: .*enp129s0"):
+        claim_group(fk, host, 19)
+    with pytest.raises(DeviceError, match=r"0000:83:00.0 is in use by the host"):
+        claim_group(fk, host, 21)
+    assert fk.writes == []
+    assert not claim_preview(host, PciAddress.parse("0000:81:00.0")).assignable
+    claim = claim_group(fk, host, 20)
+    assert driver(fk, "0000:82:00.0") == "vfio-pci"
+    release_group(fk, claim)
+    assert driver(fk, "0000:82:00.0") == "e1000e"

@@ -298,21 +298,24 @@ def _claim_function(root: HostRoot, watch: _Watch, rec: FunctionRecord, timeout:
     _wait_driver(root, watch, a, VFIO_PCI, timeout, "binding to vfio-pci")
 
 
-def _give_back(root: HostRoot, watch: _Watch, rec: FunctionRecord, timeout: float) -> None:
-    """Put one function back as ``rec`` says it was; nothing to do if it already is."""
+def _give_back(root: HostRoot, watch: _Watch, rec: FunctionRecord, timeout: float) -> bool:
+    """Put one function back as ``rec`` says it was; False if it already was (nothing written)."""
     a = rec.address
-    if rec.was_on_vfio or not root.exists(f"{DEVICES_DIR}/{a}"):
-        return
+    if rec.was_on_vfio:
+        return False
+    if not root.exists(f"{DEVICES_DIR}/{a}"):
+        log.warning("%s is gone from the host (removed or unplugged): nothing to give back", a)
+        return False
     now = current_driver(root, a)
     if now == rec.driver and _current_override(root, a) == rec.driver_override:
-        return
+        return False
     if now is not None and now != rec.driver:
         _unbind(root, watch, a, timeout)
     if _current_override(root, a) != rec.driver_override:
         # A lone newline is how the kernel clears driver_override.
         _write(root, f"{DEVICES_DIR}/{a}/driver_override", rec.driver_override or "\n", address=a)
     if rec.driver is None or current_driver(root, a) == rec.driver:
-        return
+        return True
     bind = f"{DRIVERS_DIR}/{rec.driver}/bind"
     if root.exists(bind):
         try:
@@ -324,6 +327,7 @@ def _give_back(root: HostRoot, watch: _Watch, rec: FunctionRecord, timeout: floa
     else:
         _write(root, DRIVERS_PROBE, a, address=a)
     _wait_driver(root, watch, a, rec.driver, timeout, f"binding back to {rec.driver}")
+    return True
 
 
 # -- the group -----------------------------------------------------------------
@@ -409,8 +413,8 @@ def _undo(
     failed: list[str] = []
     for rec in reversed(touched):
         try:
-            _give_back(root, watch, rec, timeout)
-            restored.append(f"{rec.address} ({rec.driver or 'no driver'})")
+            if _give_back(root, watch, rec, timeout):
+                restored.append(f"{rec.address} ({rec.driver or 'no driver'})")
         except DeviceError as e:
             failed.append(f"{rec.address}: {e}")
     return restored, failed
