@@ -12,10 +12,11 @@ record as it stands after the last step, and it is what gets saved.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
 from partitioner.errors import ApplyFailed, PartitionError, RollbackIncomplete
 from partitioner.host import Host
@@ -53,6 +54,7 @@ class ApplyContext:
     stop_timeout: float = 60.0  # ACPI power-down before QEMU is told to quit
     undo_stop_timeout: float = 5.0  # a guest started by this very apply need not shut down politely
     launch_timeout: float = 120.0
+    release_wait: float = 10.0  # for an exited QEMU's hugepages to be free again
     on_progress: Callable[[str], None] | None = None
     _caps: QemuCaps | None = field(default=None, repr=False)
 
@@ -133,6 +135,38 @@ def free_pages(root: HostRoot, node: int, size_bytes: int) -> int:
     return root.read_int(f"{_pool_dir(node, size_bytes)}/free_hugepages", 0) or 0
 
 
+def give_back(ctx: ApplyContext, node: int, size_bytes: int, pages: int) -> int:
+    """Shrink the pool by the ``pages`` added for a partition, once its QEMU has let go of them.
+
+    A QEMU that has just exited still holds its pages for a moment: the kernel
+    frees a process's memory after the process is already a zombie.  So wait
+    (with a deadline) until that many pages are free again.  Returns the pages given back.
+    """
+    from partitioner.hugepages import release_pages
+
+    deadline = time.monotonic() + ctx.release_wait
+    while free_pages(ctx.root, node, size_bytes) < pages and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return release_pages(ctx.root, node, size_bytes, pages)
+
+
+def _still_held(ctx: ApplyContext, node: int, size_bytes: int, pages: int, given: int) -> NoReturn:
+    from partitioner.errors import HugepageError
+    from partitioner.hugepages import pool_counts
+
+    nr, free = pool_counts(ctx.root, node, size_bytes)
+    raise HugepageError(
+        f"only {given} of the {pages} {page_size_name(size_bytes)} hugepages added on node "
+        f"{node} could be given back: {nr - free} of the pool's {nr} are still in use "
+        f"after {ctx.release_wait:g}s (does another process hold them?)",
+        node=node,
+        size_bytes=size_bytes,
+        wanted=nr - (pages - given),
+        got=nr,
+        original=nr + given,
+    )
+
+
 def _idle_need(state: State, node: int, size_bytes: int, but: str) -> int:
     """Pages on ``node`` that recorded, not running partitions will want back when they start.
 
@@ -169,15 +203,18 @@ class ReserveHugepages(_Base):
             ctx.update(_add_grant(rec, HugepageGrant(self.node, self.size_bytes, added)))
 
     def undo(self, ctx: ApplyContext) -> None:
-        from partitioner.hugepages import release_pages
-
         rec = ctx.state.partitions.get(self.target)
         if rec is None:
             return
         for g in rec.hugepages:
             if (g.node, g.size_bytes) == (self.node, self.size_bytes):
-                release_pages(ctx.root, g.node, g.size_bytes, g.pages)
-                ctx.update(_drop_grant(rec, g))
+                given = give_back(ctx, g.node, g.size_bytes, g.pages)
+                rec = _drop_grant(rec, g)
+                if given < g.pages:
+                    left = HugepageGrant(g.node, g.size_bytes, g.pages - given)
+                    ctx.update(_add_grant(rec, left))
+                    _still_held(ctx, g.node, g.size_bytes, g.pages, given)
+                ctx.update(rec)
                 return
 
     def check(self, ctx: ApplyContext) -> bool:
@@ -201,12 +238,16 @@ class ReleaseHugepages(_Base):
         return f"{self.pages} x {page_size_name(self.size_bytes)} pages on node {self.node}"
 
     def do(self, ctx: ApplyContext) -> None:
-        from partitioner.hugepages import release_pages
-
         rec = ctx.state.partitions[self.target]
-        grant = HugepageGrant(self.node, self.size_bytes, self.pages)
-        release_pages(ctx.root, self.node, self.size_bytes, self.pages)
-        ctx.update(_drop_grant(rec, grant))
+        given = give_back(ctx, self.node, self.size_bytes, self.pages)
+        rec = _drop_grant(rec, HugepageGrant(self.node, self.size_bytes, self.pages))
+        if given < self.pages:
+            # The record keeps what is still added, so a later destroy can finish the job.
+            ctx.update(
+                _add_grant(rec, HugepageGrant(self.node, self.size_bytes, self.pages - given))
+            )
+            _still_held(ctx, self.node, self.size_bytes, self.pages, given)
+        ctx.update(rec)
 
     def undo(self, ctx: ApplyContext) -> None:
         from partitioner.hugepages import ensure_pages
@@ -366,7 +407,6 @@ def _launch(ctx: ApplyContext, name: str, placement: Placement, plan: Plan) -> P
     paths = guest_paths(ctx.run_dir, ctx.log_dir, name, state_dir=ctx.state_dir)
     caps = ctx.caps()
     argv = qemu_argv(placement, plan, paths, caps)
-    ctx.progress(f"starting {name}")
     guest = launch(
         placement,
         plan,
