@@ -12,6 +12,7 @@ so that giving back never shrinks a pool the administrator sized at boot.
 from __future__ import annotations
 
 import logging
+import time
 
 from partitioner.errors import HugepageError
 from partitioner.hostroot import HostRoot
@@ -90,15 +91,24 @@ def ensure_pages(root: HostRoot, node: int, size_bytes: int, needed_free: int) -
     return got - nr
 
 
-def release_pages(root: HostRoot, node: int, size_bytes: int, added: int) -> int:
+def release_pages(
+    root: HostRoot, node: int, size_bytes: int, added: int, *, settle: float = 5.0
+) -> int:
     """Shrink the pool by the ``added`` pages ``ensure_pages`` reported, never by pages in use.
 
     Returns how many pages were given back (fewer than ``added`` when some are still in use).
+    Pages of a QEMU that has just exited can take a moment to come back to the pool (the
+    kernel frees hugepages from a workqueue when it must restore their vmemmap), so up to
+    ``settle`` seconds are spent waiting for ``added`` pages to be free.
     """
     if added <= 0:
         return 0
     d = pool_dir(node, size_bytes)
+    deadline = time.monotonic() + settle
     nr, free = pool_counts(root, node, size_bytes)
+    while free < added and time.monotonic() < deadline:
+        time.sleep(0.05)
+        nr, free = pool_counts(root, node, size_bytes)
     give_back = min(added, free)
     if give_back <= 0:
         return 0

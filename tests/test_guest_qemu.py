@@ -196,6 +196,11 @@ def test_launch_pins_runs_and_powers_down(caps: QemuCaps, image: Image, paths: G
     others = {tid: cpus for tid, cpus in affinity.items() if tid != vcpu_tid}
     assert others and all(cpus == HOST_CPUS for cpus in others.values()), (others, names)
 
+    # A second launch of the same partition is refused and leaves the first one whole.
+    with pytest.raises(GuestError, match="already running"):
+        launch(p, _plan(p), paths, caps, root=ROOT)
+    assert paths.qmp.exists() and is_running(ROOT, g.pid, "t1")
+
     # Preallocated and locked before the first guest instruction.
     locked_kb = int(_status_field(g.pid, None, "VmLck").split()[0])
     assert locked_kb >= 256 * 1024
@@ -235,10 +240,10 @@ def test_hugepage_backed_guest_draws_from_the_node_pool(
             # The guest may still be booting (no power button driver yet): quit comes soon.
             powerdown(paths, g.pid, root=ROOT, timeout=3)
         _assert_gone(g)
-        assert pool_counts(ROOT, 0, HUGE)[1] == free_before
     finally:
-        release_pages(ROOT, 0, HUGE, added)
-    assert pool_counts(ROOT, 0, HUGE)[0] == nr0
+        # release_pages waits for the exited QEMU's pages to come back to the pool.
+        assert release_pages(ROOT, 0, HUGE, added) == added
+    assert pool_counts(ROOT, 0, HUGE) == (nr0, free_before - added)
 
 
 def test_powerdown_ends_a_guest_that_ignores_acpi(

@@ -22,6 +22,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from partitioner.cpuset import CpuSet
@@ -85,6 +86,12 @@ def launch(
     starting, GuestError for anything else; either way no QEMU and no run directory is left."""
     say = on_progress or (lambda _msg: None)
     argv = qemu_argv(p, plan, paths, caps)
+    previous = _pid_in(paths.pidfile)
+    if previous is not None and _ours(root, previous, paths):
+        # Its sockets are about to be replaced: refuse rather than orphan a running guest.
+        raise GuestError(
+            f"partition {p.name} is already running (QEMU pid {previous})", partition=p.name
+        )
     _prepare_dirs(p, paths, caps)
     deadline = time.monotonic() + timeout
     say(f"{p.name}: starting QEMU")
@@ -174,12 +181,15 @@ def powerdown(
     Returns once the process is gone; its run directory is removed.
     """
     if _ours(root, pid, paths):
+        sent = False
         try:
             with Qmp(paths.qmp, timeout=qmp_timeout) as qmp:
                 qmp.system_powerdown()
+            sent = True
         except GuestError as e:
             log.info("ACPI power-down of pid %d not sent: %s", pid, e)
-        if not _wait_gone(root, pid, timeout) and _ours(root, pid, paths):
+        # Without the request sent there is nothing to wait for: go on to quit at once.
+        if not _wait_gone(root, pid, timeout if sent else 0.0) and _ours(root, pid, paths):
             log.info("pid %d did not power down within %g s: quitting it", pid, timeout)
             try:
                 with Qmp(paths.qmp, timeout=qmp_timeout) as qmp:
@@ -323,6 +333,14 @@ def _verify(
             f"QEMU of partition {p.name} is not pinned as planned: " + "; ".join(wrong),
             partition=p.name,
         )
+
+
+def _pid_in(pidfile: Path) -> int | None:
+    try:
+        text = pidfile.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
 
 
 def _read_output(paths: GuestPaths) -> str:
