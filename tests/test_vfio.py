@@ -39,7 +39,7 @@ def build(tree: TreeBuilder, *, vfio_loaded: bool = True) -> TreeBuilder:
     t = tree
     t.pci("0000:00:01.0", class_code="060400", driver="pcieport", iommu_group=1)
     t.pci(NIC, driver="e1000e", iommu_group=2, parent="0000:00:01.0")
-    t.pci("0000:00:02.0", class_code="060400", driver="shpchp", iommu_group=3)
+    t.pci("0000:00:02.0", class_code="060400", driver="pcieport", iommu_group=3)
     t.pci(BR_A, device="100e", driver="e1000", iommu_group=3, parent="0000:00:02.0")
     t.pci(BR_B, device="100e", driver="e1000", iommu_group=3, parent="0000:00:02.0")
     t.pci(F0, driver="e1000e", iommu_group=4)
@@ -168,7 +168,7 @@ def test_bridge_in_the_group_stays_with_the_host(fk: FakeKernelRoot) -> None:
     claim = claim_group(fk, host_of(fk), 3)
     assert claim.addresses == (BR_A, BR_B)
     assert driver(fk, BR_A) == driver(fk, BR_B) == "vfio-pci"
-    assert driver(fk, "0000:00:02.0") == "shpchp"
+    assert driver(fk, "0000:00:02.0") == "pcieport"
     assert not any("0000:00:02.0" in p or v == "0000:00:02.0" for p, v in fk.writes)
     release_group(fk, claim)
     assert driver(fk, BR_A) == driver(fk, BR_B) == "e1000"
@@ -239,6 +239,28 @@ def test_boot_vga_is_refused(fk: FakeKernelRoot) -> None:
     with pytest.raises(DeviceError, match=r"0000:00:05.0 is the boot VGA device"):
         claim_group(fk, host_of(fk), 5)
     assert fk.writes == []
+
+
+def test_bridge_whose_driver_blocks_viability_is_refused(tree: TreeBuilder) -> None:
+    tree.pci("0000:86:00.0", vendor="1b36", device="000e", class_code="060400",
+             driver="shpchp", iommu_group=16)  # fmt: skip
+    tree.pci("0000:87:01.0", device="100e", driver="e1000", iommu_group=16, parent="0000:86:00.0")
+    tree.driver("vfio-pci")
+    tree.build()
+    fk = FakeKernelRoot(tree)
+    host = scan_pci(fk)
+    msg = r"bridge 0000:86:00.0 in IOMMU group 16 is bound to shpchp.*drivers/shpchp/unbind"
+    with pytest.raises(DeviceError, match=msg):
+        claim_group(fk, host, 16)
+    assert fk.writes == []
+    p = claim_preview(host, PciAddress.parse("0000:87:01.0"))
+    assert not p.assignable and "bound to shpchp" in (p.why_not or "")
+    # Once the operator unbinds it, the group may go.
+    fk.write("/sys/bus/pci/drivers/shpchp/unbind", "0000:86:00.0")
+    claim = claim_group(fk, scan_pci(fk), 16)
+    assert driver(fk, "0000:87:01.0") == "vfio-pci"
+    assert driver(fk, "0000:86:00.0") is None
+    release_group(fk, claim)
 
 
 def test_group_of_bridges_only_is_refused(fk: FakeKernelRoot) -> None:
@@ -345,6 +367,7 @@ def test_preview_takes_free_functions_of_the_slot_in_other_groups(tree: TreeBuil
     p = claim_preview(host, PciAddress.parse("0000:0a:00.0"))
     # .1 is free and comes along; .2 is in use and its own group: it stays.
     assert [str(a) for a in p.takes_with_it] == ["0000:0a:00.1"]
+    assert p.groups == (20, 21)
     assert p.assignable
 
 

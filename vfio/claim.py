@@ -149,6 +149,7 @@ def refusals(host: Host, group: int) -> list[str]:
     endpoints = group_endpoints(host, group)
     if not endpoints:
         why.append(f"IOMMU group {group} holds only bridges and ports, which stay with the host")
+    why.extend(bridge_blockers(host, group))
     for fn in endpoints:
         if fn.boot_vga:
             why.append(
@@ -162,6 +163,28 @@ def refusals(host: Host, group: int) -> list[str]:
         if reasons:
             why.append(f"{fn.address} is in use by the host: {'; '.join(reasons)}")
     return why
+
+
+def bridge_blockers(host: Host, group: int) -> list[str]:
+    """Bridges of ``group`` whose driver keeps the group from ever being viable for VFIO.
+
+    The kernel counts a group viable only when no driver but those that manage
+    DMA themselves (vfio-pci, pci-stub, pcieport) holds a member.  A bridge on
+    shpchp (a conventional PCI bridge's hot-plug driver), say, blocks it: seen
+    on the emulated server.  Bridges stay with the host (rule 4), so this is
+    refused, not changed: unbinding a bridge's driver is the operator's call.
+    """
+    ig = host.iommu_groups.get(group)
+    out: list[str] = []
+    for a in ig.members if ig is not None else ():
+        fn = host.pci.get(a)
+        if fn is not None and fn.is_bridge and fn.driver and fn.driver not in VIABLE_DRIVERS:
+            out.append(
+                f"bridge {a} in IOMMU group {group} is bound to {fn.driver}, which keeps the "
+                "group from being handed to a guest (the kernel's VFIO viability rule); "
+                f"if the host can do without it: echo {a} > /sys/bus/pci/drivers/{fn.driver}/unbind"
+            )
+    return out
 
 
 # -- waiting for the kernel ----------------------------------------------------
@@ -474,6 +497,7 @@ __all__ = [
     "ClaimFailed",
     "FunctionRecord",
     "GroupClaim",
+    "bridge_blockers",
     "claim_group",
     "claimed_now",
     "current_driver",

@@ -12,6 +12,7 @@ from typing import Any
 
 from partitioner.host import Host, PciFunction
 from partitioner.pci import PciAddress
+from vfio.claim import bridge_blockers
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class ClaimPreview:
     reasons: tuple[str, ...]  # why it cannot be assigned; empty when it can
     # No reset method: assignable only with `reset: none-ok` on the device.
     needs_reset_none_ok: bool = False
+    groups: tuple[int, ...] = ()  # the IOMMU groups to claim (claim_group each), ascending
 
     @property
     def assignable(self) -> bool:
@@ -41,6 +43,7 @@ class ClaimPreview:
             "takes_with_it": [str(a) for a in self.takes_with_it],
             "stays_with_host": [str(a) for a in self.stays_with_host],
             "needs_reset_none_ok": self.needs_reset_none_ok,
+            "iommu_groups": list(self.groups),
         }
 
 
@@ -114,6 +117,8 @@ def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
                 f"IOMMU group {host.pci[m].iommu_group} of {address} also holds {m}, "
                 f"which the host uses: {other_use}"
             )
+    for g in sorted(groups_seen):
+        reasons.extend(bridge_blockers(host, g))
     needs_reset = False
     for m in sorted(taken):
         if not host.pci[m].reset_methods:
@@ -129,4 +134,5 @@ def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
         tuple(sorted(bridges)),
         tuple(reasons),
         needs_reset,
+        tuple(sorted(groups_seen)),
     )
