@@ -12,7 +12,7 @@ class CpuListSyntaxError(ValueError):
 class CpuSet:
     """An immutable, ordered set of CPU numbers."""
 
-    __slots__ = ("_cpus",)
+    __slots__ = ("_cpus", "_set")
 
     def __init__(self, cpus: Iterable[int] = ()) -> None:
         items = frozenset(cpus)
@@ -20,6 +20,7 @@ class CpuSet:
             if not isinstance(c, int) or isinstance(c, bool) or c < 0:
                 raise ValueError(f"not a CPU number: {c!r}")
         self._cpus: tuple[int, ...] = tuple(sorted(items))
+        self._set = items
 
     @classmethod
     def parse(cls, text: str) -> CpuSet:
@@ -88,7 +89,7 @@ class CpuSet:
         return len(self._cpus)
 
     def __contains__(self, cpu: object) -> bool:
-        return cpu in frozenset(self._cpus) if len(self._cpus) > 16 else cpu in self._cpus
+        return cpu in self._set
 
     def __bool__(self) -> bool:
         return bool(self._cpus)
@@ -103,18 +104,16 @@ class CpuSet:
         return CpuSet(self._cpus + other._cpus)
 
     def __and__(self, other: CpuSet) -> CpuSet:
-        theirs = set(other._cpus)
-        return CpuSet(c for c in self._cpus if c in theirs)
+        return CpuSet(self._set & other._set)
 
     def __sub__(self, other: CpuSet) -> CpuSet:
-        theirs = set(other._cpus)
-        return CpuSet(c for c in self._cpus if c not in theirs)
+        return CpuSet(self._set - other._set)
 
     def isdisjoint(self, other: CpuSet) -> bool:
-        return set(self._cpus).isdisjoint(other._cpus)
+        return self._set.isdisjoint(other._set)
 
     def issubset(self, other: CpuSet) -> bool:
-        return set(self._cpus).issubset(other._cpus)
+        return self._set <= other._set
 
     def as_list(self) -> list[int]:
         return list(self._cpus)

@@ -19,7 +19,7 @@ Placement order:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from partitioner.cpuset import CpuSet
@@ -34,14 +34,25 @@ from partitioner.units import format_size, page_size_name
 Core = tuple[int, ...]
 
 
-@dataclass
 class _NodeRoom:
     """What is still free on one NUMA node while placing."""
 
-    id: int
-    cores: list[Core]  # free whole cores (isolate) or free CPUs grouped by core (share)
-    memory_left: int  # bytes, after the host's share and placed partitions
-    pages_left: dict[int, int]  # page size -> pages that are free or reservable
+    def __init__(
+        self, id: int, cores: list[Core], memory_left: int, pages_left: dict[int, int]
+    ) -> None:
+        self.id = id
+        self.memory_left = memory_left  # bytes, after the host's share and placed partitions
+        self.pages_left = pages_left  # page size -> pages that are free or reservable
+        self.cores = cores  # free whole cores (isolate) or free CPUs grouped by core (share)
+
+    @property
+    def cores(self) -> list[Core]:
+        return self._cores
+
+    @cores.setter
+    def cores(self, value: list[Core]) -> None:
+        self._cores = value
+        self.free_cpus = sum(len(c) for c in value)
 
 
 @dataclass
@@ -53,6 +64,12 @@ class _Work:
     cpu_owner: dict[int, str] = field(default_factory=dict)
     device_owner: dict[PciAddress, str] = field(default_factory=dict)
     group_owner: dict[int, str] = field(default_factory=dict)
+    threads_per_core: int = 1
+    by_id: dict[str, list[PciFunction]] = field(default_factory=dict)  # "8086:10d3" -> functions
+    why_not: dict[PciAddress, str | None] = field(
+        default_factory=dict
+    )  # _assignable_reason, cached
+    id_cursor: dict[str, int] = field(default_factory=dict)  # by_id: first function maybe free
 
 
 def plan(
@@ -60,7 +77,9 @@ def plan(
 ) -> Plan:
     """Place every partition of ``manifest`` on ``host``, or raise PlanError with every reason."""
     running = running or {}
-    w = _Work()
+    w = _Work(threads_per_core=host.threads_per_core())
+    for fn in sorted(host.pci.values(), key=lambda f: f.address):
+        w.by_id.setdefault(fn.id, []).append(fn)
     _check_preconditions(manifest, host, w)
 
     smt_isolate = manifest.host.smt == "isolate"
@@ -415,19 +434,39 @@ def _match_id(
     """Free functions matching ``vendor:device``: ones the partition already holds, then
     ones on its numa nodes, then the rest, lowest address first."""
     nodes = set(spec.numa) if spec.numa != "auto" else set()
-    candidates = [
-        f
-        for f in host.pci.values()
-        if f.id == vendor_device
-        and f.address not in exclude
-        and f.address not in w.device_owner
-        and (f.iommu_group is None or f.iommu_group not in w.group_owner)
-        and _assignable_reason(f, host) is None
-    ]
-    candidates.sort(
-        key=lambda f: (f.address not in prefer, bool(nodes) and f.numa_node not in nodes, f.address)
-    )
-    return candidates[:count]
+    functions = w.by_id.get(vendor_device, [])
+
+    def free(f: PciFunction) -> bool:
+        return (
+            f.address not in exclude
+            and f.address not in w.device_owner
+            and (f.iommu_group is None or f.iommu_group not in w.group_owner)
+            and _cached_reason(f, host, w) is None
+        )
+
+    found: list[PciFunction] = []
+    if prefer or nodes:
+        tiers: tuple[Callable[[PciFunction], bool], ...] = (
+            lambda f: f.address in prefer,
+            lambda f: f.numa_node in nodes,
+        )
+        for tier in tiers:
+            for f in functions:
+                if len(found) == count:
+                    return found
+                if tier(f) and f not in found and free(f):
+                    found.append(f)
+    # Functions once owned stay owned for the rest of the run: skip the taken prefix.
+    start = w.id_cursor.get(vendor_device, 0)
+    while start < len(functions) and not free(functions[start]):
+        start += 1
+    w.id_cursor[vendor_device] = start
+    for f in functions[start:]:
+        if len(found) == count:
+            break
+        if f not in found and free(f):
+            found.append(f)
+    return found
 
 
 def _why_taken(fn: PciFunction, host: Host, w: _Work, me: str) -> str:
@@ -436,6 +475,12 @@ def _why_taken(fn: PciFunction, host: Host, w: _Work, me: str) -> str:
         return f"{fn.address} is {owner}'s"
     reason = _assignable_reason(fn, host)
     return f"{fn.address} {reason}" if reason else f"{fn.address} is free"
+
+
+def _cached_reason(fn: PciFunction, host: Host, w: _Work) -> str | None:
+    if fn.address not in w.why_not:
+        w.why_not[fn.address] = _assignable_reason(fn, host)
+    return w.why_not[fn.address]
 
 
 def _assignable_reason(fn: PciFunction, host: Host) -> str | None:
@@ -544,7 +589,7 @@ def _place(
     w: _Work,
 ) -> Placement | None:
     notes: list[str] = []
-    tpc = host.threads_per_core()
+    tpc = w.threads_per_core
     if smt_isolate and spec.cpu_list is None and tpc > 1 and spec.cpu_count % tpc:
         w.problems.append(
             f"{spec.name} asks for {spec.cpu_count} CPUs, but under smt: isolate a partition takes whole "
@@ -687,9 +732,9 @@ def _place_on_nodes(
             for n in with_cpus
         )
         extra = ""
-        if smt_isolate and host.threads_per_core() > 1 and spec.cpu_count % host.threads_per_core():
+        if smt_isolate and w.threads_per_core > 1 and spec.cpu_count % w.threads_per_core:
             extra = (
-                f"; under smt: isolate a CPU count must be a multiple of {host.threads_per_core()} "
+                f"; under smt: isolate a CPU count must be a multiple of {w.threads_per_core} "
                 "threads per core (rule 2)"
             )
         w.problems.append(
@@ -901,7 +946,7 @@ def _fits(spec: PartitionSpec, room: _NodeRoom | None, smt_isolate: bool) -> str
 
 
 def _free_cpus(room: _NodeRoom) -> int:
-    return sum(len(c) for c in room.cores)
+    return room.free_cpus
 
 
 def _node_of(host: Host, cpu: int) -> int:
