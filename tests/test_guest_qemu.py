@@ -204,6 +204,10 @@ def test_launch_pins_runs_and_powers_down(caps: QemuCaps, image: Image, paths: G
     # Preallocated and locked before the first guest instruction.
     locked_kb = int(_status_field(g.pid, None, "VmLck").split()[0])
     assert locked_kb >= 256 * 1024
+    if caps.sandbox:
+        assert _status_field(g.pid, None, "Seccomp") == "2", "QEMU runs under its sandbox"
+    if caps.thread_context:
+        assert any(n.startswith("TC tc0") for n in names.values()), names
 
     text = _wait_console(paths, "GUEST-READY")
     assert _console_value(text, "GUEST-CPUS") == "1"
