@@ -7,8 +7,10 @@ busybox-static: skipped with the reason otherwise.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -371,3 +373,33 @@ def test_a_zombie_is_not_running_and_kill_reaps_it() -> None:
     assert not is_running(ROOT, proc.pid, "t1")
     kill(proc.pid, root=ROOT, timeout=5)
     assert not ROOT.exists(f"/proc/{proc.pid}")
+
+
+def test_a_later_process_that_is_not_the_parent_stops_the_guest(
+    caps: QemuCaps, image: Image, paths: GuestPaths
+) -> None:
+    # `partition apply` launches and exits; `partition stop` is another process.  Here a
+    # child Python launches and exits, and this process (not QEMU's parent) finds and stops it.
+    script = f"""
+import json, sys
+sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parent.parent)!r}]
+from pathlib import Path
+import test_guest_qemu as t
+from partitioner.guest.argv import guest_paths
+from partitioner.guest.caps import probe_qemu
+from partitioner.guest.launch import launch
+p = t._placement(t.Image(Path({str(image.kernel)!r}), Path({str(image.initrd)!r})), 128 << 20, None)
+paths = guest_paths(Path({str(paths.dir.parent)!r}), Path({str(paths.console_log.parent)!r}), "t1",
+                    state_dir=Path({str(paths.ovmf_vars.parent.parent)!r}))
+print(json.dumps(launch(p, t._plan(p), paths, probe_qemu(), root=t.ROOT).to_json()))
+"""
+    out = run([sys.executable, "-c", script], timeout=180).stdout
+    g = RunningGuest.from_json(json.loads(out.strip().splitlines()[-1]))
+    assert g.paths == paths
+    assert is_running(ROOT, g.pid, "t1")
+    assert ROOT.read(f"/proc/{g.pid}/stat", "").rsplit(")", 1)[1].split()[1] != str(os.getpid())
+    affinity = thread_affinities(ROOT, g.pid)
+    assert affinity[g.vcpu_threads[0]] == CpuSet([GUEST_CPU])
+    assert all(c == HOST_CPUS for t, c in affinity.items() if t != g.vcpu_threads[0])
+    powerdown(paths, g.pid, root=ROOT, timeout=2)
+    _assert_gone(g)
