@@ -40,3 +40,15 @@ def format_size(n: int) -> str:
 def page_size_name(n: int) -> str:
     """Hugepage size in the manifest's spelling: 2097152 -> ``2MiB``."""
     return format_size(n)
+
+
+def human_size(n: int) -> str:
+    """For people, not for manifests: exact where it can be, else one decimal (``10.3GiB``)."""
+    exact = format_size(n)
+    if exact.endswith(("GiB", "TiB")) or n < MiB:
+        return exact
+    for unit in ("TiB", "GiB", "MiB"):
+        if n >= _UNITS[unit]:
+            value = n / _UNITS[unit]
+            return f"{value:.1f}{unit}" if n % _UNITS[unit] else f"{int(value)}{unit}"
+    return exact

@@ -15,16 +15,21 @@ def names() -> list[str]:
 
 
 def unpack(name: str, dest: Path) -> Path:
-    """Unpack NAME.tar.bz2 under ``dest`` (once) and return the tree's root (holding sys/ and proc/)."""
-    root = dest / name
-    if not (root / ".unpacked").exists():
+    """Unpack NAME.tar.bz2 under ``dest`` (once) and return the tree's root (holding sys/ and proc/).
+
+    Some archives' top directory is not named like the archive (``+pcilocality``
+    holds ``40intel64-2g2n4c+pci/``): the root is whatever single directory it holds.
+    """
+    box = dest / name
+    if not (box / ".unpacked").exists():
+        box.mkdir(parents=True, exist_ok=True)
         with tarfile.open(HWLOC_DIR / f"{name}.tar.bz2") as tar:
-            tar.extractall(dest, filter="data")
+            tar.extractall(box, filter="data")
         # Some trees are stored read-only; make them removable by pytest's tmp cleanup.
-        for dirpath, dirnames, _ in os.walk(root):
+        for dirpath, dirnames, _ in os.walk(box):
             for d in dirnames:
                 p = os.path.join(dirpath, d)
                 os.chmod(p, os.stat(p).st_mode | stat.S_IWUSR | stat.S_IXUSR | stat.S_IRUSR)
-        os.chmod(root, os.stat(root).st_mode | stat.S_IWUSR)
-        (root / ".unpacked").touch()
+        (box / ".unpacked").touch()
+    (root,) = [p for p in box.iterdir() if p.is_dir()]
     return root

@@ -9,7 +9,7 @@ from partitioner.cli.common import Context, table
 from partitioner.cpuset import CpuSet
 from partitioner.host import Host
 from partitioner.inventory import scan
-from partitioner.units import format_size, page_size_name
+from partitioner.units import human_size, page_size_name
 from vfio.preview import claim_preview
 
 
@@ -118,8 +118,8 @@ def render(host: Host, doc: dict[str, Any]) -> str:
             [
                 str(n["node"]),
                 str(CpuSet(n["cpus"])) or "-",
-                format_size(n["memory_bytes"]),
-                format_size(n["free_bytes"]),
+                human_size(n["memory_bytes"]),
+                human_size(n["free_bytes"]),
                 *(f"{n['hugepages'][s]['free']}/{n['hugepages'][s]['total']}" for s in size_names),
             ]
         )

@@ -27,7 +27,10 @@ from partitioner.errors import (
 
 # Verb modules, in the order `partition --help` lists them.
 VERB_MODULES: list[str] = [
+    "inspect",
     "snapshot",
+    "validate",
+    "plan",
     "apply",
     "status",
     "lifecycle",
