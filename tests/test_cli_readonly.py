@@ -146,7 +146,7 @@ def test_plan_json_shape_and_determinism(
     assert {"action", "target", "detail"} <= doc["actions"][0].keys()
     assert any("start" in k for k in kinds)
     rc2, out2, _ = run(capsys, "--host-root", str(root), "--json", "plan", str(site))
-    assert out2 == out
+    assert rc2 == 0 and out2 == out
 
 
 def test_plan_that_does_not_fit_exits_3(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
