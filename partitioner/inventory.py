@@ -370,18 +370,22 @@ class _Scanner:
                     v1_path = parts[2]
         legacy = self.root.read("/proc/self/cpuset")  # older kernels, and hwloc's trees
         mounts = self.cgroup_mounts()
-        candidates: list[tuple[str, str, tuple[str, ...]]] = []
+        v1_files = (
+            ("cpuset.effective_cpus", "cpuset.effective_mems"),
+            ("cpuset.cpus", "cpuset.mems"),
+            ("cpus", "mems"),
+        )
+        candidates: list[tuple[str, str, tuple[tuple[str, str], ...]]] = []
         for kind, mountpoint in mounts:
-            if kind == "v1" and (v1_path or legacy):
-                path = v1_path or legacy or "/"
-                candidates.append(
-                    (mountpoint, path, ("cpuset.effective_cpus", "cpuset.cpus", "cpus"))
-                )
-            elif kind == "cpuset" and (v1_path or legacy):
-                candidates.append((mountpoint, v1_path or legacy or "/", ("cpus",)))
+            if kind in ("v1", "cpuset") and (v1_path or legacy):
+                candidates.append((mountpoint, v1_path or legacy or "/", v1_files))
             elif kind == "v2" and (v2_path or legacy) and not v1_path:
                 candidates.append(
-                    (mountpoint, v2_path or legacy or "/", ("cpuset.cpus.effective",))
+                    (
+                        mountpoint,
+                        v2_path or legacy or "/",
+                        (("cpuset.cpus.effective", "cpuset.mems.effective"),),
+                    )
                 )
         for mountpoint, path, files in candidates:
             path = "/" + path.strip("/")
@@ -389,14 +393,30 @@ class _Scanner:
             # parent's set applies, up to the root.
             while True:
                 base = mountpoint.rstrip("/") + (path if path != "/" else "")
-                for f in files:
-                    cs = self.read_cpuset(f"{base}/{f}")
+                for cpus_file, mems_file in files:
+                    cs = self.read_cpuset(f"{base}/{cpus_file}")
                     if cs is not None and cs:
+                        self.note_mems(self.read_cpuset(f"{base}/{mems_file}"))
                         return cs
                 if path == "/":
                     break
                 path = os.path.dirname(path)
         return None
+
+    def note_mems(self, mems: CpuSet | None) -> None:
+        """hwloc hides NUMA nodes outside the cgroup's cpuset.mems.  They are kept here (the
+        host has them, and partitions do not run in this process's cgroup) but said."""
+        if mems is None:
+            return
+        nodes = [
+            int(m.group(1)) for n in self.root.listdir(SYS_NODE) if (m := _NODE_DIR_RE.match(n))
+        ]
+        outside = CpuSet(n for n in nodes if n not in mems)
+        if outside:
+            self.note(
+                f"this process's cgroup cpuset allows memory on NUMA node(s) {mems} only, "
+                f"not on {outside}"
+            )
 
     def cgroup_mounts(self) -> list[tuple[str, str]]:
         """(kind, mountpoint) of cpuset-capable mounts: "v1" cgroup with cpuset, "cpuset", "v2"."""
