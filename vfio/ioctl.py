@@ -23,6 +23,7 @@ import cffi
 from partitioner.errors import DeviceError
 from partitioner.host import Host
 from partitioner.hostroot import HostRoot
+from vfio.claim import VIABLE_DRIVERS
 
 _CDEF = """
 struct vfio_group_status {
@@ -266,11 +267,15 @@ def _not_viable_members(root: HostRoot, host: Host, group: int) -> list[tuple[st
     out: list[tuple[str, str]] = []
     for a in root.listdir(f"/sys/kernel/iommu_groups/{group}/devices"):
         drv = root.readlink_name(f"/sys/bus/pci/devices/{a}/driver")
-        # Drivers the kernel lets share a group with VFIO (driver_managed_dma).
-        if drv is not None and drv not in ("vfio-pci", "pci-stub", "pcieport"):
-            fn = by_addr.get(a)
-            what = f" ({fn.id})" if fn is not None else ""
-            out.append((a, f"{a}{what} is still bound to {drv}"))
+        if drv is None or drv in VIABLE_DRIVERS:
+            continue
+        fn = by_addr.get(a)
+        what = f" ({fn.id})" if fn is not None else ""
+        if fn is not None and fn.is_bridge:
+            why = "a bridge may stay in the group only on pcieport, pci-stub or no driver"
+        else:
+            why = "every endpoint of the group must be claimed together"
+        out.append((a, f"{a}{what} is still bound to {drv} ({why})"))
     return out
 
 
@@ -298,9 +303,8 @@ def check_group(
                 + (
                     "; ".join(s for _, s in who)
                     if who
-                    else "the kernel says a member is not bound to a VFIO driver"
-                )
-                + " (every endpoint of the group must be claimed together)",
+                    else "the kernel says a member is held by a driver other than vfio-pci"
+                ),
                 address=who[0][0] if who else "",
                 path=f"/dev/vfio/{group}",
             )
