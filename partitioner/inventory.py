@@ -42,7 +42,9 @@ SYS_CLASS_NET = "/sys/class/net"
 _CPU_DIR_RE = re.compile(r"^cpu(\d+)$")
 _NODE_DIR_RE = re.compile(r"^node(\d+)$")
 _HUGEPAGE_DIR_RE = re.compile(r"^hugepages-(\d+)kB$")
-_PCI_ADDR_RE = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[0-9a-fA-F]{2}\.[0-7]$")
+# Slots run 00-1f: a component that is not one is not a PCI function.
+_PCI_ADDR_RE = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[01][0-9a-fA-F]\.[0-7]$")
+_MAJMIN_RE = re.compile(r"^\d+:\d+$")
 _MEMINFO_RE = re.compile(r"^(?:Node \d+ )?(\w+):\s+(\d+)(?: kB)?\s*$")
 _IFF_UP = 0x1
 _IPV6_SCOPE_LINK = 0x20
@@ -389,6 +391,9 @@ class _Scanner:
                 )
         for mountpoint, path, files in candidates:
             path = "/" + path.strip("/")
+            if ".." in path.split("/"):
+                self.note(f"cgroup path {path!r} leaves its hierarchy; ignored")
+                continue
             # A cgroup2 group without the cpuset controller has no file: its
             # parent's set applies, up to the root.
             while True:
@@ -622,7 +627,7 @@ class _Scanner:
             for dev in self.root.listdir(f"{SYS_IOMMU_GROUPS}/{name}/devices"):
                 # Groups also hold non-PCI devices on some platforms; only PCI ones matter here.
                 if _PCI_ADDR_RE.match(dev):
-                    members.append(PciAddress.parse(dev))
+                    members.append(_parse_pci(dev))
             groups[int(name)] = IommuGroup(id=int(name), members=tuple(sorted(members)))
         for addr, fn in pci.items():
             if fn.iommu_group is not None and fn.iommu_group not in groups:
@@ -763,7 +768,7 @@ class _Scanner:
                 r = right.split()
                 if not sep or len(f) < 5 or ":" not in f[2]:
                     continue
-                if f[2].startswith("0:"):
+                if f[2].startswith("0:") or not _MAJMIN_RE.match(f[2]):
                     continue  # major 0: not backed by a block device (tmpfs, proc, overlay...)
                 source = r[1] if len(r) > 1 else ""
                 out.append((f[2], _unescape(f[4]), os.path.basename(source)))
@@ -778,7 +783,7 @@ class _Scanner:
                     else os.path.basename(f[0])
                 )
                 majmin = self.root.read(f"/sys/class/block/{dev}/dev")
-                if majmin:
+                if majmin and _MAJMIN_RE.match(majmin):
                     out.append((majmin, _unescape(f[1]), dev))
         return out
 
@@ -788,7 +793,9 @@ class _Scanner:
             f = line.split()
             # A swap file lives on a mounted filesystem, whose controller is already kept.
             if len(f) >= 2 and f[1] == "partition" and f[0].startswith("/dev/"):
-                out.append(os.path.basename(f[0]))
+                name = os.path.basename(f[0])
+                if name not in ("", ".", ".."):
+                    out.append(name)
         return out
 
     def block_controllers(self, link: str, depth: int = 0) -> list[tuple[PciAddress, str]]:

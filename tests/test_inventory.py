@@ -411,3 +411,46 @@ def test_live_machine() -> None:
     if os.path.exists(link) and "/pci" in os.path.realpath(link):
         assert any(r.startswith("controller of / ") for rs in h.in_use.values() for r in rs)
     assert len(h.pci) == len(os.listdir("/sys/bus/pci/devices"))
+
+
+_GARBAGE = ["", "\x00\xff\xfe", "-1", "99999999999999999999", "0-", "1-0", "0x", "a b c",
+            "../../../../etc", "(null)", " ", "0:0", "9" * 400, "Node 0 MemTotal: lots kB"]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_any_garbage_never_a_traceback(tree: TreeBuilder, seed: int) -> None:
+    """Every file of a busy tree overwritten with junk: the scan degrades, it never crashes."""
+    root = _busy_tree(tree).build()
+    for i, (dirpath, _, files) in enumerate(sorted(os.walk(root))):
+        for j, name in enumerate(sorted(files)):
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                continue
+            p.write_text(_GARBAGE[(i * 7 + j * 3 + seed * 5) % len(_GARBAGE)])
+    # Some links lead nowhere, as after a device went away mid-scan.
+    for k, link in enumerate(sorted((root / "sys/bus/pci/devices").iterdir())):
+        if (k + seed) % 3 == 0:
+            link.unlink()
+            link.symlink_to("../../../devices/gone/" + link.name)
+    try:
+        h = scan(HostRoot(root))
+    except HostReadError as e:
+        assert "CPU" in str(e)  # only a tree without a single CPU is refused
+        return
+    assert isinstance(h.notes, tuple)
+
+
+def test_memtotal_disagreement_is_noted(tree: TreeBuilder) -> None:
+    root = tree.cpus(count=2).node(0, memory_bytes=2 * GiB).build()
+    (root / "proc/meminfo").write_text("MemTotal:       25165824 kB\n")
+    h = scan(HostRoot(root))
+    assert h.nodes[0].memory_bytes == 2 * GiB
+    assert any("MemTotal 24576 MiB" in n for n in h.notes)
+
+
+def test_cgroup_memory_restriction_is_noted(tree: TreeBuilder) -> None:
+    root = tree.cpus(count=4, nodes=2).allowed("0-3").build()
+    (root / "sys/fs/cgroup/partition.slice/cpuset.mems.effective").write_text("1\n")
+    h = scan(HostRoot(root))
+    assert set(h.nodes) == {0, 1}  # the host has both; partitions run outside this cgroup
+    assert any("NUMA node(s) 1 only, not on 0" in n for n in h.notes)
