@@ -695,7 +695,9 @@ def diff(plan: Plan, state: State, host: Host, *, replace: set[str]) -> list[Act
 _EXPECTED = (PartitionError, CommandFailed, OSError)
 
 
-def execute(actions: Sequence[Action], ctx: Any, store: StateStore) -> None:
+def execute(
+    actions: Sequence[Action], ctx: Any, store: StateStore, *, restore: State | None = None
+) -> None:
     """Run ``actions`` in order, saving ``ctx.state`` after each.
 
     On a failure the actions done are undone newest first and the record is
@@ -703,8 +705,11 @@ def execute(actions: Sequence[Action], ctx: Any, store: StateStore) -> None:
     rest are still undone and ``RollbackIncomplete`` (exit 5) lists what is left.
     A failure that is a bug (not one of the project's errors) is unwound the
     same way and then re-raised as it is, so it is reported as a bug.
+
+    ``restore`` is the record to put back after a complete rollback when it is
+    not ``ctx.state`` as given (apply adds the new site to it before the first step).
     """
-    initial: State = ctx.state
+    initial: State = ctx.state if restore is None else restore
     done: list[Action] = []
     for action in _flatten(actions):
         if action.check(ctx):

@@ -89,5 +89,6 @@ def converge(
         stop_timeout=stop_timeout,
         on_progress=on_progress,
     )
-    execute(prepared.actions, ctx, store)
+    # A rolled-back apply leaves the record as it found it, the site's line included.
+    execute(prepared.actions, ctx, store, restore=prepared.state)
     return ctx
