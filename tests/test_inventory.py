@@ -454,3 +454,52 @@ def test_cgroup_memory_restriction_is_noted(tree: TreeBuilder) -> None:
     h = scan(HostRoot(root))
     assert set(h.nodes) == {0, 1}  # the host has both; partitions run outside this cgroup
     assert any("NUMA node(s) 1 only, not on 0" in n for n in h.notes)
+
+
+class _CountingRoot(HostRoot):
+    """Counts every request made to the host: the scan's cost grows with these."""
+
+    calls = 0
+
+    def read(self, kernel_path: str, default: str | None = None) -> str | None:
+        _CountingRoot.calls += 1
+        return super().read(kernel_path, default)
+
+    def listdir(self, kernel_path: str) -> list[str]:
+        _CountingRoot.calls += 1
+        return super().listdir(kernel_path)
+
+    def readlink(self, kernel_path: str) -> str | None:
+        _CountingRoot.calls += 1
+        return super().readlink(kernel_path)
+
+    def readlink_name(self, kernel_path: str) -> str | None:
+        _CountingRoot.calls += 1
+        return super().readlink_name(kernel_path)
+
+    def exists(self, kernel_path: str) -> bool:
+        _CountingRoot.calls += 1
+        return super().exists(kernel_path)
+
+    def is_dir(self, kernel_path: str) -> bool:
+        _CountingRoot.calls += 1
+        return super().is_dir(kernel_path)
+
+    def realpath(self, kernel_path: str) -> str:
+        _CountingRoot.calls += 1
+        return super().realpath(kernel_path)
+
+
+def test_scan_cost_is_linear_and_small(tree: TreeBuilder) -> None:
+    """A 1024-CPU, 512-function host must scan well under 0.3 s: that holds while each CPU
+    costs about 3 requests (sibling, package and die lists are shared) and each PCI
+    function about 16."""
+    cpus, functions = 64, 16
+    tree.cpus(count=cpus, packages=2, threads=2, nodes=2)
+    for i in range(functions):
+        tree.pci(f"0000:01:{i:02x}.0", iommu_group=i, numa_node=i % 2, netdevs=(f"e{i}",))
+    root = tree.build()
+    _CountingRoot.calls = 0
+    h = scan(_CountingRoot(root))
+    assert len(h.cpus) == cpus and len(h.pci) == functions
+    assert _CountingRoot.calls <= 3 * cpus + 16 * functions + 60
