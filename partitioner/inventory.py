@@ -100,6 +100,7 @@ _BASE_CLASS_NAMES: dict[str, str] = {
     "12": "Processing accelerators",
     "13": "Non-Essential Instrumentation",
     "40": "Coprocessor",
+    "ff": "Unassigned class",
 }
 
 
