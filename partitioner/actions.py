@@ -611,7 +611,17 @@ def _bring_up(
             shortfall[key] += pages
             if shortfall[key] > 0:
                 out.append(ReserveHugepages(p.name, node, size, pages))
+    out.extend(_claims(p, host, ()))
+    out.append(Start(p.name, _placement_summary(p)))
+    return out
+
+
+def _claims(p: Placement, host: Host, held: Iterable[int]) -> list[Action]:
+    out: list[Action] = []
+    have = set(held)
     for g in p.iommu_groups:
+        if g in have:
+            continue
         fns = tuple(
             (str(a), fn.driver if fn else None)
             for a in (host.iommu_groups[g].members if g in host.iommu_groups else ())
@@ -619,7 +629,6 @@ def _bring_up(
             if not (fn and fn.is_bridge)
         )
         out.append(ClaimGroup(p.name, g, fns))
-    out.append(Start(p.name, _placement_summary(p)))
     return out
 
 
@@ -684,6 +693,8 @@ def diff(plan: Plan, state: State, host: Host, *, replace: set[str]) -> list[Act
                 out.extend([*_release(rec), Forget(p.name, rec)])
                 out.extend(_bring_up(p, host, shortfall, state))
         elif rec.state is not RunState.RUNNING:
+            # A claim missing from the record (an apply killed half-way) is made before starting.
+            out.extend(_claims(p, host, rec.claim_groups()))
             out.append(Start(p.name, _placement_summary(p)))
     return out
 

@@ -224,6 +224,18 @@ def test_failed_partition_in_the_plan_is_restarted() -> None:
     assert kinds(diff(make_plan(a), st, make_host(), replace=set())) == [("start", "a")]
 
 
+def test_stopped_partition_missing_a_claim_gets_it_before_starting() -> None:
+    a = make_placement("a", (1,), nic=True)
+    claim = {"group": 19, "functions": [{"address": str(NIC), "driver": "e1000e"}]}
+    held = state_of(running(a, state=RunState.STOPPED, claims=(claim,)))
+    assert kinds(diff(make_plan(a), held, make_host(), replace=set())) == [("start", "a")]
+    lost = state_of(running(a, state=RunState.STOPPED))
+    assert kinds(diff(make_plan(a), lost, make_host(), replace=set())) == [
+        ("claim-group", "a"),
+        ("start", "a"),
+    ]
+
+
 def test_removal_stops_in_reverse_start_order_then_gives_back() -> None:
     a = make_placement("a", (1,), order=1, nic=True)
     b = make_placement("b", (2,), order=2)
