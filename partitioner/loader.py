@@ -194,7 +194,7 @@ class _Checker:
         self.bad.add(path)
 
     def is_bad(self, path: PathKey) -> bool:
-        return any(path[: len(b)] == b for b in self.bad)
+        return any(path[:i] in self.bad for i in range(len(path) + 1))
 
     def get(self, path: PathKey) -> Any:
         node: Any = self.doc.root
@@ -216,7 +216,7 @@ class _Checker:
         for error in sorted(errors, key=lambda e: (list(map(str, e.absolute_path)), e.message)):
             path: PathKey = tuple(error.absolute_path)
             # A value of the wrong kind trips every other keyword too; its kind is the news.
-            unreadable = any(path[: len(u)] == u for u in self.doc.unreadable)
+            unreadable = any(path[:i] in self.doc.unreadable for i in range(len(path) + 1))
             if (error.validator != "type" and path in typed) or unreadable:
                 continue
             for pos, where, message in self.explain(error):
@@ -246,7 +246,7 @@ class _Checker:
             yield (
                 self.doc.where(where),
                 where,
-                f"{dotted(where)}: {message}, not `{error.instance}`",
+                f"{dotted(where)}: {message}, not {_shown(error.instance)}",
             )
             return
         if kind == "required" and isinstance(error.instance, dict):
@@ -301,9 +301,11 @@ class _Checker:
         partitions = self.get(("partitions",))
         if not isinstance(partitions, dict):
             return
-        owners: list[tuple[str, PathKey, CpuSet]] = []
+        owners: dict[int, tuple[str, PathKey]] = {}
         if host_list is not None:
-            owners.append(("the host's reserve", ("host", "reserve", "cpus"), host_list))
+            owners.update(
+                dict.fromkeys(host_list, ("the host's reserve", ("host", "reserve", "cpus")))
+            )
         devices: dict[tuple[str, str], PathKey] = {}
         disks: dict[str, tuple[PathKey, bool]] = {}
         # File order, so that "already named" points back up the file.
@@ -315,7 +317,8 @@ class _Checker:
             cpus = self.cpu_list((*base, "cpus"))
             if cpus is not None:
                 self.overlaps(name, (*base, "cpus"), cpus, owners)
-                owners.append((f"partition {name}", (*base, "cpus"), cpus))
+                for cpu in cpus:
+                    owners.setdefault(cpu, (f"partition {name}", (*base, "cpus")))
             self.device_names(name, base, devices)
             self.disk_paths(name, base, disks)
 
@@ -350,18 +353,20 @@ class _Checker:
         name: str,
         path: PathKey,
         cpus: CpuSet,
-        owners: list[tuple[str, PathKey, CpuSet]],
+        owners: Mapping[int, tuple[str, PathKey]],
     ) -> None:
-        for owner, owner_path, theirs in owners:
-            common = cpus & theirs
-            if common:
-                line = self.doc.where_value(owner_path).line
-                self.report(
-                    self.doc.where_value(path),
-                    f"{dotted(path)}: partition {name} and {owner} (line {line}) both take "
-                    f"CPU{'s' if len(common) > 1 else ''} {common}: a CPU has one owner",
-                    path,
-                )
+        taken: dict[tuple[str, PathKey], list[int]] = {}
+        for cpu in cpus:
+            if cpu in owners:
+                taken.setdefault(owners[cpu], []).append(cpu)
+        for (owner, owner_path), common in taken.items():
+            line = self.doc.where_value(owner_path).line
+            self.report(
+                self.doc.where_value(path),
+                f"{dotted(path)}: partition {name} and {owner} (line {line}) both take "
+                f"CPU{'s' if len(common) > 1 else ''} {CpuSet(common)}: a CPU has one owner",
+                path,
+            )
 
     def size(self, path: PathKey, *, allow_zero: bool = False) -> int | None:
         text = self.get(path)

@@ -105,8 +105,30 @@ class _TooDeep(Exception):
         self.mark = mark
 
 
-class _Loader(Reader, Scanner, Parser, Composer, _Resolver):
-    """PyYAML's reading stages with the resolver above and refusal of aliases and deep nesting."""
+class _Composing(Composer):
+    """PyYAML's composer, refusing aliases and deep nesting, over whichever parser is mixed in."""
+
+    depth = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        if self.check_event(AliasEvent):  # type: ignore[attr-defined]
+            # Stands in for the alias, so the converter refuses it where it stands and the rest
+            # of the file is still checked.  The anchored node is never shared: no expansion.
+            event = self.get_event()  # type: ignore[attr-defined]
+            return ScalarNode(_ALIAS, event.anchor, event.start_mark, event.end_mark)
+        self.depth += 1
+        try:
+            if self.depth > MAX_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark)  # type: ignore[attr-defined]
+            node: Node | None = super().compose_node(parent, index)
+            assert node is not None  # only a missing document composes to None
+            return node
+        finally:
+            self.depth -= 1
+
+
+class _PyLoader(Reader, Scanner, Parser, _Composing, _Resolver):
+    """PyYAML's pure-Python reading stages with the resolver above."""
 
     def __init__(self, text: str) -> None:
         Reader.__init__(self, text)
@@ -114,23 +136,22 @@ class _Loader(Reader, Scanner, Parser, Composer, _Resolver):
         Parser.__init__(self)
         Composer.__init__(self)
         _Resolver.__init__(self)
-        self.depth = 0
 
-    def compose_node(self, parent: Node | None, index: Any) -> Node:
-        if self.check_event(AliasEvent):
-            # Stands in for the alias, so the converter refuses it where it stands and the rest
-            # of the file is still checked.  The anchored node is never shared: no expansion.
-            event = self.get_event()  # type: ignore[no-untyped-call]
-            return ScalarNode(_ALIAS, event.anchor, event.start_mark, event.end_mark)
-        self.depth += 1
-        try:
-            if self.depth > MAX_DEPTH:
-                raise _TooDeep(self.peek_event().start_mark)  # type: ignore[no-untyped-call]
-            node: Node | None = super().compose_node(parent, index)
-            assert node is not None  # only a missing document composes to None
-            return node
-        finally:
-            self.depth -= 1
+
+_CParser: Any = getattr(getattr(yaml, "_yaml", None), "CParser", None)
+# libyaml scans and parses some 30 times faster than the pure-Python stages (a 1MiB file in
+# about a second instead of half a minute); the composing and every check stay the same.
+HAVE_LIBYAML: bool = _CParser is not None and bool(getattr(yaml, "__with_libyaml__", False))
+# Which parser compose() uses by default; tests run the manifest checks under both.
+USE_LIBYAML: bool = HAVE_LIBYAML
+
+if HAVE_LIBYAML:
+
+    class _CLoader(_Composing, _CParser, _Resolver):  # type: ignore[misc]
+        def __init__(self, text: str) -> None:
+            _CParser.__init__(self, text)
+            Composer.__init__(self)
+            _Resolver.__init__(self)
 
 
 def _line_col(text: str, index: int) -> tuple[int, int]:
@@ -156,9 +177,12 @@ def decode(data: bytes, file: str) -> str:
         ) from None
 
 
+_LINE_BREAK = re.compile(r"\r\n|[\r\n\x85\u2028\u2029]")  # what YAML counts as a new line
+
+
 def _tab_problems(text: str, file: str) -> list[Problem]:
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(_LINE_BREAK.split(text), 1):
         indent = line[: len(line) - len(line.lstrip(" \t"))]
         if "\t" in indent and line.strip():
             out.append(
@@ -172,9 +196,17 @@ def _tab_problems(text: str, file: str) -> list[Problem]:
     return out
 
 
-def _yaml_error(e: yaml.YAMLError, text: str, file: str) -> list[Problem]:
+def _at_tab(text: str, mark: Any) -> bool:
+    lines = _LINE_BREAK.split(text)
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    return mark.column < len(line) and line[mark.column] == "\t"
+
+
+def _yaml_error(e: yaml.YAMLError, text: str, file: str, *, fast: bool) -> list[Problem]:
     if isinstance(e, yaml.reader.ReaderError):
-        line, col = _line_col(text, e.position)
+        # libyaml counts UTF-8 bytes, the Python reader characters.
+        index = len(text.encode()[: e.position].decode("utf-8", "ignore")) if fast else e.position
+        line, col = _line_col(text, index)
         code = e.character if isinstance(e.character, int) else ord(str(e.character)[:1] or "?")
         return [
             Problem(
@@ -184,7 +216,7 @@ def _yaml_error(e: yaml.YAMLError, text: str, file: str) -> list[Problem]:
     if isinstance(e, yaml.MarkedYAMLError):
         mark = e.problem_mark or e.context_mark
         problem = e.problem or "invalid YAML"
-        if "'\\t'" in problem:
+        if mark is not None and _at_tab(text, mark):
             tabs = _tab_problems(text, file)
             if tabs:
                 return tabs
@@ -199,17 +231,23 @@ def _yaml_error(e: yaml.YAMLError, text: str, file: str) -> list[Problem]:
     return [Problem(file, 0, 0, f"invalid YAML: {e}")]
 
 
-def compose(text: str, file: str) -> Node | None:
-    """The single document's node graph, or None for a file with no document at all."""
-    loader: _Loader | None = None
+def compose(text: str, file: str, *, fast: bool | None = None) -> Node | None:
+    """The single document's node graph, or None for a file with no document at all.
+
+    ``fast``: parse with libyaml (default: when PyYAML was built with it).  The two parsers
+    agree on what a manifest means; their wording of a syntax error differs, and libyaml
+    accepts a tab between `key:` and its value, as YAML allows, where PyYAML refuses it.
+    """
+    fast = USE_LIBYAML if fast is None else fast
+    loader: Any = None
     try:
-        loader = _Loader(text)
-        loader.get_event()  # type: ignore[no-untyped-call]  # the stream start
+        loader = _CLoader(text) if fast else _PyLoader(text)
+        loader.get_event()  # the stream start
         if loader.check_event(StreamEndEvent):
             return None
-        node = loader.compose_document()
+        node: Node = loader.compose_document()
         if not loader.check_event(StreamEndEvent):
-            m = loader.peek_event().start_mark  # type: ignore[no-untyped-call]
+            m = loader.peek_event().start_mark
             raise ManifestError(
                 [
                     Problem(
@@ -233,7 +271,7 @@ def compose(text: str, file: str) -> Node | None:
             ]
         ) from None
     except yaml.YAMLError as e:
-        raise ManifestError(_yaml_error(e, text, file)) from None
+        raise ManifestError(_yaml_error(e, text, file, fast=fast)) from None
     finally:
         if loader is not None:
             loader.dispose()
@@ -333,9 +371,9 @@ def dotted(path: PathKey | Iterator[str | int]) -> str:
     return out
 
 
-def parse(text: str, file: str) -> Document | None:
+def parse(text: str, file: str, *, fast: bool | None = None) -> Document | None:
     """The document with its locations; None for an empty file.  Unreadable YAML raises ManifestError."""
-    node = compose(text, file)
+    node = compose(text, file, fast=fast)
     if node is None:
         return None
     doc = Document(file, None)
