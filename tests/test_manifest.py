@@ -362,6 +362,20 @@ def test_explicit_cpu_lists_that_overlap_name_both_partitions() -> None:
     assert "partition lan0 and partition fw0 (line 4) both take CPUs 6-7" in p.message
 
 
+def test_a_list_overlapping_two_owners_names_each() -> None:
+    text = (
+        "version: 1\nhost:\n  reserve:\n    cpus: '0-1'\npartitions:\n"
+        "  a:\n    cpus: '2-3'\n    memory: 1GiB\n"
+        "  b:\n    cpus: '1-2,9'\n    memory: 1GiB\n"
+    )
+    found = problems(text)
+    assert [(p.line, p.column) for p in found] == [(10, 11), (10, 11)]
+    assert sorted(p.message.split(": ", 1)[1] for p in found) == [
+        "partition b and partition a (line 7) both take CPU 2: a CPU has one owner",
+        "partition b and the host's reserve (line 4) both take CPU 1: a CPU has one owner",
+    ]
+
+
 def test_cpu_list_overlapping_the_host_reserve() -> None:
     text = "version: 1\nhost:\n  reserve:\n    cpus: '0-1'\npartitions:\n  fw0:\n    cpus: '1-2'\n    memory: 1GiB\n"
     p = only(text)
@@ -755,7 +769,7 @@ _values = st.recursive(
 )
 
 
-@FUZZ
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.fixed_dictionaries(
         {"version": st.sampled_from([1, 1, 2, "1"])},
