@@ -112,7 +112,7 @@ def test_demo_example_is_for_the_test_bed() -> None:
     fw0, lan0 = m.partitions["fw0"], m.partitions["lan0"]
     assert (fw0.cpu_count, fw0.memory_bytes, fw0.hugepage_bytes) == (2, 256 * MiB, 2 * MiB)
     assert fw0.devices[0].kind == "id" and fw0.devices[0].value == "8086:10d3"
-    assert fw0.boot is not None and fw0.boot.kernel.startswith("/boot/vmlinuz")
+    assert fw0.boot is not None and "vmlinuz" in fw0.boot.kernel
     assert lan0.devices[0].kind == "pci"
 
 
