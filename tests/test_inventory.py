@@ -252,7 +252,8 @@ def test_kvm_marker(tree: TreeBuilder) -> None:
 def test_class_labels() -> None:
     assert class_label("010802") == "Non-Volatile memory controller"
     assert class_label("0c0330") == "USB controller"
-    assert class_label("ff0000") == ""
+    assert class_label("ff0000") == "Unassigned class"
+    assert class_label("ee0000") == ""
 
 
 # -- what the host runs on (rule 5) ---------------------------------------------------
