@@ -334,6 +334,10 @@ class _Converter:
         out: dict[str, Any] = {}
         first: dict[str, Pos] = {}
         for key_node, value_node in node.value:
+            if isinstance(key_node, ScalarNode) and key_node.tag == _ALIAS:
+                message = f"alias *{key_node.value} is not allowed in a manifest: write the key out"
+                self.problem(key_node, message, path, refused=False)
+                continue
             if not isinstance(key_node, ScalarNode):
                 self.problem(
                     key_node,

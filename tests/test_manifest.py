@@ -178,6 +178,7 @@ BAD_YAML: list[tuple[str, str | bytes, int, int, str]] = [
     ("too big", "#" * (MAX_BYTES + 1), 0, 0, "larger than 1MiB"),
     ("complex key", "version: 1\n? [a, b]\n: 1\n", 2, 3, "a key must be a plain name"),
     ("alias", "version: 1\nhost: &h {smt: share}\npartitions: *h\n", 3, 13, "alias *h"),
+    ("alias as a key", "version: &v 1\n*v : 2\n", 2, 1, "alias *v"),
     ("float tag", "version: !!float 1\n", 1, 10, "YAML tag !!float"),
     ("local tag", "version: !one 1\n", 1, 10, "YAML tag !one"),
     ("bad int tag", "version: !!int one\n", 1, 10, "'one' is not a valid !!int"),
@@ -207,6 +208,14 @@ def test_bad_yaml_is_one_located_problem(
     p = only(text)
     assert (p.file, p.line, p.column) == ("m.yaml", line, column), p
     assert message in p.message, p
+
+
+def test_a_refused_alias_key_leaves_the_rest_checked(parser: str) -> None:
+    found = problems("version: &v 2\n*v : 2\n")
+    assert [(p.line, p.column, p.message.split(":")[0]) for p in found] == [
+        (1, 10, "version"),
+        (2, 1, "alias *v is not allowed in a manifest"),
+    ]
 
 
 def test_billion_laughs_is_refused_without_expanding(parser: str) -> None:
