@@ -725,7 +725,9 @@ def test_installed_package_carries_the_schema(tmp_path: Path) -> None:
 
 # -- fuzzing -----------------------------------------------------------------------------------
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=300, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def _loads_or_manifest_error(data: str | bytes) -> None:
@@ -778,7 +780,9 @@ _values = st.recursive(
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(
     st.fixed_dictionaries(
         {"version": st.sampled_from([1, 1, 2, "1"])},
