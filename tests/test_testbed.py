@@ -509,3 +509,25 @@ def test_ctrl_c_on_the_cli_ends_qemu(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.qemu
+@boots
+def test_snapshot_of_small_reads_back_as_that_host(tmp_path: Path) -> None:
+    from partitioner.inventory import scan
+    from partitioner.testbed.server import snapshot_testbed
+
+    dest = tmp_path / "snap"
+    snapshot_testbed("small", dest, timeout=400, progress=None)
+    host = scan(HostRoot(dest))
+    assert sorted(host.cpus) == [0, 1]
+    assert host.has_iommu
+    e1000e = [f for f in host.pci.values() if f.id == "8086:10d3"]
+    assert len(e1000e) == 4
+    # the two-function NIC: two e1000e in one slot, one group
+    by_slot: dict[tuple[int, int, int], list[int | None]] = {}
+    for f in e1000e:
+        by_slot.setdefault(f.address.slot_key, []).append(f.iommu_group)
+    assert sorted(len(g) for g in by_slot.values()) == [1, 1, 2]
+    assert all(len(set(g)) == 1 for g in by_slot.values())
+    assert host.nodes[0].hugepages[2 * MiB].total == 32

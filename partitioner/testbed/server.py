@@ -26,6 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -377,9 +378,15 @@ def snapshot_testbed(
         out = Path(tmp)
         project = str(Path(__file__).resolve().parents[2])
         buf = io.StringIO()
+        # Written to the server's tmpfs and carried out as one tar: creating each of
+        # the tree's files and links over 9p under TCG costs minutes.
+        script = (
+            '"$0" -m partitioner.cli.main snapshot /tmp/snap '
+            f'&& tar -C /tmp -cf "{OUT_DIR}/snap.tar" snap'
+        )
         rc = run_in_testbed(
             topo,
-            [sys.executable, "-m", "partitioner.cli.main", "snapshot", f"{OUT_DIR}/snap"],
+            ["sh", "-c", script, sys.executable],
             timeout=timeout,
             cwd=project,
             env={"PYTHONPATH": project},
@@ -398,9 +405,12 @@ def snapshot_testbed(
                 f"testbed snapshot: {dest} exists and is not empty",
                 partition=f"testbed:{topo.name}",
             )
+        unpacked = out / "unpacked"
+        with tarfile.open(out / "snap.tar") as tar:
+            # "tar" filter: no absolute names or escapes; sysfs's relative links are kept.
+            tar.extractall(unpacked, filter="tar")
         dest.mkdir(parents=True, exist_ok=True)
-        # symlinks=True: sysfs trees are made of relative links, kept as links.
-        shutil.copytree(out / "snap", dest, symlinks=True, dirs_exist_ok=True)
+        shutil.copytree(unpacked / "snap", dest, symlinks=True, dirs_exist_ok=True)
 
 
 def _tail(text: str, n: int = 15) -> str:
