@@ -28,7 +28,7 @@ from partitioner.host import Host, PciFunction
 from partitioner.manifest import Manifest, PartitionSpec
 from partitioner.pci import PciAddress
 from partitioner.plan import DeviceAssignment, Placement, Plan, RunningPartition
-from partitioner.units import format_size, page_size_name
+from partitioner.units import format_size, human_size, page_size_name
 
 # A core is the set of its usable SMT siblings, as a sorted tuple.
 Core = tuple[int, ...]
@@ -877,7 +877,7 @@ def _fit_memory(
         if size > room.memory_left:
             w.problems.append(
                 f"{spec.name} needs {format_size(size)} of memory on node {node}, "
-                f"{format_size(max(room.memory_left, 0))} is left there after the host's reserve "
+                f"{human_size(max(room.memory_left, 0))} is left there after the host's reserve "
                 "and the other partitions (rule 3)"
             )
             ok = False
@@ -935,7 +935,7 @@ def _fits(spec: PartitionSpec, room: _NodeRoom | None, smt_isolate: bool) -> str
     if not mem_ok:
         parts.append(
             f"{format_size(spec.memory_bytes)} on node {room.id}, "
-            f"{format_size(max(room.memory_left, 0))} is left there"
+            f"{human_size(max(room.memory_left, 0))} is left there"
         )
     if not pages_ok and spec.hugepage_bytes is not None:
         parts.append(

@@ -23,6 +23,7 @@ from partitioner.hostroot import HostRoot
 from partitioner.inventory import scan
 from partitioner.loader import loads
 from partitioner.manifest import Manifest
+from partitioner.pci import PciAddress
 from partitioner.plan import Plan, RunningPartition
 from partitioner.planner import plan
 
@@ -506,3 +507,86 @@ def test_real_tree_offline_cpus_are_not_placed(hwloc_tree: Callable[[str], Path]
         h,
     )
     assert f"a needs {free + 1} CPUs" in msg
+
+
+# -- the emulated two-socket server: a real kernel's IOMMU groups -------------------
+
+TESTBED_NUMA = Path(__file__).resolve().parent / "fixtures" / "hosts" / "testbed-numa"
+TB_HEAD = """\
+version: 1
+host: {reserve: {cpus: "0,4"}, accel: tcg, smt: share}
+partitions:
+"""
+
+
+@pytest.fixture(scope="module")
+def testbed_numa() -> Host:
+    return scan(HostRoot(TESTBED_NUMA))
+
+
+def test_testbed_tree_nic_goes_to_its_node(testbed_numa: Host) -> None:
+    p = plan(
+        manifest(TB_HEAD + '  fw0: {cpus: 2, memory: 128MiB, devices: [{pci: "81:00.0"}]}\n'),
+        testbed_numa,
+    )
+    fw0 = p.placements["fw0"]
+    assert fw0.numa_nodes == (1,) and all(testbed_numa.cpus[c].node == 1 for c in fw0.cpus)
+    assert not set(fw0.cpus) & {0, 4}
+
+
+def test_testbed_tree_multifunction_and_gpu_audio_come_along(testbed_numa: Host) -> None:
+    p = plan(
+        manifest(
+            TB_HEAD
+            + '  lan0: {cpus: 1, memory: 128MiB, devices: [{pci: "42:00.0"}]}\n'
+            + '  desk: {cpus: 1, memory: 128MiB, devices: [{pci: "43:00.0"}]}\n'
+        ),
+        testbed_numa,
+    )
+    assert [str(d.address) for d in p.placements["lan0"].devices] == [
+        "0000:42:00.0",
+        "0000:42:00.1",
+    ]
+    assert [(str(d.address), d.added) for d in p.placements["desk"].devices] == [
+        ("0000:43:00.0", False),
+        ("0000:43:00.1", True),
+    ]
+
+
+def test_testbed_tree_device_behind_the_pci_bridge_needs_its_whole_group(
+    testbed_numa: Host,
+) -> None:
+    msg = problems(
+        manifest(TB_HEAD + '  a: {cpus: 1, memory: 128MiB, devices: [{pci: "87:01.0"}]}\n'),
+        testbed_numa,
+    )
+    group = testbed_numa.pci[PciAddress.parse("87:01.0")].iommu_group
+    assert f"IOMMU group {group} of 0000:87:01.0 also holds 0000:87:02.0" in msg
+
+
+def test_testbed_tree_switch_downstream_devices_are_separate(testbed_numa: Host) -> None:
+    p = plan(
+        manifest(
+            TB_HEAD
+            + '  a: {cpus: 1, memory: 128MiB, devices: [{pci: "84:00.0"}]}\n'
+            + '  b: {cpus: 1, memory: 128MiB, devices: [{pci: "85:00.0"}]}\n'
+        ),
+        testbed_numa,
+    )
+    ga, gb = p.placements["a"].iommu_groups, p.placements["b"].iommu_groups
+    assert ga != gb and len(ga) == len(gb) == 1
+    # the switch's ports share the endpoint's group but stay with the host
+    assert [str(d.address) for d in p.placements["a"].devices] == ["0000:84:00.0"]
+
+
+def test_testbed_tree_hugepages_per_node(testbed_numa: Host) -> None:
+    # 64 free 2MiB pages per node in the preset, plus what node 1's free memory could become
+    node1 = testbed_numa.nodes[1]
+    have = node1.hugepages[2 * MiB].free + node1.free_bytes // (2 * MiB)
+    head = TB_HEAD.replace('cpus: "0,4"}', 'cpus: "0,4", memory: 0GiB}')
+    p = plan(manifest(head + f"  a: {{cpus: 1, memory: {have * 2}MiB, numa: 1}}\n"), testbed_numa)
+    assert p.hugepages_needed() == {(1, 2 * MiB): have}
+    msg = problems(
+        manifest(head + f"  a: {{cpus: 1, memory: {have * 2 + 2}MiB, numa: 1}}\n"), testbed_numa
+    )
+    assert f"{have + 1} 2MiB pages on node 1, {have} are free or reservable" in msg
