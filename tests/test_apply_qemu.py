@@ -26,6 +26,7 @@ from guestimage import build_guest_initramfs, guest_kernel
 from partitioner.cpuset import CpuSet
 from partitioner.guest.launch import is_running, thread_affinities
 from partitioner.hostroot import HostRoot
+from partitioner.state import State, StateStore
 
 pytestmark = pytest.mark.qemu
 
@@ -271,8 +272,7 @@ def test_apply_failing_on_its_last_action_leaves_the_host_as_it_was(site: Site) 
     nr0, free0 = _pool()
     missing = site.dir / "no-such-disk.qcow2"
     # An applied, empty record first, so "unchanged" compares bytes of a real file.
-    site.state_file.parent.mkdir(parents=True)
-    site.state_file.write_text('{"partitions": {}, "site": null, "version": 1}\n')
+    StateStore(site.state_file.parent).save(State())
     before = site.state_file.read_bytes()
     m = site.manifest(
         "bad",
