@@ -249,7 +249,7 @@ class _Scanner:
         ids.sort()
         online_set = self.read_cpuset(f"{SYS_CPU}/online")
         online_ids = set(online_set) if online_set is not None else None
-        kinds = self.scan_cpu_kinds()
+        kinds = self.scan_cpu_kinds(ids)
         allowed = self.scan_allowed_cpus()
 
         # The kernel's sibling, package and die lists are symmetric: read once
@@ -329,14 +329,28 @@ class _Scanner:
                 )
         return cpus
 
-    def scan_cpu_kinds(self) -> dict[int, str]:
-        """Hybrid Intel parts list their performance and efficiency CPUs under two PMU devices."""
+    def scan_cpu_kinds(self, ids: list[int]) -> dict[int, str]:
+        """Hybrid Intel parts list their performance and efficiency CPUs under two PMU devices.
+
+        Without them (older kernels, trees that did not keep them), the two kinds
+        still differ in base frequency, which is how hwloc tells them apart too.
+        """
         kinds: dict[int, str] = {}
         for kind in ("core", "atom"):
             cs = self.read_cpuset(f"/sys/devices/cpu_{kind}/cpus")
             if cs is not None:
                 for c in cs:
                     kinds[c] = kind
+        if kinds or not self.root.exists(f"{SYS_CPU}/cpu{ids[0]}/cpufreq/base_frequency"):
+            return kinds
+        base: dict[int, int] = {}
+        for i in ids:
+            f = self.read_int(f"{SYS_CPU}/cpu{i}/cpufreq/base_frequency")
+            if f is not None:
+                base[i] = f
+        if len(set(base.values())) == 2:
+            fast = max(base.values())
+            kinds = {i: "core" if f == fast else "atom" for i, f in base.items()}
         return kinds
 
     def scan_allowed_cpus(self) -> set[int] | None:
