@@ -18,6 +18,7 @@ from partitioner.run import run
 from partitioner.testbed.initramfs import (
     INIT_SCRIPT,
     CpioWriter,
+    bootable_kernel,
     build_initramfs,
     module_load_order,
 )
@@ -337,6 +338,27 @@ def test_initramfs_holds_init_busybox_and_modules_in_order(tmp_path: Path) -> No
     assert (dest / "bin/busybox").read_bytes() == b"BUSYBOX"
     assert (dest / "modules/order").read_text().split() == [f"{m.name}.ko" for m in mods]
     assert all((dest / "modules" / f"{m.name}.ko").stat().st_size > 1000 for m in mods)
+
+
+def test_pvh_kernels_boot_from_their_unpacked_elf(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PARTITION_CACHE_DIR", str(tmp_path / "cache"))
+    fake = tmp_path / "vmlinuz-9.9.9"
+    fake.write_bytes(b"\xfd7zXZ\x00garbage")
+    assert bootable_kernel(fake) == fake  # no config-9.9.9 saying CONFIG_PVH: as it is
+    (tmp_path / "config-9.9.9").write_text("CONFIG_PVH=y\n")
+    assert bootable_kernel(fake) == fake  # not a real xz stream: as it is
+    real = sorted(Path("/boot").glob("vmlinuz-*"))
+    if not real or not os.access(real[-1], os.R_OK):
+        pytest.skip("no readable /boot/vmlinuz-*")
+    config = real[-1].parent / f"config-{real[-1].name[len('vmlinuz-') :]}"
+    if "CONFIG_PVH=y" not in config.read_text().splitlines():
+        pytest.skip("this kernel has no PVH entry")
+    elf = bootable_kernel(real[-1])
+    assert elf.parent == tmp_path / "cache" / "testbed"
+    assert elf.read_bytes()[:4] == b"\x7fELF"
+    assert bootable_kernel(real[-1]) == elf  # cached
 
 
 def test_job_script_runs_argv_in_cwd_with_only_the_given_env(tmp_path: Path) -> None:

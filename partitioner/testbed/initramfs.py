@@ -264,10 +264,50 @@ def initramfs_for(kernel: str | os.PathLike[str], *, busybox: str = BUSYBOX) -> 
     target = cache_dir() / f"initramfs-{version}-{h.hexdigest()[:16]}.cpio"
     if target.exists():
         return target
+    _write_atomically(target, build_initramfs(modules, bb))
+    return target
+
+
+def bootable_kernel(kernel: str | os.PathLike[str]) -> Path:
+    """What to give QEMU's ``-kernel``: the uncompressed ELF ``vmlinux`` when the kernel allows.
+
+    Under TCG, unpacking an xz bzImage takes the emulated CPU longer than the
+    rest of the boot up to ``/init``; a kernel built with ``CONFIG_PVH`` boots
+    from its ELF image directly (QEMU's PVH entry), so it is unpacked here once,
+    with the host's CPU, and cached.  Anything else boots as it is.
+    """
+    kernel = Path(kernel)
+    version = kernel_version(kernel)
+    config = kernel.parent / f"config-{version}"
+    try:
+        pvh = "CONFIG_PVH=y" in config.read_text().splitlines()
+        st = kernel.stat()
+    except OSError:
+        return kernel
+    if not pvh:
+        return kernel
+    key = hashlib.sha256(f"{kernel}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir() / f"vmlinux-{version}-{key}"
+    if target.exists():
+        return target
+    data = kernel.read_bytes()
+    start = data.find(b"\xfd7zXZ\x00")
+    if start < 0:
+        return kernel
+    try:
+        elf = lzma.LZMADecompressor().decompress(data[start:])
+    except lzma.LZMAError:
+        return kernel
+    if not elf.startswith(b"\x7fELF"):
+        return kernel
+    _write_atomically(target, elf)
+    return target
+
+
+def _write_atomically(target: Path, data: bytes) -> None:
+    # Written aside and renamed: several test runs may build the same file at once.
     target.parent.mkdir(parents=True, exist_ok=True)
-    data = build_initramfs(modules, bb)
-    # Written aside and renamed: several test runs may build the same archive at once.
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".initramfs-")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -275,4 +315,3 @@ def initramfs_for(kernel: str | os.PathLike[str], *, busybox: str = BUSYBOX) -> 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return target

@@ -37,7 +37,12 @@ from typing import TextIO
 
 from partitioner.errors import GuestError
 from partitioner.run import spawn
-from partitioner.testbed.initramfs import OUT_DIR, default_kernel, initramfs_for
+from partitioner.testbed.initramfs import (
+    OUT_DIR,
+    bootable_kernel,
+    default_kernel,
+    initramfs_for,
+)
 from partitioner.testbed.topology import Share, Topology, kernel_cmdline, load_topology, qemu_args
 
 QEMU = "qemu-system-x86_64"
@@ -186,7 +191,7 @@ class TestbedServer:
         self.console_log = self.run_dir / "console.log"
         argv = qemu_args(
             self.topology,
-            kernel=str(kernel),
+            kernel=str(bootable_kernel(kernel)),
             initrd=str(initrd),
             cmdline=kernel_cmdline(self.topology),
             console_log=str(self.console_log),
