@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from partitioner.cpuset import CpuSet
+from partitioner.errors import GuestError
 from partitioner.hostroot import HostRoot
 from partitioner.run import run
 from partitioner.testbed.initramfs import (
@@ -381,6 +382,17 @@ def test_job_script_runs_argv_in_cwd_with_only_the_given_env(tmp_path: Path) -> 
     assert "LEAK" not in lines[2] and "'A'" in lines[2]
     cp = run(["/bin/sh", "-c", job_script(["true"], str(tmp_path / "nope"), {})], check=False)
     assert cp.returncode == 125
+    assert f"no directory {tmp_path / 'nope'} inside" in cp.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+def test_a_directory_the_server_hides_is_refused_before_booting(tmp_path: Path) -> None:
+    tb = TestbedServer("small", ["true"], cwd=str(tmp_path), progress=None)
+    with pytest.raises(
+        GuestError, match=r"is not visible inside the emulated server, which has its own /tmp"
+    ):
+        tb.start()
+    assert tb.proc is None
 
 
 # -- real boots of `small` ------------------------------------------------------------
@@ -496,7 +508,8 @@ def test_a_kernel_that_does_not_boot_is_a_boot_failure_with_the_log(tmp_path: Pa
 
 @pytest.mark.qemu
 @boots
-def test_ctrl_c_on_the_cli_ends_qemu(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sig", "rc"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_on_the_cli_ends_qemu(sig: int, rc: int) -> None:
     proc = subprocess.Popen(
         [sys.executable, "-m", "partitioner.cli.main", "testbed", "run", "--", "sleep", "600"],
         cwd=PROJECT,
@@ -519,10 +532,8 @@ def test_ctrl_c_on_the_cli_ends_qemu(tmp_path: Path) -> None:
             == [str(proc.pid)]
         ]
         assert children, "no QEMU child of the CLI"
-        proc.send_signal(signal.SIGINT)
-        rc = proc.wait(timeout=60)
-        assert rc == 130
-        assert "interrupted" in proc.stderr.read()
+        proc.send_signal(sig)
+        assert proc.wait(timeout=60) == rc
         for pid in children:
             assert not Path(f"/proc/{pid}").exists() or "qemu" not in (
                 HostRoot("/").read(f"/proc/{pid}/cmdline") or ""

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         keep=args.keep,
     )
     try:
-        with server:
+        with _signals_end_the_run(), server:
             rc = server.wait()
     finally:
         if args.keep and server.run_dir is not None:
@@ -92,13 +95,33 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     return rc
 
 
+@contextlib.contextmanager
+def _signals_end_the_run() -> Iterator[None]:
+    """SIGTERM and SIGHUP (a closed terminal) end this process as Ctrl-C does.
+
+    QEMU runs in its own session and would not get them; raising here unwinds the
+    with-blocks that end it.
+    """
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def snapshot(args: argparse.Namespace, ctx: Context) -> int:
     dest: Path = args.dest
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UsageError(f"partition testbed snapshot: {dest} exists and is not an empty directory")
     topo = load_topology(args.topology)
-    snapshot_testbed(
-        topo, dest, timeout=args.timeout, progress=ctx.err if ctx.verbosity >= 0 else None
-    )
+    with _signals_end_the_run():
+        snapshot_testbed(
+            topo, dest, timeout=args.timeout, progress=ctx.err if ctx.verbosity >= 0 else None
+        )
     ctx.info(f"testbed: snapshot of {topo.name} saved in {dest}; use it with --host-root {dest}")
     return 0

@@ -46,6 +46,8 @@ from partitioner.testbed.initramfs import (
 from partitioner.testbed.topology import Share, Topology, kernel_cmdline, load_topology, qemu_args
 
 QEMU = "qemu-system-x86_64"
+# Private (tmpfs) inside the emulated server: the host's files under them are not seen.
+PRIVATE_DIRS = ("/tmp", "/run", "/var", "/proc", "/sys", "/dev")
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -88,7 +90,7 @@ def job_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str:
     assigns = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()))
     return (
         "# written by partition testbed\n"
-        f"cd {shlex.quote(cwd)} || exit 125\n"
+        f"cd {shlex.quote(cwd)} || {{ echo {shlex.quote(f'testbed: no directory {cwd} inside the emulated server')} >&2; exit 125; }}\n"
         f"exec /usr/bin/env -i {assigns} {shlex.join(argv)}\n"
     )
 
@@ -175,6 +177,18 @@ class TestbedServer:
         self.close()
 
     def start(self) -> None:
+        where = f"testbed:{self.topology.name}"
+        if os.geteuid() != 0:
+            # 9p with security_model=none serves the host's files with the rights of
+            # QEMU's user: only root sees (and owns) them all, as the guest's root expects.
+            raise GuestError("partition testbed needs root (sudo)", partition=where)
+        hidden = next((d for d in PRIVATE_DIRS if Path(self.cwd).is_relative_to(d)), None)
+        if hidden is not None:
+            raise GuestError(
+                f"testbed: {self.cwd} is not visible inside the emulated server, which has "
+                f"its own {hidden}; run from (or pass cwd=) a directory elsewhere",
+                partition=where,
+            )
         if shutil.which(QEMU) is None:
             raise GuestError(
                 f"{QEMU} not found: install qemu-system-x86",
