@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 from treebuilder import GiB, MiB, TreeBuilder
 
 from partitioner.cli.main import main
+from partitioner.cpuset import CpuSet
 from partitioner.errors import HostReadError, UsageError
-from partitioner.host import Host
+from partitioner.host import Host, PciFunction
 from partitioner.hostroot import HostRoot
 from partitioner.inventory import scan
 from partitioner.snapshot import take_snapshot, take_snapshot_with_host
@@ -155,3 +157,83 @@ def test_cli(tree: TreeBuilder, tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert '"pci_functions": 5' in capsys.readouterr().out
     assert main(["--host-root", str(tmp_path / "none"), "snapshot", str(tmp_path / "x")]) == 2
     assert "does not look like a host tree" in capsys.readouterr().err
+
+
+# -- a real kernel: the emulated VT-d server's own /sys ------------------------------------
+
+
+def _can_boot_testbed() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root"
+    if not shutil.which("qemu-system-x86_64"):
+        return "needs qemu-system-x86_64"
+    if not any(Path("/boot").glob("vmlinuz-*")):
+        return "needs a kernel in /boot (linux-image-amd64)"
+    return None
+
+
+@pytest.fixture(scope="module")
+def numa_server_snapshot(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The ``numa`` preset booted once, its tree taken by ``partition snapshot`` inside it."""
+    why = _can_boot_testbed()
+    if why:
+        pytest.skip(why)
+    from partitioner.testbed.server import snapshot_testbed
+
+    dest = tmp_path_factory.mktemp("numa-server") / "snap"
+    snapshot_testbed("numa", dest, progress=None)
+    return dest
+
+
+@pytest.mark.testbed
+@pytest.mark.qemu
+def test_real_kernel_tree(numa_server_snapshot: Path, tmp_path: Path) -> None:
+    """What the numa preset builds (2 sockets x 2 cores x 2 threads, 2 nodes, NICs, a switch,
+    a bridge, a GPU with its audio function, NVMe), as a real kernel's sysfs shows it."""
+    h = scan(HostRoot(numa_server_snapshot))
+    assert len(h.usable_cpus) == 8 and h.threads_per_core() == 2
+    assert {c.package for c in h.cpus.values()} == {0, 1}
+    assert all(len(c.siblings) == 2 and c.id in c.siblings for c in h.cpus.values())
+    assert sorted(h.nodes) == [0, 1]
+    assert h.nodes[0].cpus | h.nodes[1].cpus == CpuSet(range(8))
+    for n in h.nodes.values():
+        assert len(n.cpus) == 4
+        assert 768 * MiB < n.memory_bytes <= GiB
+        assert n.hugepages[2 * MiB].total == 64
+        assert sorted(n.distances) == [10, 20]
+    # Every CPU's node agrees with its package: one node per socket.
+    assert all(c.node == h.cpus[0].node for c in h.cpus.values() if c.package == 0)
+
+    assert h.has_iommu and 2 * MiB in h.hugepage_sizes
+    by_id: dict[str, list[PciFunction]] = {}
+    for fn in h.pci.values():
+        by_id.setdefault(fn.id, []).append(fn)
+    assert len(by_id["8086:10d3"]) == 6  # e1000e
+    assert len(by_id["8086:100e"]) == 2  # e1000 behind the bridge
+    nvme = [f for f in h.pci.values() if f.class_code == "010802"]
+    assert len(nvme) == 1 and nvme[0].numa_node == 1
+    # Every function sits in a group, and a group's members name it back.
+    for fn in h.pci.values():
+        assert fn.iommu_group is not None and fn.address in h.iommu_groups[fn.iommu_group].members
+        for up in fn.upstream:
+            assert h.pci[up].is_bridge
+    # The GPU and its audio function: one slot, one group, nothing else in it.
+    (vga,) = by_id["1234:1111"]
+    (audio,) = by_id["8086:293e"]
+    assert vga.address.slot_key == audio.address.slot_key
+    assert h.iommu_groups[vga.iommu_group or -1].members == (vga.address, audio.address)
+    # The two-function NIC: one group of exactly its two functions.
+    pairs = [g for g in h.iommu_groups.values() if len(g.members) == 2
+             and all(h.pci[m].id == "8086:10d3" for m in g.members)]  # fmt: skip
+    assert len(pairs) == 1 and pairs[0].members[0].slot_key == pairs[0].members[1].slot_key
+    # The conventional bridge shares its group with the NICs behind it.
+    e1000_group = h.iommu_groups[by_id["8086:100e"][0].iommu_group or -1]
+    assert len(e1000_group.members) == 3
+    assert sum(h.pci[m].is_bridge for m in e1000_group.members) == 1
+    # Node-local devices through the expander bridges; the one on the main complex has none.
+    e1000e_nodes = sorted((f.numa_node for f in by_id["8086:10d3"]), key=lambda n: (n is None, n))
+    assert e1000e_nodes == [0, 0, 0, 1, 1, None]
+
+    # A snapshot of the snapshot reads back the same.
+    take_snapshot(HostRoot(numa_server_snapshot), tmp_path / "again")
+    assert scan(HostRoot(tmp_path / "again")) == h
