@@ -63,9 +63,11 @@ R=/newroot
 mount -t proc proc $R/proc || die "mount proc"
 mount -t sysfs sys $R/sys || die "mount sysfs"
 mount -t devtmpfs dev $R/dev || die "mount devtmpfs"
-mkdir -p $R/dev/pts $R/dev/shm
+# What systemd mounts on a real host: QEMU's mem-path and the cgroup tree may be wanted.
+mkdir -p $R/dev/pts $R/dev/shm $R/dev/hugepages
 mount -t devpts -o gid=5,mode=620 devpts $R/dev/pts
 mount -t tmpfs -o mode=1777 tmpfs $R/dev/shm
+mount -t hugetlbfs -o pagesize=2M hugetlbfs $R/dev/hugepages
 mount -t tmpfs -o mode=1777 tmpfs $R/tmp || die "mount /tmp"
 mount -t tmpfs -o mode=755 tmpfs $R/run || die "mount /run"
 # All of /var is private: /var/lib/partition may not exist on the read-only host,
