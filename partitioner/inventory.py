@@ -45,6 +45,7 @@ _HUGEPAGE_DIR_RE = re.compile(r"^hugepages-(\d+)kB$")
 # Slots run 00-1f: a component that is not one is not a PCI function.
 _PCI_ADDR_RE = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[01][0-9a-fA-F]\.[0-7]$")
 _MAJMIN_RE = re.compile(r"^\d+:\d+$")
+_NVME_CTRL_RE = re.compile(r"^nvme\d+$")
 _MEMINFO_RE = re.compile(r"^(?:Node \d+ )?(\w+):\s+(\d+)(?: kB)?\s*$")
 _IFF_UP = 0x1
 _IPV6_SCOPE_LINK = 0x20
@@ -781,26 +782,50 @@ class _Scanner:
                 left, sep, right = line.partition(" - ")
                 f = left.split()
                 r = right.split()
-                if not sep or len(f) < 5 or ":" not in f[2]:
+                if not sep or len(f) < 5 or not _MAJMIN_RE.match(f[2]):
                     continue
-                if f[2].startswith("0:") or not _MAJMIN_RE.match(f[2]):
-                    continue  # major 0: not backed by a block device (tmpfs, proc, overlay...)
                 source = r[1] if len(r) > 1 else ""
-                out.append((f[2], _unescape(f[4]), os.path.basename(source)))
+                majmin = f[2]
+                if majmin.startswith("0:"):
+                    # Major 0 is no block device (tmpfs, proc, overlay...), except for
+                    # filesystems that hand out anonymous numbers over real disks
+                    # (btrfs): their source still names the device.
+                    dev = self.block_by_source(source)
+                    if dev is None:
+                        continue
+                    majmin = self.root.read(f"{dev}/dev") or ""
+                    if not _MAJMIN_RE.match(majmin):
+                        continue
+                out.append((majmin, _unescape(f[4]), os.path.basename(source)))
             return out
-        # No mountinfo (old snapshots, hwloc trees): /proc/mounts names /dev/X only.
+        # No mountinfo (old snapshots, hwloc trees): /proc/mounts names the device only.
         for line in (self.root.read("/proc/mounts") or "").splitlines():
             f = line.split()
-            if len(f) >= 2 and f[0].startswith("/dev/"):
-                dev = (
-                    os.path.basename(os.path.realpath(f[0]))
-                    if self.root.live
-                    else os.path.basename(f[0])
-                )
-                majmin = self.root.read(f"/sys/class/block/{dev}/dev")
-                if majmin and _MAJMIN_RE.match(majmin):
-                    out.append((majmin, _unescape(f[1]), dev))
+            if len(f) >= 2:
+                dev = self.block_by_source(f[0])
+                found = self.root.read(f"{dev}/dev") if dev else None
+                if found and _MAJMIN_RE.match(found):
+                    out.append((found, _unescape(f[1]), os.path.basename(f[0])))
         return out
+
+    def block_by_source(self, source: str) -> str | None:
+        """The /sys/class/block entry of a mount source such as ``/dev/sda1``,
+        ``/dev/mapper/vg-root`` or ``/dev/disk/by-uuid/...``; None if it is no block device."""
+        if not source.startswith("/dev/"):
+            return None
+        name = os.path.basename(self.root.realpath(source))
+        if name not in ("", ".", "..") and self.root.exists(f"/sys/class/block/{name}/dev"):
+            return f"/sys/class/block/{name}"
+        if source.startswith("/dev/mapper/"):
+            # A snapshot has no /dev links: device-mapper names are in sysfs too.
+            wanted = os.path.basename(source)
+            for entry in self.root.listdir("/sys/class/block"):
+                if (
+                    entry.startswith("dm-")
+                    and self.root.read(f"/sys/class/block/{entry}/dm/name") == wanted
+                ):
+                    return f"/sys/class/block/{entry}"
+        return None
 
     def swap_devices(self) -> list[str]:
         out: list[str] = []
@@ -825,6 +850,16 @@ class _Scanner:
         out: list[tuple[PciAddress, str]] = []
         for slave in self.root.listdir(f"{real}/slaves"):
             out.extend(self.block_controllers(f"{real}/slaves/{slave}", depth + 1))
+        if not out and "/nvme-subsystem/" in real:
+            # NVMe multipath: the namespace hangs off a virtual subsystem whose
+            # controllers (nvme0, nvme1...) link to their PCI functions.
+            parts = real.split("/")
+            subsys = "/".join(parts[: parts.index("nvme-subsystem") + 2])
+            for entry in self.root.listdir(subsys):
+                if _NVME_CTRL_RE.match(entry):
+                    ctrl = _nearest_pci(self.realpath(f"{subsys}/{entry}"))
+                    if ctrl is not None:
+                        out.append((ctrl, name))
         return out
 
 

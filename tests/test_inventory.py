@@ -504,3 +504,37 @@ def test_scan_cost_is_linear_and_small(tree: TreeBuilder) -> None:
     h = scan(_CountingRoot(root))
     assert len(h.cpus) == cpus and len(h.pci) == functions
     assert _CountingRoot.calls <= 3 * cpus + 16 * functions + 60
+
+
+def test_nvme_multipath_root(tree: TreeBuilder) -> None:
+    """Native NVMe multipath puts namespaces under a virtual subsystem, away from the PCI path."""
+    tree.cpus(count=2)
+    tree.pci("0000:00:1d.0", class_code="010802", driver="nvme", iommu_group=3)
+    tree.pci("0000:00:1e.0", class_code="010802", driver="nvme", iommu_group=4)
+    tree.disk("nvme0n1", "0000:00:1d.0", partitions=2, multipath=True)
+    tree.disk("nvme1n1", "0000:00:1e.0", multipath=True)
+    tree.mount("nvme0n1p2", "/")
+    root = tree.build()
+    assert "nvme-subsystem" in os.path.realpath(root / "sys/class/block/nvme0n1p2")
+    h = scan(HostRoot(root))
+    assert h.in_use == {A("0000:00:1d.0"): ("controller of / (nvme0n1p2)",)}
+
+
+def test_btrfs_and_device_mapper_sources(tree: TreeBuilder) -> None:
+    """btrfs mounts show an anonymous major 0; LVM shows /dev/mapper names: both still count."""
+    tree.cpus(count=2)
+    tree.pci("0000:00:1f.2", class_code="010601", driver="ahci", iommu_group=4)
+    tree.pci("0000:00:1f.3", class_code="010601", driver="ahci", iommu_group=5)
+    tree.pci("0000:00:1f.4", class_code="010601", driver="ahci", iommu_group=6)
+    tree.disk("sda", "0000:00:1f.2", partitions=2)
+    tree.disk("sdb", "0000:00:1f.3", partitions=1)
+    tree.disk("sdc", "0000:00:1f.4", partitions=1)
+    tree.virtual_block("dm-0", slaves=("sdb1",), dm_name="vg-home")
+    tree.mount("sda2", "/", fstype="btrfs")
+    tree.mount("dm-0", "/home", fstype="btrfs")
+    tree.mount("tmpfs", "/run", fstype="tmpfs")
+    h = _scan(tree)
+    assert h.in_use == {
+        A("0000:00:1f.2"): ("controller of / (sda2)",),
+        A("0000:00:1f.3"): ("controller of /home (sdb1 under vg-home)",),
+    }

@@ -16,6 +16,7 @@ from partitioner.errors import HostReadError, UsageError
 from partitioner.host import Host, PciFunction
 from partitioner.hostroot import HostRoot
 from partitioner.inventory import scan
+from partitioner.pci import PciAddress
 from partitioner.snapshot import take_snapshot, take_snapshot_with_host
 
 
@@ -29,10 +30,10 @@ def _busy(tree: TreeBuilder) -> Path:
              reset_methods=None)  # fmt: skip
     tree.pci("0000:00:1d.0", class_code="010802", driver="nvme", iommu_group=3)
     tree.pci("0000:00:02.0", class_code="030000", driver="i915", iommu_group=1, boot_vga=True)
-    tree.disk("nvme0n1", "0000:00:1d.0", partitions=3)
-    tree.virtual_block("dm-0", slaves=("nvme0n1p3",))
+    tree.disk("nvme0n1", "0000:00:1d.0", partitions=3, multipath=True)
+    tree.virtual_block("dm-0", slaves=("nvme0n1p3",), dm_name="vg-home")
     tree.mount("nvme0n1p2", "/")
-    tree.mount("dm-0", "/home")
+    tree.mount("dm-0", "/home", fstype="btrfs")
     tree.swap("nvme0n1p1")
     tree.netdev_up("enp129s0", default_route=True)
     tree.netdev("lo", up=True)
@@ -60,7 +61,12 @@ def test_builder_tree_round_trip(tree: TreeBuilder, tmp_path: Path) -> None:
     after = scan(HostRoot(dest))
     assert after == before
     # Every field matters: the tree exercises them.
-    assert before.in_use and before.iommu_groups and before.has_kvm and before.vfio_pci_loaded
+    assert before.iommu_groups and before.has_kvm and before.vfio_pci_loaded
+    assert before.in_use[PciAddress.parse("0000:00:1d.0")] == (
+        "controller of / (nvme0n1p2)",
+        "controller of /home (nvme0n1p3 under vg-home)",
+        "swap on nvme0n1p1",
+    )
     assert not before.cpus[7].online and not before.cpus[6].allowed
     # And a snapshot of the snapshot is the same again.
     assert scan(HostRoot(dest)) == scan(HostRoot(_resnap(dest, tmp_path / "snap2")))

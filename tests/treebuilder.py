@@ -75,6 +75,8 @@ class _Block:
     pci: str | None  # the controller; None for a virtual device (dm, md, loop)
     parent: str | None  # the disk of a partition
     slaves: tuple[str, ...]  # dm/md: the block devices underneath
+    multipath: bool = False  # nvme namespace under /sys/devices/virtual/nvme-subsystem
+    dm_name: str | None = None  # device-mapper name: mounted as /dev/mapper/NAME
 
 
 @dataclass
@@ -284,18 +286,27 @@ class TreeBuilder:
 
     # -- what the host runs on -----------------------------------------------
 
-    def disk(self, name: str, pci: str | None, partitions: int = 0) -> TreeBuilder:
-        """A disk on the controller ``pci`` with partitions NAME1.. (NAMEp1 for nvme/mmc)."""
-        self._blocks[name] = _Block(name, 259, self._minor(), pci, None, ())
+    def disk(
+        self, name: str, pci: str | None, partitions: int = 0, multipath: bool = False
+    ) -> TreeBuilder:
+        """A disk on the controller ``pci`` with partitions NAME1.. (NAMEp1 for nvme/mmc).
+        ``multipath=True`` lays an nvme namespace out as kernels with native NVMe multipath
+        do: under a virtual nvme-subsystem whose controller links lead to the PCI function."""
+        self._blocks[name] = _Block(name, 259, self._minor(), pci, None, (), multipath)
         sep = "p" if name[-1].isdigit() else ""
         for i in range(1, partitions + 1):
             pname = f"{name}{sep}{i}"
             self._blocks[pname] = _Block(pname, 259, self._minor(), pci, name, ())
         return self
 
-    def virtual_block(self, name: str, slaves: Iterable[str]) -> TreeBuilder:
-        """A dm/md device made of other block devices (its ``slaves``)."""
-        self._blocks[name] = _Block(name, 253, self._minor(), None, None, tuple(slaves))
+    def virtual_block(
+        self, name: str, slaves: Iterable[str], dm_name: str | None = None
+    ) -> TreeBuilder:
+        """A dm/md device made of other block devices (its ``slaves``); ``dm_name`` gives a
+        device-mapper device its name (dm/name), and mounts then name it /dev/mapper/NAME."""
+        self._blocks[name] = _Block(
+            name, 253, self._minor(), None, None, tuple(slaves), dm_name=dm_name
+        )
         return self
 
     def mount(self, device: str, mountpoint: str = "/", fstype: str = "ext4") -> TreeBuilder:
@@ -536,6 +547,8 @@ class TreeBuilder:
             return f"{self._block_path(b.parent)}/{name}"
         ctrl = self.pci_path(b.pci)
         if name.startswith("nvme"):
+            if b.multipath:
+                return f"/sys/devices/virtual/nvme-subsystem/nvme-subsys{name[4:].split('n')[0]}/{name}"
             return f"{ctrl}/nvme/{name.split('n1')[0]}/{name}"
         return f"{ctrl}/ata1/host0/target0:0:0/0:0:0:0/block/{name}"
 
@@ -549,6 +562,13 @@ class TreeBuilder:
             self._p(f"{d}/slaves").mkdir(parents=True, exist_ok=True)
             for s in b.slaves:
                 self._link(f"{d}/slaves/{s}", self._block_path(s))
+            if b.dm_name is not None:
+                self._write(f"{d}/dm/name", b.dm_name + "\n")
+            if b.multipath and b.pci is not None:
+                ctrl = b.name.split("n1")[0]
+                ctrl_dir = f"{self.pci_path(b.pci)}/nvme/{ctrl}"
+                self._write(f"{ctrl_dir}/subsysnqn", f"nqn.test:{ctrl}\n")
+                self._link(f"{os.path.dirname(d)}/{ctrl}", ctrl_dir)
 
     def _build_net(self) -> None:
         route = [
@@ -596,9 +616,10 @@ class TreeBuilder:
             if b is None:
                 mountinfo.append(f"{30 + i} 1 0:{40 + i} / {mp} rw - {fstype} {dev} rw")
             else:
-                mountinfo.append(
-                    f"{30 + i} 1 {b.major}:{b.minor} / {mp} rw,relatime - {fstype} /dev/{dev} rw"
-                )
+                # btrfs shows an anonymous device number; its source still names the disk.
+                majmin = f"0:{40 + i}" if fstype == "btrfs" else f"{b.major}:{b.minor}"
+                source = f"/dev/mapper/{b.dm_name}" if b.dm_name else f"/dev/{dev}"
+                mountinfo.append(f"{30 + i} 1 {majmin} / {mp} rw,relatime - {fstype} {source} rw")
         self._write("/proc/self/mountinfo", "\n".join(mountinfo) + "\n")
         swaps = ["Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority"]
         for s in self._swaps:
