@@ -490,6 +490,10 @@ def test_timeout_kills_the_server() -> None:
     assert time.monotonic() - t0 < 60
     assert ei.value.exit_code == 4 and "did not finish within 4s" in str(ei.value)
     assert qemu_processes_mentioning(run_dir) == []
+    # the kernel log is kept for whoever reads the error
+    assert ei.value.log_path is not None and ei.value.log_path.exists()
+    assert str(ei.value.log_path) in str(ei.value)
+    shutil.rmtree(run_dir)
 
 
 @pytest.mark.qemu
@@ -502,8 +506,10 @@ def test_a_kernel_that_does_not_boot_is_a_boot_failure_with_the_log(tmp_path: Pa
     with pytest.raises(TestbedBootFailure) as ei, tb:
         tb.wait()
     assert "did not come up" in str(ei.value)
-    assert ei.value.log_tail  # QEMU's own complaint about the image
+    assert "linux kernel too old" in ei.value.log_tail  # QEMU's own complaint about the image
     assert qemu_processes_mentioning(str(tmp_path)) == []
+    assert tb.run_dir is not None and ei.value.log_path == tb.run_dir / "console.log"
+    shutil.rmtree(tb.run_dir)
 
 
 @pytest.mark.qemu

@@ -56,13 +56,17 @@ class TestbedTimeout(GuestError):
 
     __test__ = False  # not a pytest test class, whatever its name
 
-    def __init__(self, topology: str, timeout: float, booted: bool) -> None:
+    def __init__(
+        self, topology: str, timeout: float, booted: bool, log_path: Path | None = None
+    ) -> None:
         self.timeout = timeout
         self.booted = booted
+        self.log_path = log_path
         what = "the command" if booted else "the emulated server's boot"
+        where = f"; its kernel log: {log_path}" if log_path else ""
         super().__init__(
             f"testbed {topology}: {what} did not finish within {timeout:g}s; "
-            "the emulated server was stopped (raise --timeout if the command is just slow)",
+            f"the emulated server was stopped (raise --timeout if the command is just slow){where}",
             partition=f"testbed:{topology}",
         )
 
@@ -76,7 +80,7 @@ class TestbedBootFailure(GuestError):
         self.reason = reason
         self.log_tail = log_tail
         self.log_path = log_path
-        where = f" (whole log: {log_path})" if log_path else ""
+        where = f" (whole kernel log: {log_path})" if log_path else ""
         super().__init__(
             f"testbed {topology}: {reason}{where}" + (f"\n{log_tail}" if log_tail else ""),
             partition=f"testbed:{topology}",
@@ -117,7 +121,9 @@ class TestbedServer:
 
     ``with TestbedServer(topo, argv) as tb: rc = tb.wait()``; leaving the block
     (normally, by an exception, or by KeyboardInterrupt) ends QEMU if it still
-    runs and removes the run directory unless ``keep`` is set.
+    runs and removes the run directory unless ``keep`` is set or the server
+    failed (a boot failure or a timeout: the error names the kernel log kept).
+    ``timeout`` counts from QEMU's start, the boot included.
     """
 
     __test__ = False  # not a pytest test class, whatever its name
@@ -157,6 +163,7 @@ class TestbedServer:
         self.total_seconds: float | None = None
         self._pump: threading.Thread | None = None
         self._t0 = 0.0
+        self._failed = False
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -251,8 +258,12 @@ class TestbedServer:
                 break
             if now >= deadline:
                 self._kill()
+                self._failed = True
                 raise TestbedTimeout(
-                    self.topology.name, self.timeout, self.boot_seconds is not None
+                    self.topology.name,
+                    self.timeout,
+                    self.boot_seconds is not None,
+                    self.console_log,
                 )
             if ticker and self.boot_seconds is None and int(now - self._t0) != last_tick:
                 last_tick = int(now - self._t0)
@@ -278,9 +289,8 @@ class TestbedServer:
         else:
             reason = f"the emulated server stopped before the command reported its exit status (QEMU exited with {self.proc.returncode})"
         tail = "\n".join((stderr.strip().splitlines() + self.console_tail(30))[-40:])
-        raise TestbedBootFailure(
-            self.topology.name, reason, tail, self.console_log if self.keep else None
-        )
+        self._failed = True
+        raise TestbedBootFailure(self.topology.name, reason, tail, self.console_log)
 
     def close(self) -> None:
         """End QEMU if it still runs, and remove the run directory (unless ``keep``)."""
@@ -290,7 +300,8 @@ class TestbedServer:
         if self.proc is not None and self.proc.stdout is not None:
             with contextlib.suppress(OSError):
                 self.proc.stdout.close()
-        if self.run_dir is not None and not self.keep:
+        # After a failure the run directory stays: the error names its kernel log.
+        if self.run_dir is not None and not self.keep and not self._failed:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     def console_tail(self, n: int) -> list[str]:
