@@ -901,10 +901,17 @@ def _parse_pci(text: str) -> PciAddress:
 
 
 def _replace_cpu(c: Cpu, *, siblings: CpuSet | None = None, node: int | None = None) -> Cpu:
-    return replace(
-        c,
-        siblings=c.siblings if siblings is None else siblings,
+    # Built directly: dataclasses.replace costs more than the sysfs reads on a big host.
+    return Cpu(
+        id=c.id,
+        online=c.online,
+        allowed=c.allowed,
+        package=c.package,
+        die=c.die,
+        core=c.core,
         node=c.node if node is None else node,
+        siblings=c.siblings if siblings is None else siblings,
+        kind=c.kind,
     )
 
 
