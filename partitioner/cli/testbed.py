@@ -32,7 +32,8 @@ def register(sub: Any) -> None:
         description="Run COMMAND as root in an emulated server, in the current directory "
         "(the host's / is shared read-only; /tmp, /run, /var are private and writable; "
         "$TESTBED_OUT is a writable directory shared with the host). Its output is "
-        "streamed here; the exit status is the command's.",
+        "streamed here (its stdin is /dev/null); the exit status is the command's.",
+        epilog="example: partition testbed run --topology numa -- partition inspect",
     )
     r.add_argument(
         "--topology",
@@ -41,7 +42,11 @@ def register(sub: Any) -> None:
         help=f"a preset ({presets}) or a topology YAML file (default: small)",
     )
     r.add_argument(
-        "--timeout", metavar="S", type=float, default=900.0, help="seconds (default 900)"
+        "--timeout",
+        metavar="S",
+        type=float,
+        default=900.0,
+        help="seconds for the whole run, boot included (default 900)",
     )
     r.add_argument(
         "--out",
@@ -63,7 +68,9 @@ def register(sub: Any) -> None:
     )
     s.add_argument("topology", metavar="PRESET|FILE", help=f"a preset ({presets}) or a YAML file")
     s.add_argument("dest", metavar="DIR", type=Path, help="where the snapshot goes (new or empty)")
-    s.add_argument("--timeout", metavar="S", type=float, default=900.0)
+    s.add_argument(
+        "--timeout", metavar="S", type=float, default=900.0, help="seconds (default 900)"
+    )
     s.set_defaults(func=snapshot)
 
 
