@@ -29,6 +29,7 @@ from partitioner.manifest import Manifest, PartitionSpec
 from partitioner.pci import PciAddress
 from partitioner.plan import DeviceAssignment, Placement, Plan, RunningPartition
 from partitioner.units import format_size, human_size, page_size_name
+from vfio.claim import bridge_blockers
 
 # A core is the set of its usable SMT siblings, as a sorted tuple.
 Core = tuple[int, ...]
@@ -492,6 +493,9 @@ def _assignable_reason(fn: PciFunction, host: Host) -> str | None:
         return f"is used by the host ({'; '.join(used)})"
     if fn.iommu_group is None:
         return "is in no IOMMU group"
+    blockers = bridge_blockers(host, fn.iommu_group)
+    if blockers:
+        return "cannot be handed over: " + "; ".join(blockers)
     group = host.iommu_groups.get(fn.iommu_group)
     if group is not None:
         for member in group.members:
@@ -507,7 +511,7 @@ def _check_assignable(name: str, fn: PciFunction, host: Host, w: _Work) -> bool:
     reason = _assignable_reason(fn, host)
     if reason is None:
         return True
-    rule = "rule 4" if fn.is_bridge or fn.iommu_group is None else "rule 5"
+    rule = "rule 5" if reason.startswith(("is used by the host", "shares IOMMU group")) else "rule 4"
     if fn.iommu_group is None and not host.has_iommu:
         return False  # already said once, as a precondition
     w.problems.append(f"{name}: {fn.address} ({fn.id}) {reason} ({rule})")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import textwrap
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import corpus
@@ -556,12 +557,25 @@ def test_testbed_tree_multifunction_and_gpu_audio_come_along(testbed_numa: Host)
 def test_testbed_tree_device_behind_the_pci_bridge_needs_its_whole_group(
     testbed_numa: Host,
 ) -> None:
-    msg = problems(
-        manifest(TB_HEAD + '  a: {cpus: 1, memory: 128MiB, devices: [{pci: "87:01.0"}]}\n'),
+    both = '  a: {cpus: 1, memory: 128MiB, devices: [{pci: "87:01.0"}, {pci: "87:02.0"}]}\n'
+    # In this server the conventional bridge is bound to shpchp, which the kernel never
+    # counts as viable for VFIO: the group is refused, naming the bridge and the way out.
+    msg = problems(manifest(TB_HEAD + both), testbed_numa)
+    assert "bridge 0000:86:00.0" in msg and "shpchp" in msg and "rule 4" in msg
+    # Once the operator has unbound shpchp, one endpoint alone is refused naming the other,
+    # and both together are placed, the bridge staying with the host.
+    bridge = PciAddress.parse("86:00.0")
+    unbound = replace(
         testbed_numa,
+        pci={**testbed_numa.pci, bridge: replace(testbed_numa.pci[bridge], driver=None)},
+    )
+    msg = problems(
+        manifest(TB_HEAD + '  a: {cpus: 1, memory: 128MiB, devices: [{pci: "87:01.0"}]}\n'), unbound
     )
     group = testbed_numa.pci[PciAddress.parse("87:01.0")].iommu_group
     assert f"IOMMU group {group} of 0000:87:01.0 also holds 0000:87:02.0" in msg
+    p = plan(manifest(TB_HEAD + both), unbound)
+    assert [str(d.address) for d in p.placements["a"].devices] == ["0000:87:01.0", "0000:87:02.0"]
 
 
 def test_testbed_tree_switch_downstream_devices_are_separate(testbed_numa: Host) -> None:
