@@ -3,17 +3,21 @@
 The server (the ``numa`` preset unless ``PARTITION_TESTBED_TOPOLOGY`` names
 another) is booted once per session; pytest runs there on tests/inside with a
 JUnit report written to the writable share, and each host-side test below
-passes iff every case of its module passed in there.
+passes iff every case of its module passed in there.  ``pytest -s`` shows the
+inside run live; otherwise its log is in the session's tmp dir (testbed-out*/inside.log)
+and its tail in each failure.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import pytest
 
@@ -78,23 +82,59 @@ def _skip_reason() -> str | None:
     return None
 
 
+class _Tee(io.TextIOBase):
+    """The inside output to the log file and, under ``pytest -s``, live to the terminal too."""
+
+    def __init__(self, *sinks: TextIO) -> None:
+        self.sinks = sinks
+
+    def write(self, s: str) -> int:
+        for sink in self.sinks:
+            sink.write(s)
+            sink.flush()
+        return len(s)
+
+
 @pytest.fixture(scope="session")
-def inside_run(tmp_path_factory: pytest.TempPathFactory) -> InsideRun:
+def inside_run(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> InsideRun:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("testbed-out")
     log_path = out / "inside.log"
+    # Only the modules this session selected (`-k inventory` runs one inside).
+    mine = sys.modules[__name__]
+    selected = (
+        sorted(
+            {
+                item.callspec.params["module"]
+                for item in request.session.items
+                if isinstance(item, pytest.Function)
+                and item.module is mine
+                and hasattr(item, "callspec")
+                and "module" in item.callspec.params
+            }
+        )
+        or MODULES
+    )
     argv = [
-        sys.executable, "-m", "pytest", "tests/inside",
+        sys.executable, "-m", "pytest", *(f"tests/inside/{m}.py" for m in selected),
         "-p", "no:cacheprovider",
         "-o", "addopts=-ra",  # the project's addopts ignore tests/inside: not in here
         f"--junitxml={OUT_DIR}/inside.xml",
     ]  # fmt: skip
+    live = request.config.getoption("capture") == "no"
     with (
         log_path.open("w") as log,
         TestbedServer(
-            TOPOLOGY, argv, timeout=TIMEOUT, cwd=str(PROJECT), out_dir=out, stream=log
+            TOPOLOGY,
+            argv,
+            timeout=TIMEOUT,
+            cwd=str(PROJECT),
+            out_dir=out,
+            stream=_Tee(log, sys.stderr) if live else log,  # type: ignore[arg-type]
         ) as tb,
     ):
         try:
