@@ -175,18 +175,21 @@ def _assert_pinned(pid: int, vcpu_threads: dict[str, int], cpus: list[int]) -> N
 def test_apply_pins_boots_is_idempotent_and_restarts_a_killed_guest(site: Site) -> None:
     m = site.manifest("site", {"p1": site.guest()})
 
-    # Two applies at once: the second finds the first holding the lock and names it.
-    first = site.spawn("apply", str(m))
-    lock = site.dir / "state" / "lock"
-    deadline = time.monotonic() + 60
-    while not (lock.exists() and lock.read_text().strip()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    second = site.run("apply", "--lock-timeout", "0.5", str(m))
-    out, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err
-    assert second.returncode == 1, second.stderr
-    assert f"locked by pid {first.pid} (apply)" in second.stderr
-    assert "start" in out and "p1" in out
+    # A change made while another command holds the state lock waits, then fails naming it.
+    store = StateStore(site.dir / "state")
+    with store.lock("apply from the test"):
+        held = site.run("apply", "--lock-timeout", "1", str(m))
+    assert held.returncode == 1, held.stderr
+    assert f"locked by pid {os.getpid()} (apply from the test)" in held.stderr
+    assert _qemus_of(site) == []
+
+    # Two applies at once: one does the work, the other waits for it and finds nothing to do.
+    first, second = site.spawn("apply", str(m)), site.spawn("apply", str(m))
+    outs = [p.communicate(timeout=600) for p in (first, second)]
+    assert [p.returncode for p in (first, second)] == [0, 0], outs
+    said = sorted(o.strip().splitlines()[-1] for o, _ in outs)
+    assert said == ["done: 1 action", "nothing to do"], outs
+    assert len(_qemus_of(site)) == 1
 
     st = site.status()["p1"]
     assert st["state"] == "running" and st["cpus"] == [1]
@@ -236,6 +239,24 @@ def test_apply_pins_boots_is_idempotent_and_restarts_a_killed_guest(site: Site) 
     st = site.status()["p1"]
     assert st["state"] == "running" and st["pid"] != pid
     _assert_pinned(st["pid"], st["vcpu_threads"], [1])
+
+    # stop, start, restart: one partition of the applied site, the record kept in step.
+    pid = st["pid"]
+    cp = site.run("stop", "--timeout", "5", "p1")
+    assert cp.returncode == 0, cp.stderr
+    assert not is_running(ROOT, pid, "p1")
+    assert site.status()["p1"]["state"] == "stopped"
+    assert site.run("stop", "p1").stdout.strip() == "p1 is not running"
+    cp = site.run("start", "p1")
+    assert cp.returncode == 0, cp.stderr
+    st = site.status()["p1"]
+    assert st["state"] == "running"
+    _assert_pinned(st["pid"], st["vcpu_threads"], [1])
+    cp = site.run("restart", "--timeout", "5", "p1")
+    assert cp.returncode == 0, cp.stderr
+    assert not is_running(ROOT, st["pid"], "p1")
+    st = site.status()["p1"]
+    assert st["state"] == "running" and is_running(ROOT, st["pid"], "p1")
 
     # destroy stops it and forgets it.
     gone = site.run("destroy", "--all", "--timeout", "10")
