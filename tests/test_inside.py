@@ -1,9 +1,9 @@
 """Run tests/inside/ inside the emulated VT-d server, once, and report one result per module.
 
 The server (the ``numa`` preset unless ``PARTITION_TESTBED_TOPOLOGY`` names
-another) is booted once per session; pytest runs there on tests/inside with a
-JUnit report written to the writable share, and each host-side test below
-passes iff every case of its module passed in there.  ``pytest -s`` shows the
+another) is booted once per session; pytest runs there once per module of tests/inside,
+each writing a JUnit report to the writable share, and each host-side test
+below passes iff every case of its module passed in there.  ``pytest -s`` shows the
 inside run live; otherwise its log is in the session's tmp dir (testbed-out*/inside.log)
 and its tail in each failure.
 """
@@ -30,6 +30,7 @@ PROJECT = Path(__file__).resolve().parents[1]
 INSIDE = PROJECT / "tests" / "inside"
 MODULES = sorted(p.stem for p in INSIDE.glob("test_*.py"))
 TOPOLOGY = os.environ.get("PARTITION_TESTBED_TOPOLOGY", "numa")
+SLOW_MODULES = ("test_inside_apply",)  # nested guests: run after the quick ones
 TIMEOUT = float(os.environ.get("PARTITION_TESTBED_TIMEOUT", "1500"))
 
 
@@ -46,7 +47,8 @@ class InsideRun:
     log: str
     boot_seconds: float | None
     cases: dict[str, list[CaseResult]] = field(default_factory=dict)  # module stem -> cases
-    problem: str = ""  # why there are no results at all
+    module_rc: dict[str, int] = field(default_factory=dict)  # module stem -> pytest's exit code
+    problem: str = ""  # why the run as a whole failed (boot failure, timeout)
 
 
 def _module_of(classname: str, name: str) -> str | None:
@@ -119,12 +121,17 @@ def inside_run(
         )
         or MODULES
     )
-    argv = [
-        sys.executable, "-m", "pytest", *(f"tests/inside/{m}.py" for m in selected),
-        "-p", "no:cacheprovider",
-        "-o", "addopts=-ra",  # the project's addopts ignore tests/inside: not in here
-        f"--junitxml={OUT_DIR}/inside.xml",
-    ]  # fmt: skip
+    # One pytest per module, each with its own report: a module that overruns the
+    # timeout or crashes pytest takes only its own results with it.  Slow ones last.
+    selected.sort(key=lambda m: (m in SLOW_MODULES, m))
+    script = (
+        'py="$1"; shift; worst=0; for m in "$@"; do '
+        '"$py" -m pytest "tests/inside/$m.py" -p no:cacheprovider -o addopts=-ra '
+        f'--junitxml="{OUT_DIR}/$m.xml"; rc=$?; echo $rc > "{OUT_DIR}/$m.rc"; '
+        "[ $rc -gt $worst ] && worst=$rc; done; exit $worst"
+    )
+    # (-o addopts: the project's addopts ignore tests/inside, not in here.)
+    argv = ["sh", "-c", script, "inside", sys.executable, *selected]
     live = request.config.getoption("capture") == "no"
     with (
         log_path.open("w") as log,
@@ -144,13 +151,12 @@ def inside_run(
             rc, problem = None, str(e)
     text = log_path.read_text(errors="replace")
     run = InsideRun(rc=rc, log=text, boot_seconds=tb.boot_seconds, problem=problem)
-    xml = out / "inside.xml"
-    if xml.exists():
-        run.cases = parse_junit(xml)
-    elif not problem:
-        run.problem = f"pytest inside exited with {rc} and wrote no report"
-    if rc not in (None, 0, 1) and not run.problem:
-        run.problem = f"pytest inside exited with {rc} (interrupted, internal or usage error)"
+    for m in selected:
+        if (out / f"{m}.xml").exists():
+            run.cases[m] = parse_junit(out / f"{m}.xml")[m]
+        rc_text = (out / f"{m}.rc").read_text().strip() if (out / f"{m}.rc").exists() else ""
+        if rc_text.isdigit():
+            run.module_rc[m] = int(rc_text)
     return run
 
 
@@ -160,8 +166,17 @@ def _tail(text: str, n: int = 60) -> str:
 
 @pytest.mark.parametrize("module", MODULES)
 def test_inside_module(inside_run: InsideRun, module: str) -> None:
-    if inside_run.problem:
-        pytest.fail(f"{inside_run.problem}\n--- output inside ---\n{_tail(inside_run.log)}")
+    rc = inside_run.module_rc.get(module)
+    if rc is None:
+        why = inside_run.problem or "the emulated server ended before this module's pytest did"
+        pytest.fail(
+            f"{module} did not finish inside: {why}\n--- output inside ---\n{_tail(inside_run.log)}"
+        )
+    if rc not in (0, 1):
+        pytest.fail(
+            f"pytest inside exited with {rc} on {module} (interrupted, internal or usage "
+            f"error, or nothing collected)\n--- output inside ---\n{_tail(inside_run.log)}"
+        )
     cases = inside_run.cases.get(module, [])
     if not cases:
         pytest.fail(
