@@ -369,6 +369,21 @@ class StateStore:
             os.fsync(dfd)
         finally:
             os.close(dfd)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove temp files of saves that died before their rename (their process is gone)."""
+        for p in self.dir.glob(f".{STATE_FILE}.*.tmp"):
+            pid_text = p.name[len(STATE_FILE) + 2 : -4]
+            if not pid_text.isdigit() or int(pid_text) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid_text), 0)
+            except ProcessLookupError:
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            except PermissionError:
+                pass
 
     def holder(self) -> str:
         """Who holds the lock, as its holder wrote it (``pid 4242 (apply)``), or "" if unknown."""

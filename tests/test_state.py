@@ -170,9 +170,10 @@ def test_crash_between_write_and_rename_leaves_the_old_file(tmp_path: Path) -> N
     assert any(p.name.endswith(".tmp") for p in tmp_path.iterdir())
     assert store.path.read_bytes() == before
     assert store.load() == old
-    # And the next save replaces it normally.
+    # And the next save replaces it normally, sweeping the dead save's temp file away.
     store.save(State())
     assert store.load() == State()
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
 
 
 def test_failed_rename_is_a_state_error_and_cleans_up(
