@@ -46,6 +46,7 @@ _HUGEPAGE_DIR_RE = re.compile(r"^hugepages-(\d+)kB$")
 _PCI_ADDR_RE = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[01][0-9a-fA-F]\.[0-7]$")
 _MAJMIN_RE = re.compile(r"^\d+:\d+$")
 _NVME_CTRL_RE = re.compile(r"^nvme\d+$")
+_NUMBER_RE = re.compile(r"\d+")
 _MEMINFO_RE = re.compile(r"^(?:Node \d+ )?(\w+):\s+(\d+)(?: kB)?\s*$")
 _IFF_UP = 0x1
 _IPV6_SCOPE_LINK = 0x20
@@ -162,17 +163,20 @@ class _Scanner:
     def read_cpuset(self, path: str, mask_path: str | None = None) -> CpuSet | None:
         """A cpulist file, else its hex mask twin (old kernels have only the mask)."""
         text = self.root.read(path)
+        is_mask = False
         if text is None and mask_path is not None:
-            path, text = mask_path, self.root.read(mask_path)
-            if text is None:
-                return None
-            parse = CpuSet.from_mask
-        else:
-            parse = CpuSet.parse
+            path, text, is_mask = mask_path, self.root.read(mask_path), True
         if text is None:
             return None
+        return self.parse_cpus(path, text, is_mask)
+
+    def parse_cpus(self, path: str, text: str, is_mask: bool = False) -> CpuSet | None:
+        if len(text) > 65536 or (not is_mask and any(len(n) > 6 for n in _NUMBER_RE.findall(text))):
+            # Beyond any kernel's NR_CPUS: a junk "0-99999999999" would fill memory.
+            self.note(f"{path}: {text[:40]!r} names impossible CPU numbers; ignored")
+            return None
         try:
-            return parse(text)
+            return CpuSet.from_mask(text) if is_mask else CpuSet.parse(text)
         except CpuListSyntaxError:
             self.note(f"{path}: {text[:40]!r} is not a CPU list; ignored")
             return None
@@ -367,10 +371,8 @@ class _Scanner:
         if status:
             for line in status.splitlines():
                 if line.startswith("Cpus_allowed_list:"):
-                    try:
-                        return set(CpuSet.parse(line.split(":", 1)[1]))
-                    except CpuListSyntaxError:
-                        self.note(f"/proc/self/status: bad Cpus_allowed_list {line!r}; ignored")
+                    cs = self.parse_cpus("/proc/self/status", line.split(":", 1)[1])
+                    return set(cs) if cs is not None else None
         return None
 
     def cgroup_cpuset(self) -> CpuSet | None:

@@ -415,7 +415,8 @@ def test_live_machine() -> None:
 
 
 _GARBAGE = ["", "\x00\xff\xfe", "-1", "99999999999999999999", "0-", "1-0", "0x", "a b c",
-            "../../../../etc", "(null)", " ", "0:0", "9" * 400, "Node 0 MemTotal: lots kB"]  # fmt: skip
+            "../../../../etc", "(null)", " ", "0:0", "9" * 400, "Node 0 MemTotal: lots kB",
+            "0-99999999999", "f" * 5000]  # fmt: skip
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -538,3 +539,13 @@ def test_btrfs_and_device_mapper_sources(tree: TreeBuilder) -> None:
         A("0000:00:1f.2"): ("controller of / (sda2)",),
         A("0000:00:1f.3"): ("controller of /home (sdb1 under vg-home)",),
     }
+
+
+def test_impossible_cpu_numbers_are_refused(tree: TreeBuilder) -> None:
+    """A junk range must not be expanded: "0-99999999999" would fill memory."""
+    root = tree.cpus(count=2).build()
+    (root / "proc/self/status").write_text("Cpus_allowed_list:\t0-99999999999\n")
+    (root / "sys/devices/system/cpu/present").write_text("0-99999999999\n")
+    h = scan(HostRoot(root))
+    assert h.usable_cpus == CpuSet([0, 1])
+    assert sum("impossible CPU numbers" in n for n in h.notes) == 2
