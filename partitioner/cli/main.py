@@ -38,6 +38,28 @@ VERB_MODULES: list[str] = [
     "console",
     "testbed",
 ]
+# The verbs a module registers, where they are not named like it.
+_MODULE_OF = {"start": "lifecycle", "stop": "lifecycle", "restart": "lifecycle"}
+# Global options that take a value (to find the verb without parsing).
+_VALUED = {"--host-root", "--state-dir"}
+
+
+def _verb_in(argv: Sequence[str]) -> str | None:
+    """The module of the verb named in ``argv``, if it is plain to see: only that
+    module is imported then, so a quick verb does not pay for every other's imports."""
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in _VALUED:
+            skip = True
+            continue
+        if arg.startswith("-"):
+            continue
+        module = _MODULE_OF.get(arg, arg)
+        return module if module in VERB_MODULES else None
+    return None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,7 +69,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = _Parser(
         prog="partition",
         description="Logical partitions for x86 Linux servers on KVM.",
@@ -70,13 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="count", default=0, help="say less on stderr")
     sub = p.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
     sub.required = True
-    for name in VERB_MODULES:
+    for name in [only] if only else VERB_MODULES:
         importlib.import_module(f"partitioner.cli.{name}").register(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    wants_help = any(a in ("-h", "--help") for a in argv[:1]) or not argv
+    parser = build_parser(None if wants_help else _verb_in(argv))
     args = parser.parse_args(argv)
     verbosity = args.verbose - args.quiet
     logging.basicConfig(
