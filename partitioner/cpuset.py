@@ -9,6 +9,11 @@ class CpuListSyntaxError(ValueError):
     """Text that is not a kernel cpulist."""
 
 
+# The kernel's own ceiling (CONFIG_NR_CPUS is at most 8192 on x86-64).  A bound is
+# needed anyway: "0-99999999999" would otherwise be expanded in full.
+MAX_CPUS = 8192
+
+
 class CpuSet:
     """An immutable, ordered set of CPU numbers."""
 
@@ -60,6 +65,8 @@ class CpuSet:
         digits = text.strip().replace(",", "")
         if not digits:
             return cls()
+        if len(digits) > MAX_CPUS // 4:
+            raise CpuListSyntaxError(f"CPU mask {text[:40]!r}... is longer than {MAX_CPUS} CPUs")
         try:
             value = int(digits, 16)
         except ValueError:
@@ -123,4 +130,8 @@ def _parse_int(text: str, whole: str) -> int:
     text = text.strip()
     if not text.isdigit():
         raise CpuListSyntaxError(f"{text!r} is not a CPU number in CPU list {whole!r}")
+    if len(text) > 5 or int(text) >= MAX_CPUS:
+        raise CpuListSyntaxError(
+            f"CPU {text} in CPU list {whole!r} is beyond what Linux supports (CPUs 0-{MAX_CPUS - 1})"
+        )
     return int(text)
