@@ -201,10 +201,17 @@ class CpioWriter:
         self._parts: list[bytes] = []
         self._ino = 1
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", nlink: int = 1) -> None:
+    def _entry(
+        self,
+        name: str,
+        mode: int,
+        data: bytes = b"",
+        nlink: int = 1,
+        rdev: tuple[int, int] = (0, 0),
+    ) -> None:
         encoded = name.encode() + b"\0"
         fields = [
-            self._ino, mode, 0, 0, nlink, 0, len(data), 0, 0, 0, 0, len(encoded), 0,
+            self._ino, mode, 0, 0, nlink, 0, len(data), 0, 0, rdev[0], rdev[1], len(encoded), 0,
         ]  # fmt: skip
         header = b"070701" + b"".join(f"{v:08X}".encode() for v in fields)
         self._ino += 1
@@ -225,6 +232,10 @@ class CpioWriter:
 
     def symlink(self, name: str, target: str) -> None:
         self._entry(name, stat.S_IFLNK | 0o777, target.encode())
+
+    def char_device(self, name: str, major: int, minor: int, mode: int = 0o600) -> None:
+        """A device node, so that no root is needed to make, e.g., /dev/console."""
+        self._entry(name, stat.S_IFCHR | mode, rdev=(major, minor))
 
     def finish(self) -> bytes:
         self._ino = 0

@@ -1,0 +1,108 @@
+"""A tiny guest for test beds, tests and the demo: a stock kernel and a busybox initramfs
+whose /init reports what the guest sees on its serial console, then waits for the ACPI
+power button.
+
+Console lines (one each, in this order)::
+
+    GUEST-CPUS 1                      online CPUs the guest kernel counts
+    GUEST-MEM-KB 246000               MemTotal
+    GUEST-NUMA-NODES 1
+    GUEST-SMT 0-1                     thread_siblings_list of CPU 0
+    GUEST-PCI 8086:10d3 0000:01:00.0  one line per PCI function the guest sees
+    GUEST-READY
+    GUEST-POWERDOWN                   when the power button was pressed (then poweroff -f)
+
+``python -m partitioner.testbed.guestimage DIR`` builds it and prints its path.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import re
+import sys
+from pathlib import Path
+
+from partitioner.errors import GuestError
+from partitioner.testbed.initramfs import CpioWriter
+
+BUSYBOX = Path("/bin/busybox")
+KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
+
+# evdev gives /dev/input/eventN; button turns the ACPI power button into an input event.
+# Both are modules in Debian's kernel and have no dependencies.
+MODULES = ("kernel/drivers/input/evdev.ko", "kernel/drivers/acpi/button.ko")
+
+INIT = r"""#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in /lib/modules/*.ko; do insmod "$m" 2>/dev/null; done
+echo "GUEST-CPUS $(grep -c '^processor' /proc/cpuinfo)"
+echo "GUEST-MEM-KB $(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)"
+echo "GUEST-NUMA-NODES $(ls -d /sys/devices/system/node/node* 2>/dev/null | wc -l)"
+echo "GUEST-SMT $(cat /sys/devices/system/cpu/cpu0/topology/thread_siblings_list)"
+for d in /sys/bus/pci/devices/*; do
+  [ -e "$d/vendor" ] || continue
+  v=$(cat "$d/vendor"); i=$(cat "$d/device")
+  echo "GUEST-PCI ${v#0x}:${i#0x} ${d##*/}"
+done
+for e in /sys/class/input/event*; do
+  [ "$(cat "$e/device/name" 2>/dev/null)" = "Power Button" ] || continue
+  ( dd if=/dev/input/${e##*/} of=/dev/null bs=24 count=1 2>/dev/null
+    echo GUEST-POWERDOWN; poweroff -f ) &
+done
+echo GUEST-READY
+while true; do sleep 3600; done
+"""
+
+
+def guest_kernel() -> Path:
+    """The newest readable /boot/vmlinuz-*."""
+    kernels = sorted(Path("/boot").glob("vmlinuz-*"), key=lambda p: _version_key(p.name))
+    readable = [k for k in kernels if os.access(k, os.R_OK)]
+    if not readable:
+        raise GuestError("no readable /boot/vmlinuz-*: install linux-image-amd64")
+    return readable[-1]
+
+
+def build_guest_initramfs(dest_dir: Path) -> Path:
+    """Build (or reuse, cached by content) the guest initramfs in ``dest_dir``."""
+    if not BUSYBOX.is_file():
+        raise GuestError(f"no {BUSYBOX}: install busybox-static")
+    release = guest_kernel().name.removeprefix("vmlinuz-")
+    modules = [Path("/lib/modules") / release / m for m in MODULES]
+    modules = [m for m in modules if m.is_file()]
+    busybox = BUSYBOX.read_bytes()
+    h = hashlib.sha256(INIT.encode() + busybox)
+    for m in modules:
+        h.update(m.read_bytes())
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    out = dest_dir / f"guest-initramfs-{h.hexdigest()[:16]}.cpio.gz"
+    if out.exists():
+        return out
+    w = CpioWriter()
+    for d in ("bin", "dev", "proc", "sys", "lib", "lib/modules", "tmp"):
+        w.directory(d)
+    w.char_device("dev/console", 5, 1)
+    w.file("bin/busybox", busybox, 0o755)
+    w.file("init", INIT.encode(), 0o755)
+    for m in modules:
+        w.file(f"lib/modules/{m.name}", m.read_bytes())
+    tmp = out.with_suffix(".tmp")
+    tmp.write_bytes(gzip.compress(w.finish(), compresslevel=1))
+    tmp.rename(out)
+    return out
+
+
+def _version_key(name: str) -> list[int]:
+    return [int(x) for x in re.findall(r"\d+", name)]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m partitioner.testbed.guestimage DIR")
+    print(build_guest_initramfs(Path(sys.argv[1])))
