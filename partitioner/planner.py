@@ -281,9 +281,17 @@ def _rooms(
             free_pages = pool.free if pool else 0
             # Pages not yet in the pool can be reserved from the node's free memory.
             pages[size] = free_pages + max(node.free_bytes, 0) // size
-        cores = [
-            core for core in cores_by_node.get(node_id, []) if not any(c in host_cpus for c in core)
-        ]
+        if manifest.host.smt == "isolate":
+            cores = [
+                c for c in cores_by_node.get(node_id, []) if not any(x in host_cpus for x in c)
+            ]
+        else:
+            # smt: share: the host's CPUs leave their siblings free to be handed out.
+            cores = [
+                left
+                for core in cores_by_node.get(node_id, [])
+                if (left := tuple(c for c in core if c not in host_cpus))
+            ]
         rooms[node_id] = _NodeRoom(node_id, cores, node.memory_bytes - share, pages)
     return rooms
 
@@ -511,7 +519,9 @@ def _check_assignable(name: str, fn: PciFunction, host: Host, w: _Work) -> bool:
     reason = _assignable_reason(fn, host)
     if reason is None:
         return True
-    rule = "rule 5" if reason.startswith(("is used by the host", "shares IOMMU group")) else "rule 4"
+    rule = (
+        "rule 5" if reason.startswith(("is used by the host", "shares IOMMU group")) else "rule 4"
+    )
     if fn.iommu_group is None and not host.has_iommu:
         return False  # already said once, as a precondition
     w.problems.append(f"{name}: {fn.address} ({fn.id}) {reason} ({rule})")

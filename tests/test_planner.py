@@ -604,3 +604,14 @@ def test_testbed_tree_hugepages_per_node(testbed_numa: Host) -> None:
         manifest(head + f"  a: {{cpus: 1, memory: {have * 2 + 2}MiB, numa: 1}}\n"), testbed_numa
     )
     assert f"{have + 1} 2MiB pages on node 1, {have} are free or reservable" in msg
+
+
+def test_rule2_share_hands_out_the_sibling_of_a_host_cpu(tree: TreeBuilder) -> None:
+    h = host_of(two_node_smt(tree))
+    text = 'version: 1\nhost: {reserve: {cpus: "0", memory: 2GiB}, smt: share}\npartitions:\n'
+    p = plan(manifest(text + "  a: {cpus: 7, memory: 1GiB, numa: 0}\n"), h)
+    assert 8 in p.placements["a"].cpus and 0 not in p.placements["a"].cpus
+    # under isolate the same reserve list is refused: it splits core 0,8 with the host
+    assert "not its SMT siblings 8" in problems(
+        manifest(text.replace("smt: share", "smt: isolate") + "  a: {cpus: 2, memory: 1GiB}\n"), h
+    )
