@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import difflib
 import functools
+import hashlib
 import importlib.resources
 import json
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, cast
-
-import jsonschema
-from jsonschema.exceptions import ValidationError, best_match
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from partitioner.cpuset import CpuListSyntaxError, CpuSet
 from partitioner.errors import ManifestError, Problem
@@ -40,6 +38,10 @@ from partitioner.manifest import (
 from partitioner.pci import PciAddress, PciAddressSyntaxError
 from partitioner.units import GiB, KiB, MiB, SizeSyntaxError, format_size, parse_size
 from partitioner.yamlnodes import Document, PathKey, Pos, decode, dotted, parse
+
+if TYPE_CHECKING:
+    import jsonschema
+    from jsonschema.exceptions import ValidationError
 
 # A manifest is a few KiB; this refuses a wrong file (a disk image, a log) before parsing it.
 MAX_BYTES = 1024 * 1024
@@ -75,7 +77,49 @@ def _size_hint(text: str) -> str:
 
 @functools.cache
 def _validator() -> jsonschema.Draft202012Validator:
+    # Imported on first use: jsonschema is most of a quick verb's start-up time, and a
+    # document known to be valid (below) does not need it.
+    import jsonschema
+
     return jsonschema.Draft202012Validator(schema())
+
+
+# -- documents known to pass the schema ---------------------------------------------------
+#
+# `partition apply` reads the same manifest again and again; checking it against the
+# schema costs more than the rest of a no-op apply.  A document that passed is
+# remembered by the hash of its parsed content and of the schema, so the same document
+# under the same schema is not checked twice.  Only passes are remembered, never
+# failures, and the checks that need no schema (units, overlaps, names) always run.
+
+
+def _validity_cache() -> Path:
+    return Path(os.environ.get("PARTITION_CACHE_DIR") or "/var/cache/partition") / "valid"
+
+
+@functools.cache
+def _schema_digest() -> bytes:
+    return hashlib.sha256(json.dumps(schema(), sort_keys=True).encode()).digest()
+
+
+def _validity_key(root: Any) -> str:
+    h = hashlib.sha256(_schema_digest())
+    h.update(json.dumps(root, sort_keys=True, default=repr).encode())
+    return h.hexdigest()
+
+
+def _known_valid(key: str) -> bool:
+    return (_validity_cache() / key).is_file()
+
+
+def _remember_valid(key: str) -> None:
+    # A cache that cannot be written (a user without rights to it) only costs time.
+    try:
+        cache = _validity_cache()
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / key).touch()
+    except OSError:
+        pass
 
 
 def load(path: str | Path) -> Manifest:
@@ -210,7 +254,12 @@ class _Checker:
     # -- the schema ---------------------------------------------------------------------------
 
     def check_schema(self) -> None:
+        key = _validity_key(self.doc.root)
+        if _known_valid(key):
+            return
         errors = list(_validator().iter_errors(self.doc.root))
+        if not errors:
+            _remember_valid(key)
         typed = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
         seen: set[tuple[PathKey, str]] = set()
         for error in sorted(errors, key=lambda e: (list(map(str, e.absolute_path)), e.message)):
@@ -266,6 +315,8 @@ class _Checker:
             yield self.doc.where_value(path), path, f"{name}: {custom}{tail}"
             return
         if kind in ("oneOf", "anyOf") and error.context:
+            from jsonschema.exceptions import best_match
+
             best = best_match(error.context)
             yield from self.explain(best)
             return

@@ -110,8 +110,8 @@ def test_demo_example_is_for_the_test_bed() -> None:
     m = load(ROOT / "partitions" / "demo.yaml")
     assert m.host.accel == "tcg"
     fw0, lan0 = m.partitions["fw0"], m.partitions["lan0"]
-    assert (fw0.cpu_count, fw0.memory_bytes, fw0.hugepage_bytes) == (2, 256 * MiB, 2 * MiB)
-    assert fw0.devices[0].kind == "id" and fw0.devices[0].value == "8086:10d3"
+    assert (fw0.cpu_count, fw0.memory_bytes, fw0.hugepage_bytes) == (1, 128 * MiB, 2 * MiB)
+    assert fw0.devices[0].kind == "pci" and fw0.devices[0].value == "0000:81:00.0"
     assert fw0.boot is not None and "vmlinuz" in fw0.boot.kernel
     assert lan0.devices[0].kind == "pci"
 
@@ -820,3 +820,27 @@ def test_fuzz_both_parsers_read_the_same(tokens: list[str]) -> None:
     """libyaml (fast) and PyYAML's own parser give the same values at the same places."""
     text = "".join(tokens)
     assert _read_with(text, True) == _read_with(text, False)
+
+
+def test_a_document_that_passed_the_schema_is_not_checked_twice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from partitioner import loader
+
+    monkeypatch.setenv("PARTITION_CACHE_DIR", str(tmp_path))
+    good = "version: 1\npartitions:\n  a: {cpus: 2, memory: 1GiB}\n"
+    bad = "version: 1\npartitions:\n  a: {cpus: 2, memroy: 1GiB}\n"
+    loads(good, "good.yaml")
+    assert len(list((tmp_path / "valid").iterdir())) == 1
+    with pytest.raises(ManifestError):
+        loads(bad, "bad.yaml")
+    assert len(list((tmp_path / "valid").iterdir())) == 1  # failures are never remembered
+
+    def no_schema() -> None:
+        raise AssertionError("the schema was consulted")
+
+    monkeypatch.setattr(loader, "_validator", no_schema)
+    assert loads(good, "good.yaml").partitions["a"].cpu_count == 2
+    # a document not seen before is checked, whatever it resembles
+    with pytest.raises(AssertionError, match="consulted"):
+        loads(good.replace("2", "4"), "other.yaml")

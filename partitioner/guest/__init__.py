@@ -5,29 +5,5 @@ command line, ``launch.launch`` starts a partition pinned and running, and
 ``launch.powerdown`` stops it.  ``qmp.Qmp`` is the one place that talks to QEMU.
 """
 
-from partitioner.guest.argv import GuestPaths, guest_paths, qemu_argv
-from partitioner.guest.caps import QemuCaps, probe_qemu
-from partitioner.guest.launch import (
-    RunningGuest,
-    is_running,
-    kill,
-    launch,
-    powerdown,
-    thread_affinities,
-)
-from partitioner.guest.qmp import Qmp
-
-__all__ = [
-    "GuestPaths",
-    "QemuCaps",
-    "Qmp",
-    "RunningGuest",
-    "guest_paths",
-    "is_running",
-    "kill",
-    "launch",
-    "powerdown",
-    "probe_qemu",
-    "qemu_argv",
-    "thread_affinities",
-]
+# Nothing is imported here: QEMU's QMP library pulls in asyncio, which a quick verb
+# (a no-op apply, status) should not pay for.  Import the modules themselves.

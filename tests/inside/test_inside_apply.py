@@ -23,7 +23,7 @@ import pytest
 from guestimage import build_guest_initramfs, guest_kernel
 
 from partitioner.cpuset import CpuSet
-from partitioner.guest.launch import is_running, thread_affinities
+from partitioner.guest.launch import thread_affinities
 from partitioner.host import Host
 from partitioner.hostroot import HostRoot
 from partitioner.run import run
@@ -43,7 +43,7 @@ BOOT_TIMEOUT = 700.0  # a TCG guest inside a TCG server on shared cores: minutes
 @pytest.fixture(scope="module", autouse=True)
 def nic_drivers() -> Iterator[None]:
     # No udev in the server: load the NIC drivers so "given back to e1000e" can be seen.
-    loaded = [m for m in ("e1000e",) if not ROOT.exists(f"/sys/module/{m}")]
+    loaded = [m for m in ("e1000e", "e1000") if not ROOT.exists(f"/sys/module/{m}")]
     for module in loaded:
         run(["modprobe", module], timeout=120)
     yield
@@ -142,37 +142,97 @@ def wait_console(log: Path, marker: str) -> str:
     raise AssertionError(f"{marker} not in {log} after {BOOT_TIMEOUT}s:\n{text[-2000:]}")
 
 
-def test_partition_owns_a_nic_and_gives_it_back(site: Site) -> None:
+DEMO = PROJECT / "partitions" / "demo.yaml"
+CHIPSET = {
+    "8086:29c0",
+    "8086:2918",
+    "8086:2922",
+    "8086:2930",
+    "1b36:000c",
+}  # q35 and its root ports
+
+
+def guest_devices(console: str) -> list[str]:
+    """vendor:device of every PCI function the guest lists, less q35's own."""
+    ids = [line.split()[1] for line in console.splitlines() if line.startswith("GUEST-PCI ")]
+    return sorted(i for i in ids if i not in CHIPSET)
+
+
+def hugepages_on_nodes(pid: int) -> dict[int, int]:
+    """Pages of QEMU's hugetlb mappings per NUMA node, as the kernel counts them (numa_maps)."""
+    out: dict[int, int] = {}
+    for line in Path(f"/proc/{pid}/numa_maps").read_text().splitlines():
+        if " huge " not in line:
+            continue
+        for word in line.split():
+            if word[0] == "N" and "=" in word:
+                node, count = word[1:].split("=")
+                out[int(node)] = out.get(int(node), 0) + int(count)
+    return out
+
+
+def test_demo_site_partitions_own_their_nics_and_give_them_back(site: Site) -> None:
+    """The demo's site: fw0 owns the e1000e on node 1, lan0 the two-function NIC on node 0."""
+    fw_nic, lan_nics = "0000:81:00.0", ["0000:42:00.0", "0000:42:00.1"]
+    for a in (fw_nic, *lan_nics):
+        assert current_driver(ROOT, a) == "e1000e", a
     host = scan()
-    addr, group, node = lone_e1000e(host)
-    before = pool(node)
-    m = site.manifest("fw0", addr)
+    before = {0: pool(0), 1: pool(1)}
+    m = site.tmp / "demo.yaml"
+    m.write_text(
+        DEMO.read_text().replace(
+            "/var/cache/partition/demo/guest-initramfs.cpio.gz", str(site.initrd)
+        )
+    )
 
     cp = site.cli("apply", str(m))
     assert cp.returncode == 0, cp.stdout + cp.stderr
-    assert "claim-group" in cp.stdout and f"IOMMU group {group}" in cp.stdout
-    assert current_driver(ROOT, addr) == "vfio-pci"
-    st = site.status()["fw0"]
-    assert st["state"] == "running" and st["devices"] == [addr]
-    assert st["numa_nodes"] == [node]  # auto: the node of its device
-    pid = st["pid"]
-    aff = thread_affinities(ROOT, pid)
-    for i, tid in st["vcpu_threads"].items():
-        assert aff[tid] == CpuSet([st["cpus"][int(i)]])
-    # The guest sees the host's NIC on its PCI bus (the last thing it lists).
-    console = wait_console(Path(st["console_log"]), "GUEST-PCI 8086:10d3")
-    assert "GUEST-CPUS 1\n" in console
+    for a in (fw_nic, *lan_nics):
+        assert current_driver(ROOT, a) == "vfio-pci", a
+    st = site.status()
+    assert st["fw0"]["numa_nodes"] == [1] and st["lan0"]["numa_nodes"] == [0]
+    assert st["fw0"]["devices"] == [fw_nic] and sorted(st["lan0"]["devices"]) == lan_nics
+    for name, node in (("fw0", 1), ("lan0", 0)):
+        pid = st[name]["pid"]
+        aff = thread_affinities(ROOT, pid)
+        for i, tid in st[name]["vcpu_threads"].items():
+            assert aff[tid] == CpuSet([st[name]["cpus"][int(i)]])
+            assert host.cpus[st[name]["cpus"][int(i)]].node == node
+        for tid, cpus in aff.items():
+            if tid not in st[name]["vcpu_threads"].values():
+                assert cpus == CpuSet([0, 4]), (
+                    f"{name}: thread {tid} on {cpus}, not the host's CPUs"
+                )
+        # 128 MiB of 2 MiB pages, every one of them on the partition's node
+        assert hugepages_on_nodes(pid) == {node: 64}
+        assert pool(node)[1] == before[node][1] - 64
+
+    fw0 = wait_console(Path(st["fw0"]["console_log"]), "GUEST-READY")
+    lan0 = wait_console(Path(st["lan0"]["console_log"]), "GUEST-READY")
+    assert guest_devices(fw0) == ["8086:10d3"], fw0
+    assert guest_devices(lan0) == ["8086:10d3", "8086:10d3"], lan0
+    assert "GUEST-CPUS 1\n" in fw0 and "GUEST-CPUS 1\n" in lan0
 
     again = site.cli("apply", str(m))
     assert again.returncode == 0 and again.stdout.strip() == "nothing to do", again.stderr
 
     gone = site.cli("destroy", "--all", "--timeout", "30")
     assert gone.returncode == 0, gone.stdout + gone.stderr
-    assert not is_running(ROOT, pid, "fw0")
-    assert current_driver(ROOT, addr) == "e1000e"
-    assert ROOT.listdir(f"/sys/bus/pci/devices/{addr}/net"), "e1000e made no interface again"
-    assert pool(node) == before
+    for a in (fw_nic, *lan_nics):
+        assert current_driver(ROOT, a) == "e1000e", a
+    assert {0: pool(0), 1: pool(1)} == before
     assert site.status() == {}
+
+
+def test_nic_behind_the_pci_bridge_is_refused_and_nothing_changes(site: Site) -> None:
+    nics = ["0000:87:01.0", "0000:87:02.0"]
+    drivers = {a: current_driver(ROOT, a) for a in nics}
+    m = site.manifest("br0", nics[0])
+    cp = site.cli("apply", str(m))
+    assert cp.returncode == 3, cp.stdout + cp.stderr
+    assert "0000:86:00.0" in cp.stderr  # the bridge that keeps the group from a guest
+    assert {a: current_driver(ROOT, a) for a in nics} == drivers
+    assert not (site.tmp / "state" / "state.json").exists()
 
 
 def test_failed_apply_gives_the_nic_and_pages_back(site: Site) -> None:
