@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ for p in (str(_TESTS.parent), str(_TESTS)):
 
 from partitioner.host import Host  # noqa: E402
 from partitioner.hostroot import HostRoot  # noqa: E402
+from partitioner.run import run  # noqa: E402
 from partitioner.testbed.topology import Topology, load_topology  # noqa: E402
 
 INSIDE = "TESTBED" in os.environ and os.geteuid() == 0
@@ -59,3 +61,17 @@ def live_host(live_root: HostRoot) -> Host:
 def testbed_out() -> Path:
     """The directory shared writable with the host: files put here come out."""
     return Path(os.environ.get("TESTBED_OUT", "/run/testbed-out"))
+
+
+@pytest.fixture(scope="module")
+def nic_drivers() -> Iterator[None]:
+    """e1000e and e1000 loaded, as udev would have at boot (there is none in the server),
+    so that "given back to e1000e" can be seen; unloaded after if they were not there."""
+    root = HostRoot("/")
+    loaded = [m for m in ("e1000e", "e1000") if not root.exists(f"/sys/module/{m}")]
+    for module in loaded:
+        run(["modprobe", module], timeout=120)
+    yield
+    # Leave the server's drivers as they were found, for the tests that run after.
+    for module in loaded:
+        run(["modprobe", "-r", module], timeout=120, check=False)

@@ -26,29 +26,20 @@ from partitioner.cpuset import CpuSet
 from partitioner.guest.launch import thread_affinities
 from partitioner.host import Host
 from partitioner.hostroot import HostRoot
-from partitioner.run import run
 from partitioner.state import State, StateStore
 from vfio.claim import current_driver
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.isdir("/sys/kernel/iommu_groups/0"),
-    reason="runs inside the emulated VT-d server (root, IOMMU groups)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not os.path.isdir("/sys/kernel/iommu_groups/0"),
+        reason="runs inside the emulated VT-d server (root, IOMMU groups)",
+    ),
+    pytest.mark.usefixtures("nic_drivers"),
+]
 
 ROOT = HostRoot("/")
 PROJECT = Path(__file__).resolve().parents[2]
 BOOT_TIMEOUT = 700.0  # a TCG guest inside a TCG server on shared cores: minutes
-
-
-@pytest.fixture(scope="module", autouse=True)
-def nic_drivers() -> Iterator[None]:
-    # No udev in the server: load the NIC drivers so "given back to e1000e" can be seen.
-    loaded = [m for m in ("e1000e", "e1000") if not ROOT.exists(f"/sys/module/{m}")]
-    for module in loaded:
-        run(["modprobe", module], timeout=120)
-    yield
-    for module in loaded:
-        run(["modprobe", "-r", module], timeout=120, check=False)
 
 
 def scan() -> Host:

@@ -18,15 +18,17 @@ from partitioner.errors import DeviceError
 from partitioner.host import Host, PciFunction
 from partitioner.hostroot import HostRoot
 from partitioner.pci import PciAddress
-from partitioner.run import run
 from vfio.claim import GroupClaim, claim_group, current_driver, release_group
 from vfio.ioctl import check_group, group_status
 from vfio.preview import claim_preview
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.isdir("/sys/kernel/iommu_groups/0"),
-    reason="runs inside the emulated VT-d server (root, IOMMU groups)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not os.path.isdir("/sys/kernel/iommu_groups/0"),
+        reason="runs inside the emulated VT-d server (root, IOMMU groups)",
+    ),
+    pytest.mark.usefixtures("nic_drivers"),
+]
 
 ROOT = HostRoot("/")
 
@@ -36,17 +38,6 @@ def scan() -> Host:
     from partitioner.inventory import scan as inventory_scan
 
     return inventory_scan(ROOT)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def nic_drivers() -> Iterator[None]:
-    loaded = [m for m in ("e1000e", "e1000") if not ROOT.exists(f"/sys/module/{m}")]
-    for module in loaded:
-        run(["modprobe", module], timeout=120)
-    yield
-    # Leave the server's drivers as they were found, for the tests that run after.
-    for module in loaded:
-        run(["modprobe", "-r", module], timeout=120, check=False)
 
 
 def endpoints(host: Host, group: int) -> list[PciFunction]:
