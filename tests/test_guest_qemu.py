@@ -325,7 +325,31 @@ def test_probe_matches_what_qemu_says(caps: QemuCaps) -> None:
     assert caps.version == tuple(int(x) for x in m.groups())
     assert caps.binary.startswith("/")
     assert caps.thread_context == (caps.version >= (7, 2, 0))
-    assert probe_qemu(caps.binary) is caps, "probed once per binary"
+    assert probe_qemu(caps.binary) == caps
+
+
+def test_probe_is_remembered_on_disk_per_binary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from partitioner.guest import caps as caps_mod
+
+    monkeypatch.setenv("PARTITION_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(caps_mod, "_cache", {})
+    first = probe_qemu()
+    assert (tmp_path / "qemu-caps.json").is_file()
+
+    def no_qemu_run(path: str) -> QemuCaps:
+        raise AssertionError("QEMU was run again")
+
+    # a later command (nothing in memory) reads the answer back instead of running QEMU
+    monkeypatch.setattr(caps_mod, "_cache", {})
+    monkeypatch.setattr(caps_mod, "_probe", no_qemu_run)
+    assert probe_qemu() == first
+    # a damaged cache is not trusted: QEMU is asked again
+    (tmp_path / "qemu-caps.json").write_text("{not json")
+    monkeypatch.setattr(caps_mod, "_cache", {})
+    with pytest.raises(AssertionError, match="run again"):
+        probe_qemu()
 
 
 def test_probe_of_a_missing_qemu_says_how_to_install_it(tmp_path: Path) -> None:

@@ -4,8 +4,11 @@ One short QEMU run (``-machine none -qmp stdio``) answers everything: the
 version, the object types it was built with (``thread-context`` arrived in
 7.2, ``memory-backend-memfd`` needs Linux memfd, ``vfio-pci`` needs a VFIO
 build) and whether ``-sandbox`` exists (only when built with seccomp).  The
-answer is cached per binary path and modification time, so an upgraded QEMU
-is probed again.
+answer is cached per binary path, size and modification time, in memory and in
+``$PARTITION_CACHE_DIR`` (default ``/var/cache/partition``), so that each
+command does not pay for a QEMU run, and an upgraded QEMU is probed again.
+Where UEFI firmware is installed is looked up every time: it is a package of
+its own.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,13 +68,43 @@ def probe_qemu(binary: str = "qemu-system-x86_64") -> QemuCaps:
             "(Debian, Ubuntu) or `dnf install qemu-kvm` (Fedora)"
         )
     path = os.path.realpath(path)
-    key = (path, os.stat(path).st_mtime_ns)
-    cached = _cache.get(key)
-    if cached is not None:
-        return cached
-    caps = _probe(path)
-    _cache[key] = caps
-    return caps
+    st = os.stat(path)
+    key = (path, st.st_mtime_ns)
+    caps = _cache.get(key)
+    if caps is None:
+        disk_key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+        caps = _read_disk_cache(disk_key)
+        if caps is None:
+            caps = _probe(path)
+            _write_disk_cache(disk_key, caps)
+        _cache[key] = caps
+    ovmf_code, ovmf_vars = _find_ovmf()
+    return replace(caps, ovmf_code=ovmf_code, ovmf_vars=ovmf_vars)
+
+
+def _disk_cache() -> Path:
+    return Path(os.environ.get("PARTITION_CACHE_DIR") or "/var/cache/partition") / "qemu-caps.json"
+
+
+def _read_disk_cache(key: str) -> QemuCaps | None:
+    try:
+        doc = json.loads(_disk_cache().read_text())
+        entry = doc[key]
+        return QemuCaps(**{**entry, "version": tuple(entry["version"])})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no cache, another QEMU's, or an older layout: probe again
+
+
+def _write_disk_cache(key: str, caps: QemuCaps) -> None:
+    # Only the one QEMU's answer is kept; a cache that cannot be written costs time only.
+    target = _disk_cache()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}")
+        tmp.write_text(json.dumps({key: asdict(caps)}))
+        os.replace(tmp, target)
+    except OSError:
+        pass
 
 
 def _probe(path: str) -> QemuCaps:

@@ -294,7 +294,7 @@ def _connect(
                 finally:
                     qmp.close()
                 return
-        time.sleep(0.05)
+        time.sleep(0.01)  # QEMU is up in a fraction of a second: look often
 
 
 def _pin(root: HostRoot, pid: int, p: Placement, host_cpus: CpuSet, vcpus: dict[int, int]) -> None:
