@@ -96,7 +96,9 @@ def bench_apply(tmp: Path, repeat: int, memory: str) -> dict[str, list[float]]:
         "      cmdline: console=ttyS0 quiet panic=-1\n"
     )
     out: dict[str, list[float]] = {"apply": [], "noop": [], "hand": []}
+    baseline = _mem_free()
     for _ in range(repeat):
+        _settle(baseline)
         out["apply"].append(_cli(env, "apply", str(site)))
         out["noop"].append(_cli(env, "apply", str(site)))
         rec = json.loads((tmp / "state" / "state.json").read_text())["partitions"]["p1"]
@@ -104,8 +106,27 @@ def bench_apply(tmp: Path, repeat: int, memory: str) -> dict[str, list[float]]:
         _cli(env, "destroy", "--all", "--timeout", "2")
         qmp.parent.mkdir(parents=True, exist_ok=True)
         qmp.unlink(missing_ok=True)
+        _settle(baseline)
         out["hand"].append(_until_qmp(argv, qmp, cont=True))
     return out
+
+
+def _mem_free() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemFree:"):
+            return int(line.split()[1]) * 1024
+    raise SystemExit("no MemFree in /proc/meminfo")
+
+
+def _settle(baseline: int, timeout: float = 60.0) -> None:
+    """Wait until the memory of the QEMU ended last is back with the kernel.
+
+    The kernel frees an exited process's memory after the process is gone; a QEMU
+    started meanwhile would be timed competing with that (seconds, for GiBs).
+    """
+    deadline = time.monotonic() + timeout
+    while _mem_free() < baseline - 256 * 2**20 and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def bench_prealloc(
