@@ -111,6 +111,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         else logging.WARNING,
         format="partition: %(message)s",
     )
+    # QEMU's QMP library logs every refused connection while QEMU is still starting;
+    # the partitioner waits through those and reports what matters itself.
+    if verbosity < 2:
+        logging.getLogger("qemu").setLevel(logging.CRITICAL)
     ctx = Context(
         host_root=args.host_root,
         state_dir=Path(args.state_dir),

@@ -172,7 +172,7 @@ def test_demo_site_partitions_own_their_nics_and_give_them_back(site: Site) -> N
     m = site.tmp / "demo.yaml"
     m.write_text(
         DEMO.read_text().replace(
-            "/var/cache/partition/demo/guest-initramfs.cpio.gz", str(site.initrd)
+            "/srv/partition/demo/guest-initramfs.cpio.gz", str(site.initrd)
         )
     )
 
