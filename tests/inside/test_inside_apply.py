@@ -171,9 +171,7 @@ def test_demo_site_partitions_own_their_nics_and_give_them_back(site: Site) -> N
     before = {0: pool(0), 1: pool(1)}
     m = site.tmp / "demo.yaml"
     m.write_text(
-        DEMO.read_text().replace(
-            "/srv/partition/demo/guest-initramfs.cpio.gz", str(site.initrd)
-        )
+        DEMO.read_text().replace("/srv/partition/demo/guest-initramfs.cpio.gz", str(site.initrd))
     )
 
     cp = site.cli("apply", str(m))
