@@ -12,7 +12,6 @@ record as it stands after the last step, and it is what gets saved.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -127,27 +126,21 @@ class _Base:
 # -- hugepages ------------------------------------------------------------------
 
 
-def _pool_dir(node: int, size_bytes: int) -> str:
-    return f"/sys/devices/system/node/node{node}/hugepages/hugepages-{size_bytes // 1024}kB"
-
-
 def free_pages(root: HostRoot, node: int, size_bytes: int) -> int:
-    return root.read_int(f"{_pool_dir(node, size_bytes)}/free_hugepages", 0) or 0
+    from partitioner.hugepages import pool_dir
+
+    return root.read_int(f"{pool_dir(node, size_bytes)}/free_hugepages", 0) or 0
 
 
 def give_back(ctx: ApplyContext, node: int, size_bytes: int, pages: int) -> int:
     """Shrink the pool by the ``pages`` added for a partition, once its QEMU has let go of them.
 
-    A QEMU that has just exited still holds its pages for a moment: the kernel
-    frees a process's memory after the process is already a zombie.  So wait
-    (with a deadline) until that many pages are free again.  Returns the pages given back.
+    A QEMU that has just exited still holds its pages for a moment, so ``release_pages``
+    waits up to ``ctx.release_wait`` for them.  Returns the pages given back.
     """
     from partitioner.hugepages import release_pages
 
-    deadline = time.monotonic() + ctx.release_wait
-    while free_pages(ctx.root, node, size_bytes) < pages and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return release_pages(ctx.root, node, size_bytes, pages)
+    return release_pages(ctx.root, node, size_bytes, pages, settle=ctx.release_wait)
 
 
 def _still_held(ctx: ApplyContext, node: int, size_bytes: int, pages: int, given: int) -> NoReturn:

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from partitioner.cpuset import CpuListSyntaxError, CpuSet
+from partitioner.cpuset import MAX_CPUS, CpuListSyntaxError, CpuSet
 from partitioner.errors import ManifestError, Problem
 from partitioner.manifest import (
     Boot,
@@ -50,8 +50,9 @@ DEFAULT_RESERVE_MEMORY = 1 * GiB
 DEFAULT_HUGEPAGES = "2MiB"
 PAGE_BYTES = 4 * KiB
 _HUGEPAGE_BYTES = {"2MiB": 2 * MiB, "1GiB": 1 * GiB, "none": None}
-# The kernel's NR_CPUS tops out at 8192; a bound here keeps "0-99999999999" from building a huge set.
-MAX_CPU = 8191
+# The kernel's NR_CPUS tops out at 8192 (CpuSet's bound); checked here first to say it in
+# the manifest's words, before a list like "0-99999999999" reaches the parser.
+MAX_CPU = MAX_CPUS - 1
 
 _SCALARS = (str, int, bool, type(None))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import corpus
@@ -22,12 +21,6 @@ def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
     rc = main(list(argv))
     out, err = capsys.readouterr()
     return rc, out, err
-
-
-@pytest.fixture(scope="module")
-def hwloc_tree(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    dest = tmp_path_factory.mktemp("hwloc")
-    return lambda name: corpus.unpack(name, dest)
 
 
 def server(t: TreeBuilder) -> Path:
@@ -87,9 +80,9 @@ def test_validate_bad_manifest_exit_2_with_locations(
 
 
 def test_inspect_json_shape_on_a_real_tree(
-    capsys: pytest.CaptureFixture[str], hwloc_tree: Callable[[str], Path]
+    capsys: pytest.CaptureFixture[str], hwloc_trees: corpus.Trees
 ) -> None:
-    root = hwloc_tree("40intel64-2g2n4c+pcilocality")
+    root = hwloc_trees["40intel64-2g2n4c+pcilocality"]
     rc, out, _ = run(capsys, "--host-root", str(root), "--json", "inspect")
     assert rc == 0
     doc = json.loads(out)

@@ -12,16 +12,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import stat
-import tarfile
-import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from corpus import HWLOC_DIR, Trees, names
 
 from partitioner.cpuset import CpuSet
 from partitioner.host import Host
@@ -29,8 +25,7 @@ from partitioner.hostroot import HostRoot
 from partitioner.inventory import scan
 from partitioner.pci import PciAddress
 
-HWLOC_DIR = Path(__file__).resolve().parents[2] / "shared" / "hosts" / "hwloc"
-NAMES = sorted(p.name.removesuffix(".tar.bz2") for p in HWLOC_DIR.glob("*.tar.bz2"))
+NAMES = names()
 
 _UNITS = {"KB": 1024, "KiB": 1024, "MB": 1024**2, "MiB": 1024**2, "GB": 1024**3, "GiB": 1024**3,
           "TB": 1024**4, "TiB": 1024**4}  # fmt: skip
@@ -115,43 +110,6 @@ def oracle(name: str) -> Oracle:
     return parse_xml((HWLOC_DIR / f"{name}.xml").read_text())
 
 
-class _Trees:
-    """The corpus trees, each unpacked the first time a test asks for it."""
-
-    def __init__(self, dest: Path) -> None:
-        self.dest = dest
-        self._roots: dict[str, Path] = {}
-
-    def __getitem__(self, name: str) -> Path:
-        root = self._roots.get(name)
-        if root is None:
-            with tarfile.open(HWLOC_DIR / f"{name}.tar.bz2") as tar:
-                # The top directory is not always the file's name
-                # (32amd64-4s2n4c-cgroup2.tar.bz2 holds 32amd64-4s2n4c-cgroup/).
-                top = tar.getnames()[0].split("/")[0]
-                tar.extractall(self.dest / name, filter="data")
-            root = self._roots[name] = self.dest / name / top
-        return root
-
-
-@pytest.fixture(scope="session")
-def hwloc_trees() -> Iterator[_Trees]:
-    """Unpacked on tmpfs where there is one: thousands of small files make a disk the
-    slowest part of the suite."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    dest = Path(tempfile.mkdtemp(prefix="partition-hwloc-", dir=base))
-    try:
-        yield _Trees(dest)
-    finally:
-        # Some trees are stored read-only: make them removable first.
-        for dirpath, dirnames, _ in os.walk(dest):
-            for d in dirnames:
-                p = os.path.join(dirpath, d)
-                if not os.path.islink(p):
-                    os.chmod(p, os.stat(p).st_mode | stat.S_IRWXU)
-        shutil.rmtree(dest, ignore_errors=True)
-
-
 def _cores(h: Host) -> set[CpuSet]:
     """A core is a set of SMT siblings: core_id alone repeats inside a package on
     multi-die parts without die_id (AMD Magny-Cours: the 48amd64 and cgroup2 trees)."""
@@ -193,7 +151,7 @@ def test_corpus_is_there() -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_topology_agrees_with_lstopo(name: str, hwloc_trees: _Trees) -> None:
+def test_topology_agrees_with_lstopo(name: str, hwloc_trees: Trees) -> None:
     root = hwloc_trees[name]
     h = scan(HostRoot(root))
     o = oracle(name)
@@ -238,7 +196,7 @@ def test_topology_agrees_with_lstopo(name: str, hwloc_trees: _Trees) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_pci_agrees_with_lstopo(name: str, hwloc_trees: _Trees) -> None:
+def test_pci_agrees_with_lstopo(name: str, hwloc_trees: Trees) -> None:
     h = scan(HostRoot(hwloc_trees[name]))
     o = oracle(name)
     # lstopo keeps only the "important" PCI functions (bridges leading somewhere,
@@ -267,7 +225,7 @@ def test_pci_agrees_with_lstopo(name: str, hwloc_trees: _Trees) -> None:
                 assert up in h.pci and h.pci[up].is_bridge, (fn.address, up)
 
 
-def test_pci_counts_where_known(hwloc_trees: _Trees) -> None:
+def test_pci_counts_where_known(hwloc_trees: Trees) -> None:
     """The trees with PCI devices, counted by hand from their sysfs (lstopo filters some)."""
     for name in NAMES:
         root = hwloc_trees[name]
@@ -280,28 +238,28 @@ def test_pci_counts_where_known(hwloc_trees: _Trees) -> None:
     assert raid.class_code == "010400" and raid.upstream == (PciAddress.parse("0000:00:03.0"),)
 
 
-def test_offline_cpus_tree(hwloc_trees: _Trees) -> None:
+def test_offline_cpus_tree(hwloc_trees: Trees) -> None:
     h = scan(HostRoot(hwloc_trees["16em64t-4s2c2t-offlines"]))
     offline = {c.id for c in h.cpus.values() if not c.online}
     assert offline == {2, 5, 13, 14}
     assert len(h.cpus) == 16  # offline CPUs are kept, never handed out
 
 
-def test_buggy_numa_tree(hwloc_trees: _Trees) -> None:
+def test_buggy_numa_tree(hwloc_trees: Trees) -> None:
     """Every node claims every CPU: like hwloc, keep the first node and say so."""
     h = scan(HostRoot(hwloc_trees["8em64t-2s2ca2c-buggynuma"]))
     assert list(h.nodes) == [0] and h.nodes[0].cpus == CpuSet(range(8))
     assert any("more than one NUMA node" in n for n in h.notes)
 
 
-def test_memory_only_nodes_tree(hwloc_trees: _Trees) -> None:
+def test_memory_only_nodes_tree(hwloc_trees: Trees) -> None:
     h = scan(HostRoot(hwloc_trees["fakeheteromemtiers"]))
     cpuless = {n.id for n in h.nodes.values() if not n.cpus}
     assert cpuless == {4, 6, 8, 9}
     assert sum(len(n.cpus) for n in h.nodes.values()) == len(h.online_cpus)
 
 
-def test_cgroup_trees(hwloc_trees: _Trees) -> None:
+def test_cgroup_trees(hwloc_trees: Trees) -> None:
     h = scan(HostRoot(hwloc_trees["32amd64-4s2n4c-cgroup2"]))
     assert len(h.cpus) == 32 and len(h.usable_cpus) == 6
     assert all(c.online for c in h.cpus.values())
@@ -309,7 +267,7 @@ def test_cgroup_trees(hwloc_trees: _Trees) -> None:
     assert h1.usable_cpus == CpuSet(range(4))
 
 
-def test_hybrid_tree_kinds(hwloc_trees: _Trees) -> None:
+def test_hybrid_tree_kinds(hwloc_trees: Trees) -> None:
     """No cpu_core/cpu_atom in this tree: kinds come from base frequencies, as hwloc's do."""
     name = "20em64t-hybrid-1p6c2t+2ca4co1t"
     h = scan(HostRoot(hwloc_trees[name]))
@@ -320,20 +278,20 @@ def test_hybrid_tree_kinds(hwloc_trees: _Trees) -> None:
     assert len(performance) == 12  # 6 performance cores with 2 threads each
 
 
-def test_uniform_trees_have_no_kinds(hwloc_trees: _Trees) -> None:
+def test_uniform_trees_have_no_kinds(hwloc_trees: Trees) -> None:
     for name in NAMES:
         if "hybrid" not in name:
             h = scan(HostRoot(hwloc_trees[name]))
             assert {c.kind for c in h.cpus.values()} == {""}, name
 
 
-def test_hugepage_sizes_tree(hwloc_trees: _Trees) -> None:
+def test_hugepage_sizes_tree(hwloc_trees: Trees) -> None:
     h = scan(HostRoot(hwloc_trees["2i386-2t-hugepagesizecount"]))
     assert h.hugepage_sizes == (2 * 1024**2, 16 * 1024**3)
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_snapshot_of_corpus_tree(name: str, hwloc_trees: _Trees, tmp_path: Path) -> None:
+def test_snapshot_of_corpus_tree(name: str, hwloc_trees: Trees, tmp_path: Path) -> None:
     """A snapshot of a real machine's tree reads back as the same host."""
     from partitioner.snapshot import take_snapshot
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -462,14 +461,8 @@ def test_rule8_changed_running_partition_is_placed_anew(tree: TreeBuilder) -> No
 # -- real kernels' trees -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def hwloc_tree(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    dest = tmp_path_factory.mktemp("hwloc")
-    return lambda name: corpus.unpack(name, dest)
-
-
-def test_real_tree_smt_reserve_and_partitions(hwloc_tree: Callable[[str], Path]) -> None:
-    root = hwloc_tree("16em64t-4s2c2t")
+def test_real_tree_smt_reserve_and_partitions(hwloc_trees: corpus.Trees) -> None:
+    root = hwloc_trees["16em64t-4s2c2t"]
     h = scan(HostRoot(root))
     m = manifest(
         "version: 1\nhost: {reserve: {cpus: 4}, accel: tcg}\npartitions:\n"
@@ -484,8 +477,8 @@ def test_real_tree_smt_reserve_and_partitions(hwloc_tree: Callable[[str], Path])
     assert len(all_cpus) == len(set(all_cpus)) == 12
 
 
-def test_real_tree_offline_cpus_are_not_placed(hwloc_tree: Callable[[str], Path]) -> None:
-    root = hwloc_tree("16em64t-4s2c2t-offlines")
+def test_real_tree_offline_cpus_are_not_placed(hwloc_trees: corpus.Trees) -> None:
+    root = hwloc_trees["16em64t-4s2c2t-offlines"]
     h = scan(HostRoot(root))
     offline = {c.id for c in h.cpus.values() if not c.online}
     assert offline

@@ -19,13 +19,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
-import re
 import sys
 from pathlib import Path
 
 from partitioner.errors import GuestError
-from partitioner.testbed.initramfs import CpioWriter
+from partitioner.testbed.initramfs import CpioWriter, default_kernel
 
 BUSYBOX = Path("/bin/busybox")
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
@@ -61,12 +59,8 @@ while true; do sleep 3600; done
 
 
 def guest_kernel() -> Path:
-    """The newest readable /boot/vmlinuz-*."""
-    kernels = sorted(Path("/boot").glob("vmlinuz-*"), key=lambda p: _version_key(p.name))
-    readable = [k for k in kernels if os.access(k, os.R_OK)]
-    if not readable:
-        raise GuestError("no readable /boot/vmlinuz-*: install linux-image-amd64")
-    return readable[-1]
+    """The newest /boot/vmlinuz-* with its modules (the guest loads evdev and button)."""
+    return default_kernel()
 
 
 def build_guest_initramfs(dest_dir: Path) -> Path:
@@ -96,10 +90,6 @@ def build_guest_initramfs(dest_dir: Path) -> Path:
     tmp.write_bytes(gzip.compress(w.finish(), compresslevel=1))
     tmp.rename(out)
     return out
-
-
-def _version_key(name: str) -> list[int]:
-    return [int(x) for x in re.findall(r"\d+", name)]
 
 
 if __name__ == "__main__":
