@@ -543,6 +543,7 @@ class _Checker:
             ),
             smt=host.get("smt", "isolate"),
             accel=host.get("accel", "kvm"),
+            isolation=host.get("isolation", "full"),
         )
         partitions = root.get("partitions") or {}
         specs = {name: self.partition(name, partitions[name]) for name in sorted(partitions)}
@@ -571,6 +572,7 @@ class _Checker:
             firmware=p.get("firmware", "bios"),
             autostart=p.get("autostart", True),
             order=p.get("order", 0),
+            on_crash=p.get("on_crash", "restart"),
             where=self.location(base),
         )
 

@@ -66,6 +66,7 @@ class PartitionSpec:
     firmware: Literal["bios", "uefi"] = "bios"
     autostart: bool = True
     order: int = 0
+    on_crash: Literal["restart", "stop"] = "restart"
     where: Location = NOWHERE
 
 
@@ -76,6 +77,7 @@ class HostSpec:
     reserve_memory_bytes: int
     smt: Literal["isolate", "share"] = "isolate"
     accel: Literal["kvm", "tcg"] = "kvm"
+    isolation: Literal["full", "pinned"] = "full"
 
 
 @dataclass(frozen=True)

@@ -220,6 +220,7 @@ def spec_to_json(s: PartitionSpec) -> dict[str, Any]:
         "firmware": s.firmware,
         "autostart": s.autostart,
         "order": s.order,
+        "on_crash": s.on_crash,
         "where": _loc_to_json(s.where),
     }
 
@@ -254,6 +255,7 @@ def spec_from_json(d: Mapping[str, Any]) -> PartitionSpec:
         firmware="uefi" if d.get("firmware") == "uefi" else "bios",
         autostart=bool(d.get("autostart", True)),
         order=int(d.get("order", 0)),
+        on_crash="stop" if d.get("on_crash") == "stop" else "restart",
         where=_loc_from_json(d.get("where")),
     )
 
