@@ -12,7 +12,8 @@ Only the CLI turns these into text and exit codes (``exit_code`` below, as
      +-- GuestError                4  QEMU could not be started or driven (.partition)
      |    +-- VMLaunchFailure         QEMU exited while starting (.exitcode, .command, .output)
      |    +-- HugepageError           a node's hugepage pool cannot be raised (.node, .size_bytes, ...)
-     +-- StateError                1  the state record is unreadable or locked (.path)
+     +-- StateError                2  the state directory or record cannot be used (.path)
+     |    +-- BusyError            6  another partition command holds the site (.holder)
      +-- ApplyFailed               4  apply failed and was rolled back (.cause)
           +-- RollbackIncomplete   5  ... and could not put everything back (.leftover)
 """
@@ -143,11 +144,21 @@ class HugepageError(GuestError):
 
 
 class StateError(PartitionError):
-    exit_code = 1
+    exit_code = 2
 
     def __init__(self, message: str, *, path: str = "") -> None:
         self.path = path
         super().__init__(message)
+
+
+class BusyError(StateError):
+    """Another ``partition`` command holds the site's lock: ``holder`` says which (pid, verb, since)."""
+
+    exit_code = 6
+
+    def __init__(self, message: str, *, path: str = "", holder: str = "") -> None:
+        self.holder = holder
+        super().__init__(message, path=path)
 
 
 class ApplyFailed(PartitionError):

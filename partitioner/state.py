@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from partitioner.cpuset import CpuSet
-from partitioner.errors import StateError
+from partitioner.errors import BusyError, StateError
 from partitioner.hostroot import HostRoot
 from partitioner.manifest import NOWHERE, Boot, DeviceSpec, Disk, Location, PartitionSpec
 from partitioner.pci import PciAddress
@@ -410,10 +410,11 @@ class StateStore:
                         raise
                 if time.monotonic() >= deadline:
                     who = self.holder() or "another partition command"
-                    raise StateError(
+                    raise BusyError(
                         f"the state in {self.dir} is locked by {who}; waited {timeout:g}s. "
-                        "Wait for it to finish, or raise --lock-timeout",
+                        "Wait for it to finish, then run this again",
                         path=str(self.lock_path),
+                        holder=who,
                     )
                 time.sleep(0.1)
             os.ftruncate(fd, 0)

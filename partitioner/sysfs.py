@@ -1,0 +1,45 @@
+"""Where the kernel keeps what the partitioner reads and writes: every sysfs path, built here.
+
+Paths are kernel paths (absolute, as the kernel names them); a :class:`HostRoot`
+turns them into files on this machine.  No other module spells ``/sys/...``.
+"""
+
+from __future__ import annotations
+
+CPU = "/sys/devices/system/cpu"
+NODE = "/sys/devices/system/node"
+HUGEPAGES = "/sys/kernel/mm/hugepages"
+PCI_DEVICES = "/sys/bus/pci/devices"
+PCI_DRIVERS = "/sys/bus/pci/drivers"
+PCI_DRIVERS_PROBE = "/sys/bus/pci/drivers_probe"
+IOMMU_GROUPS = "/sys/kernel/iommu_groups"
+CLASS_NET = "/sys/class/net"
+CLASS_BLOCK = "/sys/class/block"
+DEV_BLOCK = "/sys/dev/block"
+WORKQUEUE_CPUMASK = "/sys/devices/virtual/workqueue/cpumask"
+
+
+def pci_device(address: str, leaf: str = "") -> str:
+    """A PCI function's directory, or a file in it (``driver``, ``driver_override``, ...)."""
+    return f"{PCI_DEVICES}/{address}/{leaf}" if leaf else f"{PCI_DEVICES}/{address}"
+
+
+def pci_driver(driver: str, leaf: str = "") -> str:
+    """A PCI driver's directory, or a file in it (``bind``, ``unbind``, ``new_id``)."""
+    return f"{PCI_DRIVERS}/{driver}/{leaf}" if leaf else f"{PCI_DRIVERS}/{driver}"
+
+
+def iommu_group(group: int | str, leaf: str = "") -> str:
+    """An IOMMU group's directory, or a file in it (``devices``, ``type``)."""
+    return f"{IOMMU_GROUPS}/{group}/{leaf}" if leaf else f"{IOMMU_GROUPS}/{group}"
+
+
+def node(n: int, leaf: str = "") -> str:
+    """A NUMA node's directory, or a file in it (``cpulist``, ``meminfo``)."""
+    return f"{NODE}/node{n}/{leaf}" if leaf else f"{NODE}/node{n}"
+
+
+def hugepage_pool(size_bytes: int, node_id: int | None = None) -> str:
+    """A hugepage pool's directory: the system-wide one, or one node's."""
+    base = HUGEPAGES if node_id is None else node(node_id, "hugepages")
+    return f"{base}/hugepages-{size_bytes // 1024}kB"
