@@ -281,7 +281,10 @@ def test_kubevirt_says_which_devices_it_could_swap() -> None:
     db1 = " ".join(result.substitutions["db1"])
     assert "0000:81:00.0 (partition fw0)" in db1 and "0000:c2:00.0 (not in the plan)" in db1
     assert "0000:c3:00.0" not in db1
+    # fw0 could get db1's function or the spare for each of its four; its own are no loss.
     assert len(result.substitutions["fw0"]) == 4
+    assert all("partition fw0" not in s for s in result.substitutions["fw0"])
+    assert all("0000:c1:00.0 (partition db1)" in s for s in result.substitutions["fw0"])
     vm = yaml.safe_load(result.documents["db1.yaml"])
     assert "partition fw0" in vm["metadata"]["annotations"]["partition.local/device-substitution"]
     kv = yaml.safe_load(result.documents["kubevirt-permitted-host-devices.yaml"])

@@ -188,9 +188,11 @@ def kubevirt_config(plan: Plan) -> dict[str, Any] | None:
 def _substitutions(
     p: Placement, models: Mapping[PciAddress, str], holder: Mapping[PciAddress, str]
 ) -> list[str]:
+    # Functions this partition holds itself are no loss: it gets them all, in some order.
+    own = {d.address for d in p.devices}
     out = []
     for d in p.devices:
-        others = sorted(a for a, m in models.items() if m == d.vendor_device and a != d.address)
+        others = sorted(a for a, m in models.items() if m == d.vendor_device and a not in own)
         if not others:
             continue
         who = ", ".join(
