@@ -21,7 +21,7 @@ def run_partition(module, args, check_rc=True):
     """Run ``partition ARGS``; return (rc, stdout, stderr).  With check_rc, a non-zero exit
     ends the module with partition's exit code and its own message."""
     executable = module.params.get("executable") or "partition"
-    cmd = [module.get_bin_path(executable, required=True)] + list(args)
+    cmd = [module.get_bin_path(executable, required=True), *list(args)]
     rc, out, err = module.run_command(cmd)
     if rc != 0 and check_rc:
         fail(module, cmd, rc, out, err)
@@ -29,12 +29,12 @@ def run_partition(module, args, check_rc=True):
 
 
 def run_json(module, args):
-    rc, out, err = run_partition(module, ["--json"] + list(args))
+    rc, out, err = run_partition(module, ["--json", *list(args)])
     try:
         return json.loads(out)
     except ValueError:
         module.fail_json(
-            msg="partition %s did not print one JSON document" % " ".join(args),
+            msg=f"partition {' '.join(args)} did not print one JSON document",
             rc=rc,
             stdout=out,
             stderr=err,
@@ -55,9 +55,9 @@ def fail(module, cmd, rc, out, err):
     lines = [line for line in err.splitlines() if line.strip()]
     message = "; ".join(problems) or (lines[-1] if lines else "")
     if message.startswith("partition: "):
-        message = message[len("partition: "):]
+        message = message[len("partition: ") :]
     module.fail_json(
-        msg="%s (exit %d: %s)" % (message or "partition failed", rc, EXIT_MEANING.get(rc, "failed")),
+        msg=f"{message or 'partition failed'} (exit {rc}: {EXIT_MEANING.get(rc, 'failed')})",
         rc=rc,
         cmd=cmd,
         stdout=out,

@@ -80,12 +80,12 @@ from ansible_collections.partition.site.plugins.module_utils.partition_cli impor
 
 
 def _line(action):
-    return "%-18s %-14s %s" % (action["action"], action["target"], action["detail"])
+    return f"{action['action']:<18} {action['target']:<14} {action['detail']}"
 
 
 def _diff(actions, what):
-    text = "".join("%s\n" % _line(a) for a in actions)
-    return {"prepared": ("%s would:\n%s" % (what, text)) if actions else ""}
+    text = "".join(f"{_line(a)}\n" for a in actions)
+    return {"prepared": f"{what} would:\n{text}" if actions else ""}
 
 
 def present(module):
