@@ -72,6 +72,8 @@ def _xmllint(docs: dict[str, str], tmp_path: Path) -> None:
 def _strict_validator(definition: str) -> jsonschema.Draft4Validator:
     """KubeVirt's swagger definitions with ``additionalProperties: false`` added wherever an
     object lists its properties and says nothing of others: a misspelled field fails."""
+    if not SWAGGER.exists():
+        pytest.skip(f"KubeVirt's API schema is not at {SWAGGER} (../shared/schemas/kubevirt)")
     defs = copy.deepcopy(json.loads(SWAGGER.read_text())["definitions"])
     for d in defs.values():
         if "properties" in d and "additionalProperties" not in d:
