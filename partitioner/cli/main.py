@@ -293,7 +293,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             _emit(out, _document(False, 1, problems_json([problem])))
         return 1
     if as_json and not ctx.emitted:
-        _emit(out, _document(rc == 0, rc, problems_json([] if rc == 0 else [f"exit {rc}"])))
+        problems = [] if rc == 0 else [f"partition {args.verb} ended with exit status {rc}"]
+        _emit(out, _document(rc == 0, rc, problems_json(problems)))
     return rc
 
 
