@@ -369,6 +369,32 @@ def test_newlines_in_arguments(capsys: pytest.CaptureFixture[str], argv: list[st
     failure(out, 2)
 
 
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "1e300", "-inf"])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["stop", "fw0", "--timeout"],
+        ["restart", "fw0", "--timeout"],
+        ["destroy", "--all", "--timeout"],
+        ["destroy", "--all", "--lock-timeout"],
+        ["start", "fw0", "--lock-timeout"],
+        ["apply", "site.yaml", "--stop-timeout"],
+        ["testbed", "run", "--timeout"],
+        ["testbed", "snapshot", "small", "dir", "--timeout"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+def test_seconds_that_are_no_deadline(
+    capsys: pytest.CaptureFixture[str], argv: list[str], value: str
+) -> None:
+    """`nan` makes every deadline unreachable: a wait that never ends.  Refused before the
+    verb runs (the state lock is not even taken)."""
+    extra = ["--", "true"] if argv[:2] == ["testbed", "run"] else []
+    rc, out, err = run(capsys, "--json", *argv[:-1], f"{argv[-1]}={value}", *extra)
+    assert rc == 2 and "seconds" in err
+    failure(out, 2)
+
+
 LONG = "a" * 100_000
 
 

@@ -44,6 +44,8 @@ class Context:
         # not a directory would surface as some library's error about some file in it.
         try:
             st = os.stat(self.host_root)
+        except FileNotFoundError:
+            return HostRoot(self.host_root)  # the scan says what a host tree needs
         except OSError as e:
             raise HostReadError(
                 f"--host-root {self.host_root}: {e.strerror}; give a directory made by "

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,6 +201,18 @@ def _resolve(args: argparse.Namespace) -> tuple[str | None, Path, bool, int]:
     return host_root, Path(state_dir), as_json, verbosity
 
 
+def _check_seconds(args: argparse.Namespace) -> None:
+    """Every number option of the command line is a time in seconds (``--timeout``,
+    ``--lock-timeout``, ``--stop-timeout``): ``nan`` would make every deadline unreachable
+    (a wait that never ends), a negative or endless one is no deadline either."""
+    for key, value in vars(args).items():
+        if isinstance(value, float) and not 0 <= value <= threading.TIMEOUT_MAX:
+            raise UsageError(
+                f"--{key.replace('_', '-')} {value}: give a number of seconds, "
+                f"0 or more (at most {threading.TIMEOUT_MAX:.0f})"
+            )
+
+
 def _check_argv(argv: Sequence[str]) -> None:
     """No path, name or number can hold a NUL byte (and exec cannot pass one): say so
     here rather than let the first system call that sees it fail on its own terms."""
@@ -235,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser(None if wants_help else _verb_in(argv))
         args = parser.parse_args(argv)
         host_root, state_dir, as_json, verbosity = _resolve(args)
+        _check_seconds(args)
     except _ArgumentError as e:
         if as_json:
             _emit(out, _document(False, 2, problems_json([str(e)])))
