@@ -335,6 +335,17 @@ def test_console_refuses_json(capsys: pytest.CaptureFixture[str], stopped_partit
     assert rc == 2 and "interactive" in failure(out, 2)["problems"][0]["message"]
 
 
+def test_a_held_lock_is_exit_6_naming_the_holder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    store = StateStore(tmp_path / "state")
+    with store.lock("apply from the test"):
+        rc, out, err = run(capsys, "destroy", "--all", "--lock-timeout", "0", "--json")
+    assert rc == 6 and f"pid {os.getpid()} (apply from the test)" in err
+    doc = failure(out, 6)
+    assert doc["holder"] == f"pid {os.getpid()} (apply from the test)"
+
+
 # -- hostile arguments --------------------------------------------------------------
 
 
