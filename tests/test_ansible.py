@@ -126,7 +126,7 @@ def test_absent_on_a_host_without_the_site_changes_nothing(dirs: Path, result: A
 @pytest.mark.parametrize(
     ("change", "rc", "words"),
     [
-        ("cpus: nine", 2, "problem"),  # not valid: cli.md's exit 2
+        ("cpus: nine", 2, "cpus"),  # not valid: cli.md's exit 2
         ("cpus: 64", 3, "CPU"),  # valid, does not fit this host: exit 3
     ],
 )
