@@ -48,19 +48,20 @@ class Finding:
     fix: Callable[[], None] | None = field(default=None, compare=False, repr=False)
 
     def text(self, *, done: bool) -> str:
+        """One line: the fact, then what was done (``done``) or what the next changing verb does."""
         s = f"partition {self.partition}: {self.found}"
-        if self.does and (done or self.fix is None):
-            return f"{s}; {self.does}"
-        if self.does:
-            return f"{s}; the next apply, destroy, start or stop will: {self.does}"
-        return s
+        if not self.does:
+            return s
+        if done:
+            return f"{s}; done: {self.does}"
+        return f"{s}; the next apply, destroy, start or stop will {self.does}"
 
     def to_json(self, *, done: bool) -> dict[str, Any]:
         return {
             "partition": self.partition,
             "found": self.found,
             "does": self.does,
-            "done": done or self.fix is None,
+            "done": done,
         }
 
 
@@ -124,7 +125,7 @@ def _settle_pools(rec: PartitionRecord, root: HostRoot, findings: list[Finding])
                     rec.name,
                     f"raising {pool} from {i.before} to {i.target} pages was interrupted "
                     f"(it has {now})",
-                    f"{moved} page(s) recorded as added for it, to be given back by destroy",
+                    f"record {moved} page(s) as added for it (destroy gives them back)",
                 )
             )
         else:
@@ -134,7 +135,7 @@ def _settle_pools(rec: PartitionRecord, root: HostRoot, findings: list[Finding])
                     rec.name,
                     f"shrinking {pool} from {i.before} to {i.target} pages was interrupted "
                     f"(it has {now})",
-                    f"{moved} page(s) recorded as given back, {grants[key]} still to give back",
+                    f"record {moved} page(s) as given back ({grants[key]} still to give back)",
                 )
             )
     if not rec.pool_intents:
@@ -182,7 +183,7 @@ def _settle_claims(
             Finding(
                 rec.name,
                 f"claiming IOMMU group {c['group']} for vfio-pci was interrupted",
-                f"gave its functions back to the drivers they had ({fns or 'none'})",
+                f"give its functions back to the drivers they had ({fns or 'none'})",
                 give_back,
             )
         )
@@ -255,8 +256,8 @@ def _settle_guest(
             Finding(
                 rec.name,
                 f"its QEMU (pid {rec.pid}) is no longer running",
-                "recorded as failed"
-                + (f", its run directory {run_dir} removed" if leftover_dir else ""),
+                "record it as failed"
+                + (f" and remove its run directory {run_dir}" if leftover_dir else ""),
                 clear_dir if leftover_dir else None,
             )
         )
@@ -267,8 +268,8 @@ def _settle_guest(
                 Finding(
                     rec.name,
                     "a start was interrupted before its QEMU ran",
-                    "recorded as stopped"
-                    + (f", its run directory {run_dir} removed" if leftover_dir else ""),
+                    "record it as stopped"
+                    + (f" and remove its run directory {run_dir}" if leftover_dir else ""),
                     clear_dir if leftover_dir else None,
                 )
             )
@@ -280,7 +281,7 @@ def _settle_guest(
                 Finding(
                     rec.name,
                     f"a start was interrupted after its QEMU (pid {pid}) was pinned and let run",
-                    "adopted it as running",
+                    "adopt it as running",
                 )
             )
             return replace(
@@ -295,7 +296,7 @@ def _settle_guest(
             Finding(
                 rec.name,
                 f"a start was interrupted while its QEMU (pid {pid}) was half-started",
-                f"ended QEMU pid {pid} and removed its run directory {run_dir}",
+                f"end QEMU pid {pid} and remove its run directory {run_dir}",
                 end(pid),
             )
         )
@@ -306,21 +307,22 @@ def _settle_guest(
             Finding(
                 rec.name,
                 f"it is recorded as {rec.state.value} but its QEMU (pid {pid}) runs",
-                f"ended QEMU pid {pid} and removed its run directory {run_dir}",
+                f"end QEMU pid {pid} and remove its run directory {run_dir}",
                 end(pid),
             )
         )
         return gone
+    base = gone if rec.pid is not None or rec.vcpu_threads else rec
     if leftover_dir:
         findings.append(
             Finding(
                 rec.name,
                 f"its run directory {run_dir} is left from a QEMU that is gone",
-                "removed it",
+                "remove it",
                 clear_dir,
             )
         )
-    return rec
+    return base
 
 
 def _wait_pages_back(root: HostRoot, rec: PartitionRecord, timeout: float = 10.0) -> None:

@@ -18,6 +18,7 @@ import errno as errno_mod
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -250,9 +251,12 @@ def _list(v: Any, what: str) -> list[Any]:
     return v
 
 
+_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")  # the schema's partition name
+
+
 def _check_name(name: str) -> None:
     # The name becomes a directory under the run directory: nothing that could leave it.
-    if not name or "/" in name or "\0" in name or name in (".", "..") or len(name) > 64:
+    if not _NAME.fullmatch(name):
         raise ValueError(f"partition name {name!r} is not a partition name")
 
 
