@@ -312,7 +312,6 @@ def _settle_guest(
             )
         )
         return gone
-    base = gone if rec.pid is not None or rec.vcpu_threads else rec
     if leftover_dir:
         findings.append(
             Finding(
@@ -322,7 +321,7 @@ def _settle_guest(
                 clear_dir,
             )
         )
-    return base
+    return rec
 
 
 def _wait_pages_back(root: HostRoot, rec: PartitionRecord, timeout: float = 10.0) -> None:
