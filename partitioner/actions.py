@@ -388,7 +388,13 @@ class ClaimGroup(_Base):
         if ctx.host is None:
             raise ApplyFailed(f"claiming IOMMU group {self.group} needs the scanned host")
         _claim_intent(ctx, self.target, self.group)
-        claim = claim_group(ctx.root, ctx.host, self.group)
+        try:
+            claim = claim_group(ctx.root, ctx.host, self.group)
+        except BaseException:
+            # claim_group gave back what it took: the intent is void.
+            ctx.update(_drop_claim(ctx.state.partitions[self.target], self.group))
+            ctx.commit()
+            raise
         point("group-claimed")
         rec = _drop_claim(ctx.state.partitions[self.target], self.group)
         ctx.update(replace(rec, claims=(*rec.claims, claim.to_json())))

@@ -33,6 +33,7 @@ from guestimage import build_guest_initramfs, guest_kernel
 from partitioner import sysfs
 from partitioner.cpuset import CpuSet
 from partitioner.guest.launch import thread_affinities
+from partitioner.guest.qmp import Qmp
 from partitioner.hostroot import HostRoot
 from partitioner.units import MiB
 
@@ -238,3 +239,48 @@ def test_destroy_killed_at_every_step_is_finished_by_the_next_run(site: Site) ->
         again = site.apply()
         assert again.returncode == 0, f"{label}: apply after the kill: {again.stderr}"
         _check_running_pinned(site)
+
+
+def test_status_says_paused_and_plan_reconciles_the_way_apply_does(site: Site) -> None:
+    pool_before = _pool_size()
+    assert site.apply().returncode == 0
+    st = json.loads(site.run("--json", "status").stdout)["partitions"]["crashp"]
+    pid = st["pid"]
+    qmp = site.run_dir / "crashp" / "qmp.sock"
+
+    # Paused by someone over QMP: status says so (cli.md's states), and back.
+    with Qmp(qmp, timeout=10) as q:
+        q.execute("stop")
+    assert json.loads(site.run("--json", "status").stdout)["partitions"]["crashp"]["state"] == (
+        "paused"
+    )
+    with Qmp(qmp, timeout=10) as q:
+        q.execute("cont")
+    assert json.loads(site.run("--json", "status").stdout)["partitions"]["crashp"]["state"] == (
+        "running"
+    )
+
+    # A change to the running partition is held, in plan as in apply.
+    changed = site.dir / "changed.yaml"
+    changed.write_text(site.manifest.read_text().replace("64MiB", "128MiB"))
+    cp = site.run("--json", "plan", str(changed))
+    assert cp.returncode == 0, cp.stderr
+    doc = json.loads(cp.stdout)
+    assert "crashp" in doc["held"] and doc["actions"] == []
+
+    # Its QEMU dies: plan shows the restart apply will make, status the failure.
+    os.kill(pid, signal.SIGKILL)
+    while pid in _qemus(site.run_dir):
+        time.sleep(0.05)
+    cp = site.run("--json", "plan", str(site.manifest))
+    doc = json.loads(cp.stdout)
+    assert [(a["action"], a["target"]) for a in doc["actions"]] == [("start", "crashp")]
+    assert any("no longer running" in f["found"] for f in doc["reconciled"])
+    assert json.loads(site.run("--json", "status").stdout)["partitions"]["crashp"]["state"] == (
+        "failed"
+    )
+    again = site.apply()
+    assert again.returncode == 0, again.stderr
+    _check_running_pinned(site)
+    assert site.destroy().returncode == 0
+    _check_clean(site, pool_before)

@@ -17,9 +17,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from fakekernel import FakeKernelRoot
 from test_state import placement
+from test_vfio import NIC, build, host_of
+from treebuilder import TreeBuilder
 
 from partitioner import sysfs
+from partitioner.actions import ApplyContext, _claim_intent
 from partitioner.cpuset import CpuSet
 from partitioner.guest.argv import guest_paths
 from partitioner.guest.launch import identify, start_ticks
@@ -33,8 +37,10 @@ from partitioner.state import (
     SiteRecord,
     State,
     StateStore,
+    plan_of_state,
 )
 from partitioner.units import MiB
+from vfio.claim import claim_group
 
 ROOT = HostRoot("/")
 
@@ -270,3 +276,32 @@ def test_status_sees_what_reconciliation_would_do_and_does_not_do_it(
     )
     assert _alive(pid)
     assert store.load() == _state(rec)
+
+
+def test_a_claim_killed_after_the_unbind_is_given_back_once(tree: TreeBuilder) -> None:
+    """The intent is saved before the first unbind; the claim is then made but never recorded
+    (the command is killed): the next run gives the function back to its driver, once."""
+    fk = FakeKernelRoot(build(tree))
+    host = host_of(fk)
+    store = StateStore(Path(tree.root) / "state")
+    site = SiteRecord("/s.yaml", "tcg", "pinned", CpuSet([0]), 1024 * MiB)
+    plan = plan_of_state(_state(PartitionRecord("p1", RunState.STOPPED, placement("p1"))))
+    ctx = ApplyContext(
+        root=fk,
+        plan=plan,
+        state=State(site=site),
+        run_dir=Path(tree.root) / "run",
+        log_dir=Path(tree.root) / "log",
+        host=host,
+        store=store,
+    )
+    _claim_intent(ctx, "p1", 2)
+    claim_group(fk, host, 2, load_module=lambda _name: None)  # ... and killed right here
+    assert fk.readlink_name(sysfs.pci_device(NIC, "driver")) == "vfio-pci"
+    r = reconcile(store.load(), fk)
+    assert r.state.partitions["p1"].claims == ()
+    r.carry_out()
+    assert fk.readlink_name(sysfs.pci_device(NIC, "driver")) == "e1000e"
+    assert fk.read(sysfs.pci_device(NIC, "driver_override")) in (None, "", "(null)")
+    store.save(r.state)
+    assert reconcile(store.load(), fk).findings == []
