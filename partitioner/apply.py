@@ -50,7 +50,7 @@ def prepare(
     from partitioner.planner import plan
 
     manifest = load(manifest_path)
-    rec = reconcile_store(store, root) if act else reconcile(store.load(), root)
+    rec = reconcile_store(store, root) if act else reconcile(store.load(), root, busy=store.busy())
     state = rec.state
     # Scanned after reconciling: a QEMU it ended has given its pages back by now.
     host = scan(root)

@@ -79,12 +79,22 @@ class Reconciled:
                 f.fix()
 
 
-def reconcile(state: State, root: HostRoot) -> Reconciled:
-    """What the host and the record's intents say about each partition; changes nothing."""
+def reconcile(state: State, root: HostRoot, *, busy: bool = False) -> Reconciled:
+    """What the host and the record's intents say about each partition; changes nothing.
+
+    ``busy``: another command holds the lock (a read-only verb asks), so a ``starting``
+    partition may be starting right now: it is shown as it is, and its QEMU is not
+    asked over QMP (one client at a time) while the starting command talks to it.
+    """
     findings: list[Finding] = []
     out = state
     host_cpus = state.site.host_cpus if state.site is not None else CpuSet()
     for _name, rec in state.partitions.items():
+        if busy:
+            # Intents are changes under way, not interrupted ones: only the dead are told.
+            if rec.state is not RunState.STARTING:
+                out = out.with_partition(_settle_guest(rec, root, host_cpus, findings))
+            continue
         rec = _settle_pools(rec, root, findings)
         rec = _settle_claims(rec, root, findings)
         rec = _settle_guest(rec, root, host_cpus, findings)

@@ -568,6 +568,21 @@ class StateStore:
         except OSError:
             return ""
 
+    def busy(self) -> bool:
+        """True while another command holds the lock (its flock, not the text it left:
+        a killed holder's text stays, its flock does not)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing lets go of the shared lock, if it was taken
+        return False
+
     @contextlib.contextmanager
     def lock(self, verb: str, timeout: float = 60.0) -> Iterator[None]:
         """Hold the state lock for ``verb``; wait up to ``timeout`` s for another holder, then fail naming it."""

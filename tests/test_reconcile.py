@@ -305,3 +305,22 @@ def test_a_claim_killed_after_the_unbind_is_given_back_once(tree: TreeBuilder) -
     assert fk.read(sysfs.pci_device(NIC, "driver_override")) in (None, "", "(null)")
     store.save(r.state)
     assert reconcile(store.load(), fk).findings == []
+
+
+def test_while_another_command_holds_the_lock_a_start_is_under_way_not_interrupted(
+    tmp_path: Path, procs: list[subprocess.Popen[bytes]]
+) -> None:
+    rec = _record(tmp_path)
+    paths = guest_paths(tmp_path / "run", tmp_path / "log", "p1")
+    pid = _fake_qemu(procs, "p1", paths.qmp)
+    paths.pidfile.write_text(f"{pid}\n")
+    store = StateStore(tmp_path / "state")
+    store.save(_state(rec))
+    assert not store.busy()
+    with store.lock("apply from the test"):
+        assert store.busy()
+        r = reconcile(store.load(), ROOT, busy=store.busy())
+        assert r.state.partitions["p1"].state is RunState.STARTING and r.findings == []
+    # Once it lets go, a start left "starting" is one a killed command left.
+    assert not store.busy()
+    assert reconcile(store.load(), ROOT, busy=store.busy()).findings != []

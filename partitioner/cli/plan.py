@@ -97,5 +97,6 @@ def _reconciled(ctx: Context) -> tuple[State, list[Finding]]:
     """
     if ctx.host_root is not None:
         return State(), []
-    found = reconcile(StateStore(ctx.state_dir).load(), ctx.root())
+    store = StateStore(ctx.state_dir)
+    found = reconcile(store.load(), ctx.root(), busy=store.busy())
     return found.state, found.findings

@@ -71,7 +71,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     store = StateStore(ctx.state_dir)
     # Read-only: the record is checked against the live processes but not rewritten here;
     # the next apply or lifecycle verb records what it finds (and does what it says).
-    found = reconcile(store.load(), ctx.root())
+    found = reconcile(store.load(), ctx.root(), busy=store.busy())
     notes = [f.text(done=False) for f in found.findings]
     recs = dict(found.state.partitions)
     if args.name is not None:
