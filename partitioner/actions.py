@@ -230,18 +230,7 @@ def _shrink_pool(ctx: ApplyContext, name: str, node: int, size_bytes: int, pages
         raise
     point("pool-shrunk")
     rec = _drop_intent(ctx.state.partitions[name], intent)
-    rec = _drop_grant(rec, HugepageGrant(node, size_bytes, pages))
-    old = next(
-        (
-            g.pages
-            for g in ctx.state.partitions[name].hugepages
-            if (g.node, g.size_bytes) == (node, size_bytes)
-        ),
-        0,
-    )
-    if old - given > 0:
-        rec = _add_grant(rec, HugepageGrant(node, size_bytes, old - given))
-    ctx.update(rec)
+    ctx.update(_add_grant(rec, HugepageGrant(node, size_bytes, -given)))
     return given
 
 
