@@ -189,6 +189,10 @@ def test_a_bad_record_is_exit_2_naming_it_for_every_verb(
         # It says what to do, and the record is left as it was for the operator to look at.
         assert "move" in cp.stderr and "aside" in cp.stderr, (verb, cp.stderr)
         assert record.read_bytes() == BAD[case], verb
+        if "--json" in args:
+            # One JSON document on stdout, on failure too (cli.md).
+            doc = json.loads(cp.stdout)
+            assert (doc["ok"], doc["exit"]) == (False, 2), doc
 
 
 def test_the_good_record_these_are_made_from_is_read(tmp_path: Path) -> None:
