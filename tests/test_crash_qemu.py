@@ -175,22 +175,20 @@ def _check_running_pinned(site: Site) -> None:
 
 
 def _check_clean(site: Site, pool_before: int) -> None:
-    """No QEMU, no run directory content, no partition recorded, the pool given back.
-
-    The pool is shared with other processes: it must be back at its size before the
-    test; another process may resize it meanwhile, so the check waits (bounded) for
-    the pool to be back where it was.
-    """
+    """No QEMU, no run directory content, no partition recorded (so no grant, no intent
+    left to give back), and the pool no larger than before the test."""
     assert _qemus(site.run_dir) == []
     leftover = list(site.run_dir.rglob("*")) if site.run_dir.exists() else []
     assert leftover == [], leftover
     record = json.loads((site.dir / "state" / "state.json").read_text())
     assert record["partitions"] == {}, record
-    # Another helper's test may hold pages of the same pool for a while: wait it out.
+    # Other processes (other sites' tests) raise and shrink the same pool meanwhile; a page
+    # this test leaked would keep it above where it started, so that is what is checked,
+    # waiting (bounded) for pages someone else holds for a while.
     deadline = time.monotonic() + 60
-    while _pool_size() != pool_before and time.monotonic() < deadline:
+    while _pool_size() > pool_before and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _pool_size() == pool_before, (
+    assert _pool_size() <= pool_before, (
         f"the 2MiB pool has {_pool_size()} pages, {pool_before} before the test"
     )
 
