@@ -119,7 +119,7 @@ def default_kernel(boot: Path = Path("/boot")) -> Path:
         ],
     )
     if not found:
-        raise GuestError(
+        raise PreconditionError(
             "no kernel to boot the emulated server: install linux-image-amd64 "
             "(a /boot/vmlinuz-VERSION with its /lib/modules/VERSION)"
         )
