@@ -27,6 +27,10 @@ from partitioner.errors import HostReadError
 _INT_RE = re.compile(r"-?[0-9]{1,20}")
 _HEX_RE = re.compile(r"(?:0[xX])?[0-9a-fA-F]{1,16}")
 
+# Reads stop here: the largest kernel text the scan reads (mountinfo of a host with
+# many thousands of mounts) is a few MiB; a hostile tree's file could fill memory.
+MAX_FILE = 64 * 2**20
+
 # Where a snapshot keeps the hwdb entries its scan read (udev's own source format).
 SNAPSHOT_HWDB = "/etc/udev/hwdb.d/60-partition-snapshot.hwdb"
 
@@ -83,6 +87,15 @@ class HostRoot:
 
     # -- reads ---------------------------------------------------------------
 
+    def _too_big(self, kernel_path: str) -> HostReadError:
+        where = self.path(kernel_path)
+        return HostReadError(
+            f"{where} is larger than {MAX_FILE // 2**20} MiB, more than the kernel writes in "
+            "any file the partitioner reads: the tree is damaged; take a new one with "
+            "`partition snapshot DIR`",
+            path=str(where),
+        )
+
     def _loop(self, kernel_path: str) -> HostReadError:
         where = self.path(kernel_path)
         return HostReadError(
@@ -112,8 +125,12 @@ class HostRoot:
                 # A sysfs attribute comes whole in one read; procfs hands out about
                 # a page per read, so there only an empty read is the end.
                 if kernel_path.startswith("/proc/") or len(chunks[0]) == 65536:
+                    size = len(chunks[0])
                     while chunks[-1]:
                         chunks.append(os.read(fd, 65536))
+                        size += len(chunks[-1])
+                        if size > MAX_FILE:
+                            raise self._too_big(kernel_path)
             finally:
                 os.close(fd)
             return b"".join(chunks).decode("utf-8", errors="replace").strip()

@@ -455,3 +455,15 @@ def test_snapshot_elsewhere_still_works(
     rc, _, err = cli(capsys, "--host-root", str(snap), "snapshot", str(tmp_path / "out"))
     assert rc == 0, err
     assert (tmp_path / "out/sys/devices/system/cpu/online").is_file()
+
+
+def test_a_proc_file_larger_than_any_kernel_writes(
+    capsys: pytest.CaptureFixture[str], snap: Path
+) -> None:
+    p = snap / "proc/swaps"
+    with p.open("a") as f:
+        line = "/dev/zram0 partition 1048572 0 -2\n" * 1024
+        for _ in range(65 * 1024 * 1024 // len(line) + 1):
+            f.write(line)
+    err = refused(capsys, snap)
+    assert str(p) in err and "larger than 64 MiB" in err
