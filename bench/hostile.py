@@ -118,27 +118,27 @@ def main_() -> None:
         for count in (10_000, 20_000):
             root = TreeBuilder(base / f"pci{count}").cpus(count=4).build()
             add_functions(root, count)
-            per[count] = median_time(lambda root=root: inspect(root), args.repeat)  # type: ignore[misc]
+            per[count] = median_time(lambda root=root: inspect(root), args.repeat)
             rows.append((f"inspect, {count:,} PCI functions", f"{per[count]:.2f} s", ""))
         ratio = per[20_000] / per[10_000]
         rows.append(("ratio 20,000 / 10,000 (linear: 2)", f"{ratio:.2f}", ""))
         for n in (6, 24):
             root = dm_cycle(base / f"dm{n}", n)
-            t = median_time(lambda root=root: inspect(root), args.repeat)  # type: ignore[misc]
-            lists = listings(lambda root=root: inspect(root))  # type: ignore[misc]
+            t = median_time(lambda root=root: inspect(root), args.repeat)
+            lists = listings(lambda root=root: inspect(root))
             rows.append(
                 (f"inspect, {n} dm devices all slaves of each other", f"{t:.3f} s", f"{lists}")
             )
         for n in (7, 28):
             root = lower_cycle(base / f"br{n}", n)
-            t = median_time(lambda root=root: inspect(root), args.repeat)  # type: ignore[misc]
-            lists = listings(lambda root=root: inspect(root))  # type: ignore[misc]
+            t = median_time(lambda root=root: inspect(root), args.repeat)
+            lists = listings(lambda root=root: inspect(root))
             rows.append(
                 (f"inspect, {n} bridges all lower_ of each other", f"{t:.3f} s", f"{lists}")
             )
         for size in (65_000, 16 * 1024 * 1024):
             root = huge_cpulist(base / f"cpulist{size}", size)
-            t = median_time(lambda root=root: inspect(root), args.repeat)  # type: ignore[misc]
+            t = median_time(lambda root=root: inspect(root), args.repeat)
             rows.append((f"inspect, a node cpulist of {size:,} bytes", f"{t:.3f} s", ""))
     print("| case | median | directories listed |")
     print("|---|---|---|")
