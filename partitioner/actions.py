@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 from partitioner.errors import ApplyFailed, PartitionError, RollbackIncomplete
 from partitioner.host import Host
 from partitioner.hostroot import HostRoot
+from partitioner.isolation.cgroup import fence, unfence
 from partitioner.plan import Placement, Plan
 from partitioner.run import CommandFailed
 from partitioner.state import (
@@ -420,6 +421,11 @@ def _launch(ctx: ApplyContext, name: str, placement: Placement, plan: Plan) -> P
         started_at=guest.started_at,
     )
     ctx.update(rec)
+    try:
+        fence(ctx.root, rec, plan.host_cpus)  # its cgroup, vCPUs and emulator apart
+    except BaseException:
+        _stop(ctx, rec, ctx.undo_stop_timeout)
+        raise
     return rec
 
 
@@ -435,6 +441,7 @@ def _stop(ctx: ApplyContext, rec: PartitionRecord, timeout: float) -> None:
             else guest_paths(ctx.run_dir, ctx.log_dir, rec.name, state_dir=ctx.state_dir)
         )
         powerdown(paths, rec.pid, timeout=timeout, root=ctx.root)
+    unfence(ctx.root, rec.name)
     ctx.update(replace(rec, state=RunState.STOPPED, pid=None, vcpu_threads={}, started_at=None))
 
 
