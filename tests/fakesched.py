@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from pathlib import Path
 
 from treebuilder import TreeBuilder
 
@@ -35,6 +36,8 @@ from partitioner.hostroot import HostRoot
 from partitioner.isolation.view import PF_KTHREAD, PF_NO_SETAFFINITY, format_mask
 
 _IRQ = re.compile(r"^/proc/irq/(\d+)/smp_affinity_list$")
+NIC = "0000:81:00.0"
+WQ, DEFAULT = "/sys/devices/virtual/workqueue/cpumask", "/proc/irq/default_smp_affinity"
 MASKS = ("/proc/irq/default_smp_affinity", "/sys/devices/virtual/workqueue/cpumask")
 
 
@@ -74,12 +77,16 @@ class SchedKernel(HostRoot):
         tid = pid if tid is None else tid
         flags = (PF_KTHREAD if kthread else 0) | (PF_NO_SETAFFINITY if percpu else 0)
         # proc(5): pid (comm) state ppid pgrp session tty tpgid flags ... starttime is field 22.
-        fields = ["S", "1", str(pid), str(pid), "0", "-1", str(flags)] + ["0"] * 12 + [str(starttime)]
+        fields = (
+            ["S", "1", str(pid), str(pid), "0", "-1", str(flags)] + ["0"] * 12 + [str(starttime)]
+        )
         base = f"/proc/{pid}/task/{tid}"
-        self._put(f"{base}/stat", f"{tid} ({comm}) " + " ".join(fields + ["0"] * 10))
+        stat = f"{tid} ({comm}) " + " ".join(fields + ["0"] * 10)
+        self._put(f"{base}/stat", stat)
         self._set_allowed(base, CpuSet.parse(allowed))
         if tid == pid:
             self._put(f"/proc/{pid}/comm", comm)
+            self._put(f"/proc/{pid}/stat", stat)
         return self
 
     def _set_allowed(self, base: str, cpus: CpuSet) -> None:
@@ -88,11 +95,15 @@ class SchedKernel(HostRoot):
             f"Name:\tx\nCpus_allowed:\t{format_mask(cpus)}\nCpus_allowed_list:\t{cpus}\n",
         )
 
-    def irq(self, n: int, affinity: str, actions: str = "", *, effective: str | None = None) -> SchedKernel:
+    def irq(
+        self, n: int, affinity: str, actions: str = "", *, effective: str | None = None
+    ) -> SchedKernel:
         cpus = CpuSet.parse(affinity)
         self._put(f"/proc/irq/{n}/smp_affinity_list", str(cpus))
         self._put(f"/proc/irq/{n}/smp_affinity", format_mask(cpus))
-        eff = CpuSet.parse(effective) if effective is not None else CpuSet([min(cpus & self.online)])
+        eff = (
+            CpuSet.parse(effective) if effective is not None else CpuSet([min(cpus & self.online)])
+        )
         self._put(f"/proc/irq/{n}/effective_affinity_list", str(eff))
         self._put(f"/sys/kernel/irq/{n}/actions", actions)
         return self
@@ -158,3 +169,30 @@ class SchedKernel(HostRoot):
             self._put(kernel_path, format_mask(cpus))
             return
         raise AssertionError(f"isolation wrote {kernel_path!r}, which this fake does not play")
+
+
+def small_host(root: Path) -> SchedKernel:
+    """CPUs 0-3; the reserve is 0 and partition fw0 (pid 500, vCPUs 501-502) has 2-3 and NIC."""
+    k = SchedKernel(TreeBuilder(root), "0-3")
+    k.task(1, "init", "0-3")
+    k.task(2, "kthreadd", "0-3", kthread=True)
+    k.task(20, "ksoftirqd/2", "2", kthread=True, percpu=True)
+    k.task(30, "kworker/u8:0", "0-3", kthread=True)
+    k.task(100, "sshd", "0-3").task(100, "sshd", "0-3", tid=101)  # a thread too
+    k.task(200, "pinned-to-0", "0")
+    k.task(300, "pinned-to-3", "3")
+    k.task(400, "half", "1-2")
+    k.task(500, "qemu-fw0", "0").task(500, "CPU 0/TCG", "2", tid=501).task(
+        500, "CPU 1/TCG", "3", tid=502
+    )
+    k.irq(0, "0-3", "timer")
+    k.irq(24, "0-3", "ahci[0000:00:1f.2]")
+    k.irq(25, "3", "eth0")
+    k.irq(26, "0", "virtio0")
+    k.irq(40, "0-3", f"vfio-msix[0]({NIC})")
+    k.irq(41, "0-3", "vfio-msix[0](0000:42:00.0)")  # another device: the host's
+    k.irq(50, "2", "nvme0q2")  # a managed queue interrupt
+    k.mask(WQ, "0-3").mask(DEFAULT, "0-3")
+    k.refuse("irq", 0, errno.EIO)
+    k.refuse("irq", 50, errno.EIO)
+    return k

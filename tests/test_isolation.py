@@ -9,13 +9,17 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from fakesched import MASKS, Killed, SchedKernel
-from treebuilder import TreeBuilder
+from fakesched import DEFAULT, MASKS, NIC, WQ, Killed, SchedKernel, small_host
 
 from partitioner.cpuset import CpuSet
 from partitioner.hostroot import HostRoot
 from partitioner.inventory import scan
-from partitioner.isolation.layout import Layout, PartitionCpus, layout_of, reserve_and_partition_cpus
+from partitioner.isolation.layout import (
+    Layout,
+    PartitionCpus,
+    layout_of,
+    reserve_and_partition_cpus,
+)
 from partitioner.isolation.moves import plan_moves
 from partitioner.isolation.runtime import (
     IsolateHost,
@@ -33,8 +37,6 @@ from partitioner.planner import plan
 from partitioner.state import State
 
 TESTBED_NUMA = Path(__file__).resolve().parent / "fixtures" / "hosts" / "testbed-numa"
-NIC = "0000:81:00.0"
-WQ, DEFAULT = "/sys/devices/virtual/workqueue/cpumask", "/proc/irq/default_smp_affinity"
 
 
 def test_the_layout_of_a_plan_on_the_emulated_server() -> None:
@@ -71,27 +73,7 @@ LAYOUT = Layout(
 
 @pytest.fixture
 def k(tmp_path: Path) -> SchedKernel:
-    k = SchedKernel(TreeBuilder(tmp_path / "host"), "0-3")
-    k.task(1, "init", "0-3")
-    k.task(2, "kthreadd", "0-3", kthread=True)
-    k.task(20, "ksoftirqd/2", "2", kthread=True, percpu=True)
-    k.task(30, "kworker/u8:0", "0-3", kthread=True)
-    k.task(100, "sshd", "0-3").task(100, "sshd", "0-3", tid=101)  # a thread too
-    k.task(200, "pinned-to-0", "0")
-    k.task(300, "pinned-to-3", "3")
-    k.task(400, "half", "1-2")
-    k.task(500, "qemu-fw0", "0").task(500, "CPU 0/TCG", "2", tid=501).task(500, "CPU 1/TCG", "3", tid=502)
-    k.irq(0, "0-3", "timer")
-    k.irq(24, "0-3", "ahci[0000:00:1f.2]")
-    k.irq(25, "3", "eth0")
-    k.irq(26, "0", "virtio0")
-    k.irq(40, "0-3", f"vfio-msix[0]({NIC})")
-    k.irq(41, "0-3", "vfio-msix[0](0000:42:00.0)")  # another device: the host's
-    k.irq(50, "2", "nvme0q2")  # a managed queue interrupt
-    k.mask(WQ, "0-3").mask(DEFAULT, "0-3")
-    k.refuse("irq", 0, errno.EIO)
-    k.refuse("irq", 50, errno.EIO)
-    return k
+    return small_host(tmp_path / "host")
 
 
 GUESTS = {500: "fw0"}
@@ -114,8 +96,15 @@ def test_moves_take_every_movable_thing_off_the_partition_cpus(k: SchedKernel) -
     mv = plan_moves(LAYOUT, read_host_work(k), GUESTS)
     tasks = {t.tid: t.new for t in mv.tasks}
     # Whatever may run on 2-3 goes to the reserve; a task already only on the reserve stays.
-    assert tasks == {1: CpuSet([0]), 2: CpuSet([0]), 30: CpuSet([0]), 100: CpuSet([0]),
-                     101: CpuSet([0]), 300: CpuSet([0]), 400: CpuSet([0])}
+    assert tasks == {
+        1: CpuSet([0]),
+        2: CpuSet([0]),
+        30: CpuSet([0]),
+        100: CpuSet([0]),
+        101: CpuSet([0]),
+        300: CpuSet([0]),
+        400: CpuSet([0]),
+    }
     assert [t.tid for t in mv.pinned_by_kernel] == [20]  # ksoftirqd/2: only boot can help
     irqs = {i.irq: i.new for i in mv.irqs}
     assert irqs[40] == CpuSet([2, 3])  # the partition's own NIC: onto its CPUs
@@ -141,7 +130,9 @@ def test_isolate_records_first_moves_and_restore_puts_everything_back(
     # What the kernel refused is recorded, not an error.
     refused = {(r["kind"], r["id"]): r["errno"] for r in doc["refused"]}
     assert refused == {("irq", 0): "EIO", ("irq", 50): "EIO"}
-    assert plan_moves(LAYOUT, read_host_work(k), GUESTS, refused_irqs=frozenset({0, 50})).count() == 0
+    assert (
+        plan_moves(LAYOUT, read_host_work(k), GUESTS, refused_irqs=frozenset({0, 50})).count() == 0
+    )
     on_disk = json.loads(record_path(tmp_path / "state").read_text())
     assert on_disk["tasks"]["300:100"]["old"] == "3"
     assert on_disk["masks"][WQ] == "0-3"
@@ -169,7 +160,9 @@ def test_a_killed_isolate_is_finished_by_the_next_and_undone_by_destroy(
     with pytest.raises(Killed):
         isolate(k, LAYOUT, GUESTS, state)
     isolate(k, LAYOUT, GUESTS, state)  # the next apply finishes the job
-    assert plan_moves(LAYOUT, read_host_work(k), GUESTS, refused_irqs=frozenset({0, 50})).count() == 0
+    assert (
+        plan_moves(LAYOUT, read_host_work(k), GUESTS, refused_irqs=frozenset({0, 50})).count() == 0
+    )
     k.die_after(3)
     with pytest.raises(Killed):
         restore(k, state)  # a destroy killed midway ...
@@ -208,8 +201,16 @@ def test_apply_and_destroy_choose_isolation_by_the_sites_mode(tmp_path: Path) ->
     assert isinstance(act, IsolateHost) and act.layout == layout_of(p)
     # Once isolated, a pinned (or empty) site puts the host back, and so does destroying the last.
     (tmp_path / "isolation.json").write_text(
-        json.dumps({"version": 1, "layout": layout_of(p).to_json(), "tasks": {}, "irqs": {},
-                    "masks": {}, "refused": []})
+        json.dumps(
+            {
+                "version": 1,
+                "layout": layout_of(p).to_json(),
+                "tasks": {},
+                "irqs": {},
+                "masks": {},
+                "refused": [],
+            }
+        )
     )
     [rel] = apply_actions("pinned", p, State(), tmp_path, root)
     assert isinstance(rel, ReleaseHost) and rel.layout == layout_of(p)

@@ -35,6 +35,7 @@ VERB_MODULES: list[str] = [
     "status",
     "lifecycle",
     "destroy",
+    "audit",
     "console",
     "testbed",
 ]
