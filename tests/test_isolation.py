@@ -34,7 +34,7 @@ from partitioner.isolation.runtime import (
 from partitioner.isolation.view import read_host_work
 from partitioner.loader import loads
 from partitioner.planner import plan
-from partitioner.state import State
+from partitioner.state import HugepageGrant, PartitionRecord, RunState, State
 
 TESTBED_NUMA = Path(__file__).resolve().parent / "fixtures" / "hosts" / "testbed-numa"
 
@@ -214,8 +214,23 @@ def test_apply_and_destroy_choose_isolation_by_the_sites_mode(tmp_path: Path) ->
     )
     [rel] = apply_actions("pinned", p, State(), tmp_path, root)
     assert isinstance(rel, ReleaseHost) and rel.layout == layout_of(p)
-    assert destroy_actions(State(), set(), tmp_path) != []
-    assert [str(a) for a in destroy_actions(State(), set(), tmp_path)] == [str(rel)]
+    from partitioner.actions import teardown
+
+    state = State().with_partition(
+        PartitionRecord(
+            "a",
+            RunState.RUNNING,
+            p.placements["a"],
+            pid=1,
+            hugepages=(HugepageGrant(0, 2 << 20, 1),),
+        )
+    )
+    down = teardown(state.partitions.values())
+    got = [a.kind for a in destroy_actions(down, state, {"a"}, tmp_path)]
+    # The host is put back as soon as the guests are stopped, before devices and pages go back.
+    assert got == ["stop", "release-host", "release-hugepages", "forget"]
+    two = state.with_partition(PartitionRecord("b", RunState.RUNNING, p.placements["a"], pid=2))
+    assert destroy_actions(down, two, {"a"}, tmp_path) == down  # b still runs: CPUs stay fenced
 
 
 def test_masks_are_hex_as_the_kernel_prints_them() -> None:

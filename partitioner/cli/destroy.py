@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
             names = set(load(args.file).partitions) & set(state.partitions)
         actions = teardown(r for n, r in state.partitions.items() if n in names)
-        actions += destroy_actions(state, names, store.dir)  # the host back, with the last one
+        actions = destroy_actions(actions, state, names, store.dir)  # host back with the last
         if not actions:
             ctx.say("nothing to do")
             return 0

@@ -365,12 +365,20 @@ def apply_actions(
     return []
 
 
-def destroy_actions(state: State, names: set[str], state_dir: str | Path) -> list[Any]:
-    """What ``destroy`` adds at the end: put the host back once no partition is left.
+def destroy_actions(
+    actions: list[Any], state: State, names: set[str], state_dir: str | Path
+) -> list[Any]:
+    """``destroy``'s actions with the host put back once no partition is left: right after the
+    guests stop, before their devices go back to their drivers (a driver that binds asks for
+    interrupts, which get ``default_smp_affinity``: it must be the host's own again by then).
 
     While others still run, the destroyed partition's CPUs stay fenced: the host gets
     them back with the last partition."""
     doc = load_record(state_dir)
     if doc is None or set(state.partitions) - names:
-        return []
-    return [ReleaseHost(layout_from_json(doc["layout"]), str(state_dir))]
+        return actions
+    stops = 0
+    while stops < len(actions) and getattr(actions[stops], "kind", "") == "stop":
+        stops += 1
+    release = ReleaseHost(layout_from_json(doc["layout"]), str(state_dir))
+    return [*actions[:stops], release, *actions[stops:]]
