@@ -81,11 +81,13 @@ def site(tmp_path: Path) -> Iterator[Site]:
         s.cli("destroy", "--all", "--timeout", "5")
 
 
-def host_settings() -> dict[str, str]:
-    """Every affinity and mask isolation may change: tasks by (tid, start), interrupts, masks."""
+def host_settings(but_irqs: frozenset[int] = frozenset()) -> dict[str, str]:
+    """Every affinity and mask isolation may change: movable tasks by (tid, start), interrupts
+    (less ``but_irqs``), masks.  Tasks the kernel keeps (PF_NO_SETAFFINITY: a workqueue's
+    rescuer binds itself to each CPU it rescues work on) are the kernel's to move, not ours."""
     w = read_host_work(ROOT)
-    out = {f"task {t.tid}:{t.starttime} {t.comm}": str(t.allowed) for t in w.tasks}
-    out.update({f"irq {i.irq}": str(i.affinity) for i in w.irqs})
+    out = {f"task {t.tid}:{t.starttime} {t.comm}": str(t.allowed) for t in w.tasks if t.movable}
+    out.update({f"irq {i.irq}": str(i.affinity) for i in w.irqs if i.irq not in but_irqs})
     out["workqueue"] = str(w.workqueue_mask)
     out["default_smp_affinity"] = str(w.default_irq_affinity)
     return out
@@ -192,6 +194,9 @@ def test_a_partitions_nic_interrupt_goes_to_its_cpu_and_others_stay_off(site: Si
     vfio = [i for i in read_host_work(ROOT).irqs if i.vfio_device() == NIC]
     # QEMU enables the NIC's INTx when it realizes the device: its handler is there at once.
     assert vfio, "no vfio interrupt of the partition's NIC"
+    # Requesting an interrupt sets its affinity up anew (the device's node): the kernel's change,
+    # made before isolation recorded it, so those numbers are left out of the comparison below.
+    nics = frozenset(i.irq for i in vfio)
     for i in vfio:
         assert i.affinity == PART, f"irq {i.irq} ({i.owner}) on {i.affinity}"
     assert on_partition_cpus(site) == []
@@ -199,4 +204,4 @@ def test_a_partitions_nic_interrupt_goes_to_its_cpu_and_others_stay_off(site: Si
     assert audit.returncode == 0, audit.stdout + audit.stderr
     cp = site.cli("destroy", "--all", "--timeout", "5")
     assert cp.returncode == 0, cp.stdout + cp.stderr
-    assert still_there(before, host_settings()) == {}
+    assert still_there(before, host_settings(nics)) == {}
