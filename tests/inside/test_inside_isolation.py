@@ -25,6 +25,7 @@ from guestimage import build_guest_initramfs, guest_kernel
 
 from partitioner.cpuset import CpuSet
 from partitioner.hostroot import HostRoot
+from partitioner.isolation.cgroup import cgroup_path, find_hierarchy, members
 from partitioner.isolation.view import read_host_work
 
 pytestmark = pytest.mark.skipif(
@@ -135,6 +136,14 @@ def test_full_isolation_audit_stray_destroy_and_a_killed_apply(site: Site) -> No
         assert cp.returncode == 0, cp.stdout + cp.stderr
         assert on_partition_cpus(site) == []
         assert CpuSet(os.sched_getaffinity(sleeper.pid)) == CpuSet([0])
+        # Its QEMU in a cgroup of its own (v2 here, threaded): vCPU and emulator apart.
+        h = find_hierarchy(ROOT)
+        assert h is not None and h.v2 and h.cpuset
+        st = json.loads(site.cli("--json", "status").stdout)["partitions"]["iso"]
+        got = members(ROOT, cgroup_path(h, "iso"))
+        threads = {int(t) for t in os.listdir(f"/proc/{st['pid']}/task")}
+        assert got["vcpu0"] == {st["vcpu_threads"]["0"]}
+        assert got["emulator"] == threads - got["vcpu0"]
         audit = site.cli("audit")
         assert audit.returncode == 0, audit.stdout + audit.stderr
 
@@ -163,6 +172,7 @@ def test_full_isolation_audit_stray_destroy_and_a_killed_apply(site: Site) -> No
         assert CpuSet(os.sched_getaffinity(sleeper.pid)) == online
         assert still_there(before, host_settings()) == {}
         assert not (site.tmp / "state" / "isolation.json").exists()
+        assert not ROOT.exists(cgroup_path(h, "iso"))
 
         # An apply killed once its isolation record is written (moves half done), then again.
         p = subprocess.Popen(site.argv("apply", str(m)), env=site.env, cwd=PROJECT)
