@@ -16,7 +16,7 @@ server's own tasks took from it, whatever happens outside.  It runs
 
 1. on the idle server (no partition, no load): the baseline;
 2. with a one-partition site applied (CPU 0 reserved, CPU 1 the partition's)
-   under ``isolation: pinned`` and then ``full``, each while the host runs a load
+   under ``isolation: pinned`` and then ``full``, once its guest has booted and idles, each while the host runs a load
    started after ``apply`` (as the host's own work would be): one unpinned busy
    process per online CPU, loopback TCP traffic, and file writes with fsync.
 
@@ -133,6 +133,26 @@ def _cli(tmp: Path, *args: str) -> None:
         raise SystemExit(f"partition {' '.join(args)} exited {cp.returncode}:\n{cp.stderr}")
 
 
+def _wait_idle(tmp: Path, timeout: float = 1200.0) -> None:
+    """Until the partition's guest has booted (its console says GUEST-READY) and idles: a
+    booting TCG guest keeps its vCPU thread busy on the very CPU the probe measures."""
+    cp = subprocess.run(
+        [sys.executable, "-m", "partitioner.cli.main", "--json", "status"],
+        env=_env(tmp),
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    log = Path(json.loads(cp.stdout)["partitions"]["probe"]["console_log"])
+    deadline = time.monotonic() + timeout
+    while "GUEST-READY" not in (log.read_text(errors="replace") if log.exists() else ""):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"the guest did not boot within {timeout:g}s (see {log})")
+        time.sleep(1)
+    time.sleep(2)
+
+
 def _probe(
     binary: Path, cpu: int, seconds: float, gap_us: float, cgroup: str | None
 ) -> dict[str, Any]:
@@ -226,6 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         _cli(tmp, "apply", str(_manifest(tmp, mode, initrd)))
         try:
             cg = cgroup_path(h, "probe") if h is not None else None
+            _wait_idle(tmp)
             load = _load(tmp)
             try:
                 runs = [_probe(probe, 1, args.seconds, args.gap_us, cg) for _ in range(args.repeat)]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fakesched import DEFAULT, MASKS, NIC, WQ, Killed, SchedKernel, small_host
+from treebuilder import TreeBuilder
 
 from partitioner.cpuset import CpuSet
 from partitioner.hostroot import HostRoot
@@ -240,3 +241,40 @@ def test_masks_are_hex_as_the_kernel_prints_them() -> None:
     assert format_mask(CpuSet([0, 35])) == "8,00000001"
     assert CpuSet.from_mask(format_mask(CpuSet([3, 40, 64]))) == CpuSet([3, 40, 64])
     assert MASKS
+
+
+def test_systemd_is_told_by_its_own_interface_and_only_when_it_is_pid_1(tmp_path: Path) -> None:
+    from partitioner.isolation.systemd import UNITS, has_systemd, set_property_argv, show_argv
+
+    t = TreeBuilder(tmp_path / "t")
+    root = HostRoot(t.build())
+    assert not has_systemd(root)
+    root.path("/proc/1").mkdir(parents=True, exist_ok=True)
+    root.path("/proc/1/comm").write_text("init\n")
+    root.path("/run/systemd/system").mkdir(parents=True)
+    assert not has_systemd(root)  # the directory alone: systemd is not PID 1
+    root.path("/proc/1/comm").write_text("systemd\n")
+    assert has_systemd(root)
+    assert set(UNITS) == {"init.scope", "system.slice", "user.slice"}
+    # At run time only (gone at reboot), and put back to the value recorded ("" = every CPU).
+    assert set_property_argv("system.slice", "0,4") == [
+        "systemctl",
+        "set-property",
+        "--runtime",
+        "system.slice",
+        "AllowedCPUs=0,4",
+    ]
+    assert set_property_argv("user.slice", "") == [
+        "systemctl",
+        "set-property",
+        "--runtime",
+        "user.slice",
+        "AllowedCPUs=",
+    ]
+    assert show_argv("init.scope") == [
+        "systemctl",
+        "show",
+        "--property=AllowedCPUs",
+        "--value",
+        "init.scope",
+    ]
