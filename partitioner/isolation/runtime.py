@@ -28,8 +28,13 @@ from partitioner.errors import ApplyFailed
 from partitioner.hostroot import HostRoot
 from partitioner.isolation.layout import Layout, PartitionCpus, layout_of
 from partitioner.isolation.moves import Moves, plan_moves
+from partitioner.isolation.systemd import confine as systemd_confine
+from partitioner.isolation.systemd import current as systemd_current
+from partitioner.isolation.systemd import has_systemd
+from partitioner.isolation.systemd import put_back as systemd_put_back
 from partitioner.isolation.view import format_mask, read_host_work, read_task
 from partitioner.plan import Plan
+from partitioner.run import CommandFailed
 from partitioner.state import RunState, State
 
 log = logging.getLogger("partitioner.isolation")
@@ -158,6 +163,8 @@ def isolate(
     a record left by a killed run keeps its originals and the moves are finished."""
     doc = load_record(state_dir) or new_record(layout)
     doc["layout"] = layout.to_json()
+    if root.live and has_systemd(root):
+        _confine_slices(doc, layout, state_dir)
     for _ in range(PASSES):
         moves = plan_moves(layout, read_host_work(root), guests, refused_irqs=refused_irqs(doc))
         if not moves:
@@ -167,6 +174,28 @@ def isolate(
         _perform(root, doc, moves)
         save_record(state_dir, doc)
     return doc
+
+
+def _confine_slices(doc: dict[str, Any], layout: Layout, state_dir: str | Path) -> None:
+    """systemd's slices: AllowedCPUs= the reserve, each unit's old value recorded first.  A
+    systemd that refuses (no unified cgroup hierarchy, an old version) is recorded as refused:
+    the affinity moves still hold the host's tasks."""
+    if "systemd" not in doc:
+        try:
+            doc["systemd"] = systemd_current()
+        except CommandFailed as e:
+            doc["refused"].append(
+                {"kind": "systemd", "id": "AllowedCPUs", "name": str(e), "errno": "-"}
+            )
+            doc["systemd"] = {}
+            return
+        save_record(state_dir, doc)
+    try:
+        systemd_confine(layout.reserve, tuple(doc["systemd"]))
+    except CommandFailed as e:
+        doc["refused"].append(
+            {"kind": "systemd", "id": "AllowedCPUs", "name": str(e), "errno": "-"}
+        )
 
 
 def _intend(doc: dict[str, Any], moves: Moves) -> None:
@@ -224,6 +253,8 @@ def restore(root: HostRoot, state_dir: str | Path) -> list[str]:
     if doc is None:
         return []
     notes: list[str] = []
+    if doc.get("systemd"):
+        systemd_put_back(doc["systemd"])
     for path, old in sorted(doc["masks"].items()):
         try:
             root.write(path, format_mask(CpuSet.parse(old)))
