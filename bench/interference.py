@@ -133,7 +133,7 @@ def _cli(tmp: Path, *args: str) -> None:
         raise SystemExit(f"partition {' '.join(args)} exited {cp.returncode}:\n{cp.stderr}")
 
 
-def _wait_idle(tmp: Path, timeout: float = 1200.0) -> None:
+def _wait_idle(tmp: Path, timeout: float = 900.0) -> None:
     """Until the partition's guest has booted (its console says GUEST-READY) and idles: a
     booting TCG guest keeps its vCPU thread busy on the very CPU the probe measures."""
     cp = subprocess.run(
@@ -196,7 +196,7 @@ def _manifest(tmp: Path, mode: str, initrd: Path) -> Path:
     m.write_text(
         "version: 1\n"
         f'host:\n  reserve:\n    cpus: "0"\n    memory: 256MiB\n  accel: tcg\n  isolation: {mode}\n'
-        'partitions:\n  probe:\n    cpus: "1"\n    memory: 64MiB\n    hugepages: none\n'
+        'partitions:\n  probe:\n    cpus: "1"\n    memory: 128MiB\n    hugepages: none\n'
         f"    boot:\n      kernel: {guest_kernel()}\n      initrd: {initrd}\n"
         "      cmdline: console=ttyS0 quiet panic=-1\n"
     )
