@@ -247,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cg = cgroup_path(h, "probe") if h is not None else None
             _wait_idle(tmp)
+            # The partition's own idle guest, no load: what its vCPU thread itself takes (under
+            # nested TCG an idle guest's timer ticks are not free), to tell from the host's work.
+            quiet = [_probe(probe, 1, args.seconds, args.gap_us, cg) for _ in range(args.repeat)]
+            results[f"{mode}-quiet"] = _summary(quiet)
+            loadavg[f"{mode}-quiet"] = _loadavg()
             load = _load(tmp)
             try:
                 runs = [_probe(probe, 1, args.seconds, args.gap_us, cg) for _ in range(args.repeat)]
@@ -268,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
         - results["idle"]["runqueue_pct"],
         "runqueue_full_minus_idle_pp": results["full"]["runqueue_pct"]
         - results["idle"]["runqueue_pct"],
+        "runqueue_load_pinned_pp": results["pinned"]["runqueue_pct"]
+        - results["pinned-quiet"]["runqueue_pct"],
+        "runqueue_load_full_pp": results["full"]["runqueue_pct"]
+        - results["full-quiet"]["runqueue_pct"],
         "pinned_over_full": results["pinned"]["stolen_pct"]
         / max(results["full"]["stolen_pct"], 1e-9),
         "loadavg": loadavg,
@@ -279,12 +288,12 @@ def main(argv: list[str] | None = None) -> int:
         f"probe on CPU 1, {args.repeat} x {args.seconds:g} s, gaps above {args.gap_us:g} us; medians"
     )
     print(
-        f"{'mode':8} {'stolen %':>9} {'runqueue %':>11} {'max gap us':>11} {'p99 gap us':>11} "
+        f"{'mode':12} {'stolen %':>9} {'runqueue %':>11} {'max gap us':>11} {'p99 gap us':>11} "
         f"{'gaps':>8}  load average"
     )
     for mode, r in results.items():
         print(
-            f"{mode:8} {r['stolen_pct']:9.2f} {r['runqueue_pct']:11.2f} {r['max_gap_us']:11.0f} "
+            f"{mode:12} {r['stolen_pct']:9.2f} {r['runqueue_pct']:11.2f} {r['max_gap_us']:11.0f} "
             f"{r['p99_gap_us']:11.0f} {r['gaps']:8.0f}  {loadavg.get(mode, '')}"
         )
     print(
@@ -293,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"runqueue: full - idle {doc['runqueue_full_minus_idle_pp']:+.2f} pp, pinned - idle "
-        f"{doc['runqueue_pinned_minus_idle_pp']:+.2f} pp"
+        f"{doc['runqueue_pinned_minus_idle_pp']:+.2f} pp; what the load adds over the quiet "
+        f"partition: full {doc['runqueue_load_full_pp']:+.2f} pp, pinned "
+        f"{doc['runqueue_load_pinned_pp']:+.2f} pp"
     )
     return 0
 
