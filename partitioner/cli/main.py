@@ -51,6 +51,7 @@ VERB_MODULES: list[str] = [
     "destroy",
     "audit",
     "console",
+    "export",
     "testbed",
 ]
 # The verbs a module registers, where they are not named like it.
