@@ -49,6 +49,7 @@ VERB_MODULES: list[str] = [
     "status",
     "lifecycle",
     "destroy",
+    "audit",
     "console",
     "export",
     "testbed",
