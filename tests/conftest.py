@@ -38,6 +38,7 @@ def hwloc_trees() -> Iterator[corpus.Trees]:
 # server).  Read before the session and after it: a test that moved any of it fails the run.
 _OPERATOR_SETTINGS = (
     "/proc/1/status",
+    "/proc/1/cgroup",
     "/proc/irq/default_smp_affinity",
     "/sys/devices/virtual/workqueue/cpumask",
 )
@@ -53,10 +54,6 @@ def _operator_settings() -> dict[str, str]:
         if path.endswith("/status"):
             text = "".join(ln for ln in text.splitlines(True) if ln.startswith("Cpus_allowed"))
         seen[path] = text
-    try:
-        seen["/proc/1/cgroup"] = Path("/proc/1/cgroup").read_text()
-    except OSError:
-        pass
     return seen
 
 
