@@ -297,10 +297,12 @@ class ClaimGroup(_Base):
         if ctx.host is None:
             raise ApplyFailed(f"claiming IOMMU group {self.group} needs the scanned host")
         rec = ctx.record(self.target)
-        claim = claim_group(ctx.root, ctx.host, self.group)
-        ctx.update(replace(rec, claims=(*rec.claims, claim.to_json())))
         placement = ctx.placement(self.target)
         none_ok = {str(d.address) for d in placement.devices if d.reset_none_ok}
+        # The plan's verdict asked again on the host as scanned now, reset methods included,
+        # before anything is claimed (vfio.preview).
+        claim = claim_group(ctx.root, ctx.host, self.group, reset_none_ok=none_ok)
+        ctx.update(replace(rec, claims=(*rec.claims, claim.to_json())))
         try:
             # Ask the kernel itself before QEMU is started: a group that is not viable is
             # named here, not reported by QEMU later (design.md, Devices).

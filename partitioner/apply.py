@@ -40,14 +40,14 @@ def prepare(
     replace_names: Iterable[str] = (),
     replace_all: bool = False,
 ) -> Prepared:
+    from partitioner.filecheck import checked_plan
     from partitioner.inventory import scan
     from partitioner.loader import load
-    from partitioner.planner import plan
 
     manifest = load(manifest_path)
     host = scan(root)
     state, notes = reconcile(store.load(), root)
-    result = plan(manifest, host, running_partitions(state))
+    result = checked_plan(manifest, host, running_partitions(state))  # the plan, then its files
     wanted = set(result.placements) if replace_all else set(replace_names)
     unknown = sorted(wanted - set(result.placements))
     if unknown:

@@ -629,7 +629,7 @@ class _Scanner:
                 reset_methods=tuple(reset.split()) if reset else (),
                 # The kernel gives boot_vga to display-class devices only.
                 boot_vga=class_code.startswith("03") and self.read_int(f"{real}/boot_vga") == 1,
-                is_bridge=class_code.startswith("06"),
+                is_bridge=pci_is_bridge(self.root, real, class_code),
                 upstream=upstream,
                 netdevs=netdevs,
                 label=class_label(class_code),
@@ -930,3 +930,23 @@ def _with_netdevs(
         if merged != fn.netdevs:
             out[addr] = replace(fn, netdevs=merged)
     return out
+
+
+def pci_is_bridge(root: HostRoot, device_dir: str, class_code: str) -> bool:
+    """A bridge as the kernel means it (``pci_is_bridge``): header type 1 (PCI-to-PCI
+    bridge or port) or 2 (CardBus), the low 7 bits of config space byte 0x0e.
+
+    Not class 06xx: a host bridge (0600) or an ISA bridge (0601) is class 06 with
+    header type 0, an endpoint to the kernel.  ``config`` is binary, so it is read
+    through the root's path, not as text.  A tree without it (hwloc's older dumps,
+    snapshots) falls back to the classes that have header type 1 or 2: PCI bridge
+    (0604), CardBus (0607), semi-transparent PCI bridge (0609).
+    """
+    try:
+        with open(root.path(f"{device_dir}/config"), "rb") as f:
+            head = f.read(0x0F)
+    except OSError:
+        head = b""
+    if len(head) == 0x0F:
+        return head[0x0E] & 0x7F in (1, 2)
+    return class_code[:4] in ("0604", "0607", "0609")

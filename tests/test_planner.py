@@ -529,14 +529,26 @@ def test_testbed_tree_nic_goes_to_its_node(testbed_numa: Host) -> None:
 
 
 def test_testbed_tree_multifunction_and_gpu_audio_come_along(testbed_numa: Host) -> None:
-    p = plan(
+    # The GPU's audio function (43:00.1) has no reset method on this kernel: the plan
+    # refuses it, saying which entry wants `reset: none-ok`, and that entry covers it.
+    lan0 = '  lan0: {cpus: 1, memory: 128MiB, devices: [{pci: "42:00.0"}]}\n'
+    msg = problems(
         manifest(
-            TB_HEAD
-            + '  lan0: {cpus: 1, memory: 128MiB, devices: [{pci: "42:00.0"}]}\n'
-            + '  desk: {cpus: 1, memory: 128MiB, devices: [{pci: "43:00.0"}]}\n'
+            TB_HEAD + lan0 + '  desk: {cpus: 1, memory: 128MiB, devices: [{pci: "43:00.0"}]}\n'
         ),
         testbed_numa,
     )
+    assert "0000:43:00.1 (8086:293e) has no reset method (it comes with pci: 0000:43:00.0)" in msg
+    assert "add `reset: none-ok` to the device `pci: 0000:43:00.0` at site.yaml:5:" in msg
+    p = plan(
+        manifest(
+            TB_HEAD
+            + lan0
+            + '  desk: {cpus: 1, memory: 128MiB, devices: [{pci: "43:00.0", reset: none-ok}]}\n'
+        ),
+        testbed_numa,
+    )
+    assert all(d.reset_none_ok for d in p.placements["desk"].devices)
     assert [str(d.address) for d in p.placements["lan0"].devices] == [
         "0000:42:00.0",
         "0000:42:00.1",
@@ -550,7 +562,11 @@ def test_testbed_tree_multifunction_and_gpu_audio_come_along(testbed_numa: Host)
 def test_testbed_tree_device_behind_the_pci_bridge_needs_its_whole_group(
     testbed_numa: Host,
 ) -> None:
-    both = '  a: {cpus: 1, memory: 128MiB, devices: [{pci: "87:01.0"}, {pci: "87:02.0"}]}\n'
+    # (87:02.0 has no reset method on this kernel: `reset: none-ok` accepts it)
+    both = (
+        '  a: {cpus: 1, memory: 128MiB, devices: [{pci: "87:01.0"}, '
+        '{pci: "87:02.0", reset: none-ok}]}\n'
+    )
     # In this server the conventional bridge is bound to shpchp, which the kernel never
     # counts as viable for VFIO: the group is refused, naming the bridge and the way out.
     msg = problems(manifest(TB_HEAD + both), testbed_numa)

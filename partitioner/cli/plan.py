@@ -8,12 +8,12 @@ from typing import Any
 
 from partitioner.actions import diff
 from partitioner.cli.common import Context, table
+from partitioner.filecheck import checked_plan
 from partitioner.host import Host
 from partitioner.inventory import scan
 from partitioner.loader import load
 from partitioner.manifest import Manifest
 from partitioner.plan import Plan, RunningPartition
-from partitioner.planner import plan
 from partitioner.state import State, StateStore, running_partitions
 from partitioner.units import format_size
 
@@ -28,7 +28,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     manifest = load(args.file)
     host = scan(ctx.root())
     running, actions = _running_and_actions(ctx, manifest, host)
-    result = plan(manifest, host, running)
+    # The pure plan, then the files it hands to QEMU, read on this machine (filecheck).
+    result = checked_plan(manifest, host, running)
     if ctx.json:
         doc = result.to_json()
         doc["actions"] = actions(result)
