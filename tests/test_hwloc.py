@@ -63,9 +63,7 @@ def parse_console(text: str) -> Oracle:
         m = re.match(r"^CPU kind #\d+ efficiency (\d+) cpuset (0x[0-9a-f,x]+)", line)
         if m:
             o.cpu_kinds[int(m.group(1))] = CpuSet.from_mask(m.group(2).replace("0x", ""))
-        m = re.match(
-            r"^\s*PCI(Bridge)? L#\d+ \(busid=(\S+) id=(\w{4}):(\w{4}) class=(\w{4})", line
-        )
+        m = re.match(r"^\s*PCI(Bridge)? L#\d+ \(busid=(\S+) id=(\w{4}):(\w{4}) class=(\w{4})", line)
         if m:
             o.pci[m.group(2)] = (m.group(5), m.group(3), m.group(4), None)
             if m.group(1):
