@@ -18,6 +18,7 @@ or no driver) and the reset check (docs/decisions.md, "One verdict").
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -211,8 +212,31 @@ def _refused(address: PciAddress, group: int | None, why: str) -> ClaimPreview:
     return ClaimPreview(address, group, (), (), (why,))
 
 
-def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
-    """The verdict on ``address``: the one answer ``inspect``, ``plan`` and ``apply`` give."""
+def slot_index(host: Host) -> dict[tuple[int, int, int], list[PciFunction]]:
+    """The functions of each slot (domain, bus, device), so a verdict need not scan them all."""
+    slots: dict[tuple[int, int, int], list[PciFunction]] = {}
+    for fn in host.pci.values():
+        slots.setdefault(fn.address.slot_key, []).append(fn)
+    return slots
+
+
+def claim_previews(host: Host) -> dict[PciAddress, ClaimPreview]:
+    """The verdict on every function of ``host`` (what ``inspect`` shows), in linear time
+    for functions in groups of bounded size."""
+    slots = slot_index(host)
+    return {a: claim_preview(host, a, slots=slots) for a in sorted(host.pci)}
+
+
+def claim_preview(
+    host: Host,
+    address: PciAddress,
+    *,
+    slots: Mapping[tuple[int, int, int], list[PciFunction]] | None = None,
+) -> ClaimPreview:
+    """The verdict on ``address``: the one answer ``inspect``, ``plan`` and ``apply`` give.
+
+    ``slots`` (:func:`slot_index`) saves looking through every function of the host.
+    """
     fn = host.pci.get(address)
     if fn is None:
         return _refused(address, None, f"{address} is not on this host")
@@ -232,10 +256,14 @@ def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
     stays: set[PciAddress] = set()
     groups_seen: set[int] = set()
     slot_groups = [fn.iommu_group]
-    for other in host.pci.values():
+    slot_mates = (
+        slots.get(address.slot_key, [])
+        if slots is not None
+        else [f for f in host.pci.values() if f.address.slot_key == address.slot_key]
+    )
+    for other in slot_mates:
         if (
-            other.address.slot_key == address.slot_key
-            and other.address != address
+            other.address != address
             and not stays_with_host(other)
             and other.iommu_group is not None
             and other.iommu_group in host.iommu_groups
