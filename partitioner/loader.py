@@ -190,6 +190,9 @@ def _shown(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     text = str(value)
+    if not text.isprintable():
+        # A newline or NUL in a name would break the message it is shown in: escaped.
+        text = json.dumps(text)[1:-1]
     return f"`{text if len(text) <= 40 else text[:37] + '...'}`"
 
 

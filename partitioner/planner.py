@@ -191,6 +191,14 @@ def _check_preconditions(manifest: Manifest, host: Host, w: _Work) -> None:
             "but this host has no IOMMU groups (/sys/kernel/iommu_groups is empty): turn on VT-d / "
             "AMD-Vi in the BIOS and boot with intel_iommu=on (Intel) or amd_iommu=on (AMD)"
         )
+    total = sum(n.memory_bytes for n in host.nodes.values())
+    reserve = manifest.host.reserve_memory_bytes
+    if reserve > total:
+        w.problems.append(
+            f"{manifest.host.reserve_memory_where}: host.reserve.memory is {format_size(reserve)} "
+            f"but this host has {human_size(total)} of memory in all (rule 3): the host cannot "
+            f"keep more than it has; lower it to what the host needs (the default is 1GiB)"
+        )
     sizes = set(host.hugepage_sizes)
     for p in manifest.partitions.values():
         if p.hugepage_bytes is not None and p.hugepage_bytes not in sizes:
