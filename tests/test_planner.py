@@ -624,3 +624,47 @@ def test_rule2_share_hands_out_the_sibling_of_a_host_cpu(tree: TreeBuilder) -> N
     assert "not its SMT siblings 8" in problems(
         manifest(text.replace("smt: share", "smt: isolate") + "  a: {cpus: 2, memory: 1GiB}\n"), h
     )
+
+
+# -- an unplaced partition gives back what it took -----------------------------------
+
+
+def test_unplaced_partition_gives_back_cpus_memory_and_devices(tree: TreeBuilder) -> None:
+    h = host_of(with_nics(two_node_smt(tree)))
+    # big takes node 0's six free CPUs, then finds its memory does not fit there: small,
+    # placed after it, gets those CPUs, and only big is refused, for its own reason.
+    msg = problems(
+        manifest(
+            HEAD
+            + "  big: {cpus: 6, memory: 8GiB, numa: 0}\n"
+            + "  small: {cpus: 6, memory: 1GiB, numa: 0}\n"
+        ),
+        h,
+    )
+    assert msg.startswith("big needs 8GiB of memory on node 0") and "small" not in msg, msg
+    # The same with an explicit CPU list, and with devices: a takes 81:00.0 and cannot
+    # be placed; b's `id:` match then finds both NICs free.
+    msg = problems(
+        manifest(
+            HEAD
+            + '  a: {cpus: 20, memory: 1GiB, devices: [{pci: "81:00.0"}]}\n'
+            + '  b: {cpus: 2, memory: 1GiB, devices: [{id: "8086:10d3", count: 2}]}\n'
+            + '  c: {cpus: "1-3,9-11", memory: 9GiB}\n'
+            + "  d: {cpus: 6, memory: 1GiB, numa: 0}\n"
+        ),
+        h,
+    )
+    lines = msg.splitlines()
+    assert {x.split()[0] for x in lines} == {"c", "a"}, msg
+    assert "c needs 9GiB of memory on node 0" in msg and "a needs 20 CPUs" in msg
+    # Without the unplaceable ones, the others are placed exactly as they were tried.
+    p = plan(
+        manifest(
+            HEAD
+            + '  b: {cpus: 2, memory: 1GiB, devices: [{id: "8086:10d3", count: 2}]}\n'
+            + "  d: {cpus: 6, memory: 1GiB, numa: 0}\n"
+        ),
+        h,
+    )
+    assert [str(d.address) for d in p.placements["b"].devices] == ["0000:01:00.0", "0000:81:00.0"]
+    assert len(p.placements["d"].cpus) == 6
