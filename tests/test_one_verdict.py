@@ -204,3 +204,36 @@ def test_every_kind_of_function_with_the_fake_kernel(tree: TreeBuilder) -> None:
     assert claim_preview(host, PciAddress.parse("00:1e.2")).blockers(none_ok=True) == ()
     assert "lpc_ich" in (claim_preview(host, PciAddress.parse("00:1f.3")).why_not or "")
     assert not claim_preview(host, PciAddress.parse("00:00.0")).assignable
+
+
+def test_bridges_are_told_by_header_type(tree: TreeBuilder) -> None:
+    """Config space byte 0x0e (low 7 bits) says what is a bridge, as the kernel's
+    pci_is_bridge; the class says it only where a tree has no config file."""
+    tree.cpus(count=2)
+    tree.pci("0000:00:00.0", class_code="060000", iommu_group=0)  # host bridge: header 0
+    tree.pci("0000:00:1f.0", class_code="060100", iommu_group=1)  # ISA bridge: header 0
+    tree.pci("0000:00:01.0", class_code="060400", iommu_group=2)  # PCI bridge: header 1
+    tree.pci("0000:00:02.0", class_code="060700", iommu_group=3)  # CardBus: header 2
+    # A multi-function bridge sets bit 7 of the header type: still type 1.
+    tree.pci("0000:00:03.0", class_code="060400", iommu_group=4, header_type=0x81)
+    # Header type says bridge whatever the class says (it is what the kernel reads).
+    tree.pci("0000:00:04.0", class_code="068000", iommu_group=5, header_type=1)
+    # Without a config file: the class decides (0604 / 0607 / 0609 have header type 1 or 2).
+    tree.pci("0000:00:05.0", class_code="060400", iommu_group=6, header_type=None)
+    tree.pci("0000:00:06.0", class_code="060000", iommu_group=7, header_type=None)
+    host = scan(HostRoot(tree.build()))
+    bridges = {str(a) for a, fn in host.pci.items() if fn.is_bridge}
+    assert bridges == {
+        "0000:00:01.0",
+        "0000:00:02.0",
+        "0000:00:03.0",
+        "0000:00:04.0",
+        "0000:00:05.0",
+    }
+    # Neither kind is handed to a guest: bridges by rule 4, the chipset by rule 5.
+    assert "bridges stay with the host (rule 4)" in (
+        claim_preview(host, PciAddress.parse("00:01.0")).why_not or ""
+    )
+    assert "the chipset stays with the host (rule 5)" in (
+        claim_preview(host, PciAddress.parse("00:00.0")).why_not or ""
+    )
