@@ -15,11 +15,17 @@ Placement order:
   2. partitions with an explicit CPU list;
   3. the rest, those with devices or a fixed ``numa`` first, then larger
      before smaller, then by name.
+
+Each partition's devices are resolved just before it is placed, from the one
+verdict on each function (``vfio.preview.claim_preview``, which ``inspect``
+shows and ``apply`` asks again before it claims).  A partition that cannot be
+placed gives back everything it took while being tried (CPUs, memory, pages,
+devices): the next one is judged as if it had not been there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from partitioner.cpuset import CpuSet
@@ -678,8 +684,7 @@ def _place(
                 notes.append(f"spans NUMA nodes {', '.join(map(str, nodes))}, as its CPU list says")
             mem = _split(spec, by_node)
         if not _fit_memory(spec, mem, rooms, w):
-            _release_cpus(cpus, w)
-            return None
+            return None  # plan() gives back its CPUs
         return _placement(spec, host, cpus, mem, devices, tuple(notes))
 
     if spec.numa != "auto":
@@ -880,11 +885,6 @@ def _take_listed(
                 t for core in room.cores if (t := tuple(c for c in core if c not in spec.cpu_list))
             ]
     return cpus
-
-
-def _release_cpus(cpus: Iterable[int], w: _Work) -> None:
-    for c in cpus:
-        w.cpu_owner.pop(c, None)
 
 
 def _core_order(host: Host, cpus: CpuSet) -> list[int]:

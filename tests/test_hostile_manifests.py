@@ -161,3 +161,16 @@ def test_files_handed_to_qemu_must_exist_and_be_readable(
     # The same manifest without b plans (the check reads this machine, even with --host-root).
     _, rc, _, err = plan_of(capsys, tmp_path, text.split("  b:\n")[0])
     assert rc == 0, err
+
+
+def test_apply_checks_the_files_as_plan_does(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # On this machine (apply reads the live host), nothing is changed: a dry run.
+    site = tmp_path / "site.yaml"
+    site.write_text(HEAD + part(f", boot: {{kernel: {tmp_path}/no-kernel}}"))
+    rc, out, err = run(capsys, "apply", "--dry-run", str(site))
+    assert rc == 3 and out == "" and "Traceback" not in err, err
+    assert (
+        f"{site}:4:" in err and f"partitions.fw0.boot.kernel {tmp_path}/no-kernel: no such" in err
+    )
