@@ -49,14 +49,22 @@ def _stay_reason(fn: PciFunction) -> str:
     )
 
 
-def host_use(host: Host, fn: PciFunction) -> str | None:
-    """What the host uses ``fn`` for (rule 5), or None."""
-    reasons = [
+def used_by_host(host: Host, fn: PciFunction) -> bool:
+    """Rule 5: the host runs on it (inventory's ``in_use``), or it is the boot VGA device."""
+    return fn.boot_vga or bool(host.in_use.get(fn.address))
+
+
+def _uses(host: Host, fn: PciFunction) -> list[str]:
+    """What the host uses ``fn`` for, in words; the boot VGA device said one way only."""
+    said = (
+        []
+        if not fn.boot_vga
+        else ["the boot VGA device (boot_vga = 1): the host's console runs on it"]
+    )
+    said += [
         r for r in host.in_use.get(fn.address, ()) if not (fn.boot_vga and "boot vga" in r.lower())
     ]
-    if fn.boot_vga:
-        reasons.insert(0, "it is the boot VGA device (boot_vga = 1): the host's console runs on it")
-    return "; ".join(reasons) if reasons else None
+    return said
 
 
 def group_endpoints(host: Host, group: int) -> tuple[PciFunction, ...]:
@@ -118,14 +126,9 @@ def group_refusals(host: Host, group: int, *, of: PciAddress | None = None) -> l
         why.append(f"IOMMU group {group} holds only bridges and ports, which stay with the host")
     why.extend(bridge_blockers(host, group))
     for fn in endpoints:
-        use = host_use(host, fn)
-        if use is None:
+        if not used_by_host(host, fn):
             continue
-        if fn.boot_vga and use.startswith("it is the boot VGA"):
-            use = use.removeprefix("it is ")
-            if of is None or fn.address == of:
-                why.append(f"{fn.address} is {use} (rule 5)")
-                continue
+        use = "; ".join(_uses(host, fn))
         if of is None or fn.address == of:
             why.append(f"{fn.address} is in use by the host: {use} (rule 5)")
         else:
@@ -268,7 +271,7 @@ def claim_preview(
             and other.iommu_group is not None
             and other.iommu_group in host.iommu_groups
             # Rule 4: only the slot functions the host is not using come along.
-            and host_use(host, other) is None
+            and not used_by_host(host, other)
         ):
             slot_groups.append(other.iommu_group)
     for g in slot_groups:

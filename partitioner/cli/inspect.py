@@ -15,9 +15,9 @@ from vfio.preview import (
     claim_previews,
     group_endpoints,
     group_refusals,
-    host_use,
     reset_refusal,
     stays_with_host,
+    used_by_host,
 )
 
 
@@ -179,7 +179,7 @@ def verdict_word(host: Host, v: ClaimPreview) -> str:
     if fn.iommu_group is None or fn.iommu_group not in host.iommu_groups:
         return "no: no IOMMU group"
     if v.refusals:
-        if host_use(host, fn) is not None:
+        if used_by_host(host, fn):
             return "no: the host uses it"
         return f"no: see group {fn.iommu_group}"
     extra = ""
