@@ -617,12 +617,9 @@ def _claims(p: Placement, host: Host, held: Iterable[int]) -> list[Action]:
     for g in p.iommu_groups:
         if g in have:
             continue
-        fns = tuple(
-            (str(a), fn.driver if fn else None)
-            for a in (host.iommu_groups[g].members if g in host.iommu_groups else ())
-            for fn in (host.pci.get(a),)
-            if not (fn and fn.is_bridge)
-        )
+        from vfio.preview import group_endpoints  # what claim_group takes, listed as it will
+
+        fns = tuple((str(fn.address), fn.driver) for fn in group_endpoints(host, g))
         out.append(ClaimGroup(p.name, g, fns))
     return out
 
