@@ -237,3 +237,19 @@ def test_bridges_are_told_by_header_type(tree: TreeBuilder) -> None:
     assert "the chipset stays with the host (rule 5)" in (
         claim_preview(host, PciAddress.parse("00:00.0")).why_not or ""
     )
+
+
+def test_a_group_the_kernel_does_not_list_is_refused_not_planned_empty() -> None:
+    """A function whose iommu_group link names a group missing from /sys/kernel/iommu_groups
+    was planned as a claim with no members; the one verdict refuses it everywhere."""
+    from dataclasses import replace
+
+    host = scan(HostRoot(TESTBED_NUMA))
+    nic = PciAddress.parse("81:00.0")
+    groups = {g: ig for g, ig in host.iommu_groups.items() if nic not in ig.members}
+    host = replace(host, iommu_groups=groups)
+    v = claim_preview(host, nic)
+    assert not v.assignable and "it is in no IOMMU group" in (v.why_not or "")
+    placed, problems = _plan(host, '{pci: "81:00.0"}')
+    assert not placed and "0000:81:00.0 (8086:10d3) cannot be assigned" in problems
+    assert refusals(host, 12) == ["IOMMU group 12 does not exist on this host"]
