@@ -377,9 +377,13 @@ class ClaimGroup(_Base):
 
         if ctx.host is None:
             raise ApplyFailed(f"claiming IOMMU group {self.group} needs the scanned host")
+        placement = ctx.placement(self.target)
+        none_ok = {str(d.address) for d in placement.devices if d.reset_none_ok}
         _claim_intent(ctx, self.target, self.group)
         try:
-            claim = claim_group(ctx.root, ctx.host, self.group)
+            # The plan's verdict asked again on the host as scanned now, reset methods
+            # included, before anything is claimed (vfio.preview).
+            claim = claim_group(ctx.root, ctx.host, self.group, reset_none_ok=none_ok)
         except BaseException:
             # claim_group gave back what it took: the intent is void.
             ctx.update(_drop_claim(ctx.state.partitions[self.target], self.group))
@@ -388,8 +392,6 @@ class ClaimGroup(_Base):
         point("group-claimed")
         rec = _drop_claim(ctx.state.partitions[self.target], self.group)
         ctx.update(replace(rec, claims=(*rec.claims, claim.to_json())))
-        placement = ctx.placement(self.target)
-        none_ok = {str(d.address) for d in placement.devices if d.reset_none_ok}
         try:
             # Ask the kernel itself before QEMU is started: a group that is not viable is
             # named here, not reported by QEMU later (design.md, Devices).
@@ -773,12 +775,9 @@ def _claims(p: Placement, host: Host, held: Iterable[int]) -> list[Action]:
     for g in p.iommu_groups:
         if g in have:
             continue
-        fns = tuple(
-            (str(a), fn.driver if fn else None)
-            for a in (host.iommu_groups[g].members if g in host.iommu_groups else ())
-            for fn in (host.pci.get(a),)
-            if not (fn and fn.is_bridge)
-        )
+        from vfio.preview import group_endpoints  # what claim_group takes, listed as it will
+
+        fns = tuple((str(fn.address), fn.driver) for fn in group_endpoints(host, g))
         out.append(ClaimGroup(p.name, g, fns))
     return out
 

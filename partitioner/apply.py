@@ -46,16 +46,16 @@ def prepare(
     replace_all: bool = False,
     act: bool = False,
 ) -> Prepared:
+    from partitioner.filecheck import checked_plan
     from partitioner.inventory import scan
     from partitioner.loader import load
-    from partitioner.planner import plan
 
     manifest = load(manifest_path)
     rec = reconcile_store(store, root) if act else reconcile(store.load(), root, busy=store.busy())
     state = rec.state
     # Scanned after reconciling: a QEMU it ended has given its pages back by now.
     host = scan(root)
-    result = plan(manifest, host, running_partitions(state))
+    result = checked_plan(manifest, host, running_partitions(state))  # the plan, then its files
     wanted = set(result.placements) if replace_all else set(replace_names)
     unknown = sorted(wanted - set(result.placements))
     if unknown:

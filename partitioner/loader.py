@@ -190,6 +190,9 @@ def _shown(value: Any) -> str:
     if isinstance(value, list):
         return "a list"
     text = str(value)
+    if not text.isprintable():
+        # A newline or NUL in a name would break the message it is shown in: escaped.
+        text = json.dumps(text)[1:-1]
     return f"`{text if len(text) <= 40 else text[:37] + '...'}`"
 
 
@@ -530,6 +533,10 @@ class _Checker:
         pos = self.doc.where(path)
         return Location(self.doc.file, pos.line, pos.column)
 
+    def value_location(self, path: PathKey) -> Location:
+        pos = self.doc.where_value(path)
+        return Location(self.doc.file, pos.line, pos.column)
+
     def build(self) -> Manifest:
         root = self.doc.root
         host = root.get("host") or {}
@@ -544,6 +551,11 @@ class _Checker:
             smt=host.get("smt", "isolate"),
             accel=host.get("accel", "kvm"),
             isolation=host.get("isolation", "full"),
+            reserve_memory_where=self.value_location(("host", "reserve", "memory"))
+            if "memory" in reserve
+            else self.location(("host",))
+            if "host" in root
+            else Location(self.doc.file, 1, 1),
         )
         partitions = root.get("partitions") or {}
         specs = {name: self.partition(name, partitions[name]) for name in sorted(partitions)}
@@ -567,13 +579,31 @@ class _Checker:
             devices=tuple(
                 self.device(d, (*base, "devices", i)) for i, d in enumerate(p.get("devices") or [])
             ),
-            boot=Boot(boot["kernel"], boot.get("initrd"), boot.get("cmdline")) if boot else None,
-            disks=tuple(Disk(d["path"], d.get("readonly", False)) for d in p.get("disks") or []),
+            boot=Boot(
+                boot["kernel"],
+                boot.get("initrd"),
+                boot.get("cmdline"),
+                kernel_where=self.value_location((*base, "boot", "kernel")),
+                initrd_where=self.value_location((*base, "boot", "initrd")),
+            )
+            if boot
+            else None,
+            disks=tuple(
+                Disk(
+                    d["path"],
+                    d.get("readonly", False),
+                    where=self.value_location((*base, "disks", i, "path")),
+                )
+                for i, d in enumerate(p.get("disks") or [])
+            ),
             firmware=p.get("firmware", "bios"),
             autostart=p.get("autostart", True),
             order=p.get("order", 0),
             on_crash=p.get("on_crash", "restart"),
             where=self.location(base),
+            firmware_where=self.value_location((*base, "firmware"))
+            if "firmware" in p
+            else self.location(base),
         )
 
     def device(self, d: dict[str, Any], path: PathKey) -> DeviceSpec:

@@ -44,12 +44,16 @@ class Boot:
     kernel: str
     initrd: str | None = None
     cmdline: str | None = None
+    # Where the kernel and initrd values stand, for plan's file checks (not compared).
+    kernel_where: Location = field(default=NOWHERE, compare=False)
+    initrd_where: Location = field(default=NOWHERE, compare=False)
 
 
 @dataclass(frozen=True)
 class Disk:
     path: str
     readonly: bool = False
+    where: Location = field(default=NOWHERE, compare=False)  # where the path value stands
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class PartitionSpec:
     order: int = 0
     on_crash: Literal["restart", "stop"] = "restart"
     where: Location = NOWHERE
+    firmware_where: Location = field(default=NOWHERE, compare=False)
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,7 @@ class HostSpec:
     smt: Literal["isolate", "share"] = "isolate"
     accel: Literal["kvm", "tcg"] = "kvm"
     isolation: Literal["full", "pinned"] = "full"
+    reserve_memory_where: Location = field(default=NOWHERE, compare=False)
 
 
 @dataclass(frozen=True)

@@ -15,21 +15,27 @@ Placement order:
   2. partitions with an explicit CPU list;
   3. the rest, those with devices or a fixed ``numa`` first, then larger
      before smaller, then by name.
+
+Each partition's devices are resolved just before it is placed, from the one
+verdict on each function (``vfio.preview.claim_preview``, which ``inspect``
+shows and ``apply`` asks again before it claims).  A partition that cannot be
+placed gives back everything it took while being tried (CPUs, memory, pages,
+devices): the next one is judged as if it had not been there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import PlanError
 from partitioner.host import Host, PciFunction
-from partitioner.manifest import Manifest, PartitionSpec
+from partitioner.manifest import DeviceSpec, Manifest, PartitionSpec
 from partitioner.pci import PciAddress
 from partitioner.plan import DeviceAssignment, Placement, Plan, RunningPartition
 from partitioner.units import format_size, human_size, page_size_name
-from vfio.claim import bridge_blockers
+from vfio.preview import ClaimPreview, claim_preview
 
 # A core is the set of its usable SMT siblings, as a sorted tuple.
 Core = tuple[int, ...]
@@ -67,10 +73,43 @@ class _Work:
     group_owner: dict[int, str] = field(default_factory=dict)
     threads_per_core: int = 1
     by_id: dict[str, list[PciFunction]] = field(default_factory=dict)  # "8086:10d3" -> functions
-    why_not: dict[PciAddress, str | None] = field(
-        default_factory=dict
-    )  # _assignable_reason, cached
+    verdicts: dict[PciAddress, ClaimPreview] = field(default_factory=dict)  # claim_preview, cached
     id_cursor: dict[str, int] = field(default_factory=dict)  # by_id: first function maybe free
+
+
+class _Mark:
+    """What a planning run holds before one partition is placed, to give it back on failure."""
+
+    def __init__(self, w: _Work, rooms: Mapping[int, _NodeRoom]) -> None:
+        self.problems = len(w.problems)
+        self.notes = len(w.notes)
+        self.cpu_owner = dict(w.cpu_owner)
+        self.device_owner = dict(w.device_owner)
+        self.group_owner = dict(w.group_owner)
+        self.id_cursor = dict(w.id_cursor)
+        self.rooms = {
+            n: (list(r.cores), r.memory_left, dict(r.pages_left)) for n, r in rooms.items()
+        }
+
+    def restore(self, w: _Work, rooms: Mapping[int, _NodeRoom]) -> None:
+        """Back to the mark; the problems found since stay (they are the partition's reasons)."""
+        del w.notes[self.notes :]
+        w.cpu_owner = self.cpu_owner
+        w.device_owner = self.device_owner
+        w.group_owner = self.group_owner
+        w.id_cursor = self.id_cursor
+        for n, (cores, memory_left, pages_left) in self.rooms.items():
+            rooms[n].cores, rooms[n].memory_left, rooms[n].pages_left = (
+                cores,
+                memory_left,
+                pages_left,
+            )
+
+
+def _give_back_devices(name: str, w: _Work) -> None:
+    w.device_owner = {a: o for a, o in w.device_owner.items() if o != name}
+    w.group_owner = {g: o for g, o in w.group_owner.items() if o != name}
+    w.id_cursor.clear()  # a cursor may have passed what was given back
 
 
 def plan(
@@ -91,30 +130,42 @@ def plan(
 
     rooms = _rooms(manifest, host, cores_by_node, host_cpus)
 
-    # Resolve devices first, for all partitions: device problems are independent
-    # of where CPUs go, and auto placement needs the devices' nodes.
+    # Running partitions resolve their devices first, so that one that still matches its
+    # entry keeps exactly what it holds (rule 8) and `id:` matches stay where they are.
     devices: dict[str, tuple[DeviceAssignment, ...]] = {}
-    for spec in _device_order(manifest, running):
-        held = set(running[spec.name].devices) if spec.name in running else set()
-        devices[spec.name] = _resolve_devices(spec, host, w, prefer=held)
+    for name in sorted(n for n in running if n in manifest.partitions):
+        devices[name] = _resolve_devices(
+            manifest.partitions[name], host, w, prefer=set(running[name].devices)
+        )
 
     placements: dict[str, Placement] = {}
     kept = _keep_running(manifest, host, running, devices, rooms, w)
     placements.update(kept)
+    for name in [n for n in devices if n not in kept]:
+        _give_back_devices(name, w)  # placed anew below, in placement order
+        del devices[name]
 
     pending = [p for p in manifest.partitions.values() if p.name not in kept]
     pending.sort(
         key=lambda p: (
             p.cpu_list is None,
-            not (devices[p.name] or p.numa != "auto"),
+            not (p.devices or p.numa != "auto"),
             -p.cpu_count,
             -p.memory_bytes,
             p.name,
         )
     )
     for spec in pending:
-        placement = _place(spec, host, devices[spec.name], rooms, smt_isolate, w)
-        if placement is not None:
+        # A partition that cannot be placed gives back all it took (CPUs, memory, pages,
+        # devices), so that the next one is judged on the host as if it were not there,
+        # and each unplaced partition is refused for its own reasons.
+        mark = _Mark(w, rooms)
+        held = set(running[spec.name].devices) if spec.name in running else set()
+        devs = _resolve_devices(spec, host, w, prefer=held)
+        placement = _place(spec, host, devs, rooms, smt_isolate, w)
+        if placement is None or len(w.problems) > mark.problems:
+            mark.restore(w, rooms)
+        else:
             placements[spec.name] = placement
 
     if w.problems:
@@ -145,6 +196,14 @@ def _check_preconditions(manifest: Manifest, host: Host, w: _Work) -> None:
             f"{', '.join(wants_devices)} {'asks' if len(wants_devices) == 1 else 'ask'} for PCI devices "
             "but this host has no IOMMU groups (/sys/kernel/iommu_groups is empty): turn on VT-d / "
             "AMD-Vi in the BIOS and boot with intel_iommu=on (Intel) or amd_iommu=on (AMD)"
+        )
+    total = sum(n.memory_bytes for n in host.nodes.values())
+    reserve = manifest.host.reserve_memory_bytes
+    if reserve > total:
+        w.problems.append(
+            f"{manifest.host.reserve_memory_where}: host.reserve.memory is {format_size(reserve)} "
+            f"but this host has {human_size(total)} of memory in all (rule 3): the host cannot "
+            f"keep more than it has; lower it to what the host needs (the default is 1GiB)"
         )
     sizes = set(host.hugepage_sizes)
     for p in manifest.partitions.values():
@@ -309,7 +368,8 @@ def _device_order(
 def _resolve_devices(
     spec: PartitionSpec, host: Host, w: _Work, prefer: set[PciAddress]
 ) -> tuple[DeviceAssignment, ...]:
-    named: list[tuple[PciFunction, str, bool]] = []  # function, how it was named, reset_none_ok
+    """The partition's devices, from the one verdict on each function it names (vfio.preview)."""
+    named: list[tuple[PciFunction, str, DeviceSpec]] = []  # function, how it was named, entry
     for dev in spec.devices:
         if dev.kind == "pci":
             addr = PciAddress.parse(dev.value)
@@ -317,7 +377,7 @@ def _resolve_devices(
             if fn is None:
                 _missing(spec, dev.required, f"PCI function {addr} is not on this host", w)
                 continue
-            named.append((fn, f"named as pci: {addr}", dev.reset_none_ok))
+            named.append((fn, f"named as pci: {addr}", dev))
         elif dev.kind == "netdev":
             iface = host.netdevs.get(dev.value)
             if iface is None:
@@ -333,12 +393,11 @@ def _resolve_devices(
                     w,
                 )
                 continue
-            named.append((host.pci[iface.pci], f"named as netdev: {dev.value}", dev.reset_none_ok))
+            named.append((host.pci[iface.pci], f"named as netdev: {dev.value}", dev))
         else:
             found = _match_id(
                 spec,
-                dev.value,
-                dev.count,
+                dev,
                 host,
                 w,
                 prefer,
@@ -349,7 +408,7 @@ def _resolve_devices(
                 detail = (
                     f"this host has {len(avail)} {dev.value} function{'s' if len(avail) != 1 else ''}"
                     + (
-                        f" ({', '.join(_why_taken(f, host, w, spec.name) for f in avail)})"
+                        f" ({', '.join(_why_taken(f, host, w, spec.name, dev) for f in avail)})"
                         if avail
                         else ""
                     )
@@ -361,56 +420,77 @@ def _resolve_devices(
                     f"found {len(found)}: {detail}",
                     w,
                 )
-            named.extend((f, f"named as id: {dev.value}", dev.reset_none_ok) for f in found)
+            named.extend((f, f"named as id: {dev.value}", dev) for f in found)
 
     out: list[DeviceAssignment] = []
     taken: set[PciAddress] = set()
-    for fn, reason, none_ok in named:
+    brought_by: dict[PciAddress, DeviceSpec] = {}  # each function: the entry that brings it
+    verdicts: list[tuple[ClaimPreview, DeviceSpec]] = []
+    for fn, reason, dev in named:
         if fn.address in taken:
             w.problems.append(
                 f"{spec.name}: {fn.address} is named twice ({reason} resolves to a function already named)"
             )
             continue
-        if not _check_assignable(spec.name, fn, host, w):
+        v = _verdict(fn.address, host, w)
+        if v.refusals:
+            if fn.iommu_group is None and not host.has_iommu:
+                continue  # already said once, as a precondition (rule 7)
+            w.problems.append(
+                f"{spec.name}: {fn.address} ({fn.id}) cannot be assigned: {'; '.join(v.refusals)}"
+            )
             continue
         taken.add(fn.address)
-        out.append(_assignment(fn, reason, added=False, reset_none_ok=none_ok))
+        brought_by[fn.address] = dev
+        verdicts.append((v, dev))
+        out.append(_assignment(fn, reason, added=False, reset_none_ok=dev.reset_none_ok))
 
-    named_addrs = {a.address for a in out}
-    for a in list(out):
-        group = host.iommu_groups.get(a.iommu_group)
-        if group is None:
-            continue
-        for member in group.members:
-            if member in named_addrs or member in taken:
+    named_addrs = set(taken)
+    covered: set[PciAddress] = set()  # functions `reset: none-ok` covers
+    for v, dev in verdicts:
+        if dev.reset_none_ok:
+            # It covers the function it is on and what comes with it (its slot, its groups).
+            covered.update((v.address, *v.takes_with_it))
+        for member in v.added:
+            if member in taken:
                 continue
-            other = host.pci.get(member)
-            if other is None or other.is_bridge:
-                continue  # bridges and ports stay with the host (rule 4)
-            if member.slot_key == a.address.slot_key and member not in host.in_use:
-                taken.add(member)
-                out.append(
-                    _assignment(
-                        other, f"same slot and IOMMU group {a.iommu_group} as {a.address}", True
-                    )
-                )
-                w.notes.append(
-                    f"{spec.name}: {member} ({other.id}) added: it shares slot and IOMMU group "
-                    f"{a.iommu_group} with {a.address}"
-                )
-                continue
-            used = host.in_use.get(member)
-            w.problems.append(
-                f"{spec.name}: IOMMU group {a.iommu_group} of {a.address} also holds {member} "
-                f"({other.id}, {other.driver or 'no driver'}"
-                + (f", used by the host: {'; '.join(used)}" if used else "")
-                + "); a group is assigned whole (rule 4): "
+            other = host.pci[member]
+            taken.add(member)
+            brought_by[member] = dev
+            group = other.iommu_group
+            out.append(_assignment(other, f"same slot as {v.address} (IOMMU group {group})", True))
+            w.notes.append(
+                f"{spec.name}: {member} ({other.id}) added: it shares the slot of {v.address}"
                 + (
-                    "free it or choose another device"
-                    if used
-                    else f"name {member} in {spec.name} too"
+                    f" and IOMMU group {group}"
+                    if group == v.iommu_group
+                    else f" (its own IOMMU group {group} goes along)"
                 )
             )
+        for member in v.must_name:
+            if member in named_addrs:
+                continue
+            other = host.pci[member]
+            w.problems.append(
+                f"{spec.name}: IOMMU group {other.iommu_group} of {v.address} also holds {member} "
+                f"({other.id}, {other.driver or 'no driver'}); a group is assigned whole (rule 4): "
+                f"name {member} in {spec.name} too"
+            )
+
+    # Reset methods are checked here, at plan time, by the same rule apply's claim asks.
+    for i, a in enumerate(out):
+        if host.pci[a.address].reset_methods:
+            continue
+        if a.address in covered:
+            out[i] = replace(a, reset_none_ok=True)
+            continue
+        dev = brought_by[a.address]
+        how = "" if not a.added else f" (it comes with {dev})"
+        w.problems.append(
+            f"{spec.name}: {a.address} ({a.vendor_device}) has no reset method{how}: a guest that "
+            f"restarts cannot be given a clean device; to accept it, add `reset: none-ok` to the "
+            f"device `{dev}` at {dev.where}"
+        )
 
     for a in out:
         owner = w.device_owner.get(a.address)
@@ -433,8 +513,7 @@ def _resolve_devices(
 
 def _match_id(
     spec: PartitionSpec,
-    vendor_device: str,
-    count: int,
+    dev: DeviceSpec,
     host: Host,
     w: _Work,
     prefer: set[PciAddress],
@@ -443,14 +522,15 @@ def _match_id(
     """Free functions matching ``vendor:device``: ones the partition already holds, then
     ones on its numa nodes, then the rest, lowest address first."""
     nodes = set(spec.numa) if spec.numa != "auto" else set()
-    functions = w.by_id.get(vendor_device, [])
+    functions = w.by_id.get(dev.value, [])
+    count = dev.count
 
     def free(f: PciFunction) -> bool:
         return (
             f.address not in exclude
             and f.address not in w.device_owner
             and (f.iommu_group is None or f.iommu_group not in w.group_owner)
-            and _cached_reason(f, host, w) is None
+            and not _verdict(f.address, host, w).blockers(none_ok=dev.reset_none_ok)
         )
 
     found: list[PciFunction] = []
@@ -465,11 +545,13 @@ def _match_id(
                     return found
                 if tier(f) and f not in found and free(f):
                     found.append(f)
-    # Functions once owned stay owned for the rest of the run: skip the taken prefix.
-    start = w.id_cursor.get(vendor_device, 0)
+    # Functions once owned stay owned for the rest of the run: skip the taken prefix
+    # (per entry kind: a function refused without `reset: none-ok` may suit one with it).
+    key = f"{dev.value}/{dev.reset_none_ok}"
+    start = w.id_cursor.get(key, 0)
     while start < len(functions) and not free(functions[start]):
         start += 1
-    w.id_cursor[vendor_device] = start
+    w.id_cursor[key] = start
     for f in functions[start:]:
         if len(found) == count:
             break
@@ -478,54 +560,20 @@ def _match_id(
     return found
 
 
-def _why_taken(fn: PciFunction, host: Host, w: _Work, me: str) -> str:
+def _why_taken(fn: PciFunction, host: Host, w: _Work, me: str, dev: DeviceSpec) -> str:
     owner = w.device_owner.get(fn.address)
     if owner is not None and owner != me:
         return f"{fn.address} is {owner}'s"
-    reason = _assignable_reason(fn, host)
-    return f"{fn.address} {reason}" if reason else f"{fn.address} is free"
+    reasons = _verdict(fn.address, host, w).blockers(none_ok=dev.reset_none_ok)
+    return f"{fn.address}: {'; '.join(reasons)}" if reasons else f"{fn.address} is free"
 
 
-def _cached_reason(fn: PciFunction, host: Host, w: _Work) -> str | None:
-    if fn.address not in w.why_not:
-        w.why_not[fn.address] = _assignable_reason(fn, host)
-    return w.why_not[fn.address]
-
-
-def _assignable_reason(fn: PciFunction, host: Host) -> str | None:
-    """Why this function cannot be assigned at all, or None."""
-    if fn.is_bridge:
-        return "is a PCI bridge or port: bridges stay with the host"
-    used = host.in_use.get(fn.address)
-    if used:
-        return f"is used by the host ({'; '.join(used)})"
-    if fn.iommu_group is None:
-        return fn.group_problem or "is in no IOMMU group"
-    blockers = bridge_blockers(host, fn.iommu_group)
-    if blockers:
-        return "cannot be handed over: " + "; ".join(blockers)
-    group = host.iommu_groups.get(fn.iommu_group)
-    if group is not None:
-        for member in group.members:
-            if member != fn.address and member in host.in_use:
-                return (
-                    f"shares IOMMU group {fn.iommu_group} with {member}, which the host uses "
-                    f"({'; '.join(host.in_use[member])})"
-                )
-    return None
-
-
-def _check_assignable(name: str, fn: PciFunction, host: Host, w: _Work) -> bool:
-    reason = _assignable_reason(fn, host)
-    if reason is None:
-        return True
-    rule = (
-        "rule 5" if reason.startswith(("is used by the host", "shares IOMMU group")) else "rule 4"
-    )
-    if fn.iommu_group is None and not host.has_iommu:
-        return False  # already said once, as a precondition
-    w.problems.append(f"{name}: {fn.address} ({fn.id}) {reason} ({rule})")
-    return False
+def _verdict(address: PciAddress, host: Host, w: _Work) -> ClaimPreview:
+    """The one verdict on a function (vfio.preview), asked once per planning run."""
+    v = w.verdicts.get(address)
+    if v is None:
+        v = w.verdicts[address] = claim_preview(host, address)
+    return v
 
 
 def _assignment(
@@ -636,8 +684,7 @@ def _place(
                 notes.append(f"spans NUMA nodes {', '.join(map(str, nodes))}, as its CPU list says")
             mem = _split(spec, by_node)
         if not _fit_memory(spec, mem, rooms, w):
-            _release_cpus(cpus, w)
-            return None
+            return None  # plan() gives back its CPUs
         return _placement(spec, host, cpus, mem, devices, tuple(notes))
 
     if spec.numa != "auto":
@@ -838,11 +885,6 @@ def _take_listed(
                 t for core in room.cores if (t := tuple(c for c in core if c not in spec.cpu_list))
             ]
     return cpus
-
-
-def _release_cpus(cpus: Iterable[int], w: _Work) -> None:
-    for c in cpus:
-        w.cpu_owner.pop(c, None)
 
 
 def _core_order(host: Host, cpus: CpuSet) -> list[int]:

@@ -25,6 +25,7 @@ are refused; nesting deeper than :data:`MAX_DEPTH` is refused.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -393,7 +394,9 @@ def dotted(path: PathKey | Iterator[str | int]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
-            out += ("." if out else "") + part
+            # A key with a newline or NUL in it is shown escaped, so a message stays one line.
+            shown = part if part.isprintable() else json.dumps(part)[1:-1]
+            out += ("." if out else "") + shown
     return out
 
 

@@ -32,6 +32,7 @@ from treebuilder import TreeBuilder
 
 from partitioner.host import Host, IommuGroup, PciFunction
 from partitioner.hostroot import HostRoot
+from partitioner.inventory import pci_is_bridge
 from partitioner.pci import PciAddress
 
 _ADDR = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"
@@ -241,7 +242,7 @@ def scan_pci(
             numa_node=None if numa is None or numa < 0 else numa,
             reset_methods=tuple((root.read(f"{base}/reset_method") or "").split()),
             boot_vga=root.read(f"{base}/boot_vga") == "1",
-            is_bridge=cls.startswith("06"),
+            is_bridge=pci_is_bridge(root, str(real), cls),
             upstream=tuple(PciAddress.parse(p) for p in chain),
             netdevs=(),
         )

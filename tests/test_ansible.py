@@ -25,6 +25,8 @@ from typing import Any
 
 import pytest
 
+from partitioner.testbed.initramfs import default_kernel
+
 REPO = Path(__file__).resolve().parents[1]
 COLLECTIONS = REPO / "ansible" / "collections"
 COLLECTION = COLLECTIONS / "ansible_collections" / "partition" / "site"
@@ -64,7 +66,7 @@ def _site(where: Path, cpus: str = '"1"', memory: str = "64MiB") -> Path:
         'host: {reserve: {cpus: "0", memory: 256MiB}, accel: tcg, isolation: pinned, smt: share}\n'
         "partitions:\n"
         f"  an1:\n    cpus: {cpus}\n    memory: {memory}\n    hugepages: none\n"
-        "    boot: {kernel: /boot/vmlinuz, cmdline: console=ttyS0}\n"
+        f"    boot: {{kernel: {default_kernel()}, cmdline: console=ttyS0}}\n"
     )
     return path
 

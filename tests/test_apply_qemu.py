@@ -295,7 +295,10 @@ def test_hugepage_partition_draws_from_the_pool_and_destroy_returns_it(site: Sit
 
 def test_apply_failing_on_its_last_action_leaves_the_host_as_it_was(site: Site) -> None:
     nr0, free0 = _pool()
-    missing = site.dir / "no-such-disk.qcow2"
+    # A disk that is there (plan checks that) but is not the qcow2 its name says: only
+    # QEMU finds out, at the last action.
+    missing = site.dir / "not-a-qcow2.qcow2"
+    missing.write_bytes(b"not a qcow2 image\n" * 256)
     # An applied, empty record first, so "unchanged" compares bytes of a real file.
     StateStore(site.state_file.parent).save(State())
     before = site.state_file.read_bytes()

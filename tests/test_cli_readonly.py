@@ -115,9 +115,35 @@ def test_inspect_table_says_why_not(capsys: pytest.CaptureFixture[str], tmp_path
     rc, out, _ = run(capsys, "--host-root", str(root), "inspect")
     assert rc == 0
     line = next(x for x in out.splitlines() if x.startswith("0000:81:00.0"))
-    assert "yes (takes 0000:81:00.1)" in line
+    assert line.endswith("yes +1 of its slot") and line.count("0000:81:00.0") == 1
     bridge = next(x for x in out.splitlines() if x.startswith("0000:80:01.0"))
-    assert "no:" in bridge and "bridge" in bridge
+    assert bridge.endswith("no: bridge")
+    assert "bridges and ports stay with the host (rule 4)" in out
+
+
+def test_inspect_table_is_short_and_says_reasons_once_per_group(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    t = TreeBuilder(tmp_path / "h")
+    server(t)
+    # A group of four functions, one of which the host uses: every member is refused.
+    for f in range(4):
+        t.pci(f"0000:05:00.{f}", driver="igb", iommu_group=30, netdevs=(f"enp5s0f{f}",))
+    t.netdev_up("enp5s0f0", default_route=True)
+    root = t.build()
+    rc, out, _ = run(capsys, "--host-root", str(root), "inspect")
+    assert rc == 0
+    rows = [x for x in out.splitlines() if x.startswith("0000:05:00.")]
+    assert rows[0].endswith("no: the host uses it")
+    assert all(r.endswith("no: see group 30") for r in rows[1:])
+    assert all(len(r) < 120 for r in rows)
+    assert out.count("enp5s0f0 carries the default route") == 1
+    assert "IOMMU group 30 (0000:05:00.0, 0000:05:00.1, 0000:05:00.2, 0000:05:00.3):" in out
+    # The JSON keeps the full reasons per function (cli.md).
+    rc, js, _ = run(capsys, "--host-root", str(root), "--json", "inspect")
+    fns = {f["address"]: f for f in json.loads(js)["pci"]}
+    assert fns["0000:05:00.1"]["assignable"] is False
+    assert "0000:05:00.0" in fns["0000:05:00.1"]["why_not"]
 
 
 def test_plan_json_shape_and_determinism(

@@ -44,6 +44,9 @@ class Oracle:
     machine_cpuset: CpuSet | None = None
     # CPU kinds (hybrid parts): efficiency rank -> cpuset; the highest rank is the fastest.
     cpu_kinds: dict[int, CpuSet] = field(default_factory=dict)
+    # PCI functions hwloc shows as bridges (PCIBridge / type="Bridge"): it tells them by
+    # their header type in config space, as the kernel does, so a host bridge is not one.
+    bridges: set[str] = field(default_factory=set)
 
 
 def parse_console(text: str) -> Oracle:
@@ -60,11 +63,11 @@ def parse_console(text: str) -> Oracle:
         m = re.match(r"^CPU kind #\d+ efficiency (\d+) cpuset (0x[0-9a-f,x]+)", line)
         if m:
             o.cpu_kinds[int(m.group(1))] = CpuSet.from_mask(m.group(2).replace("0x", ""))
-        m = re.match(
-            r"^\s*PCI(?:Bridge)? L#\d+ \(busid=(\S+) id=(\w{4}):(\w{4}) class=(\w{4})", line
-        )
+        m = re.match(r"^\s*PCI(Bridge)? L#\d+ \(busid=(\S+) id=(\w{4}):(\w{4}) class=(\w{4})", line)
         if m:
-            o.pci[m.group(1)] = (m.group(4), m.group(2), m.group(3), None)
+            o.pci[m.group(2)] = (m.group(5), m.group(3), m.group(4), None)
+            if m.group(1):
+                o.bridges.add(m.group(2))
     return o
 
 
@@ -96,6 +99,8 @@ def parse_xml(text: str) -> Oracle:
                 m = re.match(r"^(\w{4}) \[(\w{4}):(\w{4})\]", child.get("pci_type", ""))
                 if m:
                     o.pci[busid] = (m.group(1), m.group(2), m.group(3), locality)
+                    if t == "Bridge":
+                        o.bridges.add(busid)
             walk(child, cpuset if cpuset is not None else locality)
 
     walk(root, None)
@@ -205,7 +210,9 @@ def test_pci_agrees_with_lstopo(name: str, hwloc_trees: Trees) -> None:
         fn = h.pci.get(PciAddress.parse(busid))
         assert fn is not None, f"{busid} is in hwloc's view but not scanned"
         assert (fn.class_code[:4], fn.vendor, fn.device) == (cls, vendor, device)
-        assert fn.is_bridge == cls.startswith("06")
+        # Bridges by header type (1 or 2), as hwloc and the kernel tell them: not by
+        # class 06xx (a host bridge 0600 is an endpoint with header type 0).
+        assert fn.is_bridge == (busid in o.bridges), (busid, cls)
         # Locality: hwloc hangs a device under the object of its local CPUs; the
         # NUMA node the kernel gives the function must hold CPUs of that object.
         if (

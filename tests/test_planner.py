@@ -529,14 +529,26 @@ def test_testbed_tree_nic_goes_to_its_node(testbed_numa: Host) -> None:
 
 
 def test_testbed_tree_multifunction_and_gpu_audio_come_along(testbed_numa: Host) -> None:
-    p = plan(
+    # The GPU's audio function (43:00.1) has no reset method on this kernel: the plan
+    # refuses it, saying which entry wants `reset: none-ok`, and that entry covers it.
+    lan0 = '  lan0: {cpus: 1, memory: 128MiB, devices: [{pci: "42:00.0"}]}\n'
+    msg = problems(
         manifest(
-            TB_HEAD
-            + '  lan0: {cpus: 1, memory: 128MiB, devices: [{pci: "42:00.0"}]}\n'
-            + '  desk: {cpus: 1, memory: 128MiB, devices: [{pci: "43:00.0"}]}\n'
+            TB_HEAD + lan0 + '  desk: {cpus: 1, memory: 128MiB, devices: [{pci: "43:00.0"}]}\n'
         ),
         testbed_numa,
     )
+    assert "0000:43:00.1 (8086:293e) has no reset method (it comes with pci: 0000:43:00.0)" in msg
+    assert "add `reset: none-ok` to the device `pci: 0000:43:00.0` at site.yaml:5:" in msg
+    p = plan(
+        manifest(
+            TB_HEAD
+            + lan0
+            + '  desk: {cpus: 1, memory: 128MiB, devices: [{pci: "43:00.0", reset: none-ok}]}\n'
+        ),
+        testbed_numa,
+    )
+    assert all(d.reset_none_ok for d in p.placements["desk"].devices)
     assert [str(d.address) for d in p.placements["lan0"].devices] == [
         "0000:42:00.0",
         "0000:42:00.1",
@@ -550,7 +562,11 @@ def test_testbed_tree_multifunction_and_gpu_audio_come_along(testbed_numa: Host)
 def test_testbed_tree_device_behind_the_pci_bridge_needs_its_whole_group(
     testbed_numa: Host,
 ) -> None:
-    both = '  a: {cpus: 1, memory: 128MiB, devices: [{pci: "87:01.0"}, {pci: "87:02.0"}]}\n'
+    # (87:02.0 has no reset method on this kernel: `reset: none-ok` accepts it)
+    both = (
+        '  a: {cpus: 1, memory: 128MiB, devices: [{pci: "87:01.0"}, '
+        '{pci: "87:02.0", reset: none-ok}]}\n'
+    )
     # In this server the conventional bridge is bound to shpchp, which the kernel never
     # counts as viable for VFIO: the group is refused, naming the bridge and the way out.
     msg = problems(manifest(TB_HEAD + both), testbed_numa)
@@ -608,3 +624,47 @@ def test_rule2_share_hands_out_the_sibling_of_a_host_cpu(tree: TreeBuilder) -> N
     assert "not its SMT siblings 8" in problems(
         manifest(text.replace("smt: share", "smt: isolate") + "  a: {cpus: 2, memory: 1GiB}\n"), h
     )
+
+
+# -- an unplaced partition gives back what it took -----------------------------------
+
+
+def test_unplaced_partition_gives_back_cpus_memory_and_devices(tree: TreeBuilder) -> None:
+    h = host_of(with_nics(two_node_smt(tree)))
+    # big takes node 0's six free CPUs, then finds its memory does not fit there: small,
+    # placed after it, gets those CPUs, and only big is refused, for its own reason.
+    msg = problems(
+        manifest(
+            HEAD
+            + "  big: {cpus: 6, memory: 8GiB, numa: 0}\n"
+            + "  small: {cpus: 6, memory: 1GiB, numa: 0}\n"
+        ),
+        h,
+    )
+    assert msg.startswith("big needs 8GiB of memory on node 0") and "small" not in msg, msg
+    # The same with an explicit CPU list, and with devices: a takes 81:00.0 and cannot
+    # be placed; b's `id:` match then finds both NICs free.
+    msg = problems(
+        manifest(
+            HEAD
+            + '  a: {cpus: 20, memory: 1GiB, devices: [{pci: "81:00.0"}]}\n'
+            + '  b: {cpus: 2, memory: 1GiB, devices: [{id: "8086:10d3", count: 2}]}\n'
+            + '  c: {cpus: "1-3,9-11", memory: 9GiB}\n'
+            + "  d: {cpus: 6, memory: 1GiB, numa: 0}\n"
+        ),
+        h,
+    )
+    lines = msg.splitlines()
+    assert {x.split()[0] for x in lines} == {"c", "a"}, msg
+    assert "c needs 9GiB of memory on node 0" in msg and "a needs 20 CPUs" in msg
+    # Without the unplaceable ones, the others are placed exactly as they were tried.
+    p = plan(
+        manifest(
+            HEAD
+            + '  b: {cpus: 2, memory: 1GiB, devices: [{id: "8086:10d3", count: 2}]}\n'
+            + "  d: {cpus: 6, memory: 1GiB, numa: 0}\n"
+        ),
+        h,
+    )
+    assert [str(d.address) for d in p.placements["b"].devices] == ["0000:01:00.0", "0000:81:00.0"]
+    assert len(p.placements["d"].cpus) == 6

@@ -236,7 +236,9 @@ def test_group_with_a_foreign_endpoint_in_use_is_refused(fk: FakeKernelRoot) -> 
 
 
 def test_boot_vga_is_refused(fk: FakeKernelRoot) -> None:
-    with pytest.raises(DeviceError, match=r"0000:00:05.0 is the boot VGA device"):
+    with pytest.raises(
+        DeviceError, match=r"0000:00:05.0 is in use by the host: the boot VGA device"
+    ):
         claim_group(fk, host_of(fk), 5)
     assert fk.writes == []
 

@@ -65,6 +65,7 @@ class _Pci:
     reset_methods: tuple[str, ...] | None
     boot_vga: bool | None
     netdevs: tuple[str, ...]
+    header_type: int | None = None  # config space byte 0x0e; None: no config file
 
 
 @dataclass
@@ -250,8 +251,11 @@ class TreeBuilder:
         subsystem_vendor: str | None = None,
         subsystem_device: str | None = None,
         driver_override: str | None = None,
+        header_type: int | None = -1,
     ) -> TreeBuilder:
-        """A PCI function.  ``parent`` (a bridge or port added before) puts it behind that
+        """A PCI function.  ``header_type`` goes to byte 0x0e of its ``config`` file: -1
+        (default) derives it from the class as real devices have it (1 for a PCI bridge
+        0604/0609, 2 for CardBus 0607, 0 otherwise), None leaves the file out (old trees).  ``parent`` (a bridge or port added before) puts it behind that
         bridge in /sys/devices; ``reset_methods=None`` leaves out the reset_method file (old
         kernels); ``boot_vga`` writes the file only when not None (the kernel has it on VGA
         devices only); ``numa_node=None`` writes -1."""
@@ -272,6 +276,7 @@ class TreeBuilder:
             reset_methods=tuple(reset_methods) if reset_methods is not None else None,
             boot_vga=boot_vga,
             netdevs=tuple(netdevs),
+            header_type=_header_type(class_code) if header_type == -1 else header_type,
         )
         if driver:
             self._drivers.add(driver)
@@ -360,6 +365,20 @@ class TreeBuilder:
         self._mkdir(os.path.dirname(local))
         with open(local, "w") as f:
             f.write(text)
+
+    def _write_config(self, kernel_path: str, f: _Pci) -> None:
+        """The first 64 bytes of config space, as the kernel shows them to anyone (no root):
+        ids, class and header type where the PCI spec puts them."""
+        assert f.header_type is not None
+        head = bytearray(64)
+        head[0:2] = int(f.vendor, 16).to_bytes(2, "little")
+        head[2:4] = int(f.device, 16).to_bytes(2, "little")
+        head[9:12] = int(f.class_code, 16).to_bytes(3, "little")
+        head[0x0E] = f.header_type
+        local = str(self.root) + kernel_path
+        self._mkdir(os.path.dirname(local))
+        with open(local, "wb") as out:
+            out.write(bytes(head))
 
     def _link(self, kernel_path: str, target_kernel_path: str) -> None:
         """A relative symlink, as sysfs makes them."""
@@ -517,6 +536,8 @@ class TreeBuilder:
                 self._write(f"{d}/reset_method", " ".join(f.reset_methods) + "\n")
                 if f.reset_methods:
                     self._write(f"{d}/reset", "")
+            if f.header_type is not None:
+                self._write_config(f"{d}/config", f)
             if f.boot_vga is not None:
                 self._write(f"{d}/boot_vga", "1\n" if f.boot_vga else "0\n")
             self._link(f"{d}/subsystem", "/sys/bus/pci")
@@ -678,3 +699,7 @@ class TreeBuilder:
             return self.pci_path(address)
         link = self._p(f"/sys/bus/pci/devices/{address}")
         return "/" + str(Path(os.path.realpath(link)).relative_to(self.root.resolve()))
+
+
+def _header_type(class_code: str) -> int:
+    return {"0604": 1, "0609": 1, "0607": 2}.get(class_code[:4], 0)

@@ -4,7 +4,8 @@
   original drivers recorded in a ``GroupClaim`` (stored in the state file).
 - :mod:`vfio.ioctl`: ``check_group``, the kernel's own word on viability and
   reset, through the VFIO ioctls (cffi).  Imported on demand: it loads libc.
-- :mod:`vfio.preview`: ``claim_preview``, what claiming a function takes with it.
+- :mod:`vfio.preview`: ``claim_preview``, the one verdict on a function (may it be
+  assigned, what comes with it), which inspect, plan and apply all ask.
 """
 
 from vfio.claim import ClaimFailed, FunctionRecord, GroupClaim, claim_group, release_group

@@ -16,15 +16,22 @@ from __future__ import annotations
 import errno as errno_mod
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from partitioner.errors import DeviceError
-from partitioner.host import Host, PciFunction
+from partitioner.host import Host
 from partitioner.hostroot import HostRoot
 from partitioner.run import CommandFailed, run
+from vfio.preview import (
+    VIABLE_DRIVERS,
+    bridge_blockers,
+    group_endpoints,
+    group_refusals,
+    reset_refusal,
+)
 
 log = logging.getLogger("partitioner.vfio")
 
@@ -32,10 +39,6 @@ VFIO_PCI = "vfio-pci"
 DRIVERS_DIR = "/sys/bus/pci/drivers"
 DEVICES_DIR = "/sys/bus/pci/devices"
 DRIVERS_PROBE = "/sys/bus/pci/drivers_probe"
-
-# Drivers that leave an IOMMU group viable for VFIO (they declare
-# driver_managed_dma in the kernel): a bridge on pcieport, a stub.
-VIABLE_DRIVERS = frozenset({VFIO_PCI, "pci-stub", "pcieport"})
 
 
 class ClaimFailed(DeviceError):
@@ -125,66 +128,25 @@ def modprobe(name: str) -> None:
 # -- refusals (rules 4 and 5 of manifest.md) -----------------------------------
 
 
-def group_endpoints(host: Host, group: int) -> tuple[PciFunction, ...]:
-    """The functions of ``group`` a claim takes: every member but bridges and ports."""
-    ig = host.iommu_groups.get(group)
-    if ig is None:
-        return ()
-    return tuple(
-        host.pci[a] for a in sorted(ig.members) if a in host.pci and not host.pci[a].is_bridge
-    )
+def refusals(host: Host, group: int, *, reset_none_ok: Collection[str] | None = None) -> list[str]:
+    """Why ``group`` may not be claimed; empty when it may.
 
-
-def refusals(host: Host, group: int) -> list[str]:
-    """Why ``group`` may not be claimed; empty when it may."""
-    ig = host.iommu_groups.get(group)
-    if ig is None:
-        if not host.has_iommu:
-            return [
-                f"IOMMU group {group} does not exist: this host has no IOMMU groups "
-                "(enable VT-d / AMD-Vi in the BIOS and boot with intel_iommu=on or amd_iommu=on)"
-            ]
-        return [f"IOMMU group {group} does not exist on this host"]
-    why: list[str] = []
-    endpoints = group_endpoints(host, group)
-    if not endpoints:
-        why.append(f"IOMMU group {group} holds only bridges and ports, which stay with the host")
-    why.extend(bridge_blockers(host, group))
-    for fn in endpoints:
-        if fn.boot_vga:
-            why.append(
-                f"{fn.address} is the boot VGA device (boot_vga = 1): the host's console runs on it"
-            )
-        reasons = [
-            r
-            for r in host.in_use.get(fn.address, ())
-            if not (fn.boot_vga and "boot vga" in r.lower())
-        ]
-        if reasons:
-            why.append(f"{fn.address} is in use by the host: {'; '.join(reasons)}")
-    return why
-
-
-def bridge_blockers(host: Host, group: int) -> list[str]:
-    """Bridges of ``group`` whose driver keeps the group from ever being viable for VFIO.
-
-    The kernel counts a group viable only when no driver but those that manage
-    DMA themselves (vfio-pci, pci-stub, pcieport) holds a member.  A bridge on
-    shpchp (a conventional PCI bridge's hot-plug driver), say, blocks it: seen
-    on the emulated server.  Bridges stay with the host (rule 4), so this is
-    refused, not changed: unbinding a bridge's driver is the operator's call.
+    The group part of the one verdict (:func:`vfio.preview.group_refusals`), asked
+    again on the host as scanned now.  With ``reset_none_ok`` (the addresses the
+    plan accepts without a reset method), an endpoint without one is refused
+    here, before anything is claimed; None leaves the reset question out (putting
+    back a claim that was made before).
     """
-    ig = host.iommu_groups.get(group)
-    out: list[str] = []
-    for a in ig.members if ig is not None else ():
-        fn = host.pci.get(a)
-        if fn is not None and fn.is_bridge and fn.driver and fn.driver not in VIABLE_DRIVERS:
-            out.append(
-                f"bridge {a} in IOMMU group {group} is bound to {fn.driver}, which keeps the "
-                "group from being handed to a guest (the kernel's VFIO viability rule); "
-                f"if the host can do without it: echo {a} > /sys/bus/pci/drivers/{fn.driver}/unbind"
-            )
-    return out
+    why = group_refusals(host, group)
+    if reset_none_ok is not None:
+        no_reset = [
+            fn.address
+            for fn in group_endpoints(host, group)
+            if not fn.reset_methods and str(fn.address) not in reset_none_ok
+        ]
+        if no_reset:
+            why.append(reset_refusal(no_reset))
+    return why
 
 
 # -- waiting for the kernel ----------------------------------------------------
@@ -386,15 +348,18 @@ def claim_group(
     *,
     load_module: Callable[[str], None] = modprobe,
     timeout: float = 10.0,
+    reset_none_ok: Collection[str] | None = None,
 ) -> GroupClaim:
     """Bind every endpoint of IOMMU group ``group`` to vfio-pci; bridges and ports stay.
 
-    Refuses (DeviceError, changing nothing) a group whose endpoints the host
-    uses or that holds the boot VGA device.  If a step fails, what was taken is
+    Refuses (DeviceError, changing nothing) a group that :func:`refusals` refuses:
+    the host uses an endpoint, it holds the boot VGA device, a member that stays
+    with the host blocks it, or (with ``reset_none_ok``) an endpoint has no reset
+    method and is not in ``reset_none_ok``.  If a step fails, what was taken is
     given back, newest first, and the DeviceError says what failed and what
     was restored.
     """
-    why = refusals(host, group)
+    why = refusals(host, group, reset_none_ok=reset_none_ok)
     if why:
         first = group_endpoints(host, group)
         raise DeviceError(
@@ -494,6 +459,7 @@ def claimed_now(root: HostRoot, claim: GroupClaim) -> list[str]:
 __all__ = [
     "DRIVERS_PROBE",
     "VFIO_PCI",
+    "VIABLE_DRIVERS",
     "ClaimFailed",
     "FunctionRecord",
     "GroupClaim",

@@ -24,6 +24,7 @@ from partitioner.errors import DeviceError
 from partitioner.host import Host
 from partitioner.hostroot import HostRoot
 from vfio.claim import VIABLE_DRIVERS
+from vfio.preview import stays_with_host
 
 _CDEF = """
 struct vfio_group_status {
@@ -271,8 +272,11 @@ def _not_viable_members(root: HostRoot, host: Host, group: int) -> list[tuple[st
             continue
         fn = by_addr.get(a)
         what = f" ({fn.id})" if fn is not None else ""
-        if fn is not None and fn.is_bridge:
-            why = "a bridge may stay in the group only on pcieport, pci-stub or no driver"
+        if fn is not None and stays_with_host(fn):
+            why = (
+                "a bridge or chipset function may stay in the group only on pcieport, "
+                "pci-stub or no driver"
+            )
         else:
             why = "every endpoint of the group must be claimed together"
         out.append((a, f"{a}{what} is still bound to {drv} ({why})"))

@@ -1,8 +1,19 @@
-"""What claiming one PCI function would take with it, and whether it may be assigned at all.
+"""Can this PCI function be given to a partition, and what comes with it: the one answer.
 
-Pure: a function of the :class:`~partitioner.host.Host` value only.  ``partition
-inspect`` shows it per function (``assignable``, ``why_not``,
-``takes_with_it``); the rules are 4 and 5 of manifest.md.
+Pure: a function of the :class:`~partitioner.host.Host` value only.  Every verb
+asks here and nowhere else:
+
+- ``partition inspect`` shows :func:`claim_preview` per function (``assignable``,
+  ``why_not``, ``takes_with_it``);
+- ``partition plan`` asks :func:`claim_preview` for every function a manifest
+  names and builds the partition's devices from the answer (what is added, what
+  must be named too, which functions need ``reset: none-ok``);
+- ``partition apply`` asks :func:`group_refusals` again for each group just
+  before it claims it, on the host as scanned at that moment (``vfio.claim``).
+
+The rules are 4 and 5 of manifest.md, the kernel's VFIO viability rule (a group
+can be opened only when every member is on vfio-pci, pci-stub, a port driver,
+or no driver) and the reset check (docs/decisions.md, "One verdict").
 """
 
 from __future__ import annotations
@@ -12,21 +23,160 @@ from typing import Any
 
 from partitioner.host import Host, PciFunction
 from partitioner.pci import PciAddress
-from vfio.claim import bridge_blockers
+
+# Drivers that leave an IOMMU group viable for VFIO (they declare
+# driver_managed_dma in the kernel): a bridge on pcieport, a stub.
+VIABLE_DRIVERS = frozenset({"vfio-pci", "pci-stub", "pcieport"})
+
+
+def stays_with_host(fn: PciFunction) -> bool:
+    """A member of a group that is never claimed nor handed to a guest.
+
+    Bridges and ports (header type 1 or 2, what the kernel calls a bridge: rule 4)
+    and the chipset's other class-06 functions (host bridges, ISA/LPC bridges:
+    header type 0, endpoints to the kernel, but the host runs on them: rule 5).
+    """
+    return fn.is_bridge or fn.class_code.startswith("06")
+
+
+def _stay_reason(fn: PciFunction) -> str:
+    if fn.is_bridge:
+        return f"{fn.address} is a PCI bridge or port: bridges stay with the host (rule 4)"
+    return (
+        f"{fn.address} is a {fn.label or 'bridge'} (class {fn.class_code}, header type 0): "
+        "the chipset stays with the host (rule 5)"
+    )
+
+
+def used_by_host(host: Host, fn: PciFunction) -> bool:
+    """Rule 5: the host runs on it (inventory's ``in_use``), or it is the boot VGA device."""
+    return fn.boot_vga or bool(host.in_use.get(fn.address))
+
+
+def _uses(host: Host, fn: PciFunction) -> list[str]:
+    """What the host uses ``fn`` for, in words; the boot VGA device said one way only."""
+    said = (
+        []
+        if not fn.boot_vga
+        else ["the boot VGA device (boot_vga = 1): the host's console runs on it"]
+    )
+    said += [
+        r for r in host.in_use.get(fn.address, ()) if not (fn.boot_vga and "boot vga" in r.lower())
+    ]
+    return said
+
+
+def group_endpoints(host: Host, group: int) -> tuple[PciFunction, ...]:
+    """The functions of ``group`` a claim takes: every member but those that stay with the host."""
+    ig = host.iommu_groups.get(group)
+    if ig is None:
+        return ()
+    return tuple(
+        host.pci[a]
+        for a in sorted(ig.members)
+        if a in host.pci and not stays_with_host(host.pci[a])
+    )
+
+
+def bridge_blockers(host: Host, group: int) -> list[str]:
+    """Members of ``group`` that stay with the host but whose driver keeps the group from
+    ever being viable for VFIO.
+
+    The kernel counts a group viable only when no driver but those that manage
+    DMA themselves (vfio-pci, pci-stub, pcieport) holds a member.  A bridge on
+    shpchp (a conventional PCI bridge's hot-plug driver), say, blocks it: seen
+    on the emulated server; so does an ISA bridge on lpc_ich.  They stay with the
+    host, so this is refused, not changed: unbinding their driver is the
+    operator's call.
+    """
+    ig = host.iommu_groups.get(group)
+    out: list[str] = []
+    for a in ig.members if ig is not None else ():
+        fn = host.pci.get(a)
+        if fn is not None and stays_with_host(fn) and fn.driver and fn.driver not in VIABLE_DRIVERS:
+            what = "bridge" if fn.is_bridge else (fn.label or "chipset function")
+            out.append(
+                f"{what} {a} in IOMMU group {group} is bound to {fn.driver}, which keeps the "
+                "group from being handed to a guest (the kernel's VFIO viability rule, rule 4); "
+                f"if the host can do without it: echo {a} > /sys/bus/pci/drivers/{fn.driver}/unbind"
+            )
+    return out
+
+
+def group_refusals(host: Host, group: int, *, of: PciAddress | None = None) -> list[str]:
+    """Why IOMMU group ``group`` may not be claimed for a guest; empty when it may.
+
+    The same sentences for ``apply`` (which asks before it claims) and for a
+    function's verdict (``of``: the function asked about, so that its group-mates
+    are named as such).  Reset methods are not a refusal of the group: they are
+    lifted by ``reset: none-ok`` (see :func:`reset_refusal`).
+    """
+    ig = host.iommu_groups.get(group)
+    if ig is None:
+        if not host.has_iommu:
+            return [
+                f"IOMMU group {group} does not exist: this host has no IOMMU groups "
+                "(enable VT-d / AMD-Vi in the BIOS and boot with intel_iommu=on or amd_iommu=on)"
+            ]
+        return [f"IOMMU group {group} does not exist on this host"]
+    why: list[str] = []
+    endpoints = group_endpoints(host, group)
+    if not endpoints:
+        why.append(f"IOMMU group {group} holds only bridges and ports, which stay with the host")
+    why.extend(bridge_blockers(host, group))
+    for fn in endpoints:
+        if not used_by_host(host, fn):
+            continue
+        use = "; ".join(_uses(host, fn))
+        if of is None or fn.address == of:
+            why.append(f"{fn.address} is in use by the host: {use} (rule 5)")
+        else:
+            why.append(
+                f"IOMMU group {group} of {of} also holds {fn.address}, which the host uses: "
+                f"{use} (rule 5)"
+            )
+    return why
+
+
+def reset_refusal(no_reset: tuple[PciAddress, ...] | list[PciAddress]) -> str:
+    """The one sentence for functions without a reset method."""
+    return (
+        f"{', '.join(map(str, no_reset))} {'has' if len(no_reset) == 1 else 'have'} no reset "
+        "method: a guest that restarts cannot be given a clean device (accepted with "
+        "`reset: none-ok` on the device in the manifest)"
+    )
 
 
 @dataclass(frozen=True)
 class ClaimPreview:
+    """The verdict on one function: whether it may be assigned, and what comes with it."""
+
     address: PciAddress
     iommu_group: int | None
-    # Other endpoints that go with it: the rest of its IOMMU group (rule 4: groups
-    # are owned whole), and the free functions of its slot with their groups.
+    # Other endpoints that go with it (rule 4): ``added`` come along by themselves (its
+    # slot, free, and the group they are in); ``must_name`` are in its groups but in
+    # another slot, so the manifest must name them too.
     takes_with_it: tuple[PciAddress, ...]
-    stays_with_host: tuple[PciAddress, ...]  # bridges and ports of the group
-    reasons: tuple[str, ...]  # why it cannot be assigned; empty when it can
-    # No reset method: assignable only with `reset: none-ok` on the device.
-    needs_reset_none_ok: bool = False
+    stays_with_host: tuple[PciAddress, ...]  # bridges, ports and chipset functions of its groups
+    refusals: tuple[str, ...]  # why it cannot be assigned, whatever the manifest says
+    no_reset: tuple[PciAddress, ...] = ()  # it or what it takes, without a reset method
     groups: tuple[int, ...] = ()  # the IOMMU groups to claim (claim_group each), ascending
+    added: tuple[PciAddress, ...] = ()
+    must_name: tuple[PciAddress, ...] = ()
+
+    @property
+    def needs_reset_none_ok(self) -> bool:
+        return bool(self.no_reset)
+
+    def blockers(self, *, none_ok: bool = False) -> tuple[str, ...]:
+        """Why it cannot be assigned; ``none_ok``: the device says `reset: none-ok`."""
+        if self.no_reset and not none_ok:
+            return (*self.refusals, reset_refusal(self.no_reset))
+        return self.refusals
+
+    @property
+    def reasons(self) -> tuple[str, ...]:
+        return self.blockers()
 
     @property
     def assignable(self) -> bool:
@@ -36,36 +186,47 @@ class ClaimPreview:
     def why_not(self) -> str | None:
         return "; ".join(self.reasons) if self.reasons else None
 
+    def short(self) -> str:
+        """One word or a few for a table: yes, yes+N, name-too, none-ok, no."""
+        if self.refusals:
+            return "no"
+        if self.no_reset:
+            return "none-ok"
+        if self.must_name:
+            return "name-too"
+        return f"yes+{len(self.added)}" if self.added else "yes"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "assignable": self.assignable,
             "why_not": self.why_not,
             "takes_with_it": [str(a) for a in self.takes_with_it],
+            "added_with_it": [str(a) for a in self.added],
+            "must_be_named_with_it": [str(a) for a in self.must_name],
             "stays_with_host": [str(a) for a in self.stays_with_host],
             "needs_reset_none_ok": self.needs_reset_none_ok,
+            "no_reset_method": [str(a) for a in self.no_reset],
             "iommu_groups": list(self.groups),
         }
 
 
-def _in_use(host: Host, fn: PciFunction) -> str | None:
-    reasons = list(host.in_use.get(fn.address, ()))
-    if fn.boot_vga and not any("boot vga" in r.lower() for r in reasons):
-        reasons.append("boot VGA device (boot_vga = 1)")
-    return "; ".join(reasons) if reasons else None
+def _refused(address: PciAddress, group: int | None, why: str) -> ClaimPreview:
+    return ClaimPreview(address, group, (), (), (why,))
+
+
+def claim_previews(host: Host) -> dict[PciAddress, ClaimPreview]:
+    """The verdict on every function of ``host`` (what ``inspect`` shows), in linear time
+    for functions in groups of bounded size."""
+    return {a: claim_preview(host, a) for a in sorted(host.pci)}
 
 
 def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
+    """The verdict on ``address``: the one answer ``inspect``, ``plan`` and ``apply`` give."""
     fn = host.pci.get(address)
     if fn is None:
-        return ClaimPreview(address, None, (), (), (f"{address} is not on this host",))
-    if fn.is_bridge:
-        return ClaimPreview(
-            address,
-            fn.iommu_group,
-            (),
-            (),
-            (f"{address} is a PCI bridge or port: bridges stay with the host",),
-        )
+        return _refused(address, None, f"{address} is not on this host")
+    if stays_with_host(fn):
+        return _refused(address, fn.iommu_group, _stay_reason(fn))
     if fn.iommu_group is None or fn.iommu_group not in host.iommu_groups:
         why = (
             "the host has no IOMMU groups (enable VT-d / AMD-Vi in the BIOS and boot with "
@@ -73,20 +234,24 @@ def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
             if not host.has_iommu
             else fn.group_problem or "it is in no IOMMU group"
         )
-        return ClaimPreview(address, None, (), (), (f"{address} cannot be assigned: {why}",))
+        return _refused(address, None, f"{address} cannot be assigned: {why}")
 
-    reasons: list[str] = []
-    use = _in_use(host, fn)
-    if use:
-        reasons.append(f"{address} is in use by the host: {use}")
-
-    # Closure: its group; free functions of its slot; their groups; and so on.
+    # Closure: its group; the free functions of its slot and their groups.
     taken: set[PciAddress] = set()
-    bridges: set[PciAddress] = set()
+    stays: set[PciAddress] = set()
     groups_seen: set[int] = set()
-    todo = [fn.iommu_group]
-    while todo:
-        g = todo.pop()
+    slot_groups = [fn.iommu_group]
+    for other in host.functions_in_slot(address.slot_key):
+        if (
+            other.address != address
+            and not stays_with_host(other)
+            and other.iommu_group is not None
+            and other.iommu_group in host.iommu_groups
+            # Rule 4: only the slot functions the host is not using come along.
+            and not used_by_host(host, other)
+        ):
+            slot_groups.append(other.iommu_group)
+    for g in slot_groups:
         if g in groups_seen:
             continue
         groups_seen.add(g)
@@ -94,44 +259,25 @@ def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
             mf = host.pci.get(m)
             if mf is None:
                 continue
-            if mf.is_bridge:
-                bridges.add(m)
-                continue
-            taken.add(m)
-        for other in host.functions_in_slot(address.slot_key):
-            if (
-                not other.is_bridge
-                and other.iommu_group is not None
-                and other.iommu_group in host.iommu_groups
-                and other.iommu_group not in groups_seen
-                # Rule 4: only the slot functions the host is not using come along.
-                and _in_use(host, other) is None
-            ):
-                todo.append(other.iommu_group)
+            (stays if stays_with_host(mf) else taken).add(m)
 
-    for m in sorted(taken - {address}):
-        other_use = _in_use(host, host.pci[m])
-        if other_use:
-            reasons.append(
-                f"IOMMU group {host.pci[m].iommu_group} of {address} also holds {m}, "
-                f"which the host uses: {other_use}"
-            )
+    refusals: list[str] = []
     for g in sorted(groups_seen):
-        reasons.extend(bridge_blockers(host, g))
-    needs_reset = False
-    for m in sorted(taken):
-        if not host.pci[m].reset_methods:
-            needs_reset = True
-            reasons.append(
-                f"{m} has no reset method: a guest that restarts cannot be given a clean "
-                "device (accepted with `reset: none-ok` on the device in the manifest)"
-            )
+        for why in group_refusals(host, g, of=address):
+            if why not in refusals:
+                refusals.append(why)
+    others = sorted(taken - {address})
+    added = tuple(m for m in others if m.slot_key == address.slot_key)
+    must_name = tuple(m for m in others if m.slot_key != address.slot_key)
+    no_reset = tuple(m for m in sorted(taken) if not host.pci[m].reset_methods)
     return ClaimPreview(
-        address,
-        fn.iommu_group,
-        tuple(sorted(taken - {address})),
-        tuple(sorted(bridges)),
-        tuple(reasons),
-        needs_reset,
-        tuple(sorted(groups_seen)),
+        address=address,
+        iommu_group=fn.iommu_group,
+        takes_with_it=tuple(others),
+        stays_with_host=tuple(sorted(stays)),
+        refusals=tuple(refusals),
+        no_reset=no_reset,
+        groups=tuple(sorted(groups_seen)),
+        added=added,
+        must_name=must_name,
     )

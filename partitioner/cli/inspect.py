@@ -10,7 +10,15 @@ from partitioner.cpuset import CpuSet
 from partitioner.host import Host
 from partitioner.inventory import scan
 from partitioner.units import human_size, page_size_name
-from vfio.preview import claim_preview
+from vfio.preview import (
+    ClaimPreview,
+    claim_previews,
+    group_endpoints,
+    group_refusals,
+    reset_refusal,
+    stays_with_host,
+    used_by_host,
+)
 
 
 def register(sub: Any) -> None:
@@ -60,9 +68,11 @@ def to_json(host: Host) -> dict[str, Any]:
             }
         )
     pci = []
+    previews = claim_previews(host)
     for addr in sorted(host.pci):
         fn = host.pci[addr]
-        preview = claim_preview(host, addr)
+        preview = previews[addr]
+        word = verdict_word(host, preview)
         pci.append(
             {
                 "address": str(addr),
@@ -84,6 +94,8 @@ def to_json(host: Host) -> dict[str, Any]:
                 "assignable": preview.assignable,
                 "why_not": preview.why_not,
                 "takes_with_it": [str(a) for a in preview.takes_with_it],
+                "verdict": word,
+                "claim": preview.to_json(),
             }
         )
     return {
@@ -133,12 +145,6 @@ def render(host: Host, doc: dict[str, Any]) -> str:
     lines.append("")
     pci_rows = []
     for f in doc["pci"]:
-        if f["assignable"]:
-            verdict = "yes"
-            if f["takes_with_it"]:
-                verdict += f" (takes {', '.join(f['takes_with_it'])})"
-        else:
-            verdict = f"no: {f['why_not']}"
         pci_rows.append(
             [
                 f["address"],
@@ -148,7 +154,7 @@ def render(host: Host, doc: dict[str, Any]) -> str:
                 "-" if f["numa_node"] is None else str(f["numa_node"]),
                 f["driver"] or "-",
                 ",".join(f["netdev"]) or "-",
-                verdict,
+                f["verdict"],
             ]
         )
     if pci_rows:
@@ -157,8 +163,74 @@ def render(host: Host, doc: dict[str, Any]) -> str:
                 pci_rows, ["PCI", "ID", "CLASS", "GROUP", "NODE", "DRIVER", "NETDEV", "ASSIGNABLE"]
             )
         )
+        lines.extend(group_reasons(host, {f["verdict"] for f in doc["pci"]}))
     else:
         lines.append("no PCI functions")
     for note in host.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def verdict_word(host: Host, v: ClaimPreview) -> str:
+    """The verdict in a few words for the table; the reasons are said once per group below it."""
+    fn = host.pci.get(v.address)
+    if fn is None:
+        return "no: not on this host"
+    if stays_with_host(fn):
+        return "no: bridge" if fn.is_bridge else "no: chipset"
+    if fn.iommu_group is None or fn.iommu_group not in host.iommu_groups:
+        return "no: no IOMMU group"
+    if v.refusals:
+        if used_by_host(host, fn):
+            return "no: the host uses it"
+        return f"no: see group {fn.iommu_group}"
+    extra = ""
+    if v.added:
+        extra = f" +{len(v.added)} of its slot"
+    if v.must_name:
+        extra += f", name {len(v.must_name)} more"
+    if v.no_reset:
+        return f"with reset: none-ok{extra}"
+    return f"yes{extra}"
+
+
+def group_reasons(host: Host, words: set[str]) -> list[str]:
+    """The reasons behind the table's verdicts, once per IOMMU group (the JSON has them per function)."""
+    out: list[str] = []
+    if host.pci and not host.has_iommu:
+        out.append(
+            "no IOMMU groups: no function can be assigned; enable VT-d / AMD-Vi in the BIOS and "
+            "boot with intel_iommu=on (Intel) or amd_iommu=on (AMD)"
+        )
+    for g in sorted(host.iommu_groups):
+        members = [host.pci[a] for a in sorted(host.iommu_groups[g].members) if a in host.pci]
+        said = group_refusals(host, g)
+        endpoints = group_endpoints(host, g)
+        slots = {fn.address.slot_key for fn in endpoints}
+        if len(slots) > 1:
+            said.append(
+                f"endpoints of several slots ({', '.join(str(fn.address) for fn in endpoints)}): "
+                "the group is assigned whole, so name them all in one partition (rule 4)"
+            )
+        no_reset = [fn.address for fn in endpoints if not fn.reset_methods]
+        if no_reset:
+            said.append(reset_refusal(no_reset))
+        if said and endpoints:
+            out.append(f"IOMMU group {g} ({', '.join(str(fn.address) for fn in members)}):")
+            out.extend(f"  {s}" for s in said)
+    legend = [
+        text
+        for word, text in (
+            ("no: bridge", "bridges and ports stay with the host (rule 4)"),
+            (
+                "no: chipset",
+                "host and ISA bridges (class 06, header type 0) stay with the host (rule 5)",
+            ),
+            ("+", "+N of its slot: the free functions of its slot come along (rule 4)"),
+        )
+        if any(word in w for w in words)
+    ]
+    out[0:0] = legend
+    if out:
+        out.insert(0, "")
+    return out

@@ -7,10 +7,10 @@ from typing import Any
 
 from partitioner.actions import diff, held_replacements
 from partitioner.cli.common import Context, table
+from partitioner.filecheck import checked_plan, file_problems
 from partitioner.inventory import scan
 from partitioner.loader import load
 from partitioner.plan import Plan
-from partitioner.planner import plan
 from partitioner.reconcile import Finding, reconcile
 from partitioner.state import State, StateStore, running_partitions
 from partitioner.units import format_size
@@ -26,7 +26,15 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     manifest = load(args.file)
     host = scan(ctx.root())
     state, findings = _reconciled(ctx)
-    result = plan(manifest, host, running_partitions(state))
+    # The pure plan, then the files it hands to QEMU (filecheck).  Under --host-root the
+    # plan is for another machine, whose files are not here to be looked at: said, not held.
+    here = ctx.host_root is None
+    result = checked_plan(manifest, host, running_partitions(state), files=here)
+    if not here:
+        for problem in file_problems(manifest):
+            ctx.warn(
+                f"partition: note: {problem} (not checked: the plan is for --host-root's machine)"
+            )
     acts = [a.to_json() for a in diff(result, state, host, replace=set())]
     held = held_replacements(result, state, replace=set())
     if ctx.json:

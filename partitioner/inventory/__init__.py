@@ -25,11 +25,11 @@ from partitioner.host import Host
 from partitioner.hostroot import HostRoot
 from partitioner.inventory.cpus import scan_cpus
 from partitioner.inventory.memory import scan_hugepage_sizes, scan_nodes
-from partitioner.inventory.pci import class_label, scan_iommu_groups, scan_pci
+from partitioner.inventory.pci import class_label, pci_is_bridge, scan_iommu_groups, scan_pci
 from partitioner.inventory.reader import Reader
 from partitioner.inventory.usage import scan_in_use, scan_net, with_netdevs
 
-__all__ = ["class_label", "scan"]
+__all__ = ["class_label", "pci_is_bridge", "scan"]
 
 
 def scan(root: HostRoot) -> Host:

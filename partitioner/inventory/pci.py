@@ -7,11 +7,14 @@ a tree under --host-root has none, and ``inspect`` shows ids there.
 from __future__ import annotations
 
 import functools
+import os
 import re
+import stat
 from dataclasses import replace
 
 from partitioner import sysfs
 from partitioner.host import IommuGroup, PciFunction
+from partitioner.hostroot import HostRoot
 from partitioner.inventory.reader import Reader, is_number
 from partitioner.pci import PciAddress, PciAddressSyntaxError
 
@@ -122,7 +125,7 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
             reset_methods=tuple(reset.split()) if reset else (),
             # The kernel gives boot_vga to display-class devices only.
             boot_vga=class_code.startswith("03") and r.read_int(f"{real}/boot_vga") == 1,
-            is_bridge=class_code.startswith("06"),
+            is_bridge=pci_is_bridge(r.root, real, class_code),
             upstream=upstream,
             netdevs=netdevs,
             label=class_label(class_code),
@@ -185,3 +188,29 @@ def nearest_pci(real: str) -> PciAddress | None:
 @functools.lru_cache(maxsize=4096)
 def parse_pci(text: str) -> PciAddress:
     return PciAddress.parse(text)
+
+
+def pci_is_bridge(root: HostRoot, device_dir: str, class_code: str) -> bool:
+    """A bridge as the kernel means it (``pci_is_bridge``): header type 1 (PCI-to-PCI
+    bridge or port) or 2 (CardBus), the low 7 bits of config space byte 0x0e.
+
+    Not class 06xx: a host bridge (0600) or an ISA bridge (0601) is class 06 with
+    header type 0, an endpoint to the kernel.  ``config`` is binary, so it is read
+    through the root's path, not as text (and without blocking: a hostile tree may put a
+    FIFO there).  A tree without it (hwloc's older dumps, snapshots) falls back to the
+    classes that have header type 1 or 2: PCI bridge (0604), CardBus (0607),
+    semi-transparent PCI bridge (0609).
+    """
+    head = b""
+    try:
+        fd = os.open(root.path(f"{device_dir}/config"), os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                head = os.read(fd, 0x0F)
+        finally:
+            os.close(fd)
+    except OSError:
+        head = b""
+    if len(head) == 0x0F:
+        return head[0x0E] & 0x7F in (1, 2)
+    return class_code[:4] in ("0604", "0607", "0609")

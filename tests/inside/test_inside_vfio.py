@@ -20,7 +20,7 @@ from partitioner.hostroot import HostRoot
 from partitioner.pci import PciAddress
 from vfio.claim import GroupClaim, claim_group, current_driver, release_group
 from vfio.ioctl import check_group, group_status
-from vfio.preview import claim_preview
+from vfio.preview import claim_preview, stays_with_host
 
 pytestmark = [
     pytest.mark.skipif(
@@ -41,7 +41,10 @@ def scan() -> Host:
 
 
 def endpoints(host: Host, group: int) -> list[PciFunction]:
-    return [host.pci[a] for a in host.iommu_groups[group].members if not host.pci[a].is_bridge]
+    """What a claim takes: the members that do not stay with the host (bridges, the chipset)."""
+    return [
+        host.pci[a] for a in host.iommu_groups[group].members if not stays_with_host(host.pci[a])
+    ]
 
 
 def groups_where(host: Host, pred: object) -> list[int]:
@@ -246,3 +249,17 @@ def test_group_not_claimed_has_no_vfio_node() -> None:
     free = groups_where(host, lambda h, g: [f.driver for f in endpoints(h, g)] == ["e1000e"])
     with pytest.raises(DeviceError, match="claim it first"):
         group_status(ROOT, free[0])
+
+
+def test_bridges_are_what_the_kernel_calls_bridges() -> None:
+    """The inventory reads the header type from config space; the kernel shows
+    secondary_bus_number on exactly the functions pci_is_bridge() calls bridges."""
+    host = scan()
+    assert host.pci
+    for a, fn in host.pci.items():
+        kernel_says = os.path.exists(f"/sys/bus/pci/devices/{a}/secondary_bus_number")
+        assert fn.is_bridge == kernel_says, (str(a), fn.class_code)
+    # The server has host bridges (class 0600, header type 0): not bridges, and never assigned.
+    hosts = [fn for fn in host.pci.values() if fn.class_code.startswith("0600")]
+    assert hosts and not any(fn.is_bridge for fn in hosts)
+    assert not any(claim_preview(host, fn.address).assignable for fn in hosts)

@@ -1,0 +1,145 @@
+"""The files a manifest hands to QEMU exist and can be read: kernel, initrd, disks, firmware.
+
+The planner is pure (it reads nothing); this is the separate step that ``plan``
+and ``apply`` run after it, on this machine, where QEMU will open them.  Under
+``--host-root`` the plan is for another machine: ``plan`` then says what it
+would miss here as notes, and holds nothing against it.  A missing or unreadable
+file is a precondition of the host that is missing: exit 3 with the others
+(docs/decisions.md).
+
+Each problem starts with the ``FILE:LINE:COL`` of the manifest entry that names
+the file.  Nothing is read from the files: they are opened (without blocking,
+so a FIFO cannot hang the check) and closed.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+
+from partitioner.errors import PlanError
+from partitioner.host import Host
+from partitioner.manifest import Location, Manifest
+from partitioner.plan import Plan, RunningPartition
+
+
+def _problem(where: Location, what: str, path: str, why: str) -> str:
+    return f"{where}: {what} {path}: {why}"
+
+
+def _check(path: str, *, what: str, where: Location, write: bool, block_ok: bool) -> str | None:
+    """None when QEMU will be able to open ``path`` as it will; else why not."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return _problem(where, what, path, "no such file on this machine")
+    except NotADirectoryError:
+        return _problem(where, what, path, "a part of the path is not a directory")
+    except OSError as e:
+        return _problem(where, what, path, f"cannot be looked at ({e.strerror or e})")
+    if stat.S_ISDIR(st.st_mode):
+        return _problem(where, what, path, "is a directory, not a file")
+    if not (stat.S_ISREG(st.st_mode) or (block_ok and stat.S_ISBLK(st.st_mode))):
+        kinds = "a regular file or a block device" if block_ok else "a regular file"
+        return _problem(where, what, path, f"is not {kinds}")
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        mode = "read and written" if write else "read"
+        hint = " (or mark the disk `readonly: true`)" if write else ""
+        return _problem(where, what, path, f"cannot be {mode} ({e.strerror or e}){hint}")
+    os.close(fd)
+    return None
+
+
+def file_problems(manifest: Manifest) -> list[str]:
+    """Every file of every partition that QEMU could not open, located in the manifest."""
+    from partitioner.guest.caps import OVMF_CANDIDATES
+
+    out: list[str] = []
+    for spec in manifest.partitions.values():
+        checks: list[str | None] = []
+        if spec.boot is not None:
+            checks.append(
+                _check(
+                    spec.boot.kernel,
+                    what=f"partitions.{spec.name}.boot.kernel",
+                    where=spec.boot.kernel_where,
+                    write=False,
+                    block_ok=False,
+                )
+            )
+            if spec.boot.initrd is not None:
+                checks.append(
+                    _check(
+                        spec.boot.initrd,
+                        what=f"partitions.{spec.name}.boot.initrd",
+                        where=spec.boot.initrd_where,
+                        write=False,
+                        block_ok=False,
+                    )
+                )
+        for i, disk in enumerate(spec.disks):
+            checks.append(
+                _check(
+                    disk.path,
+                    what=f"partitions.{spec.name}.disks[{i}].path",
+                    where=disk.where,
+                    write=not disk.readonly,
+                    block_ok=True,
+                )
+            )
+        if spec.firmware == "uefi":
+            found = [
+                (code, vars_)
+                for code, vars_ in OVMF_CANDIDATES
+                if os.path.isfile(code) and os.path.isfile(vars_)
+            ]
+            if not found:
+                checks.append(
+                    f"{spec.firmware_where}: partitions.{spec.name}.firmware is uefi but no OVMF "
+                    f"firmware is installed (looked for {OVMF_CANDIDATES[0][0]} and the other "
+                    "usual places): install it with `apt-get install ovmf` (Debian, Ubuntu) or "
+                    "`dnf install edk2-ovmf`"
+                )
+            else:
+                code, vars_ = found[0]
+                for path, what in ((code, "UEFI code"), (vars_, "UEFI variable template")):
+                    checks.append(
+                        _check(
+                            path,
+                            what=f"partitions.{spec.name}.firmware: the {what}",
+                            where=spec.firmware_where,
+                            write=False,
+                            block_ok=False,
+                        )
+                    )
+        out.extend(c for c in checks if c is not None)
+    return out
+
+
+def checked_plan(
+    manifest: Manifest,
+    host: Host,
+    running: Mapping[str, RunningPartition] | None = None,
+    *,
+    files: bool = True,
+) -> Plan:
+    """The plan (the pure planner), then the files: every problem of both, or the plan.
+
+    What ``plan`` and ``apply`` run, so that both refuse the same manifests.  ``files``
+    False leaves the files out: a plan for another machine (``--host-root``) cannot know
+    what is on it, and its caller says so instead.
+    """
+    from partitioner.planner import plan
+
+    try:
+        result = plan(manifest, host, running)
+    except PlanError as e:
+        raise PlanError([*e.problems, *(file_problems(manifest) if files else [])]) from None
+    problems = file_problems(manifest) if files else []
+    if problems:
+        raise PlanError(problems)
+    return result
