@@ -37,6 +37,7 @@ VERB_MODULES: list[str] = [
     "destroy",
     "console",
     "testbed",
+    "host",
 ]
 # The verbs a module registers, where they are not named like it.
 _MODULE_OF = {"start": "lifecycle", "stop": "lifecycle", "restart": "lifecycle"}
