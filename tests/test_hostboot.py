@@ -186,6 +186,9 @@ def test_no_kvm_no_vfio_no_cgroup(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert it["kvm"]["status"] == "fail" and "kvm_intel" in it["kvm"]["fix"]
     assert it["vfio-pci"]["status"] == "fail"
     assert it["cgroup-cpuset"]["status"] == "fail"
+    # A site that runs under accel: tcg needs no KVM: the same facts warn for it.
+    _, doc = check_json(capsys, t.root, str(DEMO))
+    assert items(doc)["kvm"]["status"] == "warn" and "accel: tcg" in items(doc)["kvm"]["detail"]
     # With the module on disk, vfio-pci passes (apply loads it).
     t.file(
         "/lib/modules/6.1.0-18-amd64/modules.dep",

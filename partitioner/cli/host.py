@@ -91,7 +91,7 @@ def register(sub: Any) -> None:
 # -- check ----------------------------------------------------------------------------------
 
 
-def _site_settings(ctx: Context, file: str, facts: HostFacts) -> Any:
+def _site_settings(ctx: Context, file: str, facts: HostFacts, host: Any = None) -> Any:
     from partitioner.inventory import scan
     from partitioner.loader import load
     from partitioner.planner import plan
@@ -99,7 +99,7 @@ def _site_settings(ctx: Context, file: str, facts: HostFacts) -> Any:
 
     manifest = load(file)
     root = ctx.root()
-    host = scan(root)
+    host = host if host is not None else scan(root)
     running = {}
     if ctx.host_root is None:
         state, _ = reconcile(StateStore(ctx.state_dir).load(), root)
@@ -114,7 +114,11 @@ def run_check(args: argparse.Namespace, ctx: Context) -> int:
     root = ctx.root()
     facts = read_facts(root)
     host = scan(root)
-    items = check_host(root, host, facts)
+    site = None
+    if args.file is not None:
+        manifest, _, _, settings = _site_settings(ctx, args.file, facts, host)
+        site = manifest.host.accel
+    items = check_host(root, host, facts, accel=site)
     if (
         root.live
         and not args.no_probe
@@ -126,7 +130,6 @@ def run_check(args: argparse.Namespace, ctx: Context) -> int:
         items.insert(at, probe_kvm_cpu_host())
     reboot: list[str] = []
     if args.file is not None:
-        _, _, _, settings = _site_settings(ctx, args.file, facts)
         items.extend(check_site(root, host, facts, settings, args.file))
         reboot = reboot_needed(settings, facts)
     rc = exit_code(items)
@@ -177,7 +180,7 @@ def _render_items(items: list[CheckItem]) -> str:
 def partition_command() -> list[str]:
     """How the boot-time service calls this program: the installed console script when there is
     one beside this interpreter or on PATH, else the interpreter and the module."""
-    beside = Path(sys.executable).parent / "partition"
+    beside = Path(os.path.normpath(os.path.abspath(sys.executable))).parent / "partition"
     if beside.is_file() and os.access(beside, os.X_OK):
         return [str(beside)]
     found = shutil.which("partition")
@@ -194,7 +197,7 @@ def run_setup(args: argparse.Namespace, ctx: Context) -> int:
             f"--host-root {ctx.host_root} describes another machine: write its files under a "
             "directory with --root DIR (its image), or use --dry-run"
         )
-    if not root_dir.is_dir():
+    if not root_dir.is_dir() and not args.dry_run:
         raise UsageError(f"--root {args.root} is not a directory")
     target = detect_target(root_dir)
     facts = read_facts(ctx.root())
