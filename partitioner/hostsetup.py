@@ -389,11 +389,13 @@ def _unit(partition_cmd: Sequence[str]) -> str:
         "\n"
         "[Service]\n"
         "# `host boot` starts the partitions with autostart: true in `order`, as `apply`\n"
-        "# would, and ends; stopping the service stops them in the reverse order.\n"
-        "Type=oneshot\n"
-        "RemainAfterExit=yes\n"
+        "# would, then stays to restart the ones that crash (on_crash); systemd\n"
+        "# restarts it in turn.  Stopping the service stops them in the reverse order.\n"
+        "Type=exec\n"
         f"ExecStart={cmd}\n"
         f"ExecStop={stop}\n"
+        "Restart=on-failure\n"
+        "RestartSec=5\n"
         "# The guests are not this service's processes to kill: `destroy` stops them.\n"
         "KillMode=process\n"
         "TimeoutStartSec=infinity\n"
@@ -457,7 +459,7 @@ def compile_setup(
             SetupFile(
                 UNIT,
                 _unit(partition_cmd),
-                "start the site's partitions at boot, in order",
+                "start the site's partitions at boot, in order, and restart them on crash",
                 group="units",
             )
         )
@@ -474,7 +476,8 @@ def compile_setup(
         notes.append(
             "no systemd on the target: have its init system run "
             f"`{shlex.join([*partition_cmd, 'host', 'boot', SITE_COPY])}` once the local "
-            f"filesystems are mounted, and `partition destroy {SITE_COPY}` at shutdown"
+            f"filesystems are mounted (it stays in the foreground to restart crashed partitions: "
+            f"run it as a respawned service), and `partition destroy {SITE_COPY}` at shutdown"
         )
     files.append(
         SetupFile(SITE_COPY, manifest_text, "the site the boot-time start reads", group="site")

@@ -85,7 +85,21 @@ def register(sub: Any) -> None:
         help="start the site's autostart partitions in order (what the boot-time service runs)",
     )
     b.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    b.add_argument(
+        "--no-supervise",
+        action="store_true",
+        help="start the partitions and return, instead of staying to restart crashed ones",
+    )
     b.set_defaults(func=run_boot)
+
+    w = hs.add_parser(
+        "supervise",
+        help="watch the applied partitions and restart crashed ones (on_crash), in the foreground",
+    )
+    w.add_argument(
+        "--poll", metavar="S", type=float, default=0.5, help="seconds between looks (default 0.5)"
+    )
+    w.set_defaults(func=run_supervise)
 
 
 # -- check ----------------------------------------------------------------------------------
@@ -376,4 +390,30 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
             f"started: {', '.join(started) or 'none'}"
             + (f"; autostart: false: {', '.join(skipped)}" if skipped else "")
         )
+    if not args.no_supervise:
+        _supervise(ctx, store, poll=0.5)
+    return 0
+
+
+def _supervise(ctx: Context, store: Any, poll: float) -> None:
+    from partitioner.actions import Start, execute
+    from partitioner.cli.lifecycle import lifecycle_context
+    from partitioner.state import State, StateStore
+    from partitioner.supervisor import Supervisor
+
+    def restart(s: StateStore, state: State, name: str) -> State:
+        # The same action as `partition start`: the recorded placement, pinned as before.
+        actx = lifecycle_context(ctx, s, state)
+        execute([Start(name)], actx, s)
+        return actx.state
+
+    ctx.info(f"partition: watching the partitions of {store.dir} (on_crash)")
+    Supervisor(ctx.root(), store, restart).run(poll=poll)
+
+
+def run_supervise(args: argparse.Namespace, ctx: Context) -> int:
+    from partitioner.state import StateStore
+
+    ctx.require_live("host supervise")
+    _supervise(ctx, StateStore(ctx.state_dir), poll=args.poll)
     return 0
