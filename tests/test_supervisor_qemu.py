@@ -69,7 +69,7 @@ class Site:
     def status(self) -> dict[str, Any]:
         cp = self.run("--json", "status")
         assert cp.returncode == 0, cp.stderr
-        doc: dict[str, Any] = json.loads(cp.stdout)["partitions"]["p0"]
+        doc: dict[str, Any] = json.loads(cp.stdout)["partitions"].get("p0", {"state": "absent"})
         return doc
 
     def log(self) -> str:
@@ -158,3 +158,27 @@ def test_on_crash_stop_leaves_it_failed_holding_its_resources(site: Site) -> Non
     assert st["hugepages_added"] == held  # still its own, until destroy
     cp = site.run("destroy", "--all")
     assert cp.returncode == 0, cp.stderr
+
+
+def test_host_boot_starts_autostart_partitions_and_supervises(site: Site) -> None:
+    # autostart: false: the boot-time start leaves it alone.
+    manifest = site.manifest("restart")
+    manifest.write_text(manifest.read_text().replace("on_crash: restart", "autostart: false"))
+    cp = site.run("--json", "host", "boot", str(manifest), "--no-supervise")
+    assert cp.returncode == 0, cp.stderr
+    assert json.loads(cp.stdout) == {"started": [], "skipped": ["p0"], "notes": []}
+    assert json.loads(site.run("--json", "status").stdout)["partitions"] == {}
+    # autostart: true (the default): started, and `host boot` stays to restart it.
+    manifest = site.manifest("restart")
+    log = (site.dir / "supervisor.log").open("wb")
+    site.supervisor = subprocess.Popen(
+        [sys.executable, "-m", "partitioner.cli.main", "host", "boot", str(manifest)],
+        env=site.env, stdout=log, stderr=log, cwd=PROJECT,
+    )  # fmt: skip
+    wait_for(site, lambda s: s["state"] == "running", "the boot-time start")
+    old = kill_qemu(site)
+    wait_for(
+        site,
+        lambda s: s["state"] == "running" and s["pid"] not in (None, old),
+        "restart under host boot",
+    )

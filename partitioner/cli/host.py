@@ -356,7 +356,10 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
         keep = {n: p for n, p in manifest.partitions.items() if p.autostart or n in running}
         booted = replace(manifest, partitions=keep)
         host = scan(root)
-        result = plan(booted, host, running)
+        # The whole site is planned, so that each partition gets the CPUs `host setup`
+        # isolated for it; only the ones that start at boot are kept.
+        whole = plan(manifest, host, running)
+        result = replace(whole, placements={n: p for n, p in whole.placements.items() if n in keep})
         prepared = Prepared(
             manifest=booted,
             host=host,
