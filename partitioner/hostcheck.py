@@ -664,9 +664,7 @@ def check_site(
             items.append(CheckItem(key, title, "fail", f"{d.address} is not on this host"))
         elif driver == "vfio-pci" and override == "vfio-pci":
             items.append(
-                CheckItem(
-                    key, title, "pass", "bound to vfio-pci at boot (driver_override vfio-pci)"
-                )
+                CheckItem(key, title, "pass", "on vfio-pci, with driver_override vfio-pci")
             )
         elif driver == "vfio-pci":
             items.append(

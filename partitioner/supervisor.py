@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from partitioner.errors import BusyError, PartitionError
+from partitioner.errors import BusyError, PartitionError, StateError
 from partitioner.hostroot import HostRoot
 from partitioner.state import PartitionRecord, RunState, State, StateStore
 
@@ -237,8 +237,14 @@ class Supervisor:
         previous = signal.signal(signal.SIGTERM, leave)
         try:
             while not stop and not until():
-                for e in self.step():
-                    log.warning("partition %s %s: %s", e.partition, e.kind, e.detail)
+                try:
+                    for e in self.step():
+                        log.warning("partition %s %s: %s", e.partition, e.kind, e.detail)
+                except StateError as e:
+                    # A record that cannot be read now (being replaced by hand, a full
+                    # disk) is said and looked at again; the guests run on meanwhile.
+                    log.warning("cannot read the state record: %s", e)
+                    time.sleep(max(poll, 5.0))
                 time.sleep(poll)
         finally:
             signal.signal(signal.SIGTERM, previous)

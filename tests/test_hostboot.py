@@ -568,3 +568,24 @@ def test_generated_unit_passes_systemd_analyze(
     )
     cp = subprocess.run([analyze, "verify", str(bad)], capture_output=True, text=True, check=False)
     assert cp.returncode != 0
+
+
+def test_testbed_run_takes_kernel_arguments() -> None:
+    from partitioner.cli.main import build_parser
+    from partitioner.testbed.server import TestbedServer
+
+    args = build_parser("testbed").parse_args(
+        [
+            "testbed",
+            "run",
+            "--append",
+            "isolcpus=1 nohz_full=1",
+            "--append",
+            "iommu=pt",
+            "--",
+            "true",
+        ]
+    )
+    assert args.append == ["isolcpus=1 nohz_full=1", "iommu=pt"]
+    server = TestbedServer("numa", ["true"], append=args.append)
+    assert server.append == ["isolcpus=1", "nohz_full=1", "iommu=pt"]
