@@ -5,10 +5,11 @@ checks inside that the machine came up into the site's layout.  One boot of its 
 
 The site is compiled against the real snapshot of the `numa` server
 (tests/fixtures/hosts/testbed-numa) with what this boot adds written on top: 1 GiB pages
-(the CPU model gets pdpe1gb) and 3 GiB on node 1 for fw0's 1 GiB page.  Why 3: with 4 GiB
-in all, q35 puts 2 GiB below the PCI hole, so node 1 is 1-2 GiB (where the initramfs lands)
-and 4-6 GiB, whose top the kernel takes for node 1's own structures; a whole aligned free
-GiB is left at 4-5 GiB.  With 2 GiB on node 1 the kernel found none (pool 0, seen here).
+(the CPU model gets pdpe1gb) and 3 GiB on node 1 for fw0's 1 GiB page.  With 2 GiB on
+node 1 the kernel reserved no 1 GiB page there (pool 0, seen in this test): with 3 GiB in
+all, q35 puts 2 GiB below the PCI hole, so node 1 was 1-2 GiB (where the initramfs is
+loaded) and 4-5 GiB (whose top the kernel takes for node 1's own structures), most likely
+leaving no whole aligned free GiB.  With 3 GiB on node 1 it reserves it.
 """
 
 from __future__ import annotations
