@@ -296,8 +296,10 @@ def _initramfs_files(devices: Sequence[EarlyDevice], kind: Initramfs) -> list[Se
     files: list[SetupFile] = []
     script = _bind_script(devices)
     if kind == "initramfs-tools":
-        # init-top runs before udev's own init-top script (no prerequisites, and
-        # scripts without any run in name order: "partition-vfio" < "udev").
+        # It must run before udev's own init-top script starts udevd and coldplugs the
+        # drivers.  initramfs-tools orders scripts with tsort of their prerequisites,
+        # listed in name order, and tsort keeps that order for unrelated ones: with no
+        # prerequisites, "partition-vfio" runs before "udev" (a test runs that code).
         files.append(
             SetupFile(
                 ITOOLS_SCRIPT,

@@ -589,3 +589,25 @@ def test_testbed_run_takes_kernel_arguments() -> None:
     assert args.append == ["isolcpus=1 nohz_full=1", "iommu=pt"]
     server = TestbedServer("numa", ["true"], append=args.append)
     assert server.append == ["isolcpus=1", "nohz_full=1", "iommu=pt"]
+
+
+def test_init_top_script_runs_before_udev(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """initramfs-tools' own ordering code (hook-functions: get_prereq_pairs | tsort) puts the
+    compiled script before udev's, which starts udevd and loads the drivers."""
+    system = Path("/usr/share/initramfs-tools/scripts/init-top")
+    if not (system / "udev").exists():
+        pytest.skip("initramfs-tools (with udev's init-top script) is not installed")
+    t = snapshot_tree(tmp_path)
+    target = target_root(tmp_path)
+    setup_json(capsys, t.root, target)
+    scripts = tmp_path / "init-top"
+    shutil.copytree(system, scripts)
+    shutil.copy(target / "etc/initramfs-tools/scripts/init-top/partition-vfio", scripts)
+    order = subprocess.run(
+        ["sh", "-c", '. /usr/share/initramfs-tools/hook-functions; initdir="$1"; scriptdir=; '
+         "get_prereq_pairs | tsort", "sh", str(scripts)],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert order.index("partition-vfio") < order.index("udev"), order
