@@ -116,7 +116,7 @@ def test_the_server_boots_into_the_sites_layout(
     # bed has no udev), then the checks.
     job = (
         'sh "$TESTBED_OUT/partition-vfio" && exec "$0" -m pytest tests/inside/hostboot_inside.py '
-        '-p no:cacheprovider -o addopts=-ra --junitxml="$TESTBED_OUT/hostboot.xml"'
+        '-p no:cacheprovider -o addopts=-ra --durations=0 --junitxml="$TESTBED_OUT/hostboot.xml"'
     )
     log = tmp_path / "inside.log"
     with (
@@ -146,3 +146,4 @@ def test_the_server_boots_into_the_sites_layout(
     ]
     assert not bad, "\n\n".join(f"{n} ({k}):\n{m}" for n, k, m in bad)
     assert rc == 0, tail
+    print(f"booted in {tb.boot_seconds:.0f}s, {tb.total_seconds:.0f}s in all; inside:\n{tail}")
