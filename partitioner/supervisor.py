@@ -174,6 +174,7 @@ class Supervisor:
                 state = self.store.load()
                 history = load_history(self.store.dir)
                 events: list[Event] = []
+                crashed: list[PartitionRecord] = []
                 for name, rec in sorted(state.partitions.items()):
                     if rec.state is not RunState.RUNNING or rec.pid is None:
                         continue
@@ -183,7 +184,23 @@ class Supervisor:
                             # Started again by hand after it was given up: a fresh count.
                             history[name] = replace(h, gave_up=None, crashes=[])
                         continue
-                    state, event = self._crashed(state, rec, history)
+                    crashed.append(rec)
+                # Why each ended, before anything reaps it.
+                reasons = {
+                    rec.name: exit_reason(
+                        rec.pid or 0,
+                        Path(rec.paths["output"]) if "output" in rec.paths else None,
+                    )
+                    for rec in crashed
+                }
+                if crashed:
+                    # What every verb that changes the host does first: the record settled
+                    # with the host (the dead QEMU's run directory, intents under way).
+                    from partitioner.reconcile import reconcile_store
+
+                    state = reconcile_store(self.store, self.root).state
+                for rec in crashed:
+                    state, event = self._crashed(state, rec, reasons[rec.name], history)
                     events.append(event)
                 if events or history != load_history(self.store.dir):
                     save_history(self.store.dir, history)
@@ -192,12 +209,9 @@ class Supervisor:
             return []
 
     def _crashed(
-        self, state: State, rec: PartitionRecord, history: dict[str, History]
+        self, state: State, rec: PartitionRecord, reason: str, history: dict[str, History]
     ) -> tuple[State, Event]:
         now = self.clock()
-        assert rec.pid is not None
-        output = Path(rec.paths["output"]) if "output" in rec.paths else None
-        reason = exit_reason(rec.pid, output)
         h = history.setdefault(rec.name, History())
         h.crashes = [t for t in h.crashes if now - t < self.window_s] + [now]
         h.last_exit, h.last_exit_at = reason, now
@@ -220,7 +234,8 @@ class Supervisor:
                 h.gave_up = None
                 return state, Event(rec.name, "restarted", reason)
         # Left failed, still holding its CPUs, memory and devices (on_crash, manifest.md).
-        failed = replace(rec, state=RunState.FAILED, pid=None, vcpu_threads={}, started_at=None)
+        now_rec = state.partitions.get(rec.name, rec)
+        failed = replace(now_rec, state=RunState.FAILED, pid=None, vcpu_threads={}, started_at=None)
         state = state.with_partition(failed)
         self.store.save(state)
         h.gave_up = give_up

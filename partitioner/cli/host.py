@@ -109,14 +109,16 @@ def _site_settings(ctx: Context, file: str, facts: HostFacts, host: Any = None) 
     from partitioner.inventory import scan
     from partitioner.loader import load
     from partitioner.planner import plan
-    from partitioner.state import StateStore, reconcile, running_partitions
+    from partitioner.reconcile import reconcile
+    from partitioner.state import StateStore, running_partitions
 
     manifest = load(file)
     root = ctx.root()
     host = host if host is not None else scan(root)
     running = {}
     if ctx.host_root is None:
-        state, _ = reconcile(StateStore(ctx.state_dir).load(), root)
+        store = StateStore(ctx.state_dir)
+        state = reconcile(store.load(), root, busy=store.busy()).state
         running = running_partitions(state)
     result = plan(manifest, host, running)
     return manifest, host, result, boot_settings(manifest, result, host, facts)
@@ -342,14 +344,17 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
     from partitioner.inventory import scan
     from partitioner.loader import load
     from partitioner.planner import plan
-    from partitioner.state import StateStore, reconcile, running_partitions
+    from partitioner.reconcile import reconcile_store
+    from partitioner.state import StateStore, running_partitions
 
     ctx.require_live("host boot")
     root = ctx.root()
     store = StateStore(ctx.state_dir)
     with store.lock("host boot", 600.0):
         manifest = load(args.file)
-        state, notes = reconcile(store.load(), root)
+        found = reconcile_store(store, root)
+        state = found.state
+        notes = [f.text(done=True) for f in found.findings]
         running = running_partitions(state)
         # Partitions already running (a service restart) stay in the manifest applied here,
         # so that converging does not stop them.
@@ -368,6 +373,7 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
             actions=diff(result, state, host, replace=set()),
             held={},
             notes=notes,
+            findings=found.findings,
         )
         for note in notes:
             ctx.warn(f"partition: {note}")
