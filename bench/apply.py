@@ -89,7 +89,7 @@ def bench_apply(tmp: Path, repeat: int, memory: str) -> dict[str, list[float]]:
     site = tmp / "site.yaml"
     site.write_text(
         "version: 1\n"
-        'host:\n  reserve:\n    cpus: "0"\n    memory: 1GiB\n  accel: tcg\n'
+        'host:\n  reserve:\n    cpus: "0"\n    memory: 1GiB\n  accel: tcg\n  isolation: pinned\n'
         "partitions:\n  p1:\n"
         f'    cpus: "1"\n    memory: {memory}\n    hugepages: none\n'
         f"    boot:\n      kernel: {guest_kernel()}\n      initrd: {initrd}\n"

@@ -22,6 +22,7 @@ from partitioner import sysfs
 from partitioner.errors import ApplyFailed, PartitionError, RollbackIncomplete
 from partitioner.host import Host
 from partitioner.hostroot import HostRoot
+from partitioner.isolation.cgroup import fence, unfence
 from partitioner.killpoint import point
 from partitioner.plan import Placement, Plan
 from partitioner.run import CommandFailed
@@ -556,6 +557,11 @@ def _launch(ctx: ApplyContext, name: str, placement: Placement, plan: Plan) -> P
         started_at=guest.started_at,
     )
     ctx.update(rec)
+    try:
+        fence(ctx.root, rec, plan.host_cpus)  # its cgroup, vCPUs and emulator apart
+    except BaseException:
+        _stop(ctx, rec, ctx.undo_stop_timeout)
+        raise
     return rec
 
 
@@ -573,6 +579,7 @@ def _stop(ctx: ApplyContext, rec: PartitionRecord, timeout: float) -> None:
         powerdown(paths, rec.pid, timeout=timeout, root=ctx.root)
     elif rec.paths:
         shutil.rmtree(GuestPaths.from_json(dict(rec.paths)).dir, ignore_errors=True)
+    unfence(ctx.root, rec.name)
     ctx.update(
         replace(
             rec,

@@ -18,6 +18,7 @@ from partitioner.actions import Action, ApplyContext, diff, execute, held_replac
 from partitioner.errors import UsageError
 from partitioner.host import Host
 from partitioner.hostroot import HostRoot
+from partitioner.isolation.runtime import apply_actions as isolation_actions
 from partitioner.manifest import Manifest
 from partitioner.plan import Plan
 from partitioner.reconcile import Finding, reconcile, reconcile_store
@@ -67,7 +68,8 @@ def prepare(
         host=host,
         plan=result,
         state=state,
-        actions=diff(result, state, host, replace=wanted),
+        actions=diff(result, state, host, replace=wanted)
+        + isolation_actions(manifest.host.isolation, result, state, store.dir, root),
         held=held_replacements(result, state, replace=wanted),
         notes=[f.text(done=act) for f in rec.findings],
         findings=rec.findings,

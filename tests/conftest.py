@@ -31,3 +31,36 @@ def hwloc_trees() -> Iterator[corpus.Trees]:
     finally:
         trees.make_removable()
         shutil.rmtree(dest, ignore_errors=True)
+
+
+# What belongs to this machine's operator, not to the tests (tests on this machine apply
+# sites with `isolation: pinned`; moving the host's work is tested inside the emulated
+# server).  Read before the session and after it: a test that moved any of it fails the run.
+_OPERATOR_SETTINGS = (
+    "/proc/1/status",
+    "/proc/1/cgroup",
+    "/proc/irq/default_smp_affinity",
+    "/sys/devices/virtual/workqueue/cpumask",
+)
+
+
+def _operator_settings() -> dict[str, str]:
+    seen = {}
+    for path in _OPERATOR_SETTINGS:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue
+        if path.endswith("/status"):
+            text = "".join(ln for ln in text.splitlines(True) if ln.startswith("Cpus_allowed"))
+        seen[path] = text
+    return seen
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _the_operators_settings_are_left_alone() -> Iterator[None]:
+    before = _operator_settings()
+    yield
+    after = _operator_settings()
+    changed = sorted(k for k in before if after.get(k) != before[k])
+    assert not changed, f"a test changed what belongs to this machine's operator: {changed}"

@@ -65,7 +65,11 @@ class Site:
 
     def manifest(self, name: str, partitions: dict[str, str]) -> Path:
         """A site keeping CPU 0 for the host; each partition is YAML text for its fields."""
-        text = 'version: 1\nhost:\n  reserve:\n    cpus: "0"\n    memory: 1GiB\n  accel: tcg\npartitions:\n'
+        # isolation: pinned: this machine's other processes are its operator's, not ours.
+        text = (
+            'version: 1\nhost:\n  reserve:\n    cpus: "0"\n    memory: 1GiB\n  accel: tcg\n'
+            "  isolation: pinned\npartitions:\n"
+        )
         for pname, body in partitions.items():
             text += f"  {pname}:\n" + "".join(f"    {line}\n" for line in body.strip().splitlines())
         path = self.dir / f"{name}.yaml"

@@ -530,8 +530,13 @@ def test_a_kernel_that_does_not_boot_is_a_boot_failure_with_the_log(tmp_path: Pa
 @boots
 @pytest.mark.parametrize(("sig", "rc"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_or_sigterm_on_the_cli_ends_qemu(sig: int, rc: int) -> None:
+    # The CLI's own timeout bounds the wait for its lines: readline() blocks until it says
+    # something, and it says something at the latest when that timeout ends the server.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "partitioner.cli.main", "testbed", "run", "--", "sleep", "600"],
+        [
+            *(sys.executable, "-m", "partitioner.cli.main", "testbed", "run"),
+            *("--timeout", "300", "--", "sleep", "600"),
+        ],
         cwd=PROJECT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

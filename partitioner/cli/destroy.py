@@ -11,6 +11,7 @@ from partitioner.cli.apply import add_lock_timeout, print_actions
 from partitioner.cli.common import Context
 from partitioner.cli.lifecycle import lifecycle_context
 from partitioner.errors import UsageError
+from partitioner.isolation.runtime import destroy_actions
 from partitioner.reconcile import reconcile, reconcile_store
 from partitioner.state import StateStore
 
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
             names = set(load(args.file).partitions) & set(state.partitions)
         actions = teardown(r for n, r in state.partitions.items() if n in names)
+        actions = destroy_actions(actions, state, names, store.dir)  # host back with the last
         if not actions:
             ctx.say("nothing to do")
             return 0

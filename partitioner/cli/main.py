@@ -49,7 +49,9 @@ VERB_MODULES: list[str] = [
     "status",
     "lifecycle",
     "destroy",
+    "audit",
     "console",
+    "export",
     "testbed",
     "host",
 ]

@@ -1,0 +1,426 @@
+"""``partition audit``: does every running partition still own what the plan gave it?
+
+Reads the live host (or a tree) through the HostRoot and judges it against the
+state record and the isolation record: the partition's vCPU threads alone on their
+CPUs and its emulator threads off them, no other task, interrupt or unbound
+workqueue on its CPUs (under ``isolation: full``), its device interrupts on its
+CPUs, its memory on its nodes in its page size, its devices on vfio-pci, its
+cgroup holding its threads, and the boot-time settings.
+
+A finding is ``drift`` (something moved that should not have: exit 3) or ``boot``
+(what the kernel keeps on a CPU at run time, per-CPU kernel threads and managed
+interrupts, and what only boot-time settings do: named, not drift, for
+``partition host setup`` to handle).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from partitioner.cpuset import CpuSet
+from partitioner.hostroot import HostRoot
+from partitioner.isolation.cgroup import cgroup_path, find_hierarchy, members
+from partitioner.isolation.layout import Layout
+from partitioner.isolation.moves import irq_target
+from partitioner.isolation.runtime import layout_from_json, refused_irqs
+from partitioner.isolation.view import (
+    HostWork,
+    Task,
+    process_threads,
+    read_host_work,
+    running_processes,
+)
+from partitioner.state import PartitionRecord, RunState, State
+from partitioner.units import page_size_name
+
+DRIFT = "drift"
+BOOT = "boot"
+IRQBALANCE_CONFIGS = ("/etc/default/irqbalance", "/etc/sysconfig/irqbalance")
+
+
+@dataclass(frozen=True)
+class Finding:
+    partition: str
+    kind: str  # task, vcpu, emulator, irq, workqueue, memory, device, cgroup, irqbalance, boot
+    resource: str  # what it is about, named for people: "task 812 (sshd)", "interrupt 24 (ahci)"
+    status: str  # DRIFT or BOOT
+    detail: str  # what is wrong
+    action: str  # what to do
+    ids: Mapping[str, Any]  # numbers for machines: tid, pid, irq, cpus
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "partition": self.partition,
+            "kind": self.kind,
+            "resource": self.resource,
+            "status": self.status,
+            "detail": self.detail,
+            "action": self.action,
+            **dict(self.ids),
+        }
+
+
+@dataclass(frozen=True)
+class Audit:
+    partitions: Mapping[str, Mapping[str, Any]]  # name -> {state, isolation, cpus, pid}
+    findings: tuple[Finding, ...]
+
+    @property
+    def drift(self) -> int:
+        return sum(1 for f in self.findings if f.status == DRIFT)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "clean": self.drift == 0,
+            "drift": self.drift,
+            "partitions": {n: dict(p) for n, p in self.partitions.items()},
+            "findings": [f.to_json() for f in self.findings],
+        }
+
+
+def audit(
+    root: HostRoot,
+    state: State,
+    isolation_record: Mapping[str, Any] | None,
+    names: Iterable[str] | None = None,
+) -> Audit:
+    wanted = set(state.partitions) if names is None else set(names)
+    layout = layout_from_json(isolation_record["layout"]) if isolation_record else None
+    refused = refused_irqs(isolation_record)
+    work = read_host_work(root)
+    guests = {
+        r.pid: n
+        for n, r in state.partitions.items()
+        if r.state is RunState.RUNNING and r.pid is not None
+    }
+    parts: dict[str, dict[str, Any]] = {}
+    findings: list[Finding] = []
+    for name, rec in sorted(state.partitions.items()):
+        if name not in wanted:
+            continue
+        full = layout is not None and name in layout.partitions
+        parts[name] = {
+            "state": rec.state.value,
+            "isolation": "full" if full else "pinned",
+            "cpus": list(rec.placement.cpus),
+            "pid": rec.pid,
+        }
+        if rec.state is RunState.STOPPED:
+            continue
+        if rec.state is RunState.FAILED or rec.pid is None or not root.exists(f"/proc/{rec.pid}"):
+            findings.append(
+                Finding(
+                    name,
+                    "process",
+                    f"QEMU {rec.pid}",
+                    DRIFT,
+                    "recorded as running, but its QEMU is gone",
+                    "partition start " + name,
+                    {"pid": rec.pid},
+                )
+            )
+            continue
+        f = _Auditor(root, name, rec, work, guests, layout if full else None, refused)
+        findings.extend(f.run())
+    return Audit(parts, tuple(findings))
+
+
+class _Auditor:
+    def __init__(
+        self,
+        root: HostRoot,
+        name: str,
+        rec: PartitionRecord,
+        work: HostWork,
+        guests: Mapping[int, str],
+        layout: Layout | None,
+        refused: frozenset[int],
+    ) -> None:
+        self.root, self.name, self.rec, self.work = root, name, rec, work
+        self.guests, self.layout, self.refused = guests, layout, refused
+        self.cpus = rec.placement.cpuset
+        self.out: list[Finding] = []
+
+    def add(
+        self, kind: str, resource: str, status: str, detail: str, action: str, **ids: Any
+    ) -> None:
+        self.out.append(Finding(self.name, kind, resource, status, detail, action, ids))
+
+    def run(self) -> list[Finding]:
+        self.threads()
+        self.host_tasks()
+        self.irqs()
+        self.workqueue()
+        self.memory()
+        self.devices()
+        self.cgroup()
+        self.irqbalance()
+        self.boot()
+        return self.out
+
+    def threads(self) -> None:
+        pid = self.rec.pid
+        assert pid is not None
+        mine = {t.tid: t for t in process_threads(self.root, pid)}
+        vcpus = dict(self.rec.vcpu_threads)
+        cpus = self.rec.placement.cpus
+        for i, tid in sorted(vcpus.items()):
+            t = mine.get(tid)
+            if t is None:
+                self.add(
+                    "vcpu",
+                    f"vCPU {i}",
+                    DRIFT,
+                    f"its thread {tid} is gone",
+                    f"partition restart {self.name}",
+                    tid=tid,
+                )
+            elif t.allowed != CpuSet([cpus[i]]):
+                self.add(
+                    "vcpu",
+                    f"vCPU {i} thread {tid}",
+                    DRIFT,
+                    f"allowed on CPUs {t.allowed}, not on host CPU {cpus[i]} alone",
+                    f"partition restart {self.name} (something changed its affinity)",
+                    tid=tid,
+                    cpus=t.allowed.as_list(),
+                )
+        for tid, t in sorted(mine.items()):
+            if tid not in vcpus.values() and not t.allowed.isdisjoint(self.cpus):
+                self.add(
+                    "emulator",
+                    f"emulator thread {tid} ({t.comm})",
+                    DRIFT,
+                    f"may run on the partition's CPUs {t.allowed & self.cpus}",
+                    f"partition restart {self.name}",
+                    tid=tid,
+                    cpus=t.allowed.as_list(),
+                )
+
+    def host_tasks(self) -> None:
+        for t in self.work.tasks:
+            if t.pid == self.rec.pid or t.allowed.isdisjoint(self.cpus):
+                continue
+            if t.pid in self.guests:
+                self.add(
+                    "task",
+                    f"task {t.tid} ({t.comm}) of partition {self.guests[t.pid]}",
+                    DRIFT,
+                    f"may run on CPUs {t.allowed & self.cpus}",
+                    f"partition restart {self.guests[t.pid]}",
+                    tid=t.tid,
+                    pid=t.pid,
+                    cpus=t.allowed.as_list(),
+                )
+            elif not t.movable:
+                self.add(
+                    "task",
+                    _task_name(t),
+                    BOOT,
+                    f"a per-CPU kernel thread on CPUs {t.allowed & self.cpus}: the kernel does not move it",
+                    "boot-time isolation (partition host setup: nohz_full, isolcpus) keeps its work away",
+                    tid=t.tid,
+                    pid=t.pid,
+                    cpus=t.allowed.as_list(),
+                )
+            elif self.layout is not None:
+                self.add(
+                    "task",
+                    _task_name(t),
+                    DRIFT,
+                    f"may run on the partition's CPUs {t.allowed & self.cpus}",
+                    "partition apply moves it again; find what set its affinity (taskset, a service)",
+                    tid=t.tid,
+                    pid=t.pid,
+                    cpus=t.allowed.as_list(),
+                )
+
+    def irqs(self) -> None:
+        for i in self.work.irqs:
+            where = i.where
+            target = irq_target(i, self.layout) if self.layout is not None else None
+            if target is not None and target == self.cpus:
+                if not where.issubset(self.cpus):
+                    self.add(
+                        "irq",
+                        f"interrupt {i.irq} ({i.owner})",
+                        DRIFT,
+                        f"the partition's own device interrupt is on CPUs {where}, not its CPUs {self.cpus}",
+                        "partition apply puts it back",
+                        irq=i.irq,
+                        cpus=where.as_list(),
+                    )
+                continue
+            if where.isdisjoint(self.cpus) or (target is not None and where.issubset(target)):
+                continue
+            if i.irq in self.refused:
+                self.add(
+                    "irq",
+                    f"interrupt {i.irq} ({i.owner})",
+                    BOOT,
+                    f"on CPUs {where & self.cpus}; the kernel refuses to move it (managed or fixed)",
+                    "boot-time isolation (partition host setup: managed_irq, irqaffinity) keeps it away",
+                    irq=i.irq,
+                    cpus=where.as_list(),
+                )
+            elif self.layout is not None:
+                self.add(
+                    "irq",
+                    f"interrupt {i.irq} ({i.owner})",
+                    DRIFT,
+                    f"handled on the partition's CPUs {where & self.cpus}",
+                    "partition apply moves it again; is irqbalance running?",
+                    irq=i.irq,
+                    cpus=where.as_list(),
+                )
+
+    def workqueue(self) -> None:
+        m = self.work.workqueue_mask
+        if self.layout is not None and m is not None and not m.isdisjoint(self.cpus):
+            self.add(
+                "workqueue",
+                "unbound workqueue cpumask",
+                DRIFT,
+                f"unbound work may run on the partition's CPUs {m & self.cpus}",
+                "partition apply sets it again",
+                cpus=m.as_list(),
+            )
+
+    def memory(self) -> None:
+        p = self.rec.placement
+        pid = self.rec.pid
+        maps = self.root.read(f"/proc/{pid}/numa_maps")
+        if maps is None:
+            return
+        want_kb = (p.hugepage_bytes or 4096) // 1024
+        per_node: dict[int, int] = {}
+        for line in maps.splitlines():
+            m = re.search(r"kernelpagesize_kB=(\d+)", line)
+            if m is None or int(m.group(1)) != want_kb:
+                continue
+            if p.hugepage_bytes is None and "anon=" not in line and "file=" not in line:
+                continue
+            for node, pages in re.findall(r"\bN(\d+)=(\d+)", line):
+                per_node[int(node)] = per_node.get(int(node), 0) + int(pages) * want_kb * 1024
+        held = sum(per_node.values())
+        size = page_size_name(p.hugepage_bytes) if p.hugepage_bytes else "normal"
+        if p.hugepage_bytes is not None and held < p.memory_bytes:
+            self.add(
+                "memory",
+                "guest memory",
+                DRIFT,
+                f"only {held} of its {p.memory_bytes} bytes are in {size} pages",
+                f"partition restart {self.name}",
+                bytes=held,
+            )
+        if p.hugepage_bytes is None and held < p.memory_bytes:
+            return  # normal pages: QEMU's own mappings are mixed in; only the nodes are judged
+        away = {n: b for n, b in per_node.items() if n not in p.numa_nodes}
+        if away and p.hugepage_bytes is not None:
+            self.add(
+                "memory",
+                "guest memory",
+                DRIFT,
+                f"{sum(away.values())} bytes on node(s) {','.join(map(str, sorted(away)))}, "
+                f"not its node(s) {','.join(map(str, p.numa_nodes))}",
+                f"partition restart {self.name}",
+                nodes=sorted(away),
+            )
+
+    def devices(self) -> None:
+        for d in self.rec.placement.devices:
+            drv = self.root.readlink_name(f"/sys/bus/pci/devices/{d.address}/driver")
+            if drv != "vfio-pci":
+                self.add(
+                    "device",
+                    str(d.address),
+                    DRIFT,
+                    f"bound to {drv or 'no driver'}, not vfio-pci",
+                    f"partition restart {self.name}",
+                    address=str(d.address),
+                )
+
+    def cgroup(self) -> None:
+        h = find_hierarchy(self.root)
+        if h is None:
+            return
+        path = cgroup_path(h, self.name)
+        if not self.root.is_dir(path):
+            self.add(
+                "cgroup",
+                path,
+                DRIFT,
+                "the partition's cgroup is missing",
+                f"partition restart {self.name}",
+            )
+            return
+        got = members(self.root, path)
+        for i, tid in sorted(self.rec.vcpu_threads.items()):
+            if tid not in got.get(f"vcpu{i}", set()):
+                self.add(
+                    "cgroup",
+                    f"{path}/vcpu{i}",
+                    DRIFT,
+                    f"vCPU {i} thread {tid} is not in it",
+                    f"partition restart {self.name}",
+                    tid=tid,
+                )
+
+    def irqbalance(self) -> None:
+        if self.layout is None:
+            return
+        if "irqbalance" not in running_processes(self.root).values():
+            return
+        banned = CpuSet()
+        for path in IRQBALANCE_CONFIGS:
+            for line in (self.root.read(path) or "").splitlines():
+                m = re.match(r"\s*IRQBALANCE_BANNED_CPULIST\s*=\s*\"?([0-9,\-]*)\"?", line)
+                if m and m.group(1):
+                    banned = banned | CpuSet.parse(m.group(1))
+                m = re.match(r"\s*IRQBALANCE_BANNED_CPUS\s*=\s*\"?([0-9a-fA-F,]+)\"?", line)
+                if m:
+                    banned = banned | CpuSet.from_mask(m.group(1))
+        if not self.cpus.issubset(banned):
+            self.add(
+                "irqbalance",
+                "irqbalance",
+                DRIFT,
+                f"irqbalance runs and may move interrupts back onto CPUs {self.cpus - banned}",
+                f"set IRQBALANCE_BANNED_CPULIST={self.layout.partition_cpus} in /etc/default/irqbalance "
+                "and restart irqbalance",
+                cpus=(self.cpus - banned).as_list(),
+            )
+
+    def boot(self) -> None:
+        isolated = _cpus(self.root.read("/sys/devices/system/cpu/isolated"))
+        nohz = _cpus(self.root.read("/sys/devices/system/cpu/nohz_full"))
+        missing = [
+            n for n, s in (("isolcpus", isolated), ("nohz_full", nohz)) if not self.cpus.issubset(s)
+        ]
+        if missing:
+            self.add(
+                "boot",
+                f"CPUs {self.cpus}",
+                BOOT,
+                f"not in the kernel's {' or '.join(missing)}: the tick, RCU callbacks and per-CPU "
+                "work still run there",
+                "partition host setup (kernel arguments), then reboot",
+                cpus=self.cpus.as_list(),
+            )
+
+
+def _task_name(t: Task) -> str:
+    kind = "kernel thread" if t.kthread else "task"
+    return f"{kind} {t.tid} ({t.comm})" + (f" of process {t.pid}" if t.pid != t.tid else "")
+
+
+def _cpus(text: str | None) -> CpuSet:
+    if not text or text == "(null)":
+        return CpuSet()
+    try:
+        return CpuSet.parse(text)
+    except ValueError:
+        return CpuSet()
