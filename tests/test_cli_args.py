@@ -40,6 +40,7 @@ VERBS += [
     "testbed run",
     "testbed snapshot",
 ]
+VERBS += ["host", "host check", "host setup", "host boot", "host supervise"]
 
 SITE = """\
 version: 1

@@ -664,6 +664,19 @@ class TreeBuilder:
         if self._kvm:
             self._write("/dev/kvm", "")
 
+    # -- any other kernel file, written at once ---------------------------------
+
+    def file(self, kernel_path: str, text: str) -> TreeBuilder:
+        """A kernel file as the kernel shows it (``/proc/cmdline``, ``/proc/interrupts``),
+        written now: on a built tree, or on a copy of a snapshot taken from a real kernel."""
+        self._write(kernel_path, text)
+        return self
+
+    def link(self, kernel_path: str, target_kernel_path: str) -> TreeBuilder:
+        """A relative symlink, as sysfs makes them, written now (both paths as the kernel names them)."""
+        self._link(kernel_path, target_kernel_path)
+        return self
+
     # -- on a built tree: the kernel's driver binding --------------------------
 
     def bind(self, address: str, driver: str) -> None:

@@ -53,6 +53,7 @@ VERB_MODULES: list[str] = [
     "console",
     "export",
     "testbed",
+    "host",
 ]
 # The verbs a module registers, where they are not named like it.
 _MODULE_OF = {"start": "lifecycle", "stop": "lifecycle", "restart": "lifecycle"}

@@ -83,6 +83,11 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         recs = {args.name: recs[args.name]}
     now = time.time()
     docs = {name: record_json(rec, now, _shown(rec)) for name, rec in sorted(recs.items())}
+    # Restarts and the last exit reason, kept by the supervisor (on_crash).
+    from partitioner.supervisor import status_fields
+
+    for name, d in docs.items():
+        d.update(status_fields(store.dir, name))
     if ctx.json:
         ctx.emit_json(
             {
@@ -113,4 +118,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     ctx.say(
         table(rows, ["PARTITION", "STATE", "PID", "CPUS", "NODES", "MEMORY", "DEVICES", "UPTIME"])
     )
+    for name, d in docs.items():
+        if d["restarts"] or d["failed_reason"]:
+            ctx.say(f"{name}: restarted {d['restarts']} times; last exit: {d['last_exit']}")
+        if d["failed_reason"]:
+            ctx.say(f"{name}: failed: {d['failed_reason']}")
     return 0

@@ -59,6 +59,14 @@ def register(sub: Any) -> None:
         action="store_true",
         help="keep the run directory (kernel log console.log, QEMU's messages) and say where",
     )
+    r.add_argument(
+        "--append",
+        metavar="ARGS",
+        action="append",
+        default=[],
+        help="kernel arguments to add to the emulated server's (repeatable), e.g. what "
+        "`partition host setup --dry-run --json` compiles as kernel_args",
+    )
     r.add_argument("command", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARG...]")
     r.set_defaults(func=run)
 
@@ -91,6 +99,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         stream=ctx.err if ctx.json else ctx.out,
         progress=progress,
         keep=args.keep,
+        append=args.append,
     )
     try:
         with _signals_end_the_run(), server:

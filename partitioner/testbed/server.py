@@ -182,6 +182,7 @@ class TestbedServer:
         progress: TextIO | None = sys.stderr,
         kernel: str | os.PathLike[str] | None = None,
         keep: bool = False,
+        append: Sequence[str] = (),
     ) -> None:
         self.topology = load_topology(topology) if isinstance(topology, str) else topology
         self.argv = list(argv)
@@ -197,6 +198,8 @@ class TestbedServer:
         self.progress = progress
         self.kernel = Path(kernel) if kernel else None
         self.keep = keep
+        # Kernel arguments after the topology's own: what `host setup` compiles for a site.
+        self.append = [a for arg in append for a in shlex.split(arg)]
         self.run_dir: Path | None = None
         self.console_log: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -247,7 +250,7 @@ class TestbedServer:
             self.topology,
             kernel=str(bootable_kernel(kernel)),
             initrd=str(initrd),
-            cmdline=kernel_cmdline(self.topology),
+            cmdline=kernel_cmdline(self.topology, self.append),
             console_log=str(self.console_log),
             shares=[
                 Share("hostroot", "/", readonly=True),

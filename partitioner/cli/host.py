@@ -1,0 +1,428 @@
+"""``partition host check [FILE]``, ``partition host setup FILE``, ``partition host boot FILE``:
+the machine itself, and what it carries at boot for a site."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from partitioner.cli.common import Context
+from partitioner.errors import PartitionError, UsageError
+from partitioner.hostcheck import (
+    CheckItem,
+    check_host,
+    check_site,
+    exit_code,
+    probe_kvm_cpu_host,
+)
+from partitioner.hostsetup import (
+    SITE_COPY,
+    FileChange,
+    HostFacts,
+    SetupPlan,
+    boot_settings,
+    changes,
+    compile_setup,
+    detect_target,
+    follow_up,
+    read_facts,
+    reboot_needed,
+    undo_changes,
+    write,
+)
+
+
+class SetupIncomplete(PartitionError):
+    """The files were written but a command that activates them failed."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, leftover: list[str]) -> None:
+        self.leftover = leftover
+        super().__init__(message)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("host", help="check this machine, and set it up to boot into a site")
+    hs = p.add_subparsers(dest="host_verb", metavar="SUBCOMMAND")
+    hs.required = True
+
+    c = hs.add_parser(
+        "check",
+        help="is this machine ready to run partitions; with FILE, does it carry the site's boot settings",
+    )
+    c.add_argument("file", metavar="FILE", nargs="?", help="the site manifest (site.yaml)")
+    c.add_argument(
+        "--no-probe",
+        action="store_true",
+        help="do not start QEMU to see whether /dev/kvm runs `-cpu host`",
+    )
+    c.set_defaults(func=run_check)
+
+    s = hs.add_parser("setup", help="write what the host needs at boot for a site")
+    s.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    s.add_argument(
+        "--dry-run", action="store_true", help="print the files and changes; write nothing"
+    )
+    s.add_argument("--undo", action="store_true", help="remove everything an earlier setup wrote")
+    s.add_argument(
+        "--root",
+        metavar="DIR",
+        default="/",
+        help="write under DIR instead of / (an image being prepared, a test tree); "
+        "boot loader and initramfs tools run only when DIR is /",
+    )
+    s.set_defaults(func=run_setup)
+
+    b = hs.add_parser(
+        "boot",
+        help="start the site's autostart partitions in order (what the boot-time service runs)",
+    )
+    b.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    b.add_argument(
+        "--no-supervise",
+        action="store_true",
+        help="start the partitions and return, instead of staying to restart crashed ones",
+    )
+    b.set_defaults(func=run_boot)
+
+    w = hs.add_parser(
+        "supervise",
+        help="watch the applied partitions and restart crashed ones (on_crash), in the foreground",
+    )
+    w.add_argument(
+        "--poll", metavar="S", type=float, default=0.5, help="seconds between looks (default 0.5)"
+    )
+    w.set_defaults(func=run_supervise)
+
+
+# -- check ----------------------------------------------------------------------------------
+
+
+def _site_settings(ctx: Context, file: str, facts: HostFacts, host: Any = None) -> Any:
+    from partitioner.inventory import scan
+    from partitioner.loader import load
+    from partitioner.planner import plan
+    from partitioner.reconcile import reconcile
+    from partitioner.state import StateStore, running_partitions
+
+    manifest = load(file)
+    root = ctx.root()
+    host = host if host is not None else scan(root)
+    running = {}
+    if ctx.host_root is None:
+        store = StateStore(ctx.state_dir)
+        state = reconcile(store.load(), root, busy=store.busy()).state
+        running = running_partitions(state)
+    result = plan(manifest, host, running)
+    return manifest, host, result, boot_settings(manifest, result, host, facts)
+
+
+def run_check(args: argparse.Namespace, ctx: Context) -> int:
+    from partitioner.inventory import scan
+
+    root = ctx.root()
+    facts = read_facts(root)
+    host = scan(root)
+    site = None
+    if args.file is not None:
+        manifest, _, _, settings = _site_settings(ctx, args.file, facts, host)
+        site = manifest.host.accel
+    items = check_host(root, host, facts, accel=site)
+    if (
+        root.live
+        and not args.no_probe
+        and root.exists("/dev/kvm")
+        and shutil.which("qemu-system-x86_64")
+    ):
+        # After /dev/kvm: whether it runs a vCPU the way partitions use it.
+        at = next(i for i, it in enumerate(items) if it.id == "kvm") + 1
+        items.insert(at, probe_kvm_cpu_host())
+    reboot: list[str] = []
+    if args.file is not None:
+        items.extend(check_site(root, host, facts, settings, args.file))
+        reboot = reboot_needed(settings, facts)
+    rc = exit_code(items)
+    if ctx.json:
+        ctx.emit_json(
+            {
+                "ok": rc == 0,
+                "exit": rc,
+                "items": [i.to_json() for i in items],
+                "reboot_needed": bool(
+                    reboot or any(i.reboot and i.status == "fail" for i in items)
+                ),
+                "missing_kernel_args": reboot,
+                "problems": [f"{i.title}: {i.detail}" for i in items if i.status == "fail"],
+            }
+        )
+        return rc
+    ctx.say(_render_items(items))
+    fails = sum(i.status == "fail" for i in items)
+    warns = sum(i.status == "warn" for i in items)
+    ctx.say()
+    ctx.say(
+        f"{len(items)} checks: {len(items) - fails - warns} pass, {warns} warn, {fails} fail"
+        + (
+            "; a reboot is needed after the fixes marked (reboot)"
+            if any(i.reboot and i.status == "fail" for i in items)
+            else ""
+        )
+    )
+    return rc
+
+
+def _render_items(items: list[CheckItem]) -> str:
+    width = max(len(i.title) for i in items)
+    lines = []
+    for i in items:
+        lines.append(f"{i.status.upper():<4}  {i.title:<{width}}  {i.detail}")
+        if i.fix and i.status != "pass":
+            lines.append(
+                f"{'':<4}  {'':<{width}}  fix: {i.fix}" + (" (reboot)" if i.reboot else "")
+            )
+    return "\n".join(lines)
+
+
+# -- setup ----------------------------------------------------------------------------------
+
+
+def partition_command() -> list[str]:
+    """How the boot-time service calls this program: the installed console script when there is
+    one beside this interpreter or on PATH, else the interpreter and the module."""
+    beside = Path(os.path.normpath(os.path.abspath(sys.executable))).parent / "partition"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which("partition")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "partitioner.cli.main"]
+
+
+def run_setup(args: argparse.Namespace, ctx: Context) -> int:
+    root_dir = Path(args.root).resolve()
+    live_target = root_dir == Path("/")
+    if ctx.host_root is not None and live_target and not args.dry_run:
+        raise UsageError(
+            f"--host-root {ctx.host_root} describes another machine: write its files under a "
+            "directory with --root DIR (its image), or use --dry-run"
+        )
+    if not root_dir.is_dir() and not args.dry_run:
+        raise UsageError(f"--root {args.root} is not a directory")
+    target = detect_target(root_dir)
+    facts = read_facts(ctx.root())
+    setup: SetupPlan | None = None
+    if args.undo:
+        change_list = undo_changes(target)
+    else:
+        try:
+            text = Path(args.file).read_text()
+        except OSError as e:
+            raise UsageError(f"cannot read {args.file}: {e.strerror}") from e
+        manifest, host, result, _ = _site_settings(ctx, args.file, facts)
+        setup = compile_setup(manifest, text, result, host, facts, target, partition_command())
+        change_list = changes(setup)
+    changed = [c for c in change_list if c.action != "unchanged"]
+    commands = follow_up(target, changed, facts)
+    run_commands = live_target and not args.dry_run and bool(commands.argv)
+    reboot = reboot_needed(setup.settings, facts) if setup is not None else []
+    ran: list[str] = []
+    if not args.dry_run and changed:
+        if live_target and os.geteuid() != 0:
+            raise UsageError("writing the boot configuration of this machine needs root")
+        write(target, changed)
+        if run_commands:
+            from partitioner.run import CommandFailed, run
+
+            for argv in commands.argv:
+                try:
+                    run(list(argv), timeout=900)
+                except CommandFailed as e:
+                    raise SetupIncomplete(
+                        f"the files are written, but {shlex.join(argv)} failed: {e}. "
+                        "Run it yourself before rebooting",
+                        [c.path for c in changed],
+                    ) from e
+                ran.append(shlex.join(argv))
+    doc: dict[str, Any] = {
+        "root": str(root_dir),
+        "dry_run": bool(args.dry_run),
+        "undo": bool(args.undo),
+        "bootloader": target.bootloader,
+        "initramfs": target.initramfs,
+        "systemd": target.systemd,
+        "changed": bool(changed),
+        "files": [c.to_json() for c in change_list],
+        "commands": [shlex.join(a) for a in commands.argv],
+        "commands_run": ran,
+        "kernel_args": list(setup.settings.kernel_args) if setup else [],
+        "reboot_needed": bool(
+            changed
+            and setup is not None
+            and (reboot or any(c.group in ("cmdline", "initramfs") for c in changed))
+        )
+        or bool(args.undo and changed),
+        "missing_kernel_args": reboot,
+        "notes": list(setup.notes) if setup else [],
+    }
+    if setup is not None:
+        doc["devices"] = [
+            {"address": d.address, "partition": d.partition, "host_driver": d.host_driver}
+            for d in setup.settings.devices
+        ]
+        doc["hugepages"] = {
+            str(size): {str(n): c for n, c in nodes.items()}
+            for size, nodes in setup.settings.hugepages.items()
+        }
+    if ctx.json:
+        ctx.emit_json(doc)
+        return 0
+    _render_setup(ctx, args, change_list, doc)
+    return 0
+
+
+def _render_setup(
+    ctx: Context, args: argparse.Namespace, change_list: list[FileChange], doc: dict[str, Any]
+) -> None:
+    verb = "would " if args.dry_run else ""
+    if doc["kernel_args"]:
+        ctx.say(f"kernel arguments: {' '.join(doc['kernel_args'])}")
+    ctx.say(
+        f"boot loader: {doc['bootloader']}; initramfs: {doc['initramfs']}; systemd: {'yes' if doc['systemd'] else 'no'}"
+    )
+    ctx.say()
+    if not doc["changed"]:
+        ctx.say(
+            "nothing to change: "
+            + (
+                "nothing from host setup is there"
+                if args.undo
+                else "the files are as the site needs them"
+            )
+        )
+    for c in change_list:
+        if c.action == "unchanged":
+            ctx.say(f"unchanged  {c.path}")
+            continue
+        ctx.say(f"{verb}{c.action:<8} {c.path}  ({c.purpose})")
+        if args.dry_run and c.content is not None and c.action == "create":
+            ctx.say("\n".join(f"    {line}" for line in c.content.splitlines()))
+        elif c.diff:
+            ctx.say("\n".join(f"    {line}" for line in c.diff.rstrip("\n").splitlines()))
+    if doc["commands"]:
+        ctx.say()
+        if doc["commands_run"]:
+            ctx.say("ran: " + "; ".join(doc["commands_run"]))
+        else:
+            where = "" if str(doc["root"]) == "/" else f" (in {doc['root']}'s system, e.g. chroot)"
+            ctx.say(f"then run{where}: " + "; ".join(doc["commands"]))
+    for note in doc["notes"]:
+        ctx.say(f"note: {note}")
+    if doc["reboot_needed"]:
+        ctx.say(
+            "reboot for these settings to take effect, then `partition host check "
+            + (args.file or SITE_COPY)
+            + "`"
+        )
+
+
+# -- boot -----------------------------------------------------------------------------------
+
+
+def run_boot(args: argparse.Namespace, ctx: Context) -> int:
+    """Start the partitions with ``autostart: true``, in ``order`` (apply's start order), and
+    leave the others as they are: the boot-time service, and the command for other init systems."""
+    from partitioner.actions import diff
+    from partitioner.apply import Prepared, converge
+    from partitioner.cli.apply import progress
+    from partitioner.inventory import scan
+    from partitioner.loader import load
+    from partitioner.planner import plan
+    from partitioner.reconcile import reconcile_store
+    from partitioner.state import StateStore, running_partitions
+
+    ctx.require_live("host boot")
+    root = ctx.root()
+    store = StateStore(ctx.state_dir)
+    with store.lock("host boot", 600.0):
+        manifest = load(args.file)
+        found = reconcile_store(store, root)
+        state = found.state
+        notes = [f.text(done=True) for f in found.findings]
+        running = running_partitions(state)
+        # Partitions already running (a service restart) stay in the manifest applied here,
+        # so that converging does not stop them.
+        keep = {n: p for n, p in manifest.partitions.items() if p.autostart or n in running}
+        booted = replace(manifest, partitions=keep)
+        host = scan(root)
+        # The whole site is planned, so that each partition gets the CPUs `host setup`
+        # isolated for it; only the ones that start at boot are kept.
+        whole = plan(manifest, host, running)
+        result = replace(whole, placements={n: p for n, p in whole.placements.items() if n in keep})
+        prepared = Prepared(
+            manifest=booted,
+            host=host,
+            plan=result,
+            state=state,
+            actions=diff(result, state, host, replace=set()),
+            held={},
+            notes=notes,
+            findings=found.findings,
+        )
+        for note in notes:
+            ctx.warn(f"partition: {note}")
+        skipped = sorted(set(manifest.partitions) - set(keep))
+        for name in skipped:
+            ctx.info(
+                f"partition: {name} has autostart: false; `partition start {name}` after `apply` starts it"
+            )
+        if prepared.actions:
+            converge(
+                prepared,
+                root=root,
+                store=store,
+                run_dir=ctx.run_dir,
+                log_dir=ctx.log_dir,
+                on_progress=progress(ctx),
+            )
+    started = [p.name for p in result.start_order() if p.name not in running]
+    if ctx.json:
+        ctx.emit_json({"started": started, "skipped": skipped, "notes": notes})
+    else:
+        ctx.say(
+            f"started: {', '.join(started) or 'none'}"
+            + (f"; autostart: false: {', '.join(skipped)}" if skipped else "")
+        )
+    if not args.no_supervise:
+        _supervise(ctx, store, poll=0.5)
+    return 0
+
+
+def _supervise(ctx: Context, store: Any, poll: float) -> None:
+    from partitioner.actions import Start, execute
+    from partitioner.cli.lifecycle import lifecycle_context
+    from partitioner.state import State, StateStore
+    from partitioner.supervisor import Supervisor
+
+    def restart(s: StateStore, state: State, name: str) -> State:
+        # The same action as `partition start`: the recorded placement, pinned as before.
+        actx = lifecycle_context(ctx, s, state)
+        execute([Start(name)], actx, s)
+        return actx.state
+
+    ctx.info(f"partition: watching the partitions of {store.dir} (on_crash)")
+    Supervisor(ctx.root(), store, restart).run(poll=poll)
+
+
+def run_supervise(args: argparse.Namespace, ctx: Context) -> int:
+    from partitioner.state import StateStore
+
+    ctx.require_live("host supervise")
+    _supervise(ctx, StateStore(ctx.state_dir), poll=args.poll)
+    return 0
