@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from partitioner.cpuset import CpuSet
 from partitioner.pci import PciAddress
+from partitioner.pcibars import Bar
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class PciFunction:
     upstream: tuple[PciAddress, ...]  # bridges/ports from the root down to this function's parent
     netdevs: tuple[str, ...]  # network interfaces of this function
     label: str = ""  # a human name (udev hwdb or a class name) when one is known
+    bars: tuple[Bar, ...] = ()  # from sysfs `resource` (partitioner/pcibars.py)
 
     @property
     def id(self) -> str:
@@ -97,6 +99,7 @@ class Host:
     hugepage_sizes: tuple[int, ...]  # page sizes the kernel offers (bytes), ascending
     page_size: int = 4096
     vfio_pci_loaded: bool = False
+    phys_bits: int | None = None  # the CPU's physical address bits (/proc/cpuinfo), None: unknown
     notes: tuple[str, ...] = field(
         default=()
     )  # quirks met while reading (contradictory NUMA data...)

@@ -30,7 +30,9 @@ from partitioner.host import (
     PciFunction,
 )
 from partitioner.hostroot import HostRoot
+from partitioner.mmio import phys_bits
 from partitioner.pci import PciAddress, PciAddressSyntaxError
+from partitioner.pcibars import read_bars
 
 SYS_CPU = "/sys/devices/system/cpu"
 SYS_NODE = "/sys/devices/system/node"
@@ -224,6 +226,7 @@ class _Scanner:
             in_use=in_use,
             netdevs=netdevs,
             has_kvm=self.root.exists("/dev/kvm"),
+            phys_bits=phys_bits(self.root),
             has_iommu=bool(groups),
             hugepage_sizes=self.scan_hugepage_sizes(nodes),
             page_size=4096,
@@ -633,6 +636,7 @@ class _Scanner:
                 upstream=upstream,
                 netdevs=netdevs,
                 label=class_label(class_code),
+                bars=read_bars(self.root, real),
             )
         return dict(sorted(out.items()))
 

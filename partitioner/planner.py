@@ -26,6 +26,7 @@ from partitioner.cpuset import CpuSet
 from partitioner.errors import PlanError
 from partitioner.host import Host, PciFunction
 from partitioner.manifest import Manifest, PartitionSpec
+from partitioner.mmio import settle
 from partitioner.pci import PciAddress
 from partitioner.plan import DeviceAssignment, Placement, Plan, RunningPartition
 from partitioner.units import format_size, human_size, page_size_name
@@ -117,6 +118,9 @@ def plan(
         if placement is not None:
             placements[spec.name] = placement
 
+    placements, problems, notes = settle(placements, manifest, host)  # BARs, address width
+    w.problems += problems
+    w.notes += notes
     if w.problems:
         raise PlanError(w.problems)
     return Plan(

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from partitioner.actions import diff
 from partitioner.cli.common import Context, table
+from partitioner.guest.argv import command_lines
 from partitioner.host import Host
 from partitioner.inventory import scan
 from partitioner.loader import load
@@ -21,6 +24,9 @@ from partitioner.units import format_size
 def register(sub: Any) -> None:
     p = sub.add_parser("plan", help="check a manifest against the host and show the placement")
     p.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    p.add_argument(
+        "--qemu", action="store_true", help="print each partition's QEMU command line too"
+    )
     p.set_defaults(func=run)
 
 
@@ -29,12 +35,25 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     host = scan(ctx.root())
     running, actions = _running_and_actions(ctx, manifest, host)
     result = plan(manifest, host, running)
+    argvs, left_out = command_lines(
+        result, ctx.run_dir, ctx.log_dir, ctx.state_dir, live=ctx.host_root is None
+    )
+    result = replace(
+        result,
+        placements={
+            n: replace(p, notes=(*p.notes, *left_out[n])) for n, p in result.placements.items()
+        },
+    )
     if ctx.json:
         doc = result.to_json()
+        for name, argv in argvs.items():
+            doc["partitions"][name]["qemu_argv"] = argv
         doc["actions"] = actions(result)
         ctx.emit_json(doc)
         return 0
     ctx.say(render(result))
+    for name, argv in argvs.items() if args.qemu else ():
+        ctx.say(f"\n{name}: " + (shlex.join(argv) if argv else "no command line (see the notes)"))
     acts = actions(result)
     ctx.say()
     if acts:

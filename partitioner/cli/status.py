@@ -6,6 +6,7 @@ import argparse
 import time
 from typing import Any
 
+from partitioner import stats
 from partitioner.cli.common import Context, table
 from partitioner.errors import UsageError
 from partitioner.state import PartitionRecord, RunState, StateStore, reconcile
@@ -15,6 +16,11 @@ from partitioner.units import format_size
 def register(sub: Any) -> None:
     p = sub.add_parser("status", help="the applied partitions and how they run")
     p.add_argument("name", metavar="NAME", nargs="?", help="only this partition")
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="the figures in Prometheus' text format (node_exporter's textfile collector)",
+    )
     p.set_defaults(func=run)
 
 
@@ -64,6 +70,12 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         recs = {args.name: recs[args.name]}
     now = time.time()
     docs = {name: record_json(rec, now) for name, rec in sorted(recs.items())}
+    figures = stats.of_records(ctx.root(), recs)  # CPU, run-queue delay, memory, interrupts
+    if args.prometheus:
+        ctx.out.write(stats.prometheus(figures.values(), down=sorted(set(recs) - set(figures))))
+        return 0
+    for name, s in figures.items():
+        docs[name]["stats"] = s.to_json()
     if ctx.json:
         ctx.emit_json({"partitions": docs})
         return 0
@@ -89,4 +101,6 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     ctx.say(
         table(rows, ["PARTITION", "STATE", "PID", "CPUS", "NODES", "MEMORY", "DEVICES", "UPTIME"])
     )
+    if figures:
+        ctx.say("\n" + table(stats.render(figures), stats.RENDER_HEADERS))
     return 0
