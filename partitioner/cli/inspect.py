@@ -82,6 +82,7 @@ def to_json(host: Host) -> dict[str, Any]:
                 "assignable": preview.assignable,
                 "why_not": preview.why_not,
                 "takes_with_it": [str(a) for a in preview.takes_with_it],
+                "bars": [b.to_json() for b in fn.bars],
             }
         )
     return {
@@ -90,6 +91,7 @@ def to_json(host: Host) -> dict[str, Any]:
         "pci": pci,
         "kvm": host.has_kvm,
         "iommu": host.has_iommu,
+        "phys_bits": host.phys_bits,
         "hugepage_sizes": [page_size_name(s) for s in host.hugepage_sizes],
         "notes": list(host.notes),
     }
@@ -141,7 +143,7 @@ def render(host: Host, doc: dict[str, Any]) -> str:
             [
                 f["address"],
                 f"{f['vendor']}:{f['device']}",
-                f["label"] or f["class"],
+                (f["label"] or f["class"]) + _largest_bar(f["bars"]),
                 "-" if f["iommu_group"] is None else str(f["iommu_group"]),
                 "-" if f["numa_node"] is None else str(f["numa_node"]),
                 f["driver"] or "-",
@@ -160,3 +162,9 @@ def render(host: Host, doc: dict[str, Any]) -> str:
     for note in host.notes:
         lines.append(f"note: {note}")
     return "\n".join(lines)
+
+
+def _largest_bar(bars: list[dict[str, Any]]) -> str:
+    """A large BAR (1 GiB or more: a GPU's memory) is worth a word in the table."""
+    big = max((b["size"] for b in bars if b["kind"] == "mem"), default=0)
+    return f" ({human_size(big)} BAR)" if big >= 1024**3 else ""
