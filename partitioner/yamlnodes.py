@@ -231,6 +231,22 @@ def _yaml_error(e: yaml.YAMLError, text: str, file: str, *, fast: bool) -> list[
     return [Problem(file, 0, 0, f"invalid YAML: {e}")]
 
 
+_LINE_INDENT = re.compile(r"^[ ?:-]+", re.MULTILINE)
+
+
+def _may_nest_too_deep(text: str) -> bool:
+    """Whether ``text`` could nest more than :data:`MAX_DEPTH` levels: a cheap upper bound.
+
+    A flow level needs a ``[`` or ``{``; a block level needs one more column of indentation
+    or one more ``-``/``?``/``:`` indicator before a line's content; the document and the
+    innermost scalar add one each.  Below the limit on that count, no text is too deep,
+    whatever it means.
+    """
+    flow = text.count("[") + text.count("{")
+    block = max((len(m.group()) for m in _LINE_INDENT.finditer(text)), default=0)
+    return flow + block + 2 > MAX_DEPTH
+
+
 def compose(text: str, file: str, *, fast: bool | None = None) -> Node | None:
     """The single document's node graph, or None for a file with no document at all.
 
@@ -239,6 +255,12 @@ def compose(text: str, file: str, *, fast: bool | None = None) -> Node | None:
     accepts a tab between `key:` and its value, as YAML allows, where PyYAML refuses it.
     """
     fast = USE_LIBYAML if fast is None else fast
+    if fast and _may_nest_too_deep(text):
+        # libyaml scans ahead and stops at a nesting limit of its own (1000 levels, worded its
+        # own way) before the composer sees level MAX_DEPTH + 1.  The depth rule is the
+        # project's: a text that might break it is read by the pure-Python stages, which have
+        # no limit of their own, so the composer's refusal is the one said.
+        fast = False
     loader: Any = None
     try:
         loader = _CLoader(text) if fast else _PyLoader(text)

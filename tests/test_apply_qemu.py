@@ -179,7 +179,7 @@ def test_apply_pins_boots_is_idempotent_and_restarts_a_killed_guest(site: Site) 
     store = StateStore(site.dir / "state")
     with store.lock("apply from the test"):
         held = site.run("apply", "--lock-timeout", "1", str(m))
-    assert held.returncode == 1, held.stderr
+    assert held.returncode == 6, held.stderr  # busy (cli.md)
     assert f"locked by pid {os.getpid()} (apply from the test)" in held.stderr
     assert _qemus_of(site) == []
 

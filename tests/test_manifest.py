@@ -175,6 +175,25 @@ BAD_YAML: list[tuple[str, str | bytes, int, int, str]] = [
     ("UTF-16", "version: 1\n".encode("utf-16"), 1, 4, "binary file"),
     ("control character", "version: 1\x07\n", 1, 11, "U+0007 is not allowed"),
     ("deep nesting", "version: 1\nx: " + "[" * 5000, 2, 67, "nested more than 64 levels"),
+    # Deeper than libyaml's own limit (1000 levels), in block style: the project's rule speaks.
+    (
+        "deep block nesting",
+        "version: 1\nx:\n" + "- " * 1500 + "a\n",
+        3,
+        127,
+        "nested more than 64 levels",
+    ),
+    (
+        "deep mixed nesting",
+        "version: 1\n"
+        + "".join(" " * i + f"k{i}:\n" for i in range(40))
+        + " " * 40
+        + "x: "
+        + "[" * 2000,
+        42,
+        67,
+        "nested more than 64 levels",
+    ),
     ("too big", "#" * (MAX_BYTES + 1), 0, 0, "larger than 1MiB"),
     ("complex key", "version: 1\n? [a, b]\n: 1\n", 2, 3, "a key must be a plain name"),
     ("alias", "version: 1\nhost: &h {smt: share}\npartitions: *h\n", 3, 13, "alias *h"),

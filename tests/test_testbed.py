@@ -27,6 +27,7 @@ from partitioner.testbed.server import (
     TestbedBootFailure,
     TestbedServer,
     TestbedTimeout,
+    hidden_shares,
     job_script,
     run_in_testbed,
 )
@@ -385,14 +386,22 @@ def test_job_script_runs_argv_in_cwd_with_only_the_given_env(tmp_path: Path) -> 
     assert f"no directory {tmp_path / 'nope'} inside" in cp.stdout
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
-def test_a_directory_the_server_hides_is_refused_before_booting(tmp_path: Path) -> None:
-    tb = TestbedServer("small", ["true"], cwd=str(tmp_path), progress=None)
-    with pytest.raises(
-        GuestError, match=r"is not visible inside the emulated server, which has its own /tmp"
-    ):
-        tb.start()
-    assert tb.proc is None
+def test_directories_the_server_hides_are_shared_on_their_own() -> None:
+    shares = hidden_shares(["/tmp/ci/clone/tests", "/tmp/ci/clone/.venv", "/srv/x", "/var/a/b"])
+    assert [(s.tag, s.path, s.readonly) for s in shares] == [
+        ("tbhidden0", "/tmp/ci", True),
+        ("tbhidden1", "/var/a", True),
+    ]
+    script = job_script(["true"], "/tmp/ci/clone", {}, shares)
+    mounts = [ln for ln in script.splitlines() if " mount -t 9p " in ln]
+    assert len(mounts) == 2 and "tbhidden0 /tmp/ci" in mounts[0] and ",ro " in mounts[0]
+    assert script.index("tbhidden1 /var/a") < script.index("cd /tmp/ci/clone")
+
+
+@pytest.mark.parametrize("path", ["/tmp", "/proc/1", "/sys/x", "/dev/shm/x"])
+def test_a_directory_the_server_cannot_show_is_refused(path: str) -> None:
+    with pytest.raises(GuestError, match=r"is not visible inside the emulated server"):
+        hidden_shares([path])
 
 
 # -- real boots of `small` ------------------------------------------------------------
@@ -455,8 +464,13 @@ def test_cwd_env_and_the_writable_share(tmp_path: Path) -> None:
     import io
 
     out = io.StringIO()
+    # A directory under /tmp, which is private inside: shared on its own, as a checkout
+    # under /tmp is.
+    cwd = tmp_path / "checkout"
+    cwd.mkdir()
+    (cwd / "marker").write_text("seen\n")
     script = (
-        'echo "$PWD|$FOO|$TESTBED|$(id -u)"; '
+        'echo "$PWD|$FOO|$TESTBED|$(id -u)"; cat marker; '
         'echo made > "$TESTBED_OUT/file"; '
         "touch /root/x 2>/dev/null && echo root-writable || echo root-readonly; "
         "touch /tmp/y /var/lib/partition/z /var/log/w /run/v && echo private-writable; "
@@ -466,7 +480,7 @@ def test_cwd_env_and_the_writable_share(tmp_path: Path) -> None:
         "small",
         ["sh", "-c", script],
         timeout=300,
-        cwd=str(PROJECT / "tests"),
+        cwd=str(cwd),
         env={"FOO": "bar baz"},
         out_dir=tmp_path,
         stream=out,
@@ -474,8 +488,8 @@ def test_cwd_env_and_the_writable_share(tmp_path: Path) -> None:
     )
     assert rc == 0, out.getvalue()
     lines = out.getvalue().splitlines()
-    assert lines[0] == f"{PROJECT / 'tests'}|bar baz|small|0"
-    assert lines[1:3] == ["root-readonly", "private-writable"]
+    assert lines[0] == f"{cwd}|bar baz|small|0"
+    assert lines[1:4] == ["seen", "root-readonly", "private-writable"]
     assert (tmp_path / "file").read_text() == "made\n"
 
 

@@ -48,6 +48,11 @@ from partitioner.testbed.topology import Share, Topology, kernel_cmdline, load_t
 QEMU = "qemu-system-x86_64"
 # Private (tmpfs) inside the emulated server: the host's files under them are not seen.
 PRIVATE_DIRS = ("/tmp", "/run", "/var", "/proc", "/sys", "/dev")
+# Of those, the ones a checkout (or its virtual environment) may sit in: a directory below
+# them that the command needs is shared on its own and mounted over the tmpfs, at its path.
+SHAREABLE_DIRS = ("/tmp", "/run", "/var")
+# The 9p options of such a share: read-only like the host's root, and as cacheable.
+_HIDDEN_MOUNT_OPTS = "trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -87,14 +92,51 @@ class TestbedBootFailure(GuestError):
         )
 
 
-def job_script(argv: Sequence[str], cwd: str, env: Mapping[str, str]) -> str:
-    """The shell script the emulated server runs (inside the chroot): a clean env, cwd, argv."""
+def hidden_shares(paths: Sequence[str]) -> list[Share]:
+    """The shares that make ``paths`` visible inside: for each path below a private directory
+    (``/tmp/ci/clone/tests``), its top directory there (``/tmp/ci``), once.
+
+    Raises GuestError for a path the emulated server cannot be shown (``/proc/...``, or a
+    private directory itself, which must stay a writable tmpfs inside).
+    """
+    shares: list[Share] = []
+    for path in paths:
+        p = Path(path)
+        hidden = next((Path(d) for d in PRIVATE_DIRS if p.is_relative_to(d)), None)
+        if hidden is None:
+            continue
+        if str(hidden) not in SHAREABLE_DIRS or p == hidden:
+            raise GuestError(
+                f"testbed: {path} is not visible inside the emulated server, which has its own "
+                f"{hidden}; run from (or pass cwd=) a directory below /tmp, /var or /run, or "
+                "anywhere else",
+                partition="testbed",
+            )
+        top = str(hidden / p.relative_to(hidden).parts[0])
+        if all(s.path != top for s in shares):
+            shares.append(Share(f"tbhidden{len(shares)}", top, readonly=True))
+    return shares
+
+
+def job_script(
+    argv: Sequence[str], cwd: str, env: Mapping[str, str], mounts: Sequence[Share] = ()
+) -> str:
+    """The shell script the emulated server runs (inside the chroot): a clean env, cwd, argv.
+
+    ``mounts``: shares of directories the private tmpfs mounts hide, mounted at their paths.
+    """
     if not argv:
         raise ValueError("empty command")
     assigns = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(env.items()))
+    mount_lines = "".join(
+        f"mkdir -p {shlex.quote(m.path)} && mount -t 9p -o {_HIDDEN_MOUNT_OPTS} {m.tag} "
+        f"{shlex.quote(m.path)} || {{ echo {shlex.quote(f'testbed: cannot mount {m.path}')} >&2; exit 125; }}\n"
+        for m in mounts
+    )
     return (
         "# written by partition testbed\n"
-        f"cd {shlex.quote(cwd)} || {{ echo {shlex.quote(f'testbed: no directory {cwd} inside the emulated server')} >&2; exit 125; }}\n"
+        + mount_lines
+        + f"cd {shlex.quote(cwd)} || {{ echo {shlex.quote(f'testbed: no directory {cwd} inside the emulated server')} >&2; exit 125; }}\n"
         f"exec /usr/bin/env -i {assigns} {shlex.join(argv)}\n"
     )
 
@@ -188,14 +230,10 @@ class TestbedServer:
         if os.geteuid() != 0:
             # 9p with security_model=none serves the host's files with the rights of
             # QEMU's user: only root sees (and owns) them all, as the guest's root expects.
-            raise GuestError("partition testbed needs root (sudo)", partition=where)
-        hidden = next((d for d in PRIVATE_DIRS if Path(self.cwd).is_relative_to(d)), None)
-        if hidden is not None:
-            raise GuestError(
-                f"testbed: {self.cwd} is not visible inside the emulated server, which has "
-                f"its own {hidden}; run from (or pass cwd=) a directory elsewhere",
-                partition=where,
-            )
+            raise GuestError("partition testbed needs root", partition=where)
+        # The checkout (and the Python running this) may sit under /tmp, /var or /run, which
+        # are private inside: those directories are shared on their own.
+        hidden = hidden_shares([self.cwd, sys.prefix])
         if shutil.which(QEMU) is None:
             raise GuestError(
                 f"{QEMU} not found: install qemu-system-x86",
@@ -208,7 +246,7 @@ class TestbedServer:
         ctl.mkdir()
         out = self.out_dir or self.run_dir / "out"
         out.mkdir(parents=True, exist_ok=True)
-        (ctl / "job").write_text(job_script(self.argv, self.cwd, self.env))
+        (ctl / "job").write_text(job_script(self.argv, self.cwd, self.env, hidden))
         self.console_log = self.run_dir / "console.log"
         argv = qemu_args(
             self.topology,
@@ -220,6 +258,7 @@ class TestbedServer:
                 Share("hostroot", "/", readonly=True),
                 Share("tbctl", str(ctl), readonly=False),
                 Share("tbout", str(out.resolve()), readonly=False),
+                *hidden,
             ],
             qemu=QEMU,
         )

@@ -48,7 +48,7 @@ MODELS: Mapping[str, tuple[str, bool]] = {
 # expander bridges take slots from 2 up; the 9p shares sit at fixed high slots so
 # that adding a share never moves a topology device.
 FIRST_ROOT_SLOT = 0x02
-SHARE_SLOTS = (0x18, 0x19, 0x1A)
+SHARE_SLOTS = (0x18, 0x19, 0x1A, 0x1B, 0x1C)
 # Bus numbers of the pxb-pcie expander bridges: node K's bridge starts bus 0x40*(K+1),
 # leaving room below each for the buses of the ports before it.
 PXB_BUS_STRIDE = 0x40
