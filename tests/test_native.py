@@ -19,7 +19,7 @@ import pytest
 from gpuhosts import data_centre_gpu, display_gpu, gpu_server
 from treebuilder import BAR_MEM64_PREF, GiB, MiB, TreeBuilder
 
-from partitioner.errors import PlanError
+from partitioner.errors import GuestError, PlanError
 from partitioner.guest.argv import guest_paths, kvm_settings, qemu_argv
 from partitioner.guest.caps import CPU_PROPS, QemuCaps
 from partitioner.guest.kvm import (
@@ -473,3 +473,53 @@ def test_data_centre_gpu_fixture_has_the_real_layout(tree: TreeBuilder) -> None:
         (3, 32 * MiB, True, True),
     ]
     assert all(b.flags & BAR_MEM64_PREF == BAR_MEM64_PREF for b in fn.bars if b.high)
+
+
+# -- plan --qemu and qemu_argv --------------------------------------------------------------
+
+
+def test_plan_shows_the_command_lines_with_host_root(
+    tree: TreeBuilder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+    import shlex
+
+    from partitioner.cli.main import main
+    from partitioner.guest.caps import probe_qemu
+
+    try:
+        probe_qemu()
+    except GuestError as e:
+        pytest.skip(str(e))
+    gpu_server(tree, gpus=1, bar1=128 * GiB, phys_bits=46)
+    display_gpu(tree, 0x30, 70)
+    tree.build()
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "version: 1\nhost: {reserve: {cpus: 2, memory: 8GiB}, isolation: pinned}\npartitions:\n"
+        '  ml: {cpus: 4, memory: 16GiB, hugepages: none, devices: [{pci: "10:00.0"}]}\n'
+        "  ws: {cpus: 2, memory: 8GiB, hugepages: none,\n"
+        '       devices: [{pci: "30:00.0", primary_display: true, rom: "off"}]}\n'
+    )
+    common = ["--host-root", str(tree.root), "--state-dir", str(tmp_path / "state")]
+    assert main([*common, "--json", "plan", str(site)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    ml = doc["partitions"]["ml"]["qemu_argv"]
+    assert ml[ml.index("-global") + 1] == "q35-pcihost.pci-hole64-size=256G"
+    assert ml[ml.index("-cpu") + 1].startswith("host,migratable=off")
+    ws = doc["partitions"]["ws"]["qemu_argv"]
+    assert any(a.endswith(",rombar=0,x-vga=on") for a in ws)
+    # The tree's host is not this machine: its KVM is not asked, and the plan says so.
+    assert "mem-lock=on" in ws and "mem-lock=on,cpu-pm=on" not in ws
+    assert any("cpu-pm=on left out" in n for n in doc["partitions"]["ws"]["notes"])
+
+    assert main([*common, "plan", str(site), "--qemu"]) == 0
+    out = capsys.readouterr().out
+    lines = {
+        ln.split(": ", 1)[0]: ln.split(": ", 1)[1]
+        for ln in out.splitlines()
+        if ln.startswith(("ml: /", "ws: /"))
+    }
+    assert shlex.split(lines["ml"]) == ml and shlex.split(lines["ws"]) == ws
+    assert main([*common, "plan", str(site)]) == 0
+    assert "ml: /" not in capsys.readouterr().out  # without --qemu, no command lines
