@@ -523,3 +523,41 @@ def test_plan_shows_the_command_lines_with_host_root(
     assert shlex.split(lines["ml"]) == ml and shlex.split(lines["ws"]) == ws
     assert main([*common, "plan", str(site)]) == 0
     assert "ml: /" not in capsys.readouterr().out  # without --qemu, no command lines
+
+
+# -- golden command lines of the GPU fixtures ------------------------------------------------
+
+GOLDEN = Path(__file__).parent / "golden" / "argv"
+
+FIXTURE_SITES = {
+    # Two H100-like GPUs (128 GiB BAR1 each) under UEFI on 1 GiB pages.
+    "fixture-h100x2-uefi": (
+        2,
+        "ml: {cpus: 8, memory: 64GiB, hugepages: 1GiB, firmware: uefi,\n"
+        '     devices: [{id: "10de:2331", count: 2}]}\n',
+    ),
+    # An RTX 3090-like display GPU as the primary display under SeaBIOS, with a ROM file.
+    "fixture-rtx3090-bios-display": (
+        0,
+        "ws: {cpus: 4, memory: 16GiB, hugepages: none,\n"
+        '     devices: [{pci: "30:00.0", primary_display: true, rom: /srv/roms/3090.rom}]}\n',
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIXTURE_SITES))
+def test_golden_command_lines_of_the_gpu_fixtures(case: str, tree: TreeBuilder) -> None:
+    import os
+
+    gpus, site = FIXTURE_SITES[case]
+    gpu_server(tree, gpus=gpus, bar1=128 * GiB, phys_bits=46)
+    display_gpu(tree, 0x30, 70)
+    tree.node(0, memory_bytes=512 * GiB, free_bytes=500 * GiB, hugepages={GiB: (64, 64)})
+    result = plan(_site(site), host_of(tree))
+    (name,) = result.placements
+    text = "\n".join(_argv(result, name)) + "\n"
+    golden = GOLDEN / f"{case}.txt"
+    if os.environ.get("PARTITION_REGEN_GOLDEN") == "1":
+        golden.write_text(text)
+    assert golden.exists(), f"no golden file {golden}: run with PARTITION_REGEN_GOLDEN=1"
+    assert text == golden.read_text(), f"argv of {case} differs from {golden}"
