@@ -10,7 +10,7 @@ from typing import Any
 
 from partitioner.actions import diff
 from partitioner.cli.common import Context, table
-from partitioner.guest.argv import command_lines
+from partitioner.guest.argv import NO_ARGV, command_lines
 from partitioner.host import Host
 from partitioner.inventory import scan
 from partitioner.loader import load
@@ -35,13 +35,19 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     host = scan(ctx.root())
     running, actions = _running_and_actions(ctx, manifest, host)
     result = plan(manifest, host, running)
+    wanted = args.qemu or ctx.json
     argvs, left_out = command_lines(
         result, ctx.run_dir, ctx.log_dir, ctx.state_dir, live=ctx.host_root is None
     )
     result = replace(
         result,
         placements={
-            n: replace(p, notes=(*p.notes, *left_out[n])) for n, p in result.placements.items()
+            # Why a command line could not be made matters only to whoever asked for one.
+            n: replace(
+                p,
+                notes=(*p.notes, *(x for x in left_out[n] if wanted or not x.startswith(NO_ARGV))),
+            )
+            for n, p in result.placements.items()
         },
     )
     if ctx.json:

@@ -351,6 +351,9 @@ def _esc(value: object) -> str:
     return str(value).replace(",", ",,")
 
 
+NO_ARGV = "no QEMU command line"
+
+
 def command_lines(
     plan: Plan,
     run_dir: Path,
@@ -376,7 +379,7 @@ def command_lines(
     except GuestError as e:
         for name in plan.placements:
             argvs[name] = None
-            notes[name].append(f"no QEMU command line: {e}")
+            notes[name].append(f"{NO_ARGV}: {e}")
         return argvs, notes
     if not live:
         caps = replace(caps, kvm=None)
@@ -386,7 +389,7 @@ def command_lines(
             argvs[name] = qemu_argv(p, plan, paths, caps)
         except GuestError as e:
             argvs[name] = None
-            notes[name].append(f"no QEMU command line: {e}")
+            notes[name].append(f"{NO_ARGV}: {e}")
             continue
         if plan.accel == "kvm":
             notes[name] += kvm_settings(p, caps).left_out
