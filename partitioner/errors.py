@@ -8,6 +8,7 @@ Only the CLI turns these into text and exit codes (``exit_code`` below, as
      +-- ManifestError             2  the manifest is not valid (carries .problems)
      +-- HostReadError             2  a --host-root tree that cannot be read as a host
      +-- PlanError                 3  valid manifest that does not fit this host (.problems)
+     +-- PreconditionError         3  the request does not fit the host as it is now
      +-- DeviceError               4  claiming / releasing a PCI function failed (.address, .path)
      +-- GuestError                4  QEMU could not be started or driven (.partition)
      |    +-- VMLaunchFailure         QEMU exited while starting (.exitcode, .command, .output)
@@ -81,6 +82,13 @@ class PlanError(PartitionError):
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class PreconditionError(PartitionError):
+    """The request does not fit the host as it is now (cli.md's exit 3): a partition
+    that is not running for ``console``, a tool the machine lacks.  It says what to do."""
+
+    exit_code = 3
 
 
 class DeviceError(PartitionError):

@@ -37,6 +37,7 @@ from partitioner.manifest import (
 )
 from partitioner.pci import PciAddress, PciAddressSyntaxError
 from partitioner.units import GiB, KiB, MiB, SizeSyntaxError, format_size, parse_size
+from partitioner.userfiles import read_named
 from partitioner.yamlnodes import Document, PathKey, Pos, decode, dotted, parse
 
 if TYPE_CHECKING:
@@ -127,8 +128,7 @@ def load(path: str | Path) -> Manifest:
     """Read and check the manifest at ``path``."""
     file = str(path)
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_BYTES + 1)
+        data = read_named(path, MAX_BYTES + 1)
     except OSError as e:
         reason = e.strerror or str(e)
         raise ManifestError([Problem(file, 0, 0, f"cannot read the manifest: {reason}")]) from None

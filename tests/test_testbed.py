@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from partitioner.cpuset import CpuSet
-from partitioner.errors import GuestError
+from partitioner.errors import PreconditionError
 from partitioner.hostroot import HostRoot
 from partitioner.run import run
 from partitioner.testbed.initramfs import (
@@ -400,7 +400,7 @@ def test_directories_the_server_hides_are_shared_on_their_own() -> None:
 
 @pytest.mark.parametrize("path", ["/tmp", "/proc/1", "/sys/x", "/dev/shm/x"])
 def test_a_directory_the_server_cannot_show_is_refused(path: str) -> None:
-    with pytest.raises(GuestError, match=r"is not visible inside the emulated server"):
+    with pytest.raises(PreconditionError, match=r"is not visible inside the emulated server"):
         hidden_shares([path])
 
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from partitioner.errors import UsageError
+from partitioner.errors import HostReadError, Problem, StateError, UsageError
 from partitioner.hostroot import HostRoot
 
 DEFAULT_STATE_DIR = "/var/lib/partition"
@@ -31,21 +33,78 @@ class Context:
     log_dir: Path = field(
         default_factory=lambda: Path(os.environ.get("PARTITION_LOG_DIR", DEFAULT_LOG_DIR))
     )
+    # Whether the verb wrote its JSON document: main writes one for it when it did not
+    # (a failure, or a verb with no report of its own), so stdout holds exactly one.
+    emitted: bool = False
 
     def root(self) -> HostRoot:
-        return HostRoot(self.host_root or "/")
+        if self.host_root is None:
+            return HostRoot("/")
+        # What --host-root names is known here; past this point a path that loops or is
+        # not a directory would surface as some library's error about some file in it.
+        try:
+            st = os.stat(self.host_root)
+        except FileNotFoundError:
+            return HostRoot(self.host_root)  # the scan says what a host tree needs
+        except OSError as e:
+            raise HostReadError(
+                f"--host-root {self.host_root}: {e.strerror}; give a directory made by "
+                f"`partition snapshot DIR` on the machine to describe",
+                path=self.host_root,
+            ) from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise HostReadError(
+                f"--host-root {self.host_root} is not a directory; give a directory made by "
+                "`partition snapshot DIR` on the machine to describe",
+                path=self.host_root,
+            )
+        return HostRoot(self.host_root)
 
     def require_live(self, verb: str) -> None:
-        """Verbs that change the host refuse --host-root (cli.md)."""
+        """Verbs that change the host refuse --host-root (cli.md), and need a state
+        directory they can write: said now, before anything is changed."""
         if self.host_root is not None:
             raise UsageError(
                 f"partition {verb} changes the host and cannot run against --host-root {self.host_root}; "
                 "use plan or inspect with --host-root, and apply on the machine itself"
             )
+        self.check_state_dir()
+
+    def check_state_dir(self) -> None:
+        """The state directory is one this process can write: made here if missing (the
+        lock, taken next, would make it anyway), or refused naming it, before any change."""
+        what = f"the state directory {self.state_dir} (--state-dir, env PARTITION_STATE_DIR)"
+        try:
+            os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
+        except FileExistsError:
+            try:
+                os.stat(self.state_dir)
+                why = "it is not a directory"
+            except OSError as e:  # a symbolic link that loops or leads nowhere
+                why = e.strerror or str(e)
+            raise StateError(
+                f"cannot use {what}: {why}; give a directory", path=str(self.state_dir)
+            ) from None
+        except OSError as e:
+            raise StateError(
+                f"cannot use {what}: {e.strerror}; give a directory this user can write",
+                path=str(self.state_dir),
+            ) from None
+        if not os.access(self.state_dir, os.W_OK | os.X_OK):
+            raise StateError(
+                f"cannot use {what}: this user cannot write it "
+                "(run as root, or give a directory you can write)",
+                path=str(self.state_dir),
+            )
 
     def emit_json(self, doc: Any) -> None:
+        """The verb's one JSON document on stdout (``--json``)."""
+        if self.emitted:
+            raise RuntimeError("a verb emitted a second JSON document")
         json.dump(doc, self.out, indent=2, sort_keys=False)
         self.out.write("\n")
+        self.out.flush()
+        self.emitted = True
 
     def say(self, text: str = "") -> None:
         """Human output on stdout (not in --json mode)."""
@@ -59,6 +118,27 @@ class Context:
 
     def warn(self, text: str) -> None:
         print(text, file=self.err)
+
+
+def problems_json(problems: Sequence[Problem | str]) -> list[dict[str, Any]]:
+    """Problems as the ``--json`` documents carry them (docs/cli.md): each an object with
+    its ``message`` (the words a person reads on stderr), and for a manifest problem its ``file``,
+    ``line`` and ``column`` (1-based; 0 for the whole file) and the ``path`` of the node."""
+    out: list[dict[str, Any]] = []
+    for p in problems:
+        if isinstance(p, Problem):
+            out.append(
+                {
+                    "message": p.message,
+                    "file": p.file,
+                    "line": p.line,
+                    "column": p.column,
+                    "path": p.path,
+                }
+            )
+        else:
+            out.append({"message": p})
+    return out
 
 
 def table(rows: list[list[str]], header: list[str]) -> str:

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from partitioner.cli.common import Context
-from partitioner.errors import GuestError, UsageError
+from partitioner.errors import PreconditionError, UsageError
 from partitioner.state import RunState, StateStore, reconcile
 
 DETACH = b"\x1d"  # Ctrl-], as telnet and virsh console use
@@ -81,16 +81,20 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
+    if ctx.json:
+        raise UsageError(
+            "partition console is interactive and has no JSON report; leave out --json"
+        )
     store = StateStore(ctx.state_dir)
     state, _ = reconcile(store.load(), ctx.root())
     rec = state.partitions.get(args.name)
     if rec is None:
         raise UsageError(f"no partition {args.name} has been applied here")
     if rec.state is not RunState.RUNNING or "console" not in rec.paths:
-        raise GuestError(
-            f"partition {args.name} is {rec.state.value}: start it first "
-            f"(its past console output is in {rec.paths.get('console_log', 'the log directory')})",
-            partition=args.name,
+        raise PreconditionError(
+            f"partition {args.name} is {rec.state.value}: start it first with "
+            f"`partition start {args.name}` (its past console output is in "
+            f"{rec.paths.get('console_log', 'the log directory')})"
         )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -100,10 +104,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         hint = ""
         if e.errno in (errno_mod.ECONNREFUSED, errno_mod.EAGAIN):
             hint = " (another console may be attached: QEMU serves one at a time)"
-        raise GuestError(
+        raise PreconditionError(
             f"cannot attach to the console of {args.name} at {rec.paths['console']}: "
-            f"{e.strerror}{hint}",
-            partition=args.name,
+            f"{e.strerror}{hint}"
         ) from e
     in_fd, out_fd = sys.stdin.fileno(), sys.stdout.fileno()
     ctx.info(f"partition: attached to {args.name}'s console; Ctrl-] detaches")

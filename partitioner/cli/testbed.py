@@ -87,7 +87,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         command,
         timeout=args.timeout,
         out_dir=args.out,
-        stream=ctx.out,
+        # With --json, stdout holds the one document: the command's output goes to stderr.
+        stream=ctx.err if ctx.json else ctx.out,
         progress=progress,
         keep=args.keep,
     )
@@ -99,6 +100,17 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             ctx.warn(f"testbed: kept {server.run_dir} (console.log is the kernel's log)")
     if server.total_seconds is not None:
         ctx.info(f"testbed: command exited with {rc} after {server.total_seconds:.1f}s in all")
+    if ctx.json:
+        doc: dict[str, Any] = {
+            "ok": rc == 0,
+            "exit": rc,
+            "command": command,
+            "topology": topo.name,
+            "seconds": server.total_seconds,
+        }
+        if rc != 0:
+            doc["problems"] = [{"message": f"the command exited with {rc}"}]
+        ctx.emit_json(doc)
     return rc
 
 
@@ -131,4 +143,6 @@ def snapshot(args: argparse.Namespace, ctx: Context) -> int:
             topo, dest, timeout=args.timeout, progress=ctx.err if ctx.verbosity >= 0 else None
         )
     ctx.info(f"testbed: snapshot of {topo.name} saved in {dest}; use it with --host-root {dest}")
+    if ctx.json:
+        ctx.emit_json({"ok": True, "exit": 0, "dir": str(dest.absolute()), "topology": topo.name})
     return 0

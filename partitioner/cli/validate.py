@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from partitioner.cli.common import Context
+from partitioner.cli.common import Context, problems_json
 from partitioner.errors import ManifestError
 from partitioner.loader import load
 
@@ -22,19 +22,29 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     except ManifestError as e:
         if not ctx.json:
             raise
+        # cli.md's failure document, with validate's own keys.
         ctx.emit_json(
             {
+                "ok": False,
+                "exit": e.exit_code,
                 "valid": False,
                 "file": args.file,
-                "problems": [
-                    {"file": p.file, "line": p.line, "column": p.column, "message": p.message}
-                    for p in e.problems
-                ],
+                "problems": problems_json(e.problems),
             }
         )
+        for problem in e.problems:
+            ctx.warn(str(problem))
         return e.exit_code
     if ctx.json:
-        ctx.emit_json({"valid": True, "file": args.file, "partitions": sorted(manifest.partitions)})
+        ctx.emit_json(
+            {
+                "ok": True,
+                "exit": 0,
+                "valid": True,
+                "file": args.file,
+                "partitions": sorted(manifest.partitions),
+            }
+        )
     else:
         n = len(manifest.partitions)
         ctx.say(

@@ -22,8 +22,7 @@ import hashlib
 import sys
 from pathlib import Path
 
-from partitioner.errors import GuestError
-from partitioner.testbed.initramfs import CpioWriter, default_kernel
+from partitioner.testbed.initramfs import CpioWriter, default_kernel, static_busybox
 
 BUSYBOX = Path("/bin/busybox")
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
@@ -65,12 +64,10 @@ def guest_kernel() -> Path:
 
 def build_guest_initramfs(dest_dir: Path) -> Path:
     """Build (or reuse, cached by content) the guest initramfs in ``dest_dir``."""
-    if not BUSYBOX.is_file():
-        raise GuestError(f"no {BUSYBOX}: install busybox-static")
+    busybox = static_busybox(BUSYBOX)
     release = guest_kernel().name.removeprefix("vmlinuz-")
     modules = [Path("/lib/modules") / release / m for m in MODULES]
     modules = [m for m in modules if m.is_file()]
-    busybox = BUSYBOX.read_bytes()
     h = hashlib.sha256(INIT.encode() + busybox)
     for m in modules:
         h.update(m.read_bytes())

@@ -22,12 +22,13 @@ import hashlib
 import lzma
 import os
 import stat
+import struct
 import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from partitioner.errors import GuestError
+from partitioner.errors import GuestError, PreconditionError
 
 BUSYBOX = "/bin/busybox"
 
@@ -118,7 +119,7 @@ def default_kernel(boot: Path = Path("/boot")) -> Path:
         ],
     )
     if not found:
-        raise GuestError(
+        raise PreconditionError(
             "no kernel to boot the emulated server: install linux-image-amd64 "
             "(a /boot/vmlinuz-VERSION with its /lib/modules/VERSION)"
         )
@@ -262,14 +263,63 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PARTITION_CACHE_DIR") or "/var/cache/partition") / "testbed"
 
 
-def initramfs_for(kernel: str | os.PathLike[str], *, busybox: str = BUSYBOX) -> Path:
+_PT_INTERP = 3
+
+
+def needs_interpreter(program: bytes) -> bool | None:
+    """Whether the ELF executable ``program`` names a dynamic loader (a ``PT_INTERP``
+    program header): it then needs the host's shared libraries, which an initramfs
+    does not have.  ``None`` when ``program`` is not an ELF executable at all."""
+    if len(program) < 64 or program[:4] != b"\x7fELF" or program[4] not in (1, 2):
+        return None
+    order = {1: "<", 2: ">"}.get(program[5])
+    if order is None:
+        return None
+    if program[4] == 2:  # ELFCLASS64
+        phoff, phentsize, phnum = struct.unpack_from(order + "Q14xHH", program, 32)
+    else:
+        phoff, phentsize, phnum = struct.unpack_from(order + "I10xHH", program, 28)
+    if phentsize < 4 or phoff + phentsize * phnum > len(program):
+        return None
+    return any(
+        struct.unpack_from(order + "I", program, phoff + i * phentsize)[0] == _PT_INTERP
+        for i in range(phnum)
+    )
+
+
+def static_busybox(busybox: str | os.PathLike[str] | None = None) -> bytes:
+    """The bytes of a statically linked busybox, the only kind that runs in an initramfs.
+
+    Debian's plain ``busybox`` package is linked against the C library: as ``/init``'s
+    shell it would end the boot in a kernel panic, so it is refused here with what to do.
+    """
+    path = Path(busybox if busybox is not None else BUSYBOX)
+    try:
+        program = path.read_bytes()
+    except OSError as e:
+        raise PreconditionError(
+            f"cannot read {path} ({e.strerror}): install busybox-static "
+            "(apt-get install busybox-static)"
+        ) from e
+    dynamic = needs_interpreter(program)
+    if dynamic is None:
+        raise PreconditionError(
+            f"{path} is not an ELF program: install busybox-static (apt-get install busybox-static)"
+        )
+    if dynamic:
+        raise PreconditionError(
+            f"{path} is dynamically linked (Debian's busybox package) and cannot run in the "
+            "emulated server's initramfs: install busybox-static (apt-get install busybox-static, "
+            "which replaces it)"
+        )
+    return program
+
+
+def initramfs_for(kernel: str | os.PathLike[str], *, busybox: str | None = None) -> Path:
     """The cached initramfs for ``kernel``, built first if it is not there yet."""
+    bb = static_busybox(busybox)
     version = kernel_version(kernel)
     modules = module_load_order(Path("/lib/modules", version), ROOT_MODULES)
-    try:
-        bb = Path(busybox).read_bytes()
-    except OSError as e:
-        raise GuestError(f"cannot read {busybox} ({e.strerror}): install busybox-static") from e
     h = hashlib.sha256(INIT_SCRIPT.encode())
     h.update(hashlib.sha256(bb).digest())
     for m in modules:

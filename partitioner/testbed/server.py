@@ -35,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TextIO
 
-from partitioner.errors import GuestError
+from partitioner.errors import GuestError, PreconditionError, UsageError
 from partitioner.run import spawn
 from partitioner.testbed.initramfs import (
     OUT_DIR,
@@ -106,11 +106,10 @@ def hidden_shares(paths: Sequence[str]) -> list[Share]:
         if hidden is None:
             continue
         if str(hidden) not in SHAREABLE_DIRS or p == hidden:
-            raise GuestError(
+            raise PreconditionError(
                 f"testbed: {path} is not visible inside the emulated server, which has its own "
                 f"{hidden}; run from (or pass cwd=) a directory below /tmp, /var or /run, or "
-                "anywhere else",
-                partition="testbed",
+                "anywhere else"
             )
         top = str(hidden / p.relative_to(hidden).parts[0])
         if all(s.path != top for s in shares):
@@ -226,19 +225,15 @@ class TestbedServer:
         self.close()
 
     def start(self) -> None:
-        where = f"testbed:{self.topology.name}"
         if os.geteuid() != 0:
             # 9p with security_model=none serves the host's files with the rights of
             # QEMU's user: only root sees (and owns) them all, as the guest's root expects.
-            raise GuestError("partition testbed needs root", partition=where)
+            raise PreconditionError("partition testbed needs root: run it as root")
         # The checkout (and the Python running this) may sit under /tmp, /var or /run, which
         # are private inside: those directories are shared on their own.
         hidden = hidden_shares([self.cwd, sys.prefix])
         if shutil.which(QEMU) is None:
-            raise GuestError(
-                f"{QEMU} not found: install qemu-system-x86",
-                partition=f"testbed:{self.topology.name}",
-            )
+            raise PreconditionError(f"{QEMU} not found: install qemu-system-x86")
         kernel = self.kernel or default_kernel()
         initrd = initramfs_for(kernel)
         self.run_dir = Path(tempfile.mkdtemp(prefix="partition-testbed-"))
@@ -470,9 +465,8 @@ def snapshot_testbed(
                 partition=f"testbed:{topo.name}",
             )
         if dest.exists() and any(dest.iterdir()):
-            raise GuestError(
-                f"testbed snapshot: {dest} exists and is not empty",
-                partition=f"testbed:{topo.name}",
+            raise UsageError(
+                f"testbed snapshot: {dest} exists and is not empty: name a new or empty directory"
             )
         unpacked = out / "unpacked"
         with tarfile.open(out / "snap.tar") as tar:

@@ -31,6 +31,7 @@ import yaml
 from partitioner.cpuset import CpuSet
 from partitioner.errors import PartitionError
 from partitioner.units import MiB, SizeSyntaxError, format_size, parse_size
+from partitioner.userfiles import read_named
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -52,6 +53,10 @@ SHARE_SLOTS = (0x18, 0x19, 0x1A, 0x1B, 0x1C)
 # Bus numbers of the pxb-pcie expander bridges: node K's bridge starts bus 0x40*(K+1),
 # leaving room below each for the buses of the ports before it.
 PXB_BUS_STRIDE = 0x40
+
+
+# A topology is a few lines; anything much larger is not one.
+MAX_TOPOLOGY_BYTES = 64 * 1024
 
 
 class TopologyError(PartitionError):
@@ -327,13 +332,23 @@ def load_topology(preset_or_path: str) -> Topology:
                 ],
             )
     try:
-        text = path.read_text(encoding="utf-8")
+        data = read_named(path, MAX_TOPOLOGY_BYTES + 1)
     except OSError as e:
         raise TopologyError(str(path), [f"cannot read: {e.strerror}"]) from e
+    if len(data) > MAX_TOPOLOGY_BYTES:
+        raise TopologyError(
+            str(path), [f"larger than {MAX_TOPOLOGY_BYTES // 1024}KiB: is this the right file?"]
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise TopologyError(str(path), [f"not UTF-8 text (byte {e.start})"]) from None
     try:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise TopologyError(str(path), [f"not valid YAML: {e}"]) from e
+    except RecursionError:
+        raise TopologyError(str(path), ["nested too deeply to be a topology"]) from None
     return parse_topology(doc, str(path))
 
 
