@@ -12,19 +12,23 @@ record as it stands after the last step, and it is what gets saved.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
+from partitioner import sysfs
 from partitioner.errors import ApplyFailed, PartitionError, RollbackIncomplete
 from partitioner.host import Host
 from partitioner.hostroot import HostRoot
+from partitioner.killpoint import point
 from partitioner.plan import Placement, Plan
 from partitioner.run import CommandFailed
 from partitioner.state import (
     HugepageGrant,
     PartitionRecord,
+    PoolIntent,
     RunState,
     State,
     StateStore,
@@ -55,7 +59,14 @@ class ApplyContext:
     launch_timeout: float = 120.0
     release_wait: float = 10.0  # for an exited QEMU's hugepages to be free again
     on_progress: Callable[[str], None] | None = None
+    store: StateStore | None = None  # set by execute: an intent is saved before its change
     _caps: QemuCaps | None = field(default=None, repr=False)
+
+    def commit(self) -> None:
+        """Save the record as it stands now, mid-action: an intent must be on disk before
+        the host change it announces (execute saves after each action anyway)."""
+        if self.store is not None:
+            self.store.save(self.state)
 
     def caps(self) -> QemuCaps:
         if self._caps is None:
@@ -127,9 +138,7 @@ class _Base:
 
 
 def free_pages(root: HostRoot, node: int, size_bytes: int) -> int:
-    from partitioner.hugepages import pool_dir
-
-    return root.read_int(f"{pool_dir(node, size_bytes)}/free_hugepages", 0) or 0
+    return root.read_int(sysfs.hugepage_pool(size_bytes, node) + "/free_hugepages", 0) or 0
 
 
 def give_back(ctx: ApplyContext, node: int, size_bytes: int, pages: int) -> int:
@@ -174,6 +183,83 @@ def _idle_need(state: State, node: int, size_bytes: int, but: str) -> int:
     return need
 
 
+def _raise_pool(ctx: ApplyContext, name: str, node: int, size_bytes: int, want_free: int) -> None:
+    """Make ``want_free`` pages free in the pool, recording the pages added as ``name``'s grant.
+
+    The intent (pool size before, size asked for) is saved before the pool is raised, so a
+    kill between raising it and recording the grant leaves what the next run needs to
+    record the grant after all (partitioner.reconcile).
+    """
+    from partitioner.hugepages import ensure_pages, pool_counts
+
+    nr, free = pool_counts(ctx.root, node, size_bytes)
+    if free >= want_free:
+        return
+    intent = PoolIntent(node, size_bytes, "raise", nr, nr + want_free - free)
+    rec = ctx.record(name)
+    ctx.update(replace(rec, pool_intents=(*rec.pool_intents, intent)))
+    ctx.commit()
+    try:
+        added = ensure_pages(ctx.root, node, size_bytes, want_free)
+    except BaseException:
+        # ensure_pages put the pool back; whatever it reached is recorded all the same.
+        _settle_intent(ctx, name, intent)
+        raise
+    point("pool-raised")
+    rec = _drop_intent(ctx.state.partitions[name], intent)
+    ctx.update(_add_grant(rec, HugepageGrant(node, size_bytes, added)) if added else rec)
+
+
+def _shrink_pool(ctx: ApplyContext, name: str, node: int, size_bytes: int, pages: int) -> int:
+    """Give back up to ``pages`` of ``name``'s grant; returns the pages given back.
+
+    The intent is saved before the pool shrinks, so a kill in between never makes the
+    next run give the same pages back twice.
+    """
+    from partitioner.hugepages import pool_counts
+
+    nr, _free = pool_counts(ctx.root, node, size_bytes)
+    intent = PoolIntent(node, size_bytes, "release", nr, max(0, nr - pages))
+    rec = ctx.state.partitions[name]
+    ctx.update(replace(rec, pool_intents=(*rec.pool_intents, intent)))
+    ctx.commit()
+    try:
+        given = give_back(ctx, node, size_bytes, pages)
+    except BaseException:
+        _settle_intent(ctx, name, intent)
+        raise
+    point("pool-shrunk")
+    rec = _drop_intent(ctx.state.partitions[name], intent)
+    ctx.update(_add_grant(rec, HugepageGrant(node, size_bytes, -given)))
+    return given
+
+
+def _settle_intent(ctx: ApplyContext, name: str, intent: PoolIntent) -> None:
+    """Record what an interrupted pool change did, from the pool's size now."""
+    from partitioner.errors import HugepageError
+    from partitioner.hugepages import pool_counts
+
+    try:
+        now, _free = pool_counts(ctx.root, intent.node, intent.size_bytes)
+    except HugepageError:
+        now = intent.before
+    moved = intent.settle(now)
+    rec = _drop_intent(ctx.state.partitions[name], intent)
+    if intent.op == "raise":
+        rec = _add_grant(rec, HugepageGrant(intent.node, intent.size_bytes, moved))
+    else:
+        rec = _add_grant(rec, HugepageGrant(intent.node, intent.size_bytes, -moved))
+    ctx.update(rec)
+    ctx.commit()
+
+
+def _drop_intent(rec: PartitionRecord, intent: PoolIntent) -> PartitionRecord:
+    left = list(rec.pool_intents)
+    if intent in left:
+        left.remove(intent)
+    return replace(rec, pool_intents=tuple(left))
+
+
 @dataclass(frozen=True)
 class ReserveHugepages(_Base):
     target: str
@@ -187,13 +273,9 @@ class ReserveHugepages(_Base):
         return f"{self.pages} x {page_size_name(self.size_bytes)} pages on node {self.node}"
 
     def do(self, ctx: ApplyContext) -> None:
-        from partitioner.hugepages import ensure_pages
-
-        rec = ctx.record(self.target)
+        ctx.record(self.target)
         want = self.pages + _idle_need(ctx.state, self.node, self.size_bytes, self.target)
-        added = ensure_pages(ctx.root, self.node, self.size_bytes, want)
-        if added:
-            ctx.update(_add_grant(rec, HugepageGrant(self.node, self.size_bytes, added)))
+        _raise_pool(ctx, self.target, self.node, self.size_bytes, want)
 
     def undo(self, ctx: ApplyContext) -> None:
         rec = ctx.state.partitions.get(self.target)
@@ -201,13 +283,9 @@ class ReserveHugepages(_Base):
             return
         for g in rec.hugepages:
             if (g.node, g.size_bytes) == (self.node, self.size_bytes):
-                given = give_back(ctx, g.node, g.size_bytes, g.pages)
-                rec = _drop_grant(rec, g)
+                given = _shrink_pool(ctx, self.target, g.node, g.size_bytes, g.pages)
                 if given < g.pages:
-                    left = HugepageGrant(g.node, g.size_bytes, g.pages - given)
-                    ctx.update(_add_grant(rec, left))
                     _still_held(ctx, g.node, g.size_bytes, g.pages, given)
-                ctx.update(rec)
                 return
 
     def check(self, ctx: ApplyContext) -> bool:
@@ -232,23 +310,23 @@ class ReleaseHugepages(_Base):
 
     def do(self, ctx: ApplyContext) -> None:
         rec = ctx.state.partitions[self.target]
-        given = give_back(ctx, self.node, self.size_bytes, self.pages)
-        rec = _drop_grant(rec, HugepageGrant(self.node, self.size_bytes, self.pages))
-        if given < self.pages:
+        # The record's grant now, not diff's copy: a resumed destroy gives back only what is left.
+        pages = next(
+            (
+                g.pages
+                for g in rec.hugepages
+                if (g.node, g.size_bytes) == (self.node, self.size_bytes)
+            ),
+            0,
+        )
+        given = _shrink_pool(ctx, self.target, self.node, self.size_bytes, pages)
+        if given < pages:
             # The record keeps what is still added, so a later destroy can finish the job.
-            ctx.update(
-                _add_grant(rec, HugepageGrant(self.node, self.size_bytes, self.pages - given))
-            )
-            _still_held(ctx, self.node, self.size_bytes, self.pages, given)
-        ctx.update(rec)
+            _still_held(ctx, self.node, self.size_bytes, pages, given)
 
     def undo(self, ctx: ApplyContext) -> None:
-        from partitioner.hugepages import ensure_pages
-
-        rec = ctx.state.partitions[self.target]
         have = free_pages(ctx.root, self.node, self.size_bytes)
-        added = ensure_pages(ctx.root, self.node, self.size_bytes, have + self.pages)
-        ctx.update(_add_grant(rec, HugepageGrant(self.node, self.size_bytes, added)))
+        _raise_pool(ctx, self.target, self.node, self.size_bytes, have + self.pages)
 
     def check(self, ctx: ApplyContext) -> bool:
         rec = ctx.state.partitions.get(self.target)
@@ -258,11 +336,13 @@ class ReleaseHugepages(_Base):
 
 
 def _add_grant(rec: PartitionRecord, grant: HugepageGrant) -> PartitionRecord:
+    """``grant`` added to (or, with negative pages, taken from) the record's grants."""
     merged: dict[tuple[int, int], int] = {}
     for g in (*rec.hugepages, grant):
         merged[(g.node, g.size_bytes)] = merged.get((g.node, g.size_bytes), 0) + g.pages
     return replace(
-        rec, hugepages=tuple(HugepageGrant(n, s, c) for (n, s), c in sorted(merged.items()) if c)
+        rec,
+        hugepages=tuple(HugepageGrant(n, s, c) for (n, s), c in sorted(merged.items()) if c > 0),
     )
 
 
@@ -296,8 +376,16 @@ class ClaimGroup(_Base):
 
         if ctx.host is None:
             raise ApplyFailed(f"claiming IOMMU group {self.group} needs the scanned host")
-        rec = ctx.record(self.target)
-        claim = claim_group(ctx.root, ctx.host, self.group)
+        _claim_intent(ctx, self.target, self.group)
+        try:
+            claim = claim_group(ctx.root, ctx.host, self.group)
+        except BaseException:
+            # claim_group gave back what it took: the intent is void.
+            ctx.update(_drop_claim(ctx.state.partitions[self.target], self.group))
+            ctx.commit()
+            raise
+        point("group-claimed")
+        rec = _drop_claim(ctx.state.partitions[self.target], self.group)
         ctx.update(replace(rec, claims=(*rec.claims, claim.to_json())))
         placement = ctx.placement(self.target)
         none_ok = {str(d.address) for d in placement.devices if d.reset_none_ok}
@@ -356,13 +444,35 @@ class ReleaseGroup(_Base):
 
         if ctx.host is None:
             raise ApplyFailed(f"claiming IOMMU group {self.group} again needs the scanned host")
-        rec = ctx.state.partitions[self.target]
+        _claim_intent(ctx, self.target, self.group)
         claim = claim_group(ctx.root, ctx.host, self.group)
+        rec = _drop_claim(ctx.state.partitions[self.target], self.group)
         ctx.update(replace(rec, claims=(*rec.claims, claim.to_json())))
 
     def check(self, ctx: ApplyContext) -> bool:
         rec = ctx.state.partitions.get(self.target)
         return rec is None or self.group not in rec.claim_groups()
+
+
+def _claim_intent(ctx: ApplyContext, name: str, group: int) -> None:
+    """Save, before any function is unbound, the drivers the group's functions have now.
+
+    A kill during the claim leaves this ``pending`` claim; the next run gives the functions
+    back to these drivers (partitioner.reconcile), exactly once.
+    """
+    from vfio.claim import group_endpoints, record_function
+
+    assert ctx.host is not None
+    fns = [record_function(ctx.root, str(fn.address)) for fn in group_endpoints(ctx.host, group)]
+    rec = ctx.record(name)
+    pending = {
+        "group": group,
+        "functions": [f.to_json() for f in fns],
+        "loaded_vfio_pci": False,
+        "pending": True,
+    }
+    ctx.update(replace(rec, claims=(*rec.claims, pending)))
+    ctx.commit()
 
 
 def _drop_claim(rec: PartitionRecord, group: int) -> PartitionRecord:
@@ -371,9 +481,9 @@ def _drop_claim(rec: PartitionRecord, group: int) -> PartitionRecord:
 
 def _claim_in_place(root: HostRoot, rec: PartitionRecord, group: int) -> bool:
     for c in rec.claims:
-        if int(c["group"]) == group:
+        if int(c["group"]) == group and not c.get("pending"):
             return all(
-                root.readlink_name(f"/sys/bus/pci/devices/{f['address']}/driver") == "vfio-pci"
+                root.readlink_name(sysfs.pci_device(str(f["address"]), "driver")) == "vfio-pci"
                 for f in c.get("functions", [])
             )
     return False
@@ -394,29 +504,55 @@ def _placement_summary(p: Placement) -> str:
 
 def _launch(ctx: ApplyContext, name: str, placement: Placement, plan: Plan) -> PartitionRecord:
     from partitioner.guest.argv import guest_paths, qemu_argv
-    from partitioner.guest.launch import launch
+    from partitioner.guest.launch import launch, start_ticks
 
-    rec = ctx.record(name)
+    before = ctx.record(name)
     paths = guest_paths(ctx.run_dir, ctx.log_dir, name, state_dir=ctx.state_dir)
     caps = ctx.caps()
     argv = qemu_argv(placement, plan, paths, caps)
-    guest = launch(
-        placement,
-        plan,
-        paths,
-        caps,
-        root=ctx.root,
-        timeout=ctx.launch_timeout,
-        on_progress=ctx.on_progress,
+    # The intent first: the record names the run directory (and so the pidfile and the QMP
+    # socket) before a QEMU can exist that outlives this command.
+    ctx.update(
+        replace(
+            before,
+            state=RunState.STARTING,
+            placement=placement,
+            argv=tuple(argv),
+            pid=None,
+            start_ticks=None,
+            vcpu_threads={},
+            paths=paths.to_json(),
+            started_at=None,
+        )
     )
+    ctx.commit()
+
+    def spawned(pid: int) -> None:
+        rec = ctx.state.partitions[name]
+        ctx.update(replace(rec, pid=pid, start_ticks=start_ticks(ctx.root, pid)))
+        ctx.commit()
+
+    try:
+        guest = launch(
+            placement,
+            plan,
+            paths,
+            caps,
+            root=ctx.root,
+            timeout=ctx.launch_timeout,
+            on_progress=ctx.on_progress,
+            on_spawned=spawned,
+        )
+    except BaseException:
+        # launch ended its QEMU and removed its run directory: the partition is as it was.
+        rec = ctx.state.partitions[name]
+        ctx.update(replace(rec, state=before.state, pid=None, start_ticks=None))
+        ctx.commit()
+        raise
     rec = replace(
-        rec,
+        ctx.state.partitions[name],
         state=RunState.RUNNING,
-        placement=placement,
-        argv=tuple(argv),
-        pid=guest.pid,
         vcpu_threads=dict(guest.vcpu_threads),
-        paths=paths.to_json(),
         started_at=guest.started_at,
     )
     ctx.update(rec)
@@ -435,7 +571,18 @@ def _stop(ctx: ApplyContext, rec: PartitionRecord, timeout: float) -> None:
             else guest_paths(ctx.run_dir, ctx.log_dir, rec.name, state_dir=ctx.state_dir)
         )
         powerdown(paths, rec.pid, timeout=timeout, root=ctx.root)
-    ctx.update(replace(rec, state=RunState.STOPPED, pid=None, vcpu_threads={}, started_at=None))
+    elif rec.paths:
+        shutil.rmtree(GuestPaths.from_json(dict(rec.paths)).dir, ignore_errors=True)
+    ctx.update(
+        replace(
+            rec,
+            state=RunState.STOPPED,
+            pid=None,
+            start_ticks=None,
+            vcpu_threads={},
+            started_at=None,
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -589,7 +736,11 @@ def _release(r: PartitionRecord) -> list[Action]:
 
 
 def _bring_up(
-    p: Placement, host: Host, shortfall: dict[tuple[int, int], int], state: State
+    p: Placement,
+    host: Host,
+    shortfall: dict[tuple[int, int], int],
+    state: State,
+    held: Iterable[int] = (),
 ) -> list[Action]:
     out: list[Action] = []
     if p.hugepage_bytes is not None:
@@ -604,7 +755,7 @@ def _bring_up(
             shortfall[key] += pages
             if shortfall[key] > 0:
                 out.append(ReserveHugepages(p.name, node, size, pages))
-    out.extend(_claims(p, host, ()))
+    out.extend(_claims(p, host, held))
     out.append(Start(p.name, _placement_summary(p)))
     return out
 
@@ -686,9 +837,9 @@ def diff(plan: Plan, state: State, host: Host, *, replace: set[str]) -> list[Act
                 out.extend([*_release(rec), Forget(p.name, rec)])
                 out.extend(_bring_up(p, host, shortfall, state))
         elif rec.state is not RunState.RUNNING:
-            # A claim missing from the record (an apply killed half-way) is made before starting.
-            out.extend(_claims(p, host, rec.claim_groups()))
-            out.append(Start(p.name, _placement_summary(p)))
+            # What is missing (pages or a claim an apply killed half-way never made, pages a
+            # stopped partition gave back) is taken before it starts.
+            out.extend(_bring_up(p, host, shortfall, state, rec.claim_groups()))
     return out
 
 
@@ -714,6 +865,8 @@ def execute(
     not ``ctx.state`` as given (apply adds the new site to it before the first step).
     """
     initial: State = ctx.state if restore is None else restore
+    if getattr(ctx, "store", None) is None:
+        ctx.store = store
     done: list[Action] = []
     for action in _flatten(actions):
         if action.check(ctx):
@@ -747,6 +900,7 @@ def execute(
                 ),
                 cause=e,
             ) from e
+        point(f"did-{action.kind}")
         done.append(action)
         store.save(ctx.state)
 

@@ -1,7 +1,9 @@
 """``apply`` as a library: manifest and host in, the actions that converge them, then running them.
 
-``prepare()`` does no writes: it loads, scans, reconciles the record with
-the host, plans against what runs and diffs.  ``converge()`` runs the
+``prepare()`` loads, reconciles the record with the host (carrying out what
+reconciliation finds only with ``act=True``, under the lock: ending a
+half-started QEMU, recording an interrupted hugepage change), scans, plans
+against what runs and diffs.  ``converge()`` runs the
 actions under :func:`partitioner.actions.execute` (saving after each, undoing
 on failure).  The CLI verb and the benchmark both go through here.
 """
@@ -18,7 +20,8 @@ from partitioner.host import Host
 from partitioner.hostroot import HostRoot
 from partitioner.manifest import Manifest
 from partitioner.plan import Plan
-from partitioner.state import SiteRecord, State, StateStore, reconcile, running_partitions
+from partitioner.reconcile import Finding, reconcile, reconcile_store
+from partitioner.state import SiteRecord, State, StateStore, running_partitions
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,8 @@ class Prepared:
     state: State  # the record, reconciled with the host
     actions: list[Action]
     held: dict[str, str]  # running partitions the manifest changed, left running: name -> change
-    notes: list[str]  # what reconciling the record with the host found
+    notes: list[str]  # what reconciling the record with the host found (and did, with act)
+    findings: list[Finding]
 
 
 def prepare(
@@ -39,14 +43,17 @@ def prepare(
     *,
     replace_names: Iterable[str] = (),
     replace_all: bool = False,
+    act: bool = False,
 ) -> Prepared:
     from partitioner.inventory import scan
     from partitioner.loader import load
     from partitioner.planner import plan
 
     manifest = load(manifest_path)
+    rec = reconcile_store(store, root) if act else reconcile(store.load(), root, busy=store.busy())
+    state = rec.state
+    # Scanned after reconciling: a QEMU it ended has given its pages back by now.
     host = scan(root)
-    state, notes = reconcile(store.load(), root)
     result = plan(manifest, host, running_partitions(state))
     wanted = set(result.placements) if replace_all else set(replace_names)
     unknown = sorted(wanted - set(result.placements))
@@ -62,7 +69,8 @@ def prepare(
         state=state,
         actions=diff(result, state, host, replace=wanted),
         held=held_replacements(result, state, replace=wanted),
-        notes=notes,
+        notes=[f.text(done=act) for f in rec.findings],
+        findings=rec.findings,
     )
 
 

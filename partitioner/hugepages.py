@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import time
 
+from partitioner import sysfs
 from partitioner.errors import HugepageError
 from partitioner.hostroot import HostRoot
 from partitioner.units import page_size_name
@@ -22,7 +23,7 @@ log = logging.getLogger("partitioner.hugepages")
 
 
 def pool_dir(node: int, size_bytes: int) -> str:
-    return f"/sys/devices/system/node/node{node}/hugepages/hugepages-{size_bytes // 1024}kB"
+    return sysfs.hugepage_pool(size_bytes, node)
 
 
 def pool_counts(root: HostRoot, node: int, size_bytes: int) -> tuple[int, int]:
@@ -130,7 +131,7 @@ def _set_pool(root: HostRoot, pool: str, count: int) -> int:
 
 
 def _node_mem_total(root: HostRoot, node: int) -> int | None:
-    text = root.read(f"/sys/devices/system/node/node{node}/meminfo")
+    text = root.read(sysfs.node(node, "meminfo"))
     for line in (text or "").splitlines():
         # "Node 0 MemTotal:       5595716 kB"
         parts = line.split()

@@ -18,6 +18,7 @@ import errno as errno_mod
 import fcntl
 import json
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -28,6 +29,7 @@ from typing import Any
 from partitioner.cpuset import CpuSet
 from partitioner.errors import BusyError, StateError
 from partitioner.hostroot import HostRoot
+from partitioner.killpoint import point
 from partitioner.manifest import NOWHERE, Boot, DeviceSpec, Disk, Location, PartitionSpec
 from partitioner.pci import PciAddress
 from partitioner.plan import DeviceAssignment, Placement, Plan, RunningPartition
@@ -38,6 +40,7 @@ LOCK_FILE = "lock"
 
 
 class RunState(StrEnum):
+    STARTING = "starting"  # its QEMU is (being) spawned; not yet pinned and let run
     RUNNING = "running"
     STOPPED = "stopped"  # not running on purpose (stop, or not started yet); resources still held
     FAILED = "failed"  # recorded as running, but its QEMU is gone
@@ -56,7 +59,67 @@ class HugepageGrant:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> HugepageGrant:
-        return cls(int(d["node"]), int(d["size_bytes"]), int(d["pages"]))
+        return cls(
+            _nat(d["node"], "node"), _nat(d["size_bytes"], "size_bytes"), _nat(d["pages"], "pages")
+        )
+
+
+@dataclass(frozen=True)
+class PoolIntent:
+    """A hugepage pool change about to be made, recorded before the pool is touched.
+
+    ``before`` is the pool's size (nr_hugepages) seen just before, ``target`` the size
+    asked for.  A command killed between changing the pool and recording the grant
+    leaves this; the next run turns it into the grant it really was (see ``settle``).
+    """
+
+    node: int
+    size_bytes: int
+    op: str  # "raise" (pages added for the partition) or "release" (given back)
+    before: int
+    target: int
+
+    def settle(self, now: int) -> int:
+        """Pages that moved, given the pool's size ``now``: never more than asked for, never < 0.
+
+        Another process resizing the same pool meanwhile can only make this smaller
+        than the truth for a raise (pages then stay in the pool, never taken from
+        someone else), and never larger than what this command asked for.
+        """
+        if self.op == "raise":
+            return max(0, min(now - self.before, self.target - self.before))
+        return max(0, min(self.before - now, self.before - self.target))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "size_bytes": self.size_bytes,
+            "op": self.op,
+            "before": self.before,
+            "target": self.target,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> PoolIntent:
+        op = str(d["op"])
+        if op not in ("raise", "release"):
+            raise ValueError(f"hugepage intent op {op!r} is neither raise nor release")
+        return cls(
+            _nat(d["node"], "node"),
+            _nat(d["size_bytes"], "size_bytes"),
+            op,
+            _nat(d["before"], "before"),
+            _nat(d["target"], "target"),
+        )
+
+
+def _nat(v: Any, what: str) -> int:
+    """A whole number >= 0 from the record (``True`` and ``1.5`` are not numbers of pages)."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"{what} is {v!r}, not a whole number")
+    if v < 0:
+        raise ValueError(f"{what} is {v}, below 0")
+    return v
 
 
 @dataclass(frozen=True)
@@ -85,7 +148,7 @@ class SiteRecord:
             accel=str(d["accel"]),
             smt=str(d["smt"]),
             host_cpus=CpuSet.parse(str(d["host_cpus"])),
-            host_memory_bytes=int(d["host_memory_bytes"]),
+            host_memory_bytes=_nat(d["host_memory_bytes"], "host_memory_bytes"),
         )
 
     @classmethod
@@ -100,14 +163,23 @@ class PartitionRecord:
     placement: Placement
     argv: tuple[str, ...] = ()  # the QEMU command line it was (or will be) started with
     pid: int | None = None
+    start_ticks: int | None = (
+        None  # /proc/PID/stat field 22 of that pid: the pid is ours only with it
+    )
     vcpu_threads: Mapping[int, int] = field(default_factory=dict)  # vCPU index -> host thread id
     paths: Mapping[str, str] = field(default_factory=dict)  # qmp, console, console_log, dir...
     started_at: float | None = None  # time.time() when it was let run
     claims: tuple[Mapping[str, Any], ...] = ()  # vfio GroupClaim.to_json(), in claim order
     hugepages: tuple[HugepageGrant, ...] = ()
+    pool_intents: tuple[PoolIntent, ...] = ()  # pool changes under way (a killed command's)
 
     def holds_nothing(self) -> bool:
-        return self.state is not RunState.RUNNING and not self.claims and not self.hugepages
+        return (
+            self.state not in (RunState.RUNNING, RunState.STARTING)
+            and not self.claims
+            and not self.hugepages
+            and not self.pool_intents
+        )
 
     def claim_groups(self) -> list[int]:
         return [int(c["group"]) for c in self.claims]
@@ -116,29 +188,92 @@ class PartitionRecord:
         return {
             "state": self.state.value,
             "pid": self.pid,
+            "start_ticks": self.start_ticks,
             "started_at": self.started_at,
             "vcpu_threads": {str(k): v for k, v in sorted(self.vcpu_threads.items())},
             "paths": dict(sorted(self.paths.items())),
             "claims": [dict(c) for c in self.claims],
             "hugepages": [g.to_json() for g in self.hugepages],
+            "pool_intents": [i.to_json() for i in self.pool_intents],
             "argv": list(self.argv),
             "placement": placement_to_json(self.placement),
         }
 
     @classmethod
     def from_json(cls, name: str, d: Mapping[str, Any]) -> PartitionRecord:
+        _check_name(name)
+        pid = d.get("pid")
+        if pid is not None and _nat(pid, "pid") == 0:
+            raise ValueError("pid is 0")
+        paths = {str(k): str(v) for k, v in _obj(d.get("paths", {}), "paths").items()}
+        _check_paths(name, paths)
+        claims = tuple(dict(_obj(c, "a claim")) for c in _list(d.get("claims", []), "claims"))
+        for c in claims:
+            _nat(c["group"], "claim group")
+            for f in _list(c.get("functions", []), "claim functions"):
+                PciAddress.parse(str(_obj(f, "a claimed function")["address"]))
         return cls(
             name=name,
             state=RunState(d["state"]),
-            placement=placement_from_json(d["placement"]),
-            argv=tuple(str(a) for a in d.get("argv", [])),
-            pid=None if d.get("pid") is None else int(d["pid"]),
-            vcpu_threads={int(k): int(v) for k, v in d.get("vcpu_threads", {}).items()},
-            paths={str(k): str(v) for k, v in d.get("paths", {}).items()},
+            placement=placement_from_json(_obj(d["placement"], "placement")),
+            argv=tuple(str(a) for a in _list(d.get("argv", []), "argv")),
+            pid=None if pid is None else int(pid),
+            start_ticks=None
+            if d.get("start_ticks") is None
+            else _nat(d["start_ticks"], "start_ticks"),
+            vcpu_threads={
+                _nat(int(k), "vCPU"): _nat(v, "vCPU thread")
+                for k, v in _obj(d.get("vcpu_threads", {}), "vcpu_threads").items()
+            },
+            paths=paths,
             started_at=None if d.get("started_at") is None else float(d["started_at"]),
-            claims=tuple(dict(c) for c in d.get("claims", [])),
-            hugepages=tuple(HugepageGrant.from_json(g) for g in d.get("hugepages", [])),
+            claims=claims,
+            hugepages=tuple(
+                HugepageGrant.from_json(_obj(g, "a hugepage grant"))
+                for g in _list(d.get("hugepages", []), "hugepages")
+            ),
+            pool_intents=tuple(
+                PoolIntent.from_json(_obj(i, "a hugepage intent"))
+                for i in _list(d.get("pool_intents", []), "pool_intents")
+            ),
         )
+
+
+def _obj(v: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(v, Mapping):
+        raise ValueError(f"{what} is a {type(v).__name__}, not an object")
+    return v
+
+
+def _list(v: Any, what: str) -> list[Any]:
+    if not isinstance(v, list):
+        raise ValueError(f"{what} is a {type(v).__name__}, not a list")
+    return v
+
+
+_NAME = re.compile(r"[a-z][a-z0-9-]{0,31}")  # the schema's partition name
+
+
+def _check_name(name: str) -> None:
+    # The name becomes a directory under the run directory: nothing that could leave it.
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"partition name {name!r} is not a partition name")
+
+
+def _check_paths(name: str, paths: Mapping[str, str]) -> None:
+    """The run directory a record names is NAME under some directory; its sockets are in it.
+
+    Reconciliation removes that directory and signals the process behind its pidfile:
+    a record pointing anywhere else is refused, not followed.
+    """
+    if "dir" not in paths:
+        return  # nothing to find a QEMU by, nothing that reconciliation removes
+    d = paths["dir"]
+    if not d.startswith("/") or Path(d).name != name or ".." in Path(d).parts:
+        raise ValueError(f"paths.dir {d!r} is not a run directory of partition {name}")
+    for key in ("qmp", "console", "pidfile"):
+        if key in paths and Path(paths[key]).parent != Path(d):
+            raise ValueError(f"paths.{key} {paths[key]!r} is not in {d}")
 
 
 @dataclass(frozen=True)
@@ -163,15 +298,18 @@ class State:
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> State:
+        d = _obj(d, "the record")
         if d.get("version") != STATE_VERSION:
             raise ValueError(f"unknown state version {d.get('version')!r}")
         site = d.get("site")
+        parts: dict[str, PartitionRecord] = {}
+        for n, r in sorted(_obj(d.get("partitions", {}), "partitions").items()):
+            try:
+                parts[str(n)] = PartitionRecord.from_json(str(n), _obj(r, f"partition {n}"))
+            except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+                raise ValueError(f"partition {n!r}: {_why(e)}") from e
         return cls(
-            site=SiteRecord.from_json(site) if site else None,
-            partitions={
-                str(n): PartitionRecord.from_json(str(n), r)
-                for n, r in sorted(d.get("partitions", {}).items())
-            },
+            site=SiteRecord.from_json(_obj(site, "site")) if site else None, partitions=parts
         )
 
     def serialize(self) -> bytes:
@@ -295,15 +433,18 @@ def placement_to_json(p: Placement) -> dict[str, Any]:
 
 
 def placement_from_json(d: Mapping[str, Any]) -> Placement:
-    sockets, cores, threads = (int(x) for x in d["topology"])
+    sockets, cores, threads = (_nat(x, "topology") for x in _list(d["topology"], "topology"))
     return Placement(
         name=str(d["name"]),
-        cpus=tuple(int(c) for c in d["cpus"]),
+        cpus=tuple(_nat(c, "a CPU") for c in _list(d["cpus"], "cpus")),
         sockets=sockets,
         cores=cores,
         threads=threads,
-        numa_nodes=tuple(int(n) for n in d["numa_nodes"]),
-        memory_per_node=tuple((int(n), int(b)) for n, b in d["memory_per_node"]),
+        numa_nodes=tuple(_nat(n, "a NUMA node") for n in _list(d["numa_nodes"], "numa_nodes")),
+        memory_per_node=tuple(
+            (_nat(n, "a NUMA node"), _nat(b, "memory"))
+            for n, b in _list(d["memory_per_node"], "memory_per_node")
+        ),
         hugepage_bytes=None if d.get("hugepage_bytes") is None else int(d["hugepage_bytes"]),
         devices=tuple(
             DeviceAssignment(
@@ -338,27 +479,43 @@ class StateStore:
         self._held: int | None = None
 
     def load(self) -> State:
+        """The record as it is on disk, its whole shape checked here (the one place it is read).
+
+        A record that is not what this version writes (garbage, a list for an object,
+        missing keys, wrong types, negative numbers, nesting too deep to parse) is a
+        StateError (exit 2) naming the file and what to do: never half-read.
+        """
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
             return State()
         except OSError as e:
             raise StateError(
-                f"cannot read the state record {self.path}: {e.strerror}", path=str(self.path)
+                f"cannot read the state record {self.path}: {e.strerror}; "
+                f"check that it is a readable file (or move it aside if nothing runs)",
+                path=str(self.path),
             ) from e
         try:
             return State.from_json(json.loads(data))
-        except (ValueError, KeyError, TypeError, IndexError) as e:
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+            IndexError,
+            AttributeError,
+            RecursionError,
+            OverflowError,
+        ) as e:
             raise StateError(
-                f"the state record {self.path} is damaged ({e}); it is not changed. "
-                "Check with `partition status` which guests run (ps -C qemu-system-x86_64), "
+                f"the state record {self.path} is damaged ({_why(e)}); it is not changed. "
+                "Check which guests run (ps -C qemu-system-x86_64), "
                 f"stop them by hand if needed, then move {self.path} aside and apply again",
                 path=str(self.path),
             ) from e
 
     def save(self, state: State) -> None:
         """Replace the record atomically: after a crash the old or the new file is there, whole."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._mkdir()
         data = state.serialize()
         tmp = self.dir / f".{STATE_FILE}.{os.getpid()}.tmp"
         try:
@@ -384,6 +541,23 @@ class StateStore:
         finally:
             os.close(dfd)
         self._sweep()
+        point("state-saved")
+
+    def _mkdir(self) -> None:
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as e:
+            raise StateError(
+                f"cannot use the state directory {self.dir}: {e.strerror}; "
+                "give --state-dir (or PARTITION_STATE_DIR) a directory this user can write",
+                path=str(self.dir),
+            ) from e
+        if not self.dir.is_dir():
+            raise StateError(
+                f"the state directory {self.dir} is not a directory; "
+                "give --state-dir (or PARTITION_STATE_DIR) a directory",
+                path=str(self.dir),
+            )
 
     def _sweep(self) -> None:
         """Remove temp files of saves that died before their rename (their process is gone)."""
@@ -406,11 +580,33 @@ class StateStore:
         except OSError:
             return ""
 
+    def busy(self) -> bool:
+        """True while another command holds the lock (its flock, not the text it left:
+        a killed holder's text stays, its flock does not)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing lets go of the shared lock, if it was taken
+        return False
+
     @contextlib.contextmanager
     def lock(self, verb: str, timeout: float = 60.0) -> Iterator[None]:
         """Hold the state lock for ``verb``; wait up to ``timeout`` s for another holder, then fail naming it."""
-        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._mkdir()
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise StateError(
+                f"cannot open the lock {self.lock_path} of the state directory: {e.strerror}; "
+                "check that it is a writable file",
+                path=str(self.lock_path),
+            ) from e
         try:
             deadline = time.monotonic() + timeout
             while True:
@@ -430,7 +626,8 @@ class StateStore:
                     )
                 time.sleep(0.1)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} ({verb})\n".encode(), 0)
+            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+            os.pwrite(fd, f"pid {os.getpid()} ({verb}) since {since}\n".encode(), 0)
             self._held = fd
             try:
                 yield
@@ -441,6 +638,16 @@ class StateStore:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, KeyError):
+        return f"{e.args[0]!r} is missing" if e.args else "a key is missing"
+    if isinstance(e, RecursionError):
+        return "nested too deeply to be a state record"
+    if isinstance(e, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return str(e)[:200] or type(e).__name__
 
 
 # -- views for the planner and for status --------------------------------------
@@ -479,28 +686,12 @@ def plan_of_state(state: State) -> Plan:
 
 
 def reconcile(state: State, root: HostRoot) -> tuple[State, list[str]]:
-    """Check the record against the host: a QEMU that is gone makes its partition ``failed``.
+    """The record as reconciliation would leave it, and what it finds, changing nothing.
 
-    Returns the corrected state and one sentence per thing found amiss (a
-    device no longer on vfio-pci is reported, not changed: the operator or
-    another tool moved it, and guessing back is worse than saying so).
+    For read-only verbs; the verbs that change the host use
+    :func:`partitioner.reconcile.reconcile` and carry out what it finds.
     """
-    from partitioner.guest.launch import is_running
+    from partitioner.reconcile import reconcile as full
 
-    notes: list[str] = []
-    for name, rec in list(state.partitions.items()):
-        if rec.state is RunState.RUNNING and (
-            rec.pid is None or not is_running(root, rec.pid, name)
-        ):
-            notes.append(f"partition {name}: its QEMU (pid {rec.pid}) is no longer running")
-            state = state.with_partition(replace(rec, state=RunState.FAILED))
-        for claim in rec.claims:
-            for fn in claim.get("functions", []):
-                addr = str(fn["address"])
-                drv = root.readlink_name(f"/sys/bus/pci/devices/{addr}/driver")
-                if drv != "vfio-pci":
-                    notes.append(
-                        f"partition {name}: {addr} (IOMMU group {claim['group']}) is no longer "
-                        f"bound to vfio-pci (now {drv or 'no driver'})"
-                    )
-    return state, notes
+    rec = full(state, root)
+    return rec.state, [f.text(done=False) for f in rec.findings]

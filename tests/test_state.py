@@ -219,7 +219,7 @@ def test_lock_contention_names_the_holder_then_waits(tmp_path: Path) -> None:
         # A patient second holder gets the lock as soon as the first lets go.
         FORK.Process(target=lambda: (time.sleep(0.5), release.set())).start()
         with store.lock("destroy", timeout=20):
-            assert store.holder() == f"pid {os.getpid()} (destroy)"
+            assert store.holder().startswith(f"pid {os.getpid()} (destroy) since 20")
         assert store.holder() == ""
     finally:
         release.set()

@@ -76,6 +76,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             store,
             replace_names=args.replace,
             replace_all=args.replace_all,
+            act=not args.dry_run,
         )
         for note in prepared.notes:
             ctx.warn(f"partition: {note}")
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                 "actions": [a.to_json() for a in acts],
                 "held": dict(prepared.held),
                 "notes": list(prepared.notes),
+                "reconciled": [f.to_json(done=not args.dry_run) for f in prepared.findings],
                 "dry_run": bool(args.dry_run),
             }
         if not acts:

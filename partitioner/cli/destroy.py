@@ -11,7 +11,8 @@ from partitioner.cli.apply import add_lock_timeout, print_actions
 from partitioner.cli.common import Context
 from partitioner.cli.lifecycle import lifecycle_context
 from partitioner.errors import UsageError
-from partitioner.state import StateStore, reconcile
+from partitioner.reconcile import reconcile, reconcile_store
+from partitioner.state import StateStore
 
 
 def register(sub: Any) -> None:
@@ -39,9 +40,10 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     store = StateStore(ctx.state_dir)
     with store.lock("destroy", args.lock_timeout):
         root = ctx.root()
-        state, notes = reconcile(store.load(), root)
-        for note in notes:
-            ctx.warn(f"partition: {note}")
+        found = reconcile(store.load(), root) if args.dry_run else reconcile_store(store, root)
+        state = found.state
+        for f in found.findings:
+            ctx.warn(f"partition: {f.text(done=not args.dry_run)}")
         if args.all:
             names = set(state.partitions)
         else:

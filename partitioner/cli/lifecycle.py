@@ -11,7 +11,8 @@ from partitioner.cli.apply import add_lock_timeout, progress
 from partitioner.cli.common import Context
 from partitioner.errors import UsageError
 from partitioner.host import Host
-from partitioner.state import PartitionRecord, RunState, State, StateStore, plan_of_state, reconcile
+from partitioner.reconcile import reconcile_store
+from partitioner.state import PartitionRecord, RunState, State, StateStore, plan_of_state
 
 
 def register(sub: Any) -> None:
@@ -65,9 +66,10 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     ctx.require_live(verb)
     store = StateStore(ctx.state_dir)
     with store.lock(f"{verb} {args.name}", args.lock_timeout):
-        state, notes = reconcile(store.load(), ctx.root())
-        for note in notes:
-            ctx.warn(f"partition: {note}")
+        found = reconcile_store(store, ctx.root())
+        state = found.state
+        for f in found.findings:
+            ctx.warn(f"partition: {f.text(done=True)}")
         rec = _record(state, args.name)
         if verb in ("stop", "restart"):
             if rec.state is RunState.RUNNING:

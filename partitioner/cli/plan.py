@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from partitioner.actions import diff
+from partitioner.actions import diff, held_replacements
 from partitioner.cli.common import Context, table
 from partitioner.guest.argv import NO_ARGV, command_lines
-from partitioner.host import Host
 from partitioner.inventory import scan
 from partitioner.loader import load
-from partitioner.manifest import Manifest
-from partitioner.plan import Plan, RunningPartition
+from partitioner.plan import Plan
 from partitioner.planner import plan
+from partitioner.reconcile import Finding, reconcile
 from partitioner.state import State, StateStore, running_partitions
 from partitioner.units import format_size
 
@@ -33,8 +31,10 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace, ctx: Context) -> int:
     manifest = load(args.file)
     host = scan(ctx.root())
-    running, actions = _running_and_actions(ctx, manifest, host)
-    result = plan(manifest, host, running)
+    state, findings = _reconciled(ctx)
+    result = plan(manifest, host, running_partitions(state))
+    acts = [a.to_json() for a in diff(result, state, host, replace=set())]
+    held = held_replacements(result, state, replace=set())
     wanted = args.qemu or ctx.json
     argvs, left_out = command_lines(
         result, ctx.run_dir, ctx.log_dir, ctx.state_dir, live=ctx.host_root is None
@@ -54,14 +54,22 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         doc = result.to_json()
         for name, argv in argvs.items():
             doc["partitions"][name]["qemu_argv"] = argv
-        doc["actions"] = actions(result)
+        doc["actions"] = acts
+        doc["held"] = held
+        doc["reconciled"] = [f.to_json(done=False) for f in findings]
         ctx.emit_json(doc)
         return 0
+    for f in findings:
+        ctx.warn(f"partition: {f.text(done=False)}")
     ctx.say(render(result))
     for name, argv in argvs.items() if args.qemu else ():
         ctx.say(f"\n{name}: " + (shlex.join(argv) if argv else "no command line (see the notes)"))
-    acts = actions(result)
     ctx.say()
+    for name, change in held.items():
+        ctx.say(
+            f"held: {name} is running and the manifest changed it ({change}); apply leaves it "
+            f"running unless given --replace {name}"
+        )
     if acts:
         ctx.say("apply would:")
         for a in acts:
@@ -105,18 +113,15 @@ def render(result: Plan) -> str:
     return "\n".join(out)
 
 
-def _running_and_actions(
-    ctx: Context, manifest: Manifest, host: Host
-) -> tuple[dict[str, RunningPartition], Callable[[Plan], list[dict[str, Any]]]]:
-    """What runs now, from the state record, and how to list apply's actions against it.
+def _reconciled(ctx: Context) -> tuple[State, list[Finding]]:
+    """The record as ``apply`` would see it: reconciled with the host the way apply does
+    (a dead guest is failed, so apply restarts it; a killed start is adopted or ended).
 
     With --host-root the state directory belongs to this machine, not to the
     tree being read, so the plan is made as if nothing ran there.
     """
-    del manifest
-    state = State() if ctx.host_root is not None else StateStore(ctx.state_dir).load()
-
-    def actions(result: Plan) -> list[dict[str, Any]]:
-        return [a.to_json() for a in diff(result, state, host, replace=set())]
-
-    return running_partitions(state), actions
+    if ctx.host_root is not None:
+        return State(), []
+    store = StateStore(ctx.state_dir)
+    found = reconcile(store.load(), ctx.root(), busy=store.busy())
+    return found.state, found.findings

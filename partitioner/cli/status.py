@@ -9,7 +9,8 @@ from typing import Any
 from partitioner import stats
 from partitioner.cli.common import Context, table
 from partitioner.errors import UsageError
-from partitioner.state import PartitionRecord, RunState, StateStore, reconcile
+from partitioner.reconcile import reconcile
+from partitioner.state import PartitionRecord, RunState, StateStore
 from partitioner.units import format_size
 
 
@@ -24,11 +25,11 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def record_json(rec: PartitionRecord, now: float) -> dict[str, Any]:
+def record_json(rec: PartitionRecord, now: float, shown: str | None = None) -> dict[str, Any]:
     p = rec.placement
     running = rec.state is RunState.RUNNING
     return {
-        "state": rec.state.value,
+        "state": shown or rec.state.value,
         "pid": rec.pid if running else None,
         "cpus": list(p.cpus),
         "numa_nodes": list(p.numa_nodes),
@@ -45,6 +46,23 @@ def record_json(rec: PartitionRecord, now: float) -> dict[str, Any]:
     }
 
 
+def _shown(rec: PartitionRecord) -> str | None:
+    """``paused`` for a running partition whose QEMU says so (cli.md's states); else None.
+
+    Asked over QMP with a short deadline: a QEMU busy with another client stays ``running``.
+    """
+    if rec.state is not RunState.RUNNING or not rec.paths.get("qmp"):
+        return None
+    from partitioner.errors import GuestError
+    from partitioner.guest.launch import qmp_status
+
+    try:
+        status = qmp_status(rec.paths["qmp"], rec.name, timeout=2.0)
+    except GuestError:
+        return None
+    return "paused" if status in ("paused", "suspended") else None
+
+
 def _uptime(seconds: float | None) -> str:
     if seconds is None:
         return "-"
@@ -58,9 +76,10 @@ def _uptime(seconds: float | None) -> str:
 def run(args: argparse.Namespace, ctx: Context) -> int:
     store = StateStore(ctx.state_dir)
     # Read-only: the record is checked against the live processes but not rewritten here;
-    # the next apply or lifecycle verb records what it finds.
-    state, notes = reconcile(store.load(), ctx.root())
-    recs = dict(state.partitions)
+    # the next apply or lifecycle verb records what it finds (and does what it says).
+    found = reconcile(store.load(), ctx.root(), busy=store.busy())
+    notes = [f.text(done=False) for f in found.findings]
+    recs = dict(found.state.partitions)
     if args.name is not None:
         if args.name not in recs:
             raise UsageError(
@@ -69,7 +88,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             )
         recs = {args.name: recs[args.name]}
     now = time.time()
-    docs = {name: record_json(rec, now) for name, rec in sorted(recs.items())}
+    docs = {name: record_json(rec, now, _shown(rec)) for name, rec in sorted(recs.items())}
     figures = stats.of_records(ctx.root(), recs)  # CPU, run-queue delay, memory, interrupts
     if args.prometheus:
         ctx.out.write(stats.prometheus(figures.values(), down=sorted(set(recs) - set(figures))))
@@ -77,7 +96,12 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     for name, s in figures.items():
         docs[name]["stats"] = s.to_json()
     if ctx.json:
-        ctx.emit_json({"partitions": docs})
+        ctx.emit_json(
+            {
+                "partitions": docs,
+                "reconciled": [f.to_json(done=False) for f in found.findings],
+            }
+        )
         return 0
     for note in notes:
         ctx.warn(f"partition: {note}")

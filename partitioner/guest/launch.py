@@ -30,6 +30,7 @@ from partitioner.errors import GuestError, PartitionError, VMLaunchFailure
 from partitioner.guest.argv import GuestPaths, qemu_argv
 from partitioner.guest.caps import QemuCaps
 from partitioner.hostroot import HostRoot
+from partitioner.killpoint import point
 from partitioner.plan import Placement, Plan
 from partitioner.run import CommandFailed, spawn
 from partitioner.units import MiB
@@ -92,9 +93,14 @@ def launch(
     root: HostRoot,
     timeout: float = 60.0,
     on_progress: Progress | None = None,
+    on_spawned: Callable[[int], None] | None = None,
 ) -> RunningGuest:
     """Start partition ``p``, pinned, and running.  Raises VMLaunchFailure when QEMU exits while
-    starting, GuestError for anything else; either way no QEMU and no run directory is left."""
+    starting, GuestError for anything else; either way no QEMU and no run directory is left.
+
+    ``on_spawned(pid)`` is called as soon as QEMU exists, before anything waits on it:
+    the caller records the pid there (the record named the run directory before).
+    """
     say = on_progress or (lambda _msg: None)
     argv = qemu_argv(p, plan, paths, caps)
     previous = _pid_in(paths.pidfile)
@@ -117,8 +123,12 @@ def launch(
         os.close(out_fd)
     _children[proc.pid] = proc
     try:
+        point("qemu-spawned")
+        if on_spawned is not None:
+            on_spawned(proc.pid)
         say(f"{p.name}: preallocating {p.memory_bytes // MiB} MiB and waiting for QEMU")
         with _connect(proc, argv, p.name, paths, deadline) as qmp:
+            point("qemu-answered")
             say(f"{p.name}: pinning {len(p.cpus)} vCPUs to CPUs {CpuSet(p.cpus)}")
             vcpus = qmp.vcpu_threads()
             if sorted(vcpus) != list(range(len(p.cpus))):
@@ -129,6 +139,7 @@ def launch(
                 )
             _pin(root, proc.pid, p, plan.host_cpus, vcpus)
             _verify(root, proc.pid, p, plan.host_cpus, vcpus)
+            point("vcpus-pinned")
             qmp.cont()
             status = qmp.status()
             if status != "running":
@@ -136,6 +147,7 @@ def launch(
                     f"QEMU of partition {p.name} is {status!r} after cont, not running",
                     partition=p.name,
                 )
+            point("guest-let-run")
         say(f"{p.name}: running (pid {proc.pid})")
         return RunningGuest(
             name=p.name, pid=proc.pid, vcpu_threads=vcpus, paths=paths, started_at=time.time()
@@ -197,6 +209,7 @@ def powerdown(
             with _qmp(paths.qmp, timeout=qmp_timeout) as qmp:
                 qmp.system_powerdown()
             sent = True
+            point("powerdown-sent")
         except GuestError as e:
             log.info("ACPI power-down of pid %d not sent: %s", pid, e)
         # Without the request sent there is nothing to wait for: go on to quit at once.
@@ -211,6 +224,7 @@ def powerdown(
                 kill(pid, root=root)
     else:
         _reap(pid)
+    point("qemu-gone")
     shutil.rmtree(paths.dir, ignore_errors=True)
 
 
@@ -221,6 +235,85 @@ def kill(pid: int, *, root: HostRoot | None = None, timeout: float = 10.0) -> No
         os.kill(pid, signal.SIGKILL)
     if not _wait_gone(r, pid, timeout):
         raise GuestError(f"process {pid} is still there {timeout:g} s after SIGKILL")
+
+
+# -- finding a QEMU again (reconciliation after a killed command) -----------------
+
+
+def start_ticks(root: HostRoot, pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks after boot (/proc/PID/stat field 22), or None.
+
+    With the pid it names one process for the whole uptime: a pid reused by another
+    process has another start time.
+    """
+    stat = root.read(f"/proc/{pid}/stat") if pid > 0 else None
+    if not stat:
+        return None
+    # Fields after "(comm)" start at field 3; comm may hold spaces and parentheses.
+    rest = stat.rsplit(")", 1)[-1].split()
+    return int(rest[19]) if len(rest) > 19 and rest[19].isdigit() else None
+
+
+def identify(
+    root: HostRoot, pid: int, name: str, paths: GuestPaths, ticks: int | None = None
+) -> bool:
+    """True when ``pid`` is alive and is the QEMU of partition ``name`` serving ``paths``.
+
+    Its command line must name the partition (``-name NAME,...``) and this run
+    directory's QMP socket (unique to one partition on one host); when ``ticks`` is
+    known (recorded when it was spawned) its start time must match too.
+    """
+    if not _alive(root, pid):
+        return False
+    argv = _cmdline(root, pid)
+    if not argv or "qemu" not in os.path.basename(argv[0]):
+        return False
+    named = any(
+        flag == "-name" and value.split(",", 1)[0] == name
+        for flag, value in itertools.pairwise(argv)
+    )
+    if not named or not any(str(paths.qmp) in a.replace(",,", ",") for a in argv):
+        return False
+    return ticks is None or start_ticks(root, pid) == ticks
+
+
+def qmp_status(socket: str | Path, name: str, *, timeout: float = 2.0) -> str:
+    """QEMU's run state (``running``, ``paused``, ``prelaunch``...) as QMP reports it."""
+    with _qmp(Path(socket), timeout=timeout, partition=name) as qmp:
+        return qmp.status()
+
+
+def pid_in(pidfile: Path) -> int | None:
+    """The pid QEMU wrote to its ``-pidfile``, or None."""
+    return _pid_in(pidfile)
+
+
+def find_by_socket(root: HostRoot, name: str, paths: GuestPaths) -> int | None:
+    """A QEMU of ``name`` serving ``paths`` found among all processes: for a QEMU killed
+    (with its spawner) before it wrote its pidfile."""
+    for entry in root.listdir("/proc"):
+        if entry.isdigit() and identify(root, int(entry), name, paths):
+            return int(entry)
+    return None
+
+
+def adoptable(
+    root: HostRoot, pid: int, p: Placement, host_cpus: CpuSet, paths: GuestPaths
+) -> dict[int, int] | None:
+    """The vCPU threads of a QEMU found after a killed start, if it got as far as ``launch``
+    takes a guest: every vCPU pinned as planned and the guest let run.  None otherwise."""
+    try:
+        with _qmp(paths.qmp, timeout=5.0, partition=p.name) as qmp:
+            if qmp.status() != "running":
+                return None
+            vcpus = qmp.vcpu_threads()
+        if sorted(vcpus) != list(range(len(p.cpus))):
+            return None
+        _verify(root, pid, p, host_cpus, vcpus)
+    except (GuestError, OSError, ValueError, KeyError, TypeError) as e:
+        log.info("QEMU pid %d of partition %s is not adopted: %s", pid, p.name, e)
+        return None
+    return vcpus
 
 
 # -- helpers -------------------------------------------------------------------

@@ -1,0 +1,379 @@
+"""The record against the host, after a command that may have been killed at any instant.
+
+Every change to the host is recorded as an intent before it is made (docs/decisions.md,
+"Crash safety"): a partition ``starting`` with its run directory before QEMU is
+spawned (then its pid and start time), a hugepage pool change with the pool's size
+before it, a device claim with the drivers its functions had.  ``reconcile`` reads
+those intents and the host and says, for each partition, what it finds and what is
+to be done about it; :meth:`Reconciled.carry_out` does it (only the verbs that hold
+the lock and change the host call it; ``status`` and ``plan`` show the outcome).
+
+- A QEMU is found through the record's pid, its pidfile, or (for a start killed
+  before the pidfile was written) its QMP socket path in a command line, and is
+  taken as this partition's only when its command line names the partition and
+  that socket, and its start time is the one recorded.  Any other process is never
+  touched.
+- A ``starting`` partition whose QEMU is pinned and running is adopted (``running``);
+  one that is half-started is ended and its run directory removed (``stopped``).
+- A ``running`` partition whose QEMU is gone is ``failed``; its run directory goes.
+- A pool intent becomes the grant it really was (the pool's size now, against the
+  size before and the size asked for), so each page is given back exactly once.
+- A claim intent (a claim killed before it was recorded as done) is given back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from partitioner import sysfs
+from partitioner.cpuset import CpuSet
+from partitioner.errors import HugepageError
+from partitioner.guest.argv import GuestPaths
+from partitioner.hostroot import HostRoot
+from partitioner.state import HugepageGrant, PartitionRecord, RunState, State, StateStore
+from partitioner.units import page_size_name
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One thing reconciliation found: ``found`` is the fact, ``does`` what is done about it."""
+
+    partition: str
+    found: str
+    does: str = ""
+    fix: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+
+    def text(self, *, done: bool) -> str:
+        """One line: the fact, then what was done (``done``) or what the next changing verb does."""
+        s = f"partition {self.partition}: {self.found}"
+        if not self.does:
+            return s
+        if done:
+            return f"{s}; done: {self.does}"
+        return f"{s}; the next apply, destroy, start or stop will {self.does}"
+
+    def to_json(self, *, done: bool) -> dict[str, Any]:
+        return {
+            "partition": self.partition,
+            "found": self.found,
+            "does": self.does,
+            "done": done,
+        }
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    before: State  # the record as read
+    state: State  # the record once the findings are dealt with
+    findings: list[Finding]
+
+    def carry_out(self) -> None:
+        """Make the host what ``state`` says: end half-started QEMUs, remove run directories,
+        give back claims that were under way.  The caller holds the state lock."""
+        for f in self.findings:
+            if f.fix is not None:
+                f.fix()
+
+
+def reconcile(state: State, root: HostRoot, *, busy: bool = False) -> Reconciled:
+    """What the host and the record's intents say about each partition; changes nothing.
+
+    ``busy``: another command holds the lock (a read-only verb asks), so a ``starting``
+    partition may be starting right now: it is shown as it is, and its QEMU is not
+    asked over QMP (one client at a time) while the starting command talks to it.
+    """
+    findings: list[Finding] = []
+    out = state
+    host_cpus = state.site.host_cpus if state.site is not None else CpuSet()
+    for _name, rec in state.partitions.items():
+        if busy:
+            # Intents are changes under way, not interrupted ones: only the dead are told.
+            if rec.state is not RunState.STARTING:
+                out = out.with_partition(_settle_guest(rec, root, host_cpus, findings))
+            continue
+        rec = _settle_pools(rec, root, findings)
+        rec = _settle_claims(rec, root, findings)
+        rec = _settle_guest(rec, root, host_cpus, findings)
+        out = out.with_partition(rec)
+    return Reconciled(state, out, findings)
+
+
+def reconcile_store(store: StateStore, root: HostRoot) -> Reconciled:
+    """Load, reconcile, carry out and save: what a verb that changes the host does first."""
+    before = store.load()
+    r = reconcile(before, root)
+    if r.findings:
+        r.carry_out()
+    if r.state != before:
+        store.save(r.state)
+    return r
+
+
+# -- hugepages -------------------------------------------------------------------
+
+
+def _settle_pools(rec: PartitionRecord, root: HostRoot, findings: list[Finding]) -> PartitionRecord:
+    from partitioner.hugepages import pool_counts
+
+    grants = {(g.node, g.size_bytes): g.pages for g in rec.hugepages}
+    for i in rec.pool_intents:
+        try:
+            now, _free = pool_counts(root, i.node, i.size_bytes)
+        except HugepageError:
+            now = i.before  # no such pool: nothing can have moved
+        moved = i.settle(now)
+        key = (i.node, i.size_bytes)
+        pool = f"the {page_size_name(i.size_bytes)} hugepage pool of node {i.node}"
+        if i.op == "raise":
+            grants[key] = grants.get(key, 0) + moved
+            findings.append(
+                Finding(
+                    rec.name,
+                    f"raising {pool} from {i.before} to {i.target} pages was interrupted "
+                    f"(it has {now})",
+                    f"record {moved} page(s) as added for it (destroy gives them back)",
+                )
+            )
+        else:
+            grants[key] = max(0, grants.get(key, 0) - moved)
+            findings.append(
+                Finding(
+                    rec.name,
+                    f"shrinking {pool} from {i.before} to {i.target} pages was interrupted "
+                    f"(it has {now})",
+                    f"record {moved} page(s) as given back ({grants[key]} still to give back)",
+                )
+            )
+    if not rec.pool_intents:
+        return rec
+    return replace(
+        rec,
+        pool_intents=(),
+        hugepages=tuple(HugepageGrant(n, s, c) for (n, s), c in sorted(grants.items()) if c > 0),
+    )
+
+
+# -- devices ---------------------------------------------------------------------
+
+
+def _settle_claims(
+    rec: PartitionRecord, root: HostRoot, findings: list[Finding]
+) -> PartitionRecord:
+    kept: list[Any] = []
+    for c in rec.claims:
+        if not c.get("pending"):
+            for fn in c.get("functions", []):
+                addr = str(fn["address"])
+                drv = root.readlink_name(sysfs.pci_device(addr, "driver"))
+                if drv != "vfio-pci" and fn.get("driver") != "vfio-pci":
+                    findings.append(
+                        Finding(
+                            rec.name,
+                            f"{addr} (IOMMU group {c['group']}) is no longer bound to vfio-pci "
+                            f"(now {drv or 'no driver'})",
+                        )
+                    )
+            kept.append(c)
+            continue
+        claim = dict(c)
+
+        def give_back(claim: dict[str, Any] = claim) -> None:
+            from vfio.claim import GroupClaim, release_group
+
+            release_group(root, GroupClaim.from_json(claim))
+
+        fns = ", ".join(
+            f"{f['address']} -> {f.get('driver') or 'no driver'}" for f in c.get("functions", [])
+        )
+        findings.append(
+            Finding(
+                rec.name,
+                f"claiming IOMMU group {c['group']} for vfio-pci was interrupted",
+                f"give its functions back to the drivers they had ({fns or 'none'})",
+                give_back,
+            )
+        )
+    if len(kept) == len(rec.claims):
+        return rec
+    return replace(rec, claims=tuple(kept))
+
+
+# -- the guest ---------------------------------------------------------------------
+
+
+def _paths(rec: PartitionRecord) -> GuestPaths | None:
+    return GuestPaths.from_json(dict(rec.paths)) if "dir" in rec.paths else None
+
+
+def find_qemu(root: HostRoot, rec: PartitionRecord) -> int | None:
+    """The pid of this partition's QEMU, found through the record, its pidfile or its socket."""
+    from partitioner.guest.launch import find_by_socket, identify, is_running, pid_in
+
+    paths = _paths(rec)
+    if paths is None:
+        # A record from before run directories were recorded: the pid and -name only.
+        ok = rec.pid is not None and is_running(root, rec.pid, rec.name)
+        return rec.pid if ok else None
+    if rec.pid is not None and identify(root, rec.pid, rec.name, paths, rec.start_ticks):
+        return rec.pid
+    from_file = pid_in(paths.pidfile)
+    if (
+        from_file is not None
+        and from_file != rec.pid
+        and identify(root, from_file, rec.name, paths)
+    ):
+        return from_file
+    if rec.state is RunState.STARTING and from_file is None:
+        return find_by_socket(root, rec.name, paths)
+    return None
+
+
+def _settle_guest(
+    rec: PartitionRecord, root: HostRoot, host_cpus: CpuSet, findings: list[Finding]
+) -> PartitionRecord:
+    from partitioner.guest.launch import adoptable, start_ticks
+
+    paths = _paths(rec)
+    pid = find_qemu(root, rec)
+    gone = replace(rec, pid=None, start_ticks=None, vcpu_threads={}, started_at=None)
+    run_dir = paths.dir if paths is not None else None
+
+    def clear_dir() -> None:
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+    def end(pid: int) -> Callable[[], None]:
+        def fix() -> None:
+            from partitioner.guest.launch import kill
+
+            kill(pid, root=root)
+            clear_dir()
+            _wait_pages_back(root, rec)
+
+        return fix
+
+    leftover_dir = run_dir is not None and run_dir.exists()
+    if rec.state is RunState.RUNNING:
+        if pid is not None:
+            return (
+                rec if pid == rec.pid else replace(rec, pid=pid, start_ticks=start_ticks(root, pid))
+            )
+        findings.append(
+            Finding(
+                rec.name,
+                f"its QEMU (pid {rec.pid}) is no longer running",
+                "record it as failed"
+                + (f" and remove its run directory {run_dir}" if leftover_dir else ""),
+                clear_dir if leftover_dir else None,
+            )
+        )
+        return replace(gone, state=RunState.FAILED)
+    if rec.state is RunState.STARTING:
+        if pid is None:
+            findings.append(
+                Finding(
+                    rec.name,
+                    "a start was interrupted before its QEMU ran",
+                    "record it as stopped"
+                    + (f" and remove its run directory {run_dir}" if leftover_dir else ""),
+                    clear_dir if leftover_dir else None,
+                )
+            )
+            return replace(gone, state=RunState.STOPPED)
+        assert paths is not None
+        vcpus = adoptable(root, pid, rec.placement, host_cpus, paths)
+        if vcpus is not None:
+            findings.append(
+                Finding(
+                    rec.name,
+                    f"a start was interrupted after its QEMU (pid {pid}) was pinned and let run",
+                    "adopt it as running",
+                )
+            )
+            return replace(
+                rec,
+                state=RunState.RUNNING,
+                pid=pid,
+                start_ticks=start_ticks(root, pid),
+                vcpu_threads=vcpus,
+                started_at=_started_at(root, pid),
+            )
+        findings.append(
+            Finding(
+                rec.name,
+                f"a start was interrupted while its QEMU (pid {pid}) was half-started",
+                f"end QEMU pid {pid} and remove its run directory {run_dir}",
+                end(pid),
+            )
+        )
+        return replace(gone, state=RunState.STOPPED)
+    # stopped or failed: no QEMU should be there, nor its run directory.
+    if pid is not None:
+        findings.append(
+            Finding(
+                rec.name,
+                f"it is recorded as {rec.state.value} but its QEMU (pid {pid}) runs",
+                f"end QEMU pid {pid} and remove its run directory {run_dir}",
+                end(pid),
+            )
+        )
+        return gone
+    if leftover_dir:
+        findings.append(
+            Finding(
+                rec.name,
+                f"its run directory {run_dir} is left from a QEMU that is gone",
+                "remove it",
+                clear_dir,
+            )
+        )
+    return rec
+
+
+def _wait_pages_back(root: HostRoot, rec: PartitionRecord, timeout: float = 10.0) -> None:
+    """Wait (up to ``timeout`` s) for an ended QEMU's hugepages to be free in their pools.
+
+    The kernel frees a dead process's hugepages a moment after it is gone; a plan made
+    before that would raise the pool for pages that are about to come back.
+    """
+    import time
+
+    from partitioner.hugepages import pool_counts
+
+    size = rec.placement.hugepage_bytes
+    if size is None:
+        return
+    deadline = time.monotonic() + timeout
+    for node, nbytes in rec.placement.memory_per_node:
+        while True:
+            try:
+                _nr, free = pool_counts(root, node, size)
+            except HugepageError:
+                break
+            if free >= nbytes // size or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+
+
+def _started_at(root: HostRoot, pid: int) -> float | None:
+    """The wall-clock time ``pid`` started, from its start ticks and the boot time."""
+    import os
+    import time
+
+    from partitioner.guest.launch import start_ticks
+
+    ticks = start_ticks(root, pid)
+    uptime = root.read("/proc/uptime")
+    if ticks is None or not uptime:
+        return None
+    with contextlib.suppress(ValueError, OSError):
+        hz = os.sysconf("SC_CLK_TCK")
+        return time.time() - float(uptime.split()[0]) + ticks / hz
+    return None
+
+
+__all__ = ["Finding", "Reconciled", "find_qemu", "reconcile", "reconcile_store"]
