@@ -68,6 +68,8 @@ class CpuSet:
         if len(digits) > MAX_CPUS // 4:
             raise CpuListSyntaxError(f"CPU mask {text[:40]!r}... is longer than {MAX_CPUS} CPUs")
         try:
+            if not digits.isascii():  # int() would take other scripts' digits
+                raise ValueError(digits)
             value = int(digits, 16)
         except ValueError:
             raise CpuListSyntaxError(f"not a CPU mask: {text!r}") from None
@@ -128,7 +130,8 @@ class CpuSet:
 
 def _parse_int(text: str, whole: str) -> int:
     text = text.strip()
-    if not text.isdigit():
+    # ASCII only: str.isdigit() and int() also take "²" and "٣", which no kernel writes.
+    if not (text.isascii() and text.isdigit()):
         raise CpuListSyntaxError(f"{text!r} is not a CPU number in CPU list {whole!r}")
     if len(text) > 5 or int(text) >= MAX_CPUS:
         raise CpuListSyntaxError(

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 
+from partitioner import sysfs
 from partitioner.cpuset import CpuSet
 from partitioner.pci import PciAddress
 from partitioner.pcibars import Bar
@@ -61,12 +63,28 @@ class PciFunction:
     is_bridge: bool  # PCI class 06xx: bridges, root ports, switch ports stay with the host
     upstream: tuple[PciAddress, ...]  # bridges/ports from the root down to this function's parent
     netdevs: tuple[str, ...]  # network interfaces of this function
-    label: str = ""  # a human name (udev hwdb or a class name) when one is known
+    label: str = ""  # the class's name ("Ethernet controller") when one is known
+    vendor_name: str = ""  # udev's hwdb: "Intel Corporation"; "" when unknown (show the id)
+    device_name: str = ""  # udev's hwdb: "82574L Gigabit Network Connection"; "" when unknown
+    # The group its iommu_group link names when the kernel does not list that group
+    # (iommu_group is None then): a damaged tree, or a group removed while reading.
+    iommu_group_absent: str | None = None
     bars: tuple[Bar, ...] = ()  # from sysfs `resource` (partitioner/pcibars.py)
 
     @property
     def id(self) -> str:
         return f"{self.vendor}:{self.device}"
+
+    @property
+    def group_problem(self) -> str | None:
+        """Why this function's IOMMU group is unknown although it has a group link, or None."""
+        if self.iommu_group_absent is None:
+            return None
+        return (
+            f"its iommu_group link names group {self.iommu_group_absent!r}, which the kernel "
+            f"does not list in {sysfs.IOMMU_GROUPS}: its group, and so what comes with it, "
+            "is unknown"
+        )
 
 
 @dataclass(frozen=True)
@@ -123,6 +141,18 @@ class Host:
         if not widths:
             return 1
         return max(widths.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+    @cached_property
+    def _slots(self) -> dict[tuple[int, int, int], tuple[PciFunction, ...]]:
+        by_slot: dict[tuple[int, int, int], list[PciFunction]] = {}
+        for fn in self.pci.values():
+            by_slot.setdefault(fn.address.slot_key, []).append(fn)
+        return {k: tuple(v) for k, v in by_slot.items()}
+
+    def functions_in_slot(self, slot_key: tuple[int, int, int]) -> tuple[PciFunction, ...]:
+        """The functions of one physical slot (a GPU and its audio function), found without
+        a walk over every function: callers ask once per function, and hosts have thousands."""
+        return self._slots.get(slot_key, ())
 
     def group_of(self, address: PciAddress) -> IommuGroup | None:
         fn = self.pci.get(address)

@@ -15,7 +15,32 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
+import re
 from pathlib import Path
+from typing import Any
+
+from partitioner.errors import HostReadError
+
+# The kernel writes numbers in ASCII; int() and str.isdigit() would also take other
+# scripts' digits ("٣", "²").  Twenty digits hold any 64-bit value, and bounding the
+# text first keeps int() linear on a hostile file.
+_INT_RE = re.compile(r"-?[0-9]{1,20}")
+_HEX_RE = re.compile(r"(?:0[xX])?[0-9a-fA-F]{1,16}")
+
+# Reads stop here: the largest kernel text the scan reads (mountinfo of a host with
+# many thousands of mounts) is a few MiB; a hostile tree's file could fill memory.
+MAX_FILE = 64 * 2**20
+
+# Where a snapshot keeps the hwdb entries its scan read (udev's own source format).
+SNAPSHOT_HWDB = "/etc/udev/hwdb.d/60-partition-snapshot.hwdb"
+
+
+def parse_int(text: str, base: int = 10) -> int | None:
+    """``text`` as the kernel writes a number (ASCII, at most 64 bits), else None."""
+    text = text.strip()
+    if not (_INT_RE if base == 10 else _HEX_RE).fullmatch(text):
+        return None
+    return int(text, base)
 
 
 class HostRoot:
@@ -25,6 +50,8 @@ class HostRoot:
         # Reads go through plain strings: pathlib's joining costs more than the
         # read itself when a scan opens thousands of sysfs files.
         self._prefix = "" if self.live else str(self.root)
+        self._hwdb: _Hwdb | None = None
+        self._tree_hwdb: dict[str, dict[str, str]] | None = None
 
     def __repr__(self) -> str:
         return f"HostRoot({str(self.root)!r})"
@@ -42,6 +69,10 @@ class HostRoot:
     def _local(self, kernel_path: str) -> str:
         if not kernel_path.startswith("/"):
             raise ValueError(f"kernel paths are absolute: {kernel_path!r}")
+        if "\0" in kernel_path:
+            # Built from a damaged file's text: no file has that name, and os.open
+            # would raise ValueError rather than the OSError every reader handles.
+            raise FileNotFoundError(errno_mod.ENOENT, "NUL in path", kernel_path)
         return self._prefix + kernel_path
 
     def kernel_path(self, local: str | os.PathLike[str]) -> str:
@@ -56,11 +87,28 @@ class HostRoot:
 
     # -- reads ---------------------------------------------------------------
 
+    def _too_big(self, kernel_path: str) -> HostReadError:
+        where = self.path(kernel_path)
+        return HostReadError(
+            f"{where} is larger than {MAX_FILE // 2**20} MiB, more than the kernel writes in "
+            "any file the partitioner reads: the tree is damaged; take a new one with "
+            "`partition snapshot DIR`",
+            path=str(where),
+        )
+
+    def _loop(self, kernel_path: str) -> HostReadError:
+        where = self.path(kernel_path)
+        return HostReadError(
+            f"{where} is a loop of symbolic links where the kernel has a file or directory: "
+            "the tree is damaged; take a new one with `partition snapshot DIR`",
+            path=str(where),
+        )
+
     def exists(self, kernel_path: str) -> bool:
-        return os.path.exists(self._local(kernel_path))
+        return "\0" not in kernel_path and os.path.exists(self._local(kernel_path))
 
     def is_dir(self, kernel_path: str) -> bool:
-        return os.path.isdir(self._local(kernel_path))
+        return "\0" not in kernel_path and os.path.isdir(self._local(kernel_path))
 
     def read(self, kernel_path: str, default: str | None = None) -> str | None:
         """The file's text with surrounding whitespace stripped, or ``default`` if it cannot be read.
@@ -77,8 +125,12 @@ class HostRoot:
                 # A sysfs attribute comes whole in one read; procfs hands out about
                 # a page per read, so there only an empty read is the end.
                 if kernel_path.startswith("/proc/") or len(chunks[0]) == 65536:
+                    size = len(chunks[0])
                     while chunks[-1]:
                         chunks.append(os.read(fd, 65536))
+                        size += len(chunks[-1])
+                        if size > MAX_FILE:
+                            raise self._too_big(kernel_path)
             finally:
                 os.close(fd)
             return b"".join(chunks).decode("utf-8", errors="replace").strip()
@@ -87,16 +139,16 @@ class HostRoot:
         except OSError as e:
             if e.errno in (errno_mod.EINVAL, errno_mod.EIO, errno_mod.ENODEV, errno_mod.ENXIO):
                 return default
+            if e.errno == errno_mod.ELOOP:
+                raise self._loop(kernel_path) from None
             raise
 
     def read_int(self, kernel_path: str, default: int | None = None, base: int = 10) -> int | None:
         text = self.read(kernel_path)
         if text is None:
             return default
-        try:
-            return int(text, base)
-        except ValueError:
-            return default
+        value = parse_int(text, base)
+        return default if value is None else value
 
     def listdir(self, kernel_path: str) -> list[str]:
         """Sorted entries of a directory; empty if it is missing."""
@@ -104,6 +156,10 @@ class HostRoot:
             return sorted(os.listdir(self._local(kernel_path)))
         except (FileNotFoundError, NotADirectoryError, PermissionError):
             return []
+        except OSError as e:
+            if e.errno == errno_mod.ELOOP:
+                raise self._loop(kernel_path) from None
+            raise
 
     def readlink_name(self, kernel_path: str) -> str | None:
         """The last component of a symlink's target (``driver`` -> ``e1000e``), or None."""
@@ -124,7 +180,25 @@ class HostRoot:
 
         Sysfs links are relative, so they resolve inside a snapshot too.
         """
+        if "\0" in kernel_path:
+            return kernel_path
         return self.kernel_path(os.path.realpath(self._local(kernel_path)))
+
+    def hwdb(self, modalias: str) -> dict[str, str]:
+        """udev's hardware database entry for a modalias (``pci:v00008086d000010D3``).
+
+        The live host asks libudev.  A tree under --host-root has the entries its
+        snapshot's scan got, in udev's hwdb source format at :data:`SNAPSHOT_HWDB`,
+        and no others: names come from the machine described, never from the one
+        reading (docs/decisions.md).  {} when there is none.
+        """
+        if self.live:
+            if self._hwdb is None:
+                self._hwdb = _Hwdb()
+            return self._hwdb.lookup(modalias)
+        if self._tree_hwdb is None:
+            self._tree_hwdb = parse_hwdb(self.read(SNAPSHOT_HWDB) or "")
+        return self._tree_hwdb.get(modalias, {})
 
     # -- writes (live host, or a test's fake kernel) -------------------------
 
@@ -135,3 +209,75 @@ class HostRoot:
             os.write(fd, value.encode())
         finally:
             os.close(fd)
+
+
+class _Hwdb:
+    """libudev's hwdb through pyudev, which binds ``udev_hwdb_*`` but gives them no
+    Python API: its Context's library handle is used directly.  Without libudev or
+    /usr/lib/udev/hwdb.bin every lookup is {} and callers show ids."""
+
+    def __init__(self) -> None:
+        self._lib: Any = None
+        self._handle: Any = None
+        self._cache: dict[str, dict[str, str]] = {}
+        try:
+            import pyudev
+
+            self._context = pyudev.Context()
+            self._lib = self._context._libudev
+            self._handle = self._lib.udev_hwdb_new(self._context) or None
+        except Exception:  # no libudev, or a pyudev without the binding: names are optional
+            self._handle = None
+
+    def lookup(self, modalias: str) -> dict[str, str]:
+        got = self._cache.get(modalias)
+        if got is not None:
+            return got
+        got = {}
+        if self._handle is not None:
+            from pyudev._util import udev_list_iterate
+
+            entry = self._lib.udev_hwdb_get_properties_list_entry(
+                self._handle, modalias.encode("ascii"), 0
+            )
+            for key, value in udev_list_iterate(self._lib, entry):
+                got[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        self._cache[modalias] = got
+        return got
+
+    def __del__(self) -> None:
+        if self._handle is not None and self._lib is not None:
+            self._lib.udev_hwdb_unref(self._handle)
+
+
+def format_hwdb(entries: dict[str, dict[str, str]]) -> str:
+    """hwdb source text (``man hwdb``): a match line, then indented KEY=VALUE lines."""
+    out: list[str] = []
+    for modalias in sorted(entries):
+        if entries[modalias]:
+            out.append(modalias + "*")
+            out.extend(f" {k}={v}" for k, v in sorted(entries[modalias].items()))
+            out.append("")
+    return "\n".join(out)
+
+
+def parse_hwdb(text: str) -> dict[str, dict[str, str]]:
+    """The entries of :func:`format_hwdb`'s text, keyed by exact modalias (no globbing:
+    a lookup stays one dictionary access however long a hostile file is)."""
+    out: dict[str, dict[str, str]] = {}
+    current: list[dict[str, str]] = []
+    in_props = False
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            current, in_props = [], False
+        elif line[0] in " \t":
+            key, sep, value = line.strip().partition("=")
+            if sep:
+                in_props = True
+                for props in current:
+                    props[key] = value
+        else:
+            if in_props:
+                current, in_props = [], False
+            current.append(out.setdefault(line.rstrip("*"), {}))
+    return out

@@ -504,7 +504,7 @@ def _assignable_reason(fn: PciFunction, host: Host) -> str | None:
     if used:
         return f"is used by the host ({'; '.join(used)})"
     if fn.iommu_group is None:
-        return "is in no IOMMU group"
+        return fn.group_problem or "is in no IOMMU group"
     blockers = bridge_blockers(host, fn.iommu_group)
     if blockers:
         return "cannot be handed over: " + "; ".join(blockers)

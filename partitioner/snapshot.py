@@ -10,7 +10,10 @@ Under /sys, symlinks are copied as symlinks with their (relative) targets, as
 the kernel writes them, so PCI topology and driver links survive.  Under /proc
 the links (``/proc/self`` is the reader's pid, ``/proc/net`` is per-process)
 are followed and their content stored as plain files.  ``/dev/kvm`` becomes an
-empty file: the scan only asks whether it exists.
+empty file: the scan only asks whether it exists.  The PCI names the scan got from
+udev's hardware database are written as a hwdb source file in the tree
+(``hostroot.SNAPSHOT_HWDB``), which is where a tree's HostRoot looks them up.
+A destination that is the source tree, inside it or around it is refused.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 
 from partitioner.errors import UsageError
 from partitioner.host import Host
-from partitioner.hostroot import HostRoot
+from partitioner.hostroot import SNAPSHOT_HWDB, HostRoot, format_hwdb
 from partitioner.inventory import scan
 
 # The parts of a host tree a snapshot owns; --force replaces these and leaves the rest of DIR alone.
@@ -42,6 +45,7 @@ class _Recorder(HostRoot):
         self.dirs: list[str] = []
         self.links: list[str] = []
         self.probes: list[str] = []
+        self.hwdb_seen: dict[str, dict[str, str]] = {}
 
     def exists(self, kernel_path: str) -> bool:
         self.probes.append(kernel_path)
@@ -61,6 +65,11 @@ class _Recorder(HostRoot):
     def listdir(self, kernel_path: str) -> list[str]:
         self.dirs.append(kernel_path)
         return self.inner.listdir(kernel_path)
+
+    def hwdb(self, modalias: str) -> dict[str, str]:
+        got = self.inner.hwdb(modalias)
+        self.hwdb_seen[modalias] = got
+        return got
 
     def readlink_name(self, kernel_path: str) -> str | None:
         self.links.append(kernel_path)
@@ -211,6 +220,27 @@ class _Mirror:
                     os.makedirs(self.local_dest(p), exist_ok=True)
 
 
+def check_overlap(src: HostRoot, dest: Path) -> None:
+    """Refuse a destination that is the tree being read, inside it, or holding it: writing
+    there would replace (``--force``) or grow the files being copied.  On the live host
+    only /sys, /proc and /dev are read, so only those (and / itself) are refused."""
+    real = dest.resolve()  # through symlinks, as the writes will go
+    source = src.root  # already resolved
+    inside = (
+        any(real.is_relative_to(source / top) for top in SNAPSHOT_TOPS)
+        if src.live
+        else real.is_relative_to(source)
+    )
+    if real == source or inside:
+        raise UsageError(
+            f"{dest} is inside the tree being copied ({source}): write the snapshot elsewhere"
+        )
+    if source.is_relative_to(real):
+        raise UsageError(
+            f"{dest} holds the tree being copied ({source}): write the snapshot elsewhere"
+        )
+
+
 def check_dest(dest: Path, force: bool) -> None:
     """Refuse a directory that holds anything, unless ``force``."""
     if dest.exists() and not dest.is_dir():
@@ -230,14 +260,16 @@ def clear_dest(dest: Path) -> None:
             p.unlink()
         elif p.is_dir():
             shutil.rmtree(p)
+    names = dest / SNAPSHOT_HWDB.lstrip("/")
+    if names.is_symlink() or names.is_file():
+        names.unlink()
     dest.mkdir(parents=True, exist_ok=True)
 
 
 def take_snapshot_with_host(src: HostRoot, dest: Path, *, force: bool = False) -> tuple[int, Host]:
     """Snapshot ``src`` into ``dest``; also give the Host the recording scan saw."""
     dest = Path(dest).absolute()
-    if any(dest.is_relative_to(src.root / top) for top in SNAPSHOT_TOPS):
-        raise UsageError(f"{dest} is inside the tree being copied ({src.root})")
+    check_overlap(src, dest)
     check_dest(dest, force)
     recorder = _Recorder(src)
     host = scan(recorder)  # HostReadError passes up before anything is written
@@ -251,6 +283,13 @@ def take_snapshot_with_host(src: HostRoot, dest: Path, *, force: bool = False) -
         m.mirror(p)
     for p in recorder.dirs:
         m.mirror_listing(p)
+    names = format_hwdb(recorder.hwdb_seen)
+    if names:
+        # The names the scan got from udev: --host-root shows them as the live host does.
+        local = dest / SNAPSHOT_HWDB.lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(names)
+        m.files += 1
     return m.files, host
 
 

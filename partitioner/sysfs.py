@@ -43,3 +43,28 @@ def hugepage_pool(size_bytes: int, node_id: int | None = None) -> str:
     """A hugepage pool's directory: the system-wide one, or one node's."""
     base = HUGEPAGES if node_id is None else node(node_id, "hugepages")
     return f"{base}/hugepages-{size_bytes // 1024}kB"
+
+
+def cpu(n: int, leaf: str = "") -> str:
+    """A CPU's directory, or a file under it (``online``, ``topology/core_id``)."""
+    return f"{CPU}/cpu{n}/{leaf}" if leaf else f"{CPU}/cpu{n}"
+
+
+def pmu_cpus(kind: str) -> str:
+    """The CPUs of a hybrid part's PMU (``core``: performance, ``atom``: efficiency)."""
+    return f"/sys/devices/cpu_{kind}/cpus"
+
+
+def net(name: str, leaf: str = "") -> str:
+    """A network interface's entry in /sys/class/net, or a file in it."""
+    return f"{CLASS_NET}/{name}/{leaf}" if leaf else f"{CLASS_NET}/{name}"
+
+
+def block(name: str, leaf: str = "") -> str:
+    """A block device's entry in /sys/class/block, or a file in it (``dev``, ``dm/name``)."""
+    return f"{CLASS_BLOCK}/{name}/{leaf}" if leaf else f"{CLASS_BLOCK}/{name}"
+
+
+def block_by_number(majmin: str) -> str:
+    """A block device by its ``major:minor`` (/sys/dev/block/8:1)."""
+    return f"{DEV_BLOCK}/{majmin}"

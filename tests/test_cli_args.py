@@ -30,7 +30,7 @@ PARTITION = Path(sys.executable).parent / "partition"
 EXAMPLE = ROOT / "partitions" / "demo.yaml"
 # Every verb as `partition VERB` names it (testbed's own verbs below it).
 VERBS = ["inspect", "snapshot", "validate", "plan", "apply", "status", "start", "stop"]
-VERBS += ["restart", "destroy", "console", "testbed", "testbed run", "testbed snapshot"]
+VERBS += ["restart", "destroy", "console", "export", "testbed", "testbed run", "testbed snapshot"]
 
 SITE = """\
 version: 1

@@ -71,7 +71,7 @@ def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
             "the host has no IOMMU groups (enable VT-d / AMD-Vi in the BIOS and boot with "
             "intel_iommu=on or amd_iommu=on)"
             if not host.has_iommu
-            else "it is in no IOMMU group"
+            else fn.group_problem or "it is in no IOMMU group"
         )
         return ClaimPreview(address, None, (), (), (f"{address} cannot be assigned: {why}",))
 
@@ -98,10 +98,9 @@ def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
                 bridges.add(m)
                 continue
             taken.add(m)
-        for other in host.pci.values():
+        for other in host.functions_in_slot(address.slot_key):
             if (
-                other.address.slot_key == address.slot_key
-                and not other.is_bridge
+                not other.is_bridge
                 and other.iommu_group is not None
                 and other.iommu_group in host.iommu_groups
                 and other.iommu_group not in groups_seen

@@ -68,6 +68,8 @@ def to_json(host: Host) -> dict[str, Any]:
                 "address": str(addr),
                 "vendor": fn.vendor,
                 "device": fn.device,
+                "vendor_name": fn.vendor_name or None,  # udev's hwdb, live host only
+                "device_name": fn.device_name or None,
                 "class": fn.class_code,
                 "label": fn.label,
                 "subsystem": f"{fn.subsystem_vendor}:{fn.subsystem_device}",

@@ -50,6 +50,7 @@ VERB_MODULES: list[str] = [
     "lifecycle",
     "destroy",
     "console",
+    "export",
     "testbed",
 ]
 # The verbs a module registers, where they are not named like it.

@@ -1,0 +1,103 @@
+"""``partition export FILE --format libvirt|kubevirt [--out DIR]``: the plan as another manager's documents.
+
+Read-only: it plans as ``plan`` does (keeping running partitions where they
+are, or as if nothing ran with --host-root) and writes documents, nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from partitioner.cli.common import Context
+from partitioner.errors import UsageError
+from partitioner.export import kubevirt, libvirt
+from partitioner.inventory import scan
+from partitioner.loader import load
+from partitioner.planner import plan
+from partitioner.state import State, StateStore, running_partitions
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "export", help="the plan as libvirt domain XML or KubeVirt VirtualMachine objects"
+    )
+    p.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    p.add_argument("--format", required=True, choices=["libvirt", "kubevirt"])
+    p.add_argument(
+        "--out", metavar="DIR", help="write one file per document into DIR (else: stdout)"
+    )
+    p.add_argument(
+        "--node",
+        metavar="NAME",
+        help="kubevirt: the Kubernetes node name of this host (default: its hostname)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    manifest = load(args.file)
+    root = ctx.root()
+    host = scan(root)
+    state = State() if ctx.host_root is not None else StateStore(ctx.state_dir).load()
+    result = plan(manifest, host, running_partitions(state))
+    extra: dict[str, Any] = {}
+    if args.format == "libvirt":
+        docs = libvirt.documents(result)
+    else:
+        node = args.node or (root.read("/proc/sys/kernel/hostname") or "").strip()
+        if not node:
+            raise UsageError(
+                f"the host tree {ctx.host_root} does not say its hostname: "
+                "name the Kubernetes node with --node NAME"
+            )
+        kv = kubevirt.export(result, node, {a: f.id for a, f in host.pci.items()})
+        docs = kv.documents
+        extra = kv.to_json()
+    if args.out:
+        _write(Path(args.out), docs)
+    if ctx.json:
+        ctx.emit_json(
+            {
+                "format": args.format,
+                "out": args.out,
+                "files": sorted(docs),
+                "documents": docs,
+                **extra,
+            }
+        )
+        return 0
+    if args.out:
+        for name in docs:
+            ctx.say(str(Path(args.out) / name))
+    else:
+        for name, text in docs.items():
+            ctx.say(_header(args.format, name))
+            ctx.out.write(text)
+    for name, lines in extra.get("substitutions", {}).items():
+        for line in lines:
+            ctx.info(f"partition: {name}: KubeVirt picks devices by model: {line}")
+    for name, lines in extra.get("notes", {}).items():
+        for line in lines:
+            ctx.info(f"partition: {name}: not exported: {line}")
+    return 0
+
+
+def _header(fmt: str, name: str) -> str:
+    """A comment naming the file a document would have with --out."""
+    return f"<!-- {name} -->" if fmt == "libvirt" else f"---\n# {name}"
+
+
+def _write(out: Path, docs: dict[str, str]) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name, text in docs.items():
+            tmp = out / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, out / name)
+    except OSError as e:
+        raise UsageError(
+            f"cannot write the export into {out}: {e.strerror}; name a writable directory"
+        ) from e

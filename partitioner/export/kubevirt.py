@@ -1,0 +1,248 @@
+"""One KubeVirt ``VirtualMachine`` per partition, and the ``permittedHostDevices`` it needs.
+
+KubeVirt keeps what it has words for: dedicated CPUs with the emulator thread
+isolated, the guest topology, guest NUMA cells that follow the host CPUs it
+was given (``guestMappingPassthrough``), hugepages of the plan's size, locked
+resources, the host (``nodeSelector``), the devices' models, no balloon.  It
+cannot take the plan's CPU numbers (the kubelet's CPU manager picks them) nor
+PCI addresses: its device plugin hands out any function of a vendor:device
+model it has been permitted.  ``substitutions`` says, per partition, which of
+its functions KubeVirt could swap for another of the same model, and with
+whom; every other thing the export drops is in ``notes``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from partitioner.pci import PciAddress
+from partitioner.plan import Placement, Plan
+from partitioner.units import GiB, MiB
+
+API_VERSION = "kubevirt.io/v1"
+# The extended-resource domain under which the exported device models are advertised.
+RESOURCE_DOMAIN = "partition.local"
+LABEL = "partition.local/partition"
+
+
+@dataclass(frozen=True)
+class KubeVirtExport:
+    documents: dict[str, str]  # file name -> YAML text
+    # partition -> one sentence per function KubeVirt may swap: what it could get instead
+    substitutions: dict[str, list[str]]
+    notes: dict[str, list[str]]  # partition -> what the export could not carry
+
+    def to_json(self) -> dict[str, Any]:
+        return {"substitutions": self.substitutions, "notes": self.notes}
+
+
+def resource_name(vendor_device: str) -> str:
+    """``10de:1eb8`` -> ``partition.local/pci-10de-1eb8``: the name a VM asks its device by."""
+    return f"{RESOURCE_DOMAIN}/pci-{vendor_device.replace(':', '-')}"
+
+
+def export(plan: Plan, node: str, models: Mapping[PciAddress, str] | None = None) -> KubeVirtExport:
+    """The documents of ``plan`` for the Kubernetes node ``node``.
+
+    ``models`` maps every PCI function of the host to its vendor:device (the
+    inventory); functions of a model that no partition holds but that KubeVirt
+    would also offer are counted among the possible substitutes.
+    """
+    docs: dict[str, str] = {}
+    subs: dict[str, list[str]] = {}
+    notes: dict[str, list[str]] = {}
+    holder = {d.address: name for name, p in plan.placements.items() for d in p.devices}
+    everyone = dict(models or {})
+    for p in plan.placements.values():
+        for d in p.devices:
+            everyone.setdefault(d.address, d.vendor_device)
+    for name, p in sorted(plan.placements.items()):
+        subs[name] = _substitutions(p, everyone, holder)
+        notes[name] = _notes(p, plan)
+        vm = virtual_machine(p, plan, node, subs[name])
+        docs[f"{name}.yaml"] = yaml.safe_dump(vm, sort_keys=False)
+    kv = kubevirt_config(plan)
+    if kv is not None:
+        docs["kubevirt-permitted-host-devices.yaml"] = yaml.safe_dump(kv, sort_keys=False)
+    return KubeVirtExport(docs, subs, notes)
+
+
+def virtual_machine(
+    p: Placement, plan: Plan, node: str, subs: Iterable[str] = ()
+) -> dict[str, Any]:
+    """The ``VirtualMachine`` object of partition ``p`` as a dict (apiVersion kubevirt.io/v1)."""
+    annotations = {"partition.local/planned-cpus": str(p.cpuset)}
+    if p.devices:
+        annotations["partition.local/planned-devices"] = " ".join(str(d.address) for d in p.devices)
+    subs = list(subs)
+    if subs:
+        annotations["partition.local/device-substitution"] = "; ".join(subs)
+    cpu: dict[str, Any] = {
+        "sockets": p.sockets,
+        "cores": p.cores,
+        "threads": p.threads,
+        "dedicatedCpuPlacement": True,
+        "isolateEmulatorThread": True,
+        "numa": {"guestMappingPassthrough": {}},
+    }
+    if plan.accel == "kvm":
+        cpu["model"] = "host-passthrough"
+    memory: dict[str, Any] = {"guest": _quantity(p.memory_bytes)}
+    if p.hugepage_bytes is not None:
+        memory["hugepages"] = {"pageSize": _quantity(p.hugepage_bytes)}
+    devices: dict[str, Any] = {
+        "autoattachMemBalloon": False,
+        "autoattachGraphicsDevice": False,
+        "autoattachSerialConsole": True,
+        "logSerialConsole": True,
+    }
+    volumes: list[dict[str, Any]] = []
+    for i, disk in enumerate(p.spec.disks):
+        if disk.path.startswith("/dev/"):
+            continue  # a block device needs a PersistentVolume: see notes
+        entry: dict[str, Any] = {
+            "name": f"disk{i}",
+            "disk": {"bus": "virtio", "readonly": disk.readonly},
+            "dedicatedIOThread": True,
+        }
+        if i == 0 and p.spec.boot is None:
+            entry["bootOrder"] = 1
+        devices.setdefault("disks", []).append(entry)
+        volumes.append({"name": f"disk{i}", "hostDisk": {"path": disk.path, "type": "Disk"}})
+    if p.devices:
+        devices["hostDevices"] = [
+            {"name": f"hostdev{i}", "deviceName": resource_name(d.vendor_device)}
+            for i, d in enumerate(p.devices)
+        ]
+    firmware: dict[str, Any] = {
+        "bootloader": {"efi": {"secureBoot": False}}
+        if p.spec.firmware == "uefi"
+        else {"bios": {"useSerial": True}}
+    }
+    domain: dict[str, Any] = {
+        "cpu": cpu,
+        "memory": memory,
+        # Requests equal to limits: the Guaranteed QoS class that dedicated CPUs require.
+        "resources": {
+            "requests": {"memory": _quantity(p.memory_bytes)},
+            "limits": {"memory": _quantity(p.memory_bytes)},
+        },
+        "firmware": firmware,
+        "features": {"acpi": {"enabled": True}},
+        "devices": devices,
+    }
+    template_spec: dict[str, Any] = {
+        "domain": domain,
+        # The plan is made for this host's CPUs, memory and devices: it runs here only.
+        "nodeSelector": {"kubernetes.io/hostname": node},
+    }
+    if volumes:
+        template_spec["volumes"] = volumes
+    labels = {LABEL: p.name}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "VirtualMachine",
+        "metadata": {"name": p.name, "labels": labels, "annotations": annotations},
+        "spec": {
+            "runStrategy": _run_strategy(p),
+            "template": {"metadata": {"labels": dict(labels)}, "spec": template_spec},
+        },
+    }
+
+
+def _run_strategy(p: Placement) -> str:
+    """autostart and on_crash in KubeVirt's words: started with the site or by hand,
+    restarted after a failure (RerunOnFailure) or left stopped (Once)."""
+    if not p.spec.autostart:
+        return "Manual"
+    return "RerunOnFailure" if p.spec.on_crash == "restart" else "Once"
+
+
+def kubevirt_config(plan: Plan) -> dict[str, Any] | None:
+    """The ``KubeVirt`` resource's ``permittedHostDevices`` for every model the plan assigns,
+    to merge into the cluster's own KubeVirt object (None without devices)."""
+    models = sorted({d.vendor_device for p in plan.placements.values() for d in p.devices})
+    if not models:
+        return None
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "KubeVirt",
+        "metadata": {"name": "kubevirt", "namespace": "kubevirt"},
+        "spec": {
+            "configuration": {
+                "permittedHostDevices": {
+                    "pciHostDevices": [
+                        {"pciVendorSelector": m.upper(), "resourceName": resource_name(m)}
+                        for m in models
+                    ]
+                }
+            }
+        },
+    }
+
+
+def _substitutions(
+    p: Placement, models: Mapping[PciAddress, str], holder: Mapping[PciAddress, str]
+) -> list[str]:
+    # Functions this partition holds itself are no loss: it gets them all, in some order.
+    own = {d.address for d in p.devices}
+    out = []
+    for d in p.devices:
+        others = sorted(a for a, m in models.items() if m == d.vendor_device and a not in own)
+        if not others:
+            continue
+        who = ", ".join(
+            f"{a} ({'partition ' + holder[a] if a in holder else 'not in the plan'})"
+            for a in others
+        )
+        out.append(f"{d.address} ({d.vendor_device}) could be swapped for {who}")
+    return out
+
+
+def _notes(p: Placement, plan: Plan) -> list[str]:
+    notes = [
+        f"host CPUs {p.cpuset}: the kubelet's static CPU manager picks the CPUs; "
+        "the export keeps their count, topology and dedication, not their numbers",
+        f"memory per host node {dict(p.memory_per_node)}: KubeVirt follows the CPUs it was "
+        "given (guestMappingPassthrough), not a node chosen ahead",
+    ]
+    if plan.host_cpus:
+        notes.append(
+            f"host reserve {plan.host_cpus}: the emulator thread gets a dedicated CPU of the "
+            "pod (isolateEmulatorThread), not the host's reserve"
+        )
+    if plan.accel != "kvm":
+        notes.append("accel tcg: KubeVirt runs only under KVM (or useEmulation cluster-wide)")
+    if p.devices:
+        notes.append(
+            "devices are asked by model, not by address; functions of one slot are "
+            "separate devices, not one multifunction device"
+        )
+    if p.spec.boot is not None:
+        notes.append(
+            f"direct kernel boot from {p.spec.boot.kernel}: KubeVirt boots a kernel only from "
+            "a container image (firmware.kernelBoot.container): build one and add it"
+        )
+    for disk in p.spec.disks:
+        if disk.path.startswith("/dev/"):
+            notes.append(
+                f"block device {disk.path}: needs a local PersistentVolume (volumeMode: Block) "
+                "and a claim; not exported"
+            )
+    if any(not d.path.startswith("/dev/") for d in p.spec.disks):
+        notes.append("image files are hostDisk volumes: the HostDisk feature gate must be on")
+    if p.spec.order:
+        notes.append(f"order {p.spec.order}: KubeVirt starts VMs in no given order")
+    return notes
+
+
+def _quantity(n: int) -> str:
+    """A Kubernetes quantity in binary units: 4Gi, 2Mi, or bytes."""
+    for unit, suffix in ((GiB, "Gi"), (MiB, "Mi"), (1024, "Ki")):
+        if n % unit == 0:
+            return f"{n // unit}{suffix}"
+    return str(n)

@@ -1,0 +1,254 @@
+"""One libvirt domain XML per partition: the QEMU command line of ``guest.argv`` in libvirt's words.
+
+Decisions (each mirrors one of ``partitioner.guest.argv``):
+
+- Every vCPU is pinned to its planned host CPU (``vcpupin``); the emulator and
+  I/O threads run on the host reserve (``emulatorpin``, ``iothreadpin``), as
+  ``launch`` pins QEMU's other threads there.
+- One guest NUMA cell per host node of the plan, with the vCPUs that run on
+  that node and its memory bound there (``numatune`` ``memnode`` strict =
+  QEMU's ``policy=bind``).
+- Memory is locked, never merged (``nosharepages``), kept out of core dumps,
+  allocated at start with one thread per partition CPU on the node; hugepages
+  of the plan's size come from memfd (no hugetlbfs mount), as in argv.
+- PCI functions are ``managed='no'``: the host binds them to vfio-pci
+  (``partition host setup`` does it at boot), libvirt never rebinds them.
+  Functions of one host slot that include function 0 share one root port as
+  one multifunction device with their function numbers; any other function
+  gets a root port of its own.
+- The serial console is a pty (``virsh console``) logged to a file; there is
+  no balloon, no USB, no display, as with ``-nodefaults -display none``.
+- UEFI is asked by ``firmware='efi'`` without Secure Boot, so that libvirt
+  picks the OVMF build it knows: the export names no path of this host.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+from partitioner.cpuset import CpuSet
+from partitioner.guest.argv import TCG_TB_SIZE_MIB, disk_format, guest_cpus_by_node
+from partitioner.plan import DeviceAssignment, Placement, Plan
+from partitioner.units import KiB
+
+# The libvirt XML namespace of the plan's own record inside <metadata>.
+NAMESPACE = "https://partition.invalid/xmlns/libvirt/1"
+CONSOLE_LOG_DIR = "/var/log/libvirt/qemu"
+ET.register_namespace("partition", NAMESPACE)
+
+
+def domain_xml(p: Placement, plan: Plan) -> str:
+    """The domain XML of partition ``p`` (``virsh define``-able), as text ending in a newline."""
+    tcg = plan.accel != "kvm"
+    dom = ET.Element("domain", type="qemu" if tcg else "kvm")
+    _sub(dom, "name", p.name)
+    _sub(dom, "description", f"partition {p.name}, exported from the plan by `partition export`")
+    _metadata(dom, p, plan)
+    # dumpCore='off': as dump-guest-core=off, a QEMU crash writes no guest memory to a core.
+    _sub(dom, "memory", str(p.memory_bytes // KiB), unit="KiB", dumpCore="off")
+    _memory_backing(dom, p)
+    _sub(dom, "vcpu", str(len(p.cpus)), placement="static")
+    if p.spec.disks:
+        _sub(dom, "iothreads", str(len(p.spec.disks)))
+    _cputune(dom, p, plan)
+    _numatune(dom, p)
+    _os(dom, p)
+    features = _sub(dom, "features")
+    _sub(features, "acpi")  # stop asks the guest to power down through ACPI
+    _sub(features, "apic")
+    if tcg:
+        # -accel tcg,tb-size=: the translation cache is locked with the rest; keep it small.
+        tcg_el = _sub(features, "tcg")
+        _sub(tcg_el, "tb-cache", str(TCG_TB_SIZE_MIB), unit="MiB")
+    else:
+        # Every vCPU has a host CPU of its own: the guest may skip its paravirtual spinlock
+        # and idle paths (KVM_HINTS_REALTIME).
+        kvm = _sub(features, "kvm")
+        _sub(kvm, "hint-dedicated", state="on")
+    _cpu(dom, p, tcg)
+    _sub(dom, "on_poweroff", "destroy")
+    _sub(dom, "on_reboot", "restart")
+    _sub(dom, "on_crash", "destroy")
+    _devices(dom, p)
+    ET.indent(dom, space="  ")
+    return ET.tostring(dom, encoding="unicode") + "\n"
+
+
+def documents(plan: Plan) -> dict[str, str]:
+    """File name -> content: ``NAME.xml`` for each partition, in name order."""
+    return {f"{name}.xml": domain_xml(p, plan) for name, p in sorted(plan.placements.items())}
+
+
+def guest_ports(devices: tuple[DeviceAssignment, ...]) -> list[list[tuple[DeviceAssignment, int]]]:
+    """The root ports of the guest, each with its functions and their guest function numbers.
+
+    The same grouping as ``guest.argv``: a host slot with function 0 stays together
+    behind one port; any other function gets a port of its own (without function 0
+    the guest would not probe the slot).
+    """
+    slots: dict[tuple[int, int, int], list[DeviceAssignment]] = {}
+    for d in sorted(devices, key=lambda d: d.address):
+        slots.setdefault(d.address.slot_key, []).append(d)
+    ports: list[list[tuple[DeviceAssignment, int]]] = []
+    for functions in slots.values():
+        if functions[0].address.function == 0:
+            ports.append([(d, d.address.function) for d in functions])
+        else:
+            ports.extend([(d, 0)] for d in functions)
+    return ports
+
+
+def _metadata(dom: ET.Element, p: Placement, plan: Plan) -> None:
+    """What the plan decided, for a reader and for drift checks: libvirt keeps it verbatim."""
+    md = _sub(dom, "metadata")
+    rec = ET.SubElement(md, f"{{{NAMESPACE}}}plan")
+    rec.set("cpus", str(p.cpuset))
+    rec.set("host-cpus", str(plan.host_cpus))
+    rec.set("accel", plan.accel)
+    rec.set("smt", plan.smt)
+    for d in p.devices:
+        dev = ET.SubElement(rec, f"{{{NAMESPACE}}}device")
+        dev.set("address", str(d.address))
+        dev.set("id", d.vendor_device)
+        dev.set("iommu-group", str(d.iommu_group))
+        dev.set("reason", d.reason)
+
+
+def _memory_backing(dom: ET.Element, p: Placement) -> None:
+    mb = _sub(dom, "memoryBacking")
+    if p.hugepage_bytes is not None:
+        hp = _sub(mb, "hugepages")
+        cells = ",".join(str(i) for i in range(len(p.memory_per_node)))
+        _sub(hp, "page", size=str(p.hugepage_bytes // KiB), unit="KiB", nodeset=cells)
+    _sub(mb, "nosharepages")
+    _sub(mb, "locked")
+    _sub(mb, "source", type="memfd" if p.hugepage_bytes is not None else "anonymous")
+    # One preallocation thread per partition CPU, as argv's prealloc-threads (libvirt
+    # gives one number for the whole guest: the largest node's CPU count is argv's most).
+    threads = max(1, max((len(v) for _, v in guest_cpus_by_node(p)), default=1))
+    _sub(mb, "allocation", mode="immediate", threads=str(threads))
+
+
+def _cputune(dom: ET.Element, p: Placement, plan: Plan) -> None:
+    ct = _sub(dom, "cputune")
+    for i, cpu in enumerate(p.cpus):
+        _sub(ct, "vcpupin", vcpu=str(i), cpuset=str(cpu))
+    if plan.host_cpus:
+        reserve = str(plan.host_cpus)
+        _sub(ct, "emulatorpin", cpuset=reserve)
+        for i in range(len(p.spec.disks)):
+            _sub(ct, "iothreadpin", iothread=str(i + 1), cpuset=reserve)
+
+
+def _numatune(dom: ET.Element, p: Placement) -> None:
+    nt = _sub(dom, "numatune")
+    nodes = ",".join(str(n) for n, _ in p.memory_per_node)
+    _sub(nt, "memory", mode="strict", nodeset=nodes)
+    for i, (node, _) in enumerate(p.memory_per_node):
+        _sub(nt, "memnode", cellid=str(i), mode="strict", nodeset=str(node))
+
+
+def _os(dom: ET.Element, p: Placement) -> None:
+    attrs = {"firmware": "efi"} if p.spec.firmware == "uefi" else {}
+    os_el = _sub(dom, "os", **attrs)
+    _sub(os_el, "type", "hvm", arch="x86_64", machine="q35")
+    if p.spec.firmware == "uefi":
+        fw = _sub(os_el, "firmware")
+        _sub(fw, "feature", enabled="no", name="enrolled-keys")
+        _sub(fw, "feature", enabled="no", name="secure-boot")
+    boot = p.spec.boot
+    if boot is not None:
+        _sub(os_el, "kernel", boot.kernel)
+        if boot.initrd:
+            _sub(os_el, "initrd", boot.initrd)
+        if boot.cmdline:
+            _sub(os_el, "cmdline", boot.cmdline)
+
+
+def _cpu(dom: ET.Element, p: Placement, tcg: bool) -> None:
+    # TCG has no host CPU to pass through: "maximum" is QEMU's -cpu max.
+    cpu = _sub(dom, "cpu", mode="maximum" if tcg else "host-passthrough", migratable="off")
+    _sub(
+        cpu,
+        "topology",
+        sockets=str(p.sockets),
+        dies="1",
+        cores=str(p.cores),
+        threads=str(p.threads),
+    )
+    numa = _sub(cpu, "numa")
+    for i, (node, vcpus) in enumerate(guest_cpus_by_node(p)):
+        size = dict(p.memory_per_node)[node]
+        attrs = {"id": str(i), "memory": str(size // KiB), "unit": "KiB"}
+        if vcpus:
+            attrs["cpus"] = str(CpuSet(vcpus))
+        _sub(numa, "cell", **attrs)
+
+
+def _devices(dom: ET.Element, p: Placement) -> None:
+    devs = _sub(dom, "devices")
+    for i, disk in enumerate(p.spec.disks):
+        block = disk.path.startswith("/dev/")
+        el = _sub(devs, "disk", type="block" if block else "file", device="disk")
+        drv = {"name": "qemu", "type": disk_format(disk.path), "iothread": str(i + 1)}
+        if block:
+            drv |= {"cache": "none", "io": "native"}
+        _sub(el, "driver", **drv)
+        _sub(el, "source", **{"dev" if block else "file": disk.path})
+        _sub(el, "target", dev=f"vd{_letters(i)}", bus="virtio")
+        if disk.readonly:
+            _sub(el, "readonly")
+        if i == 0 and p.spec.boot is None:
+            _sub(el, "boot", order="1")
+    ports = guest_ports(p.devices)
+    for k in range(len(ports)):
+        ctl = _sub(devs, "controller", type="pci", index=str(k + 1), model="pcie-root-port")
+        _sub(ctl, "target", chassis=str(k + 1), port=f"{k + 16:#x}")
+    for k, members in enumerate(ports):
+        multi = len(members) > 1
+        for d, fn in members:
+            hd = _sub(devs, "hostdev", mode="subsystem", type="pci", managed="no")
+            src = _sub(hd, "source")
+            a = d.address
+            _sub(
+                src,
+                "address",
+                domain=f"{a.domain:#06x}",
+                bus=f"{a.bus:#04x}",
+                slot=f"{a.slot:#04x}",
+                function=f"{a.function:#x}",
+            )
+            guest = {
+                "type": "pci",
+                "domain": "0x0000",
+                "bus": f"{k + 1:#04x}",
+                "slot": "0x00",
+                "function": f"{fn:#x}",
+            }
+            if multi and fn == 0:
+                guest["multifunction"] = "on"
+            _sub(hd, "address", **guest)
+    serial = _sub(devs, "serial", type="pty")
+    _sub(serial, "log", file=f"{CONSOLE_LOG_DIR}/{p.name}.console.log", append="on")
+    _sub(serial, "target", type="isa-serial", port="0")
+    console = _sub(devs, "console", type="pty")
+    _sub(console, "target", type="serial", port="0")
+    _sub(devs, "controller", type="usb", model="none")
+    _sub(devs, "memballoon", model="none")
+
+
+def _letters(i: int) -> str:
+    """vda, vdb, ... vdz, vdaa: the disk names libvirt expects for index ``i``."""
+    s = ""
+    i += 1
+    while i:
+        i, r = divmod(i - 1, 26)
+        s = chr(ord("a") + r) + s
+    return s
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
+    el = ET.SubElement(parent, tag, attrs)
+    if text is not None:
+        el.text = text
+    return el

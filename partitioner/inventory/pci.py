@@ -1,0 +1,189 @@
+"""PCI: functions (ids, class, driver, topology), their IOMMU groups, and their names.
+
+Names come from udev's hardware database on the live host (``HostRoot.hwdb``);
+a tree under --host-root has none, and ``inspect`` shows ids there.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import replace
+
+from partitioner import sysfs
+from partitioner.host import IommuGroup, PciFunction
+from partitioner.inventory.reader import Reader, is_number
+from partitioner.pci import PciAddress, PciAddressSyntaxError
+from partitioner.pcibars import read_bars
+
+# Slots run 00-1f: a component that is not one is not a PCI function.
+PCI_ADDR_RE = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[01][0-9a-fA-F]\.[0-7]$")
+
+# PCI base classes and a few subclasses, from the PCI code and ID assignment
+# specification; enough to name a function in `inspect` when udev's hwdb is absent.
+_CLASS_NAMES: dict[str, str] = {
+    "0100": "SCSI storage controller",
+    "0101": "IDE interface",
+    "0104": "RAID bus controller",
+    "0106": "SATA controller",
+    "0107": "Serial Attached SCSI controller",
+    "0108": "Non-Volatile memory controller",
+    "0200": "Ethernet controller",
+    "0207": "InfiniBand controller",
+    "0280": "Network controller",
+    "0300": "VGA compatible controller",
+    "0302": "3D controller",
+    "0380": "Display controller",
+    "0401": "Multimedia audio controller",
+    "0403": "Audio device",
+    "0600": "Host bridge",
+    "0601": "ISA bridge",
+    "0604": "PCI bridge",
+    "0680": "Bridge",
+    "0700": "Serial controller",
+    "0880": "System peripheral",
+    "0c03": "USB controller",
+    "0c05": "SMBus",
+    "0c04": "Fibre Channel",
+    "0c06": "InfiniBand",
+    "1200": "Processing accelerators",
+}
+_BASE_CLASS_NAMES: dict[str, str] = {
+    "00": "Unclassified device",
+    "01": "Mass storage controller",
+    "02": "Network controller",
+    "03": "Display controller",
+    "04": "Multimedia controller",
+    "05": "Memory controller",
+    "06": "Bridge",
+    "07": "Communication controller",
+    "08": "Generic system peripheral",
+    "09": "Input device controller",
+    "0b": "Processor",
+    "0c": "Serial bus controller",
+    "0d": "Wireless controller",
+    "0e": "Intelligent controller",
+    "0f": "Satellite communications controller",
+    "10": "Encryption controller",
+    "11": "Signal processing controller",
+    "12": "Processing accelerators",
+    "13": "Non-Essential Instrumentation",
+    "40": "Coprocessor",
+    "ff": "Unassigned class",
+}
+
+
+def class_label(class_code: str) -> str:
+    """A human name for a 6-hex-digit PCI class code (``"020000"`` -> ``"Ethernet controller"``)."""
+    return _CLASS_NAMES.get(class_code[:4]) or _BASE_CLASS_NAMES.get(class_code[:2], "")
+
+
+def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
+    out: dict[PciAddress, PciFunction] = {}
+    for name in r.root.listdir(sysfs.PCI_DEVICES):
+        try:
+            addr = PciAddress.parse(name)
+        except PciAddressSyntaxError:
+            r.note(f"{sysfs.pci_device(name)} is not a PCI address; ignored")
+            continue
+        real = r.realpath(sysfs.pci_device(name))
+        if not r.root.is_dir(real):
+            r.note(f"{sysfs.pci_device(name)} points nowhere; ignored")
+            continue
+        upstream = tuple(
+            parse_pci(part) for part in real.split("/")[:-1] if PCI_ADDR_RE.match(part)
+        )
+        class_code = r.read_hex(f"{real}/class", 6)
+        override = r.read(f"{real}/driver_override")
+        reset = r.read(f"{real}/reset_method")
+        group_name = r.root.readlink_name(f"{real}/iommu_group")
+        group: int | None = None
+        absent: str | None = None
+        if group_name is not None:
+            if is_number(group_name):
+                group = int(group_name)
+            else:
+                absent = group_name
+        numa = r.read_int(f"{real}/numa_node")
+        netdevs = tuple(n for n in r.root.listdir(f"{real}/net"))
+        vendor = r.read_hex(f"{real}/vendor", 4)
+        device = r.read_hex(f"{real}/device", 4)
+        names = names_of(r, vendor, device)
+        out[addr] = PciFunction(
+            address=addr,
+            vendor=vendor,
+            device=device,
+            class_code=class_code,
+            subsystem_vendor=r.read_hex(f"{real}/subsystem_vendor", 4),
+            subsystem_device=r.read_hex(f"{real}/subsystem_device", 4),
+            driver=r.root.readlink_name(f"{real}/driver"),
+            driver_override=None if override in (None, "", "(null)") else override,
+            iommu_group=group,
+            numa_node=numa if numa is not None and numa >= 0 else None,
+            reset_methods=tuple(reset.split()) if reset else (),
+            # The kernel gives boot_vga to display-class devices only.
+            boot_vga=class_code.startswith("03") and r.read_int(f"{real}/boot_vga") == 1,
+            is_bridge=class_code.startswith("06"),
+            upstream=upstream,
+            netdevs=netdevs,
+            label=class_label(class_code),
+            vendor_name=names[0],
+            device_name=names[1],
+            iommu_group_absent=absent,
+            bars=read_bars(r.root, real),
+        )
+    return dict(sorted(out.items()))
+
+
+def names_of(r: Reader, vendor: str, device: str) -> tuple[str, str]:
+    """(vendor name, device name) from udev's hwdb; "" where it has none."""
+    if len(vendor) != 4 or len(device) != 4:
+        return "", ""
+    entry = r.root.hwdb(f"pci:v0000{vendor.upper()}d0000{device.upper()}")
+    return entry.get("ID_VENDOR_FROM_DATABASE", ""), entry.get("ID_MODEL_FROM_DATABASE", "")
+
+
+def scan_iommu_groups(
+    r: Reader, pci: dict[PciAddress, PciFunction]
+) -> tuple[dict[int, IommuGroup], dict[PciAddress, PciFunction]]:
+    """The IOMMU groups, and ``pci`` with the functions whose group link names a group the
+    kernel does not list taken out of any group (``iommu_group_absent`` says which)."""
+    groups: dict[int, IommuGroup] = {}
+    for name in r.root.listdir(sysfs.IOMMU_GROUPS):
+        if not is_number(name):
+            r.note(f"{sysfs.iommu_group(name)} is not an IOMMU group number; ignored")
+            continue
+        members: list[PciAddress] = []
+        for dev in r.root.listdir(sysfs.iommu_group(name, "devices")):
+            # Groups also hold non-PCI devices on some platforms; only PCI ones matter here.
+            if PCI_ADDR_RE.match(dev):
+                members.append(parse_pci(dev))
+        groups[int(name)] = IommuGroup(id=int(name), members=tuple(sorted(members)))
+    out = pci
+    for addr, fn in pci.items():
+        missing = fn.iommu_group_absent
+        if fn.iommu_group is not None and fn.iommu_group not in groups:
+            missing = str(fn.iommu_group)
+        if missing is None:
+            continue
+        if out is pci:
+            out = dict(pci)
+        out[addr] = replace(fn, iommu_group=None, iommu_group_absent=missing)
+        r.note(
+            f"{addr} names IOMMU group {missing!r}, which the kernel does not list in "
+            f"{sysfs.IOMMU_GROUPS}: taken as in no group"
+        )
+    return dict(sorted(groups.items())), out
+
+
+def nearest_pci(real: str) -> PciAddress | None:
+    """The PCI function a sysfs device path hangs off (the last address in it)."""
+    for part in reversed(real.split("/")):
+        if PCI_ADDR_RE.match(part):
+            return parse_pci(part)
+    return None
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_pci(text: str) -> PciAddress:
+    return PciAddress.parse(text)

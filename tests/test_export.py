@@ -1,0 +1,405 @@
+"""``partition export``: libvirt XML and KubeVirt objects as pure functions of the Plan.
+
+Golden files are tests/golden/export/CASE.xml and CASE.kubevirt.yaml, for the
+same placements as tests/test_argv.py's QEMU command lines.  Regenerate them
+with ``PARTITION_REGEN_GOLDEN=1 pytest tests/test_export.py`` and review the diff.
+Every libvirt document is checked against libvirt's own RELAX NG schema
+(``xmllint``), every KubeVirt object against KubeVirt's OpenAPI definitions with
+unknown fields refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import os
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from test_argv import CASES, _plan
+
+from partitioner.cli.main import main
+from partitioner.cpuset import CpuSet
+from partitioner.export import kubevirt, libvirt
+from partitioner.guest.argv import guest_cpus_by_node
+from partitioner.pci import PciAddress
+from partitioner.plan import Placement
+from partitioner.units import KiB
+
+GOLDEN = Path(__file__).parent / "golden" / "export"
+FIXTURE_HOST = Path(__file__).parent / "fixtures" / "hosts" / "testbed-numa"
+DOMAIN_RNG = Path("/usr/share/libvirt/schemas/domain.rng")
+SWAGGER = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "kubevirt" / "swagger.json"
+if not SWAGGER.exists():
+    SWAGGER = Path("/work/shared/schemas/kubevirt/swagger.json")
+
+
+def _check_golden(name: str, text: str) -> None:
+    golden = GOLDEN / name
+    if os.environ.get("PARTITION_REGEN_GOLDEN") == "1":
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(text)
+    assert golden.exists(), f"no golden file {golden}: run with PARTITION_REGEN_GOLDEN=1"
+    assert text == golden.read_text(), f"{name} differs from {golden}"
+
+
+def _xmllint(docs: dict[str, str], tmp_path: Path) -> None:
+    """Every document valid against libvirt's domain.rng (the schema virsh define uses)."""
+    if shutil.which("xmllint") is None or not DOMAIN_RNG.exists():
+        pytest.skip(
+            "needs xmllint and libvirt's schemas: apt-get install libxml2-utils libvirt-daemon"
+        )
+    paths = []
+    for name, text in docs.items():
+        (tmp_path / name).write_text(text)
+        paths.append(str(tmp_path / name))
+    cp = subprocess.run(
+        ["xmllint", "--noout", "--relaxng", str(DOMAIN_RNG), *paths],
+        capture_output=True,
+        text=True,
+    )
+    assert cp.returncode == 0, cp.stderr
+
+
+@functools.cache
+def _strict_validator(definition: str) -> jsonschema.Draft4Validator:
+    """KubeVirt's swagger definitions with ``additionalProperties: false`` added wherever an
+    object lists its properties and says nothing of others: a misspelled field fails."""
+    if not SWAGGER.exists():
+        pytest.skip(f"KubeVirt's API schema is not at {SWAGGER} (../shared/schemas/kubevirt)")
+    defs = copy.deepcopy(json.loads(SWAGGER.read_text())["definitions"])
+    for d in defs.values():
+        if "properties" in d and "additionalProperties" not in d:
+            d["additionalProperties"] = False
+    return jsonschema.Draft4Validator({"$ref": f"#/definitions/{definition}", "definitions": defs})
+
+
+def _kubevirt_valid(doc: dict[str, Any]) -> None:
+    kind = {"VirtualMachine": "v1.VirtualMachine", "KubeVirt": "v1.KubeVirt"}[doc["kind"]]
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in _strict_validator(kind).iter_errors(doc)
+    ]
+    assert not errors, errors
+
+
+# -- libvirt ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_libvirt_golden_and_valid(case: str, tmp_path: Path) -> None:
+    p, accel, _ = CASES[case]
+    text = libvirt.domain_xml(p, _plan(p, accel))
+    _check_golden(f"{case}.xml", text)
+    _xmllint({f"{case}.xml": text}, tmp_path)
+
+
+def test_the_schema_check_can_fail(tmp_path: Path) -> None:
+    """A misspelled element is refused by the same check the golden documents pass."""
+    p, accel, _ = CASES["tcg-small"]
+    text = libvirt.domain_xml(p, _plan(p, accel)).replace("<vcpupin ", "<vcpu_pin ")
+    with pytest.raises(AssertionError, match="Extra element cputune"):
+        _xmllint({"bad.xml": text}, tmp_path)
+
+
+def _attrs(root: ET.Element, path: str) -> list[dict[str, str]]:
+    return [dict(e.attrib) for e in root.findall(path)]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_libvirt_carries_the_plan(case: str) -> None:
+    """The decisions of guest/argv.py, read back from the XML."""
+    p, accel, _ = CASES[case]
+    plan = _plan(p, accel)
+    root = ET.fromstring(libvirt.domain_xml(p, plan))
+    assert root.get("type") == ("kvm" if accel == "kvm" else "qemu")
+    # Each vCPU on its host CPU; the emulator and iothreads on the reserve.
+    pins = {int(a["vcpu"]): int(a["cpuset"]) for a in _attrs(root, "cputune/vcpupin")}
+    assert pins == dict(enumerate(p.cpus))
+    assert root.find("vcpu").text == str(len(p.cpus))  # type: ignore[union-attr]
+    assert _attrs(root, "cputune/emulatorpin") == [{"cpuset": str(plan.host_cpus)}]
+    iopins = _attrs(root, "cputune/iothreadpin")
+    assert len(iopins) == len(p.spec.disks)
+    assert all(a["cpuset"] == str(plan.host_cpus) for a in iopins)
+    # Topology and NUMA cells: each cell's vCPUs run on the host node its memory is bound to.
+    topo = root.find("cpu/topology").attrib  # type: ignore[union-attr]
+    assert (int(topo["sockets"]), int(topo["cores"]), int(topo["threads"])) == (
+        p.sockets,
+        p.cores,
+        p.threads,
+    )
+    cells = _attrs(root, "cpu/numa/cell")
+    memnodes = _attrs(root, "numatune/memnode")
+    assert len(cells) == len(memnodes) == len(p.memory_per_node)
+    for cell, mn, (node, size), (_, vcpus) in zip(
+        cells, memnodes, p.memory_per_node, guest_cpus_by_node(p), strict=True
+    ):
+        assert int(cell["memory"]) * KiB == size
+        assert mn == {"cellid": cell["id"], "mode": "strict", "nodeset": str(node)}
+        assert CpuSet.parse(cell.get("cpus", "")) == CpuSet(vcpus)
+        if p.cpu_nodes:
+            assert all(p.cpu_nodes[v] == node for v in vcpus)
+    # Memory: locked, unshared, allocated at start, of the plan's page size.
+    mb = root.find("memoryBacking")
+    assert mb is not None
+    assert mb.find("locked") is not None and mb.find("nosharepages") is not None
+    assert mb.find("allocation").get("mode") == "immediate"  # type: ignore[union-attr]
+    pages = _attrs(mb, "hugepages/page")
+    if p.hugepage_bytes is None:
+        assert pages == []
+    else:
+        assert [int(a["size"]) * KiB for a in pages] == [p.hugepage_bytes]
+        assert mb.find("source").get("type") == "memfd"  # type: ignore[union-attr]
+    assert int(root.find("memory").text) * KiB == p.memory_bytes  # type: ignore[arg-type, union-attr]
+    # No balloon; a serial console; host-passthrough under KVM with the dedicated hint.
+    assert _attrs(root, "devices/memballoon") == [{"model": "none"}]
+    assert root.find("devices/serial") is not None
+    if accel == "kvm":
+        assert root.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
+        assert _attrs(root, "features/kvm/hint-dedicated") == [{"state": "on"}]
+    # Devices by host address, unmanaged.
+    hostdevs = root.findall("devices/hostdev")
+    assert {h.get("managed") for h in hostdevs} <= {"no"}
+    got = sorted(_host_address(h) for h in hostdevs)
+    assert got == sorted(d.address for d in p.devices)
+
+
+def _host_address(h: ET.Element) -> PciAddress:
+    a = h.find("source/address")
+    assert a is not None
+    return PciAddress(*(int(a.get(k, "0"), 16) for k in ("domain", "bus", "slot", "function")))
+
+
+def test_functions_of_one_slot_stay_together() -> None:
+    """A GPU and its audio function share one guest slot with their function numbers; a
+    function without function 0 in its slot gets a port of its own, as function 0."""
+    p, accel, _ = CASES["kvm-devices-uefi"]
+    root = ET.fromstring(libvirt.domain_xml(p, _plan(p, accel)))
+    guest = {}
+    for h in root.findall("devices/hostdev"):
+        g = h.find("address")
+        assert g is not None
+        guest[str(_host_address(h))] = (g.get("bus"), g.get("function"), g.get("multifunction"))
+    assert guest["0000:81:00.0"][0] == guest["0000:81:00.1"][0]
+    assert guest["0000:81:00.0"][1:] == ("0x0", "on")
+    assert guest["0000:81:00.1"][1] == "0x1"
+    assert guest["0000:03:10.2"][1] == "0x0"
+    buses = [v[0] for k, v in guest.items() if k not in ("0000:81:00.1",)]
+    assert len(buses) == len(set(buses)), "every other function has a root port of its own"
+    ports = {c.get("index") for c in root.findall("devices/controller[@model='pcie-root-port']")}
+    assert {str(int(v[0] or "0", 16)) for v in guest.values()} <= ports
+
+
+# -- KubeVirt -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kubevirt_golden_and_valid(case: str) -> None:
+    p, accel, _ = CASES[case]
+    result = kubevirt.export(_plan(p, accel), "node-a")
+    text = "".join(f"---\n# {n}\n{t}" for n, t in sorted(result.documents.items()))
+    _check_golden(f"{case}.kubevirt.yaml", text)
+    for t in result.documents.values():
+        _kubevirt_valid(yaml.safe_load(t))
+
+
+def test_kubevirt_schema_check_refuses_unknown_fields() -> None:
+    p, accel, _ = CASES["kvm-devices-uefi"]
+    vm = kubevirt.virtual_machine(p, _plan(p, accel), "node-a")
+    _kubevirt_valid(vm)
+    bad = copy.deepcopy(vm)
+    bad["spec"]["template"]["spec"]["domain"]["cpu"]["dedicatedCPUPlacement"] = True
+    with pytest.raises(AssertionError, match="dedicatedCPUPlacement"):
+        _kubevirt_valid(bad)
+    wrong_type = copy.deepcopy(vm)
+    wrong_type["spec"]["template"]["spec"]["domain"]["cpu"]["cores"] = "2"
+    with pytest.raises(AssertionError, match="cores"):
+        _kubevirt_valid(wrong_type)
+
+
+def _vm_domain(vm: dict[str, Any]) -> dict[str, Any]:
+    d: dict[str, Any] = vm["spec"]["template"]["spec"]["domain"]
+    return d
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kubevirt_carries_the_plan(case: str) -> None:
+    p, accel, _ = CASES[case]
+    vm = kubevirt.virtual_machine(p, _plan(p, accel), "node-a")
+    dom = _vm_domain(vm)
+    cpu = dom["cpu"]
+    assert (cpu["sockets"], cpu["cores"], cpu["threads"]) == (p.sockets, p.cores, p.threads)
+    assert cpu["dedicatedCpuPlacement"] is True and cpu["isolateEmulatorThread"] is True
+    assert cpu["numa"] == {"guestMappingPassthrough": {}}
+    assert _bytes(dom["memory"]["guest"]) == p.memory_bytes
+    if p.hugepage_bytes:
+        assert _bytes(dom["memory"]["hugepages"]["pageSize"]) == p.hugepage_bytes
+    else:
+        assert "hugepages" not in dom["memory"]
+    assert dom["devices"]["autoattachMemBalloon"] is False
+    assert vm["spec"]["template"]["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "node-a"}
+    want = [kubevirt.resource_name(d.vendor_device) for d in p.devices]
+    assert [h["deviceName"] for h in dom["devices"].get("hostDevices", [])] == want
+
+
+def _bytes(q: str) -> int:
+    for suffix, unit in (("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if q.endswith(suffix):
+            return int(q[: -len(suffix)]) * unit
+    return int(q)
+
+
+def test_kubevirt_says_which_devices_it_could_swap() -> None:
+    """Two partitions with NICs of one model: KubeVirt may give either the other's, and a
+    third function of that model that no partition holds is a candidate too."""
+    a, accel, _ = CASES["kvm-devices-uefi"]  # 10de:1eb8 at 82:00.0, 81:00.0, 03:10.2, 81:00.1
+    b_dev = a.devices[0].__class__(
+        address=PciAddress.parse("0000:c1:00.0"),
+        iommu_group=60,
+        vendor_device="10de:1eb8",
+        driver="nvidia",
+        added=False,
+        reason="test",
+    )
+    b = _placement_like(a, "db1", (20, 21), (b_dev,))
+    plan = _plan(a, accel)
+    plan = plan.__class__(
+        accel=plan.accel,
+        smt=plan.smt,
+        host_cpus=plan.host_cpus,
+        host_memory_bytes=plan.host_memory_bytes,
+        placements={"db1": b, "fw0": a},
+    )
+    spare = PciAddress.parse("0000:c2:00.0")
+    other = PciAddress.parse("0000:c3:00.0")
+    result = kubevirt.export(plan, "node-a", {spare: "10de:1eb8", other: "8086:10d3"})
+    db1 = " ".join(result.substitutions["db1"])
+    assert "0000:81:00.0 (partition fw0)" in db1 and "0000:c2:00.0 (not in the plan)" in db1
+    assert "0000:c3:00.0" not in db1
+    # fw0 could get db1's function or the spare for each of its four; its own are no loss.
+    assert len(result.substitutions["fw0"]) == 4
+    assert all("partition fw0" not in s for s in result.substitutions["fw0"])
+    assert all("0000:c1:00.0 (partition db1)" in s for s in result.substitutions["fw0"])
+    vm = yaml.safe_load(result.documents["db1.yaml"])
+    assert "partition fw0" in vm["metadata"]["annotations"]["partition.local/device-substitution"]
+    kv = yaml.safe_load(result.documents["kubevirt-permitted-host-devices.yaml"])
+    _kubevirt_valid(kv)
+    assert kv["spec"]["configuration"]["permittedHostDevices"]["pciHostDevices"] == [
+        {"pciVendorSelector": "10DE:1EB8", "resourceName": "partition.local/pci-10de-1eb8"}
+    ]
+    # A model of its own: nothing to swap, no annotation.
+    alone = kubevirt.export(plan, "node-a", {})
+    solo = _placement_like(a, "solo", (30,), ())
+    assert kubevirt.virtual_machine(solo, plan, "n")["metadata"]["annotations"].keys() == {
+        "partition.local/planned-cpus"
+    }
+    assert alone.substitutions["db1"] and alone.notes["db1"]
+
+
+def _placement_like(
+    p: Placement, name: str, cpus: tuple[int, ...], devices: tuple[Any, ...]
+) -> Placement:
+    from dataclasses import replace
+
+    return replace(
+        p,
+        name=name,
+        cpus=cpus,
+        cores=len(cpus),
+        sockets=1,
+        threads=1,
+        devices=devices,
+        cpu_nodes=(),
+        spec=replace(p.spec, name=name, cpu_count=len(cpus)),
+    )
+
+
+# -- the verb -----------------------------------------------------------------------------
+
+SITE = """\
+version: 1
+host: {reserve: {cpus: "0-1", memory: 256MiB}, accel: tcg, isolation: pinned}
+partitions:
+  fw0:
+    cpus: 2
+    memory: 64MiB
+    devices: [{pci: "0000:41:00.0"}, {pci: "0000:42:00.0"}]
+  db0:
+    cpus: 2
+    memory: 64MiB
+    numa: [1]
+    devices: [{pci: "0000:81:00.0"}]
+    disks: [{path: /srv/db0.qcow2}]
+"""
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_export_verb_on_a_host_tree(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(SITE)
+    root = ("--host-root", str(FIXTURE_HOST))
+    rc, out, err = _run(capsys, *root, "--json", "plan", str(site))
+    assert rc == 0, err
+    planned = json.loads(out)["partitions"]
+
+    out_dir = tmp_path / "libvirt"
+    rc, out, err = _run(
+        capsys, *root, "export", str(site), "--format", "libvirt", "--out", str(out_dir)
+    )
+    assert rc == 0, err
+    assert sorted(p.name for p in out_dir.iterdir()) == ["db0.xml", "fw0.xml"]
+    assert out.split() == [str(out_dir / "db0.xml"), str(out_dir / "fw0.xml")]
+    _xmllint({p.name: p.read_text() for p in out_dir.iterdir()}, tmp_path)
+    for name, want in planned.items():
+        root_el = ET.parse(out_dir / f"{name}.xml").getroot()
+        pins = [int(a["cpuset"]) for a in _attrs(root_el, "cputune/vcpupin")]
+        assert pins == want["cpus"]
+        hostdevs = [str(_host_address(h)) for h in root_el.findall("devices/hostdev")]
+        assert sorted(hostdevs) == sorted(want["devices"] + want["added_devices"])
+
+    # kubevirt: the fixture says no hostname, so --node is needed, and said so.
+    rc, out, err = _run(capsys, *root, "export", str(site), "--format", "kubevirt")
+    assert rc == 2 and "--node" in err and out == ""
+    rc, out, err = _run(
+        capsys, *root, "--json", "export", str(site), "--format", "kubevirt", "--node", "n1"
+    )
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["files"] == ["db0.yaml", "fw0.yaml", "kubevirt-permitted-host-devices.yaml"]
+    for text in doc["documents"].values():
+        _kubevirt_valid(yaml.safe_load(text))
+    # 8086:10d3 is the model of every NIC of this host: KubeVirt could swap any of them.
+    swaps = " ".join(doc["substitutions"]["db0"])
+    assert "0000:41:00.0 (partition fw0)" in swaps and "0000:01:00.0 (not in the plan)" in swaps
+    assert any("kubelet" in n for n in doc["notes"]["fw0"])
+
+
+def test_export_refuses_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(SITE)
+    root = ("--host-root", str(FIXTURE_HOST))
+    rc, out, err = _run(capsys, *root, "export", str(site), "--format", "vmware")
+    assert rc == 2 and out == "" and "vmware" in err and "libvirt" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc, out, err = _run(
+        capsys, *root, "export", str(site), "--format", "libvirt", "--out", str(blocker / "x")
+    )
+    assert rc == 2 and "cannot write the export" in err and "Traceback" not in err
+    site.write_text(
+        SITE.replace("cpus: 2\n    memory: 64MiB\n    numa", "cpus: 7\n    memory: 64MiB\n    numa")
+    )
+    rc, out, err = _run(capsys, *root, "export", str(site), "--format", "libvirt")
+    assert rc == 3 and out == ""
