@@ -12,6 +12,7 @@ from functools import cached_property
 from partitioner import sysfs
 from partitioner.cpuset import CpuSet
 from partitioner.pci import PciAddress
+from partitioner.pcibars import Bar
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class PciFunction:
     # The group its iommu_group link names when the kernel does not list that group
     # (iommu_group is None then): a damaged tree, or a group removed while reading.
     iommu_group_absent: str | None = None
+    bars: tuple[Bar, ...] = ()  # from sysfs `resource` (partitioner/pcibars.py)
 
     @property
     def id(self) -> str:
@@ -115,6 +117,7 @@ class Host:
     hugepage_sizes: tuple[int, ...]  # page sizes the kernel offers (bytes), ascending
     page_size: int = 4096
     vfio_pci_loaded: bool = False
+    phys_bits: int | None = None  # the CPU's physical address bits (/proc/cpuinfo), None: unknown
     notes: tuple[str, ...] = field(
         default=()
     )  # quirks met while reading (contradictory NUMA data...)

@@ -620,5 +620,7 @@ class _Checker:
             count=d.get("count", 1),
             required=d.get("required", True),
             reset_none_ok=d.get("reset") == "none-ok",
+            rom=d.get("rom"),
+            primary_display=d.get("primary_display", False),
             where=self.location(path),
         )

@@ -33,6 +33,8 @@ class DeviceSpec:
     count: int = 1  # for kind "id" only
     required: bool = True
     reset_none_ok: bool = False  # `reset: none-ok`: accept a function with no reset method
+    rom: str | None = None  # `rom: off` or an absolute ROM file path; None: the device's own ROM
+    primary_display: bool = False  # `primary_display: true`: x-vga=on (display GPUs, SeaBIOS)
     where: Location = NOWHERE
 
     def __str__(self) -> str:

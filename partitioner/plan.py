@@ -27,6 +27,8 @@ class DeviceAssignment:
     added: bool  # True: not named by the user, taken because its slot or group goes along
     reason: str  # "named as pci: 0000:81:00.0", "same slot as 0000:81:00.0", ...
     reset_none_ok: bool = False
+    rom: str | None = None  # "off" or a ROM file (manifest `rom:`); None: the device's own
+    primary_display: bool = False  # x-vga=on (manifest `primary_display: true`)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class Placement:
     # NUMA node of each host CPU in ``cpus`` (same order), so the guest's NUMA nodes get the
     # vCPUs that really run there.  () is allowed when ``numa_nodes`` has a single node.
     cpu_nodes: tuple[int, ...] = ()
+    # Set by partitioner/mmio.py: the 64-bit PCI window its devices' BARs need (0: QEMU's
+    # default holds them), and whether the guest's topology mirrors the host cores it got.
+    pci_hole64_bytes: int = 0
+    host_cache_info: bool = False
 
     @property
     def memory_bytes(self) -> int:

@@ -32,6 +32,7 @@ from partitioner.cpuset import CpuSet
 from partitioner.errors import PlanError
 from partitioner.host import Host, PciFunction
 from partitioner.manifest import DeviceSpec, Manifest, PartitionSpec
+from partitioner.mmio import settle
 from partitioner.pci import PciAddress
 from partitioner.plan import DeviceAssignment, Placement, Plan, RunningPartition
 from partitioner.units import format_size, human_size, page_size_name
@@ -168,6 +169,9 @@ def plan(
         else:
             placements[spec.name] = placement
 
+    placements, problems, notes = settle(placements, manifest, host)  # BARs, address width
+    w.problems += problems
+    w.notes += notes
     if w.problems:
         raise PlanError(w.problems)
     return Plan(

@@ -347,6 +347,8 @@ def spec_to_json(s: PartitionSpec) -> dict[str, Any]:
                 "count": d.count,
                 "required": d.required,
                 "reset_none_ok": d.reset_none_ok,
+                "rom": d.rom,
+                "primary_display": d.primary_display,
                 "where": _loc_to_json(d.where),
             }
             for d in s.devices
@@ -380,6 +382,8 @@ def spec_from_json(d: Mapping[str, Any]) -> PartitionSpec:
                 count=int(x.get("count", 1)),
                 required=bool(x.get("required", True)),
                 reset_none_ok=bool(x.get("reset_none_ok", False)),
+                rom=x.get("rom"),
+                primary_display=bool(x.get("primary_display", False)),
                 where=_loc_from_json(x.get("where")),
             )
             for x in d.get("devices", [])
@@ -415,12 +419,16 @@ def placement_to_json(p: Placement) -> dict[str, Any]:
                 "added": d.added,
                 "reason": d.reason,
                 "reset_none_ok": d.reset_none_ok,
+                "rom": d.rom,
+                "primary_display": d.primary_display,
             }
             for d in p.devices
         ],
         "spec": spec_to_json(p.spec),
         "notes": list(p.notes),
         "cpu_nodes": list(p.cpu_nodes),
+        "pci_hole64_bytes": p.pci_hole64_bytes,
+        "host_cache_info": p.host_cache_info,
     }
 
 
@@ -447,12 +455,16 @@ def placement_from_json(d: Mapping[str, Any]) -> Placement:
                 added=bool(x["added"]),
                 reason=str(x.get("reason", "")),
                 reset_none_ok=bool(x.get("reset_none_ok", False)),
+                rom=x.get("rom"),
+                primary_display=bool(x.get("primary_display", False)),
             )
             for x in d.get("devices", [])
         ),
         spec=spec_from_json(d["spec"]),
         notes=tuple(str(n) for n in d.get("notes", [])),
         cpu_nodes=tuple(int(n) for n in d.get("cpu_nodes", [])),
+        pci_hole64_bytes=int(d.get("pci_hole64_bytes", 0)),
+        host_cache_info=bool(d.get("host_cache_info", False)),
     )
 
 

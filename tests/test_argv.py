@@ -16,7 +16,8 @@ import pytest
 from partitioner.cpuset import CpuSet
 from partitioner.errors import GuestError
 from partitioner.guest.argv import GuestPaths, disk_format, guest_paths, qemu_argv
-from partitioner.guest.caps import QemuCaps
+from partitioner.guest.caps import CPU_PROPS, QemuCaps
+from partitioner.guest.kvm import KvmCaps
 from partitioner.guest.launch import RunningGuest
 from partitioner.manifest import Boot, Disk, PartitionSpec
 from partitioner.pci import PciAddress
@@ -35,7 +36,13 @@ CAPS = QemuCaps(
     iothread=True,
     ovmf_code="/usr/share/OVMF/OVMF_CODE_4M.fd",
     ovmf_vars="/usr/share/OVMF/OVMF_VARS_4M.fd",
+    cpu_props=CPU_PROPS,
+    cpu_pm=True,
+    # What this test machine's KVM answers: HLT, PAUSE and C-state exits can stay in the guest.
+    kvm=KvmCaps(available=True, disable_exits=0b1110, max_vcpus=1024),
 )
+# A KVM that keeps every exit in the host (KVM_CAP_X86_DISABLE_EXITS answers 0).
+NO_EXITS_CAPS = replace(CAPS, kvm=KvmCaps(available=True, disable_exits=0, max_vcpus=288))
 OLD_CAPS = QemuCaps(binary="/opt/qemu-6.2/bin/qemu-system-x86_64", version=(6, 2, 0))
 
 
@@ -48,7 +55,14 @@ def _paths(name: str) -> GuestPaths:
     )
 
 
-def _dev(addr: str, group: int, *, added: bool = False) -> DeviceAssignment:
+def _dev(
+    addr: str,
+    group: int,
+    *,
+    added: bool = False,
+    rom: str | None = None,
+    primary_display: bool = False,
+) -> DeviceAssignment:
     return DeviceAssignment(
         address=PciAddress.parse(addr),
         iommu_group=group,
@@ -56,6 +70,8 @@ def _dev(addr: str, group: int, *, added: bool = False) -> DeviceAssignment:
         driver="nvidia",
         added=added,
         reason="test",
+        rom=rom,
+        primary_display=primary_display,
     )
 
 
@@ -71,6 +87,8 @@ def _placement(
     boot: Boot | None = None,
     disks: tuple[Disk, ...] = (),
     firmware: str = "bios",
+    hole64: int = 0,
+    cache_info: bool = False,
 ) -> Placement:
     spec = PartitionSpec(
         name=name,
@@ -97,6 +115,8 @@ def _placement(
         devices=devices,
         spec=spec,
         cpu_nodes=cpu_nodes,
+        pci_hole64_bytes=hole64,
+        host_cache_info=cache_info,
     )
 
 
@@ -163,6 +183,49 @@ CASES: dict[str, tuple[Placement, str, QemuCaps]] = {
         "kvm",
         CAPS,
     ),
+    # A data-centre GPU (3D controller, 16 MiB BAR0, 256 GiB 64-bit prefetchable BAR1) under
+    # UEFI: a 512 GiB 64-bit window for QEMU and OVMF; whole cores, so the host's cache
+    # description; the NIC has no option ROM.
+    "kvm-gpu-large-bar-uefi": (
+        _placement(
+            "ml0",
+            (4, 36, 5, 37),
+            ((0, 64 * GiB),),
+            topology=(1, 2, 2),
+            hugepages=GiB,
+            devices=(_dev("0000:c1:00.0", 60), _dev("0000:41:00.0", 30, rom="off")),
+            disks=(Disk("/dev/disk/by-id/nvme-ml0"),),
+            firmware="uefi",
+            hole64=512 * GiB,
+            cache_info=True,
+        ),
+        "kvm",
+        CAPS,
+    ),
+    # A display GPU as the guest's primary VGA display under SeaBIOS, its audio function
+    # along, its ROM from a file; two 64 GiB-BAR GPUs' window without OVMF's fw_cfg.
+    "kvm-display-gpu-bios": (
+        _placement(
+            "ws0",
+            (2, 3),
+            ((0, 16 * GiB),),
+            topology=(1, 2, 1),
+            devices=(
+                _dev("0000:01:00.0", 12, rom="/srv/roms/gpu,1.rom", primary_display=True),
+                _dev("0000:01:00.1", 12, added=True),
+            ),
+            disks=(Disk("/srv/ws0/root.qcow2"),),
+            hole64=256 * GiB,
+        ),
+        "kvm",
+        CAPS,
+    ),
+    # A KVM that cannot keep HLT in the guest: no cpu-pm, the rest as usual.
+    "kvm-no-exit-control": (
+        _placement("k1", (6, 7), ((0, 2 * GiB),), topology=(1, 1, 2), cache_info=True),
+        "kvm",
+        NO_EXITS_CAPS,
+    ),
     # A node with memory only, and an old QEMU without thread-context, memfd or seccomp.
     "old-qemu-memory-only-node": (
         _placement(
@@ -211,7 +274,10 @@ def test_rules_every_command_line_keeps(case: str) -> None:
     argv = qemu_argv(p, _plan(p, accel), _paths(p.name), caps)
     assert argv[0] == caps.binary
     assert argv[-1] == "-S", "the guest must start paused, to be pinned before it runs"
-    assert _opts(argv, "-overcommit") == ["mem-lock=on"]
+    # Memory is locked always; HLT stays in the guest only under KVM that offers it.
+    keeps_hlt = accel == "kvm" and caps.cpu_pm and caps.kvm is not None and caps.kvm.can_keep_hlt
+    assert _opts(argv, "-overcommit") == ["mem-lock=on,cpu-pm=on" if keeps_hlt else "mem-lock=on"]
+    assert not any("balloon" in a for a in argv), "a partition's memory is never taken back"
     assert _opts(argv, "-name") == [f"{p.name},debug-threads=on"]
 
     # Every id is unique, across objects, drives, devices and chardevs.
@@ -267,7 +333,16 @@ def test_rules_every_command_line_keeps(case: str) -> None:
     )
     assert bool(_opts(argv, "-sandbox")) == caps.sandbox
     if accel == "kvm":
-        assert _opts(argv, "-accel") == ["kvm"] and _opts(argv, "-cpu") == ["host"]
+        assert _opts(argv, "-accel") == ["kvm"]
+        cpu = dict(_kv(_opts(argv, "-cpu")[0]))
+        assert "host" in cpu
+        # Every dedicated-CPU setting this QEMU has is given; the cache description only
+        # when the guest's cores are whole host cores.
+        want = {"migratable": "off", "host-phys-bits": "on", "kvm-hint-dedicated": "on"}
+        assert {k: v for k, v in want.items() if k in caps.cpu_props} == {
+            k: cpu[k] for k in want if k in cpu
+        }
+        assert ("host-cache-info" in cpu) == (p.host_cache_info and bool(caps.cpu_props))
     else:
         assert _opts(argv, "-accel")[0].startswith("tcg,thread=multi")
 

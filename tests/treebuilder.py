@@ -27,6 +27,13 @@ from pathlib import Path
 GiB = 1024**3
 MiB = 1024**2
 
+# IORESOURCE_* flags as the kernel shows them in a function's sysfs `resource`, taken from
+# real devices (the low bits repeat the BAR register's own type bits).
+BAR_MEM32 = 0x00040200
+BAR_MEM64 = 0x00140204
+BAR_MEM64_PREF = 0x0014220C
+BAR_IO = 0x00040101
+
 
 @dataclass
 class _Cpu:
@@ -66,6 +73,8 @@ class _Pci:
     boot_vga: bool | None
     netdevs: tuple[str, ...]
     header_type: int | None = None  # config space byte 0x0e; None: no config file
+
+    bars: Mapping[int, tuple[int, int]] | None = None
 
 
 @dataclass
@@ -110,6 +119,8 @@ class TreeBuilder:
         self._next_minor = 0
         self._made: set[str] = set()
         self._words: int | None = None
+        self._phys_bits: int | None = None
+        self._next_bar = 0x38_0000_0000_00  # where the "firmware" puts the next BAR
         self.built = False  # after build(), bind/unbind change the files
 
     # -- CPUs and memory -----------------------------------------------------
@@ -252,13 +263,15 @@ class TreeBuilder:
         subsystem_device: str | None = None,
         driver_override: str | None = None,
         header_type: int | None = -1,
+        bars: Mapping[int, tuple[int, int]] | None = None,
     ) -> TreeBuilder:
         """A PCI function.  ``header_type`` goes to byte 0x0e of its ``config`` file: -1
         (default) derives it from the class as real devices have it (1 for a PCI bridge
         0604/0609, 2 for CardBus 0607, 0 otherwise), None leaves the file out (old trees).  ``parent`` (a bridge or port added before) puts it behind that
         bridge in /sys/devices; ``reset_methods=None`` leaves out the reset_method file (old
         kernels); ``boot_vga`` writes the file only when not None (the kernel has it on VGA
-        devices only); ``numa_node=None`` writes -1."""
+        devices only); ``numa_node=None`` writes -1; ``bars`` (BAR number -> (size, flags),
+        flags such as BAR_MEM64_PREF) writes ``resource`` as the kernel does."""
         if parent is not None and parent not in self._pci:
             raise ValueError(f"parent {parent} must be added before {address}")
         self._pci[address] = _Pci(
@@ -277,6 +290,7 @@ class TreeBuilder:
             boot_vga=boot_vga,
             netdevs=tuple(netdevs),
             header_type=_header_type(class_code) if header_type == -1 else header_type,
+            bars=bars,
         )
         if driver:
             self._drivers.add(driver)
@@ -540,6 +554,8 @@ class TreeBuilder:
                 self._write_config(f"{d}/config", f)
             if f.boot_vga is not None:
                 self._write(f"{d}/boot_vga", "1\n" if f.boot_vga else "0\n")
+            if f.bars is not None:
+                self._write(f"{d}/resource", self._resource(f.bars))
             self._link(f"{d}/subsystem", "/sys/bus/pci")
             self._link(f"/sys/bus/pci/devices/{f.address}", d)
             if f.iommu_group is not None:
@@ -552,6 +568,19 @@ class TreeBuilder:
                 self._link(f"/sys/bus/pci/drivers/{f.driver}/{f.address}", d)
         for g_id in groups:
             self._write(f"/sys/kernel/iommu_groups/{g_id}/type", "DMA\n")
+
+    def _resource(self, bars: Mapping[int, tuple[int, int]]) -> str:
+        lines = ["0x0000000000000000 0x0000000000000000 0x0000000000000000"] * 7
+        for i, (size, flags) in sorted(bars.items()):
+            start = -(-self._next_bar // size) * size  # naturally aligned, as firmware does
+            self._next_bar = start + size
+            lines[i] = f"0x{start:016x} 0x{start + size - 1:016x} 0x{flags:016x}"
+        return "\n".join(lines) + "\n"
+
+    def phys_bits(self, bits: int) -> TreeBuilder:
+        """/proc/cpuinfo says the CPU has ``bits`` physical address bits (not written otherwise)."""
+        self._phys_bits = bits
+        return self
 
     def _make_driver(self, name: str) -> None:
         d = f"/sys/bus/pci/drivers/{name}"
@@ -619,6 +648,15 @@ class TreeBuilder:
         self._write("/proc/net/if_inet6", "".join(x + "\n" for x in inet6))
 
     def _build_proc(self) -> None:
+        if self._phys_bits is not None:
+            self._write(
+                "/proc/cpuinfo",
+                "".join(
+                    f"processor\t: {c}\naddress sizes\t: {self._phys_bits} bits physical, "
+                    "48 bits virtual\n\n"
+                    for c in sorted(self._cpus) or [0]
+                ),
+            )
         total = self._mem_total
         if total is None:
             total = sum(n.memory_bytes for n in self._nodes.values()) or 8 * GiB

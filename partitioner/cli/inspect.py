@@ -96,6 +96,7 @@ def to_json(host: Host) -> dict[str, Any]:
                 "takes_with_it": [str(a) for a in preview.takes_with_it],
                 "verdict": word,
                 "claim": preview.to_json(),
+                "bars": [b.to_json() for b in fn.bars],
             }
         )
     return {
@@ -104,6 +105,7 @@ def to_json(host: Host) -> dict[str, Any]:
         "pci": pci,
         "kvm": host.has_kvm,
         "iommu": host.has_iommu,
+        "phys_bits": host.phys_bits,
         "hugepage_sizes": [page_size_name(s) for s in host.hugepage_sizes],
         "notes": list(host.notes),
     }
@@ -149,7 +151,7 @@ def render(host: Host, doc: dict[str, Any]) -> str:
             [
                 f["address"],
                 f"{f['vendor']}:{f['device']}",
-                f["label"] or f["class"],
+                (f["label"] or f["class"]) + _largest_bar(f["bars"]),
                 "-" if f["iommu_group"] is None else str(f["iommu_group"]),
                 "-" if f["numa_node"] is None else str(f["numa_node"]),
                 f["driver"] or "-",
@@ -234,3 +236,9 @@ def group_reasons(host: Host, words: set[str]) -> list[str]:
     if out:
         out.insert(0, "")
     return out
+
+
+def _largest_bar(bars: list[dict[str, Any]]) -> str:
+    """A large BAR (1 GiB or more: a GPU's memory) is worth a word in the table."""
+    big = max((b["size"] for b in bars if b["kind"] == "mem"), default=0)
+    return f" ({human_size(big)} BAR)" if big >= 1024**3 else ""

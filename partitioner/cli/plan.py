@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import shlex
+from dataclasses import replace
 from typing import Any
 
 from partitioner.actions import diff, held_replacements
 from partitioner.cli.common import Context, table
 from partitioner.filecheck import checked_plan, file_problems
+from partitioner.guest.argv import NO_ARGV, command_lines
 from partitioner.inventory import scan
 from partitioner.loader import load
 from partitioner.plan import Plan
@@ -19,6 +22,9 @@ from partitioner.units import format_size
 def register(sub: Any) -> None:
     p = sub.add_parser("plan", help="check a manifest against the host and show the placement")
     p.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    p.add_argument(
+        "--qemu", action="store_true", help="print each partition's QEMU command line too"
+    )
     p.set_defaults(func=run)
 
 
@@ -37,8 +43,25 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             )
     acts = [a.to_json() for a in diff(result, state, host, replace=set())]
     held = held_replacements(result, state, replace=set())
+    wanted = args.qemu or ctx.json
+    argvs, left_out = command_lines(
+        result, ctx.run_dir, ctx.log_dir, ctx.state_dir, live=ctx.host_root is None
+    )
+    result = replace(
+        result,
+        placements={
+            # Why a command line could not be made matters only to whoever asked for one.
+            n: replace(
+                p,
+                notes=(*p.notes, *(x for x in left_out[n] if wanted or not x.startswith(NO_ARGV))),
+            )
+            for n, p in result.placements.items()
+        },
+    )
     if ctx.json:
         doc = result.to_json()
+        for name, argv in argvs.items():
+            doc["partitions"][name]["qemu_argv"] = argv
         doc["actions"] = acts
         doc["held"] = held
         doc["reconciled"] = [f.to_json(done=False) for f in findings]
@@ -47,6 +70,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     for f in findings:
         ctx.warn(f"partition: {f.text(done=False)}")
     ctx.say(render(result))
+    for name, argv in argvs.items() if args.qemu else ():
+        ctx.say(f"\n{name}: " + (shlex.join(argv) if argv else "no command line (see the notes)"))
     ctx.say()
     for name, change in held.items():
         ctx.say(

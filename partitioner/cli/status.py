@@ -6,6 +6,7 @@ import argparse
 import time
 from typing import Any
 
+from partitioner import stats
 from partitioner.cli.common import Context, table
 from partitioner.errors import UsageError
 from partitioner.reconcile import reconcile
@@ -16,6 +17,11 @@ from partitioner.units import format_size
 def register(sub: Any) -> None:
     p = sub.add_parser("status", help="the applied partitions and how they run")
     p.add_argument("name", metavar="NAME", nargs="?", help="only this partition")
+    p.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="the figures in Prometheus' text format (node_exporter's textfile collector)",
+    )
     p.set_defaults(func=run)
 
 
@@ -88,6 +94,13 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
     for name, d in docs.items():
         d.update(status_fields(store.dir, name))
+
+    figures = stats.of_records(ctx.root(), recs)  # CPU, run-queue delay, memory, interrupts
+    if args.prometheus:
+        ctx.out.write(stats.prometheus(figures.values(), down=sorted(set(recs) - set(figures))))
+        return 0
+    for name, s in figures.items():
+        docs[name]["stats"] = s.to_json()
     if ctx.json:
         ctx.emit_json(
             {
@@ -123,4 +136,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             ctx.say(f"{name}: restarted {d['restarts']} times; last exit: {d['last_exit']}")
         if d["failed_reason"]:
             ctx.say(f"{name}: failed: {d['failed_reason']}")
+
+    if figures:
+        ctx.say("\n" + table(stats.render(figures), stats.RENDER_HEADERS))
     return 0

@@ -21,6 +21,18 @@ the output with golden files.  Decisions worth knowing:
   audio function) stay together as one multifunction device behind one
   PCIe root port, with their function numbers; any other function gets a
   root port of its own.
+- Under KVM every partition's CPUs are dedicated (rule 1), so the guest is told
+  so and runs as on bare metal (:func:`kvm_settings`): ``-cpu host`` with
+  ``migratable=off`` (the invariant TSC reaches the guest), ``host-phys-bits=on``
+  (the planner checked that the host's width covers RAM and every BAR),
+  ``kvm-hint-dedicated=on`` (native spinlocks, the haltpoll idle driver),
+  ``host-cache-info=on`` when the guest's cores are whole host cores, and
+  ``-overcommit cpu-pm=on`` (HLT and MWAIT stay in the guest) when KVM offers to
+  keep HLT in the guest.  Each is left out, and said so, where QEMU or KVM lacks
+  it.  No balloon device: a partition's memory is never taken back.
+- A partition whose devices have large 64-bit BARs gets a 64-bit PCI window
+  that holds them (``partitioner/mmio.py`` sizes it); OVMF is told the same size,
+  since it sizes its own aperture.
 """
 
 from __future__ import annotations
@@ -105,8 +117,14 @@ def qemu_argv(p: Placement, plan: Plan, paths: GuestPaths, caps: QemuCaps) -> li
     # Under KVM the full in-kernel irqchip (the default) is kept: split is only needed for
     # interrupt remapping by a guest-visible IOMMU, which partitions do not get.
     a += ["-machine", "q35,mem-merge=off,dump-guest-core=off"]
-    if plan.accel == "kvm":
-        a += ["-accel", "kvm", "-cpu", "host"]
+    if p.pci_hole64_bytes:
+        a += ["-global", f"q35-pcihost.pci-hole64-size={_size(p.pci_hole64_bytes)}"]
+        if p.spec.firmware == "uefi":
+            mib = p.pci_hole64_bytes // MiB
+            a += ["-fw_cfg", f"name=opt/ovmf/X-PciMmio64Mb,string={mib}"]
+    kvm = kvm_settings(p, caps) if plan.accel == "kvm" else None
+    if kvm is not None:
+        a += ["-accel", "kvm", "-cpu", kvm.cpu]
     else:
         # thread=multi: one host thread per vCPU, so each can be pinned.  TCG's "max" model
         # says AuthenticAMD by default, and QEMU then warns that it cannot show SMT threads
@@ -117,7 +135,7 @@ def qemu_argv(p: Placement, plan: Plan, paths: GuestPaths, caps: QemuCaps) -> li
     a += ["-smp", f"{n},sockets={p.sockets},cores={p.cores},threads={p.threads},maxcpus={n}"]
     a += ["-m", _size(p.memory_bytes)]
     a += _memory(p, caps)
-    a += ["-overcommit", "mem-lock=on"]
+    a += ["-overcommit", ",".join(["mem-lock=on", *(kvm.overcommit if kvm else [])])]
     a += _firmware(p, paths, caps)
     a += _boot(p)
     a += _disks(p)
@@ -138,6 +156,53 @@ def qemu_argv(p: Placement, plan: Plan, paths: GuestPaths, caps: QemuCaps) -> li
         a += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
     a += ["-S"]
     return a
+
+
+@dataclass(frozen=True)
+class KvmSettings:
+    cpu: str  # the -cpu value
+    overcommit: tuple[str, ...]  # added to -overcommit mem-lock=on
+    left_out: tuple[str, ...]  # each dedicated-CPU setting not given, and why
+
+
+def kvm_settings(p: Placement, caps: QemuCaps) -> KvmSettings:
+    """The dedicated-CPU settings of ``p`` under KVM, from what QEMU and KVM offer."""
+    cpu = ["host"]
+    left: list[str] = []
+    qemu = f"QEMU {caps.version_text}"
+    wanted = (
+        ("migratable", "off", "the invariant TSC (invtsc) stays hidden from the guest"),
+        ("host-phys-bits", "on", "the guest keeps QEMU's default physical address width"),
+        ("kvm-hint-dedicated", "on", "the guest keeps paravirtual spinlocks"),
+    )
+    for prop, value, cost in wanted:
+        if prop in caps.cpu_props:
+            cpu.append(f"{prop}={value}")
+        else:
+            left.append(f"{prop}={value} left out: {qemu} has no such CPU property; {cost}")
+    if p.host_cache_info:
+        if "host-cache-info" in caps.cpu_props:
+            cpu.append("host-cache-info=on")
+        else:
+            left.append(f"host-cache-info=on left out: {qemu} has no such CPU property")
+    overcommit: list[str] = []
+    k = caps.kvm
+    if not caps.cpu_pm:
+        left.append(f"cpu-pm=on left out: {qemu} has no -overcommit cpu-pm")
+    elif k is None:
+        left.append("cpu-pm=on left out: the host's KVM was not asked")
+    elif not k.available:
+        left.append(f"cpu-pm=on left out: KVM cannot be asked ({k.error})")
+    elif not k.can_keep_hlt:
+        offered = ", ".join(k.exit_names) or "none"
+        left.append(
+            "cpu-pm=on left out: this kernel's KVM does not let a guest keep HLT "
+            f"(KVM_CAP_X86_DISABLE_EXITS offers: {offered}); the guest's idle CPUs exit to "
+            "the host (kernels before 4.16, or kvm.mitigate_smt_rsb=1 on an SMT host)"
+        )
+    else:
+        overcommit.append("cpu-pm=on")
+    return KvmSettings(cpu=",".join(cpu), overcommit=tuple(overcommit), left_out=tuple(left))
 
 
 def guest_cpus_by_node(p: Placement) -> list[tuple[int, list[int]]]:
@@ -262,6 +327,12 @@ def _devices(devices: tuple[DeviceAssignment, ...]) -> list[str]:
             opts = [f"host={d.address}", f"id=hostdev{n}", f"bus=rp{k}", f"addr=0.{fn}"]
             if multi and fn == 0:
                 opts.append("multifunction=on")
+            if d.rom == "off":
+                opts.append("rombar=0")  # no ROM BAR: no PXE or video BIOS runs in the guest
+            elif d.rom:
+                opts.append(f"romfile={_esc(d.rom)}")
+            if d.primary_display:
+                opts.append("x-vga=on")  # the legacy VGA ranges go to this GPU (SeaBIOS)
             a += ["-device", "vfio-pci," + ",".join(opts)]
             n += 1
     return a
@@ -278,3 +349,48 @@ def _size(n: int) -> str:
 def _esc(value: object) -> str:
     """QEMU option values escape a comma by doubling it."""
     return str(value).replace(",", ",,")
+
+
+NO_ARGV = "no QEMU command line"
+
+
+def command_lines(
+    plan: Plan,
+    run_dir: Path,
+    log_dir: Path,
+    state_dir: Path,
+    *,
+    live: bool,
+    binary: str = "qemu-system-x86_64",
+) -> tuple[dict[str, list[str] | None], dict[str, list[str]]]:
+    """Each partition's QEMU command line as ``apply`` would start it, and per partition the
+    dedicated-CPU settings left out and why (``partition plan --qemu``, ``qemu_argv``).
+
+    ``live=False`` (``--host-root``): this machine's KVM is not the tree's host's, so it is
+    not asked, and the command lines say so by leaving ``cpu-pm`` out."""
+    from dataclasses import replace
+
+    from partitioner.guest.caps import probe_qemu
+
+    argvs: dict[str, list[str] | None] = {}
+    notes: dict[str, list[str]] = {name: [] for name in plan.placements}
+    try:
+        caps = probe_qemu(binary)
+    except GuestError as e:
+        for name in plan.placements:
+            argvs[name] = None
+            notes[name].append(f"{NO_ARGV}: {e}")
+        return argvs, notes
+    if not live:
+        caps = replace(caps, kvm=None)
+    for name, p in plan.placements.items():
+        paths = guest_paths(run_dir, log_dir, name, state_dir=state_dir)
+        try:
+            argvs[name] = qemu_argv(p, plan, paths, caps)
+        except GuestError as e:
+            argvs[name] = None
+            notes[name].append(f"{NO_ARGV}: {e}")
+            continue
+        if plan.accel == "kvm":
+            notes[name] += kvm_settings(p, caps).left_out
+    return argvs, notes

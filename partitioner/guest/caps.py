@@ -8,7 +8,10 @@ answer is cached per binary path, size and modification time, in memory and in
 ``$PARTITION_CACHE_DIR`` (default ``/var/cache/partition``), so that each
 command does not pay for a QEMU run, and an upgraded QEMU is probed again.
 Where UEFI firmware is installed is looked up every time: it is a package of
-its own.
+its own; so is what the host's KVM offers (``guest/kvm.py``), which can change
+with a module parameter.  The x86 CPU properties (``qom-list-properties`` of
+the ``max`` model) and ``-overcommit``'s parameters say which dedicated-CPU
+settings this QEMU knows (``guest/argv.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from partitioner.errors import GuestError
+from partitioner.guest.kvm import KvmCaps, probe_kvm
 from partitioner.run import CommandFailed, run
 
 # OVMF (code, vars template) pairs, preferred first.  Debian's ``ovmf`` ships the 4M
@@ -33,6 +37,12 @@ OVMF_CANDIDATES: tuple[tuple[str, str], ...] = (
 )
 
 _SANDBOX_KNOBS = frozenset({"obsolete", "elevateprivileges", "spawn", "resourcecontrol"})
+# The x86 CPU properties the KVM command line may use; the probe keeps those QEMU has.
+CPU_PROPS = frozenset(
+    {"migratable", "kvm-hint-dedicated", "host-cache-info", "host-phys-bits", "arch-capabilities"}
+)
+# Bump when the probe learns something new: older cache entries are probed again.
+_CACHE_LAYOUT = 2
 
 
 @dataclass(frozen=True)
@@ -47,6 +57,9 @@ class QemuCaps:
     iothread: bool = False
     ovmf_code: str | None = None  # UEFI firmware found on this host, None when not installed
     ovmf_vars: str | None = None
+    cpu_props: frozenset[str] = frozenset()  # of CPU_PROPS, those this QEMU's x86 CPUs have
+    cpu_pm: bool = False  # -overcommit cpu-pm=on (QEMU 3.0+)
+    kvm: KvmCaps | None = None  # what the host's KVM answered (live, never cached); None: not asked
 
     @property
     def version_text(self) -> str:
@@ -72,14 +85,14 @@ def probe_qemu(binary: str = "qemu-system-x86_64") -> QemuCaps:
     key = (path, st.st_mtime_ns)
     caps = _cache.get(key)
     if caps is None:
-        disk_key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+        disk_key = f"{_CACHE_LAYOUT}:{path}:{st.st_size}:{st.st_mtime_ns}"
         caps = _read_disk_cache(disk_key)
         if caps is None:
             caps = _probe(path)
             _write_disk_cache(disk_key, caps)
         _cache[key] = caps
     ovmf_code, ovmf_vars = _find_ovmf()
-    return replace(caps, ovmf_code=ovmf_code, ovmf_vars=ovmf_vars)
+    return replace(caps, ovmf_code=ovmf_code, ovmf_vars=ovmf_vars, kvm=probe_kvm())
 
 
 def _disk_cache() -> Path:
@@ -90,7 +103,14 @@ def _read_disk_cache(key: str) -> QemuCaps | None:
     try:
         doc = json.loads(_disk_cache().read_text())
         entry = doc[key]
-        return QemuCaps(**{**entry, "version": tuple(entry["version"])})
+        return QemuCaps(
+            **{
+                **entry,
+                "version": tuple(entry["version"]),
+                "cpu_props": frozenset(entry.get("cpu_props", ())),
+                "kvm": None,
+            }
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None  # no cache, another QEMU's, or an older layout: probe again
 
@@ -101,7 +121,8 @@ def _write_disk_cache(key: str, caps: QemuCaps) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}")
-        tmp.write_text(json.dumps({key: asdict(caps)}))
+        doc = {**asdict(caps), "cpu_props": sorted(caps.cpu_props), "kvm": None}
+        tmp.write_text(json.dumps({key: doc}))
         os.replace(tmp, target)
     except OSError:
         pass
@@ -116,6 +137,16 @@ def _probe(path: str) -> QemuCaps:
             "execute": "query-command-line-options",
             "arguments": {"option": "sandbox"},
             "id": "sandbox",
+        },
+        {
+            "execute": "qom-list-properties",
+            "arguments": {"typename": "max-x86_64-cpu"},
+            "id": "cpu",
+        },
+        {
+            "execute": "query-command-line-options",
+            "arguments": {"option": "overcommit"},
+            "id": "overcommit",
         },
         {"execute": "quit"},
     ]
@@ -147,6 +178,10 @@ def _probe(path: str) -> QemuCaps:
     # QEMU without seccomp has no "sandbox" option and answers this query with an error.
     for opt in replies.get("sandbox", {}).get("return", []) or []:
         sandbox_knobs.update(p.get("name", "") for p in opt.get("parameters", []))
+    cpu_props = {p.get("name") for p in replies.get("cpu", {}).get("return", []) or []}
+    overcommit: set[str] = set()
+    for opt in replies.get("overcommit", {}).get("return", []) or []:
+        overcommit.update(p.get("name", "") for p in opt.get("parameters", []))
     ovmf_code, ovmf_vars = _find_ovmf()
     return QemuCaps(
         binary=path,
@@ -159,6 +194,8 @@ def _probe(path: str) -> QemuCaps:
         iothread="iothread" in types,
         ovmf_code=ovmf_code,
         ovmf_vars=ovmf_vars,
+        cpu_props=CPU_PROPS & frozenset(n for n in cpu_props if isinstance(n, str)),
+        cpu_pm="cpu-pm" in overcommit,
     )
 
 

@@ -28,6 +28,7 @@ from partitioner.inventory.memory import scan_hugepage_sizes, scan_nodes
 from partitioner.inventory.pci import class_label, pci_is_bridge, scan_iommu_groups, scan_pci
 from partitioner.inventory.reader import Reader
 from partitioner.inventory.usage import scan_in_use, scan_net, with_netdevs
+from partitioner.mmio import phys_bits
 
 __all__ = ["class_label", "pci_is_bridge", "scan"]
 
@@ -62,6 +63,7 @@ def scan(root: HostRoot) -> Host:
         in_use=in_use,
         netdevs=netdevs,
         has_kvm=root.exists("/dev/kvm"),
+        phys_bits=phys_bits(root),
         has_iommu=bool(groups),
         hugepage_sizes=scan_hugepage_sizes(r, nodes),
         page_size=4096,

@@ -17,6 +17,7 @@ from partitioner.host import IommuGroup, PciFunction
 from partitioner.hostroot import HostRoot
 from partitioner.inventory.reader import Reader, is_number
 from partitioner.pci import PciAddress, PciAddressSyntaxError
+from partitioner.pcibars import read_bars
 
 # Slots run 00-1f: a component that is not one is not a PCI function.
 PCI_ADDR_RE = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[01][0-9a-fA-F]\.[0-7]$")
@@ -132,6 +133,7 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
             vendor_name=names[0],
             device_name=names[1],
             iommu_group_absent=absent,
+            bars=read_bars(r.root, real),
         )
     return dict(sorted(out.items()))
 

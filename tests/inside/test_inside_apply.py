@@ -194,6 +194,13 @@ def test_demo_site_partitions_own_their_nics_and_give_them_back(site: Site) -> N
                 )
         # 128 MiB of 2 MiB pages, every one of them on the partition's node
         assert hugepages_on_nodes(pid) == {node: 64}
+        # status's figures (issue 12) say the same, and count its devices' VFIO vectors.
+        stats = st[name]["stats"]
+        assert stats["memory"]["hugepages_per_node_bytes"] == {str(node): 64 * 2 * 1024**2}
+        assert set(stats["vcpus"]) == set(st[name]["vcpu_threads"])
+        vectors = {v.rsplit("(", 1)[1].rstrip(")") for v in stats["interrupts"]}
+        # QEMU enables INTx of each function that has an interrupt pin (not every one has)
+        assert vectors and vectors <= set(st[name]["devices"]), stats["interrupts"]
         assert pool(node)[1] == before[node][1] - 64
 
     fw0 = wait_console(Path(st["fw0"]["console_log"]), "GUEST-READY")
