@@ -1,4 +1,4 @@
-"""``partition snapshot DIR``: copy the part of /sys, /proc and /dev that ``scan`` reads.
+"""``partition snapshot DIR``: copy the part of /sys, /proc and /dev that ``scan`` and ``host check`` read.
 
 The copy is driven by the scan itself: ``scan`` runs once against a recorder
 that notes every path it reads, lists or resolves, and exactly those are
@@ -273,6 +273,15 @@ def take_snapshot_with_host(src: HostRoot, dest: Path, *, force: bool = False) -
     check_dest(dest, force)
     recorder = _Recorder(src)
     host = scan(recorder)  # HostReadError passes up before anything is written
+    # What `host check` reads beyond the scan (the CPU's flags, the kernel's command line and
+    # release, interrupt chips, IOMMU units, cgroups, the init system, the CPUs the kernel
+    # isolated), so that it speaks of the tree as it would of the machine.
+    from partitioner.hostcheck import check_host
+    from partitioner.hostsetup import read_facts
+
+    check_host(recorder, host, read_facts(recorder))
+    for path in ("/sys/devices/system/cpu/isolated", "/sys/devices/system/cpu/nohz_full"):
+        recorder.read(path)
     clear_dest(dest)
     m = _Mirror(src=src, dest=dest, seen=recorder.files)
     for p in recorder.files:

@@ -138,6 +138,21 @@ def test_live_machine_round_trip(tmp_path: Path) -> None:
     _links_stay_inside(dest)
 
 
+def test_host_check_reads_a_snapshot_as_it_reads_the_machine(tmp_path: Path) -> None:
+    from partitioner.hostcheck import check_host
+    from partitioner.hostsetup import read_facts
+
+    dest = tmp_path / "live"
+    take_snapshot(HostRoot("/"), dest)
+    live, snap = HostRoot("/"), HostRoot(dest)
+    on_machine = check_host(live, scan(live), read_facts(live))
+    on_tree = check_host(snap, scan(snap), read_facts(snap))
+    assert [(i.id, i.status, i.detail) for i in on_tree] == [
+        (i.id, i.status, i.detail) for i in on_machine
+    ]
+    assert read_facts(snap) == read_facts(live)
+
+
 def _steady(h: Host) -> Host:
     nodes = {
         i: dataclasses.replace(
