@@ -458,6 +458,18 @@ def test_rule8_changed_running_partition_is_placed_anew(tree: TreeBuilder) -> No
     assert not second.placements["a"].same_resources(first.placements["a"])
 
 
+def test_what_reaches_qemus_command_line_is_a_change_too(tree: TreeBuilder) -> None:
+    import dataclasses
+
+    h = host_of(two_node_smt(tree))
+    p = plan(manifest(HEAD + "  a: {cpus: 2, memory: 1GiB}\n"), h).placements["a"]
+    assert p.same_resources(p)
+    window = dataclasses.replace(p, pci_hole64_bytes=64 << 30)
+    assert not window.same_resources(p)
+    caches = dataclasses.replace(p, host_cache_info=not p.host_cache_info)
+    assert not caches.same_resources(p)
+
+
 # -- real kernels' trees -------------------------------------------------------------
 
 
