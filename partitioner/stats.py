@@ -304,11 +304,17 @@ def prometheus(
 # -- for `partition status` -------------------------------------------------------------
 
 
-def cgroup_of(name: str) -> str | None:
-    """The partition's own cgroup directory.  The seam for the isolation work: until it makes
-    one per partition, there is none and the CPU figures come from the threads' schedstat."""
-    del name
-    return None
+def cgroup_of(root: HostRoot, name: str) -> str | None:
+    """The partition's own cgroup v2 directory (partitioner/isolation/cgroup.py makes it at
+    start), whose ``cpu.stat`` counts every thread of its QEMU; None where there is none (a
+    cgroup v1 cpuset has no ``cpu.stat``): the figures then come from the threads' schedstat."""
+    from partitioner.isolation.cgroup import cgroup_path, find_hierarchy
+
+    h = find_hierarchy(root)
+    if h is None or not h.v2:
+        return None
+    path = cgroup_path(h, name)
+    return path if root.exists(f"{path}/cpu.stat") else None
 
 
 def of_records(root: HostRoot, records: Mapping[str, Any]) -> dict[str, PartitionStats]:
@@ -327,7 +333,7 @@ def of_records(root: HostRoot, records: Mapping[str, Any]) -> dict[str, Partitio
             rec.pid,
             rec.vcpu_threads,
             devices,
-            cgroup=cgroup_of(name),
+            cgroup=cgroup_of(root, name),
             interrupts_text=interrupts,
         )
     return out

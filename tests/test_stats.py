@@ -128,6 +128,31 @@ def test_the_cgroup_total_wins_when_there_is_one(tmp_path: Path) -> None:
     assert (s.cpu_source, s.total_cpu_ns) == ("schedstat", 5000)
 
 
+def test_the_partitions_own_cgroup_is_found_where_isolation_makes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from partitioner.isolation.cgroup import cgroup_path, find_hierarchy
+    from partitioner.stats import cgroup_of
+
+    monkeypatch.delenv("PARTITION_CGROUP", raising=False)
+    (tmp_path / "proc/self").mkdir(parents=True)
+    mounts = tmp_path / "proc/self/mounts"
+    mounts.write_text("cgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n")
+    (tmp_path / "sys/fs/cgroup").mkdir(parents=True)
+    (tmp_path / "sys/fs/cgroup/cgroup.controllers").write_text("cpuset cpu memory\n")
+    root = HostRoot(tmp_path)
+    h = find_hierarchy(root)
+    assert h is not None
+    assert cgroup_of(root, "p1") is None  # not made yet: schedstat
+    made = tmp_path / cgroup_path(h, "p1").lstrip("/")
+    made.mkdir(parents=True)
+    (made / "cpu.stat").write_text("usage_usec 5\n")
+    assert cgroup_of(root, "p1") == cgroup_path(h, "p1") == "/sys/fs/cgroup/partition/p1"
+    # A v1 cpuset hierarchy has no cpu.stat: no cgroup figures from it.
+    mounts.write_text("cgroup /sys/fs/cgroup/cpuset cgroup rw,cpuset 0 0\n")
+    assert cgroup_of(root, "p1") is None
+
+
 def _families(text: str) -> dict[str, list[tuple[str, dict[str, str], float]]]:
     from prometheus_client.parser import text_string_to_metric_families
 
