@@ -27,8 +27,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 from partitioner.cpuset import CpuSet
-from partitioner.guest.argv import TCG_TB_SIZE_MIB, disk_format, guest_cpus_by_node
-from partitioner.plan import DeviceAssignment, Placement, Plan
+from partitioner.guest.argv import TCG_TB_SIZE_MIB, disk_format, guest_cpus_by_node, guest_ports
+from partitioner.plan import Placement, Plan
 from partitioner.units import KiB
 
 # The libvirt XML namespace of the plan's own record inside <metadata>.
@@ -77,25 +77,6 @@ def domain_xml(p: Placement, plan: Plan) -> str:
 def documents(plan: Plan) -> dict[str, str]:
     """File name -> content: ``NAME.xml`` for each partition, in name order."""
     return {f"{name}.xml": domain_xml(p, plan) for name, p in sorted(plan.placements.items())}
-
-
-def guest_ports(devices: tuple[DeviceAssignment, ...]) -> list[list[tuple[DeviceAssignment, int]]]:
-    """The root ports of the guest, each with its functions and their guest function numbers.
-
-    The same grouping as ``guest.argv``: a host slot with function 0 stays together
-    behind one port; any other function gets a port of its own (without function 0
-    the guest would not probe the slot).
-    """
-    slots: dict[tuple[int, int, int], list[DeviceAssignment]] = {}
-    for d in sorted(devices, key=lambda d: d.address):
-        slots.setdefault(d.address.slot_key, []).append(d)
-    ports: list[list[tuple[DeviceAssignment, int]]] = []
-    for functions in slots.values():
-        if functions[0].address.function == 0:
-            ports.append([(d, d.address.function) for d in functions])
-        else:
-            ports.extend([(d, 0)] for d in functions)
-    return ports
 
 
 def _metadata(dom: ET.Element, p: Placement, plan: Plan) -> None:

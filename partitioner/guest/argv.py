@@ -306,18 +306,25 @@ def _disks(p: Placement) -> list[str]:
     return a
 
 
-def _devices(devices: tuple[DeviceAssignment, ...]) -> list[str]:
+def guest_ports(devices: tuple[DeviceAssignment, ...]) -> list[list[tuple[DeviceAssignment, int]]]:
+    """The guest's root ports, each with its functions and their guest function numbers: a
+    host slot with function 0 stays together behind one port (a GPU and its audio function);
+    any other function gets a port of its own (without function 0 the guest would not probe
+    the slot).  The libvirt export lays devices out the same way."""
     slots: dict[tuple[int, int, int], list[DeviceAssignment]] = {}
     for d in sorted(devices, key=lambda d: d.address):
         slots.setdefault(d.address.slot_key, []).append(d)
-    # Each entry: the functions that go behind one root port, with their guest function numbers.
     ports: list[list[tuple[DeviceAssignment, int]]] = []
     for functions in slots.values():
         if functions[0].address.function == 0:
             ports.append([(d, d.address.function) for d in functions])
         else:
-            # Without function 0 the guest would not probe the slot: one port each.
             ports.extend([(d, 0)] for d in functions)
+    return ports
+
+
+def _devices(devices: tuple[DeviceAssignment, ...]) -> list[str]:
+    ports = guest_ports(devices)
     a: list[str] = []
     n = 0
     for k, members in enumerate(ports):
