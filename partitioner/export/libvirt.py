@@ -157,6 +157,8 @@ def _cpu(dom: ET.Element, p: Placement, tcg: bool) -> None:
         cores=str(p.cores),
         threads=str(p.threads),
     )
+    if p.host_cache_info and not tcg:
+        _sub(cpu, "cache", mode="passthrough")  # QEMU's host-cache-info=on
     numa = _sub(cpu, "numa")
     for i, (node, vcpus) in enumerate(guest_cpus_by_node(p)):
         size = dict(p.memory_per_node)[node]
@@ -182,6 +184,10 @@ def _devices(dom: ET.Element, p: Placement) -> None:
         if i == 0 and p.spec.boot is None:
             _sub(el, "boot", order="1")
     ports = guest_ports(p.devices)
+    if p.pci_hole64_bytes:
+        # The 64-bit PCI window that holds the devices' large BARs (q35-pcihost.pci-hole64-size).
+        root = _sub(devs, "controller", type="pci", index="0", model="pcie-root")
+        _sub(root, "pcihole64", str(p.pci_hole64_bytes // KiB), unit="KiB")
     for k in range(len(ports)):
         ctl = _sub(devs, "controller", type="pci", index=str(k + 1), model="pcie-root-port")
         _sub(ctl, "target", chassis=str(k + 1), port=f"{k + 16:#x}")
@@ -209,6 +215,10 @@ def _devices(dom: ET.Element, p: Placement) -> None:
             if multi and fn == 0:
                 guest["multifunction"] = "on"
             _sub(hd, "address", **guest)
+            if d.rom == "off":
+                _sub(hd, "rom", bar="off")
+            elif d.rom:
+                _sub(hd, "rom", file=d.rom)
     serial = _sub(devs, "serial", type="pty")
     _sub(serial, "log", file=f"{CONSOLE_LOG_DIR}/{p.name}.console.log", append="on")
     _sub(serial, "target", type="isa-serial", port="0")
