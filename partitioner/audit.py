@@ -20,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from partitioner import sysfs
 from partitioner.cpuset import CpuSet
 from partitioner.hostroot import HostRoot
 from partitioner.isolation.cgroup import cgroup_path, find_hierarchy, members
@@ -332,7 +333,7 @@ class _Auditor:
 
     def devices(self) -> None:
         for d in self.rec.placement.devices:
-            drv = self.root.readlink_name(f"/sys/bus/pci/devices/{d.address}/driver")
+            drv = self.root.readlink_name(sysfs.pci_device(str(d.address), "driver"))
             if drv != "vfio-pci":
                 self.add(
                     "device",
@@ -395,8 +396,8 @@ class _Auditor:
             )
 
     def boot(self) -> None:
-        isolated = _cpus(self.root.read("/sys/devices/system/cpu/isolated"))
-        nohz = _cpus(self.root.read("/sys/devices/system/cpu/nohz_full"))
+        isolated = _cpus(self.root.read(sysfs.CPU_ISOLATED))
+        nohz = _cpus(self.root.read(sysfs.CPU_NOHZ_FULL))
         missing = [
             n for n, s in (("isolcpus", isolated), ("nohz_full", nohz)) if not self.cpus.issubset(s)
         ]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
+from partitioner import sysfs
 from partitioner.cpuset import CpuListSyntaxError, CpuSet
 from partitioner.host import Host
 from partitioner.hostroot import HostRoot
@@ -148,7 +149,7 @@ def _kvm(root: HostRoot, host: Host, flags: set[str]) -> CheckItem:
 
 
 def _iommu_units(root: HostRoot) -> list[str]:
-    return root.listdir("/sys/class/iommu")
+    return root.listdir(sysfs.CLASS_IOMMU)
 
 
 def interrupt_remapping(root: HostRoot) -> bool | None:
@@ -170,7 +171,7 @@ def interrupt_remapping(root: HostRoot) -> bool | None:
 def _ecap_ir(root: HostRoot) -> bool | None:
     found = None
     for unit in _iommu_units(root):
-        ecap = root.read(f"/sys/class/iommu/{unit}/intel-iommu/ecap")
+        ecap = root.read(f"{sysfs.CLASS_IOMMU}/{unit}/intel-iommu/ecap")
         if ecap is None:
             continue
         try:
@@ -215,9 +216,7 @@ def _iommu(root: HostRoot, host: Host, facts: HostFacts) -> list[CheckItem]:
     items = [CheckItem("iommu", title, "pass", detail)]
     ir = interrupt_remapping(root)
     title = "interrupt remapping"
-    unsafe = (root.read("/sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts") or "N")[
-        :1
-    ]
+    unsafe = (root.read(sysfs.VFIO_UNSAFE_INTERRUPTS) or "N")[:1]
     if ir:
         items.append(
             CheckItem(
@@ -340,7 +339,7 @@ def _hugepage_sizes(host: Host, flags: set[str], have_cpuinfo: bool) -> CheckIte
 
 def _vfio(root: HostRoot, facts: HostFacts) -> CheckItem:
     title = "vfio-pci"
-    if root.is_dir("/sys/bus/pci/drivers/vfio-pci"):
+    if root.is_dir(sysfs.pci_driver("vfio-pci")):
         return CheckItem("vfio-pci", title, "pass", "the vfio-pci driver is loaded")
     release = facts.kernel_release
     if release:
@@ -564,12 +563,12 @@ def check_site(
         for key, path, what in (
             (
                 "site-isolated-cpus",
-                "/sys/devices/system/cpu/isolated",
+                sysfs.CPU_ISOLATED,
                 "isolated from the scheduler (isolcpus)",
             ),
             (
                 "site-nohz-full",
-                "/sys/devices/system/cpu/nohz_full",
+                sysfs.CPU_NOHZ_FULL,
                 "without the scheduler tick (nohz_full)",
             ),
         ):
@@ -617,9 +616,7 @@ def check_site(
     for size, nodes in sorted(settings.hugepages.items()):
         name = page_size_name(size)
         for node, pages in sorted(nodes.items()):
-            have_n = root.read_int(
-                f"/sys/devices/system/node/node{node}/hugepages/hugepages-{size // 1024}kB/nr_hugepages"
-            )
+            have_n = root.read_int(f"{sysfs.hugepage_pool(size, node)}/nr_hugepages")
             title = f"{name} pool on node {node}"
             if have_n is None:
                 items.append(
@@ -655,7 +652,7 @@ def check_site(
                 )
 
     for d in settings.devices:
-        sysdev = f"/sys/bus/pci/devices/{d.address}"
+        sysdev = sysfs.pci_device(str(d.address))
         driver = root.readlink_name(f"{sysdev}/driver")
         override = root.read(f"{sysdev}/driver_override")
         title = f"{d.address} ({d.partition})"

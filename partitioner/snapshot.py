@@ -24,6 +24,7 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from partitioner import sysfs
 from partitioner.errors import UsageError
 from partitioner.host import Host
 from partitioner.hostroot import SNAPSHOT_HWDB, HostRoot, format_hwdb
@@ -280,7 +281,7 @@ def take_snapshot_with_host(src: HostRoot, dest: Path, *, force: bool = False) -
     from partitioner.hostsetup import read_facts
 
     check_host(recorder, host, read_facts(recorder))
-    for path in ("/sys/devices/system/cpu/isolated", "/sys/devices/system/cpu/nohz_full"):
+    for path in (sysfs.CPU_ISOLATED, sysfs.CPU_NOHZ_FULL):
         recorder.read(path)
     clear_dest(dest)
     m = _Mirror(src=src, dest=dest, seen=recorder.files)

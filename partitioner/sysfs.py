@@ -17,6 +17,16 @@ CLASS_NET = "/sys/class/net"
 CLASS_BLOCK = "/sys/class/block"
 DEV_BLOCK = "/sys/dev/block"
 WORKQUEUE_CPUMASK = "/sys/devices/virtual/workqueue/cpumask"
+CPU_ISOLATED = f"{CPU}/isolated"
+CPU_NOHZ_FULL = f"{CPU}/nohz_full"
+CPU_ONLINE = f"{CPU}/online"
+CLASS_IOMMU = "/sys/class/iommu"
+VFIO_UNSAFE_INTERRUPTS = "/sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts"
+
+
+def irq(n: int | str, leaf: str = "") -> str:
+    """An interrupt's directory in /sys/kernel/irq, or a file in it (``actions``)."""
+    return f"/sys/kernel/irq/{n}/{leaf}" if leaf else f"/sys/kernel/irq/{n}"
 
 
 def pci_device(address: str, leaf: str = "") -> str:

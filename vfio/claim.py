@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from partitioner import sysfs
 from partitioner.errors import DeviceError
 from partitioner.host import Host
 from partitioner.hostroot import HostRoot
@@ -36,9 +37,9 @@ from vfio.preview import (
 log = logging.getLogger("partitioner.vfio")
 
 VFIO_PCI = "vfio-pci"
-DRIVERS_DIR = "/sys/bus/pci/drivers"
-DEVICES_DIR = "/sys/bus/pci/devices"
-DRIVERS_PROBE = "/sys/bus/pci/drivers_probe"
+DRIVERS_DIR = sysfs.PCI_DRIVERS
+DEVICES_DIR = sysfs.PCI_DEVICES
+DRIVERS_PROBE = sysfs.PCI_DRIVERS_PROBE
 
 
 class ClaimFailed(DeviceError):

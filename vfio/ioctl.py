@@ -20,6 +20,7 @@ from typing import Any
 
 import cffi
 
+from partitioner import sysfs
 from partitioner.errors import DeviceError
 from partitioner.host import Host
 from partitioner.hostroot import HostRoot
@@ -266,8 +267,8 @@ def _not_viable_members(root: HostRoot, host: Host, group: int) -> list[tuple[st
     """(address, sentence) for each member whose driver keeps the group from being viable."""
     by_addr = {str(a): fn for a, fn in host.pci.items()}
     out: list[tuple[str, str]] = []
-    for a in root.listdir(f"/sys/kernel/iommu_groups/{group}/devices"):
-        drv = root.readlink_name(f"/sys/bus/pci/devices/{a}/driver")
+    for a in root.listdir(sysfs.iommu_group(group, "devices")):
+        drv = root.readlink_name(sysfs.pci_device(a, "driver"))
         if drv is None or drv in VIABLE_DRIVERS:
             continue
         fn = by_addr.get(a)
@@ -328,9 +329,9 @@ def check_group(
             ffi.cast("int", container.iommu_type),
             what=f"VFIO_SET_IOMMU for group {group}",
         )
-        members = root.listdir(f"/sys/kernel/iommu_groups/{group}/devices")
+        members = root.listdir(sysfs.iommu_group(group, "devices"))
         for a in members:
-            if root.readlink_name(f"/sys/bus/pci/devices/{a}/driver") != "vfio-pci":
+            if root.readlink_name(sysfs.pci_device(a, "driver")) != "vfio-pci":
                 continue
             infos.append(device_info(gfd, a))
     refused = [i.address for i in infos if not i.can_reset and i.address not in reset_none_ok]

@@ -10,6 +10,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from partitioner import sysfs
 from partitioner.cpuset import CpuListSyntaxError, CpuSet
 from partitioner.hostroot import HostRoot
 
@@ -17,7 +18,7 @@ from partitioner.hostroot import HostRoot
 PF_KTHREAD = 0x00200000
 PF_NO_SETAFFINITY = 0x04000000
 
-WORKQUEUE_MASK = "/sys/devices/virtual/workqueue/cpumask"
+WORKQUEUE_MASK = sysfs.WORKQUEUE_CPUMASK
 DEFAULT_IRQ_AFFINITY = "/proc/irq/default_smp_affinity"
 
 # vfio-pci names its interrupt handlers "vfio-msix[3](0000:00:03.0)", "vfio-msi[0](...)",
@@ -147,7 +148,7 @@ def read_irqs(root: HostRoot) -> list[Irq]:
         if aff is None:
             continue
         eff = _cpus(root.read(f"/proc/irq/{n}/effective_affinity_list"))
-        actions_text = root.read(f"/sys/kernel/irq/{n}/actions")
+        actions_text = root.read(sysfs.irq(n, "actions"))
         if actions_text is not None:
             actions = tuple(a for a in actions_text.split(",") if a)
         else:
@@ -160,7 +161,7 @@ def read_irqs(root: HostRoot) -> list[Irq]:
 
 
 def read_online(root: HostRoot) -> CpuSet:
-    return _cpus(root.read("/sys/devices/system/cpu/online")) or CpuSet()
+    return _cpus(root.read(sysfs.CPU_ONLINE)) or CpuSet()
 
 
 def read_host_work(root: HostRoot) -> HostWork:
