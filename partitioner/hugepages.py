@@ -11,8 +11,12 @@ so that giving back never shrinks a pool the administrator sized at boot.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import time
+from collections.abc import Iterator
 
 from partitioner import sysfs
 from partitioner.errors import HugepageError
@@ -44,6 +48,26 @@ def pool_counts(root: HostRoot, node: int, size_bytes: int) -> tuple[int, int]:
     return nr, free
 
 
+# A pool's size is written as an absolute number: two commands that read it, add and write at
+# once (two sites' applies, an apply and the supervisor) would take back each other's pages.
+# One lock for the whole host keeps each read-modify-write whole.
+POOL_LOCK = "/run/partition-hugepages.lock"
+
+
+@contextlib.contextmanager
+def pool_lock(root: HostRoot) -> Iterator[None]:
+    """Hold the host-wide hugepage pool lock (the live host only: a tree has no other writer)."""
+    if not root.live:
+        yield
+        return
+    fd = os.open(POOL_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock, as a killed process's exit does
+
+
 def ensure_pages(root: HostRoot, node: int, size_bytes: int, needed_free: int) -> int:
     """Make at least ``needed_free`` pages of ``size_bytes`` free on ``node``; return how many
     pages were added to the pool (0 when enough were free already).
@@ -51,6 +75,11 @@ def ensure_pages(root: HostRoot, node: int, size_bytes: int, needed_free: int) -
     On a shortfall the pool is put back to the size it had and HugepageError says by how much
     it fell short and how to reserve the pages at boot instead.
     """
+    with pool_lock(root):
+        return _ensure_pages(root, node, size_bytes, needed_free)
+
+
+def _ensure_pages(root: HostRoot, node: int, size_bytes: int, needed_free: int) -> int:
     d = pool_dir(node, size_bytes)
     nr, free = pool_counts(root, node, size_bytes)
     shortfall = needed_free - free
@@ -110,10 +139,12 @@ def release_pages(
     while free < added and time.monotonic() < deadline:
         time.sleep(0.05)
         nr, free = pool_counts(root, node, size_bytes)
-    give_back = min(added, free)
-    if give_back <= 0:
-        return 0
-    got = _set_pool(root, d, nr - give_back)
+    with pool_lock(root):
+        nr, free = pool_counts(root, node, size_bytes)  # as it is now, under the lock
+        give_back = min(added, free)
+        if give_back <= 0:
+            return 0
+        got = _set_pool(root, d, nr - give_back)
     log.info("node %d: %s hugepage pool %d -> %d", node, page_size_name(size_bytes), nr, got)
     return nr - got
 

@@ -157,3 +157,25 @@ def test_release_gives_back_only_what_was_added(tmp_path: Path) -> None:
     assert pool_counts(k, 0, SIZE) == (8, 8)
     assert release_pages(k, 0, SIZE, 0) == 0
     assert k.writes == [8]
+
+
+@needs_live_pool
+def test_pool_changes_wait_for_the_host_wide_lock(live_pool: tuple[int, int]) -> None:
+    """Two commands resizing one pool at once would write over each other's absolute sizes:
+    while another holds the pool lock, a raise waits, and then adds to what is there."""
+    import threading
+
+    from partitioner.hugepages import pool_lock
+
+    nr0, free0 = live_pool
+    added: list[int] = []
+    with pool_lock(LIVE):
+        t = threading.Thread(target=lambda: added.append(ensure_pages(LIVE, 0, SIZE, free0 + 2)))
+        t.start()
+        t.join(timeout=1.0)
+        assert t.is_alive() and pool_counts(LIVE, 0, SIZE)[0] == nr0  # waiting, nothing written
+        # What the lock's holder does meanwhile is kept: one page of its own.
+        LIVE.write(pool_dir(0, SIZE) + "/nr_hugepages", str(nr0 + 1))
+    t.join(timeout=30)
+    assert added == [1]  # it found one free page more, and added only the other
+    assert pool_counts(LIVE, 0, SIZE)[0] == nr0 + 2
