@@ -238,7 +238,10 @@ def test_failed_apply_gives_the_nic_and_pages_back(site: Site) -> None:
     state = site.tmp / "state" / "state.json"
     StateStore(state.parent).save(State())
     record = state.read_bytes()
-    missing = site.tmp / "missing.qcow2"
+    # A disk that is there (plan checks that) but is not the qcow2 its name says: only
+    # QEMU finds out, after the NIC was claimed and the pages reserved.
+    missing = site.tmp / "not-a-qcow2.qcow2"
+    missing.write_bytes(b"not a qcow2 image\n" * 256)
     m = site.manifest("bad", addr, extra=f"    disks:\n      - path: {missing}\n")
 
     cp = site.cli("-v", "apply", str(m))
