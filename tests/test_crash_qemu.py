@@ -176,20 +176,20 @@ def _check_running_pinned(site: Site) -> None:
 
 def _check_clean(site: Site, pool_before: int) -> None:
     """No QEMU, no run directory content, no partition recorded (so no grant, no intent
-    left to give back), and the pool as it was before the test."""
+    left to give back), and the pool no larger than before the test."""
     assert _qemus(site.run_dir) == []
     leftover = list(site.run_dir.rglob("*")) if site.run_dir.exists() else []
     assert leftover == [], leftover
     record = json.loads((site.dir / "state" / "state.json").read_text())
     assert record["partitions"] == {}, record
-    # A page leaked keeps the pool above where it was, one given back twice (someone else's)
-    # below it.  Pages come back to the pool as QEMU's memory is torn down: a bounded wait.
-    # (The suite runs alone on the machine; another site's test resizing this pool at the
-    # same moment would make this fail.)
+    # A page leaked keeps the pool above where it was.  Pages come back to the pool as QEMU's
+    # memory is torn down: a bounded wait.  (Below where it was is not checked: free pages
+    # that an earlier test of the suite left in the pool can be given back by this one's
+    # apply and destroy; docs/decisions.md, crash safety.)
     deadline = time.monotonic() + 60
-    while _pool_size() != pool_before and time.monotonic() < deadline:
+    while _pool_size() > pool_before and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert _pool_size() == pool_before, (
+    assert _pool_size() <= pool_before, (
         f"the 2MiB pool has {_pool_size()} pages, {pool_before} before the test"
     )
 
