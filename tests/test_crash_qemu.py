@@ -174,24 +174,26 @@ def _check_running_pinned(site: Site) -> None:
     assert all(c == CpuSet([0]) for t, c in aff.items() if t != vcpus[0]), aff
 
 
-def _check_clean(site: Site, pool_before: int) -> None:
+def _check_clean(site: Site, pool_before: int, *, exact: bool = True) -> None:
     """No QEMU, no run directory content, no partition recorded (so no grant, no intent
-    left to give back), and the pool no larger than before the test."""
+    left to give back), and the pool as it was before the test (``exact``), or at least no
+    larger."""
     assert _qemus(site.run_dir) == []
     leftover = list(site.run_dir.rglob("*")) if site.run_dir.exists() else []
     assert leftover == [], leftover
     record = json.loads((site.dir / "state" / "state.json").read_text())
     assert record["partitions"] == {}, record
-    # A page leaked keeps the pool above where it was.  Pages come back to the pool as QEMU's
-    # memory is torn down: a bounded wait.  (Below where it was is not checked yet: in the
-    # suite's order, the last test here was seen to start with 32 pages an earlier module
-    # left in the pool and end with none, though it holds when run alone: open, said in
-    # the closing note of issue 8.)
+    # A page leaked keeps the pool above where it was; one given back that was not this
+    # site's, below.  Pages come back to the pool as QEMU's memory is torn down: a bounded
+    # wait.  (The suite runs alone on the machine: no other site resizes this pool meanwhile.)
     deadline = time.monotonic() + 60
-    while _pool_size() > pool_before and time.monotonic() < deadline:
+    while _pool_size() != pool_before and time.monotonic() < deadline:
+        if not exact and _pool_size() < pool_before:
+            break
         time.sleep(0.2)
-    assert _pool_size() <= pool_before, (
-        f"the 2MiB pool has {_pool_size()} pages, {pool_before} before the test"
+    got = _pool_size()
+    assert (got == pool_before) if exact else (got <= pool_before), (
+        f"the 2MiB pool has {got} pages, {pool_before} before the test"
     )
 
 
@@ -283,4 +285,7 @@ def test_status_says_paused_and_plan_reconciles_the_way_apply_does(site: Site) -
     assert again.returncode == 0, again.stderr
     _check_running_pinned(site)
     assert site.destroy().returncode == 0
-    _check_clean(site, pool_before)
+    # Not exact: in the suite's order this test was seen to start with 32 free pages an
+    # earlier module left in the pool and end with none (alone, it ends where it began):
+    # open, said in the closing note of issue 8.
+    _check_clean(site, pool_before, exact=False)
