@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 from gpuhosts import data_centre_gpu, display_gpu, gpu_server
+from test_argv import CAPS
 from treebuilder import BAR_MEM64_PREF, GiB, MiB, TreeBuilder
 
 from partitioner.errors import GuestError, PlanError
 from partitioner.guest.argv import guest_paths, kvm_settings, qemu_argv
-from partitioner.guest.caps import CPU_PROPS, QemuCaps
+from partitioner.guest.caps import QemuCaps
 from partitioner.guest.kvm import (
     KVM_X86_DISABLE_EXITS_HLT,
     KvmCaps,
@@ -43,21 +44,6 @@ from partitioner.pcibars import (
 from partitioner.plan import Plan
 from partitioner.planner import plan
 from partitioner.state import placement_from_json, placement_to_json
-
-CAPS = QemuCaps(
-    binary="/usr/bin/qemu-system-x86_64",
-    version=(7, 2, 0),
-    thread_context=True,
-    sandbox=True,
-    memfd=True,
-    vfio_pci=True,
-    iothread=True,
-    ovmf_code="/usr/share/OVMF/OVMF_CODE_4M.fd",
-    ovmf_vars="/usr/share/OVMF/OVMF_VARS_4M.fd",
-    cpu_props=CPU_PROPS,
-    cpu_pm=True,
-    kvm=KvmCaps(available=True, disable_exits=0b1110, max_vcpus=1024),
-)
 
 # An H100 PCIe's `resource` as the kernel prints it: BAR0 32-bit registers, BAR1 and BAR3
 # 64-bit prefetchable (each followed by the empty upper half), the ROM line, SR-IOV lines.
