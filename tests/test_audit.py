@@ -123,6 +123,15 @@ def test_each_kind_of_drift_is_named(isolated: tuple[SchedKernel, Path]) -> None
     ]
 
 
+def test_an_interrupt_with_no_handler_is_not_drift(isolated: tuple[SchedKernel, Path]) -> None:
+    k, d = isolated
+    k.irq(40, "2", "")  # the NIC's vector between a guest reset's free and its request again
+    k.irq(24, "2", "")  # a host line whose driver freed it
+    assert _drift(_run(k, d)) == []
+    k.irq(24, "2", "ahci[0000:00:1f.2]")  # requested again where it was left: drift again
+    assert _drift(_run(k, d)) == ["irq: interrupt 24 (ahci[0000:00:1f.2])"]
+
+
 def test_irqbalance_without_the_partition_cpus_banned_is_drift(
     isolated: tuple[SchedKernel, Path],
 ) -> None:

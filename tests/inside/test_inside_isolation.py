@@ -52,13 +52,15 @@ class Site:
         self.initrd = build_guest_initramfs(tmp / "img")
 
     def manifest(self, cpus: str = "1", reserve: str = "0", device: str | None = None) -> Path:
+        # 128MiB: with less, the guest kernel fails before its console and the guest resets
+        # over and over, and each reset frees and requests its devices' interrupts again.
         path = self.tmp / "site.yaml"
         dev = f'    devices:\n      - pci: "{device}"\n' if device else ""
         path.write_text(
             "version: 1\n"
             f'host:\n  reserve:\n    cpus: "{reserve}"\n    memory: 256MiB\n'
             "  accel: tcg\n  smt: share\n  isolation: full\n"
-            f'partitions:\n  iso:\n    cpus: "{cpus}"\n    memory: 64MiB\n    hugepages: none\n'
+            f'partitions:\n  iso:\n    cpus: "{cpus}"\n    memory: 128MiB\n    hugepages: none\n'
             + dev
             + f"    boot:\n      kernel: {self.kernel}\n      initrd: {self.initrd}\n"
             "      cmdline: console=ttyS0 quiet panic=-1\n"
@@ -99,9 +101,9 @@ def still_there(before: dict[str, str], after: dict[str, str]) -> dict[str, tupl
     return {k: (v, after[k]) for k, v in before.items() if k in after and after[k] != v}
 
 
-def on_partition_cpus(site: Site) -> list[str]:
+def on_partition_cpus(site: Site, own: frozenset[int] = frozenset()) -> list[str]:
     """Movable host work still allowed on CPU 1: tasks (not the partition's QEMU), masks, and
-    interrupts the kernel did not refuse to move."""
+    interrupts the kernel did not refuse to move, less the partition's own interrupts ``own``."""
     doc = json.loads((site.tmp / "state" / "isolation.json").read_text())
     refused = {int(r["id"]) for r in doc["refused"] if r["kind"] == "irq"}
     qemu = json.loads(site.cli("--json", "status").stdout)["partitions"]["iso"]["pid"]
@@ -114,7 +116,9 @@ def on_partition_cpus(site: Site) -> list[str]:
     bad += [
         f"irq {i.irq} ({i.owner}) on {i.affinity}"
         for i in w.irqs
-        if i.irq not in refused and not i.affinity.isdisjoint(PART) and i.vfio_device() is None
+        if i.irq not in refused | own
+        and not i.affinity.isdisjoint(PART)
+        and i.vfio_device() is None
     ]
     for name, m in (
         ("workqueue", w.workqueue_mask),
@@ -201,15 +205,21 @@ def test_a_partitions_nic_interrupt_goes_to_its_cpu_and_others_stay_off(site: Si
     before = host_settings()
     cp = site.cli("apply", str(site.manifest(device=NIC)))
     assert cp.returncode == 0, cp.stdout + cp.stderr
+    # QEMU enables the NIC's INTx when it realizes the device, and again after each reset of
+    # the guest (a reset frees the handler for a moment: the line is then listed with none).
+    deadline = time.monotonic() + 60
     vfio = [i for i in read_host_work(ROOT).irqs if i.vfio_device() == NIC]
-    # QEMU enables the NIC's INTx when it realizes the device: its handler is there at once.
+    while not vfio and time.monotonic() < deadline:
+        time.sleep(0.1)
+        vfio = [i for i in read_host_work(ROOT).irqs if i.vfio_device() == NIC]
     assert vfio, "no vfio interrupt of the partition's NIC"
     # Requesting an interrupt sets its affinity up anew (the device's node): the kernel's change,
     # made before isolation recorded it, so those numbers are left out of the comparison below.
     nics = frozenset(i.irq for i in vfio)
     for i in vfio:
         assert i.affinity == PART, f"irq {i.irq} ({i.owner}) on {i.affinity}"
-    assert on_partition_cpus(site) == []
+    # Every other interrupt off CPU 1; the NIC's own lines are judged above, handler or not.
+    assert on_partition_cpus(site, own=nics) == []
     audit = site.cli("--json", "audit")
     assert audit.returncode == 0, audit.stdout + audit.stderr
     cp = site.cli("destroy", "--all", "--timeout", "5")
