@@ -59,6 +59,7 @@ def _require() -> None:
 class Site:
     dir: Path
     manifest: Path
+    pool: int  # the 2MiB pool's size before the module applied anything: what every test ends with
 
     @property
     def run_dir(self) -> Path:
@@ -142,7 +143,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         "    hugepages: 2MiB\n"
         f"    boot: {{kernel: {kernel}, initrd: {initrd}, cmdline: console=ttyS0 quiet panic=-1}}\n"
     )
-    s = Site(d, manifest)
+    s = Site(d, manifest, _pool_size())
     yield s
     if (d / "state" / "state.json").exists():
         s.destroy()
@@ -174,10 +175,9 @@ def _check_running_pinned(site: Site) -> None:
     assert all(c == CpuSet([0]) for t, c in aff.items() if t != vcpus[0]), aff
 
 
-def _check_clean(site: Site, pool_before: int, *, exact: bool = True) -> None:
+def _check_clean(site: Site, pool_before: int) -> None:
     """No QEMU, no run directory content, no partition recorded (so no grant, no intent
-    left to give back), and the pool as it was before the test (``exact``), or at least no
-    larger."""
+    left to give back), and the pool as it was before the module applied anything."""
     assert _qemus(site.run_dir) == []
     leftover = list(site.run_dir.rglob("*")) if site.run_dir.exists() else []
     assert leftover == [], leftover
@@ -188,13 +188,9 @@ def _check_clean(site: Site, pool_before: int, *, exact: bool = True) -> None:
     # wait.  (The suite runs alone on the machine: no other site resizes this pool meanwhile.)
     deadline = time.monotonic() + 60
     while _pool_size() != pool_before and time.monotonic() < deadline:
-        if not exact and _pool_size() < pool_before:
-            break
         time.sleep(0.2)
     got = _pool_size()
-    assert (got == pool_before) if exact else (got <= pool_before), (
-        f"the 2MiB pool has {got} pages, {pool_before} before the test"
-    )
+    assert got == pool_before, f"the 2MiB pool has {got} pages, {pool_before} before the module"
 
 
 def _status_answers(site: Site, label: str) -> None:
@@ -204,7 +200,7 @@ def _status_answers(site: Site, label: str) -> None:
 
 
 def test_apply_killed_at_every_step_converges_and_destroys_clean(site: Site) -> None:
-    pool_before = _pool_size()
+    pool_before = site.pool
     points = site.points("apply")
     assert {"qemu-spawned", "guest-let-run", "did-start", "state-saved"} <= set(points), points
     assert site.destroy().returncode == 0
@@ -223,7 +219,7 @@ def test_apply_killed_at_every_step_converges_and_destroys_clean(site: Site) -> 
 
 
 def test_destroy_killed_at_every_step_is_finished_by_the_next_run(site: Site) -> None:
-    pool_before = _pool_size()
+    pool_before = site.pool
     assert site.apply().returncode == 0
     points = site.points("destroy")
     assert {"powerdown-sent", "qemu-gone", "did-stop", "did-forget"} <= set(points), points
@@ -244,7 +240,7 @@ def test_destroy_killed_at_every_step_is_finished_by_the_next_run(site: Site) ->
 
 
 def test_status_says_paused_and_plan_reconciles_the_way_apply_does(site: Site) -> None:
-    pool_before = _pool_size()
+    pool_before = site.pool
     assert site.apply().returncode == 0
     st = json.loads(site.run("--json", "status").stdout)["partitions"]["crashp"]
     pid = st["pid"]
@@ -285,7 +281,4 @@ def test_status_says_paused_and_plan_reconciles_the_way_apply_does(site: Site) -
     assert again.returncode == 0, again.stderr
     _check_running_pinned(site)
     assert site.destroy().returncode == 0
-    # Not exact: in the suite's order this test was seen to start with 32 free pages an
-    # earlier module left in the pool and end with none (alone, it ends where it began):
-    # open, said in the closing note of issue 8.
-    _check_clean(site, pool_before, exact=False)
+    _check_clean(site, pool_before)
