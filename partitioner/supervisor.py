@@ -140,7 +140,7 @@ def exit_reason(pid: int, output: Path | None) -> str:
 @dataclass(frozen=True)
 class Event:
     partition: str
-    kind: str  # "restarted", "failed", "restart-failed"
+    kind: str  # "restarted", "failed", "restart-failed", "steered"
     detail: str
 
 
@@ -202,11 +202,21 @@ class Supervisor:
                 for rec in crashed:
                     state, event = self._crashed(state, rec, reasons[rec.name], history)
                     events.append(event)
+                events.extend(self._steer())
                 if events or history != load_history(self.store.dir):
                     save_history(self.store.dir, history)
                 return events
         except BusyError:
             return []
+
+    def _steer(self) -> list[Event]:
+        """The partitions' device interrupts asked for since ``apply``, onto their CPUs."""
+        from partitioner.isolation.runtime import steer_device_irqs
+
+        return [
+            Event(name, "steered", f"interrupt {m.irq} ({m.owner}) from CPUs {m.old} to {m.new}")
+            for name, m in steer_device_irqs(self.root, self.store.dir)
+        ]
 
     def _crashed(
         self, state: State, rec: PartitionRecord, reason: str, history: dict[str, History]
@@ -254,7 +264,8 @@ class Supervisor:
             while not stop and not until():
                 try:
                     for e in self.step():
-                        log.warning("partition %s %s: %s", e.partition, e.kind, e.detail)
+                        level = logging.INFO if e.kind == "steered" else logging.WARNING
+                        log.log(level, "partition %s %s: %s", e.partition, e.kind, e.detail)
                 except StateError as e:
                     # A record that cannot be read now (being replaced by hand, a full
                     # disk) is said and looked at again; the guests run on meanwhile.

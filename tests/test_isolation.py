@@ -31,6 +31,7 @@ from partitioner.isolation.runtime import (
     load_record,
     record_path,
     restore,
+    steer_device_irqs,
 )
 from partitioner.isolation.view import read_host_work
 from partitioner.loader import loads
@@ -187,6 +188,55 @@ def test_a_task_the_kernel_refuses_is_recorded_and_left(k: SchedKernel, tmp_path
     assert {"kind": "task", "id": 400, "name": "half", "errno": "EPERM"} in doc["refused"]
     assert "400:100" not in doc["tasks"]
     assert _allowed(k, 400) == CpuSet([1, 2])
+
+
+def test_the_partitions_vectors_asked_for_after_apply_are_steered_and_only_they(
+    k: SchedKernel, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    assert steer_device_irqs(k, state) == []  # not isolated: nothing to keep
+    isolate(k, LAYOUT, GUESTS, state)
+    # The guest's driver enables MSI-X: a new vector, on default_smp_affinity (the reserve).
+    k.irq(60, "0", f"vfio-msix[1]({NIC})")
+    k.irq(61, "0", "vfio-msix[1](0000:42:00.0)")  # another device's: the host's, left
+    k.write("/proc/irq/24/smp_affinity_list", "2")  # host work drifted back: audit's, not ours
+    k.write("/proc/irq/40/smp_affinity_list", "0")  # the NIC's first vector moved away
+    got = [(name, m.irq, str(m.old), str(m.new)) for name, m in steer_device_irqs(k, state)]
+    assert got == [("fw0", 40, "0", "2-3"), ("fw0", 60, "0", "2-3")]
+    assert k.read("/proc/irq/60/smp_affinity_list") == "2-3"
+    assert k.read("/proc/irq/40/smp_affinity_list") == "2-3"
+    assert k.read("/proc/irq/61/smp_affinity_list") == "0"
+    assert k.read("/proc/irq/24/smp_affinity_list") == "2"
+    assert steer_device_irqs(k, state) == []  # in place: nothing written again
+    # Recorded first, with what it replaced; the first vector keeps its original from apply.
+    doc = load_record(state)
+    assert doc is not None
+    assert doc["irqs"]["60"]["old"] == "0" and doc["irqs"]["40"]["old"] == "0-3"
+    restore(k, state)
+    assert k.read("/proc/irq/60/smp_affinity_list") == "0"
+    assert k.read("/proc/irq/40/smp_affinity_list") == "0-3"
+
+
+def test_the_supervisor_steers_on_each_look_and_says_so(k: SchedKernel, tmp_path: Path) -> None:
+    from partitioner.state import StateStore
+    from partitioner.supervisor import Supervisor
+
+    state = tmp_path / "state"
+    isolate(k, LAYOUT, GUESTS, state)
+    sup = Supervisor(k, StateStore(state), restart=lambda store, st, name: st)
+    assert sup.step() == []
+    k.irq(60, "0", f"vfio-msi[0]({NIC})")
+    [e] = sup.step()
+    assert (e.partition, e.kind) == ("fw0", "steered") and "interrupt 60" in e.detail
+    assert k.read("/proc/irq/60/smp_affinity_list") == "2-3"
+    # A pinned host's record (or none) is not acted on.
+    doc = load_record(state)
+    assert doc is not None
+    doc["mode"] = "pinned"
+    record_path(state).write_text(json.dumps(doc))
+    k.irq(62, "0", f"vfio-msi[1]({NIC})")
+    assert sup.step() == []
+    assert k.read("/proc/irq/62/smp_affinity_list") == "0"
 
 
 def test_apply_and_destroy_choose_isolation_by_the_sites_mode(tmp_path: Path) -> None:

@@ -94,7 +94,10 @@ def register(sub: Any) -> None:
 
     w = hs.add_parser(
         "supervise",
-        help="watch the applied partitions and restart crashed ones (on_crash), in the foreground",
+        help=(
+            "watch the applied partitions, restart crashed ones (on_crash) and keep their device"
+            " interrupts on their CPUs, in the foreground"
+        ),
     )
     w.add_argument(
         "--poll", metavar="S", type=float, default=0.5, help="seconds between looks (default 0.5)"

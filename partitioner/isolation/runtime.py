@@ -27,12 +27,12 @@ from partitioner.cpuset import CpuSet
 from partitioner.errors import ApplyFailed
 from partitioner.hostroot import HostRoot
 from partitioner.isolation.layout import Layout, PartitionCpus, layout_of
-from partitioner.isolation.moves import Moves, plan_moves
+from partitioner.isolation.moves import IrqMove, Moves, plan_moves
 from partitioner.isolation.systemd import confine as systemd_confine
 from partitioner.isolation.systemd import current as systemd_current
 from partitioner.isolation.systemd import has_systemd
 from partitioner.isolation.systemd import put_back as systemd_put_back
-from partitioner.isolation.view import format_mask, read_host_work, read_task
+from partitioner.isolation.view import format_mask, read_host_work, read_irqs, read_task
 from partitioner.plan import Plan
 from partitioner.run import CommandFailed
 from partitioner.state import RunState, State
@@ -174,6 +174,36 @@ def isolate(
         _perform(root, doc, moves)
         save_record(state_dir, doc)
     return doc
+
+
+def steer_device_irqs(root: HostRoot, state_dir: str | Path) -> list[tuple[str, IrqMove]]:
+    """The partitions' own ``vfio`` interrupts onto their partition's CPUs, wherever they are now.
+
+    ``apply`` places those that exist when it runs; the ones asked for later (a guest's driver
+    enabling MSI or MSI-X, QEMU asking again after a reset) take ``default_smp_affinity``, the
+    reserve.  The supervisor calls this on every look, under the state lock.  Only a ``full``
+    host's record is acted on, and only the partitions' own interrupts: the host's work that
+    drifted back is ``audit``'s to name and ``apply``'s to move, not fought over here.  Each
+    value replaced is recorded first, as ``isolate`` does, so ``destroy`` puts it back.
+    Returns each move with the partition it was made for."""
+    doc = load_record(state_dir)
+    if doc is None or doc.get("mode") != "full":
+        return []
+    layout = layout_from_json(doc["layout"])
+    refused = refused_irqs(doc)
+    steered = []
+    for i in read_irqs(root):
+        dev = i.vfio_device()
+        part = layout.owner_of_device(dev) if dev is not None else None
+        if part is not None and i.irq not in refused and i.affinity != part.cpus:
+            steered.append((part.name, IrqMove(i.irq, i.owner, i.affinity, part.cpus)))
+    if steered:
+        moves = Moves((), tuple(m for _, m in steered), (), ())
+        _intend(doc, moves)
+        save_record(state_dir, doc)
+        _perform(root, doc, moves)
+        save_record(state_dir, doc)
+    return steered
 
 
 def _confine_slices(doc: dict[str, Any], layout: Layout, state_dir: str | Path) -> None:

@@ -222,6 +222,39 @@ def test_a_partitions_nic_interrupt_goes_to_its_cpu_and_others_stay_off(site: Si
     assert on_partition_cpus(site, own=nics) == []
     audit = site.cli("--json", "audit")
     assert audit.returncode == 0, audit.stdout + audit.stderr
+
+    # A vector of the NIC off its CPU, as one asked for after apply lands (on
+    # default_smp_affinity, the reserve) or as irqbalance would leave it: audit names it, and
+    # the supervisor puts it back on its next look.
+    [line] = sorted(nics)[:1]
+    ROOT.write(f"/proc/irq/{line}/smp_affinity_list", "0")
+    audit = site.cli("--json", "audit")
+    assert audit.returncode == 3, audit.stdout + audit.stderr
+    assert [f["irq"] for f in json.loads(audit.stdout)["findings"] if f["status"] == "drift"] == [
+        line
+    ]
+    log = (site.tmp / "supervisor.log").open("wb")
+    sup = subprocess.Popen(
+        site.argv("host", "supervise", "--poll", "0.2", "-v"), env=site.env, cwd=PROJECT,
+        stdout=log, stderr=log,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (
+            ROOT.read(f"/proc/irq/{line}/smp_affinity_list") or ""
+        ).strip() != str(PART):
+            time.sleep(0.1)
+        assert (ROOT.read(f"/proc/irq/{line}/smp_affinity_list") or "").strip() == str(PART), (
+            site.tmp / "supervisor.log"
+        ).read_text(errors="replace")
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        sup.wait(timeout=60)
+    assert sup.returncode == 0, (site.tmp / "supervisor.log").read_text(errors="replace")
+    assert "steered" in (site.tmp / "supervisor.log").read_text(errors="replace")
+    audit = site.cli("--json", "audit")
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+
     cp = site.cli("destroy", "--all", "--timeout", "5")
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert still_there(before, host_settings(nics)) == {}
