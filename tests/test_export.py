@@ -1,7 +1,9 @@
 """``partition export``: libvirt XML and KubeVirt objects as pure functions of the Plan.
 
 Golden files are tests/golden/export/CASE.xml and CASE.kubevirt.yaml, for the
-same placements as tests/test_argv.py's QEMU command lines.  Regenerate them
+same placements as tests/test_argv.py's QEMU command lines, and fixture-*.xml
+for the GPU hosts of tests/test_native.py (H100-like, RTX-like), planned from
+their trees as its golden QEMU command lines are.  Regenerate them
 with ``PARTITION_REGEN_GOLDEN=1 pytest tests/test_export.py`` and review the diff.
 Every libvirt document is checked against libvirt's own RELAX NG schema
 (``xmllint``), every KubeVirt object against KubeVirt's OpenAPI definitions with
@@ -23,14 +25,18 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from gpuhosts import display_gpu, gpu_server
 from test_argv import CASES, _plan
+from test_native import FIXTURE_SITES, _site, host_of
+from treebuilder import GiB, TreeBuilder
 
 from partitioner.cli.main import main
 from partitioner.cpuset import CpuSet
 from partitioner.export import kubevirt, libvirt
 from partitioner.guest.argv import guest_cpus_by_node
 from partitioner.pci import PciAddress
-from partitioner.plan import Placement
+from partitioner.plan import Placement, Plan
+from partitioner.planner import plan as plan_site
 from partitioner.units import KiB
 
 GOLDEN = Path(__file__).parent / "golden" / "export"
@@ -101,6 +107,27 @@ def test_libvirt_golden_and_valid(case: str, tmp_path: Path) -> None:
     _xmllint({f"{case}.xml": text}, tmp_path)
 
 
+def _fixture_plan(case: str, tree: TreeBuilder) -> Plan:
+    """The plan of test_native's golden command lines: its GPU server tree and site."""
+    gpus, site = FIXTURE_SITES[case]
+    gpu_server(tree, gpus=gpus, bar1=128 * GiB, phys_bits=46)
+    display_gpu(tree, 0x30, 70)
+    tree.node(0, memory_bytes=512 * GiB, free_bytes=500 * GiB, hugepages={GiB: (64, 64)})
+    return plan_site(_site(site), host_of(tree))
+
+
+@pytest.mark.parametrize("case", sorted(FIXTURE_SITES))
+def test_libvirt_golden_and_valid_for_the_gpu_fixtures(
+    case: str, tree: TreeBuilder, tmp_path: Path
+) -> None:
+    result = _fixture_plan(case, tree)
+    (p,) = result.placements.values()
+    text = libvirt.domain_xml(p, result)
+    _check_golden(f"{case}.xml", text)
+    _xmllint({f"{case}.xml": text}, tmp_path)
+    _check_kvm_settings(ET.fromstring(text), p, result.accel)
+
+
 def test_the_schema_check_can_fail(tmp_path: Path) -> None:
     """A misspelled element is refused by the same check the golden documents pass."""
     p, accel, _ = CASES["tcg-small"]
@@ -164,11 +191,43 @@ def test_libvirt_carries_the_plan(case: str) -> None:
     if accel == "kvm":
         assert root.find("cpu").get("mode") == "host-passthrough"  # type: ignore[union-attr]
         assert _attrs(root, "features/kvm/hint-dedicated") == [{"state": "on"}]
-    # Devices by host address, unmanaged.
+    # Devices by host address, unmanaged, VFIO.
     hostdevs = root.findall("devices/hostdev")
     assert {h.get("managed") for h in hostdevs} <= {"no"}
+    assert [h.get("name") for h in root.findall("devices/hostdev/driver")] == ["vfio"] * len(
+        hostdevs
+    )
     got = sorted(_host_address(h) for h in hostdevs)
     assert got == sorted(d.address for d in p.devices)
+    _check_kvm_settings(root, p, accel)
+
+
+QEMU_NS = "{http://libvirt.org/schemas/domain/qemu/1.0}"
+
+
+def _check_kvm_settings(root: ET.Element, p: Placement, accel: str) -> None:
+    """host-phys-bits=on under KVM (argv's condition) and x-vga=on on the primary display,
+    in libvirt's spelling; no <qemu:commandline> (cpu-pm is not exported: decisions.md)."""
+    maxphys = _attrs(root, "cpu/maxphysaddr")
+    assert maxphys == ([{"mode": "passthrough"}] if accel == "kvm" else []), maxphys
+    assert root.find(f"{QEMU_NS}commandline") is None
+    aliases = {
+        _host_address(h): a.get("name")
+        for h in root.findall("devices/hostdev")
+        if (a := h.find("alias")) is not None
+    }
+    shown = [d.address for d in p.devices if d.primary_display]
+    assert sorted(aliases) == sorted(shown)
+    assert all(str(name).startswith("ua-") for name in aliases.values())
+    overridden = {
+        dev.get("alias"): [
+            dict(prop.attrib) for prop in dev.findall(f"{QEMU_NS}frontend/{QEMU_NS}property")
+        ]
+        for dev in root.findall(f"{QEMU_NS}override/{QEMU_NS}device")
+    }
+    assert overridden == {
+        aliases[a]: [{"name": "x-vga", "type": "bool", "value": "true"}] for a in shown
+    }
 
 
 def _host_address(h: ET.Element) -> PciAddress:

@@ -11,8 +11,9 @@ Decisions (each mirrors one of ``partitioner.guest.argv``):
 - Memory is locked, never merged (``nosharepages``), kept out of core dumps,
   allocated at start with one thread per partition CPU on the node; hugepages
   of the plan's size come from memfd (no hugetlbfs mount), as in argv.
-- PCI functions are ``managed='no'``: the host binds them to vfio-pci
-  (``partition host setup`` does it at boot), libvirt never rebinds them.
+- PCI functions are ``managed='no'`` VFIO hostdevs (``<driver name='vfio'/>``): the
+  host binds them to vfio-pci (``partition host setup`` does it at boot), libvirt
+  never rebinds them.
   Functions of one host slot that include function 0 share one root port as
   one multifunction device with their function numbers; any other function
   gets a root port of its own.
@@ -20,6 +21,17 @@ Decisions (each mirrors one of ``partitioner.guest.argv``):
   no balloon, no USB, no display, as with ``-nodefaults -display none``.
 - UEFI is asked by ``firmware='efi'`` without Secure Boot, so that libvirt
   picks the OVMF build it knows: the export names no path of this host.
+- Under KVM the guest's physical address width is the host's
+  (``<maxphysaddr mode='passthrough'/>``, QEMU's ``host-phys-bits=on``), as argv
+  gives it under KVM: the plan checked that the host's width covers RAM and BARs.
+- A ``primary_display`` device gets ``x-vga=on`` through libvirt's
+  ``<qemu:override>`` (libvirt 8.2+): the hostdev is given a user alias
+  (``ua-hostdevN``, argv's ``id=hostdevN``) and the override sets the property on
+  it.  libvirt has no element for it, and marks such a domain tainted.
+- ``-overcommit cpu-pm=on`` is not exported (docs/decisions.md, "cpu-pm in the
+  libvirt export"): libvirt has no element for it, and a ``<qemu:commandline>``
+  ``-overcommit cpu-pm=on`` after libvirt's own ``-overcommit mem-lock=on``
+  would turn the memory lock off.
 """
 
 from __future__ import annotations
@@ -33,8 +45,11 @@ from partitioner.units import KiB
 
 # The libvirt XML namespace of the plan's own record inside <metadata>.
 NAMESPACE = "https://partition.invalid/xmlns/libvirt/1"
+# libvirt's QEMU namespace: <qemu:override> sets device properties libvirt has no element for.
+QEMU_NAMESPACE = "http://libvirt.org/schemas/domain/qemu/1.0"
 CONSOLE_LOG_DIR = "/var/log/libvirt/qemu"
 ET.register_namespace("partition", NAMESPACE)
+ET.register_namespace("qemu", QEMU_NAMESPACE)
 
 
 def domain_xml(p: Placement, plan: Plan) -> str:
@@ -70,6 +85,7 @@ def domain_xml(p: Placement, plan: Plan) -> str:
     _sub(dom, "on_reboot", "restart")
     _sub(dom, "on_crash", "destroy")
     _devices(dom, p)
+    _overrides(dom, p)
     ET.indent(dom, space="  ")
     return ET.tostring(dom, encoding="unicode") + "\n"
 
@@ -159,6 +175,11 @@ def _cpu(dom: ET.Element, p: Placement, tcg: bool) -> None:
     )
     if p.host_cache_info and not tcg:
         _sub(cpu, "cache", mode="passthrough")  # QEMU's host-cache-info=on
+    if not tcg:
+        # QEMU's host-phys-bits=on (libvirt 8.7+, host-passthrough only), given by argv under
+        # KVM: the guest sees the host's address width, which the plan checked covers its
+        # RAM and every BAR; QEMU's default (40 bits) may not reach a large BAR's window.
+        _sub(cpu, "maxphysaddr", mode="passthrough")
     numa = _sub(cpu, "numa")
     for i, (node, vcpus) in enumerate(guest_cpus_by_node(p)):
         size = dict(p.memory_per_node)[node]
@@ -191,10 +212,14 @@ def _devices(dom: ET.Element, p: Placement) -> None:
     for k in range(len(ports)):
         ctl = _sub(devs, "controller", type="pci", index=str(k + 1), model="pcie-root-port")
         _sub(ctl, "target", chassis=str(k + 1), port=f"{k + 16:#x}")
+    n = 0
     for k, members in enumerate(ports):
         multi = len(members) > 1
         for d, fn in members:
             hd = _sub(devs, "hostdev", mode="subsystem", type="pci", managed="no")
+            # vfio-pci, as argv: libvirt's default backend resolves to VFIO only on a host
+            # that has it, so a conversion elsewhere (domxml-to-native) would refuse it.
+            _sub(hd, "driver", name="vfio")
             src = _sub(hd, "source")
             a = d.address
             _sub(
@@ -219,6 +244,10 @@ def _devices(dom: ET.Element, p: Placement) -> None:
                 _sub(hd, "rom", bar="off")
             elif d.rom:
                 _sub(hd, "rom", file=d.rom)
+            if d.primary_display:
+                # A user alias ("ua-"): the name <qemu:override> finds the device by.
+                _sub(hd, "alias", name=hostdev_alias(n))
+            n += 1
     serial = _sub(devs, "serial", type="pty")
     _sub(serial, "log", file=f"{CONSOLE_LOG_DIR}/{p.name}.console.log", append="on")
     _sub(serial, "target", type="isa-serial", port="0")
@@ -226,6 +255,31 @@ def _devices(dom: ET.Element, p: Placement) -> None:
     _sub(console, "target", type="serial", port="0")
     _sub(devs, "controller", type="usb", model="none")
     _sub(devs, "memballoon", model="none")
+
+
+def hostdev_alias(n: int) -> str:
+    """The user alias of the ``n``-th hostdev (argv's ``id=hostdevN``; QEMU's id under libvirt)."""
+    return f"ua-hostdev{n}"
+
+
+def _overrides(dom: ET.Element, p: Placement) -> None:
+    """``x-vga=on`` on the primary display (argv's ``vfio-pci,...,x-vga=on``): libvirt has no
+    element for it; ``<qemu:override>`` (libvirt 8.2+) sets the property on the ``-device``
+    libvirt formats, found by the hostdev's user alias.  libvirt marks the domain tainted
+    ("custom-device") and applies it at start only, not to a hotplug."""
+    n_of = {d.address: n for n, (d, _) in enumerate(m for ms in guest_ports(p.devices) for m in ms)}
+    shown = [d for d in p.devices if d.primary_display]
+    if not shown:
+        return
+    override = ET.SubElement(dom, f"{{{QEMU_NAMESPACE}}}override")
+    for d in sorted(shown, key=lambda d: n_of[d.address]):
+        dev = ET.SubElement(override, f"{{{QEMU_NAMESPACE}}}device")
+        dev.set("alias", hostdev_alias(n_of[d.address]))
+        frontend = ET.SubElement(dev, f"{{{QEMU_NAMESPACE}}}frontend")
+        prop = ET.SubElement(frontend, f"{{{QEMU_NAMESPACE}}}property")
+        prop.set("name", "x-vga")
+        prop.set("type", "bool")
+        prop.set("value", "true")
 
 
 def _letters(i: int) -> str:
