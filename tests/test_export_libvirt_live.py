@@ -519,6 +519,8 @@ partitions:
     devices: [{pci: "30:00.0", primary_display: true, rom: /srv/roms/3090.rom}]
 """
 
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
 # The KVM partition's own differences.
 KVM_DIFFERENCES: list[tuple[str, str, str]] = [
     (
@@ -641,11 +643,33 @@ def _locked_kib(overcommit: list[str], tmp_path: Path) -> int:
 
 def test_a_second_overcommit_turns_the_memory_lock_off(tmp_path: Path) -> None:
     """Why cpu-pm=on is not exported as <qemu:commandline>: libvirt puts those arguments after
-    its own -overcommit mem-lock=on, and QEMU (7.2) reads each -overcommit whole, so a later
-    -overcommit cpu-pm=on leaves the guest's memory unlocked (docs/decisions.md)."""
+    its own -overcommit mem-lock=on, and QEMU (7.2) reads each -overcommit whole, so the
+    later -overcommit cpu-pm=on leaves the guest's memory unlocked (docs/decisions.md)."""
     _require_virsh()
     if os.geteuid() != 0:
         pytest.skip("needs root to lock QEMU's memory")
+    golden = Path(__file__).parent / "golden" / "export" / "tcg-small.xml"
+    xml = golden.read_text()
+    assert "<locked />" in xml and "qemu:" not in xml
+    xml = xml.replace("<domain ", f'<domain xmlns:qemu="{QEMU_NS}" ', 1).replace(
+        "</domain>",
+        '<qemu:commandline><qemu:arg value="-overcommit"/><qemu:arg value="cpu-pm=on"/>'
+        "</qemu:commandline></domain>",
+    )
+    domain = tmp_path / "domain.xml"
+    domain.write_text(xml)
+    etc = tmp_path / "libvirt" / "etc"
+    etc.mkdir(parents=True)
+    (etc / "qemu.conf").write_text(QEMU_CONF)
+    virsh = subprocess.run(
+        ["virsh", "-q", "-c", f"qemu:///embed?root={tmp_path / 'libvirt'}",
+         f"domxml-to-native qemu-argv {domain}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert virsh.returncode == 0, virsh.stderr
+    native = _native(virsh)
+    overcommit = [native[i + 1] for i, a in enumerate(native[:-1]) if a == "-overcommit"]
+    assert overcommit == ["mem-lock=on", "cpu-pm=on"], overcommit
     assert _locked_kib(["mem-lock=on"], tmp_path) >= 32 * 1024
     assert _locked_kib(["mem-lock=on,cpu-pm=on"], tmp_path) >= 32 * 1024
-    assert _locked_kib(["mem-lock=on", "cpu-pm=on"], tmp_path) == 0
+    assert _locked_kib(overcommit, tmp_path) == 0
