@@ -9,7 +9,6 @@ KVM is not this machine's: a note, not a refusal.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -69,7 +68,7 @@ def live_limit() -> int:
 
 
 def test_plan_and_apply_refuse_more_vcpus_than_this_machines_kvm(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     limit = live_limit()
     assert limit > 0  # KVM_CAP_MAX_VCPUS (or KVM_CAP_NR_VCPUS) as this kernel answers it
@@ -78,24 +77,16 @@ def test_plan_and_apply_refuse_more_vcpus_than_this_machines_kvm(
     path = tmp_path / "site.yaml"
     path.write_text(site(limit + 1))
     dirs = {name: tmp_path / name for name in ("state", "run", "log")}
-    env = {f"PARTITION_{n.upper()}_DIR": str(d) for n, d in dirs.items()}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        assert main(["plan", str(path)]) == 3
-        err = capsys.readouterr().err
-        assert f"{path}:9:" in err
-        assert f"big asks for {limit + 1} CPUs" in err
-        assert f"at most {limit} vCPUs (KVM_CAP_MAX_VCPUS)" in err
-        # apply refuses it the same way, before it changes anything: no record, no guest.
-        assert main(["apply", str(path)]) == 3
-        assert f"at most {limit} vCPUs" in capsys.readouterr().err
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    for name, d in dirs.items():
+        monkeypatch.setenv(f"PARTITION_{name.upper()}_DIR", str(d))
+    assert main(["plan", str(path)]) == 3
+    err = capsys.readouterr().err
+    assert f"{path}:9:" in err
+    assert f"big asks for {limit + 1} CPUs" in err
+    assert f"at most {limit} vCPUs (KVM_CAP_MAX_VCPUS)" in err
+    # apply refuses it the same way, before it changes anything: no record, no guest.
+    assert main(["apply", str(path)]) == 3
+    assert f"at most {limit} vCPUs" in capsys.readouterr().err
     assert not (dirs["state"] / "state.json").exists()
     assert not dirs["run"].exists() or not any(dirs["run"].iterdir())
 
