@@ -1,15 +1,17 @@
-"""The files a manifest hands to QEMU exist and can be read: kernel, initrd, disks, firmware.
+"""What only this machine can answer about a plan: the files a manifest hands to QEMU
+(kernel, initrd, disks, firmware) exist and can be read, and its KVM takes each
+partition's vCPU count.
 
 The planner is pure (it reads nothing); this is the separate step that ``plan``
 and ``apply`` run after it, on this machine, where QEMU will open them.  Under
 ``--host-root`` the plan is for another machine: ``plan`` then says what it
 would miss here as notes, and holds nothing against it.  A missing or unreadable
-file is a precondition of the host that is missing: exit 3 with the others
-(docs/decisions.md).
+file, or more vCPUs than KVM allows one VM, is a precondition of the host that
+is missing: exit 3 with the others (docs/decisions.md).
 
 Each problem starts with the ``FILE:LINE:COL`` of the manifest entry that names
-the file.  Nothing is read from the files: they are opened (without blocking,
-so a FIFO cannot hang the check) and closed.
+the file or the partition.  Nothing is read from the files: they are opened
+(without blocking, so a FIFO cannot hang the check) and closed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Mapping
+from dataclasses import replace
 
 from partitioner.errors import PlanError
 from partitioner.host import Host
@@ -120,26 +123,54 @@ def file_problems(manifest: Manifest) -> list[str]:
     return out
 
 
+def kvm_limit(manifest: Manifest, *, here: bool) -> tuple[list[str], list[str]]:
+    """(problems, notes): each partition with more vCPUs than this machine's KVM lets one VM
+    have, asked as ``guest/kvm.py`` asks the other KVM answers.  ``here`` False: the plan is
+    for another machine, whose KVM cannot be asked from here; a note says so, as the
+    dedicated-CPU settings do (``cpu-pm``), and apply on that machine refuses."""
+    from partitioner.guest.kvm import probe_kvm
+    from partitioner.planner import kvm_vcpu_problems
+
+    if manifest.host.accel != "kvm" or not manifest.partitions:
+        return [], []
+    not_checked = "the vCPU counts were not checked against KVM's limit (KVM_CAP_MAX_VCPUS)"
+    if not here:
+        most = max(manifest.partitions.values(), key=lambda p: p.cpu_count)
+        return [], [
+            f"{not_checked}: the plan is for another machine (--host-root), whose KVM is not "
+            f"asked from here; apply there refuses a partition with more vCPUs than its KVM "
+            f"allows (the most here: {most.name}, {most.cpu_count})"
+        ]
+    kvm = probe_kvm()
+    if not kvm.available:
+        return [], [f"{not_checked}: KVM cannot be asked ({kvm.error})"]
+    return kvm_vcpu_problems(manifest, kvm.max_vcpus), []
+
+
 def checked_plan(
     manifest: Manifest,
     host: Host,
     running: Mapping[str, RunningPartition] | None = None,
     *,
-    files: bool = True,
+    here: bool = True,
 ) -> Plan:
-    """The plan (the pure planner), then the files: every problem of both, or the plan.
+    """The plan (the pure planner), then KVM's vCPU limit and the files: every problem of
+    all, or the plan.
 
-    What ``plan`` and ``apply`` run, so that both refuse the same manifests.  ``files``
-    False leaves the files out: a plan for another machine (``--host-root``) cannot know
-    what is on it, and its caller says so instead.
+    What ``plan`` and ``apply`` run, so that both refuse the same manifests.  ``here``
+    False leaves out what only this machine can answer: a plan for another machine
+    (``--host-root``) cannot know its files or its KVM, and says so instead (the files:
+    its caller; KVM: a note of the plan).
     """
     from partitioner.planner import plan
 
+    problems, notes = kvm_limit(manifest, here=here)
+    if here:
+        problems += file_problems(manifest)
     try:
         result = plan(manifest, host, running)
     except PlanError as e:
-        raise PlanError([*e.problems, *(file_problems(manifest) if files else [])]) from None
-    problems = file_problems(manifest) if files else []
+        raise PlanError([*e.problems, *problems]) from None
     if problems:
         raise PlanError(problems)
-    return result
+    return replace(result, notes=(*result.notes, *notes)) if notes else result

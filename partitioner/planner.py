@@ -224,6 +224,23 @@ def _check_preconditions(manifest: Manifest, host: Host, w: _Work) -> None:
             )
 
 
+def kvm_vcpu_problems(manifest: Manifest, max_vcpus: int) -> list[str]:
+    """Under ``accel: kvm``, each partition with more vCPUs than the host's KVM lets one VM
+    have (``max_vcpus``: ``KvmCaps.max_vcpus``, which ``filecheck.checked_plan`` asks of
+    this machine's KVM): QEMU would refuse to start it, after apply had set the host up."""
+    if manifest.host.accel != "kvm":
+        return []
+    return [
+        f"{spec.where}: {spec.name} asks for {spec.cpu_count} CPUs, one vCPU each, but this "
+        f"host's KVM lets one VM have at most {max_vcpus} vCPUs (KVM_CAP_MAX_VCPUS): QEMU "
+        f"would refuse to start it; give {spec.name} at most {max_vcpus} CPUs (split it into "
+        "smaller partitions), or run a kernel whose KVM is built for more (x86: "
+        "CONFIG_KVM_MAX_NR_VCPUS)"
+        for spec in manifest.partitions.values()
+        if spec.cpu_count > max_vcpus
+    ]
+
+
 # -- CPUs ---------------------------------------------------------------------
 
 

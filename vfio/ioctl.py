@@ -1,7 +1,8 @@
 """Ask the kernel itself whether a group can be handed to QEMU: the VFIO ioctls, bound with cffi.
 
-ABI mode (no compiler at run time): the structures are declared as
-``linux/vfio.h`` lays them out and the request numbers are computed the way
+ABI mode (no compiler at run time), through the ``ioctl`` plumbing
+``guest/kvm.py`` shares (``partitioner/ioctl.py``): the structures are declared
+as ``linux/vfio.h`` lays them out and the request numbers are computed the way
 the kernel's ``_IO()`` macro does.  The sequence is the one
 Documentation/driver-api/vfio.rst shows: open the container, check the API
 version and the type1 IOMMU extension, open the group, ask its status, attach
@@ -18,16 +19,18 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import cffi
-
 from partitioner import sysfs
 from partitioner.errors import DeviceError
 from partitioner.host import Host
 from partitioner.hostroot import HostRoot
+from partitioner.ioctl import IO as _IO
+from partitioner.ioctl import IOC as _IOC  # noqa: F401 (the kernel's macro, as tests check it here)
+from partitioner.ioctl import Binding, describe, errname
 from vfio.claim import VIABLE_DRIVERS
 from vfio.preview import stays_with_host
 
-_CDEF = """
+_binding = Binding(
+    """
 struct vfio_group_status {
     uint32_t argsz;
     uint32_t flags;
@@ -39,42 +42,9 @@ struct vfio_device_info {
     uint32_t num_irqs;
     uint32_t cap_offset;
 };
-int ioctl(int fd, unsigned long request, ...);
 """
-
-ffi = cffi.FFI()
-ffi.cdef(_CDEF)
-_libc: Any = None
-
-
-def _lib() -> Any:
-    global _libc
-    if _libc is None:
-        # None: the C library the interpreter already uses.
-        _libc = ffi.dlopen(None)
-    return _libc
-
-
-# <asm-generic/ioctl.h>: dir(2 bits) << 30 | size(14) << 16 | type(8) << 8 | nr(8).
-_IOC_NRSHIFT = 0
-_IOC_TYPESHIFT = 8
-_IOC_SIZESHIFT = 16
-_IOC_DIRSHIFT = 30
-_IOC_NONE = 0
-
-
-def _IOC(direction: int, type_: int, nr: int, size: int) -> int:
-    return (
-        (direction << _IOC_DIRSHIFT)
-        | (type_ << _IOC_TYPESHIFT)
-        | (nr << _IOC_NRSHIFT)
-        | (size << _IOC_SIZESHIFT)
-    )
-
-
-def _IO(type_: int, nr: int) -> int:
-    return _IOC(_IOC_NONE, type_, nr, 0)
-
+)
+ffi = _binding.ffi
 
 VFIO_API_VERSION = 0
 VFIO_TYPE1_IOMMU = 1
@@ -122,16 +92,12 @@ class DeviceInfo:
         return bool(self.flags & VFIO_DEVICE_FLAGS_PCI)
 
 
-def _errname(code: int) -> str:
-    return errno_mod.errorcode.get(code, str(code))
-
-
 def _ioctl(fd: int, request: int, arg: Any, *, what: str, address: str = "", path: str = "") -> int:
-    ret: int = _lib().ioctl(fd, request, arg)
+    ret = _binding.ioctl(fd, request, arg)
     if ret < 0:
-        code = ffi.errno
+        code = _binding.errno
         raise DeviceError(
-            f"{what}: the kernel answered {_errname(code)} ({os.strerror(code)})",
+            f"{what}: the kernel answered {describe(code)}",
             address=address,
             path=path,
             errno=code,
@@ -150,7 +116,7 @@ def _open(root: HostRoot, kernel_path: str, *, what: str, hint: str) -> int:
             errno_mod.EPERM: "permission denied: VFIO needs root",
         }.get(e.errno or 0, e.strerror or "")
         raise DeviceError(
-            f"cannot open {kernel_path} ({what}): {_errname(e.errno or 0)}: {cause}",
+            f"cannot open {kernel_path} ({what}): {errname(e.errno or 0)}: {cause}",
             path=kernel_path,
             errno=e.errno,
         ) from e

@@ -33,10 +33,11 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     host = scan(ctx.root())
     state, findings = _reconciled(ctx)
     ctx.reconciled(findings, done=False)
-    # The pure plan, then the files it hands to QEMU (filecheck).  Under --host-root the
-    # plan is for another machine, whose files are not here to be looked at: said, not held.
+    # The pure plan, then KVM's vCPU limit and the files it hands to QEMU (filecheck).  Under
+    # --host-root the plan is for another machine, whose KVM and files are not here to be
+    # asked: said, not held.
     here = ctx.host_root is None
-    result = checked_plan(manifest, host, running_partitions(state), files=here)
+    result = checked_plan(manifest, host, running_partitions(state), here=here)
     if not here:
         for problem in file_problems(manifest):
             ctx.warn(

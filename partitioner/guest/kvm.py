@@ -1,7 +1,8 @@
 """Ask the host's KVM itself what it offers: ``KVM_CHECK_EXTENSION`` and friends, bound with cffi.
 
-ABI mode, as ``vfio/ioctl.py`` does for VFIO: the request numbers are computed
-the way ``<asm-generic/ioctl.h>`` does and the one structure is declared as
+ABI mode, through the ``ioctl`` plumbing ``vfio/ioctl.py`` shares
+(``partitioner/ioctl.py``): the request numbers are computed the way
+``<asm-generic/ioctl.h>`` does and the one structure is declared as
 ``linux/kvm.h`` lays it out.  What is asked:
 
 - ``KVM_CAP_X86_DISABLE_EXITS``: which exits KVM lets a VM keep in the guest
@@ -26,9 +27,10 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-import cffi
+from partitioner.ioctl import IOC, IOC_READ, IOC_WRITE, Binding
 
-_CDEF = """
+_binding = Binding(
+    """
 struct kvm_msr_entry {
     uint32_t index;
     uint32_t reserved;
@@ -39,37 +41,19 @@ struct kvm_msrs_1 {
     uint32_t pad;
     struct kvm_msr_entry entries[1];
 };
-int ioctl(int fd, unsigned long request, ...);
 """
-
-ffi = cffi.FFI()
-ffi.cdef(_CDEF)
-_libc: Any = None
-
-
-def _lib() -> Any:
-    global _libc
-    if _libc is None:
-        _libc = ffi.dlopen(None)
-    return _libc
-
-
-_IOC_WRITE = 1
-_IOC_READ = 2
-
-
-def _IOC(direction: int, type_: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (type_ << 8) | nr
-
+)
+ffi = _binding.ffi
+_ioctl = _binding.ioctl
 
 KVMIO = 0xAE
 _KVM_MSRS_HEADER = 8  # sizeof(struct kvm_msrs): the size the request number encodes
-KVM_GET_API_VERSION = _IOC(0, KVMIO, 0x00, 0)
-KVM_CREATE_VM = _IOC(0, KVMIO, 0x01, 0)
-KVM_CHECK_EXTENSION = _IOC(0, KVMIO, 0x03, 0)
-KVM_CREATE_VCPU = _IOC(0, KVMIO, 0x41, 0)
-KVM_GET_MSRS = _IOC(_IOC_READ | _IOC_WRITE, KVMIO, 0x88, _KVM_MSRS_HEADER)
-KVM_SET_MSRS = _IOC(_IOC_WRITE, KVMIO, 0x89, _KVM_MSRS_HEADER)
+KVM_GET_API_VERSION = IOC(0, KVMIO, 0x00, 0)
+KVM_CREATE_VM = IOC(0, KVMIO, 0x01, 0)
+KVM_CHECK_EXTENSION = IOC(0, KVMIO, 0x03, 0)
+KVM_CREATE_VCPU = IOC(0, KVMIO, 0x41, 0)
+KVM_GET_MSRS = IOC(IOC_READ | IOC_WRITE, KVMIO, 0x88, _KVM_MSRS_HEADER)
+KVM_SET_MSRS = IOC(IOC_WRITE, KVMIO, 0x89, _KVM_MSRS_HEADER)
 
 KVM_API_VERSION = 12
 KVM_CAP_NR_VCPUS = 9
@@ -123,7 +107,7 @@ class KvmCaps:
 
 
 def _check(fd: int, cap: int) -> int:
-    ret: int = _lib().ioctl(fd, KVM_CHECK_EXTENSION, ffi.cast("unsigned long", cap))
+    ret: int = _ioctl(fd, KVM_CHECK_EXTENSION, ffi.cast("unsigned long", cap))
     return max(ret, 0)  # KVM answers 0 for "no", never an error, for an unknown capability
 
 
@@ -134,7 +118,7 @@ def probe_kvm(path: str = KVM_PATH) -> KvmCaps:
     except OSError as e:
         return KvmCaps(available=False, error=f"{path}: {e.strerror}")
     try:
-        version: int = _lib().ioctl(fd, KVM_GET_API_VERSION, ffi.cast("unsigned long", 0))
+        version: int = _ioctl(fd, KVM_GET_API_VERSION, ffi.cast("unsigned long", 0))
         if version != KVM_API_VERSION:
             return KvmCaps(available=False, error=f"{path}: KVM API version {version}, not 12")
         max_vcpus = _check(fd, KVM_CAP_MAX_VCPUS) or _check(fd, KVM_CAP_NR_VCPUS) or 4
@@ -156,21 +140,21 @@ def _arch_capabilities_settable(kvm_fd: int) -> bool | None:
     msrs = ffi.new("struct kvm_msrs_1 *")
     msrs.nmsrs = 1
     msrs.entries[0].index = MSR_IA32_ARCH_CAPABILITIES
-    if _lib().ioctl(kvm_fd, KVM_GET_MSRS, msrs) != 1:
+    if _ioctl(kvm_fd, KVM_GET_MSRS, msrs) != 1:
         return None  # the host CPU has no such MSR: -cpu host does not set it
     value = int(msrs.entries[0].data)
-    vm = _lib().ioctl(kvm_fd, KVM_CREATE_VM, ffi.cast("unsigned long", 0))
+    vm = _ioctl(kvm_fd, KVM_CREATE_VM, ffi.cast("unsigned long", 0))
     if vm < 0:
         return None
     try:
-        vcpu = _lib().ioctl(vm, KVM_CREATE_VCPU, ffi.cast("unsigned long", 0))
+        vcpu = _ioctl(vm, KVM_CREATE_VCPU, ffi.cast("unsigned long", 0))
         if vcpu < 0:
             return None
         try:
             msrs.nmsrs = 1
             msrs.entries[0].index = MSR_IA32_ARCH_CAPABILITIES
             msrs.entries[0].data = value
-            return bool(_lib().ioctl(vcpu, KVM_SET_MSRS, msrs) == 1)
+            return bool(_ioctl(vcpu, KVM_SET_MSRS, msrs) == 1)
         finally:
             os.close(vcpu)
     finally:
