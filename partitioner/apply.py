@@ -45,7 +45,10 @@ def prepare(
     replace_names: Iterable[str] = (),
     replace_all: bool = False,
     act: bool = False,
+    on_reconciled: Callable[[list[Finding]], None] | None = None,
 ) -> Prepared:
+    """``on_reconciled`` hears what reconciling found as soon as it is known (and done,
+    with ``act``): the plan that follows may still fail."""
     from partitioner.filecheck import checked_plan
     from partitioner.inventory import scan
     from partitioner.loader import load
@@ -53,6 +56,8 @@ def prepare(
     manifest = load(manifest_path)
     rec = reconcile_store(store, root) if act else reconcile(store.load(), root, busy=store.busy())
     state = rec.state
+    if on_reconciled is not None:
+        on_reconciled(rec.findings)
     # Scanned after reconciling: a QEMU it ended has given its pages back by now.
     host = scan(root)
     result = checked_plan(manifest, host, running_partitions(state))  # the plan, then its files

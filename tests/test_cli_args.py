@@ -312,7 +312,7 @@ def test_a_verb_without_a_report_gives_a_success_document(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     rc, out, _ = run(capsys, "--json", "destroy", "--all")
-    assert rc == 0 and one_document(out) == {"ok": True, "exit": 0}
+    assert rc == 0 and one_document(out) == {"ok": True, "exit": 0, "reconciled": []}
 
 
 @pytest.fixture
@@ -329,7 +329,7 @@ def test_stop_of_a_stopped_partition_gives_a_success_document(
 ) -> None:
     rc, out, _err = run(capsys, "stop", stopped_partition, "--json")
     assert rc == 0 and "not running" not in out
-    assert one_document(out) == {"ok": True, "exit": 0}
+    assert one_document(out) == {"ok": True, "exit": 0, "reconciled": []}
 
 
 def test_console_of_a_partition_that_is_not_running_is_exit_3(

@@ -77,9 +77,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             replace_names=args.replace,
             replace_all=args.replace_all,
             act=not args.dry_run,
+            on_reconciled=lambda found: ctx.reconciled(found, done=not args.dry_run),
         )
-        for note in prepared.notes:
-            ctx.warn(f"partition: {note}")
         for name, change in prepared.held.items():
             ctx.warn(
                 f"partition: {name} is running and the manifest changed it ({change}); "
@@ -91,7 +90,6 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                 "actions": [a.to_json() for a in acts],
                 "held": dict(prepared.held),
                 "notes": list(prepared.notes),
-                "reconciled": [f.to_json(done=not args.dry_run) for f in prepared.findings],
                 "dry_run": bool(args.dry_run),
             }
         if not acts:

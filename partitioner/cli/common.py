@@ -6,13 +6,16 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from partitioner.errors import HostReadError, Problem, StateError, UsageError
 from partitioner.hostroot import HostRoot
+
+if TYPE_CHECKING:
+    from partitioner.reconcile import Finding
 
 DEFAULT_STATE_DIR = "/var/lib/partition"
 DEFAULT_RUN_DIR = "/run/partition"
@@ -36,6 +39,9 @@ class Context:
     # Whether the verb wrote its JSON document: main writes one for it when it did not
     # (a failure, or a verb with no report of its own), so stdout holds exactly one.
     emitted: bool = False
+    # What the verb's JSON document carries whatever happens once it is known (``reconciled``):
+    # emit_json adds it to the verb's own document, main to the one it writes for the verb.
+    reported: dict[str, Any] = field(default_factory=dict)
 
     def root(self) -> HostRoot:
         if self.host_root is None:
@@ -97,11 +103,21 @@ class Context:
                 path=str(self.state_dir),
             )
 
-    def emit_json(self, doc: Any) -> None:
-        """The verb's one JSON document on stdout (``--json``)."""
+    def reconciled(self, findings: Iterable[Finding], *, done: bool) -> None:
+        """What reconciling the record with the host found: each said on stderr, and kept as
+        the ``reconciled`` of the verb's JSON document, on success and on failure alike
+        (docs/cli.md).  ``done``: this verb did what each says (it holds the lock and
+        changes the host); else the next verb that does will."""
+        findings = list(findings)
+        for f in findings:
+            self.warn(f"partition: {f.text(done=done)}")
+        self.reported["reconciled"] = [f.to_json(done=done) for f in findings]
+
+    def emit_json(self, doc: dict[str, Any]) -> None:
+        """The verb's one JSON document on stdout (``--json``), with what it reported."""
         if self.emitted:
             raise RuntimeError("a verb emitted a second JSON document")
-        json.dump(doc, self.out, indent=2, sort_keys=False)
+        json.dump({**doc, **self.reported}, self.out, indent=2, sort_keys=False)
         self.out.write("\n")
         self.out.flush()
         self.emitted = True

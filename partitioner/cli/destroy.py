@@ -43,8 +43,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         root = ctx.root()
         found = reconcile(store.load(), root) if args.dry_run else reconcile_store(store, root)
         state = found.state
-        for f in found.findings:
-            ctx.warn(f"partition: {f.text(done=not args.dry_run)}")
+        ctx.reconciled(found.findings, done=not args.dry_run)
         if args.all:
             names = set(state.partitions)
         else:

@@ -68,8 +68,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     with store.lock(f"{verb} {args.name}", args.lock_timeout):
         found = reconcile_store(store, ctx.root())
         state = found.state
-        for f in found.findings:
-            ctx.warn(f"partition: {f.text(done=True)}")
+        ctx.reconciled(found.findings, done=True)
         rec = _record(state, args.name)
         if verb in ("stop", "restart"):
             if rec.state is RunState.RUNNING:

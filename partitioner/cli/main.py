@@ -227,10 +227,14 @@ def _check_argv(argv: Sequence[str]) -> None:
             )
 
 
-def _document(ok: bool, code: int, problems: list[dict[str, Any]]) -> dict[str, Any]:
+def _document(
+    ok: bool, code: int, problems: list[dict[str, Any]], ctx: Context | None = None
+) -> dict[str, Any]:
     doc: dict[str, Any] = {"ok": ok, "exit": code}
     if not ok:
         doc["problems"] = problems
+    if ctx is not None:
+        doc.update(ctx.reported)  # what the verb reported before it ended (``reconciled``)
     return doc
 
 
@@ -284,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         lines = _say_error(e, err)
         if as_json and not ctx.emitted:
             problems = e.problems if isinstance(e, ManifestError) else lines
-            doc = _document(False, e.exit_code, problems_json(problems))
+            doc = _document(False, e.exit_code, problems_json(problems), ctx)
             # What a program acting on the failure needs besides the words.
             for key in ("path", "holder", "leftover", "partition", "address"):
                 value = getattr(e, key, None)
@@ -295,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("partition: interrupted", file=err)
         if as_json and not ctx.emitted:
-            _emit(out, _document(False, 130, problems_json(["interrupted"])))
+            _emit(out, _document(False, 130, problems_json(["interrupted"]), ctx))
         return 130
     except BrokenPipeError:
         return 0
@@ -307,11 +311,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         if as_json and not ctx.emitted:
             problem = "unexpected failure (a bug in partition); the trace is on stderr"
-            _emit(out, _document(False, 1, problems_json([problem])))
+            _emit(out, _document(False, 1, problems_json([problem]), ctx))
         return 1
     if as_json and not ctx.emitted:
         problems = [] if rc == 0 else [f"partition {args.verb} ended with exit status {rc}"]
-        _emit(out, _document(rc == 0, rc, problems_json(problems)))
+        _emit(out, _document(rc == 0, rc, problems_json(problems), ctx))
     return rc
 
 

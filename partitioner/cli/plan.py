@@ -32,6 +32,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     manifest = load(args.file)
     host = scan(ctx.root())
     state, findings = _reconciled(ctx)
+    ctx.reconciled(findings, done=False)
     # The pure plan, then KVM's vCPU limit and the files it hands to QEMU (filecheck).  Under
     # --host-root the plan is for another machine, whose KVM and files are not here to be
     # asked: said, not held.
@@ -65,11 +66,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             doc["partitions"][name]["qemu_argv"] = argv
         doc["actions"] = acts
         doc["held"] = held
-        doc["reconciled"] = [f.to_json(done=False) for f in findings]
         ctx.emit_json(doc)
         return 0
-    for f in findings:
-        ctx.warn(f"partition: {f.text(done=False)}")
     ctx.say(render(result))
     for name, argv in argvs.items() if args.qemu else ():
         ctx.say(f"\n{name}: " + (shlex.join(argv) if argv else "no command line (see the notes)"))

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     # Read-only: the record is checked against the live processes but not rewritten here;
     # the next apply or lifecycle verb records what it finds (and does what it says).
     found = reconcile(store.load(), ctx.root(), busy=store.busy())
-    notes = [f.text(done=False) for f in found.findings]
+    ctx.reconciled(found.findings, done=False)
     recs = dict(found.state.partitions)
     if args.name is not None:
         if args.name not in recs:
@@ -102,15 +102,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     for name, s in figures.items():
         docs[name]["stats"] = s.to_json()
     if ctx.json:
-        ctx.emit_json(
-            {
-                "partitions": docs,
-                "reconciled": [f.to_json(done=False) for f in found.findings],
-            }
-        )
+        ctx.emit_json({"partitions": docs})
         return 0
-    for note in notes:
-        ctx.warn(f"partition: {note}")
     if not docs:
         ctx.say("no partitions are applied on this host")
         return 0
