@@ -87,6 +87,9 @@ def test_plan_and_apply_refuse_more_vcpus_than_this_machines_kvm(
     # apply refuses it the same way, before it changes anything: no record, no guest.
     assert main(["apply", str(path)]) == 3
     assert f"at most {limit} vCPUs" in capsys.readouterr().err
+    # ... and so does the boot-time start.
+    assert main(["host", "boot", "--no-supervise", str(path)]) == 3
+    assert f"at most {limit} vCPUs" in capsys.readouterr().err
     assert not (dirs["state"] / "state.json").exists()
     assert not dirs["run"].exists() or not any(dirs["run"].iterdir())
 

@@ -169,7 +169,12 @@ def test_host_boot_starts_autostart_partitions_and_supervises(site: Site) -> Non
     manifest.write_text(manifest.read_text().replace("on_crash: restart", "autostart: false"))
     cp = site.run("--json", "host", "boot", str(manifest), "--no-supervise")
     assert cp.returncode == 0, cp.stderr
-    assert json.loads(cp.stdout) == {"started": [], "skipped": ["p0"], "notes": []}
+    assert json.loads(cp.stdout) == {
+        "started": [],
+        "skipped": ["p0"],
+        "notes": [],
+        "reconciled": [],
+    }
     assert json.loads(site.run("--json", "status").stdout)["partitions"] == {}
     # autostart: true (the default): started, and `host boot` stays to restart it.
     manifest = site.manifest("restart")

@@ -344,9 +344,9 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
     from partitioner.actions import diff
     from partitioner.apply import Prepared, converge
     from partitioner.cli.apply import progress
+    from partitioner.filecheck import checked_plan
     from partitioner.inventory import scan
     from partitioner.loader import load
-    from partitioner.planner import plan
     from partitioner.reconcile import reconcile_store
     from partitioner.state import StateStore, running_partitions
 
@@ -356,6 +356,7 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
     with store.lock("host boot", 600.0):
         manifest = load(args.file)
         found = reconcile_store(store, root)
+        ctx.reconciled(found.findings, done=True)
         state = found.state
         notes = [f.text(done=True) for f in found.findings]
         running = running_partitions(state)
@@ -365,8 +366,9 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
         booted = replace(manifest, partitions=keep)
         host = scan(root)
         # The whole site is planned, so that each partition gets the CPUs `host setup`
-        # isolated for it; only the ones that start at boot are kept.
-        whole = plan(manifest, host, running)
+        # isolated for it; only the ones that start at boot are kept.  Checked as apply
+        # checks it (its files, KVM's vCPU limit): boot refuses what apply refuses.
+        whole = checked_plan(manifest, host, running)
         result = replace(whole, placements={n: p for n, p in whole.placements.items() if n in keep})
         prepared = Prepared(
             manifest=booted,
@@ -378,8 +380,6 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
             notes=notes,
             findings=found.findings,
         )
-        for note in notes:
-            ctx.warn(f"partition: {note}")
         skipped = sorted(set(manifest.partitions) - set(keep))
         for name in skipped:
             ctx.info(
