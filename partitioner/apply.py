@@ -45,10 +45,16 @@ def prepare(
     replace_names: Iterable[str] = (),
     replace_all: bool = False,
     act: bool = False,
+    boot: bool = False,
     on_reconciled: Callable[[list[Finding]], None] | None = None,
 ) -> Prepared:
     """``on_reconciled`` hears what reconciling found as soon as it is known (and done,
-    with ``act``): the plan that follows may still fail."""
+    with ``act``): the plan that follows may still fail.
+
+    ``boot`` (``host boot``): the partitions with ``autostart: false`` are left out of what
+    starts, unless they run already (a service restart must not stop them).  The whole site
+    is still planned and isolated, so that each partition keeps the CPUs ``host setup``
+    isolated for it and the ones started later by hand find them fenced."""
     from partitioner.filecheck import checked_plan
     from partitioner.inventory import scan
     from partitioner.loader import load
@@ -68,12 +74,23 @@ def prepare(
             f"--replace names {', '.join(unknown)}, not a partition of {manifest.file} "
             f"(partitions: {', '.join(result.placements) or 'none'})"
         )
+    started = result
+    if boot:
+        running = running_partitions(state)
+        started = replace(
+            result,
+            placements={
+                n: p
+                for n, p in result.placements.items()
+                if manifest.partitions[n].autostart or n in running
+            },
+        )
     return Prepared(
         manifest=manifest,
         host=host,
-        plan=result,
+        plan=started,
         state=state,
-        actions=diff(result, state, host, replace=wanted)
+        actions=diff(started, state, host, replace=wanted)
         + isolation_actions(manifest.host.isolation, result, state, store.dir, root),
         held=held_replacements(result, state, replace=wanted),
         notes=[f.text(done=act) for f in rec.findings],

@@ -74,18 +74,7 @@ cgroup_controllers = [ ]
 def _require() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (CPU affinity, hugepage pools)")
-    for tool, package in (
-        ("qemu-system-x86_64", "qemu-system-x86"),
-        ("virsh", "libvirt-clients"),
-    ):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (apt-get install {package})")
-    if not Path(
-        "/usr/lib/x86_64-linux-gnu/libvirt/connection-driver/libvirt_driver_qemu.so"
-    ).exists():
-        pytest.skip(
-            "libvirt's QEMU driver is not installed (apt-get install libvirt-daemon-driver-qemu)"
-        )
+    _require_virsh()
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two CPUs: one for the host, one for the partition")
 

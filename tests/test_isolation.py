@@ -284,6 +284,29 @@ def test_apply_and_destroy_choose_isolation_by_the_sites_mode(tmp_path: Path) ->
     assert destroy_actions(down, two, {"a"}, tmp_path) == down  # b still runs: CPUs stay fenced
 
 
+def test_host_boot_isolates_as_apply_does_and_starts_only_autostart(tmp_path: Path) -> None:
+    from partitioner.apply import prepare
+    from partitioner.state import StateStore
+
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        'version: 1\nhost: {reserve: {cpus: "0,4"}, accel: tcg, smt: share}\n'
+        "partitions:\n  a: {cpus: 2, memory: 128MiB}\n"
+        "  spare: {cpus: 2, memory: 128MiB, autostart: false}\n"
+    )
+    store = StateStore(tmp_path / "state")
+    applied = prepare(site, HostRoot(TESTBED_NUMA), store)
+    booted = prepare(site, HostRoot(TESTBED_NUMA), store, boot=True)
+    assert set(booted.plan.placements) == {"a"}
+    assert [(a.kind, a.target) for a in booted.actions if a.kind == "start"] == [("start", "a")]
+    # The same isolation as apply's, over the whole site: spare's CPUs fenced for later.
+    [iso] = [a for a in booted.actions if isinstance(a, IsolateHost)]
+    [iso_applied] = [a for a in applied.actions if isinstance(a, IsolateHost)]
+    assert iso.layout == iso_applied.layout
+    both = booted.plan.placements["a"].cpuset | applied.plan.placements["spare"].cpuset
+    assert both.issubset(iso.layout.partition_cpus)
+
+
 def test_masks_are_hex_as_the_kernel_prints_them() -> None:
     from partitioner.isolation.view import format_mask
 

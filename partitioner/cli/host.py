@@ -8,7 +8,6 @@ import os
 import shlex
 import shutil
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -340,47 +339,27 @@ def _render_setup(
 
 def run_boot(args: argparse.Namespace, ctx: Context) -> int:
     """Start the partitions with ``autostart: true``, in ``order`` (apply's start order), and
-    leave the others as they are: the boot-time service, and the command for other init systems."""
-    from partitioner.actions import diff
-    from partitioner.apply import Prepared, converge
+    leave the others as they are: the boot-time service, and the command for other init systems.
+    What ``apply`` prepares and runs (the same checks, isolation included), less what does not
+    start at boot (``apply.prepare``'s ``boot``)."""
+    from partitioner.apply import converge, prepare
     from partitioner.cli.apply import progress
-    from partitioner.filecheck import checked_plan
-    from partitioner.inventory import scan
-    from partitioner.loader import load
-    from partitioner.reconcile import reconcile_store
     from partitioner.state import StateStore, running_partitions
 
     ctx.require_live("host boot")
     root = ctx.root()
     store = StateStore(ctx.state_dir)
     with store.lock("host boot", 600.0):
-        manifest = load(args.file)
-        found = reconcile_store(store, root)
-        ctx.reconciled(found.findings, done=True)
-        state = found.state
-        notes = [f.text(done=True) for f in found.findings]
-        running = running_partitions(state)
-        # Partitions already running (a service restart) stay in the manifest applied here,
-        # so that converging does not stop them.
-        keep = {n: p for n, p in manifest.partitions.items() if p.autostart or n in running}
-        booted = replace(manifest, partitions=keep)
-        host = scan(root)
-        # The whole site is planned, so that each partition gets the CPUs `host setup`
-        # isolated for it; only the ones that start at boot are kept.  Checked as apply
-        # checks it (its files, KVM's vCPU limit): boot refuses what apply refuses.
-        whole = checked_plan(manifest, host, running)
-        result = replace(whole, placements={n: p for n, p in whole.placements.items() if n in keep})
-        prepared = Prepared(
-            manifest=booted,
-            host=host,
-            plan=result,
-            state=state,
-            actions=diff(result, state, host, replace=set()),
-            held={},
-            notes=notes,
-            findings=found.findings,
+        prepared = prepare(
+            args.file,
+            root,
+            store,
+            act=True,
+            boot=True,
+            on_reconciled=lambda found: ctx.reconciled(found, done=True),
         )
-        skipped = sorted(set(manifest.partitions) - set(keep))
+        running = running_partitions(prepared.state)
+        skipped = sorted(set(prepared.manifest.partitions) - set(prepared.plan.placements))
         for name in skipped:
             ctx.info(
                 f"partition: {name} has autostart: false; `partition start {name}` after `apply` starts it"
@@ -394,9 +373,9 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
                 log_dir=ctx.log_dir,
                 on_progress=progress(ctx),
             )
-    started = [p.name for p in result.start_order() if p.name not in running]
+    started = [p.name for p in prepared.plan.start_order() if p.name not in running]
     if ctx.json:
-        ctx.emit_json({"started": started, "skipped": skipped, "notes": notes})
+        ctx.emit_json({"started": started, "skipped": skipped, "notes": prepared.notes})
     else:
         ctx.say(
             f"started: {', '.join(started) or 'none'}"

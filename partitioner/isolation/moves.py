@@ -7,11 +7,11 @@ findings: only the boot-time settings can take them off a partition's CPUs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from partitioner.cpuset import CpuSet
-from partitioner.isolation.layout import Layout
+from partitioner.isolation.layout import Layout, PartitionCpus
 from partitioner.isolation.view import DEFAULT_IRQ_AFFINITY, WORKQUEUE_MASK, HostWork, Irq, Task
 
 
@@ -60,11 +60,29 @@ def _off(cpus: CpuSet, layout: Layout) -> CpuSet:
     return kept if kept else layout.reserve
 
 
+def irq_owner(irq: Irq, layout: Layout) -> PartitionCpus | None:
+    """The partition whose device the interrupt is, or None for the host's interrupts."""
+    dev = irq.vfio_device()
+    return layout.owner_of_device(dev) if dev is not None else None
+
+
 def irq_target(irq: Irq, layout: Layout) -> CpuSet | None:
     """The CPUs a partition's own device interrupt belongs on, or None for the host's interrupts."""
-    dev = irq.vfio_device()
-    owner = layout.owner_of_device(dev) if dev is not None else None
+    owner = irq_owner(irq, layout)
     return owner.cpus if owner is not None else None
+
+
+def own_irq_moves(
+    layout: Layout, irqs: Iterable[Irq], refused_irqs: frozenset[int] = frozenset()
+) -> list[tuple[str, IrqMove]]:
+    """The partitions' own device interrupts that are not on their partition's CPUs, each with
+    the partition's name."""
+    out = []
+    for i in irqs:
+        owner = irq_owner(i, layout)
+        if owner is not None and i.irq not in refused_irqs and i.affinity != owner.cpus:
+            out.append((owner.name, IrqMove(i.irq, i.owner, i.affinity, owner.cpus)))
+    return out
 
 
 def plan_moves(
@@ -92,16 +110,14 @@ def plan_moves(
         tasks.append(
             TaskMove(t.tid, t.pid, t.comm, t.starttime, t.allowed, _off(t.allowed, layout))
         )
-    irqs: list[IrqMove] = []
-    for i in work.irqs:
-        if i.irq in refused_irqs:
-            continue
-        target = irq_target(i, layout)
-        if target is not None:
-            if i.affinity != target:
-                irqs.append(IrqMove(i.irq, i.owner, i.affinity, target))
-        elif not i.affinity.isdisjoint(fenced):
-            irqs.append(IrqMove(i.irq, i.owner, i.affinity, _off(i.affinity, layout)))
+    irqs = [m for _, m in own_irq_moves(layout, work.irqs, refused_irqs)]
+    irqs += [
+        IrqMove(i.irq, i.owner, i.affinity, _off(i.affinity, layout))
+        for i in work.irqs
+        if i.irq not in refused_irqs
+        and irq_owner(i, layout) is None
+        and not i.affinity.isdisjoint(fenced)
+    ]
     masks: list[MaskMove] = []
     for path, mask in (
         (WORKQUEUE_MASK, work.workqueue_mask),

@@ -27,7 +27,7 @@ from partitioner.cpuset import CpuSet
 from partitioner.errors import ApplyFailed
 from partitioner.hostroot import HostRoot
 from partitioner.isolation.layout import Layout, PartitionCpus, layout_of
-from partitioner.isolation.moves import IrqMove, Moves, plan_moves
+from partitioner.isolation.moves import IrqMove, Moves, own_irq_moves, plan_moves
 from partitioner.isolation.systemd import confine as systemd_confine
 from partitioner.isolation.systemd import current as systemd_current
 from partitioner.isolation.systemd import has_systemd
@@ -169,10 +169,7 @@ def isolate(
         moves = plan_moves(layout, read_host_work(root), guests, refused_irqs=refused_irqs(doc))
         if not moves:
             break
-        _intend(doc, moves)
-        save_record(state_dir, doc)
-        _perform(root, doc, moves)
-        save_record(state_dir, doc)
+        _move(root, doc, state_dir, moves)
     return doc
 
 
@@ -189,21 +186,18 @@ def steer_device_irqs(root: HostRoot, state_dir: str | Path) -> list[tuple[str, 
     doc = load_record(state_dir)
     if doc is None or doc.get("mode") != "full":
         return []
-    layout = layout_from_json(doc["layout"])
-    refused = refused_irqs(doc)
-    steered = []
-    for i in read_irqs(root):
-        dev = i.vfio_device()
-        part = layout.owner_of_device(dev) if dev is not None else None
-        if part is not None and i.irq not in refused and i.affinity != part.cpus:
-            steered.append((part.name, IrqMove(i.irq, i.owner, i.affinity, part.cpus)))
+    steered = own_irq_moves(layout_from_json(doc["layout"]), read_irqs(root), refused_irqs(doc))
     if steered:
-        moves = Moves((), tuple(m for _, m in steered), (), ())
-        _intend(doc, moves)
-        save_record(state_dir, doc)
-        _perform(root, doc, moves)
-        save_record(state_dir, doc)
+        _move(root, doc, state_dir, Moves((), tuple(m for _, m in steered), (), ()))
     return steered
+
+
+def _move(root: HostRoot, doc: dict[str, Any], state_dir: str | Path, moves: Moves) -> None:
+    """The moves, each original in the saved record before the first write that replaces it."""
+    _intend(doc, moves)
+    save_record(state_dir, doc)
+    _perform(root, doc, moves)
+    save_record(state_dir, doc)
 
 
 def _confine_slices(doc: dict[str, Any], layout: Layout, state_dir: str | Path) -> None:
