@@ -39,7 +39,13 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 from partitioner.cpuset import CpuSet
-from partitioner.guest.argv import TCG_TB_SIZE_MIB, disk_format, guest_cpus_by_node, guest_ports
+from partitioner.guest.argv import (
+    TCG_TB_SIZE_MIB,
+    disk_format,
+    guest_cpus_by_node,
+    guest_ports,
+    hostdev_numbers,
+)
 from partitioner.plan import Placement, Plan
 from partitioner.units import KiB
 
@@ -212,7 +218,7 @@ def _devices(dom: ET.Element, p: Placement) -> None:
     for k in range(len(ports)):
         ctl = _sub(devs, "controller", type="pci", index=str(k + 1), model="pcie-root-port")
         _sub(ctl, "target", chassis=str(k + 1), port=f"{k + 16:#x}")
-    n = 0
+    number = hostdev_numbers(ports)
     for k, members in enumerate(ports):
         multi = len(members) > 1
         for d, fn in members:
@@ -246,8 +252,7 @@ def _devices(dom: ET.Element, p: Placement) -> None:
                 _sub(hd, "rom", file=d.rom)
             if d.primary_display:
                 # A user alias ("ua-"): the name <qemu:override> finds the device by.
-                _sub(hd, "alias", name=hostdev_alias(n))
-            n += 1
+                _sub(hd, "alias", name=hostdev_alias(number[d.address]))
     serial = _sub(devs, "serial", type="pty")
     _sub(serial, "log", file=f"{CONSOLE_LOG_DIR}/{p.name}.console.log", append="on")
     _sub(serial, "target", type="isa-serial", port="0")
@@ -267,7 +272,7 @@ def _overrides(dom: ET.Element, p: Placement) -> None:
     element for it; ``<qemu:override>`` (libvirt 8.2+) sets the property on the ``-device``
     libvirt formats, found by the hostdev's user alias.  libvirt marks the domain tainted
     ("custom-device") and applies it at start only, not to a hotplug."""
-    n_of = {d.address: n for n, (d, _) in enumerate(m for ms in guest_ports(p.devices) for m in ms)}
+    n_of = hostdev_numbers(guest_ports(p.devices))
     shown = [d for d in p.devices if d.primary_display]
     if not shown:
         return

@@ -44,6 +44,7 @@ from typing import Any
 from partitioner.cpuset import CpuSet
 from partitioner.errors import GuestError
 from partitioner.guest.caps import QemuCaps
+from partitioner.pci import PciAddress
 from partitioner.plan import DeviceAssignment, Placement, Plan
 from partitioner.units import GiB, KiB, MiB
 
@@ -323,15 +324,26 @@ def guest_ports(devices: tuple[DeviceAssignment, ...]) -> list[list[tuple[Device
     return ports
 
 
+def hostdev_numbers(ports: list[list[tuple[DeviceAssignment, int]]]) -> dict[PciAddress, int]:
+    """Each device's number N in ``id=hostdevN``: its place in the guest's ports, in order (the
+    libvirt export names the same devices by it)."""
+    return {d.address: n for n, (d, _) in enumerate(m for members in ports for m in members)}
+
+
 def _devices(devices: tuple[DeviceAssignment, ...]) -> list[str]:
     ports = guest_ports(devices)
+    number = hostdev_numbers(ports)
     a: list[str] = []
-    n = 0
     for k, members in enumerate(ports):
         a += ["-device", f"pcie-root-port,id=rp{k},chassis={k + 1},port={k + 16:#x}"]
         multi = len(members) > 1
         for d, fn in members:
-            opts = [f"host={d.address}", f"id=hostdev{n}", f"bus=rp{k}", f"addr=0.{fn}"]
+            opts = [
+                f"host={d.address}",
+                f"id=hostdev{number[d.address]}",
+                f"bus=rp{k}",
+                f"addr=0.{fn}",
+            ]
             if multi and fn == 0:
                 opts.append("multifunction=on")
             if d.rom == "off":
@@ -341,7 +353,6 @@ def _devices(devices: tuple[DeviceAssignment, ...]) -> list[str]:
             if d.primary_display:
                 opts.append("x-vga=on")  # the legacy VGA ranges go to this GPU (SeaBIOS)
             a += ["-device", "vfio-pci," + ",".join(opts)]
-            n += 1
     return a
 
 
