@@ -18,6 +18,7 @@ from partitioner.hostroot import HostRoot
 from partitioner.run import run
 from partitioner.testbed.initramfs import (
     INIT_SCRIPT,
+    TIMER_CHECK_AWK,
     CpioWriter,
     bootable_kernel,
     build_initramfs,
@@ -27,6 +28,7 @@ from partitioner.testbed.server import (
     TestbedBootFailure,
     TestbedServer,
     TestbedTimeout,
+    TestbedTimerFault,
     hidden_shares,
     job_script,
     run_in_testbed,
@@ -508,6 +510,85 @@ def test_timeout_kills_the_server() -> None:
     assert ei.value.log_path is not None and ei.value.log_path.exists()
     assert str(ei.value.log_path) in str(ei.value)
     shutil.rmtree(run_dir)
+
+
+def _stuck_cpus(tmp_path: Path, first: str, second: str, present: str) -> str:
+    """What /init's timer check names, by the busybox awk that runs it there."""
+    (tmp_path / "loc0").write_text(first)
+    (tmp_path / "loc1").write_text(second)
+    (tmp_path / "check.awk").write_text(TIMER_CHECK_AWK)
+    cp = subprocess.run(
+        ["/bin/busybox", "awk", "-f", "check.awk", "-v", f"present={present}", "loc0", "loc1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return cp.stdout.strip()
+
+
+@pytest.mark.skipif(not Path("/bin/busybox").exists(), reason="needs busybox-static")
+def test_the_timer_check_names_a_cpu_that_did_not_tick_or_is_not_online(tmp_path: Path) -> None:
+    head = "           CPU0       CPU1       CPU2\n"
+    loc = " LOC:  {}  {}  {}   Local timer interrupts\n"
+    first = head + loc.format(100, 200, 300)
+    assert _stuck_cpus(tmp_path, first, head + loc.format(150, 260, 301), "0 1 2") == ""
+    assert _stuck_cpus(tmp_path, first, head + loc.format(150, 200, 350), "0 1 2") == "1"
+    # CPU 3 is present but not online: no column for it.
+    assert _stuck_cpus(tmp_path, first, head + loc.format(150, 210, 350), "0 1 2 3") == "3"
+    # A CPU that went offline between the readings.
+    gone = "           CPU0       CPU2\n LOC:  150  350   Local timer interrupts\n"
+    assert _stuck_cpus(tmp_path, first, gone, "0 1 2") == "1"
+
+
+@pytest.mark.qemu
+@boots
+def test_a_cpu_that_never_runs_is_booted_again_then_a_boot_failure(tmp_path: Path) -> None:
+    import io
+
+    progress = io.StringIO()
+    # maxcpus=1: the second of `small`'s CPUs is present but never brought up, as a CPU
+    # whose timer the emulation lost looks to /init's check.
+    tb = TestbedServer(
+        "small", ["true"], timeout=300, append=["maxcpus=1"], stream=None, progress=progress
+    )
+    with pytest.raises(TestbedBootFailure) as ei, tb:
+        tb.wait()
+    assert "CPU 1 of the emulated server did not run or took no timer interrupts" in str(ei.value)
+    assert "in each of 3 boots" in str(ei.value)
+    assert progress.getvalue().count("booting it again") == 2
+    assert tb.run_dir is not None and qemu_processes_mentioning(str(tb.run_dir)) == []
+    # Every boot's kernel log is kept, each saying what /init found.
+    logs = [
+        tb.run_dir / "console-boot1.log",
+        tb.run_dir / "console-boot2.log",
+        tb.run_dir / "console.log",
+    ]
+    for log in logs:
+        assert "testbed-init: CPU 1: not online" in log.read_text(errors="replace")
+    shutil.rmtree(tb.run_dir)
+
+
+@pytest.mark.qemu
+@boots
+def test_a_cpu_that_loses_its_timer_while_the_command_runs_stops_the_server() -> None:
+    t0 = time.monotonic()
+    # The kernel's own words, through its log as the kernel prints them.
+    line = "rcu: \tPossible timer handling issue on cpu=1 timer-softirq=2"
+    tb = TestbedServer(
+        "small",
+        ["sh", "-c", f"printf '{line}\\n' > /dev/kmsg; sleep 600"],
+        timeout=300,
+        stream=None,
+        progress=None,
+    )
+    with pytest.raises(TestbedTimerFault) as ei, tb:
+        tb.wait()
+    assert time.monotonic() - t0 < 120
+    assert "cpu=1 timer-softirq=2" in str(ei.value) and ei.value.exit_code == 4
+    assert tb.run_dir is not None and qemu_processes_mentioning(str(tb.run_dir)) == []
+    assert ei.value.log_path is not None and str(ei.value.log_path) in str(ei.value)
+    shutil.rmtree(tb.run_dir)
 
 
 @pytest.mark.qemu

@@ -10,7 +10,9 @@ the kernel version and a hash of everything that goes in.
 ``hostroot``), gives it private ``/proc``, ``/sys``, ``/dev``, ``/tmp``, ``/run``
 and ``/var``, mounts the control share (``tbctl``) at ``/run/testbed`` and the
 output share (``tbout``) at ``/run/testbed-out``, and runs ``/run/testbed/job``
-in a chroot with its output on ttyS1.  The job's exit status is written to
+in a chroot with its output on ttyS1, once every present CPU was seen to take
+local timer interrupts (otherwise it names the others in ``/run/testbed/timerless``
+and powers off, and the host boots the server again).  The job's exit status is written to
 ``/run/testbed/rc`` (the host reads it from the control directory) and the
 machine powers off.
 """
@@ -38,12 +40,30 @@ ROOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
 
 CTL_DIR = "/run/testbed"
 OUT_DIR = "/run/testbed-out"
+# Written by /init when a CPU of the emulated server takes no timer interrupts.
+TIMERLESS = "timerless"
+TIMER_CHECK_SECONDS = 2
 
 # 9p's default msize (8KiB in 6.1) makes every read of the host's files slow;
 # 512000 is the most virtio transport accepts.  The root is read-only and
 # nothing on the host changes it during a run, so its pages may be cached.
 _ROOT_MOUNT_OPTS = "trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro"
 _RW_MOUNT_OPTS = "trans=virtio,version=9p2000.L,msize=512000"
+
+# Given two readings of /proc/interrupts' header and LOC line (files 1 and 2) and
+# the present CPUs (-v present="0 1 ..."): the CPUs missing from either reading or
+# whose count of local timer interrupts did not grow.
+TIMER_CHECK_AWK = r"""
+FNR == 1 { n = split($0, h); for (i = 1; i <= n; i++) col[FILENAME, substr(h[i], 4)] = i + 1; next }
+$1 == "LOC:" { for (i = 2; i <= NF; i++) v[FILENAME, i] = $i }
+END {
+    k = split(present, p, " ")
+    for (j = 1; j <= k; j++) {
+        c = p[j]; a = col[ARGV[1], c]; b = col[ARGV[2], c]
+        if (!a || !b || v[ARGV[2], b] + 0 <= v[ARGV[1], a] + 0) printf "%d ", c
+    }
+}
+"""
 
 INIT_SCRIPT = f"""#!/bin/sh
 # /init of the partition testbed.  Messages go to the console (ttyS0, the kernel log).
@@ -82,6 +102,29 @@ if [ -d $R/sys/fs/cgroup ]; then mount -t cgroup2 cgroup2 $R/sys/fs/cgroup; fi
 mkdir -p $R{CTL_DIR} $R{OUT_DIR}
 mount -t 9p -o {_RW_MOUNT_OPTS} tbctl $R{CTL_DIR} || die "mount the control share"
 mount -t 9p -o {_RW_MOUNT_OPTS} tbout $R{OUT_DIR} || die "mount the output share"
+# Every CPU must run and its local timer tick before the job runs.  Under TCG an
+# emulated CPU has been seen to lose its timer from the boot on; a job that needs
+# an RCU grace period then waits for ever.  With a busy loop on every present CPU,
+# a CPU that is not online or whose count of local timer interrupts stays put for
+# {TIMER_CHECK_SECONDS}s is named in {TIMERLESS}, and the caller boots the server again.
+present=$(awk -F, '{{ for (i = 1; i <= NF; i++) {{ n = split($i, r, "-");
+    for (c = r[1]; c <= r[n]; c++) printf "%d ", c }} }}' /sys/devices/system/cpu/present)
+pids=""
+for c in $present; do
+    taskset -c "$c" sh -c 'while :; do :; done' 2>/dev/null &
+    pids="$pids $!"
+done
+{{ head -n 1 /proc/interrupts; grep '^ *LOC:' /proc/interrupts; }} > /loc0
+sleep {TIMER_CHECK_SECONDS}
+{{ head -n 1 /proc/interrupts; grep '^ *LOC:' /proc/interrupts; }} > /loc1
+kill $pids 2>/dev/null
+stuck=$(echo $(awk -f /timer-check.awk -v present="$present" /loc0 /loc1))
+if [ -n "$stuck" ]; then
+    say "CPU $stuck: not online, or no local timer interrupts in {TIMER_CHECK_SECONDS}s"
+    echo $stuck > $R{CTL_DIR}/{TIMERLESS}
+    umount $R{OUT_DIR} $R{CTL_DIR}
+    poweroff -f
+fi
 # ttyS1 carries the command's bytes to the caller unchanged (no CR added to LF).
 stty -F /dev/ttyS1 raw -echo 115200
 echo up > $R{CTL_DIR}/started
@@ -253,6 +296,7 @@ def build_initramfs(
     w.file("bin/busybox", busybox, 0o755)
     w.symlink("bin/sh", "busybox")
     w.file("init", init.encode(), 0o755)
+    w.file("timer-check.awk", TIMER_CHECK_AWK.encode(), 0o644)
     for m in modules:
         w.file(f"modules/{m.name}.ko", _module_bytes(m.path))
     w.file("modules/order", "".join(f"{m.name}.ko\n" for m in modules).encode())
@@ -321,6 +365,7 @@ def initramfs_for(kernel: str | os.PathLike[str], *, busybox: str | None = None)
     version = kernel_version(kernel)
     modules = module_load_order(Path("/lib/modules", version), ROOT_MODULES)
     h = hashlib.sha256(INIT_SCRIPT.encode())
+    h.update(TIMER_CHECK_AWK.encode())
     h.update(hashlib.sha256(bb).digest())
     for m in modules:
         h.update(f"{m.name}:{m.path}:{m.path.stat().st_size}:{m.path.stat().st_mtime_ns}".encode())

@@ -39,6 +39,8 @@ from partitioner.errors import GuestError, PreconditionError, UsageError
 from partitioner.run import spawn
 from partitioner.testbed.initramfs import (
     OUT_DIR,
+    TIMER_CHECK_SECONDS,
+    TIMERLESS,
     bootable_kernel,
     default_kernel,
     initramfs_for,
@@ -54,6 +56,11 @@ SHAREABLE_DIRS = ("/tmp", "/run", "/var")
 # The 9p options of such a share: read-only like the host's root, and as cacheable.
 _HIDDEN_MOUNT_OPTS = "trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Boots of one server, at most, when /init finds a CPU whose local timer does not tick.
+BOOTS = 3
+# What the emulated server's kernel prints when a CPU's timer stopped after the boot:
+# RCU's grace periods then never end, and the command would hang until its timeout.
+LOST_TIMER = "Possible timer handling issue on cpu="
 
 
 class TestbedTimeout(GuestError):
@@ -72,6 +79,27 @@ class TestbedTimeout(GuestError):
         super().__init__(
             f"testbed {topology}: {what} did not finish within {timeout:g}s; "
             f"the emulated server was stopped (raise --timeout if the command is just slow){where}",
+            partition=f"testbed:{topology}",
+        )
+
+
+class TestbedTimerFault(GuestError):
+    """A CPU of the emulated server stopped taking timer interrupts while the command ran.
+
+    A fault of the emulation (seen under TCG on a loaded host), not of the
+    command: the server was stopped at once rather than left to hang.
+    """
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+    def __init__(self, topology: str, line: str, log_path: Path | None) -> None:
+        self.line = line
+        self.log_path = log_path
+        where = f"; its kernel log: {log_path}" if log_path else ""
+        super().__init__(
+            f"testbed {topology}: a CPU of the emulated server stopped taking timer "
+            f"interrupts while the command ran ({line.strip()}), a fault of the emulation; "
+            f"the server was stopped (run the command again){where}",
             partition=f"testbed:{topology}",
         )
 
@@ -206,6 +234,9 @@ class TestbedServer:
         self.boot_seconds: float | None = None  # from QEMU's start to the command's start
         self.total_seconds: float | None = None
         self._pump: threading.Thread | None = None
+        self._qemu_argv: list[str] = []
+        self._boots = 0
+        self._console_seen = 0  # bytes of the kernel log already searched for LOST_TIMER
         self._t0 = 0.0
         self._failed = False
 
@@ -246,7 +277,7 @@ class TestbedServer:
         out.mkdir(parents=True, exist_ok=True)
         (ctl / "job").write_text(job_script(self.argv, self.cwd, self.env, hidden))
         self.console_log = self.run_dir / "console.log"
-        argv = qemu_args(
+        self._qemu_argv = qemu_args(
             self.topology,
             kernel=str(bootable_kernel(kernel)),
             initrd=str(initrd),
@@ -262,9 +293,15 @@ class TestbedServer:
         )
         self._say(f"booting emulated server ({self.topology.describe()})...")
         self._t0 = time.monotonic()
+        self._spawn()
+
+    def _spawn(self) -> None:
+        assert self.run_dir is not None
+        self._boots += 1
+        self._console_seen = 0
         with open(self.run_dir / "qemu.err", "wb") as qemu_err:
             self.proc = spawn(
-                argv,
+                self._qemu_argv,
                 stdout=subprocess.PIPE,
                 stderr=qemu_err.fileno(),
                 stdin=subprocess.DEVNULL,
@@ -292,7 +329,13 @@ class TestbedServer:
                     f"emulated server up after {self.boot_seconds:.1f}s; running: {shlex.join(self.argv)}"
                 )
             if self.proc.returncode is not None:
+                if self._boot_again(ctl):
+                    continue
                 break
+            if self.boot_seconds is not None and (line := self._lost_timer()):
+                self._kill()
+                self._failed = True
+                raise TestbedTimerFault(self.topology.name, line, self.console_log)
             if now >= deadline:
                 self._kill()
                 self._failed = True
@@ -351,6 +394,52 @@ class TestbedServer:
         return [ln.rstrip("\r") for ln in text.splitlines()[-n:]]
 
     # -- helpers ---------------------------------------------------------------
+
+    def _boot_again(self, ctl: Path) -> bool:
+        """After /init found a CPU without timer interrupts: boot a fresh server, if boots remain."""
+        assert self.run_dir is not None and self.console_log is not None
+        marker = ctl / TIMERLESS
+        if not marker.exists():
+            return False
+        cpus = marker.read_text(errors="replace").split()
+        what = (
+            f"CPU {', '.join(cpus)} of the emulated server did not run or took no timer interrupts "
+            f"in {TIMER_CHECK_SECONDS}s (a fault of the emulation)"
+        )
+        if self._boots >= BOOTS:
+            self._failed = True
+            raise TestbedBootFailure(
+                self.topology.name,
+                f"{what}, in each of {BOOTS} boots",
+                "\n".join(self.console_tail(20)),
+                self.console_log,
+            )
+        self._say(f"{what}; booting it again")
+        if self._pump is not None:
+            self._pump.join(timeout=10)
+        marker.unlink()
+        # The faulty boot's kernel log stays beside the new one.
+        self.console_log.replace(self.run_dir / f"console-boot{self._boots}.log")
+        self._spawn()
+        return True
+
+    def _lost_timer(self) -> str:
+        """The kernel's line naming a CPU whose timer stopped, if the log has one by now."""
+        if self.console_log is None:
+            return ""
+        try:
+            with self.console_log.open("rb") as f:
+                f.seek(self._console_seen)
+                new = f.read()
+        except OSError:
+            return ""
+        # Only whole lines: a line cut by a write in progress is read again next time.
+        end = new.rfind(b"\n") + 1
+        self._console_seen += end
+        for ln in new[:end].decode(errors="replace").splitlines():
+            if LOST_TIMER in ln:
+                return ln.rstrip("\r")
+        return ""
 
     def _kill(self) -> None:
         p = self.proc
