@@ -38,18 +38,19 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     if (args.file is None) == (not args.all):
         raise UsageError("destroy needs a manifest FILE or --all (not both)")
     ctx.require_live("destroy")
+    wanted: set[str] | None = None
+    if args.file is not None:
+        from partitioner.loader import load
+
+        # Read first: a manifest that cannot be read changes nothing, not even a settled record.
+        wanted = set(load(args.file).partitions)
     store = StateStore(ctx.state_dir)
     with store.lock("destroy", args.lock_timeout):
         root = ctx.root()
         found = reconcile(store.load(), root) if args.dry_run else reconcile_store(store, root)
         state = found.state
         ctx.reconciled(found.findings, done=not args.dry_run)
-        if args.all:
-            names = set(state.partitions)
-        else:
-            from partitioner.loader import load
-
-            names = set(load(args.file).partitions) & set(state.partitions)
+        names = set(state.partitions) if wanted is None else wanted & set(state.partitions)
         actions = teardown(r for n, r in state.partitions.items() if n in names)
         actions = destroy_actions(actions, state, names, store.dir)  # host back with the last
         if not actions:
