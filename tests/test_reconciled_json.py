@@ -27,7 +27,7 @@ from guestimage import build_guest_initramfs, guest_kernel
 from test_hostile_state import _partition, manifest  # noqa: F401  (a fixture)
 from test_reconcile import _alive, _fake_qemu, _record, _state, procs  # noqa: F401
 
-from partitioner.state import RunState, StateStore
+from partitioner.state import PartitionRecord, RunState, StateStore
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,6 +61,19 @@ CASES: dict[str, Case] = {
 }
 
 
+def _half_started(
+    tmp_path: Path, running: list[subprocess.Popen[bytes]]
+) -> tuple[PartitionRecord, Path, int, StateStore]:
+    """A record of p1 whose start was killed with its QEMU (the stand-in) half-started."""
+    rec = _record(tmp_path)
+    run_dir = Path(rec.paths["dir"])
+    pid = _fake_qemu(running, "p1", run_dir / "qmp.sock")
+    Path(rec.paths["pidfile"]).write_text(f"{pid}\n")
+    store = StateStore(tmp_path / "state")
+    store.save(_state(rec))
+    return rec, run_dir, pid, store
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_a_verb_that_reconciled_says_so_in_its_json_document(
     case: str,
@@ -71,16 +84,9 @@ def test_a_verb_that_reconciled_says_so_in_its_json_document(
     c = CASES[case]
     big = tmp_path / "big.yaml"
     big.write_text(manifest.read_text().replace("memory: 64MiB", "memory: 64TiB"))
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(manifest.read_text().replace('cpus: "1"', "cpus: 0"))
-    rec = _record(tmp_path)
-    run_dir = Path(rec.paths["dir"])
-    pid = _fake_qemu(procs, "p1", run_dir / "qmp.sock")
-    Path(rec.paths["pidfile"]).write_text(f"{pid}\n")
-    store = StateStore(tmp_path / "state")
-    store.save(_state(rec))
+    rec, run_dir, pid, store = _half_started(tmp_path, procs)
 
-    args = [a.format(manifest=manifest, big=big, bad=bad) for a in c.args]
+    args = [a.format(manifest=manifest, big=big) for a in c.args]
     cp = _partition(store.dir, manifest, "--json", *args)
     assert cp.returncode == c.exit, (cp.stdout, cp.stderr)
     doc = json.loads(cp.stdout)
@@ -111,12 +117,7 @@ def test_destroy_of_a_manifest_that_is_not_valid_changes_nothing(
 ) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(manifest.read_text().replace('cpus: "1"', "cpus: 0"))
-    rec = _record(tmp_path)
-    run_dir = Path(rec.paths["dir"])
-    pid = _fake_qemu(procs, "p1", run_dir / "qmp.sock")
-    Path(rec.paths["pidfile"]).write_text(f"{pid}\n")
-    store = StateStore(tmp_path / "state")
-    store.save(_state(rec))
+    _, run_dir, pid, store = _half_started(tmp_path, procs)
     before = store.path.read_bytes()
     cp = _partition(store.dir, manifest, "--json", "destroy", str(bad))
     assert cp.returncode == 2, (cp.stdout, cp.stderr)
