@@ -22,7 +22,7 @@ from typing import TextIO
 import pytest
 
 from partitioner.testbed.initramfs import OUT_DIR
-from partitioner.testbed.server import TestbedServer, TestbedTimerFault
+from partitioner.testbed.server import TestbedEmulationFault, TestbedServer
 
 pytestmark = [pytest.mark.testbed, pytest.mark.qemu]
 
@@ -129,9 +129,9 @@ def inside_run(
         stream = _Tee(log, sys.stderr) if live else log
         rc, problem, boot_seconds = _boot_and_run(selected, out, stream)
         left = [m for m in selected if not (out / f"{m}.rc").exists()]
-        if problem.startswith(TIMER_FAULT) and left:
-            # The emulation lost a CPU's timer (not the tests' doing): the modules
-            # that did not finish run once more, on a fresh server.
+        if problem.startswith(EMULATION_FAULT) and left:
+            # The emulation failed (a CPU's timer lost, QEMU crashed; not the tests'
+            # doing): the modules that did not finish run once more, on a fresh server.
             stream.write(f"\n--- {problem}\n--- again on a fresh server: {' '.join(left)}\n")
             rc, problem, _ = _boot_and_run(left, out, stream)
     text = log_path.read_text(errors="replace")
@@ -145,7 +145,7 @@ def inside_run(
     return run
 
 
-TIMER_FAULT = "timer fault: "
+EMULATION_FAULT = "emulation fault: "
 
 
 def _boot_and_run(
@@ -165,8 +165,8 @@ def _boot_and_run(
     ) as tb:
         try:
             return tb.wait(), "", tb.boot_seconds
-        except TestbedTimerFault as e:
-            return None, TIMER_FAULT + str(e), tb.boot_seconds
+        except TestbedEmulationFault as e:
+            return None, EMULATION_FAULT + str(e), tb.boot_seconds
         except Exception as e:  # a timeout or a boot failure: every module reports it
             return None, str(e), tb.boot_seconds
 

@@ -26,6 +26,8 @@ from partitioner.testbed.initramfs import (
 )
 from partitioner.testbed.server import (
     TestbedBootFailure,
+    TestbedEmulationFault,
+    TestbedQemuCrash,
     TestbedServer,
     TestbedTimeout,
     TestbedTimerFault,
@@ -588,6 +590,25 @@ def test_a_cpu_that_loses_its_timer_while_the_command_runs_stops_the_server() ->
     assert "cpu=1 timer-softirq=2" in str(ei.value) and ei.value.exit_code == 4
     assert tb.run_dir is not None and qemu_processes_mentioning(str(tb.run_dir)) == []
     assert ei.value.log_path is not None and str(ei.value.log_path) in str(ei.value)
+    shutil.rmtree(tb.run_dir)
+
+
+@pytest.mark.qemu
+@boots
+def test_a_qemu_that_crashes_under_the_command_is_an_emulation_fault() -> None:
+    tb = TestbedServer("small", ["sleep", "600"], timeout=300, stream=None, progress=None)
+    with pytest.raises(TestbedQemuCrash) as ei, tb:
+        assert tb.run_dir is not None and tb.proc is not None
+        started = tb.run_dir / "ctl" / "started"  # the command runs from here on
+        deadline = time.monotonic() + 240
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert started.exists()
+        os.kill(tb.proc.pid, signal.SIGSEGV)  # as the emulator's own crash ends it
+        tb.wait()
+    assert isinstance(ei.value, TestbedEmulationFault) and ei.value.exit_code == 4
+    assert "died of SIGSEGV" in str(ei.value)
+    assert tb.run_dir is not None and qemu_processes_mentioning(str(tb.run_dir)) == []
     shutil.rmtree(tb.run_dir)
 
 

@@ -83,14 +83,39 @@ class TestbedTimeout(GuestError):
         )
 
 
-class TestbedTimerFault(GuestError):
-    """A CPU of the emulated server stopped taking timer interrupts while the command ran.
+class TestbedEmulationFault(GuestError):
+    """The emulation failed under the command (QEMU's fault, not the command's).
 
-    A fault of the emulation (seen under TCG on a loaded host), not of the
-    command: the server was stopped at once rather than left to hang.
+    Seen under TCG on a loaded host: a CPU that loses its timer, a QEMU that
+    crashes.  What the command did is lost; running it again on a fresh
+    server is the remedy.
     """
 
     __test__ = False  # not a pytest test class, whatever its name
+
+
+class TestbedQemuCrash(TestbedEmulationFault):
+    """QEMU itself died of a signal nobody sent it (a crash of the emulator)."""
+
+    def __init__(self, topology: str, signame: str, log_tail: str, log_path: Path | None) -> None:
+        self.signame = signame
+        self.log_tail = log_tail
+        self.log_path = log_path
+        where = f" (whole kernel log: {log_path})" if log_path else ""
+        super().__init__(
+            f"testbed {topology}: QEMU, which emulates the server, died of {signame} "
+            f"before the command reported its exit status: a crash of the emulator (or a "
+            f"signal from outside), not the command's doing; run it again{where}"
+            + (f"\n{log_tail}" if log_tail else ""),
+            partition=f"testbed:{topology}",
+        )
+
+
+class TestbedTimerFault(TestbedEmulationFault):
+    """A CPU of the emulated server stopped taking timer interrupts while the command ran.
+
+    The server was stopped at once rather than left to hang.
+    """
 
     def __init__(self, topology: str, line: str, log_path: Path | None) -> None:
         self.line = line
@@ -370,6 +395,12 @@ class TestbedServer:
             reason = f"the emulated server stopped before the command reported its exit status (QEMU exited with {self.proc.returncode})"
         tail = "\n".join((stderr.strip().splitlines() + self.console_tail(30))[-40:])
         self._failed = True
+        if self.proc.returncode < 0:  # a signal: only _kill sends one, and it raises first
+            try:
+                signame = signal.Signals(-self.proc.returncode).name
+            except ValueError:
+                signame = f"signal {-self.proc.returncode}"
+            raise TestbedQemuCrash(self.topology.name, signame, tail, self.console_log)
         raise TestbedBootFailure(self.topology.name, reason, tail, self.console_log)
 
     def close(self) -> None:
