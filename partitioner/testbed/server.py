@@ -94,23 +94,6 @@ class TestbedEmulationFault(GuestError):
     __test__ = False  # not a pytest test class, whatever its name
 
 
-class TestbedQemuCrash(TestbedEmulationFault):
-    """QEMU itself died of a signal nobody sent it (a crash of the emulator)."""
-
-    def __init__(self, topology: str, signame: str, log_tail: str, log_path: Path | None) -> None:
-        self.signame = signame
-        self.log_tail = log_tail
-        self.log_path = log_path
-        where = f" (whole kernel log: {log_path})" if log_path else ""
-        super().__init__(
-            f"testbed {topology}: QEMU, which emulates the server, died of {signame} "
-            f"before the command reported its exit status: a crash of the emulator (or a "
-            f"signal from outside), not the command's doing; run it again{where}"
-            + (f"\n{log_tail}" if log_tail else ""),
-            partition=f"testbed:{topology}",
-        )
-
-
 class TestbedTimerFault(TestbedEmulationFault):
     """A CPU of the emulated server stopped taking timer interrupts while the command ran.
 
@@ -142,6 +125,21 @@ class TestbedBootFailure(GuestError):
         super().__init__(
             f"testbed {topology}: {reason}{where}" + (f"\n{log_tail}" if log_tail else ""),
             partition=f"testbed:{topology}",
+        )
+
+
+class TestbedQemuCrash(TestbedBootFailure, TestbedEmulationFault):
+    """QEMU itself died of a signal nobody sent it (a crash of the emulator)."""
+
+    def __init__(self, topology: str, signame: str, log_tail: str, log_path: Path | None) -> None:
+        self.signame = signame
+        super().__init__(
+            topology,
+            f"QEMU, which emulates the server, died of {signame} before the command "
+            "reported its exit status: a crash of the emulator (or a signal from outside), "
+            "not the command's doing; run it again",
+            log_tail,
+            log_path,
         )
 
 
