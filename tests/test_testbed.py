@@ -573,6 +573,33 @@ def test_a_cpu_that_never_runs_is_booted_again_then_a_boot_failure(tmp_path: Pat
 
 @pytest.mark.qemu
 @boots
+def test_a_boot_that_stops_printing_is_booted_again_then_a_boot_failure() -> None:
+    import io
+
+    progress = io.StringIO()
+    # `quiet` keeps the kernel silent until /init's first line, seconds after QEMU's
+    # start: longer than the 2s this server is given, as a hung boot is silent.
+    tb = TestbedServer(
+        "small",
+        ["true"],
+        timeout=300,
+        append=["quiet"],
+        boot_silence=2,
+        stream=None,
+        progress=progress,
+    )
+    with pytest.raises(TestbedBootFailure) as ei, tb:
+        tb.wait()
+    assert "boot stopped: no kernel output for 2s" in str(ei.value)
+    assert "in each of 3 boots" in str(ei.value)
+    assert progress.getvalue().count("booting it again") == 2
+    assert tb.run_dir is not None and qemu_processes_mentioning(str(tb.run_dir)) == []
+    assert (tb.run_dir / "console-boot2.log").exists()
+    shutil.rmtree(tb.run_dir)
+
+
+@pytest.mark.qemu
+@boots
 def test_a_cpu_that_loses_its_timer_while_the_command_runs_stops_the_server() -> None:
     t0 = time.monotonic()
     # The kernel's own words, through its log as the kernel prints them.

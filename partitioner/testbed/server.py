@@ -56,8 +56,11 @@ SHAREABLE_DIRS = ("/tmp", "/run", "/var")
 # The 9p options of such a share: read-only like the host's root, and as cacheable.
 _HIDDEN_MOUNT_OPTS = "trans=virtio,version=9p2000.L,msize=512000,cache=loose,ro"
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# Boots of one server, at most, when /init finds a CPU whose local timer does not tick.
+# Boots of one server, at most, when a boot hangs or /init finds a CPU whose timer does not tick.
 BOOTS = 3
+# Seconds without kernel output that make a boot count as hung (a boot under TCG prints
+# every second or so until /init runs the command).
+BOOT_SILENCE = 60.0
 # What the emulated server's kernel prints when a CPU's timer stopped after the boot:
 # RCU's grace periods then never end, and the command would hang until its timeout.
 LOST_TIMER = "Possible timer handling issue on cpu="
@@ -234,6 +237,7 @@ class TestbedServer:
         kernel: str | os.PathLike[str] | None = None,
         keep: bool = False,
         append: Sequence[str] = (),
+        boot_silence: float = BOOT_SILENCE,
     ) -> None:
         self.topology = load_topology(topology) if isinstance(topology, str) else topology
         self.argv = list(argv)
@@ -260,6 +264,8 @@ class TestbedServer:
         self._qemu_argv: list[str] = []
         self._boots = 0
         self._console_seen = 0  # bytes of the kernel log already searched for LOST_TIMER
+        self.boot_silence = boot_silence
+        self._console_size, self._console_moved = -1, 0.0  # the boot's progress, for boot_silence
         self._t0 = 0.0
         self._failed = False
 
@@ -322,6 +328,7 @@ class TestbedServer:
         assert self.run_dir is not None
         self._boots += 1
         self._console_seen = 0
+        self._console_size, self._console_moved = -1, time.monotonic()
         with open(self.run_dir / "qemu.err", "wb") as qemu_err:
             self.proc = spawn(
                 self._qemu_argv,
@@ -352,9 +359,13 @@ class TestbedServer:
                     f"emulated server up after {self.boot_seconds:.1f}s; running: {shlex.join(self.argv)}"
                 )
             if self.proc.returncode is not None:
-                if self._boot_again(ctl):
+                if what := self._timerless(ctl):
+                    self._boot_again(what)
                     continue
                 break
+            if self.boot_seconds is None and (what := self._silent_boot(now)):
+                self._boot_again(what)
+                continue
             if self.boot_seconds is not None and (line := self._lost_timer()):
                 self._kill()
                 self._failed = True
@@ -424,17 +435,39 @@ class TestbedServer:
 
     # -- helpers ---------------------------------------------------------------
 
-    def _boot_again(self, ctl: Path) -> bool:
-        """After /init found a CPU without timer interrupts: boot a fresh server, if boots remain."""
-        assert self.run_dir is not None and self.console_log is not None
+    def _timerless(self, ctl: Path) -> str:
+        """What /init's timer check found wrong, if it powered the server off for that."""
         marker = ctl / TIMERLESS
         if not marker.exists():
-            return False
+            return ""
         cpus = marker.read_text(errors="replace").split()
-        what = (
+        marker.unlink()
+        return (
             f"CPU {', '.join(cpus)} of the emulated server did not run or took no timer interrupts "
             f"in {TIMER_CHECK_SECONDS}s (a fault of the emulation)"
         )
+
+    def _silent_boot(self, now: float) -> str:
+        """Why the boot is taken for hung: no kernel output for ``boot_silence`` seconds."""
+        assert self.console_log is not None
+        try:
+            size = self.console_log.stat().st_size
+        except OSError:
+            size = 0
+        if size != self._console_size:
+            self._console_size, self._console_moved = size, now
+            return ""
+        if now - self._console_moved < self.boot_silence:
+            return ""
+        self._kill()
+        return (
+            f"the emulated server's boot stopped: no kernel output for {self.boot_silence:g}s "
+            "(a fault of the emulation)"
+        )
+
+    def _boot_again(self, what: str) -> None:
+        """After a boot that failed for the emulation's sake: boot a fresh server, if boots remain."""
+        assert self.run_dir is not None and self.console_log is not None
         if self._boots >= BOOTS:
             self._failed = True
             raise TestbedBootFailure(
@@ -446,11 +479,9 @@ class TestbedServer:
         self._say(f"{what}; booting it again")
         if self._pump is not None:
             self._pump.join(timeout=10)
-        marker.unlink()
         # The faulty boot's kernel log stays beside the new one.
         self.console_log.replace(self.run_dir / f"console-boot{self._boots}.log")
         self._spawn()
-        return True
 
     def _lost_timer(self) -> str:
         """The kernel's line naming a CPU whose timer stopped, if the log has one by now."""
