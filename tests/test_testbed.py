@@ -545,56 +545,46 @@ def test_the_timer_check_names_a_cpu_that_did_not_tick_or_is_not_online(tmp_path
 
 @pytest.mark.qemu
 @boots
-def test_a_cpu_that_never_runs_is_booted_again_then_a_boot_failure(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("append", "silence", "reason", "every_log_says"),
+    [
+        # maxcpus=1: the second of `small`'s CPUs is present but never brought up, as a
+        # CPU whose timer the emulation lost looks to /init's check.
+        (
+            "maxcpus=1",
+            60,
+            "CPU 1 of the emulated server did not run or took no timer interrupts",
+            "testbed-init: CPU 1: not online",
+        ),
+        # `quiet` keeps the kernel silent until /init's first line, seconds after QEMU's
+        # start: longer than the 2s this server is given, as a hung boot is silent.
+        ("quiet", 2, "boot stopped: no kernel output for 2s", ""),
+    ],
+    ids=["a CPU that never runs", "a boot that stops printing"],
+)
+def test_a_faulty_boot_is_booted_again_then_a_boot_failure(
+    append: str, silence: float, reason: str, every_log_says: str
+) -> None:
     import io
 
     progress = io.StringIO()
-    # maxcpus=1: the second of `small`'s CPUs is present but never brought up, as a CPU
-    # whose timer the emulation lost looks to /init's check.
-    tb = TestbedServer(
-        "small", ["true"], timeout=300, append=["maxcpus=1"], stream=None, progress=progress
-    )
-    with pytest.raises(TestbedBootFailure) as ei, tb:
-        tb.wait()
-    assert "CPU 1 of the emulated server did not run or took no timer interrupts" in str(ei.value)
-    assert "in each of 3 boots" in str(ei.value)
-    assert progress.getvalue().count("booting it again") == 2
-    assert tb.run_dir is not None and qemu_processes_mentioning(str(tb.run_dir)) == []
-    # Every boot's kernel log is kept, each saying what /init found.
-    logs = [
-        tb.run_dir / "console-boot1.log",
-        tb.run_dir / "console-boot2.log",
-        tb.run_dir / "console.log",
-    ]
-    for log in logs:
-        assert "testbed-init: CPU 1: not online" in log.read_text(errors="replace")
-    shutil.rmtree(tb.run_dir)
-
-
-@pytest.mark.qemu
-@boots
-def test_a_boot_that_stops_printing_is_booted_again_then_a_boot_failure() -> None:
-    import io
-
-    progress = io.StringIO()
-    # `quiet` keeps the kernel silent until /init's first line, seconds after QEMU's
-    # start: longer than the 2s this server is given, as a hung boot is silent.
     tb = TestbedServer(
         "small",
         ["true"],
         timeout=300,
-        append=["quiet"],
-        boot_silence=2,
+        append=[append],
+        boot_silence=silence,
         stream=None,
         progress=progress,
     )
     with pytest.raises(TestbedBootFailure) as ei, tb:
         tb.wait()
-    assert "boot stopped: no kernel output for 2s" in str(ei.value)
-    assert "in each of 3 boots" in str(ei.value)
+    assert reason in str(ei.value) and "in each of 3 boots" in str(ei.value)
     assert progress.getvalue().count("booting it again") == 2
     assert tb.run_dir is not None and qemu_processes_mentioning(str(tb.run_dir)) == []
-    assert (tb.run_dir / "console-boot2.log").exists()
+    # Every boot's kernel log is kept.
+    for log in ("console-boot1.log", "console-boot2.log", "console.log"):
+        assert every_log_says in (tb.run_dir / log).read_text(errors="replace")
     shutil.rmtree(tb.run_dir)
 
 
