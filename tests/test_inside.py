@@ -129,13 +129,13 @@ def inside_run(
         stream = _Tee(log, sys.stderr) if live else log
         rc, problem, boot_seconds = _boot_and_run(selected, out, stream)
         left = [m for m in selected if not (out / f"{m}.rc").exists()]
-        if problem.startswith(EMULATION_FAULT) and left:
+        if isinstance(problem, TestbedEmulationFault) and left:
             # The emulation failed (a CPU's timer lost, QEMU crashed; not the tests'
             # doing): the modules that did not finish run once more, on a fresh server.
             stream.write(f"\n--- {problem}\n--- again on a fresh server: {' '.join(left)}\n")
             rc, problem, _ = _boot_and_run(left, out, stream)
     text = log_path.read_text(errors="replace")
-    run = InsideRun(rc=rc, log=text, boot_seconds=boot_seconds, problem=problem)
+    run = InsideRun(rc=rc, log=text, boot_seconds=boot_seconds, problem=str(problem or ""))
     for m in selected:
         if (out / f"{m}.xml").exists():
             run.cases[m] = parse_junit(out / f"{m}.xml")[m]
@@ -145,13 +145,11 @@ def inside_run(
     return run
 
 
-EMULATION_FAULT = "emulation fault: "
-
-
 def _boot_and_run(
     modules: list[str], out: Path, stream: TextIO
-) -> tuple[int | None, str, float | None]:
-    """Boot the server, run pytest once per module in it: its exit code, the problem, the boot time."""
+) -> tuple[int | None, Exception | None, float | None]:
+    """Boot the server, run pytest once per module in it: its exit code, what went wrong (a
+    timeout, a boot failure, an emulation fault), the boot time."""
     script = (
         'py="$1"; shift; worst=0; for m in "$@"; do '
         '"$py" -m pytest "tests/inside/$m.py" -p no:cacheprovider -o addopts=-ra '
@@ -164,11 +162,9 @@ def _boot_and_run(
         TOPOLOGY, argv, timeout=TIMEOUT, cwd=str(PROJECT), out_dir=out, stream=stream
     ) as tb:
         try:
-            return tb.wait(), "", tb.boot_seconds
-        except TestbedEmulationFault as e:
-            return None, EMULATION_FAULT + str(e), tb.boot_seconds
-        except Exception as e:  # a timeout or a boot failure: every module reports it
-            return None, str(e), tb.boot_seconds
+            return tb.wait(), None, tb.boot_seconds
+        except Exception as e:  # every module that did not finish reports it
+            return None, e, tb.boot_seconds
 
 
 def _tail(text: str, n: int = 60) -> str:

@@ -472,7 +472,8 @@ class TestbedServer:
             self._failed = True
             raise TestbedBootFailure(
                 self.topology.name,
-                f"{what}, in each of {BOOTS} boots",
+                f"{what}, in each of {BOOTS} boots; run it again (a host less loaded "
+                "makes such faults rarer)",
                 "\n".join(self.console_tail(20)),
                 self.console_log,
             )
