@@ -104,15 +104,19 @@ mount -t 9p -o {_RW_MOUNT_OPTS} tbctl $R{CTL_DIR} || die "mount the control shar
 mount -t 9p -o {_RW_MOUNT_OPTS} tbout $R{OUT_DIR} || die "mount the output share"
 # Every CPU must run and its local timer tick before the job runs.  Under TCG an
 # emulated CPU has been seen to lose its timer from the boot on; a job that needs
-# an RCU grace period then waits for ever.  With a busy loop on every present CPU,
+# an RCU grace period then waits for ever.  With busy loops on every present CPU,
 # a CPU that is not online or whose count of local timer interrupts stays put for
 # {TIMER_CHECK_SECONDS}s is named in {TIMERLESS}, and the caller boots the server again.
+# Two loops on each: a nohz_full CPU (a site's boot-time settings) stops its tick
+# while it runs one task alone, and keeps it while two share it.
 present=$(awk -F, '{{ for (i = 1; i <= NF; i++) {{ n = split($i, r, "-");
     for (c = r[1]; c <= r[n]; c++) printf "%d ", c }} }}' /sys/devices/system/cpu/present)
 pids=""
 for c in $present; do
-    taskset -c "$c" sh -c 'while :; do :; done' 2>/dev/null &
-    pids="$pids $!"
+    for loop in 1 2; do
+        taskset -c "$c" sh -c 'while :; do :; done' 2>/dev/null &
+        pids="$pids $!"
+    done
 done
 {{ head -n 1 /proc/interrupts; grep '^ *LOC:' /proc/interrupts; }} > /loc0
 sleep {TIMER_CHECK_SECONDS}
