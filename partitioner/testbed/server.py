@@ -146,6 +146,14 @@ class TestbedQemuCrash(TestbedBootFailure, TestbedEmulationFault):
         )
 
 
+def _signame(returncode: int) -> str:
+    """The signal a process that ended with ``returncode`` (negative) died of, by name."""
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
 def hidden_shares(paths: Sequence[str]) -> list[Share]:
     """The shares that make ``paths`` visible inside: for each path below a private directory
     (``/tmp/ci/clone/tests``), its top directory there (``/tmp/ci``), once.
@@ -362,6 +370,9 @@ class TestbedServer:
                 if what := self._timerless(ctl):
                     self._boot_again(what)
                     continue
+                if self._boots < BOOTS and (what := self._crashed_booting(ctl)):
+                    self._boot_again(what)
+                    continue
                 break
             if self.boot_seconds is None and (what := self._silent_boot(now)):
                 self._boot_again(what)
@@ -405,11 +416,9 @@ class TestbedServer:
         tail = "\n".join((stderr.strip().splitlines() + self.console_tail(30))[-40:])
         self._failed = True
         if self.proc.returncode < 0:  # a signal: only _kill sends one, and it raises first
-            try:
-                signame = signal.Signals(-self.proc.returncode).name
-            except ValueError:
-                signame = f"signal {-self.proc.returncode}"
-            raise TestbedQemuCrash(self.topology.name, signame, tail, self.console_log)
+            raise TestbedQemuCrash(
+                self.topology.name, _signame(self.proc.returncode), tail, self.console_log
+            )
         raise TestbedBootFailure(self.topology.name, reason, tail, self.console_log)
 
     def close(self) -> None:
@@ -445,6 +454,17 @@ class TestbedServer:
         return (
             f"CPU {', '.join(cpus)} of the emulated server did not run or took no timer interrupts "
             f"in {TIMER_CHECK_SECONDS}s (a fault of the emulation)"
+        )
+
+    def _crashed_booting(self, ctl: Path) -> str:
+        """Why a QEMU that ended before the command started is booted again: it died of a
+        signal (the emulator's own crash; every signal the testbed sends raises first)."""
+        assert self.proc is not None and self.proc.returncode is not None
+        if self.boot_seconds is not None or self.proc.returncode >= 0 or (ctl / "started").exists():
+            return ""
+        return (
+            f"QEMU, which emulates the server, died of {_signame(self.proc.returncode)} "
+            "during the boot (a crash of the emulator)"
         )
 
     def _silent_boot(self, now: float) -> str:
