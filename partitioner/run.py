@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -67,12 +68,28 @@ def spawn(
     cwd: str | Path | None = None,
     new_session: bool = True,
     pass_fds: Sequence[int] = (),
+    die_with_parent: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-lived process (QEMU); the caller owns it and must wait for it or end it."""
+    """Start a long-lived process (QEMU); the caller owns it and must wait for it or end it.
+
+    ``die_with_parent``: the kernel sends it SIGKILL when the thread that started it ends,
+    however that thread ends (SIGKILL included), through util-linux's ``setpriv``, which
+    sets that and then becomes the program (same pid).  For a process that has no use
+    without its caller (the test bed's server), never for a guest, which outlives ``apply``.
+    """
     log.debug("spawn: %s", shlex.join(argv))
+    argv = list(argv)
+    if die_with_parent:
+        program, setpriv = shutil.which(argv[0]), shutil.which("setpriv")
+        if program is None:
+            raise CommandFailed(argv, None, f"{argv[0]}: not found")
+        if setpriv is None:
+            log.warning("setpriv (util-linux) not found: %s will outlive a killed caller", argv[0])
+        else:
+            argv = [setpriv, "--pdeathsig", "KILL", "--", program, *argv[1:]]
     try:
         return subprocess.Popen(
-            list(argv),
+            argv,
             stdout=stdout,
             stderr=stderr,
             stdin=stdin,

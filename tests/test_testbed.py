@@ -27,6 +27,7 @@ from partitioner.testbed.initramfs import (
 from partitioner.testbed.server import (
     TestbedBootFailure,
     TestbedEmulationFault,
+    TestbedHang,
     TestbedQemuCrash,
     TestbedServer,
     TestbedTimeout,
@@ -634,6 +635,35 @@ def test_a_cpu_that_loses_its_timer_while_the_command_runs_stops_the_server() ->
 
 @pytest.mark.qemu
 @boots
+def test_a_server_that_stops_answering_under_the_command_is_stopped() -> None:
+    # A command quiet for three times the limit is not taken for a hang: the heartbeat runs.
+    quiet = TestbedServer(
+        "small", ["sleep", "15"], timeout=300, hang_seconds=5, stream=None, progress=None
+    )
+    with quiet:
+        assert quiet.wait() == 0
+    # Every emulated CPU stopped at once, as a hung emulator looks from the host.
+    tb = TestbedServer(
+        "small", ["sleep", "600"], timeout=300, hang_seconds=5, stream=None, progress=None
+    )
+    with pytest.raises(TestbedHang) as ei, tb:
+        assert tb.run_dir is not None and tb.proc is not None
+        beat = tb.run_dir / "ctl" / "heartbeat"
+        deadline = time.monotonic() + 240
+        while not beat.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(tb.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        tb.wait()
+    assert time.monotonic() - t0 < 60
+    assert isinstance(ei.value, TestbedEmulationFault) and ei.value.exit_code == 4
+    assert "no heartbeat for 5s" in str(ei.value)
+    assert tb.run_dir is not None and qemu_processes_mentioning(str(tb.run_dir)) == []
+    shutil.rmtree(tb.run_dir)
+
+
+@pytest.mark.qemu
+@boots
 def test_a_qemu_that_crashes_under_the_command_is_an_emulation_fault() -> None:
     tb = TestbedServer("small", ["sleep", "600"], timeout=300, stream=None, progress=None)
     with pytest.raises(TestbedQemuCrash) as ei, tb:
@@ -695,8 +725,10 @@ def test_a_kernel_that_does_not_boot_is_a_boot_failure_with_the_log(tmp_path: Pa
 
 @pytest.mark.qemu
 @boots
-@pytest.mark.parametrize(("sig", "rc"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_or_sigterm_on_the_cli_ends_qemu(sig: int, rc: int) -> None:
+@pytest.mark.parametrize(
+    ("sig", "rc"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)]
+)
+def test_ctrl_c_sigterm_or_sigkill_on_the_cli_ends_qemu(sig: int, rc: int) -> None:
     # The CLI's own timeout bounds the wait for its lines: readline() blocks until it says
     # something, and it says something at the latest when that timeout ends the server.
     proc = subprocess.Popen(
@@ -708,6 +740,9 @@ def test_ctrl_c_or_sigterm_on_the_cli_ends_qemu(sig: int, rc: int) -> None:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # As at a terminal: a suite started in the background by a shell without job
+        # control inherits SIGINT ignored, and Python then leaves it ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert proc.stderr is not None
@@ -726,10 +761,19 @@ def test_ctrl_c_or_sigterm_on_the_cli_ends_qemu(sig: int, rc: int) -> None:
         assert children, "no QEMU child of the CLI"
         proc.send_signal(sig)
         assert proc.wait(timeout=60) == rc
-        for pid in children:
-            assert not Path(f"/proc/{pid}").exists() or "qemu" not in (
-                HostRoot("/").read(f"/proc/{pid}/cmdline") or ""
-            )
+
+        def qemu_left() -> list[int]:
+            return [
+                pid
+                for pid in children
+                if "qemu" in (HostRoot("/").read(f"/proc/{pid}/cmdline") or "")
+            ]
+
+        # A CLI that cannot clean up (SIGKILL) leaves it to the kernel: QEMU dies with it.
+        deadline = time.monotonic() + 30
+        while qemu_left() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert qemu_left() == []
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -43,6 +43,8 @@ OUT_DIR = "/run/testbed-out"
 # Written by /init when a CPU of the emulated server takes no timer interrupts.
 TIMERLESS = "timerless"
 TIMER_CHECK_SECONDS = 2
+# Written by /init every second while the job runs (a count): the caller's sign of life.
+HEARTBEAT = "heartbeat"
 
 # 9p's default msize (8KiB in 6.1) makes every read of the host's files slow;
 # 512000 is the most virtio transport accepts.  The root is read-only and
@@ -133,8 +135,11 @@ fi
 stty -F /dev/ttyS1 raw -echo 115200
 echo up > $R{CTL_DIR}/started
 say "running the job"
+(n=0; while :; do n=$((n + 1)); echo $n > $R{CTL_DIR}/{HEARTBEAT}; sleep 1; done) &
+beat=$!
 chroot $R /bin/sh {CTL_DIR}/job < /dev/null > /dev/ttyS1 2>&1
 echo $? > $R{CTL_DIR}/rc
+kill $beat
 sync
 umount $R{OUT_DIR} $R{CTL_DIR}
 poweroff -f

@@ -38,6 +38,7 @@ from typing import TextIO
 from partitioner.errors import GuestError, PreconditionError, UsageError
 from partitioner.run import spawn
 from partitioner.testbed.initramfs import (
+    HEARTBEAT,
     OUT_DIR,
     TIMER_CHECK_SECONDS,
     TIMERLESS,
@@ -61,6 +62,9 @@ BOOTS = 3
 # Seconds without kernel output that make a boot count as hung (a boot under TCG prints
 # every second or so until /init runs the command).
 BOOT_SILENCE = 60.0
+# Seconds without the server's heartbeat (a count /init writes every second while the
+# command runs) that make it count as hung: its emulated CPUs stopped, all of them.
+HANG_SECONDS = 120.0
 # What the emulated server's kernel prints when a CPU's timer stopped after the boot:
 # RCU's grace periods then never end, and the command would hang until its timeout.
 LOST_TIMER = "Possible timer handling issue on cpu="
@@ -111,6 +115,24 @@ class TestbedTimerFault(TestbedEmulationFault):
             f"testbed {topology}: a CPU of the emulated server stopped taking timer "
             f"interrupts while the command ran ({line.strip()}), a fault of the emulation; "
             f"the server was stopped (run the command again){where}",
+            partition=f"testbed:{topology}",
+        )
+
+
+class TestbedHang(TestbedEmulationFault):
+    """The emulated server stopped answering while the command ran: its heartbeat stopped.
+
+    The server was stopped at once rather than left to hang until the timeout.
+    """
+
+    def __init__(self, topology: str, seconds: float, log_path: Path | None) -> None:
+        self.seconds = seconds
+        self.log_path = log_path
+        where = f"; its kernel log: {log_path}" if log_path else ""
+        super().__init__(
+            f"testbed {topology}: the emulated server stopped answering while the command "
+            f"ran (no heartbeat for {seconds:g}s), a fault of the emulation unless the "
+            f"command stopped every CPU; the server was stopped (run the command again){where}",
             partition=f"testbed:{topology}",
         )
 
@@ -246,6 +268,7 @@ class TestbedServer:
         keep: bool = False,
         append: Sequence[str] = (),
         boot_silence: float = BOOT_SILENCE,
+        hang_seconds: float = HANG_SECONDS,
     ) -> None:
         self.topology = load_topology(topology) if isinstance(topology, str) else topology
         self.argv = list(argv)
@@ -274,6 +297,8 @@ class TestbedServer:
         self._console_seen = 0  # bytes of the kernel log already searched for LOST_TIMER
         self.boot_silence = boot_silence
         self._console_size, self._console_moved = -1, 0.0  # the boot's progress, for boot_silence
+        self.hang_seconds = hang_seconds
+        self._beat, self._beat_moved = "", 0.0  # the last heartbeat read, and when it changed
         self._t0 = 0.0
         self._failed = False
 
@@ -344,6 +369,7 @@ class TestbedServer:
                 stderr=qemu_err.fileno(),
                 stdin=subprocess.DEVNULL,
                 new_session=True,
+                die_with_parent=True,
             )
         self._pump = threading.Thread(target=self._copy_output, daemon=True)
         self._pump.start()
@@ -381,6 +407,10 @@ class TestbedServer:
                 self._kill()
                 self._failed = True
                 raise TestbedTimerFault(self.topology.name, line, self.console_log)
+            if self.boot_seconds is not None and self._hung(ctl, now):
+                self._kill()
+                self._failed = True
+                raise TestbedHang(self.topology.name, self.hang_seconds, self.console_log)
             if now >= deadline:
                 self._kill()
                 self._failed = True
@@ -466,6 +496,18 @@ class TestbedServer:
             f"QEMU, which emulates the server, died of {_signame(self.proc.returncode)} "
             "during the boot (a crash of the emulator)"
         )
+
+    def _hung(self, ctl: Path, now: float) -> bool:
+        """Whether the heartbeat has not changed for ``hang_seconds`` (counted from the
+        command's start until the first beat is seen)."""
+        try:
+            beat = (ctl / HEARTBEAT).read_text(errors="replace")
+        except OSError:
+            beat = ""
+        if beat != self._beat or not self._beat_moved:
+            self._beat, self._beat_moved = beat, now
+            return False
+        return now - self._beat_moved >= self.hang_seconds
 
     def _silent_boot(self, now: float) -> str:
         """Why the boot is taken for hung: no kernel output for ``boot_silence`` seconds."""
