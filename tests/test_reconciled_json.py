@@ -55,6 +55,8 @@ CASES: dict[str, Case] = {
     ),
     "plan of a site that does not fit (fails)": Case(["plan", "{big}"], 3, False),
     "status of another partition (fails)": Case(["status", "nosuch"], 2, False),
+    "audit": Case(["audit"], 0, False),
+    "audit of another partition (fails)": Case(["audit", "nosuch"], 2, False),
     "host boot of a site that does not fit (fails)": Case(
         ["host", "boot", "--no-supervise", "{big}"], 3, True
     ),

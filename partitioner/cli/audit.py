@@ -20,11 +20,16 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     from partitioner.audit import DRIFT, audit
     from partitioner.errors import UsageError
     from partitioner.isolation.runtime import load_record
-    from partitioner.state import StateStore, reconcile
+    from partitioner.reconcile import reconcile
+    from partitioner.state import StateStore
 
     store = StateStore(ctx.state_dir)
     root = ctx.root()
-    state, notes = reconcile(store.load(), root)  # read-only: the record is not rewritten
+    # Read-only: the record is not rewritten; what the next verb that holds the lock will
+    # settle is said (and is ``reconciled`` in --json), and the audit judges the result.
+    found = reconcile(store.load(), root, busy=store.busy())
+    ctx.reconciled(found.findings, done=False)
+    state = found.state
     if args.name is not None and args.name not in state.partitions:
         raise UsageError(
             f"no partition {args.name} has been applied here "
@@ -43,8 +48,6 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             }
         ctx.emit_json(doc)
         return code
-    for note in notes:
-        ctx.warn(f"partition: {note}")
     if not result.partitions:
         ctx.say("no partitions are applied on this host")
         return 0
