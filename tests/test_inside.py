@@ -15,6 +15,7 @@ import os
 import shutil
 import sys
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -22,7 +23,12 @@ from typing import TextIO
 import pytest
 
 from partitioner.testbed.initramfs import OUT_DIR
-from partitioner.testbed.server import TestbedEmulationFault, TestbedServer
+from partitioner.testbed.server import (
+    TestbedEmulationFault,
+    TestbedHang,
+    TestbedServer,
+    TestbedTimeout,
+)
 
 pytestmark = [pytest.mark.testbed, pytest.mark.qemu]
 
@@ -127,13 +133,9 @@ def inside_run(
     live = request.config.getoption("capture") == "no"
     with log_path.open("w") as log:
         stream = _Tee(log, sys.stderr) if live else log
-        rc, problem, boot_seconds = _boot_and_run(selected, out, stream)
-        left = [m for m in selected if not (out / f"{m}.rc").exists()]
-        if isinstance(problem, TestbedEmulationFault) and left:
-            # The emulation failed (a CPU's timer lost, QEMU crashed; not the tests'
-            # doing): the modules that did not finish run once more, on a fresh server.
-            stream.write(f"\n--- {problem}\n--- again on a fresh server: {' '.join(left)}\n")
-            rc, problem, _ = _boot_and_run(left, out, stream)
+        rc, problem, boot_seconds = _run_once_more_after_a_fault(
+            _boot_and_run, selected, out, stream
+        )
     text = log_path.read_text(errors="replace")
     run = InsideRun(rc=rc, log=text, boot_seconds=boot_seconds, problem=str(problem or ""))
     for m in selected:
@@ -143,6 +145,24 @@ def inside_run(
         if rc_text.isdigit():
             run.module_rc[m] = int(rc_text)
     return run
+
+
+BootAndRun = Callable[[list[str], Path, TextIO], tuple[int | None, Exception | None, float | None]]
+
+
+def _run_once_more_after_a_fault(
+    boot_and_run: BootAndRun, modules: list[str], out: Path, stream: TextIO
+) -> tuple[int | None, Exception | None, float | None]:
+    """``boot_and_run`` the modules; if the emulation failed under them (a CPU's timer
+    lost, QEMU crashed, the server hung: not the tests' doing), the modules that did not
+    finish (no ``out/MODULE.rc``) run once more, on a fresh server.  Any other failure, or
+    a second fault, is the result as it stands."""
+    rc, problem, boot_seconds = boot_and_run(modules, out, stream)
+    left = [m for m in modules if not (out / f"{m}.rc").exists()]
+    if isinstance(problem, TestbedEmulationFault) and left:
+        stream.write(f"\n--- {problem}\n--- again on a fresh server: {' '.join(left)}\n")
+        rc, problem, _ = boot_and_run(left, out, stream)
+    return rc, problem, boot_seconds
 
 
 def _boot_and_run(
@@ -201,3 +221,60 @@ def test_inside_module(inside_run: InsideRun, module: str) -> None:
             f"every case of {module} was skipped inside:\n"
             + "\n".join(f"{c.name}: {c.text.splitlines()[0] if c.text else ''}" for c in cases)
         )
+
+
+# -- the rerun after an emulation fault, with a stand-in for the server ---------------------
+
+
+class _Runs:
+    """Stands for ``_boot_and_run``: each call finishes the modules it is told to, in
+    order, by writing their ``.rc`` (as the server's script does), then ends as given."""
+
+    def __init__(self, *ends: tuple[int, Exception | None]) -> None:
+        self.ends = list(ends)  # per call: how many modules finish, and what went wrong
+        self.calls: list[list[str]] = []
+
+    def __call__(
+        self, modules: list[str], out: Path, stream: TextIO
+    ) -> tuple[int | None, Exception | None, float | None]:
+        self.calls.append(list(modules))
+        finished, problem = self.ends[len(self.calls) - 1]
+        for m in modules[:finished]:
+            (out / f"{m}.rc").write_text("0\n")
+        return (None if problem else 0), problem, 10.0 * len(self.calls)
+
+
+@pytest.mark.parametrize(
+    ("ends", "calls", "problem"),
+    [
+        # A hang after the first module: the other two run once more, and pass.
+        ([(1, TestbedHang("numa", 120, None)), (2, None)], [["a", "b", "c"], ["b", "c"]], None),
+        # A fault again on the fresh server: that is the result.
+        (
+            [(0, TestbedHang("numa", 120, None)), (1, TestbedHang("numa", 120, None))],
+            [["a", "b", "c"], ["a", "b", "c"]],
+            TestbedHang,
+        ),
+        # A timeout is not the emulation's fault: nothing runs again.
+        ([(1, TestbedTimeout("numa", 1500, True))], [["a", "b", "c"]], TestbedTimeout),
+        # A fault after every module finished: nothing is left to run.
+        ([(3, TestbedHang("numa", 120, None))], [["a", "b", "c"]], TestbedHang),
+    ],
+    ids=["fault then pass", "fault twice", "timeout", "fault after the end"],
+)
+def test_modules_an_emulation_fault_cut_short_run_once_more(
+    tmp_path: Path,
+    ends: list[tuple[int, Exception | None]],
+    calls: list[list[str]],
+    problem: type[Exception] | None,
+) -> None:
+    runs = _Runs(*ends)
+    said = io.StringIO()
+    rc, got, boot_seconds = _run_once_more_after_a_fault(runs, ["a", "b", "c"], tmp_path, said)
+    assert runs.calls == calls
+    assert boot_seconds == 10.0  # the first boot's
+    if problem is None:
+        assert (rc, got) == (0, None)
+        assert "again on a fresh server: b c" in said.getvalue()
+    else:
+        assert rc is None and isinstance(got, problem)
