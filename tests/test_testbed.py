@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -34,6 +35,7 @@ from partitioner.testbed.server import (
     TestbedTimerFault,
     hidden_shares,
     job_script,
+    once_more_after_a_fault,
     run_in_testbed,
 )
 from partitioner.testbed.topology import (
@@ -445,8 +447,6 @@ def qemu_processes_mentioning(text: str) -> list[int]:
 def test_exit_code_and_output_come_back_and_no_qemu_is_left(
     argv: list[str], rc: int, tmp_path: Path
 ) -> None:
-    import io
-
     out, progress = io.StringIO(), io.StringIO()
     with TestbedServer(
         "small", argv, timeout=300, stream=out, progress=progress, out_dir=tmp_path
@@ -466,8 +466,6 @@ def test_exit_code_and_output_come_back_and_no_qemu_is_left(
 @pytest.mark.qemu
 @boots
 def test_cwd_env_and_the_writable_share(tmp_path: Path) -> None:
-    import io
-
     out = io.StringIO()
     # A directory under /tmp, which is private inside: shared on its own, as a checkout
     # under /tmp is.
@@ -566,8 +564,6 @@ def test_the_timer_check_names_a_cpu_that_did_not_tick_or_is_not_online(tmp_path
 def test_a_faulty_boot_is_booted_again_then_a_boot_failure(
     append: str, silence: float, reason: str, every_log_says: str
 ) -> None:
-    import io
-
     progress = io.StringIO()
     tb = TestbedServer(
         "small",
@@ -592,8 +588,6 @@ def test_a_faulty_boot_is_booted_again_then_a_boot_failure(
 @pytest.mark.qemu
 @boots
 def test_a_tickless_cpu_by_design_passes_the_timer_check_on_the_first_boot() -> None:
-    import io
-
     # nohz_full stops the tick of a CPU that runs a single task: what a site's boot-time
     # settings give its partitions' CPUs, not a fault.  The check must still see them tick
     # (with one busy loop per CPU, some of seven such CPUs were taken for faulty each boot).
@@ -684,8 +678,6 @@ def test_a_qemu_that_crashes_under_the_command_is_an_emulation_fault() -> None:
 @pytest.mark.qemu
 @boots
 def test_a_qemu_that_crashes_during_the_boot_is_booted_again() -> None:
-    import io
-
     progress = io.StringIO()
     tb = TestbedServer("small", ["echo", "ran"], timeout=300, stream=None, progress=progress)
     with tb:
@@ -705,6 +697,41 @@ def test_a_qemu_that_crashes_during_the_boot_is_booted_again() -> None:
     said = progress.getvalue()
     assert "died of SIGSEGV during the boot" in said and said.count("booting it again") == 1
     assert qemu_processes_mentioning(str(tb.run_dir)) == []
+
+
+@pytest.mark.parametrize(
+    ("ends", "runs", "result"),
+    [
+        (["hang", 0], 2, 0),  # a fault, then the command's own exit code
+        (["hang", "hang"], 2, TestbedHang),  # a second fault is the answer
+        (["timeout"], 1, TestbedTimeout),  # a command too slow is not the emulation's fault
+        ([3], 1, 3),  # nor is a command that failed
+    ],
+    ids=["fault then done", "fault twice", "timeout", "exit 3"],
+)
+def test_a_command_that_may_run_twice_runs_once_more_after_an_emulation_fault(
+    ends: list[str | int], runs: int, result: int | type[Exception]
+) -> None:
+    calls: list[int] = []
+
+    def run() -> int:
+        end = ends[len(calls)]
+        calls.append(1)
+        if end == "hang":
+            raise TestbedHang("small", 120, None)
+        if end == "timeout":
+            raise TestbedTimeout("small", 900, True)
+        assert isinstance(end, int)
+        return end
+
+    said = io.StringIO()
+    if isinstance(result, int):
+        assert once_more_after_a_fault(run, said, "running it again") == result
+    else:
+        with pytest.raises(result):
+            once_more_after_a_fault(run, said, "running it again")
+    assert len(calls) == runs
+    assert ("running it again on a fresh server" in said.getvalue()) is (ends[0] == "hang")
 
 
 @pytest.mark.qemu

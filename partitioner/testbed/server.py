@@ -30,7 +30,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TextIO
@@ -613,6 +613,19 @@ class TestbedServer:
             self.progress.flush()
 
 
+def once_more_after_a_fault(run: Callable[[], int], progress: TextIO | None, again: str) -> int:
+    """``run()``, and if the emulation failed under it (``TestbedEmulationFault``), once
+    more on a fresh server, for a command that may run twice (it only reads the server,
+    or everything it changed went with the first server).  ``again`` says what is done
+    again; a second fault, or any other failure, is raised."""
+    try:
+        return run()
+    except TestbedEmulationFault as e:
+        if progress is not None:
+            print(f"partition: {e}\ntestbed: {again} on a fresh server", file=progress)
+    return run()
+
+
 def run_in_testbed(
     topology: Topology | str,
     argv: Sequence[str],
@@ -663,15 +676,19 @@ def snapshot_testbed(
             '"$0" -m partitioner.cli.main snapshot /tmp/snap '
             f'&& tar -C /tmp -cf "{OUT_DIR}/snap.tar" snap'
         )
-        rc = run_in_testbed(
-            topo,
-            ["sh", "-c", script, sys.executable],
-            timeout=timeout,
-            cwd=project,
-            env={"PYTHONPATH": project},
-            out_dir=out,
-            stream=buf,
-            progress=progress,
+        rc = once_more_after_a_fault(
+            lambda: run_in_testbed(
+                topo,
+                ["sh", "-c", script, sys.executable],
+                timeout=timeout,
+                cwd=project,
+                env={"PYTHONPATH": project},
+                out_dir=out,
+                stream=buf,
+                progress=progress,
+            ),
+            progress,
+            "the snapshot only reads the server: taking it again",
         )
         if rc != 0:
             raise GuestError(
