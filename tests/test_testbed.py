@@ -627,6 +627,14 @@ def test_a_cpu_that_loses_its_timer_while_the_command_runs_stops_the_server() ->
     shutil.rmtree(tb.run_dir)
 
 
+def _wait_for(path: Path, seconds: float = 240) -> None:
+    """Until the emulated server has written ``path`` (on a share), at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert path.exists(), f"the emulated server did not write {path} in {seconds:g}s"
+
+
 @pytest.mark.qemu
 @boots
 def test_a_server_that_stops_answering_under_the_command_is_stopped() -> None:
@@ -642,10 +650,7 @@ def test_a_server_that_stops_answering_under_the_command_is_stopped() -> None:
     )
     with pytest.raises(TestbedHang) as ei, tb:
         assert tb.run_dir is not None and tb.proc is not None
-        beat = tb.run_dir / "ctl" / "heartbeat"
-        deadline = time.monotonic() + 240
-        while not beat.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        _wait_for(tb.run_dir / "ctl" / "heartbeat")
         os.kill(tb.proc.pid, signal.SIGSTOP)
         t0 = time.monotonic()
         tb.wait()
@@ -662,11 +667,7 @@ def test_a_qemu_that_crashes_under_the_command_is_an_emulation_fault() -> None:
     tb = TestbedServer("small", ["sleep", "600"], timeout=300, stream=None, progress=None)
     with pytest.raises(TestbedQemuCrash) as ei, tb:
         assert tb.run_dir is not None and tb.proc is not None
-        started = tb.run_dir / "ctl" / "started"  # the command runs from here on
-        deadline = time.monotonic() + 240
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert started.exists()
+        _wait_for(tb.run_dir / "ctl" / "started")  # the command runs from here on
         os.kill(tb.proc.pid, signal.SIGSEGV)  # as the emulator's own crash ends it
         tb.wait()
     assert isinstance(ei.value, TestbedEmulationFault) and ei.value.exit_code == 4

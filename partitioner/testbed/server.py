@@ -101,6 +101,12 @@ class TestbedEmulationFault(GuestError):
     __test__ = False  # not a pytest test class, whatever its name
 
 
+def _stopped_under_the_command(topology: str, what: str, log_path: Path | None) -> str:
+    """The words of a fault found while the command ran, after which the server was ended."""
+    where = f"; its kernel log: {log_path}" if log_path else ""
+    return f"testbed {topology}: {what}; the server was stopped (run the command again){where}"
+
+
 class TestbedTimerFault(TestbedEmulationFault):
     """A CPU of the emulated server stopped taking timer interrupts while the command ran.
 
@@ -110,11 +116,13 @@ class TestbedTimerFault(TestbedEmulationFault):
     def __init__(self, topology: str, line: str, log_path: Path | None) -> None:
         self.line = line
         self.log_path = log_path
-        where = f"; its kernel log: {log_path}" if log_path else ""
         super().__init__(
-            f"testbed {topology}: a CPU of the emulated server stopped taking timer "
-            f"interrupts while the command ran ({line.strip()}), a fault of the emulation; "
-            f"the server was stopped (run the command again){where}",
+            _stopped_under_the_command(
+                topology,
+                "a CPU of the emulated server stopped taking timer interrupts while the "
+                f"command ran ({line.strip()}), a fault of the emulation",
+                log_path,
+            ),
             partition=f"testbed:{topology}",
         )
 
@@ -128,11 +136,14 @@ class TestbedHang(TestbedEmulationFault):
     def __init__(self, topology: str, seconds: float, log_path: Path | None) -> None:
         self.seconds = seconds
         self.log_path = log_path
-        where = f"; its kernel log: {log_path}" if log_path else ""
         super().__init__(
-            f"testbed {topology}: the emulated server stopped answering while the command "
-            f"ran (no heartbeat for {seconds:g}s), a fault of the emulation unless the "
-            f"command stopped every CPU; the server was stopped (run the command again){where}",
+            _stopped_under_the_command(
+                topology,
+                "the emulated server stopped answering while the command ran (no heartbeat "
+                f"for {seconds:g}s), a fault of the emulation unless the command stopped "
+                "every CPU",
+                log_path,
+            ),
             partition=f"testbed:{topology}",
         )
 
