@@ -24,11 +24,11 @@ sys.path.insert(0, str(HERE.parent))
 from gpuhosts import gpu_server  # noqa: E402
 from treebuilder import GiB, TreeBuilder  # noqa: E402
 
-from partitioner.hostroot import HostRoot  # noqa: E402
 from partitioner.inventory import scan  # noqa: E402
-from partitioner.loader import loads  # noqa: E402
-from partitioner.mmio import bits_for, placement_layout  # noqa: E402
-from partitioner.planner import plan  # noqa: E402
+from partitioner.kernel.root import HostRoot  # noqa: E402
+from partitioner.manifest.loader import loads  # noqa: E402
+from partitioner.planning.mmio import bits_for, placement_layout  # noqa: E402
+from partitioner.planning.planner import plan  # noqa: E402
 from partitioner.units import human_size  # noqa: E402
 
 SITE = """\

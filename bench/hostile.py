@@ -35,7 +35,7 @@ from test_hostile_hosts import add_functions  # noqa: E402
 from treebuilder import TreeBuilder  # noqa: E402
 
 from partitioner.cli.main import main  # noqa: E402
-from partitioner.hostroot import HostRoot  # noqa: E402
+from partitioner.kernel.root import HostRoot  # noqa: E402
 
 
 def inspect(root: Path) -> None:

@@ -45,8 +45,8 @@ sys.path[:0] = [str(HERE), str(HERE / "tests")]
 
 from guestimage import build_guest_initramfs, guest_kernel  # noqa: E402
 
-from partitioner.hostroot import HostRoot  # noqa: E402
 from partitioner.isolation.cgroup import cgroup_path, find_hierarchy  # noqa: E402
+from partitioner.kernel.root import HostRoot  # noqa: E402
 
 PROBE_C = r"""
 #include <stdio.h>

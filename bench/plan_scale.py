@@ -27,10 +27,10 @@ sys.path.insert(0, str(HERE.parent))
 
 from treebuilder import GiB, TreeBuilder  # noqa: E402
 
-from partitioner.hostroot import HostRoot  # noqa: E402
 from partitioner.inventory import scan  # noqa: E402
-from partitioner.loader import loads  # noqa: E402
-from partitioner.planner import plan  # noqa: E402
+from partitioner.kernel.root import HostRoot  # noqa: E402
+from partitioner.manifest.loader import loads  # noqa: E402
+from partitioner.planning.planner import plan  # noqa: E402
 
 # (nodes, cpus, pci functions)
 HOSTS = [(1, 16, 12), (2, 64, 48), (4, 256, 192), (8, 512, 384), (8, 1024, 512)]

@@ -20,9 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from partitioner import sysfs
 from partitioner.cpuset import CpuSet
-from partitioner.hostroot import HostRoot
 from partitioner.isolation.cgroup import cgroup_path, find_hierarchy, members
 from partitioner.isolation.layout import Layout
 from partitioner.isolation.moves import irq_target
@@ -34,7 +32,9 @@ from partitioner.isolation.view import (
     read_host_work,
     running_processes,
 )
-from partitioner.state import PartitionRecord, RunState, State
+from partitioner.kernel import sysfs
+from partitioner.kernel.root import HostRoot
+from partitioner.record.state import PartitionRecord, RunState, State
 from partitioner.units import page_size_name
 
 DRIFT = "drift"

@@ -32,7 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from partitioner.hostroot import HostRoot
+from partitioner.kernel.root import HostRoot
 from partitioner.units import human_size
 
 

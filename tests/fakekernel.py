@@ -30,9 +30,9 @@ from pathlib import Path
 
 from treebuilder import TreeBuilder
 
-from partitioner.host import Host, IommuGroup, PciFunction
-from partitioner.hostroot import HostRoot
 from partitioner.inventory import pci_is_bridge
+from partitioner.inventory.model import Host, IommuGroup, PciFunction
+from partitioner.kernel.root import HostRoot
 from partitioner.pci import PciAddress
 
 _ADDR = r"[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]"

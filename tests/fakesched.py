@@ -32,8 +32,8 @@ from pathlib import Path
 from treebuilder import TreeBuilder
 
 from partitioner.cpuset import CpuSet
-from partitioner.hostroot import HostRoot
 from partitioner.isolation.view import PF_KTHREAD, PF_NO_SETAFFINITY, format_mask
+from partitioner.kernel.root import HostRoot
 
 _IRQ = re.compile(r"^/proc/irq/(\d+)/smp_affinity_list$")
 NIC = "0000:81:00.0"

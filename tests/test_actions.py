@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from partitioner.actions import (
+from partitioner.cpuset import CpuSet
+from partitioner.engine.actions import (
     Action,
     ApplyContext,
     ClaimGroup,
@@ -24,14 +25,13 @@ from partitioner.actions import (
     held_replacements,
     teardown,
 )
-from partitioner.cpuset import CpuSet
 from partitioner.errors import ApplyFailed, DeviceError, RollbackIncomplete
-from partitioner.host import Cpu, Host, HugepagePool, IommuGroup, NumaNode, PciFunction
-from partitioner.hostroot import HostRoot
-from partitioner.manifest import PartitionSpec
+from partitioner.inventory.model import Cpu, Host, HugepagePool, IommuGroup, NumaNode, PciFunction
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.model import PartitionSpec
 from partitioner.pci import PciAddress
-from partitioner.plan import DeviceAssignment, Placement, Plan
-from partitioner.state import HugepageGrant, PartitionRecord, RunState, State, StateStore
+from partitioner.planning.model import DeviceAssignment, Placement, Plan
+from partitioner.record.state import HugepageGrant, PartitionRecord, RunState, State, StateStore
 from partitioner.units import MiB
 
 NIC = PciAddress.parse("0000:81:00.0")

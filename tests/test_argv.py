@@ -19,9 +19,9 @@ from partitioner.guest.argv import GuestPaths, disk_format, guest_paths, qemu_ar
 from partitioner.guest.caps import CPU_PROPS, QemuCaps
 from partitioner.guest.kvm import KvmCaps
 from partitioner.guest.launch import RunningGuest
-from partitioner.manifest import Boot, Disk, PartitionSpec
+from partitioner.manifest.model import Boot, Disk, PartitionSpec
 from partitioner.pci import PciAddress
-from partitioner.plan import DeviceAssignment, Placement, Plan
+from partitioner.planning.model import DeviceAssignment, Placement, Plan
 from partitioner.units import GiB, MiB
 
 GOLDEN = Path(__file__).parent / "golden" / "argv"

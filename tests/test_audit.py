@@ -22,14 +22,14 @@ from test_isolation import GUESTS, LAYOUT
 
 from partitioner.audit import BOOT, DRIFT, Audit, audit
 from partitioner.cpuset import CpuSet
-from partitioner.hostroot import HostRoot
 from partitioner.inventory import scan
 from partitioner.isolation.runtime import isolate, load_record
-from partitioner.loader import loads
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.loader import loads
 from partitioner.pci import PciAddress
-from partitioner.plan import DeviceAssignment
-from partitioner.planner import plan
-from partitioner.state import PartitionRecord, RunState, State, StateStore
+from partitioner.planning.model import DeviceAssignment
+from partitioner.planning.planner import plan
+from partitioner.record.state import PartitionRecord, RunState, State, StateStore
 
 TESTBED_NUMA = Path(__file__).resolve().parent / "fixtures" / "hosts" / "testbed-numa"
 PROJECT = Path(__file__).resolve().parents[1]

@@ -30,11 +30,11 @@ from pathlib import Path
 import pytest
 from guestimage import build_guest_initramfs, guest_kernel
 
-from partitioner import sysfs
 from partitioner.cpuset import CpuSet
 from partitioner.guest.launch import thread_affinities
 from partitioner.guest.qmp import Qmp
-from partitioner.hostroot import HostRoot
+from partitioner.kernel import sysfs
+from partitioner.kernel.root import HostRoot
 from partitioner.units import MiB
 
 pytestmark = pytest.mark.qemu

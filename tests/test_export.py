@@ -35,8 +35,8 @@ from partitioner.cpuset import CpuSet
 from partitioner.export import kubevirt, libvirt
 from partitioner.guest.argv import guest_cpus_by_node
 from partitioner.pci import PciAddress
-from partitioner.plan import Placement, Plan
-from partitioner.planner import plan as plan_site
+from partitioner.planning.model import Placement, Plan
+from partitioner.planning.planner import plan as plan_site
 from partitioner.units import KiB
 
 GOLDEN = Path(__file__).parent / "golden" / "export"

@@ -43,10 +43,10 @@ from partitioner.guest.argv import guest_paths, qemu_argv
 from partitioner.guest.caps import probe_qemu
 from partitioner.guest.kvm import KvmCaps
 from partitioner.guest.launch import thread_affinities
-from partitioner.hostroot import HostRoot
 from partitioner.inventory import scan
-from partitioner.loader import load
-from partitioner.planner import plan
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.loader import load
+from partitioner.planning.planner import plan
 
 pytestmark = pytest.mark.qemu
 

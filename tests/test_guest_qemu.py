@@ -33,10 +33,10 @@ from partitioner.guest.launch import (
     thread_names,
 )
 from partitioner.guest.qmp import Qmp, QmpCommandError
-from partitioner.hostroot import HostRoot
-from partitioner.hugepages import ensure_pages, pool_counts, release_pages
-from partitioner.manifest import Boot, Disk, PartitionSpec
-from partitioner.plan import Placement, Plan
+from partitioner.kernel.hugepages import ensure_pages, pool_counts, release_pages
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.model import Boot, Disk, PartitionSpec
+from partitioner.planning.model import Placement, Plan
 from partitioner.run import run, spawn
 from partitioner.units import GiB, MiB
 

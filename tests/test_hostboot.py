@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from treebuilder import GiB, MiB, TreeBuilder
 
+from partitioner.boot.check import kvm_probe_item
 from partitioner.cli.main import main
-from partitioner.hostcheck import kvm_probe_item
-from partitioner.hostroot import HostRoot
+from partitioner.kernel.root import HostRoot
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAPSHOT = ROOT / "tests" / "fixtures" / "hosts" / "testbed-numa"

@@ -23,7 +23,7 @@ from treebuilder import TreeBuilder
 
 import partitioner.cli.inspect as inspect_cli
 from partitioner.cli.main import main
-from partitioner.hostroot import HostRoot
+from partitioner.kernel.root import HostRoot
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hosts" / "testbed-numa"
 

@@ -22,7 +22,7 @@ import pytest
 from test_state import a_state
 
 from partitioner.cli.main import main
-from partitioner.state import StateStore
+from partitioner.record.state import StateStore
 
 REPO = Path(__file__).resolve().parent.parent
 

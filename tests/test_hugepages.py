@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from partitioner.errors import HugepageError
-from partitioner.hostroot import HostRoot
-from partitioner.hugepages import ensure_pages, pool_counts, pool_dir, release_pages
+from partitioner.kernel.hugepages import ensure_pages, pool_counts, pool_dir, release_pages
+from partitioner.kernel.root import HostRoot
 from partitioner.units import MiB
 
 SIZE = 2 * MiB
@@ -165,7 +165,7 @@ def test_pool_changes_wait_for_the_host_wide_lock(live_pool: tuple[int, int]) ->
     while another holds the pool lock, a raise waits, and then adds to what is there."""
     import threading
 
-    from partitioner.hugepages import pool_lock
+    from partitioner.kernel.hugepages import pool_lock
 
     nr0, free0 = live_pool
     added: list[int] = []

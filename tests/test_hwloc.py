@@ -20,9 +20,9 @@ import pytest
 from corpus import HWLOC_DIR, Trees, names
 
 from partitioner.cpuset import CpuSet
-from partitioner.host import Host
-from partitioner.hostroot import HostRoot
 from partitioner.inventory import scan
+from partitioner.inventory.model import Host
+from partitioner.kernel.root import HostRoot
 from partitioner.pci import PciAddress
 
 NAMES = names()
@@ -300,7 +300,7 @@ def test_hugepage_sizes_tree(hwloc_trees: Trees) -> None:
 @pytest.mark.parametrize("name", NAMES)
 def test_snapshot_of_corpus_tree(name: str, hwloc_trees: Trees, tmp_path: Path) -> None:
     """A snapshot of a real machine's tree reads back as the same host."""
-    from partitioner.snapshot import take_snapshot
+    from partitioner.inventory.snapshot import take_snapshot
 
     src = HostRoot(hwloc_trees[name])
     take_snapshot(src, tmp_path / "snap")

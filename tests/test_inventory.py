@@ -11,8 +11,8 @@ from treebuilder import GiB, MiB, TreeBuilder
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import HostReadError
-from partitioner.hostroot import SNAPSHOT_HWDB, HostRoot
 from partitioner.inventory import class_label, scan
+from partitioner.kernel.root import SNAPSHOT_HWDB, HostRoot
 from partitioner.pci import PciAddress
 
 

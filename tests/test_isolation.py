@@ -13,7 +13,6 @@ from fakesched import DEFAULT, MASKS, NIC, WQ, Killed, SchedKernel, small_host
 from treebuilder import TreeBuilder
 
 from partitioner.cpuset import CpuSet
-from partitioner.hostroot import HostRoot
 from partitioner.inventory import scan
 from partitioner.isolation.layout import (
     Layout,
@@ -34,9 +33,10 @@ from partitioner.isolation.runtime import (
     steer_device_irqs,
 )
 from partitioner.isolation.view import read_host_work
-from partitioner.loader import loads
-from partitioner.planner import plan
-from partitioner.state import HugepageGrant, PartitionRecord, RunState, State
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.loader import loads
+from partitioner.planning.planner import plan
+from partitioner.record.state import HugepageGrant, PartitionRecord, RunState, State
 
 TESTBED_NUMA = Path(__file__).resolve().parent / "fixtures" / "hosts" / "testbed-numa"
 
@@ -218,8 +218,8 @@ def test_the_partitions_vectors_asked_for_after_apply_are_steered_and_only_they(
 
 
 def test_the_supervisor_steers_on_each_look_and_says_so(k: SchedKernel, tmp_path: Path) -> None:
-    from partitioner.state import StateStore
-    from partitioner.supervisor import Supervisor
+    from partitioner.boot.supervisor import Supervisor
+    from partitioner.record.state import StateStore
 
     state = tmp_path / "state"
     isolate(k, LAYOUT, GUESTS, state)
@@ -265,7 +265,7 @@ def test_apply_and_destroy_choose_isolation_by_the_sites_mode(tmp_path: Path) ->
     )
     [rel] = apply_actions("pinned", p, State(), tmp_path, root)
     assert isinstance(rel, ReleaseHost) and rel.layout == layout_of(p)
-    from partitioner.actions import teardown
+    from partitioner.engine.actions import teardown
 
     state = State().with_partition(
         PartitionRecord(
@@ -285,8 +285,8 @@ def test_apply_and_destroy_choose_isolation_by_the_sites_mode(tmp_path: Path) ->
 
 
 def test_host_boot_isolates_as_apply_does_and_starts_only_autostart(tmp_path: Path) -> None:
-    from partitioner.apply import prepare
-    from partitioner.state import StateStore
+    from partitioner.engine.prepare import prepare
+    from partitioner.record.state import StateStore
 
     site = tmp_path / "site.yaml"
     site.write_text(

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from test_apply_qemu import Site, site  # noqa: F401  (the fixture)
 
-from partitioner.hostroot import HostRoot
 from partitioner.isolation.cgroup import find_hierarchy, members
+from partitioner.kernel.root import HostRoot
 
 pytestmark = pytest.mark.qemu
 ROOT = HostRoot("/")

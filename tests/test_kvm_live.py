@@ -27,9 +27,9 @@ from partitioner.guest.argv import guest_paths, qemu_argv
 from partitioner.guest.caps import QemuCaps, probe_qemu
 from partitioner.guest.launch import kill, thread_affinities
 from partitioner.guest.qmp import Qmp
-from partitioner.hostroot import HostRoot
-from partitioner.manifest import PartitionSpec
-from partitioner.plan import Placement, Plan
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.model import PartitionSpec
+from partitioner.planning.model import Placement, Plan
 from partitioner.run import run, spawn
 from partitioner.units import GiB, MiB
 

@@ -16,12 +16,12 @@ from treebuilder import TreeBuilder
 
 from partitioner.cli.main import main
 from partitioner.errors import PlanError
-from partitioner.filecheck import checked_plan
 from partitioner.guest.kvm import probe_kvm
-from partitioner.hostroot import HostRoot
 from partitioner.inventory import scan
-from partitioner.loader import loads
-from partitioner.planner import kvm_vcpu_problems
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.loader import loads
+from partitioner.planning.files import checked_plan
+from partitioner.planning.planner import kvm_vcpu_problems
 
 SITE = """\
 version: 1

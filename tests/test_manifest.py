@@ -16,11 +16,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from partitioner import loader, yamlnodes
 from partitioner.cpuset import CpuSet
 from partitioner.errors import ManifestError, Problem
-from partitioner.loader import MAX_BYTES, load, loads
-from partitioner.manifest import Boot, Disk, Location, Manifest
+from partitioner.manifest import loader, yamlnodes
+from partitioner.manifest.loader import MAX_BYTES, load, loads
+from partitioner.manifest.model import Boot, Disk, Location, Manifest
 from partitioner.run import CommandFailed, run
 from partitioner.units import GiB, MiB
 
@@ -730,7 +730,7 @@ def test_installed_package_carries_the_schema(tmp_path: Path) -> None:
     assert installed.is_file() and not installed.is_symlink()
     deps = next(Path(p) for p in sys.path if p.endswith("site-packages"))
     probe = (
-        "import partitioner, partitioner.loader as l, sys; "
+        "import partitioner, partitioner.manifest.loader as l, sys; "
         f"assert partitioner.__file__.startswith({str(site)!r}), partitioner.__file__; "
         "m = l.load(sys.argv[1]); print(len(l.schema()['$defs']), sorted(m.partitions))"
     )
@@ -844,7 +844,7 @@ def test_fuzz_both_parsers_read_the_same(tokens: list[str]) -> None:
 def test_a_document_that_passed_the_schema_is_not_checked_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from partitioner import loader
+    from partitioner.manifest import loader
 
     monkeypatch.setenv("PARTITION_CACHE_DIR", str(tmp_path))
     good = "version: 1\npartitions:\n  a: {cpus: 2, memory: 1GiB}\n"

@@ -28,22 +28,22 @@ from partitioner.guest.kvm import (
     KvmCaps,
     probe_kvm,
 )
-from partitioner.host import Host
-from partitioner.hostroot import HostRoot
 from partitioner.inventory import scan
-from partitioner.loader import loads
-from partitioner.manifest import Manifest
-from partitioner.mmio import DEFAULT_WINDOW, bits_for, layout, phys_bits
-from partitioner.pcibars import (
+from partitioner.inventory.bars import (
     IORESOURCE_MEM_64,
     IORESOURCE_PREFETCH,
     high_bytes,
     parse_resource,
     read_bars,
 )
-from partitioner.plan import Plan
-from partitioner.planner import plan
-from partitioner.state import placement_from_json, placement_to_json
+from partitioner.inventory.model import Host
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.loader import loads
+from partitioner.manifest.model import Manifest
+from partitioner.planning.mmio import DEFAULT_WINDOW, bits_for, layout, phys_bits
+from partitioner.planning.model import Plan
+from partitioner.planning.planner import plan
+from partitioner.record.state import placement_from_json, placement_to_json
 
 # An H100 PCIe's `resource` as the kernel prints it: BAR0 32-bit registers, BAR1 and BAR3
 # 64-bit prefetchable (each followed by the empty upper half), the ROM line, SR-IOV lines.

@@ -7,7 +7,7 @@ testbed-numa) and of every tree of hwloc's corpus, three verbs are asked:
 - ``plan``: a manifest with one small partition naming that function alone,
   with and without ``reset: none-ok``;
 - ``apply``: the refusal check its ClaimGroup step makes before it writes
-  anything (``vfio.claim.refusals`` for each group the plan would claim, with
+  anything (``partitioner.vfio.claim.refusals`` for each group the plan would claim, with
   the ``reset: none-ok`` addresses the plan passes it), and, where the plan
   refuses a function for a group, the same check refusing that group.
 
@@ -27,14 +27,14 @@ from treebuilder import TreeBuilder
 
 from partitioner.cli.inspect import to_json
 from partitioner.errors import DeviceError, PlanError
-from partitioner.host import Host
-from partitioner.hostroot import HostRoot
 from partitioner.inventory import scan
-from partitioner.loader import loads
+from partitioner.inventory.model import Host
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.loader import loads
 from partitioner.pci import PciAddress
-from partitioner.planner import plan
-from vfio.claim import claim_group, refusals, release_group
-from vfio.preview import claim_preview
+from partitioner.planning.planner import plan
+from partitioner.vfio.claim import claim_group, refusals, release_group
+from partitioner.vfio.preview import claim_preview
 
 TESTBED_NUMA = Path(__file__).resolve().parent / "fixtures" / "hosts" / "testbed-numa"
 

@@ -18,14 +18,14 @@ from treebuilder import GiB, MiB, TreeBuilder
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import PlanError
-from partitioner.host import Host
-from partitioner.hostroot import HostRoot
 from partitioner.inventory import scan
-from partitioner.loader import loads
-from partitioner.manifest import Manifest
+from partitioner.inventory.model import Host
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.loader import loads
+from partitioner.manifest.model import Manifest
 from partitioner.pci import PciAddress
-from partitioner.plan import Plan, RunningPartition
-from partitioner.planner import plan
+from partitioner.planning.model import Plan, RunningPartition
+from partitioner.planning.planner import plan
 
 
 def manifest(text: str) -> Manifest:

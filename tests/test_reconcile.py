@@ -22,14 +22,14 @@ from test_state import placement
 from test_vfio import NIC, build, host_of
 from treebuilder import TreeBuilder
 
-from partitioner import sysfs
-from partitioner.actions import ApplyContext, _claim_intent
 from partitioner.cpuset import CpuSet
+from partitioner.engine.actions import ApplyContext, _claim_intent
 from partitioner.guest.argv import guest_paths
 from partitioner.guest.launch import identify, start_ticks
-from partitioner.hostroot import HostRoot
-from partitioner.reconcile import find_qemu, reconcile
-from partitioner.state import (
+from partitioner.kernel import sysfs
+from partitioner.kernel.root import HostRoot
+from partitioner.record.reconcile import find_qemu, reconcile
+from partitioner.record.state import (
     HugepageGrant,
     PartitionRecord,
     PoolIntent,
@@ -40,7 +40,7 @@ from partitioner.state import (
     plan_of_state,
 )
 from partitioner.units import MiB
-from vfio.claim import claim_group
+from partitioner.vfio.claim import claim_group
 
 ROOT = HostRoot("/")
 

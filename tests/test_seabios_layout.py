@@ -1,4 +1,4 @@
-"""SeaBIOS places large 64-bit BARs where ``partitioner/mmio.py`` says it does.
+"""SeaBIOS places large 64-bit BARs where ``partitioner/planning/mmio.py`` says it does.
 
 The refusal of ``firmware: bios`` layouts rests on a model of SeaBIOS: the BARs
 go right above RAM, each root port's window aligned to its largest BAR and
@@ -20,7 +20,7 @@ import pytest
 
 from partitioner.errors import GuestError
 from partitioner.guest.caps import probe_qemu
-from partitioner.mmio import layout
+from partitioner.planning.mmio import layout
 from partitioner.run import spawn
 from partitioner.units import GiB, MiB
 

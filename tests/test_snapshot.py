@@ -13,11 +13,11 @@ from treebuilder import GiB, MiB, TreeBuilder
 from partitioner.cli.main import main
 from partitioner.cpuset import CpuSet
 from partitioner.errors import HostReadError, UsageError
-from partitioner.host import Host, PciFunction
-from partitioner.hostroot import HostRoot
 from partitioner.inventory import scan
+from partitioner.inventory.model import Host, PciFunction
+from partitioner.inventory.snapshot import take_snapshot, take_snapshot_with_host
+from partitioner.kernel.root import HostRoot
 from partitioner.pci import PciAddress
-from partitioner.snapshot import take_snapshot, take_snapshot_with_host
 
 
 def _busy(tree: TreeBuilder) -> Path:
@@ -139,8 +139,8 @@ def test_live_machine_round_trip(tmp_path: Path) -> None:
 
 
 def test_host_check_reads_a_snapshot_as_it_reads_the_machine(tmp_path: Path) -> None:
-    from partitioner.hostcheck import check_host
-    from partitioner.hostsetup import read_facts
+    from partitioner.boot.check import check_host
+    from partitioner.boot.setup import read_facts
 
     dest = tmp_path / "live"
     take_snapshot(HostRoot("/"), dest)

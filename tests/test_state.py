@@ -12,12 +12,11 @@ import pytest
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import StateError
-from partitioner.hostroot import HostRoot
-from partitioner.manifest import Boot, DeviceSpec, Disk, Location, PartitionSpec
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.model import Boot, DeviceSpec, Disk, Location, PartitionSpec
 from partitioner.pci import PciAddress
-from partitioner.plan import DeviceAssignment, Placement
-from partitioner.run import spawn
-from partitioner.state import (
+from partitioner.planning.model import DeviceAssignment, Placement
+from partitioner.record.state import (
     HugepageGrant,
     PartitionRecord,
     RunState,
@@ -30,6 +29,7 @@ from partitioner.state import (
     reconcile,
     running_partitions,
 )
+from partitioner.run import spawn
 from partitioner.units import MiB
 
 FORK = multiprocessing.get_context("fork")
@@ -148,7 +148,7 @@ def test_corrupt_file_is_a_state_error_naming_it(tmp_path: Path, content: bytes)
 
 
 def _save_and_die_before_rename(state_dir: str) -> None:
-    import partitioner.state as st
+    import partitioner.record.state as st
 
     def crash(*_: object) -> None:
         os._exit(9)  # the process dies between write+fsync and rename
@@ -179,7 +179,7 @@ def test_crash_between_write_and_rename_leaves_the_old_file(tmp_path: Path) -> N
 def test_failed_rename_is_a_state_error_and_cleans_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import partitioner.state as st
+    import partitioner.record.state as st
 
     store = StateStore(tmp_path)
     store.save(a_state())

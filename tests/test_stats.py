@@ -26,10 +26,10 @@ from partitioner.errors import GuestError
 from partitioner.guest.argv import guest_paths
 from partitioner.guest.caps import QemuCaps, probe_qemu
 from partitioner.guest.launch import RunningGuest, kill, launch
-from partitioner.hostroot import HostRoot
-from partitioner.manifest import Boot, PartitionSpec
-from partitioner.plan import Placement, Plan
-from partitioner.state import PartitionRecord, RunState, State, StateStore
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.model import Boot, PartitionSpec
+from partitioner.planning.model import Placement, Plan
+from partitioner.record.state import PartitionRecord, RunState, State, StateStore
 from partitioner.stats import (
     PartitionStats,
     ThreadTimes,

@@ -19,7 +19,7 @@ import pytest
 
 from partitioner.cpuset import CpuSet
 from partitioner.guest.launch import is_running, thread_affinities
-from partitioner.hostroot import HostRoot
+from partitioner.kernel.root import HostRoot
 
 pytestmark = pytest.mark.qemu
 

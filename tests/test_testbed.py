@@ -15,7 +15,7 @@ import pytest
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import PreconditionError
-from partitioner.hostroot import HostRoot
+from partitioner.kernel.root import HostRoot
 from partitioner.run import run
 from partitioner.testbed.initramfs import (
     INIT_SCRIPT,

@@ -11,11 +11,11 @@ from fakekernel import FakeKernelRoot, scan_pci
 from treebuilder import TreeBuilder
 
 from partitioner.errors import DeviceError
-from partitioner.host import Host
-from partitioner.hostroot import HostRoot
+from partitioner.inventory.model import Host
+from partitioner.kernel.root import HostRoot
 from partitioner.pci import PciAddress
 from partitioner.run import CommandFailed
-from vfio.claim import (
+from partitioner.vfio.claim import (
     ClaimFailed,
     FunctionRecord,
     GroupClaim,
@@ -23,7 +23,7 @@ from vfio.claim import (
     claimed_now,
     release_group,
 )
-from vfio.preview import claim_preview
+from partitioner.vfio.preview import claim_preview
 
 NIC = "0000:01:00.0"  # e1000e behind root port 00:01.0, alone in group 2
 BR_A, BR_B = "0000:02:01.0", "0000:02:02.0"  # e1000s behind the PCI bridge 00:02.0, group 3

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from partitioner.errors import DeviceError
-from partitioner.host import Host
-from partitioner.hostroot import HostRoot
+from partitioner.inventory.model import Host
+from partitioner.kernel.root import HostRoot
 from partitioner.run import run
-from vfio import ioctl as v
+from partitioner.vfio import ioctl as v
 
 HEADER = Path("/usr/include/linux/vfio.h")
 

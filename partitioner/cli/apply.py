@@ -7,10 +7,10 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from partitioner.actions import Action
-from partitioner.apply import converge, prepare
 from partitioner.cli.common import Context
-from partitioner.state import StateStore
+from partitioner.engine.actions import Action
+from partitioner.engine.prepare import converge, prepare
+from partitioner.record.state import StateStore
 
 DEFAULT_LOCK_TIMEOUT = 60.0
 

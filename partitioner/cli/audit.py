@@ -20,8 +20,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     from partitioner.audit import DRIFT, audit
     from partitioner.errors import UsageError
     from partitioner.isolation.runtime import load_record
-    from partitioner.reconcile import reconcile
-    from partitioner.state import StateStore
+    from partitioner.record.reconcile import reconcile
+    from partitioner.record.state import StateStore
 
     store = StateStore(ctx.state_dir)
     root = ctx.root()

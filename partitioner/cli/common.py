@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from partitioner.errors import HostReadError, Problem, StateError, UsageError
-from partitioner.hostroot import HostRoot
+from partitioner.kernel.root import HostRoot
 
 if TYPE_CHECKING:
-    from partitioner.reconcile import Finding
+    from partitioner.record.reconcile import Finding
 
 DEFAULT_STATE_DIR = "/var/lib/partition"
 DEFAULT_RUN_DIR = "/run/partition"

@@ -21,7 +21,7 @@ from typing import Any
 
 from partitioner.cli.common import Context
 from partitioner.errors import PreconditionError, UsageError
-from partitioner.state import RunState, StateStore, reconcile
+from partitioner.record.state import RunState, StateStore, reconcile
 
 DETACH = b"\x1d"  # Ctrl-], as telnet and virsh console use
 

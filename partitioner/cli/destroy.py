@@ -6,14 +6,14 @@ import argparse
 from dataclasses import replace
 from typing import Any
 
-from partitioner.actions import execute, teardown
 from partitioner.cli.apply import add_lock_timeout, print_actions
 from partitioner.cli.common import Context
 from partitioner.cli.lifecycle import lifecycle_context
+from partitioner.engine.actions import execute, teardown
 from partitioner.errors import UsageError
 from partitioner.isolation.runtime import destroy_actions
-from partitioner.reconcile import reconcile, reconcile_store
-from partitioner.state import StateStore
+from partitioner.record.reconcile import reconcile, reconcile_store
+from partitioner.record.state import StateStore
 
 
 def register(sub: Any) -> None:
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     ctx.require_live("destroy")
     wanted: set[str] | None = None
     if args.file is not None:
-        from partitioner.loader import load
+        from partitioner.manifest.loader import load
 
         # Read first: a manifest that cannot be read changes nothing, not even a settled record.
         wanted = set(load(args.file).partitions)

@@ -15,9 +15,9 @@ from partitioner.cli.common import Context
 from partitioner.errors import UsageError
 from partitioner.export import kubevirt, libvirt
 from partitioner.inventory import scan
-from partitioner.loader import load
-from partitioner.planner import plan
-from partitioner.state import State, StateStore, running_partitions
+from partitioner.manifest.loader import load
+from partitioner.planning.planner import plan
+from partitioner.record.state import State, StateStore, running_partitions
 
 
 def register(sub: Any) -> None:

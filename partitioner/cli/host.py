@@ -11,16 +11,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from partitioner.cli.common import Context
-from partitioner.errors import PartitionError, UsageError
-from partitioner.hostcheck import (
+from partitioner.boot.check import (
     CheckItem,
     check_host,
     check_site,
     exit_code,
     probe_kvm_cpu_host,
 )
-from partitioner.hostsetup import (
+from partitioner.boot.setup import (
     SITE_COPY,
     FileChange,
     HostFacts,
@@ -35,6 +33,8 @@ from partitioner.hostsetup import (
     undo_changes,
     write,
 )
+from partitioner.cli.common import Context
+from partitioner.errors import PartitionError, UsageError
 
 
 class SetupIncomplete(PartitionError):
@@ -109,10 +109,10 @@ def register(sub: Any) -> None:
 
 def _site_settings(ctx: Context, file: str, facts: HostFacts, host: Any = None) -> Any:
     from partitioner.inventory import scan
-    from partitioner.loader import load
-    from partitioner.planner import plan
-    from partitioner.reconcile import reconcile
-    from partitioner.state import StateStore, running_partitions
+    from partitioner.manifest.loader import load
+    from partitioner.planning.planner import plan
+    from partitioner.record.reconcile import reconcile
+    from partitioner.record.state import StateStore, running_partitions
 
     manifest = load(file)
     root = ctx.root()
@@ -342,9 +342,9 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
     leave the others as they are: the boot-time service, and the command for other init systems.
     What ``apply`` prepares and runs (the same checks, isolation included), less what does not
     start at boot (``apply.prepare``'s ``boot``)."""
-    from partitioner.apply import converge, prepare
     from partitioner.cli.apply import progress
-    from partitioner.state import StateStore, running_partitions
+    from partitioner.engine.prepare import converge, prepare
+    from partitioner.record.state import StateStore, running_partitions
 
     ctx.require_live("host boot")
     root = ctx.root()
@@ -387,10 +387,10 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def _supervise(ctx: Context, store: Any, poll: float) -> None:
-    from partitioner.actions import Start, execute
+    from partitioner.boot.supervisor import Supervisor
     from partitioner.cli.lifecycle import lifecycle_context
-    from partitioner.state import State, StateStore
-    from partitioner.supervisor import Supervisor
+    from partitioner.engine.actions import Start, execute
+    from partitioner.record.state import State, StateStore
 
     def restart(s: StateStore, state: State, name: str) -> State:
         # The same action as `partition start`: the recorded placement, pinned as before.
@@ -403,7 +403,7 @@ def _supervise(ctx: Context, store: Any, poll: float) -> None:
 
 
 def run_supervise(args: argparse.Namespace, ctx: Context) -> int:
-    from partitioner.state import StateStore
+    from partitioner.record.state import StateStore
 
     ctx.require_live("host supervise")
     _supervise(ctx, StateStore(ctx.state_dir), poll=args.poll)

@@ -7,10 +7,10 @@ from typing import Any
 
 from partitioner.cli.common import Context, table
 from partitioner.cpuset import CpuSet
-from partitioner.host import Host
 from partitioner.inventory import scan
+from partitioner.inventory.model import Host
 from partitioner.units import human_size, page_size_name
-from vfio.preview import (
+from partitioner.vfio.preview import (
     ClaimPreview,
     claim_previews,
     group_endpoints,

@@ -6,13 +6,13 @@ import argparse
 from dataclasses import replace
 from typing import Any
 
-from partitioner.actions import ApplyContext, Start, Stop, execute
 from partitioner.cli.apply import add_lock_timeout, progress
 from partitioner.cli.common import Context
+from partitioner.engine.actions import ApplyContext, Start, Stop, execute
 from partitioner.errors import UsageError
-from partitioner.host import Host
-from partitioner.reconcile import reconcile_store
-from partitioner.state import PartitionRecord, RunState, State, StateStore, plan_of_state
+from partitioner.inventory.model import Host
+from partitioner.record.reconcile import reconcile_store
+from partitioner.record.state import PartitionRecord, RunState, State, StateStore, plan_of_state
 
 
 def register(sub: Any) -> None:

@@ -7,15 +7,15 @@ import shlex
 from dataclasses import replace
 from typing import Any
 
-from partitioner.actions import diff, held_replacements
 from partitioner.cli.common import Context, table
-from partitioner.filecheck import checked_plan, file_problems
+from partitioner.engine.actions import diff, held_replacements
 from partitioner.guest.argv import NO_ARGV, command_lines
 from partitioner.inventory import scan
-from partitioner.loader import load
-from partitioner.plan import Plan
-from partitioner.reconcile import Finding, reconcile
-from partitioner.state import State, StateStore, running_partitions
+from partitioner.manifest.loader import load
+from partitioner.planning.files import checked_plan, file_problems
+from partitioner.planning.model import Plan
+from partitioner.record.reconcile import Finding, reconcile
+from partitioner.record.state import State, StateStore, running_partitions
 from partitioner.units import format_size
 
 

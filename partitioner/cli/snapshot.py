@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from partitioner.cli.common import Context
-from partitioner.snapshot import take_snapshot_with_host
+from partitioner.inventory.snapshot import take_snapshot_with_host
 
 
 def register(sub: Any) -> None:

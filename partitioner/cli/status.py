@@ -9,8 +9,8 @@ from typing import Any
 from partitioner import stats
 from partitioner.cli.common import Context, table
 from partitioner.errors import UsageError
-from partitioner.reconcile import reconcile
-from partitioner.state import PartitionRecord, RunState, StateStore
+from partitioner.record.reconcile import reconcile
+from partitioner.record.state import PartitionRecord, RunState, StateStore
 from partitioner.units import format_size
 
 
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     now = time.time()
     docs = {name: record_json(rec, now, _shown(rec)) for name, rec in sorted(recs.items())}
     # Restarts and the last exit reason, kept by the supervisor (on_crash).
-    from partitioner.supervisor import status_fields
+    from partitioner.boot.supervisor import status_fields
 
     for name, d in docs.items():
         d.update(status_fields(store.dir, name))

@@ -7,7 +7,7 @@ from typing import Any
 
 from partitioner.cli.common import Context, problems_json
 from partitioner.errors import ManifestError
-from partitioner.loader import load
+from partitioner.manifest.loader import load
 
 
 def register(sub: Any) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from partitioner.pci import PciAddress
-from partitioner.plan import Placement, Plan
+from partitioner.planning.model import Placement, Plan
 from partitioner.units import GiB, MiB
 
 API_VERSION = "kubevirt.io/v1"

@@ -46,7 +46,7 @@ from partitioner.guest.argv import (
     guest_ports,
     hostdev_numbers,
 )
-from partitioner.plan import Placement, Plan
+from partitioner.planning.model import Placement, Plan
 from partitioner.units import KiB
 
 # The libvirt XML namespace of the plan's own record inside <metadata>.

@@ -31,7 +31,7 @@ the output with golden files.  Decisions worth knowing:
   keep HLT in the guest.  Each is left out, and said so, where QEMU or KVM lacks
   it.  No balloon device: a partition's memory is never taken back.
 - A partition whose devices have large 64-bit BARs gets a 64-bit PCI window
-  that holds them (``partitioner/mmio.py`` sizes it); OVMF is told the same size,
+  that holds them (``partitioner/planning/mmio.py`` sizes it); OVMF is told the same size,
   since it sizes its own aperture.
 """
 
@@ -45,7 +45,7 @@ from partitioner.cpuset import CpuSet
 from partitioner.errors import GuestError
 from partitioner.guest.caps import QemuCaps
 from partitioner.pci import PciAddress
-from partitioner.plan import DeviceAssignment, Placement, Plan
+from partitioner.planning.model import DeviceAssignment, Placement, Plan
 from partitioner.units import GiB, KiB, MiB
 
 # Under TCG the translation cache is an anonymous mapping that mem-lock=on would lock and

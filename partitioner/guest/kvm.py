@@ -1,7 +1,7 @@
 """Ask the host's KVM itself what it offers: ``KVM_CHECK_EXTENSION`` and friends, bound with cffi.
 
-ABI mode, through the ``ioctl`` plumbing ``vfio/ioctl.py`` shares
-(``partitioner/ioctl.py``): the request numbers are computed the way
+ABI mode, through the ``ioctl`` plumbing ``partitioner/vfio/ioctl.py`` shares
+(``partitioner/kernel/ioctl.py``): the request numbers are computed the way
 ``<asm-generic/ioctl.h>`` does and the one structure is declared as
 ``linux/kvm.h`` lays it out.  What is asked:
 
@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from partitioner.ioctl import IOC, IOC_READ, IOC_WRITE, Binding
+from partitioner.kernel.ioctl import IOC, IOC_READ, IOC_WRITE, Binding
 
 _binding = Binding(
     """

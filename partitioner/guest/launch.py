@@ -29,9 +29,9 @@ from partitioner.cpuset import CpuSet
 from partitioner.errors import GuestError, PartitionError, VMLaunchFailure
 from partitioner.guest.argv import GuestPaths, qemu_argv
 from partitioner.guest.caps import QemuCaps
-from partitioner.hostroot import HostRoot
+from partitioner.kernel.root import HostRoot
 from partitioner.killpoint import point
-from partitioner.plan import Placement, Plan
+from partitioner.planning.model import Placement, Plan
 from partitioner.run import CommandFailed, spawn
 from partitioner.units import MiB
 

@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 import re
 
-from partitioner import sysfs
 from partitioner.cpuset import CpuSet
 from partitioner.errors import HostReadError
-from partitioner.host import Cpu
+from partitioner.inventory.model import Cpu
 from partitioner.inventory.reader import Reader, unescape_mount
+from partitioner.kernel import sysfs
 
 _CPU_DIR_RE = re.compile(r"^cpu([0-9]{1,5})$")
 NODE_DIR_RE = re.compile(r"^node([0-9]{1,5})$")

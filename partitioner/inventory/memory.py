@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 
-from partitioner import sysfs
 from partitioner.cpuset import CpuSet
-from partitioner.host import Cpu, HugepagePool, NumaNode
 from partitioner.inventory.cpus import NODE_DIR_RE, replace_cpu
+from partitioner.inventory.model import Cpu, HugepagePool, NumaNode
 from partitioner.inventory.reader import Reader
+from partitioner.kernel import sysfs
 
 _HUGEPAGE_DIR_RE = re.compile(r"^hugepages-([0-9]+)kB$")
 _MEMINFO_RE = re.compile(r"^(?:Node [0-9]+ )?(\w+):\s+([0-9]+)(?: kB)?\s*$", re.ASCII)

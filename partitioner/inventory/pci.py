@@ -12,12 +12,12 @@ import re
 import stat
 from dataclasses import replace
 
-from partitioner import sysfs
-from partitioner.host import IommuGroup, PciFunction
-from partitioner.hostroot import HostRoot
+from partitioner.inventory.bars import read_bars
+from partitioner.inventory.model import IommuGroup, PciFunction
 from partitioner.inventory.reader import Reader, is_number
+from partitioner.kernel import sysfs
+from partitioner.kernel.root import HostRoot
 from partitioner.pci import PciAddress, PciAddressSyntaxError
-from partitioner.pcibars import read_bars
 
 # Slots run 00-1f: a component that is not one is not a PCI function.
 PCI_ADDR_RE = re.compile(r"^[0-9a-fA-F]{4,8}:[0-9a-fA-F]{2}:[01][0-9a-fA-F]\.[0-7]$")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from partitioner.cpuset import CpuListSyntaxError, CpuSet
 from partitioner.errors import HostReadError
-from partitioner.hostroot import HostRoot, parse_int
+from partitioner.kernel.root import HostRoot, parse_int
 
 # Any run of ASCII digits: a cpulist whose numbers are longer than this names no real CPU.
 _NUMBER_RE = re.compile(r"[0-9]+")

@@ -13,10 +13,10 @@ import os
 import re
 from dataclasses import replace
 
-from partitioner import sysfs
-from partitioner.host import NetInterface, PciFunction
+from partitioner.inventory.model import NetInterface, PciFunction
 from partitioner.inventory.pci import nearest_pci
 from partitioner.inventory.reader import Reader, unescape_mount
+from partitioner.kernel import sysfs
 from partitioner.pci import PciAddress
 
 _MAJMIN_RE = re.compile(r"^[0-9]{1,10}:[0-9]{1,10}$")

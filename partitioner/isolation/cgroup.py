@@ -28,10 +28,10 @@ from typing import TYPE_CHECKING
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import GuestError
-from partitioner.hostroot import HostRoot
+from partitioner.kernel.root import HostRoot
 
 if TYPE_CHECKING:
-    from partitioner.state import PartitionRecord
+    from partitioner.record.state import PartitionRecord
 
 DEFAULT_BASE = "partition"
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from partitioner.cpuset import CpuSet
-from partitioner.plan import Placement, Plan
+from partitioner.planning.model import Placement, Plan
 
 
 @dataclass(frozen=True)

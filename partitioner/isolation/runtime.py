@@ -25,7 +25,6 @@ from typing import Any
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import ApplyFailed
-from partitioner.hostroot import HostRoot
 from partitioner.isolation.layout import Layout, PartitionCpus, layout_of
 from partitioner.isolation.moves import IrqMove, Moves, own_irq_moves, plan_moves
 from partitioner.isolation.systemd import confine as systemd_confine
@@ -33,9 +32,10 @@ from partitioner.isolation.systemd import current as systemd_current
 from partitioner.isolation.systemd import has_systemd
 from partitioner.isolation.systemd import put_back as systemd_put_back
 from partitioner.isolation.view import format_mask, read_host_work, read_irqs, read_task
-from partitioner.plan import Plan
+from partitioner.kernel.root import HostRoot
+from partitioner.planning.model import Plan
+from partitioner.record.state import RunState, State
 from partitioner.run import CommandFailed
-from partitioner.state import RunState, State
 
 log = logging.getLogger("partitioner.isolation")
 

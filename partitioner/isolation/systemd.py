@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from partitioner.cpuset import CpuSet
-from partitioner.hostroot import HostRoot
+from partitioner.kernel.root import HostRoot
 from partitioner.run import run
 
 UNITS = ("init.scope", "system.slice", "user.slice")

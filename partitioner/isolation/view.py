@@ -10,9 +10,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from partitioner import sysfs
 from partitioner.cpuset import CpuListSyntaxError, CpuSet
-from partitioner.hostroot import HostRoot
+from partitioner.kernel import sysfs
+from partitioner.kernel.root import HostRoot
 
 # include/linux/sched.h
 PF_KTHREAD = 0x00200000

@@ -21,8 +21,8 @@ for p in (str(_TESTS.parent), str(_TESTS)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from partitioner.host import Host  # noqa: E402
-from partitioner.hostroot import HostRoot  # noqa: E402
+from partitioner.inventory.model import Host  # noqa: E402
+from partitioner.kernel.root import HostRoot  # noqa: E402
 from partitioner.run import run  # noqa: E402
 from partitioner.testbed.topology import Topology, load_topology  # noqa: E402
 

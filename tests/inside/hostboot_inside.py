@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from partitioner.cpuset import CpuSet
-from partitioner.hostroot import HostRoot
+from partitioner.kernel.root import HostRoot
 from partitioner.run import run
 
 OUT = Path(os.environ.get("TESTBED_OUT", "/run/testbed-out"))

@@ -24,10 +24,10 @@ from guestimage import build_guest_initramfs, guest_kernel
 
 from partitioner.cpuset import CpuSet
 from partitioner.guest.launch import thread_affinities
-from partitioner.host import Host
-from partitioner.hostroot import HostRoot
-from partitioner.state import State, StateStore
-from vfio.claim import current_driver
+from partitioner.inventory.model import Host
+from partitioner.kernel.root import HostRoot
+from partitioner.record.state import State, StateStore
+from partitioner.vfio.claim import current_driver
 
 pytestmark = [
     pytest.mark.skipif(

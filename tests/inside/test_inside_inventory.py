@@ -13,8 +13,8 @@ from collections import defaultdict
 import pytest
 
 from partitioner.cpuset import CpuSet
-from partitioner.host import Host
-from partitioner.hostroot import HostRoot
+from partitioner.inventory.model import Host
+from partitioner.kernel.root import HostRoot
 from partitioner.pci import PciAddress
 from partitioner.testbed.topology import ExpectedFunction, Topology, expected_functions
 from partitioner.units import MiB

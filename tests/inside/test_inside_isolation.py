@@ -24,9 +24,9 @@ import pytest
 from guestimage import build_guest_initramfs, guest_kernel
 
 from partitioner.cpuset import CpuSet
-from partitioner.hostroot import HostRoot
 from partitioner.isolation.cgroup import cgroup_path, find_hierarchy, members
 from partitioner.isolation.view import read_host_work
+from partitioner.kernel.root import HostRoot
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not os.path.isdir("/sys/kernel/iommu_groups/0"),

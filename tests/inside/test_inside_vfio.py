@@ -15,12 +15,12 @@ from collections.abc import Iterator
 import pytest
 
 from partitioner.errors import DeviceError
-from partitioner.host import Host, PciFunction
-from partitioner.hostroot import HostRoot
+from partitioner.inventory.model import Host, PciFunction
+from partitioner.kernel.root import HostRoot
 from partitioner.pci import PciAddress
-from vfio.claim import GroupClaim, claim_group, current_driver, release_group
-from vfio.ioctl import check_group, group_status
-from vfio.preview import claim_preview, stays_with_host
+from partitioner.vfio.claim import GroupClaim, claim_group, current_driver, release_group
+from partitioner.vfio.ioctl import check_group, group_status
+from partitioner.vfio.preview import claim_preview, stays_with_host
 
 pytestmark = [
     pytest.mark.skipif(

@@ -28,11 +28,11 @@ from typing import Any
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import BusyError, StateError
-from partitioner.hostroot import HostRoot
+from partitioner.kernel.root import HostRoot
 from partitioner.killpoint import point
-from partitioner.manifest import NOWHERE, Boot, DeviceSpec, Disk, Location, PartitionSpec
+from partitioner.manifest.model import NOWHERE, Boot, DeviceSpec, Disk, Location, PartitionSpec
 from partitioner.pci import PciAddress
-from partitioner.plan import DeviceAssignment, Placement, Plan, RunningPartition
+from partitioner.planning.model import DeviceAssignment, Placement, Plan, RunningPartition
 
 STATE_VERSION = 1
 STATE_FILE = "state.json"
@@ -689,9 +689,9 @@ def reconcile(state: State, root: HostRoot) -> tuple[State, list[str]]:
     """The record as reconciliation would leave it, and what it finds, changing nothing.
 
     For read-only verbs; the verbs that change the host use
-    :func:`partitioner.reconcile.reconcile` and carry out what it finds.
+    :func:`partitioner.record.reconcile.reconcile` and carry out what it finds.
     """
-    from partitioner.reconcile import reconcile as full
+    from partitioner.record.reconcile import reconcile as full
 
     rec = full(state, root)
     return rec.state, [f.text(done=False) for f in rec.findings]

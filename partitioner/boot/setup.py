@@ -34,10 +34,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 from partitioner.cpuset import CpuSet
-from partitioner.host import Host
-from partitioner.hostroot import HostRoot
-from partitioner.manifest import Manifest
-from partitioner.plan import Plan
+from partitioner.inventory.model import Host
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.model import Manifest
+from partitioner.planning.model import Plan
 
 GiB = 1024**3
 MiB = 1024**2

@@ -9,10 +9,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from partitioner import sysfs
 from partitioner.cpuset import CpuSet
+from partitioner.inventory.bars import Bar
+from partitioner.kernel import sysfs
 from partitioner.pci import PciAddress
-from partitioner.pcibars import Bar
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class PciFunction:
     # The group its iommu_group link names when the kernel does not list that group
     # (iommu_group is None then): a damaged tree, or a group removed while reading.
     iommu_group_absent: str | None = None
-    bars: tuple[Bar, ...] = ()  # from sysfs `resource` (partitioner/pcibars.py)
+    bars: tuple[Bar, ...] = ()  # from sysfs `resource` (partitioner/inventory/bars.py)
 
     @property
     def id(self) -> str:

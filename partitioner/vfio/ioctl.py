@@ -1,7 +1,7 @@
 """Ask the kernel itself whether a group can be handed to QEMU: the VFIO ioctls, bound with cffi.
 
 ABI mode (no compiler at run time), through the ``ioctl`` plumbing
-``guest/kvm.py`` shares (``partitioner/ioctl.py``): the structures are declared
+``guest/kvm.py`` shares (``partitioner/kernel/ioctl.py``): the structures are declared
 as ``linux/vfio.h`` lays them out and the request numbers are computed the way
 the kernel's ``_IO()`` macro does.  The sequence is the one
 Documentation/driver-api/vfio.rst shows: open the container, check the API
@@ -19,15 +19,15 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from partitioner import sysfs
 from partitioner.errors import DeviceError
-from partitioner.host import Host
-from partitioner.hostroot import HostRoot
-from partitioner.ioctl import IO as _IO
-from partitioner.ioctl import IOC as _IOC  # noqa: F401 (the kernel's macro, as tests check it here)
-from partitioner.ioctl import Binding, describe, errname
-from vfio.claim import VIABLE_DRIVERS
-from vfio.preview import stays_with_host
+from partitioner.inventory.model import Host
+from partitioner.kernel import sysfs
+from partitioner.kernel.ioctl import IO as _IO
+from partitioner.kernel.ioctl import IOC as _IOC  # noqa: F401 (the kernel's macro, as tests check it here)
+from partitioner.kernel.ioctl import Binding, describe, errname
+from partitioner.kernel.root import HostRoot
+from partitioner.vfio.claim import VIABLE_DRIVERS
+from partitioner.vfio.preview import stays_with_host
 
 _binding = Binding(
     """

@@ -1,6 +1,6 @@
 """Can this PCI function be given to a partition, and what comes with it: the one answer.
 
-Pure: a function of the :class:`~partitioner.host.Host` value only.  Every verb
+Pure: a function of the :class:`~partitioner.inventory.model.Host` value only.  Every verb
 asks here and nowhere else:
 
 - ``partition inspect`` shows :func:`claim_preview` per function (``assignable``,
@@ -9,7 +9,7 @@ asks here and nowhere else:
   names and builds the partition's devices from the answer (what is added, what
   must be named too, which functions need ``reset: none-ok``);
 - ``partition apply`` asks :func:`group_refusals` again for each group just
-  before it claims it, on the host as scanned at that moment (``vfio.claim``).
+  before it claims it, on the host as scanned at that moment (``partitioner.vfio.claim``).
 
 The rules are 4 and 5 of manifest.md, the kernel's VFIO viability rule (a group
 can be opened only when every member is on vfio-pci, pci-stub, a port driver,
@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from partitioner.host import Host, PciFunction
+from partitioner.inventory.model import Host, PciFunction
 from partitioner.pci import PciAddress
 
 # Drivers that leave an IOMMU group viable for VFIO (they declare

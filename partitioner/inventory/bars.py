@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from partitioner.hostroot import HostRoot
+from partitioner.kernel.root import HostRoot
 
 # include/linux/ioport.h
 IORESOURCE_IO = 0x00000100

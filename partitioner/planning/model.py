@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from partitioner.cpuset import CpuSet
-from partitioner.manifest import PartitionSpec
+from partitioner.manifest.model import PartitionSpec
 from partitioner.pci import PciAddress
 from partitioner.units import page_size_name
 
@@ -47,7 +47,7 @@ class Placement:
     # NUMA node of each host CPU in ``cpus`` (same order), so the guest's NUMA nodes get the
     # vCPUs that really run there.  () is allowed when ``numa_nodes`` has a single node.
     cpu_nodes: tuple[int, ...] = ()
-    # Set by partitioner/mmio.py: the 64-bit PCI window its devices' BARs need (0: QEMU's
+    # Set by partitioner/planning/mmio.py: the 64-bit PCI window its devices' BARs need (0: QEMU's
     # default holds them), and whether the guest's topology mirrors the host cores it got.
     pci_hole64_bytes: int = 0
     host_cache_info: bool = False

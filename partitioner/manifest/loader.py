@@ -1,6 +1,6 @@
 """Reading a site manifest: YAML with locations, the JSON Schema, then the checks a schema cannot say.
 
-``load(path)`` and ``loads(text)`` return a :class:`~partitioner.manifest.Manifest`
+``load(path)`` and ``loads(text)`` return a :class:`~partitioner.manifest.model.Manifest`
 or raise :class:`~partitioner.errors.ManifestError` carrying every problem
 found, each at its ``FILE:LINE:COLUMN``.  Nothing here looks at the host: paths
 are not checked for existence, CPU numbers not against the machine (that is
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from partitioner.cpuset import MAX_CPUS, CpuListSyntaxError, CpuSet
 from partitioner.errors import ManifestError, Problem
-from partitioner.manifest import (
+from partitioner.manifest.model import (
     Boot,
     DeviceSpec,
     Disk,
@@ -35,10 +35,10 @@ from partitioner.manifest import (
     Manifest,
     PartitionSpec,
 )
+from partitioner.manifest.yamlnodes import Document, PathKey, Pos, decode, dotted, parse
 from partitioner.pci import PciAddress, PciAddressSyntaxError
 from partitioner.units import GiB, KiB, MiB, SizeSyntaxError, format_size, parse_size
 from partitioner.userfiles import read_named
-from partitioner.yamlnodes import Document, PathKey, Pos, decode, dotted, parse
 
 if TYPE_CHECKING:
     import jsonschema

@@ -17,7 +17,7 @@ Placement order:
      before smaller, then by name.
 
 Each partition's devices are resolved just before it is placed, from the one
-verdict on each function (``vfio.preview.claim_preview``, which ``inspect``
+verdict on each function (``partitioner.vfio.preview.claim_preview``, which ``inspect``
 shows and ``apply`` asks again before it claims).  A partition that cannot be
 placed gives back everything it took while being tried (CPUs, memory, pages,
 devices): the next one is judged as if it had not been there.
@@ -30,13 +30,13 @@ from dataclasses import dataclass, field, replace
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import PlanError
-from partitioner.host import Host, PciFunction
-from partitioner.manifest import DeviceSpec, Manifest, PartitionSpec
-from partitioner.mmio import settle
+from partitioner.inventory.model import Host, PciFunction
+from partitioner.manifest.model import DeviceSpec, Manifest, PartitionSpec
 from partitioner.pci import PciAddress
-from partitioner.plan import DeviceAssignment, Placement, Plan, RunningPartition
+from partitioner.planning.mmio import settle
+from partitioner.planning.model import DeviceAssignment, Placement, Plan, RunningPartition
 from partitioner.units import format_size, human_size, page_size_name
-from vfio.preview import ClaimPreview, claim_preview
+from partitioner.vfio.preview import ClaimPreview, claim_preview
 
 # A core is the set of its usable SMT siblings, as a sorted tuple.
 Core = tuple[int, ...]
@@ -389,7 +389,7 @@ def _device_order(
 def _resolve_devices(
     spec: PartitionSpec, host: Host, w: _Work, prefer: set[PciAddress]
 ) -> tuple[DeviceAssignment, ...]:
-    """The partition's devices, from the one verdict on each function it names (vfio.preview)."""
+    """The partition's devices, from the one verdict on each function it names (partitioner.vfio.preview)."""
     named: list[tuple[PciFunction, str, DeviceSpec]] = []  # function, how it was named, entry
     for dev in spec.devices:
         if dev.kind == "pci":
@@ -590,7 +590,7 @@ def _why_taken(fn: PciFunction, host: Host, w: _Work, me: str, dev: DeviceSpec) 
 
 
 def _verdict(address: PciAddress, host: Host, w: _Work) -> ClaimPreview:
-    """The one verdict on a function (vfio.preview), asked once per planning run."""
+    """The one verdict on a function (partitioner.vfio.preview), asked once per planning run."""
     v = w.verdicts.get(address)
     if v is None:
         v = w.verdicts[address] = claim_preview(host, address)

@@ -7,7 +7,7 @@ and its ``driver_override``) is recorded in a :class:`GroupClaim`, which the
 state file keeps, so that :func:`release_group` can put it back even from a
 later run.
 
-Every sysfs access goes through :class:`~partitioner.hostroot.HostRoot`; tests
+Every sysfs access goes through :class:`~partitioner.kernel.root.HostRoot`; tests
 give a ``FakeKernelRoot`` that plays the kernel's part on a built tree.
 """
 
@@ -21,12 +21,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from partitioner import sysfs
 from partitioner.errors import DeviceError
-from partitioner.host import Host
-from partitioner.hostroot import HostRoot
+from partitioner.inventory.model import Host
+from partitioner.kernel import sysfs
+from partitioner.kernel.root import HostRoot
 from partitioner.run import CommandFailed, run
-from vfio.preview import (
+from partitioner.vfio.preview import (
     VIABLE_DRIVERS,
     bridge_blockers,
     group_endpoints,
@@ -132,7 +132,7 @@ def modprobe(name: str) -> None:
 def refusals(host: Host, group: int, *, reset_none_ok: Collection[str] | None = None) -> list[str]:
     """Why ``group`` may not be claimed; empty when it may.
 
-    The group part of the one verdict (:func:`vfio.preview.group_refusals`), asked
+    The group part of the one verdict (:func:`partitioner.vfio.preview.group_refusals`), asked
     again on the host as scanned now.  With ``reset_none_ok`` (the addresses the
     plan accepts without a reset method), an endpoint without one is refused
     here, before anything is claimed; None leaves the reset question out (putting

@@ -24,11 +24,11 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from partitioner import sysfs
 from partitioner.errors import UsageError
-from partitioner.host import Host
-from partitioner.hostroot import SNAPSHOT_HWDB, HostRoot, format_hwdb
 from partitioner.inventory import scan
+from partitioner.inventory.model import Host
+from partitioner.kernel import sysfs
+from partitioner.kernel.root import SNAPSHOT_HWDB, HostRoot, format_hwdb
 
 # The parts of a host tree a snapshot owns; --force replaces these and leaves the rest of DIR alone.
 SNAPSHOT_TOPS = ("sys", "proc", "dev")
@@ -277,8 +277,8 @@ def take_snapshot_with_host(src: HostRoot, dest: Path, *, force: bool = False) -
     # What `host check` reads beyond the scan (the CPU's flags, the kernel's command line and
     # release, interrupt chips, IOMMU units, cgroups, the init system, the CPUs the kernel
     # isolated), so that it speaks of the tree as it would of the machine.
-    from partitioner.hostcheck import check_host
-    from partitioner.hostsetup import read_facts
+    from partitioner.boot.check import check_host
+    from partitioner.boot.setup import read_facts
 
     check_host(recorder, host, read_facts(recorder))
     for path in (sysfs.CPU_ISOLATED, sysfs.CPU_NOHZ_FULL):

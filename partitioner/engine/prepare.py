@@ -4,7 +4,7 @@
 reconciliation finds only with ``act=True``, under the lock: ending a
 half-started QEMU, recording an interrupted hugepage change), scans, plans
 against what runs and diffs.  ``converge()`` runs the
-actions under :func:`partitioner.actions.execute` (saving after each, undoing
+actions under :func:`partitioner.engine.actions.execute` (saving after each, undoing
 on failure).  The CLI verb and the benchmark both go through here.
 """
 
@@ -14,15 +14,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from partitioner.actions import Action, ApplyContext, diff, execute, held_replacements
+from partitioner.engine.actions import Action, ApplyContext, diff, execute, held_replacements
 from partitioner.errors import UsageError
-from partitioner.host import Host
-from partitioner.hostroot import HostRoot
+from partitioner.inventory.model import Host
 from partitioner.isolation.runtime import apply_actions as isolation_actions
-from partitioner.manifest import Manifest
-from partitioner.plan import Plan
-from partitioner.reconcile import Finding, reconcile, reconcile_store
-from partitioner.state import SiteRecord, State, StateStore, running_partitions
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.model import Manifest
+from partitioner.planning.model import Plan
+from partitioner.record.reconcile import Finding, reconcile, reconcile_store
+from partitioner.record.state import SiteRecord, State, StateStore, running_partitions
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,9 @@ def prepare(
     starts, unless they run already (a service restart must not stop them).  The whole site
     is still planned and isolated, so that each partition keeps the CPUs ``host setup``
     isolated for it and the ones started later by hand find them fenced."""
-    from partitioner.filecheck import checked_plan
     from partitioner.inventory import scan
-    from partitioner.loader import load
+    from partitioner.manifest.loader import load
+    from partitioner.planning.files import checked_plan
 
     manifest = load(manifest_path)
     rec = reconcile_store(store, root) if act else reconcile(store.load(), root, busy=store.busy())

@@ -18,12 +18,12 @@ import os
 import time
 from collections.abc import Iterator
 
-from partitioner import sysfs
 from partitioner.errors import HugepageError
-from partitioner.hostroot import HostRoot
+from partitioner.kernel import sysfs
+from partitioner.kernel.root import HostRoot
 from partitioner.units import page_size_name
 
-log = logging.getLogger("partitioner.hugepages")
+log = logging.getLogger("partitioner.kernel.hugepages")
 
 
 def pool_dir(node: int, size_bytes: int) -> str:

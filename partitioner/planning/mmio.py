@@ -38,11 +38,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
-from partitioner.host import Host, PciFunction
-from partitioner.hostroot import HostRoot
-from partitioner.manifest import DeviceSpec, Manifest
-from partitioner.pcibars import high_bytes
-from partitioner.plan import DeviceAssignment, Placement
+from partitioner.inventory.bars import high_bytes
+from partitioner.inventory.model import Host, PciFunction
+from partitioner.kernel.root import HostRoot
+from partitioner.manifest.model import DeviceSpec, Manifest
+from partitioner.planning.model import DeviceAssignment, Placement
 from partitioner.units import GiB, MiB, human_size
 
 DEFAULT_WINDOW = 32 * GiB  # q35-pcihost.pci-hole64-size and OVMF's PcdPciMmio64Size

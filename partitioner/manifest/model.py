@@ -1,4 +1,4 @@
-"""The site manifest as values.  ``load(path)`` (in ``partitioner.loader``) builds these."""
+"""The site manifest as values.  ``load(path)`` (in ``partitioner.manifest.loader``) builds these."""
 
 from __future__ import annotations
 

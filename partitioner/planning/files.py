@@ -22,9 +22,9 @@ from collections.abc import Mapping
 from dataclasses import replace
 
 from partitioner.errors import PlanError
-from partitioner.host import Host
-from partitioner.manifest import Location, Manifest
-from partitioner.plan import Plan, RunningPartition
+from partitioner.inventory.model import Host
+from partitioner.manifest.model import Location, Manifest
+from partitioner.planning.model import Plan, RunningPartition
 
 
 def _problem(where: Location, what: str, path: str, why: str) -> str:
@@ -129,7 +129,7 @@ def kvm_limit(manifest: Manifest, *, here: bool) -> tuple[list[str], list[str]]:
     for another machine, whose KVM cannot be asked from here; a note says so, as the
     dedicated-CPU settings do (``cpu-pm``), and apply on that machine refuses."""
     from partitioner.guest.kvm import probe_kvm
-    from partitioner.planner import kvm_vcpu_problems
+    from partitioner.planning.planner import kvm_vcpu_problems
 
     if manifest.host.accel != "kvm" or not manifest.partitions:
         return [], []
@@ -162,7 +162,7 @@ def checked_plan(
     (``--host-root``) cannot know its files or its KVM, and says so instead (the files:
     its caller; KVM: a note of the plan).
     """
-    from partitioner.planner import plan
+    from partitioner.planning.planner import plan
 
     problems, notes = kvm_limit(manifest, here=here)
     if here:

@@ -18,15 +18,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, runtime_checkable
 
-from partitioner import sysfs
 from partitioner.errors import ApplyFailed, PartitionError, RollbackIncomplete
-from partitioner.host import Host
-from partitioner.hostroot import HostRoot
+from partitioner.inventory.model import Host
 from partitioner.isolation.cgroup import fence, unfence
+from partitioner.kernel import sysfs
+from partitioner.kernel.root import HostRoot
 from partitioner.killpoint import point
-from partitioner.plan import Placement, Plan
-from partitioner.run import CommandFailed
-from partitioner.state import (
+from partitioner.planning.model import Placement, Plan
+from partitioner.record.state import (
     HugepageGrant,
     PartitionRecord,
     PoolIntent,
@@ -35,12 +34,13 @@ from partitioner.state import (
     StateStore,
     plan_of_state,
 )
+from partitioner.run import CommandFailed
 from partitioner.units import format_size, page_size_name
 
 if TYPE_CHECKING:
     from partitioner.guest.caps import QemuCaps
 
-log = logging.getLogger("partitioner.actions")
+log = logging.getLogger("partitioner.engine.actions")
 
 
 @dataclass
@@ -148,14 +148,14 @@ def give_back(ctx: ApplyContext, node: int, size_bytes: int, pages: int) -> int:
     A QEMU that has just exited still holds its pages for a moment, so ``release_pages``
     waits up to ``ctx.release_wait`` for them.  Returns the pages given back.
     """
-    from partitioner.hugepages import release_pages
+    from partitioner.kernel.hugepages import release_pages
 
     return release_pages(ctx.root, node, size_bytes, pages, settle=ctx.release_wait)
 
 
 def _still_held(ctx: ApplyContext, node: int, size_bytes: int, pages: int, given: int) -> NoReturn:
     from partitioner.errors import HugepageError
-    from partitioner.hugepages import pool_counts
+    from partitioner.kernel.hugepages import pool_counts
 
     nr, free = pool_counts(ctx.root, node, size_bytes)
     raise HugepageError(
@@ -189,9 +189,9 @@ def _raise_pool(ctx: ApplyContext, name: str, node: int, size_bytes: int, want_f
 
     The intent (pool size before, size asked for) is saved before the pool is raised, so a
     kill between raising it and recording the grant leaves what the next run needs to
-    record the grant after all (partitioner.reconcile).
+    record the grant after all (partitioner.record.reconcile).
     """
-    from partitioner.hugepages import ensure_pages, pool_counts
+    from partitioner.kernel.hugepages import ensure_pages, pool_counts
 
     nr, free = pool_counts(ctx.root, node, size_bytes)
     if free >= want_free:
@@ -217,7 +217,7 @@ def _shrink_pool(ctx: ApplyContext, name: str, node: int, size_bytes: int, pages
     The intent is saved before the pool shrinks, so a kill in between never makes the
     next run give the same pages back twice.
     """
-    from partitioner.hugepages import pool_counts
+    from partitioner.kernel.hugepages import pool_counts
 
     nr, _free = pool_counts(ctx.root, node, size_bytes)
     intent = PoolIntent(node, size_bytes, "release", nr, max(0, nr - pages))
@@ -238,7 +238,7 @@ def _shrink_pool(ctx: ApplyContext, name: str, node: int, size_bytes: int, pages
 def _settle_intent(ctx: ApplyContext, name: str, intent: PoolIntent) -> None:
     """Record what an interrupted pool change did, from the pool's size now."""
     from partitioner.errors import HugepageError
-    from partitioner.hugepages import pool_counts
+    from partitioner.kernel.hugepages import pool_counts
 
     try:
         now, _free = pool_counts(ctx.root, intent.node, intent.size_bytes)
@@ -372,8 +372,8 @@ class ClaimGroup(_Base):
         return f"IOMMU group {self.group}: {fns}"
 
     def do(self, ctx: ApplyContext) -> None:
-        from vfio.claim import claim_group, release_group
-        from vfio.ioctl import check_group
+        from partitioner.vfio.claim import claim_group, release_group
+        from partitioner.vfio.ioctl import check_group
 
         if ctx.host is None:
             raise ApplyFailed(f"claiming IOMMU group {self.group} needs the scanned host")
@@ -382,7 +382,7 @@ class ClaimGroup(_Base):
         _claim_intent(ctx, self.target, self.group)
         try:
             # The plan's verdict asked again on the host as scanned now, reset methods
-            # included, before anything is claimed (vfio.preview).
+            # included, before anything is claimed (partitioner.vfio.preview).
             claim = claim_group(ctx.root, ctx.host, self.group, reset_none_ok=none_ok)
         except BaseException:
             # claim_group gave back what it took: the intent is void.
@@ -402,7 +402,7 @@ class ClaimGroup(_Base):
             raise
 
     def undo(self, ctx: ApplyContext) -> None:
-        from vfio.claim import GroupClaim, release_group
+        from partitioner.vfio.claim import GroupClaim, release_group
 
         rec = ctx.state.partitions.get(self.target)
         if rec is None:
@@ -433,7 +433,7 @@ class ReleaseGroup(_Base):
         return f"IOMMU group {self.group}: {fns}"
 
     def do(self, ctx: ApplyContext) -> None:
-        from vfio.claim import GroupClaim, release_group
+        from partitioner.vfio.claim import GroupClaim, release_group
 
         rec = ctx.state.partitions[self.target]
         for c in rec.claims:
@@ -443,7 +443,7 @@ class ReleaseGroup(_Base):
                 return
 
     def undo(self, ctx: ApplyContext) -> None:
-        from vfio.claim import claim_group
+        from partitioner.vfio.claim import claim_group
 
         if ctx.host is None:
             raise ApplyFailed(f"claiming IOMMU group {self.group} again needs the scanned host")
@@ -461,9 +461,9 @@ def _claim_intent(ctx: ApplyContext, name: str, group: int) -> None:
     """Save, before any function is unbound, the drivers the group's functions have now.
 
     A kill during the claim leaves this ``pending`` claim; the next run gives the functions
-    back to these drivers (partitioner.reconcile), exactly once.
+    back to these drivers (partitioner.record.reconcile), exactly once.
     """
-    from vfio.claim import group_endpoints, record_function
+    from partitioner.vfio.claim import group_endpoints, record_function
 
     assert ctx.host is not None
     fns = [record_function(ctx.root, str(fn.address)) for fn in group_endpoints(ctx.host, group)]
@@ -775,7 +775,9 @@ def _claims(p: Placement, host: Host, held: Iterable[int]) -> list[Action]:
     for g in p.iommu_groups:
         if g in have:
             continue
-        from vfio.preview import group_endpoints  # what claim_group takes, listed as it will
+        from partitioner.vfio.preview import (
+            group_endpoints,  # what claim_group takes, listed as it will
+        )
 
         fns = tuple((str(fn.address), fn.driver) for fn in group_endpoints(host, g))
         out.append(ClaimGroup(p.name, g, fns))

@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from partitioner.errors import BusyError, PartitionError, StateError
-from partitioner.hostroot import HostRoot
-from partitioner.state import PartitionRecord, RunState, State, StateStore
+from partitioner.kernel.root import HostRoot
+from partitioner.record.state import PartitionRecord, RunState, State, StateStore
 
-log = logging.getLogger("partitioner.supervisor")
+log = logging.getLogger("partitioner.boot.supervisor")
 
 HISTORY_FILE = "supervisor.json"
 MAX_CRASHES = 5  # manifest.md, on_crash: 5 crashes in 10 minutes leave it failed
@@ -196,7 +196,7 @@ class Supervisor:
                 if crashed:
                     # What every verb that changes the host does first: the record settled
                     # with the host (the dead QEMU's run directory, intents under way).
-                    from partitioner.reconcile import reconcile_store
+                    from partitioner.record.reconcile import reconcile_store
 
                     state = reconcile_store(self.store, self.root).state
                 for rec in crashed:

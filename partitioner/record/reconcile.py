@@ -29,12 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from partitioner import sysfs
 from partitioner.cpuset import CpuSet
 from partitioner.errors import HugepageError
 from partitioner.guest.argv import GuestPaths
-from partitioner.hostroot import HostRoot
-from partitioner.state import HugepageGrant, PartitionRecord, RunState, State, StateStore
+from partitioner.kernel import sysfs
+from partitioner.kernel.root import HostRoot
+from partitioner.record.state import HugepageGrant, PartitionRecord, RunState, State, StateStore
 from partitioner.units import page_size_name
 
 
@@ -117,7 +117,7 @@ def reconcile_store(store: StateStore, root: HostRoot) -> Reconciled:
 
 
 def _settle_pools(rec: PartitionRecord, root: HostRoot, findings: list[Finding]) -> PartitionRecord:
-    from partitioner.hugepages import pool_counts
+    from partitioner.kernel.hugepages import pool_counts
 
     grants = {(g.node, g.size_bytes): g.pages for g in rec.hugepages}
     for i in rec.pool_intents:
@@ -182,7 +182,7 @@ def _settle_claims(
         claim = dict(c)
 
         def give_back(claim: dict[str, Any] = claim) -> None:
-            from vfio.claim import GroupClaim, release_group
+            from partitioner.vfio.claim import GroupClaim, release_group
 
             release_group(root, GroupClaim.from_json(claim))
 
@@ -342,7 +342,7 @@ def _wait_pages_back(root: HostRoot, rec: PartitionRecord, timeout: float = 10.0
     """
     import time
 
-    from partitioner.hugepages import pool_counts
+    from partitioner.kernel.hugepages import pool_counts
 
     size = rec.placement.hugepage_bytes
     if size is None:

@@ -1,4 +1,4 @@
-"""The one ``ioctl(2)`` plumbing the cffi bindings share (``guest/kvm.py``, ``vfio/ioctl.py``).
+"""The one ``ioctl(2)`` plumbing the cffi bindings share (``guest/kvm.py``, ``partitioner/vfio/ioctl.py``).
 
 ABI mode (no compiler at run time): each binding declares its own structures,
 as its kernel header lays them out, and gets here an FFI that also declares

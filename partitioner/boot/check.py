@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from partitioner import sysfs
+from partitioner.boot.setup import BootSettings, HostFacts, reboot_needed
 from partitioner.cpuset import CpuListSyntaxError, CpuSet
-from partitioner.host import Host
-from partitioner.hostroot import HostRoot
-from partitioner.hostsetup import BootSettings, HostFacts, reboot_needed
+from partitioner.inventory.model import Host
+from partitioner.kernel import sysfs
+from partitioner.kernel.root import HostRoot
 from partitioner.units import page_size_name
 
 Status = Literal["pass", "warn", "fail"]
