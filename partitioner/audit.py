@@ -34,7 +34,7 @@ from partitioner.isolation.view import (
 )
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
-from partitioner.record.state import PartitionRecord, RunState, State
+from partitioner.record.model import PartitionRecord, RunState, State
 from partitioner.units import page_size_name
 
 DRIFT = "drift"

@@ -1,26 +1,44 @@
 """The one exception tree of the project.
 
 Only the CLI turns these into text and exit codes (``exit_code`` below, as
-``cli.md`` documents them)::
+``docs/cli.md`` documents them).  Every exception the product raises on purpose
+is in this tree, with the module that defines it where that is not this one;
+each carries the fields named in brackets::
 
     PartitionError                 1  unexpected, or not classified
+     +-- CommandFailed             1  a command the partitioner ran failed (.argv, .returncode, .output)
      +-- UsageError                2  bad arguments
-     +-- ManifestError             2  the manifest is not valid (carries .problems)
-     +-- HostReadError             2  a --host-root tree that cannot be read as a host
+     +-- ManifestError             2  the manifest is not valid (.problems: located Problems)
+     +-- HostReadError             2  a --host-root tree that cannot be read as a host (.path)
+     +-- TopologyError             2  a test-bed topology file that cannot be used (.source, .problems)
+     |                                  (testbed/topology.py)
      +-- PlanError                 3  valid manifest that does not fit this host (.problems)
      +-- PreconditionError         3  the request does not fit the host as it is now
-     +-- DeviceError               4  claiming / releasing a PCI function failed (.address, .path)
+     +-- DeviceError               4  claiming / releasing a PCI function failed (.address, .path, .errno)
+     |    +-- ClaimFailed             ... and was undone (.restored, .not_restored) (vfio/claim.py)
      +-- GuestError                4  QEMU could not be started or driven (.partition)
      |    +-- VMLaunchFailure         QEMU exited while starting (.exitcode, .command, .output)
      |    +-- HugepageError           a node's hugepage pool cannot be raised (.node, .size_bytes, ...)
+     |    +-- QmpCommandError         QEMU refused a QMP command (.command, .error_class) (guest/qmp.py)
+     |    +-- TestbedTimeout          the emulated server's command ran out of time (.timeout, .booted)
+     |    +-- TestbedBootFailure      the emulated server did not boot (.reason, .log_tail)
+     |    +-- TestbedEmulationFault   the emulation itself failed; run it again (testbed/server.py)
+     |         +-- TestbedTimerFault, TestbedHang, TestbedQemuCrash (also a TestbedBootFailure)
      +-- StateError                2  the state directory or record cannot be used (.path)
      |    +-- BusyError            6  another partition command holds the site (.holder)
      +-- ApplyFailed               4  apply failed and was rolled back (.cause)
-          +-- RollbackIncomplete   5  ... and could not put everything back (.leftover)
+     |    +-- RollbackIncomplete   5  ... and could not put everything back (.leftover)
+     +-- SetupIncomplete           5  host setup wrote its files but could not activate them
+                                        (.leftover) (cli/host.py)
+
+The value parsers raise ``ValueError`` subclasses (``CpuListSyntaxError`` in
+cpuset.py, ``SizeSyntaxError`` in units.py, ``PciAddressSyntaxError`` in pci.py):
+they are not errors of their own; the loader turns them into located Problems.
 """
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +47,22 @@ class PartitionError(Exception):
     """Root of every error this project raises on purpose."""
 
     exit_code = 1
+
+
+class CommandFailed(PartitionError):
+    """A command exited non-zero (or could not be started); carries what it said.
+
+    Raised by :mod:`partitioner.run`, the one place that starts processes.
+    """
+
+    def __init__(self, argv: Sequence[str], returncode: int | None, output: str) -> None:
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.output = output
+        tail = "\n".join(output.strip().splitlines()[-10:])
+        super().__init__(
+            f"{shlex.join(argv)} exited with {returncode}" + (f":\n{tail}" if tail else "")
+        )
 
 
 class UsageError(PartitionError):

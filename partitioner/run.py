@@ -9,20 +9,11 @@ import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from partitioner.errors import CommandFailed
+
 log = logging.getLogger("partitioner.run")
 
-
-class CommandFailed(Exception):
-    """A command exited non-zero (or could not be started); carries what it said."""
-
-    def __init__(self, argv: Sequence[str], returncode: int | None, output: str) -> None:
-        self.argv = list(argv)
-        self.returncode = returncode
-        self.output = output
-        tail = "\n".join(output.strip().splitlines()[-10:])
-        super().__init__(
-            f"{shlex.join(argv)} exited with {returncode}" + (f":\n{tail}" if tail else "")
-        )
+__all__ = ["CommandFailed", "run", "spawn"]
 
 
 def run(

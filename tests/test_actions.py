@@ -9,29 +9,22 @@ from typing import Any
 import pytest
 
 from partitioner.cpuset import CpuSet
-from partitioner.engine.actions import (
-    Action,
-    ApplyContext,
-    ClaimGroup,
-    Forget,
-    ReleaseGroup,
-    ReleaseHugepages,
-    Replace,
-    ReserveHugepages,
-    Start,
-    Stop,
-    diff,
-    execute,
-    held_replacements,
-    teardown,
-)
+from partitioner.engine.context import ApplyContext
+from partitioner.engine.devices import ClaimGroup, ReleaseGroup
+from partitioner.engine.diff import diff, held_replacements, teardown
+from partitioner.engine.executor import execute
+from partitioner.engine.guests import Forget, Start, Stop
+from partitioner.engine.hugepages import ReleaseHugepages, ReserveHugepages
+from partitioner.engine.step import Action, Replace
 from partitioner.errors import ApplyFailed, DeviceError, RollbackIncomplete
 from partitioner.inventory.model import Cpu, Host, HugepagePool, IommuGroup, NumaNode, PciFunction
 from partitioner.kernel.root import HostRoot
 from partitioner.manifest.model import PartitionSpec
 from partitioner.pci import PciAddress
 from partitioner.planning.model import DeviceAssignment, Placement, Plan
-from partitioner.record.state import HugepageGrant, PartitionRecord, RunState, State, StateStore
+from partitioner.record.codec import claim_from_json
+from partitioner.record.model import HugepageGrant, PartitionRecord, RunState, State
+from partitioner.record.store import StateStore
 from partitioner.units import MiB
 
 NIC = PciAddress.parse("0000:81:00.0")
@@ -172,7 +165,7 @@ def test_hugepage_shortfall_counts_earlier_partitions_of_the_same_apply() -> Non
 def test_adding_a_partition_does_not_touch_running_ones() -> None:
     a = make_placement("a", (1,), nic=True)
     b = make_placement("b", (2,))
-    st = state_of(running(a, claims=({"group": 19, "functions": []},)))
+    st = state_of(running(a, claims=(claim_from_json({"group": 19, "functions": []}),)))
     acts = diff(make_plan(a, b), st, make_host(free_2m=500), replace=set())
     assert kinds(acts) == [("start", "b")]
     assert all(x.target == "b" for x in acts)
@@ -233,7 +226,7 @@ def test_failed_partition_in_the_plan_is_restarted() -> None:
 def test_stopped_partition_missing_a_claim_gets_it_before_starting() -> None:
     a = make_placement("a", (1,), nic=True)
     claim = {"group": 19, "functions": [{"address": str(NIC), "driver": "e1000e"}]}
-    held = state_of(running(a, state=RunState.STOPPED, claims=(claim,)))
+    held = state_of(running(a, state=RunState.STOPPED, claims=(claim_from_json(claim),)))
     host = make_host(free_2m=64)
     assert kinds(diff(make_plan(a), held, host, replace=set())) == [("start", "a")]
     lost = state_of(running(a, state=RunState.STOPPED))
@@ -249,7 +242,7 @@ def test_removal_stops_in_reverse_start_order_then_gives_back() -> None:
     c = make_placement("c", (3,), order=3, pages=False)
     claim = {"group": 19, "functions": [{"address": str(NIC), "driver": "e1000e"}]}
     st = state_of(
-        running(a, claims=(claim,), hugepages=(HugepageGrant(0, 2 * MiB, 64),)),
+        running(a, claims=(claim_from_json(claim),), hugepages=(HugepageGrant(0, 2 * MiB, 64),)),
         running(b, hugepages=(HugepageGrant(0, 2 * MiB, 64),)),
         running(c, state=RunState.FAILED),
     )
@@ -274,9 +267,17 @@ def test_removal_stops_in_reverse_start_order_then_gives_back() -> None:
 
 
 @dataclass
-class Ctx:
-    state: State
+class Ctx(ApplyContext):
+    """The engine's own context, with a log of the steps' calls."""
+
     log: list[str] = field(default_factory=list)
+
+
+def ctx_of(state: State) -> Ctx:
+    nowhere = Path("/nonexistent")
+    return Ctx(
+        root=HostRoot(nowhere), plan=make_plan(), state=state, run_dir=nowhere, log_dir=nowhere
+    )
 
 
 @dataclass(frozen=True)
@@ -326,7 +327,7 @@ def _store(tmp_path: Path) -> tuple[StateStore, State, bytes]:
 
 def test_execute_runs_in_order_and_saves_after_each(tmp_path: Path) -> None:
     store, _, _ = _store(tmp_path)
-    ctx = Ctx(store.load())
+    ctx = ctx_of(store.load())
     execute([Fake("a", store), Fake("b", store), Fake("c", store)], ctx, store)
     assert ctx.log == ["do a", "do b", "do c"]
     assert set(store.load().partitions) == {"old", "a", "b", "c"}
@@ -334,7 +335,7 @@ def test_execute_runs_in_order_and_saves_after_each(tmp_path: Path) -> None:
 
 def test_failure_undoes_newest_first_and_restores_the_record(tmp_path: Path) -> None:
     store, _, before = _store(tmp_path)
-    ctx = Ctx(store.load())
+    ctx = ctx_of(store.load())
     acts = [Fake("a", store), Fake("b", store), Fake("c", store, fail_do=True)]
     with pytest.raises(ApplyFailed) as ei:
         execute(acts, ctx, store)
@@ -349,7 +350,7 @@ def test_failure_undoes_newest_first_and_restores_the_record(tmp_path: Path) -> 
 def test_rollback_puts_back_the_record_it_was_told_to(tmp_path: Path) -> None:
     store, initial, before = _store(tmp_path)
     # apply adds the new site's line to the record before its first step...
-    ctx = Ctx(state_of(*initial.partitions.values(), running(make_placement("new", (2,)))))
+    ctx = ctx_of(state_of(*initial.partitions.values(), running(make_placement("new", (2,)))))
     with pytest.raises(ApplyFailed):
         execute(
             [Fake("a", store, check_saved=False), Fake("b", store, fail_do=True)],
@@ -364,7 +365,7 @@ def test_rollback_puts_back_the_record_it_was_told_to(tmp_path: Path) -> None:
 
 def test_first_action_failing_changes_nothing(tmp_path: Path) -> None:
     store, _, before = _store(tmp_path)
-    ctx = Ctx(store.load())
+    ctx = ctx_of(store.load())
     with pytest.raises(ApplyFailed, match="nothing had been changed"):
         execute([Fake("a", store, fail_do=True), Fake("b", store)], ctx, store)
     assert ctx.log == ["do a"]
@@ -373,7 +374,7 @@ def test_first_action_failing_changes_nothing(tmp_path: Path) -> None:
 
 def test_failed_undo_is_rollback_incomplete_listing_what_is_left(tmp_path: Path) -> None:
     store, _, _ = _store(tmp_path)
-    ctx = Ctx(store.load())
+    ctx = ctx_of(store.load())
     acts = [
         Fake("a", store),
         Fake("b", store, fail_undo=True),
@@ -393,7 +394,7 @@ def test_failed_undo_is_rollback_incomplete_listing_what_is_left(tmp_path: Path)
 
 def test_already_done_actions_are_skipped_and_not_undone(tmp_path: Path) -> None:
     store, _, _ = _store(tmp_path)
-    ctx = Ctx(store.load())
+    ctx = ctx_of(store.load())
     acts = [Fake("a", store, already=True), Fake("b", store), Fake("c", store, fail_do=True)]
     with pytest.raises(ApplyFailed):
         execute(acts, ctx, store)
@@ -402,7 +403,7 @@ def test_already_done_actions_are_skipped_and_not_undone(tmp_path: Path) -> None
 
 def test_a_bug_is_unwound_and_then_reported_as_itself(tmp_path: Path) -> None:
     store, _, before = _store(tmp_path)
-    ctx = Ctx(store.load())
+    ctx = ctx_of(store.load())
     with pytest.raises(ZeroDivisionError):
         execute(
             [Fake("a", store), Fake("b", store, fail_do=True, error=ZeroDivisionError)], ctx, store
@@ -413,7 +414,7 @@ def test_a_bug_is_unwound_and_then_reported_as_itself(tmp_path: Path) -> None:
 
 def test_replace_runs_as_its_steps_saved_after_each_and_unwound(tmp_path: Path) -> None:
     store, _, before = _store(tmp_path)
-    ctx = Ctx(store.load())
+    ctx = ctx_of(store.load())
     rep = Replace(
         "a", (Fake("x", store), Fake("y", store), Fake("z", store, fail_do=True)), "changed"
     )

@@ -26,7 +26,8 @@ from guestimage import build_guest_initramfs, guest_kernel
 from partitioner.cpuset import CpuSet
 from partitioner.guest.launch import is_running, thread_affinities
 from partitioner.kernel.root import HostRoot
-from partitioner.record.state import State, StateStore
+from partitioner.record.model import State
+from partitioner.record.store import StateStore
 
 pytestmark = pytest.mark.qemu
 

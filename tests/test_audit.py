@@ -29,7 +29,8 @@ from partitioner.manifest.loader import loads
 from partitioner.pci import PciAddress
 from partitioner.planning.model import DeviceAssignment
 from partitioner.planning.planner import plan
-from partitioner.record.state import PartitionRecord, RunState, State, StateStore
+from partitioner.record.model import PartitionRecord, RunState, State
+from partitioner.record.store import StateStore
 
 TESTBED_NUMA = Path(__file__).resolve().parent / "fixtures" / "hosts" / "testbed-numa"
 PROJECT = Path(__file__).resolve().parents[1]

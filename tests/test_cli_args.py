@@ -21,7 +21,8 @@ from treebuilder import GiB, MiB, TreeBuilder
 from partitioner.cli.main import _MODULE_OF, VERB_MODULES, build_parser, main
 from partitioner.errors import PreconditionError
 from partitioner.manifest.loader import MAX_BYTES
-from partitioner.record.state import RunState, State, StateStore
+from partitioner.record.model import RunState, State
+from partitioner.record.store import StateStore
 from partitioner.testbed import initramfs
 from partitioner.testbed.initramfs import needs_interpreter, static_busybox
 

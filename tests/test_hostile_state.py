@@ -22,13 +22,14 @@ import pytest
 from test_state import a_state
 
 from partitioner.cli.main import main
-from partitioner.record.state import StateStore
+from partitioner.record.codec import state_to_json
+from partitioner.record.store import StateStore
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def _good() -> dict[str, Any]:
-    doc: dict[str, Any] = a_state().to_json()
+    doc: dict[str, Any] = state_to_json(a_state())
     return doc
 
 

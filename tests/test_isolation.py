@@ -13,6 +13,7 @@ from fakesched import DEFAULT, MASKS, NIC, WQ, Killed, SchedKernel, small_host
 from treebuilder import TreeBuilder
 
 from partitioner.cpuset import CpuSet
+from partitioner.engine.isolation import IsolateHost, ReleaseHost, apply_actions, destroy_actions
 from partitioner.inventory import scan
 from partitioner.isolation.layout import (
     Layout,
@@ -22,10 +23,6 @@ from partitioner.isolation.layout import (
 )
 from partitioner.isolation.moves import plan_moves
 from partitioner.isolation.runtime import (
-    IsolateHost,
-    ReleaseHost,
-    apply_actions,
-    destroy_actions,
     isolate,
     load_record,
     record_path,
@@ -36,7 +33,7 @@ from partitioner.isolation.view import read_host_work
 from partitioner.kernel.root import HostRoot
 from partitioner.manifest.loader import loads
 from partitioner.planning.planner import plan
-from partitioner.record.state import HugepageGrant, PartitionRecord, RunState, State
+from partitioner.record.model import HugepageGrant, PartitionRecord, RunState, State
 
 TESTBED_NUMA = Path(__file__).resolve().parent / "fixtures" / "hosts" / "testbed-numa"
 
@@ -219,7 +216,7 @@ def test_the_partitions_vectors_asked_for_after_apply_are_steered_and_only_they(
 
 def test_the_supervisor_steers_on_each_look_and_says_so(k: SchedKernel, tmp_path: Path) -> None:
     from partitioner.boot.supervisor import Supervisor
-    from partitioner.record.state import StateStore
+    from partitioner.record.store import StateStore
 
     state = tmp_path / "state"
     isolate(k, LAYOUT, GUESTS, state)
@@ -265,7 +262,7 @@ def test_apply_and_destroy_choose_isolation_by_the_sites_mode(tmp_path: Path) ->
     )
     [rel] = apply_actions("pinned", p, State(), tmp_path, root)
     assert isinstance(rel, ReleaseHost) and rel.layout == layout_of(p)
-    from partitioner.engine.actions import teardown
+    from partitioner.engine.diff import teardown
 
     state = State().with_partition(
         PartitionRecord(
@@ -286,7 +283,7 @@ def test_apply_and_destroy_choose_isolation_by_the_sites_mode(tmp_path: Path) ->
 
 def test_host_boot_isolates_as_apply_does_and_starts_only_autostart(tmp_path: Path) -> None:
     from partitioner.engine.prepare import prepare
-    from partitioner.record.state import StateStore
+    from partitioner.record.store import StateStore
 
     site = tmp_path / "site.yaml"
     site.write_text(

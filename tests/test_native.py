@@ -41,9 +41,8 @@ from partitioner.kernel.root import HostRoot
 from partitioner.manifest.loader import loads
 from partitioner.manifest.model import Manifest
 from partitioner.planning.mmio import DEFAULT_WINDOW, bits_for, layout, phys_bits
-from partitioner.planning.model import Plan
+from partitioner.planning.model import Placement, Plan
 from partitioner.planning.planner import plan
-from partitioner.record.state import placement_from_json, placement_to_json
 
 # An H100 PCIe's `resource` as the kernel prints it: BAR0 32-bit registers, BAR1 and BAR3
 # 64-bit prefetchable (each followed by the empty upper half), the ROM line, SR-IOV lines.
@@ -234,7 +233,7 @@ def test_planner_sizes_the_window_and_argv_passes_it_to_qemu_and_ovmf(tree: Tree
     assert "q35-pcihost.pci-hole64-size=512G" in _after(argv, "-global")
     assert _after(argv, "-fw_cfg") == []
     # The record of a running partition keeps it, so a restart gets the same command line.
-    again = placement_from_json(placement_to_json(result.placements["ml"]))
+    again = Placement.from_json(result.placements["ml"].to_json())
     assert again == result.placements["ml"]
 
 

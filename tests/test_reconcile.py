@@ -23,22 +23,24 @@ from test_vfio import NIC, build, host_of
 from treebuilder import TreeBuilder
 
 from partitioner.cpuset import CpuSet
-from partitioner.engine.actions import ApplyContext, _claim_intent
+from partitioner.engine.context import ApplyContext
+from partitioner.engine.devices import _claim_intent
 from partitioner.guest.argv import guest_paths
 from partitioner.guest.launch import identify, start_ticks
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
-from partitioner.record.reconcile import find_qemu, reconcile
-from partitioner.record.state import (
+from partitioner.record.codec import claim_from_json
+from partitioner.record.model import (
     HugepageGrant,
     PartitionRecord,
     PoolIntent,
     RunState,
     SiteRecord,
     State,
-    StateStore,
     plan_of_state,
 )
+from partitioner.record.reconcile import find_qemu, reconcile
+from partitioner.record.store import StateStore
 from partitioner.units import MiB
 from partitioner.vfio.claim import claim_group
 
@@ -242,7 +244,7 @@ def test_an_interrupted_claim_is_given_back(tmp_path: Path) -> None:
         name="p1",
         state=RunState.STOPPED,
         placement=placement("p1"),
-        claims=(done, pending),
+        claims=(claim_from_json(done), claim_from_json(pending)),
     )
     r = reconcile(_state(rec), HostRoot(tmp_path))
     assert r.state.partitions["p1"].claim_groups() == [20]

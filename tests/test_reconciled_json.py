@@ -27,7 +27,8 @@ from guestimage import build_guest_initramfs, guest_kernel
 from test_hostile_state import _partition, manifest  # noqa: F401  (a fixture)
 from test_reconcile import _alive, _fake_qemu, _record, _state, procs  # noqa: F401
 
-from partitioner.record.state import PartitionRecord, RunState, StateStore
+from partitioner.record.model import PartitionRecord, RunState
+from partitioner.record.store import StateStore
 
 REPO = Path(__file__).resolve().parent.parent
 

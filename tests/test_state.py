@@ -16,19 +16,18 @@ from partitioner.kernel.root import HostRoot
 from partitioner.manifest.model import Boot, DeviceSpec, Disk, Location, PartitionSpec
 from partitioner.pci import PciAddress
 from partitioner.planning.model import DeviceAssignment, Placement
-from partitioner.record.state import (
+from partitioner.record.codec import claim_from_json, encode
+from partitioner.record.model import (
     HugepageGrant,
     PartitionRecord,
     RunState,
     SiteRecord,
     State,
-    StateStore,
-    placement_from_json,
-    placement_to_json,
     plan_of_state,
-    reconcile,
     running_partitions,
 )
+from partitioner.record.reconcile import reconcile
+from partitioner.record.store import StateStore
 from partitioner.run import spawn
 from partitioner.units import MiB
 
@@ -92,11 +91,13 @@ def record(name: str = "fw0", **kw: object) -> PartitionRecord:
         paths={"console_log": f"/var/log/partition/{name}.console.log"},
         started_at=1000.5,
         claims=(
-            {
-                "group": 19,
-                "functions": [{"address": "0000:81:00.0", "driver": "e1000e"}],
-                "loaded_vfio_pci": False,
-            },
+            claim_from_json(
+                {
+                    "group": 19,
+                    "functions": [{"address": "0000:81:00.0", "driver": "e1000e"}],
+                    "loaded_vfio_pci": False,
+                }
+            ),
         ),
         hugepages=(HugepageGrant(0, 2 * MiB, 128),),
     )
@@ -110,7 +111,7 @@ def a_state() -> State:
 
 def test_placement_round_trip_keeps_every_field() -> None:
     for p in (placement(devices=True), placement(devices=False)):
-        back = placement_from_json(json.loads(json.dumps(placement_to_json(p))))
+        back = Placement.from_json(json.loads(json.dumps(p.to_json())))
         assert back == p
         assert back.same_resources(p)
 
@@ -121,10 +122,10 @@ def test_state_round_trip_and_deterministic_bytes(tmp_path: Path) -> None:
     store.save(st)
     loaded = store.load()
     assert loaded == st
-    assert loaded.serialize() == store.path.read_bytes()
+    assert encode(loaded) == store.path.read_bytes()
     assert list(loaded.partitions) == ["db", "fw0"]
     store.save(loaded)
-    assert store.path.read_bytes() == st.serialize()
+    assert store.path.read_bytes() == encode(st)
 
 
 def test_missing_file_is_empty_state(tmp_path: Path) -> None:
@@ -148,7 +149,7 @@ def test_corrupt_file_is_a_state_error_naming_it(tmp_path: Path, content: bytes)
 
 
 def _save_and_die_before_rename(state_dir: str) -> None:
-    import partitioner.record.state as st
+    import partitioner.record.store as st
 
     def crash(*_: object) -> None:
         os._exit(9)  # the process dies between write+fsync and rename
@@ -179,7 +180,7 @@ def test_crash_between_write_and_rename_leaves_the_old_file(tmp_path: Path) -> N
 def test_failed_rename_is_a_state_error_and_cleans_up(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import partitioner.record.state as st
+    import partitioner.record.store as st
 
     store = StateStore(tmp_path)
     store.save(a_state())
@@ -274,7 +275,8 @@ def test_reconcile_marks_a_dead_qemu_failed_and_reports_lost_claims(tmp_path: Pa
     proc.wait()  # a pid that existed and is gone
     root = _pci_tree(tmp_path, {"0000:81:00.0": "e1000e"})
     st = State().with_partition(record("fw0", pid=proc.pid))
-    fixed, notes = reconcile(st, root)
+    r = reconcile(st, root)
+    fixed, notes = r.state, [f.text(done=False) for f in r.findings]
     assert fixed.partitions["fw0"].state is RunState.FAILED
     assert any("no longer running" in n for n in notes)
     assert any("0000:81:00.0" in n and "e1000e" in n for n in notes)
@@ -286,11 +288,12 @@ def test_reconcile_keeps_a_live_guest_and_a_claim_in_place(tmp_path: Path) -> No
     proc = spawn(["sleep", "30"])
     try:
         st = State().with_partition(record("fw0", pid=proc.pid))
-        fixed, _ = reconcile(st, root)
+        fixed = reconcile(st, root).state
         assert fixed.partitions["fw0"].state is RunState.FAILED
         # A stopped partition is not expected to run; its claim on vfio-pci is in place.
         st2 = State().with_partition(record("fw0", pid=proc.pid, state=RunState.STOPPED))
-        fixed2, notes2 = reconcile(st2, root)
+        r2 = reconcile(st2, root)
+        fixed2, notes2 = r2.state, r2.findings
         assert fixed2 == st2
         assert notes2 == []
     finally:

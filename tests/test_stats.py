@@ -29,7 +29,8 @@ from partitioner.guest.launch import RunningGuest, kill, launch
 from partitioner.kernel.root import HostRoot
 from partitioner.manifest.model import Boot, PartitionSpec
 from partitioner.planning.model import Placement, Plan
-from partitioner.record.state import PartitionRecord, RunState, State, StateStore
+from partitioner.record.model import PartitionRecord, RunState, State
+from partitioner.record.store import StateStore
 from partitioner.stats import (
     PartitionStats,
     ThreadTimes,

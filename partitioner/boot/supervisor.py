@@ -39,7 +39,8 @@ from typing import Any
 
 from partitioner.errors import BusyError, PartitionError, StateError
 from partitioner.kernel.root import HostRoot
-from partitioner.record.state import PartitionRecord, RunState, State, StateStore
+from partitioner.record.model import PartitionRecord, RunState, State
+from partitioner.record.store import StateStore
 
 log = logging.getLogger("partitioner.boot.supervisor")
 

@@ -8,9 +8,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from partitioner.cli.common import Context
-from partitioner.engine.actions import Action
 from partitioner.engine.prepare import converge, prepare
-from partitioner.record.state import StateStore
+from partitioner.engine.step import Action
+from partitioner.record.store import StateStore
 
 DEFAULT_LOCK_TIMEOUT = 60.0
 

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     from partitioner.errors import UsageError
     from partitioner.isolation.runtime import load_record
     from partitioner.record.reconcile import reconcile
-    from partitioner.record.state import StateStore
+    from partitioner.record.store import StateStore
 
     store = StateStore(ctx.state_dir)
     root = ctx.root()

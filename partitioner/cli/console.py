@@ -21,7 +21,9 @@ from typing import Any
 
 from partitioner.cli.common import Context
 from partitioner.errors import PreconditionError, UsageError
-from partitioner.record.state import RunState, StateStore, reconcile
+from partitioner.record.model import RunState
+from partitioner.record.reconcile import reconcile
+from partitioner.record.store import StateStore
 
 DETACH = b"\x1d"  # Ctrl-], as telnet and virsh console use
 
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             "partition console is interactive and has no JSON report; leave out --json"
         )
     store = StateStore(ctx.state_dir)
-    state, _ = reconcile(store.load(), ctx.root())
+    state = reconcile(store.load(), ctx.root()).state
     rec = state.partitions.get(args.name)
     if rec is None:
         raise UsageError(f"no partition {args.name} has been applied here")

@@ -9,11 +9,12 @@ from typing import Any
 from partitioner.cli.apply import add_lock_timeout, print_actions
 from partitioner.cli.common import Context
 from partitioner.cli.lifecycle import lifecycle_context
-from partitioner.engine.actions import execute, teardown
+from partitioner.engine.diff import teardown
+from partitioner.engine.executor import execute
+from partitioner.engine.isolation import destroy_actions
 from partitioner.errors import UsageError
-from partitioner.isolation.runtime import destroy_actions
 from partitioner.record.reconcile import reconcile, reconcile_store
-from partitioner.record.state import StateStore
+from partitioner.record.store import StateStore
 
 
 def register(sub: Any) -> None:

@@ -17,7 +17,8 @@ from partitioner.export import kubevirt, libvirt
 from partitioner.inventory import scan
 from partitioner.manifest.loader import load
 from partitioner.planning.planner import plan
-from partitioner.record.state import State, StateStore, running_partitions
+from partitioner.record.model import State, running_partitions
+from partitioner.record.store import StateStore
 
 
 def register(sub: Any) -> None:

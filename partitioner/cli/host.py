@@ -111,8 +111,9 @@ def _site_settings(ctx: Context, file: str, facts: HostFacts, host: Any = None) 
     from partitioner.inventory import scan
     from partitioner.manifest.loader import load
     from partitioner.planning.planner import plan
+    from partitioner.record.model import running_partitions
     from partitioner.record.reconcile import reconcile
-    from partitioner.record.state import StateStore, running_partitions
+    from partitioner.record.store import StateStore
 
     manifest = load(file)
     root = ctx.root()
@@ -344,7 +345,8 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
     start at boot (``apply.prepare``'s ``boot``)."""
     from partitioner.cli.apply import progress
     from partitioner.engine.prepare import converge, prepare
-    from partitioner.record.state import StateStore, running_partitions
+    from partitioner.record.model import running_partitions
+    from partitioner.record.store import StateStore
 
     ctx.require_live("host boot")
     root = ctx.root()
@@ -389,8 +391,10 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
 def _supervise(ctx: Context, store: Any, poll: float) -> None:
     from partitioner.boot.supervisor import Supervisor
     from partitioner.cli.lifecycle import lifecycle_context
-    from partitioner.engine.actions import Start, execute
-    from partitioner.record.state import State, StateStore
+    from partitioner.engine.executor import execute
+    from partitioner.engine.guests import Start
+    from partitioner.record.model import State
+    from partitioner.record.store import StateStore
 
     def restart(s: StateStore, state: State, name: str) -> State:
         # The same action as `partition start`: the recorded placement, pinned as before.
@@ -403,7 +407,7 @@ def _supervise(ctx: Context, store: Any, poll: float) -> None:
 
 
 def run_supervise(args: argparse.Namespace, ctx: Context) -> int:
-    from partitioner.record.state import StateStore
+    from partitioner.record.store import StateStore
 
     ctx.require_live("host supervise")
     _supervise(ctx, StateStore(ctx.state_dir), poll=args.poll)

@@ -8,11 +8,14 @@ from typing import Any
 
 from partitioner.cli.apply import add_lock_timeout, progress
 from partitioner.cli.common import Context
-from partitioner.engine.actions import ApplyContext, Start, Stop, execute
+from partitioner.engine.context import ApplyContext
+from partitioner.engine.executor import execute
+from partitioner.engine.guests import Start, Stop
 from partitioner.errors import UsageError
 from partitioner.inventory.model import Host
+from partitioner.record.model import PartitionRecord, RunState, State, plan_of_state
 from partitioner.record.reconcile import reconcile_store
-from partitioner.record.state import PartitionRecord, RunState, State, StateStore, plan_of_state
+from partitioner.record.store import StateStore
 
 
 def register(sub: Any) -> None:

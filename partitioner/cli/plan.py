@@ -8,14 +8,15 @@ from dataclasses import replace
 from typing import Any
 
 from partitioner.cli.common import Context, table
-from partitioner.engine.actions import diff, held_replacements
+from partitioner.engine.diff import diff, held_replacements
 from partitioner.guest.argv import NO_ARGV, command_lines
 from partitioner.inventory import scan
 from partitioner.manifest.loader import load
 from partitioner.planning.files import checked_plan, file_problems
 from partitioner.planning.model import Plan
+from partitioner.record.model import State, running_partitions
 from partitioner.record.reconcile import Finding, reconcile
-from partitioner.record.state import State, StateStore, running_partitions
+from partitioner.record.store import StateStore
 from partitioner.units import format_size
 
 

@@ -9,8 +9,10 @@ from typing import Any
 from partitioner import stats
 from partitioner.cli.common import Context, table
 from partitioner.errors import UsageError
+from partitioner.record.codec import grant_to_json
+from partitioner.record.model import PartitionRecord, RunState
 from partitioner.record.reconcile import reconcile
-from partitioner.record.state import PartitionRecord, RunState, StateStore
+from partitioner.record.store import StateStore
 from partitioner.units import format_size
 
 
@@ -42,7 +44,7 @@ def record_json(rec: PartitionRecord, now: float, shown: str | None = None) -> d
         if running and rec.started_at is not None
         else None,
         "console_log": rec.paths.get("console_log"),
-        "hugepages_added": [g.to_json() for g in rec.hugepages],
+        "hugepages_added": [grant_to_json(g) for g in rec.hugepages],
     }
 
 

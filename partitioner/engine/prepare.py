@@ -4,7 +4,7 @@
 reconciliation finds only with ``act=True``, under the lock: ending a
 half-started QEMU, recording an interrupted hugepage change), scans, plans
 against what runs and diffs.  ``converge()`` runs the
-actions under :func:`partitioner.engine.actions.execute` (saving after each, undoing
+actions under :func:`partitioner.engine.executor.execute` (saving after each, undoing
 on failure).  The CLI verb and the benchmark both go through here.
 """
 
@@ -14,15 +14,19 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from partitioner.engine.actions import Action, ApplyContext, diff, execute, held_replacements
+from partitioner.engine.context import ApplyContext
+from partitioner.engine.diff import diff, held_replacements
+from partitioner.engine.executor import execute
+from partitioner.engine.isolation import apply_actions as isolation_actions
+from partitioner.engine.step import Action
 from partitioner.errors import UsageError
 from partitioner.inventory.model import Host
-from partitioner.isolation.runtime import apply_actions as isolation_actions
 from partitioner.kernel.root import HostRoot
 from partitioner.manifest.model import Manifest
 from partitioner.planning.model import Plan
+from partitioner.record.model import SiteRecord, State, running_partitions
 from partitioner.record.reconcile import Finding, reconcile, reconcile_store
-from partitioner.record.state import SiteRecord, State, StateStore, running_partitions
+from partitioner.record.store import StateStore
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from partitioner.errors import GuestError
 from partitioner.kernel.root import HostRoot
 
 if TYPE_CHECKING:
-    from partitioner.record.state import PartitionRecord
+    from partitioner.record.model import PartitionRecord
 
 DEFAULT_BASE = "partition"
 

@@ -19,13 +19,12 @@ import logging
 import os
 import tempfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import ApplyFailed
-from partitioner.isolation.layout import Layout, PartitionCpus, layout_of
+from partitioner.isolation.layout import Layout, PartitionCpus
 from partitioner.isolation.moves import IrqMove, Moves, own_irq_moves, plan_moves
 from partitioner.isolation.systemd import confine as systemd_confine
 from partitioner.isolation.systemd import current as systemd_current
@@ -33,8 +32,7 @@ from partitioner.isolation.systemd import has_systemd
 from partitioner.isolation.systemd import put_back as systemd_put_back
 from partitioner.isolation.view import format_mask, read_host_work, read_irqs, read_task
 from partitioner.kernel.root import HostRoot
-from partitioner.planning.model import Plan
-from partitioner.record.state import RunState, State
+from partitioner.record.model import RunState, State
 from partitioner.run import CommandFailed
 
 log = logging.getLogger("partitioner.isolation")
@@ -316,85 +314,6 @@ def restore(root: HostRoot, state_dir: str | Path) -> list[str]:
     return notes
 
 
-# -- actions -----------------------------------------------------------------------
-
-
-def _state_dir(ctx: Any, given: str) -> str:
-    return given or str(getattr(ctx, "state_dir", "") or "")
-
-
-@dataclass(frozen=True)
-class IsolateHost:
-    """Take the host's processes, movable kernel threads, unbound workqueues and movable
-    interrupts off the partitions' CPUs; the partitions' device interrupts onto theirs."""
-
-    layout: Layout
-    state_dir: str
-    target: str = "host"
-    kind: str = "isolate-host"
-
-    @property
-    def detail(self) -> str:
-        return (
-            f"host work off CPUs {self.layout.partition_cpus} onto the reserve "
-            f"{self.layout.reserve}; devices' interrupts to their partition's CPUs"
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {"action": self.kind, "target": self.target, "detail": self.detail}
-
-    def __str__(self) -> str:
-        return f"{self.kind} {self.target}: {self.detail}"
-
-    def do(self, ctx: Any) -> None:
-        doc = isolate(ctx.root, self.layout, guests_of(ctx.state), self.state_dir)
-        for r in doc["refused"]:
-            log.info(
-                "the kernel keeps %s %s (%s) where it is: %s",
-                r["kind"],
-                r["id"],
-                r["name"],
-                r["errno"],
-            )
-
-    def undo(self, ctx: Any) -> None:
-        for note in restore(ctx.root, self.state_dir):
-            log.warning("%s", note)
-
-    def check(self, ctx: Any) -> bool:
-        return in_place(ctx.root, self.layout, guests_of(ctx.state), self.state_dir)
-
-
-@dataclass(frozen=True)
-class ReleaseHost:
-    """Put back every affinity and mask the isolation record holds: the last partition is gone."""
-
-    layout: Layout  # what was isolated, to isolate again if this is undone
-    state_dir: str
-    target: str = "host"
-    kind: str = "release-host"
-
-    @property
-    def detail(self) -> str:
-        return f"put back the affinities and masks changed to keep CPUs {self.layout.partition_cpus} free"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"action": self.kind, "target": self.target, "detail": self.detail}
-
-    def __str__(self) -> str:
-        return f"{self.kind} {self.target}: {self.detail}"
-
-    def do(self, ctx: Any) -> None:
-        for note in restore(ctx.root, self.state_dir):
-            log.warning("%s", note)
-
-    def undo(self, ctx: Any) -> None:
-        isolate(ctx.root, self.layout, guests_of(ctx.state), self.state_dir)
-
-    def check(self, ctx: Any) -> bool:
-        return not record_path(self.state_dir).exists()
-
-
 def in_place(
     root: HostRoot, layout: Layout, guests: Mapping[int, str], state_dir: str | Path
 ) -> bool:
@@ -402,38 +321,3 @@ def in_place(
     if doc is None or doc.get("layout") != layout.to_json():
         return False
     return not plan_moves(layout, read_host_work(root), guests, refused_irqs=refused_irqs(doc))
-
-
-def apply_actions(
-    mode: str, plan: Plan, state: State, state_dir: str | Path, root: HostRoot
-) -> list[Any]:
-    """What ``apply`` adds after the partitions' own actions: isolate the host for a ``full``
-    site (unless it already is, exactly), or put the host back for a ``pinned`` or empty one."""
-    doc = load_record(state_dir)
-    if mode == "full" and plan.placements:
-        layout = layout_of(plan)
-        if root.live and in_place(root, layout, guests_of(state), state_dir):
-            return []
-        return [IsolateHost(layout, str(state_dir))]
-    if doc is not None:
-        return [ReleaseHost(layout_from_json(doc["layout"]), str(state_dir))]
-    return []
-
-
-def destroy_actions(
-    actions: list[Any], state: State, names: set[str], state_dir: str | Path
-) -> list[Any]:
-    """``destroy``'s actions with the host put back once no partition is left: right after the
-    guests stop, before their devices go back to their drivers (a driver that binds asks for
-    interrupts, which get ``default_smp_affinity``: it must be the host's own again by then).
-
-    While others still run, the destroyed partition's CPUs stay fenced: the host gets
-    them back with the last partition."""
-    doc = load_record(state_dir)
-    if doc is None or set(state.partitions) - names:
-        return actions
-    stops = 0
-    while stops < len(actions) and getattr(actions[stops], "kind", "") == "stop":
-        stops += 1
-    release = ReleaseHost(layout_from_json(doc["layout"]), str(state_dir))
-    return [*actions[:stops], release, *actions[stops:]]

@@ -48,6 +48,11 @@ def pool_counts(root: HostRoot, node: int, size_bytes: int) -> tuple[int, int]:
     return nr, free
 
 
+def pool_size(root: HostRoot, node: int, size_bytes: int) -> int | None:
+    """The pool's nr_hugepages now, or None where the node has no pool of that size."""
+    return root.read_int(f"{pool_dir(node, size_bytes)}/nr_hugepages")
+
+
 # A pool's size is written as an absolute number: two commands that read it, add and write at
 # once (two sites' applies, an apply and the supervisor) would take back each other's pages.
 # One lock for the whole host keeps each read-modify-write whole.

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from partitioner.cpuset import CpuSet
+from partitioner.jsonvalues import obj, seq
 
 
 @dataclass(frozen=True)
@@ -97,3 +98,88 @@ class Manifest:
     def start_order(self) -> list[PartitionSpec]:
         """Lower ``order`` starts first; ties start in name order.  Stop order is the reverse."""
         return sorted(self.partitions.values(), key=lambda p: (p.order, p.name))
+
+
+# -- a partition's spec as JSON: the state record keeps it to start the guest again later --
+
+
+def _loc_to_json(loc: Location) -> list[Any]:
+    return [loc.file, loc.line, loc.column]
+
+
+def _loc_from_json(v: Any) -> Location:
+    if not v:
+        return NOWHERE
+    return Location(str(v[0]), int(v[1]), int(v[2]))
+
+
+def spec_to_json(s: PartitionSpec) -> dict[str, Any]:
+    return {
+        "name": s.name,
+        "cpu_count": s.cpu_count,
+        "cpu_list": None if s.cpu_list is None else str(s.cpu_list),
+        "memory_bytes": s.memory_bytes,
+        "hugepage_bytes": s.hugepage_bytes,
+        "numa": s.numa if s.numa == "auto" else list(s.numa),
+        "devices": [
+            {
+                "kind": d.kind,
+                "value": d.value,
+                "count": d.count,
+                "required": d.required,
+                "reset_none_ok": d.reset_none_ok,
+                "rom": d.rom,
+                "primary_display": d.primary_display,
+                "where": _loc_to_json(d.where),
+            }
+            for d in s.devices
+        ],
+        "boot": None
+        if s.boot is None
+        else {"kernel": s.boot.kernel, "initrd": s.boot.initrd, "cmdline": s.boot.cmdline},
+        "disks": [{"path": d.path, "readonly": d.readonly} for d in s.disks],
+        "firmware": s.firmware,
+        "autostart": s.autostart,
+        "order": s.order,
+        "on_crash": s.on_crash,
+        "where": _loc_to_json(s.where),
+    }
+
+
+def spec_from_json(v: Any) -> PartitionSpec:
+    d = obj(v, "spec")
+    boot = d.get("boot")
+    numa = d["numa"]
+    return PartitionSpec(
+        name=str(d["name"]),
+        cpu_count=int(d["cpu_count"]),
+        cpu_list=None if d.get("cpu_list") is None else CpuSet.parse(str(d["cpu_list"])),
+        memory_bytes=int(d["memory_bytes"]),
+        hugepage_bytes=None if d.get("hugepage_bytes") is None else int(d["hugepage_bytes"]),
+        numa="auto" if numa == "auto" else tuple(int(n) for n in numa),
+        devices=tuple(
+            DeviceSpec(
+                kind=x["kind"],
+                value=str(x["value"]),
+                count=int(x.get("count", 1)),
+                required=bool(x.get("required", True)),
+                reset_none_ok=bool(x.get("reset_none_ok", False)),
+                rom=x.get("rom"),
+                primary_display=bool(x.get("primary_display", False)),
+                where=_loc_from_json(x.get("where")),
+            )
+            for x in seq(d.get("devices", []), "spec devices")
+        ),
+        boot=None
+        if not boot
+        else Boot(str(boot["kernel"]), boot.get("initrd"), boot.get("cmdline")),
+        disks=tuple(
+            Disk(str(x["path"]), bool(x.get("readonly", False)))
+            for x in seq(d.get("disks", []), "spec disks")
+        ),
+        firmware="uefi" if d.get("firmware") == "uefi" else "bios",
+        autostart=bool(d.get("autostart", True)),
+        order=int(d.get("order", 0)),
+        on_crash="stop" if d.get("on_crash") == "stop" else "restart",
+        where=_loc_from_json(d.get("where")),
+    )

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from partitioner.cpuset import CpuSet
-from partitioner.manifest.model import PartitionSpec
+from partitioner.jsonvalues import nat, obj, seq
+from partitioner.manifest.model import PartitionSpec, spec_from_json, spec_to_json
 from partitioner.pci import PciAddress
 from partitioner.units import page_size_name
 
@@ -83,13 +84,17 @@ class Placement:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The shape of ``partition plan --json`` (cli.md), plus the topology and per-node memory."""
+        """The one JSON form of a placement: ``partition plan --json`` (cli.md) shows it, and
+        the state record keeps it, so it carries every field ``from_json`` needs back."""
         return {
+            "name": self.name,
             "cpus": list(self.cpus),
+            "cpu_nodes": list(self.cpu_nodes),
             "numa_nodes": list(self.numa_nodes),
             "memory_bytes": self.memory_bytes,
             "memory_per_node": {str(n): b for n, b in self.memory_per_node},
             "hugepages": page_size_name(self.hugepage_bytes) if self.hugepage_bytes else "none",
+            "hugepage_bytes": self.hugepage_bytes,
             "topology": {"sockets": self.sockets, "cores": self.cores, "threads": self.threads},
             "devices": [str(d.address) for d in self.devices if not d.added],
             "added_devices": [str(d.address) for d in self.devices if d.added],
@@ -102,11 +107,58 @@ class Placement:
                     "driver": d.driver,
                     "added": d.added,
                     "reason": d.reason,
+                    "reset_none_ok": d.reset_none_ok,
+                    "rom": d.rom,
+                    "primary_display": d.primary_display,
                 }
                 for d in self.devices
             ],
+            "pci_hole64_bytes": self.pci_hole64_bytes,
+            "host_cache_info": self.host_cache_info,
             "notes": list(self.notes),
+            "spec": spec_to_json(self.spec),
         }
+
+    @classmethod
+    def from_json(cls, v: Any) -> Placement:
+        """A placement back from :meth:`to_json`, every value checked (``ValueError`` names it)."""
+        d = obj(v, "placement")
+        topo = obj(d["topology"], "topology")
+        per_node = obj(d["memory_per_node"], "memory_per_node")
+        hp = d.get("hugepage_bytes")
+        return cls(
+            name=str(d["name"]),
+            cpus=tuple(nat(c, "a CPU") for c in seq(d["cpus"], "cpus")),
+            sockets=nat(topo["sockets"], "sockets"),
+            cores=nat(topo["cores"], "cores"),
+            threads=nat(topo["threads"], "threads"),
+            numa_nodes=tuple(nat(n, "a NUMA node") for n in seq(d["numa_nodes"], "numa_nodes")),
+            memory_per_node=tuple(
+                sorted((nat(int(n), "a NUMA node"), nat(b, "memory")) for n, b in per_node.items())
+            ),
+            hugepage_bytes=None if hp is None else nat(hp, "hugepage_bytes"),
+            devices=tuple(
+                DeviceAssignment(
+                    address=PciAddress.parse(str(x["address"])),
+                    iommu_group=nat(x["iommu_group"], "an IOMMU group"),
+                    vendor_device=str(x["id"]),
+                    driver=None if x.get("driver") is None else str(x["driver"]),
+                    added=bool(x["added"]),
+                    reason=str(x.get("reason", "")),
+                    reset_none_ok=bool(x.get("reset_none_ok", False)),
+                    rom=None if x.get("rom") is None else str(x["rom"]),
+                    primary_display=bool(x.get("primary_display", False)),
+                )
+                for x in (obj(e, "a device") for e in seq(d["device_details"], "device_details"))
+            ),
+            spec=spec_from_json(d["spec"]),
+            notes=tuple(str(n) for n in seq(d.get("notes", []), "notes")),
+            cpu_nodes=tuple(
+                nat(n, "a NUMA node") for n in seq(d.get("cpu_nodes", []), "cpu_nodes")
+            ),
+            pci_hole64_bytes=nat(d.get("pci_hole64_bytes", 0), "pci_hole64_bytes"),
+            host_cache_info=bool(d.get("host_cache_info", False)),
+        )
 
 
 @dataclass(frozen=True)

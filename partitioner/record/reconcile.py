@@ -33,8 +33,17 @@ from partitioner.cpuset import CpuSet
 from partitioner.errors import HugepageError
 from partitioner.guest.argv import GuestPaths
 from partitioner.kernel import sysfs
+from partitioner.kernel.hugepages import pool_size
 from partitioner.kernel.root import HostRoot
-from partitioner.record.state import HugepageGrant, PartitionRecord, RunState, State, StateStore
+from partitioner.record.model import (
+    VFIO_PCI,
+    GroupClaim,
+    PartitionRecord,
+    RunState,
+    State,
+    settle_pool_intent,
+)
+from partitioner.record.store import StateStore
 from partitioner.units import page_size_name
 
 
@@ -117,19 +126,13 @@ def reconcile_store(store: StateStore, root: HostRoot) -> Reconciled:
 
 
 def _settle_pools(rec: PartitionRecord, root: HostRoot, findings: list[Finding]) -> PartitionRecord:
-    from partitioner.kernel.hugepages import pool_counts
-
-    grants = {(g.node, g.size_bytes): g.pages for g in rec.hugepages}
     for i in rec.pool_intents:
-        try:
-            now, _free = pool_counts(root, i.node, i.size_bytes)
-        except HugepageError:
-            now = i.before  # no such pool: nothing can have moved
+        size_now = pool_size(root, i.node, i.size_bytes)
+        now = i.before if size_now is None else size_now  # no such pool: nothing can have moved
         moved = i.settle(now)
-        key = (i.node, i.size_bytes)
+        rec = settle_pool_intent(rec, i, now)
         pool = f"the {page_size_name(i.size_bytes)} hugepage pool of node {i.node}"
         if i.op == "raise":
-            grants[key] = grants.get(key, 0) + moved
             findings.append(
                 Finding(
                     rec.name,
@@ -139,22 +142,18 @@ def _settle_pools(rec: PartitionRecord, root: HostRoot, findings: list[Finding])
                 )
             )
         else:
-            grants[key] = max(0, grants.get(key, 0) - moved)
+            left = sum(
+                g.pages for g in rec.hugepages if (g.node, g.size_bytes) == (i.node, i.size_bytes)
+            )
             findings.append(
                 Finding(
                     rec.name,
                     f"shrinking {pool} from {i.before} to {i.target} pages was interrupted "
                     f"(it has {now})",
-                    f"record {moved} page(s) as given back ({grants[key]} still to give back)",
+                    f"record {moved} page(s) as given back ({left} still to give back)",
                 )
             )
-    if not rec.pool_intents:
-        return rec
-    return replace(
-        rec,
-        pool_intents=(),
-        hugepages=tuple(HugepageGrant(n, s, c) for (n, s), c in sorted(grants.items()) if c > 0),
-    )
+    return rec
 
 
 # -- devices ---------------------------------------------------------------------
@@ -163,36 +162,32 @@ def _settle_pools(rec: PartitionRecord, root: HostRoot, findings: list[Finding])
 def _settle_claims(
     rec: PartitionRecord, root: HostRoot, findings: list[Finding]
 ) -> PartitionRecord:
-    kept: list[Any] = []
+    kept: list[GroupClaim] = []
     for c in rec.claims:
-        if not c.get("pending"):
-            for fn in c.get("functions", []):
-                addr = str(fn["address"])
-                drv = root.readlink_name(sysfs.pci_device(addr, "driver"))
-                if drv != "vfio-pci" and fn.get("driver") != "vfio-pci":
+        if not c.pending:
+            for fn in c.functions:
+                drv = root.readlink_name(sysfs.pci_device(fn.address, "driver"))
+                if drv != VFIO_PCI and fn.driver != VFIO_PCI:
                     findings.append(
                         Finding(
                             rec.name,
-                            f"{addr} (IOMMU group {c['group']}) is no longer bound to vfio-pci "
+                            f"{fn.address} (IOMMU group {c.group}) is no longer bound to vfio-pci "
                             f"(now {drv or 'no driver'})",
                         )
                     )
             kept.append(c)
             continue
-        claim = dict(c)
 
-        def give_back(claim: dict[str, Any] = claim) -> None:
-            from partitioner.vfio.claim import GroupClaim, release_group
+        def give_back(claim: GroupClaim = c) -> None:
+            from partitioner.vfio.claim import release_group
 
-            release_group(root, GroupClaim.from_json(claim))
+            release_group(root, claim)
 
-        fns = ", ".join(
-            f"{f['address']} -> {f.get('driver') or 'no driver'}" for f in c.get("functions", [])
-        )
+        fns = ", ".join(f"{f.address} -> {f.driver or 'no driver'}" for f in c.functions)
         findings.append(
             Finding(
                 rec.name,
-                f"claiming IOMMU group {c['group']} for vfio-pci was interrupted",
+                f"claiming IOMMU group {c.group} for vfio-pci was interrupted",
                 f"give its functions back to the drivers they had ({fns or 'none'})",
                 give_back,
             )

@@ -3,8 +3,8 @@
 The kernel's documented way (Documentation/driver-api/vfio.rst): write
 ``vfio-pci`` to the function's ``driver_override``, unbind it from its driver,
 ask ``/sys/bus/pci/drivers_probe``.  What each function had before (its driver
-and its ``driver_override``) is recorded in a :class:`GroupClaim`, which the
-state file keeps, so that :func:`release_group` can put it back even from a
+and its ``driver_override``) is recorded in a :class:`~partitioner.record.model.GroupClaim`, which
+the state record keeps, so that :func:`release_group` can put it back even from a
 later run.
 
 Every sysfs access goes through :class:`~partitioner.kernel.root.HostRoot`; tests
@@ -18,13 +18,13 @@ import logging
 import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 from partitioner.errors import DeviceError
 from partitioner.inventory.model import Host
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
+from partitioner.record.model import VFIO_PCI, FunctionRecord, GroupClaim
 from partitioner.run import CommandFailed, run
 from partitioner.vfio.preview import (
     VIABLE_DRIVERS,
@@ -36,7 +36,6 @@ from partitioner.vfio.preview import (
 
 log = logging.getLogger("partitioner.vfio")
 
-VFIO_PCI = "vfio-pci"
 DRIVERS_DIR = sysfs.PCI_DRIVERS
 DEVICES_DIR = sysfs.PCI_DEVICES
 DRIVERS_PROBE = sysfs.PCI_DRIVERS_PROBE
@@ -58,67 +57,6 @@ class ClaimFailed(DeviceError):
         super().__init__(message, address=address, path=path, errno=errno)
         self.restored = list(restored)
         self.not_restored = list(not_restored)
-
-
-@dataclass(frozen=True)
-class FunctionRecord:
-    """What one PCI function had before it was claimed."""
-
-    address: str
-    driver: str | None
-    driver_override: str | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "address": self.address,
-            "driver": self.driver,
-            "driver_override": self.driver_override,
-        }
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> FunctionRecord:
-        return cls(
-            address=str(doc["address"]),
-            driver=_opt_str(doc.get("driver")),
-            driver_override=_opt_str(doc.get("driver_override")),
-        )
-
-    @property
-    def was_on_vfio(self) -> bool:
-        """Already on vfio-pci before the claim: nothing was taken, so nothing is given back."""
-        return self.driver == VFIO_PCI
-
-
-@dataclass(frozen=True)
-class GroupClaim:
-    """One IOMMU group claimed for vfio-pci: its endpoints, in the order they were claimed."""
-
-    group: int
-    functions: tuple[FunctionRecord, ...]
-    loaded_vfio_pci: bool  # this claim loaded the vfio-pci module
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "group": self.group,
-            "functions": [f.to_json() for f in self.functions],
-            "loaded_vfio_pci": self.loaded_vfio_pci,
-        }
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> GroupClaim:
-        return cls(
-            group=int(doc["group"]),
-            functions=tuple(FunctionRecord.from_json(f) for f in doc.get("functions", [])),
-            loaded_vfio_pci=bool(doc.get("loaded_vfio_pci", False)),
-        )
-
-    @property
-    def addresses(self) -> tuple[str, ...]:
-        return tuple(f.address for f in self.functions)
-
-
-def _opt_str(v: object) -> str | None:
-    return None if v is None else str(v)
 
 
 def modprobe(name: str) -> None:

@@ -26,7 +26,8 @@ from partitioner.cpuset import CpuSet
 from partitioner.guest.launch import thread_affinities
 from partitioner.inventory.model import Host
 from partitioner.kernel.root import HostRoot
-from partitioner.record.state import State, StateStore
+from partitioner.record.model import State
+from partitioner.record.store import StateStore
 from partitioner.vfio.claim import current_driver
 
 pytestmark = [

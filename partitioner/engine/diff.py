@@ -1,0 +1,150 @@
+"""The diff: the ordered steps that take the host from what the record says runs to what the plan says.
+
+Partitions leaving the plan are torn down first (stops in reverse start order,
+then their devices and pages), then partitions are brought up in start order.
+A running partition whose resources changed is left running unless its operator
+names it with ``--replace`` (:func:`held_replacements` says which and why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from partitioner.engine.devices import ClaimGroup, ReleaseGroup
+from partitioner.engine.guests import Forget, Start, Stop, _placement_summary
+from partitioner.engine.hugepages import ReleaseHugepages, ReserveHugepages, _idle_need
+from partitioner.engine.step import Action, Replace
+from partitioner.inventory.model import Host
+from partitioner.planning.model import Placement, Plan
+from partitioner.record.model import PartitionRecord, RunState, State
+from partitioner.units import format_size
+from partitioner.vfio.preview import group_endpoints
+
+
+def _stop_key(rec: PartitionRecord) -> tuple[int, str]:
+    return (rec.placement.spec.order, rec.name)
+
+
+def teardown(records: Iterable[PartitionRecord]) -> list[Action]:
+    """Take partitions down and give back what they hold: stops first (reverse start order), then
+    devices and pages, so nothing is released from under a guest that still runs."""
+    recs = sorted(records, key=_stop_key, reverse=True)
+    out: list[Action] = [Stop(r.name) for r in recs if r.state is RunState.RUNNING]
+    for r in recs:
+        out.extend(_release(r))
+        out.append(Forget(r.name, r))
+    return out
+
+
+def _release(r: PartitionRecord) -> list[Action]:
+    out: list[Action] = []
+    for c in reversed(r.claims):
+        fns = tuple((f.address, f.driver) for f in c.functions)
+        out.append(ReleaseGroup(r.name, c.group, fns))
+    out.extend(ReleaseHugepages(r.name, g.node, g.size_bytes, g.pages) for g in r.hugepages)
+    return out
+
+
+def _bring_up(
+    p: Placement,
+    host: Host,
+    shortfall: dict[tuple[int, int], int],
+    state: State,
+    held: Iterable[int] = (),
+) -> list[Action]:
+    out: list[Action] = []
+    if p.hugepage_bytes is not None:
+        size = p.hugepage_bytes
+        for node, nbytes in p.memory_per_node:
+            pages = nbytes // size
+            key = (node, size)
+            if key not in shortfall:
+                pool = host.nodes[node].hugepages.get(size) if node in host.nodes else None
+                shortfall[key] = _idle_need(state, node, size, p.name) - (pool.free if pool else 0)
+            # Partitions started earlier in this apply take their pages before this one asks.
+            shortfall[key] += pages
+            if shortfall[key] > 0:
+                out.append(ReserveHugepages(p.name, node, size, pages))
+    out.extend(_claims(p, host, held))
+    out.append(Start(p.name, _placement_summary(p)))
+    return out
+
+
+def _claims(p: Placement, host: Host, held: Iterable[int]) -> list[Action]:
+    out: list[Action] = []
+    have = set(held)
+    for g in p.iommu_groups:
+        if g in have:
+            continue
+
+        # What claim_group takes, listed as it will.
+        fns = tuple((str(fn.address), fn.driver) for fn in group_endpoints(host, g))
+        out.append(ClaimGroup(p.name, g, fns))
+    return out
+
+
+def _changes(new: Placement, old: Placement) -> str:
+    said: list[str] = []
+    if new.cpus != old.cpus:
+        said.append(f"CPUs {old.cpuset} -> {new.cpuset}")
+    if new.memory_per_node != old.memory_per_node:
+        said.append(f"memory {format_size(old.memory_bytes)} -> {format_size(new.memory_bytes)}")
+    if new.hugepage_bytes != old.hugepage_bytes:
+        said.append("page size changed")
+    if tuple(d.address for d in new.devices) != tuple(d.address for d in old.devices):
+        said.append("devices changed")
+    if (new.sockets, new.cores, new.threads) != (old.sockets, old.cores, old.threads):
+        said.append("CPU topology changed")
+    if (new.spec.boot, new.spec.disks, new.spec.firmware) != (
+        old.spec.boot,
+        old.spec.disks,
+        old.spec.firmware,
+    ):
+        said.append("boot, disks or firmware changed")
+    return ", ".join(said) or "placement changed"
+
+
+def held_replacements(plan: Plan, state: State, *, replace: set[str]) -> dict[str, str]:
+    """Running partitions the manifest changed but that are left running: name -> what changed.
+
+    A running partition is never restarted behind its operator's back; ``--replace NAME``
+    or ``--replace-all`` says to.
+    """
+    out: dict[str, str] = {}
+    for name, p in plan.placements.items():
+        rec = state.partitions.get(name)
+        if (
+            rec is not None
+            and rec.state is RunState.RUNNING
+            and name not in replace
+            and not p.same_resources(rec.placement)
+        ):
+            out[name] = _changes(p, rec.placement)
+    return out
+
+
+def diff(plan: Plan, state: State, host: Host, *, replace: set[str]) -> list[Action]:
+    """The ordered actions that take the host from ``state`` to ``plan``; [] when nothing changed."""
+    out: list[Action] = []
+    gone = [r for n, r in state.partitions.items() if n not in plan.placements]
+    out.extend(teardown(gone))
+    shortfall: dict[tuple[int, int], int] = {}
+    for p in plan.start_order():
+        rec = state.partitions.get(p.name)
+        if rec is None:
+            out.extend(_bring_up(p, host, shortfall, state))
+        elif not p.same_resources(rec.placement):
+            if rec.state is RunState.RUNNING:
+                if p.name not in replace:
+                    continue  # held_replacements() reports it
+                steps = [Stop(p.name), *_release(rec), Forget(p.name, rec)]
+                steps += _bring_up(p, host, shortfall, state)
+                out.append(Replace(p.name, tuple(steps), _changes(p, rec.placement)))
+            else:
+                out.extend([*_release(rec), Forget(p.name, rec)])
+                out.extend(_bring_up(p, host, shortfall, state))
+        elif rec.state is not RunState.RUNNING:
+            # What is missing (pages or a claim an apply killed half-way never made, pages a
+            # stopped partition gave back) is taken before it starts.
+            out.extend(_bring_up(p, host, shortfall, state, rec.claim_groups()))
+    return out
