@@ -42,6 +42,11 @@ def page_size_name(n: int) -> str:
     return format_size(n)
 
 
+def kernel_page_size(n: int) -> str:
+    """Hugepage size in the kernel's spelling (``hugepagesz=``): 2097152 -> ``2M``, 1 GiB -> ``1G``."""
+    return f"{n // GiB}G" if n % GiB == 0 else f"{n // MiB}M"
+
+
 def human_size(n: int) -> str:
     """For people, not for manifests: exact where it can be, else one decimal (``10.3GiB``)."""
     exact = format_size(n)

@@ -20,10 +20,9 @@ from partitioner.cpuset import CpuListSyntaxError, CpuSet
 from partitioner.inventory.model import Host
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
-from partitioner.units import page_size_name
+from partitioner.units import GiB, page_size_name
 
 Status = Literal["pass", "warn", "fail"]
-GiB = 1024**3
 
 
 @dataclass(frozen=True)

@@ -38,9 +38,8 @@ from partitioner.inventory.model import Host
 from partitioner.kernel.root import HostRoot
 from partitioner.manifest.model import Manifest
 from partitioner.planning.model import Plan
+from partitioner.units import kernel_page_size
 
-GiB = 1024**3
-MiB = 1024**2
 
 # Where everything lives on the target; the record lists what was written so that
 # --undo takes away exactly that, whatever the site says by then.
@@ -126,10 +125,6 @@ class BootSettings:
     notes: tuple[str, ...] = ()
 
 
-def _kernel_size(n: int) -> str:
-    return f"{n // GiB}G" if n % GiB == 0 else f"{n // MiB}M"
-
-
 def boot_settings(manifest: Manifest, plan: Plan, host: Host, facts: HostFacts) -> BootSettings:
     """The kernel arguments, pools and early-bound devices of ``plan``."""
     args: list[str] = []
@@ -175,7 +170,7 @@ def boot_settings(manifest: Manifest, plan: Plan, host: Host, facts: HostFacts) 
     # found before anything else is carved out at boot.
     for size in sorted(pools, reverse=True):
         nodes = pools[size]
-        args.append(f"hugepagesz={_kernel_size(size)}")
+        args.append(f"hugepagesz={kernel_page_size(size)}")
         if per_node and host.nodes:
             args.append("hugepages=" + ",".join(f"{n}:{c}" for n, c in sorted(nodes.items())))
         else:

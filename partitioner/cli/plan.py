@@ -34,7 +34,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     host = scan(ctx.root())
     state, findings = _reconciled(ctx)
     ctx.reconciled(findings, done=False)
-    # The pure plan, then KVM's vCPU limit and the files it hands to QEMU (filecheck).  Under
+    # The pure plan, then KVM's vCPU limit and the files it hands to QEMU (planning.files).  Under
     # --host-root the plan is for another machine, whose KVM and files are not here to be
     # asked: said, not held.
     here = ctx.host_root is None

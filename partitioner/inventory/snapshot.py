@@ -12,7 +12,7 @@ the links (``/proc/self`` is the reader's pid, ``/proc/net`` is per-process)
 are followed and their content stored as plain files.  ``/dev/kvm`` becomes an
 empty file: the scan only asks whether it exists.  The PCI names the scan got from
 udev's hardware database are written as a hwdb source file in the tree
-(``hostroot.SNAPSHOT_HWDB``), which is where a tree's HostRoot looks them up.
+(``kernel.root.SNAPSHOT_HWDB``), which is where a tree's HostRoot looks them up.
 A destination that is the source tree, inside it or around it is refused.
 """
 

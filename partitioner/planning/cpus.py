@@ -1,0 +1,208 @@
+"""CPUs (rules 1, 2): usable cores per node, the host's reserve, CPUs named by a list, and the
+guest topology a set of host CPUs gives."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from partitioner.cpuset import CpuSet
+from partitioner.inventory.model import Host
+from partitioner.manifest.model import Manifest, PartitionSpec
+from partitioner.planning.work import Core, NodeRoom, Work, node_of
+
+
+def usable_cores(host: Host, smt_isolate: bool) -> dict[int, list[Core]]:
+    """Usable cores per node, lowest-numbered first.
+
+    Under ``smt: isolate`` a core whose online siblings are not all usable
+    (some outside the allowed set) is shared with whoever owns the others, so
+    it is left out whole (rule 2).  Offline siblings own nothing and do not
+    spoil a core.
+    """
+    usable = host.usable_cpus
+    seen: set[int] = set()
+    by_node: dict[int, list[Core]] = {n: [] for n in host.nodes}
+    for cpu_id in sorted(host.cpus):
+        cpu = host.cpus[cpu_id]
+        if cpu_id in seen or not (cpu.online and cpu.allowed):
+            continue
+        siblings = [s for s in (cpu.siblings or CpuSet([cpu_id])) if s in host.cpus]
+        online = [s for s in siblings if host.cpus[s].online]
+        seen.update(online)
+        if cpu_id not in online:
+            online.append(cpu_id)
+        core = tuple(sorted(online))
+        node = cpu.node if cpu.node is not None else min(host.nodes, default=0)
+        if smt_isolate:
+            if any(s not in usable for s in core):
+                continue
+            by_node.setdefault(node, []).append(core)
+        else:
+            by_node.setdefault(node, []).append(tuple(s for s in core if s in usable))
+    for cores in by_node.values():
+        cores.sort()
+    return by_node
+
+
+def host_reserve(
+    manifest: Manifest,
+    host: Host,
+    cores_by_node: dict[int, list[Core]],
+    smt_isolate: bool,
+    w: Work,
+) -> CpuSet:
+    spec = manifest.host
+    usable = host.usable_cpus
+    if spec.reserve_cpu_list is not None:
+        wanted = spec.reserve_cpu_list
+        missing = wanted - host.online_cpus
+        if missing:
+            w.problems.append(
+                f"host.reserve.cpus names CPUs {missing} that are not online on this host "
+                f"(online: {host.online_cpus})"
+            )
+        if smt_isolate:
+            for cpu in wanted & host.online_cpus:
+                sib = CpuSet(
+                    s for s in host.cpus[cpu].siblings if host.cpus.get(s) and host.cpus[s].online
+                )
+                if not sib.issubset(wanted):
+                    w.problems.append(
+                        f"host.reserve.cpus takes CPU {cpu} but not its SMT siblings {sib - wanted} "
+                        f"(rule 2, smt: isolate): list the whole core ({sib}) or set `host.smt: share`"
+                    )
+                    break
+        return wanted & host.online_cpus
+
+    # A count (default: one whole core) takes whole cores, lowest-numbered first on
+    # each node, going round the nodes so each node keeps a housekeeping core.
+    order = _round_robin(cores_by_node)
+    if not order:
+        w.problems.append("this host has no usable CPUs (none online and allowed)")
+        return CpuSet()
+    if spec.reserve_cpu_count is None:
+        return CpuSet(order[0])
+    want = spec.reserve_cpu_count
+    taken: list[int] = []
+    for core in order:
+        if len(taken) >= want:
+            break
+        taken.extend(core)
+    if len(taken) < want:
+        w.problems.append(
+            f"host.reserve.cpus asks for {want} CPUs but this host has {len(usable)} usable ({usable})"
+        )
+    elif len(taken) > want:
+        w.notes.append(
+            f"host.reserve.cpus: {want} rounded up to {len(taken)} CPUs ({CpuSet(taken)}) to keep whole cores"
+        )
+    return CpuSet(taken)
+
+
+def _round_robin(cores_by_node: Mapping[int, list[Core]]) -> list[Core]:
+    out: list[Core] = []
+    depth = max((len(c) for c in cores_by_node.values()), default=0)
+    for i in range(depth):
+        for node in sorted(cores_by_node):
+            if i < len(cores_by_node[node]):
+                out.append(cores_by_node[node][i])
+    return out
+
+
+def take_listed(
+    spec: PartitionSpec, host: Host, smt_isolate: bool, rooms: dict[int, NodeRoom], w: Work
+) -> list[int] | None:
+    assert spec.cpu_list is not None
+    ok = True
+    usable = host.usable_cpus
+    bad = spec.cpu_list - usable
+    if bad:
+        offline = CpuSet(c for c in bad if c in host.cpus and not host.cpus[c].online)
+        absent = CpuSet(c for c in bad if c not in host.cpus)
+        disallowed = bad - offline - absent
+        parts = []
+        if absent:
+            parts.append(f"{absent} not on this host")
+        if offline:
+            parts.append(f"{offline} offline")
+        if disallowed:
+            parts.append(f"{disallowed} outside the CPUs this process may use (cgroup cpuset)")
+        w.problems.append(
+            f"{spec.name}: its CPU list {spec.cpu_list} has CPUs {'; '.join(parts)} (rule 1)"
+        )
+        ok = False
+    for c in spec.cpu_list & usable:
+        owner = w.cpu_owner.get(c)
+        if owner is not None:
+            w.problems.append(f"{spec.name}: CPU {c} of its list is already {owner}'s (rule 1)")
+            ok = False
+            break
+    if ok and smt_isolate:
+        for c in spec.cpu_list:
+            sib = CpuSet(
+                s for s in host.cpus[c].siblings if host.cpus.get(s) and host.cpus[s].online
+            )
+            if not sib.issubset(spec.cpu_list):
+                w.problems.append(
+                    f"{spec.name}: its CPU list {spec.cpu_list} takes CPU {c} but not its SMT siblings "
+                    f"{sib - spec.cpu_list} (rule 2, smt: isolate): list whole cores or set `host.smt: share`"
+                )
+                ok = False
+                break
+    if not ok:
+        return None
+    cpus = core_order(host, spec.cpu_list)
+    for c in cpus:
+        w.cpu_owner[c] = spec.name
+    for room in rooms.values():
+        if smt_isolate:
+            room.cores = [core for core in room.cores if not any(c in spec.cpu_list for c in core)]
+        else:
+            room.cores = [
+                t for core in room.cores if (t := tuple(c for c in core if c not in spec.cpu_list))
+            ]
+    return cpus
+
+
+def core_order(host: Host, cpus: CpuSet) -> list[int]:
+    """Node by node, core by core, siblings adjacent: the order vCPUs are numbered in."""
+    out: list[int] = []
+    seen: set[int] = set()
+    for c in sorted(cpus, key=lambda c: (node_of(host, c), c)):
+        if c in seen:
+            continue
+        core = [
+            s for s in sorted(host.cpus[c].siblings or CpuSet([c])) if s in cpus and s not in seen
+        ]
+        if c not in core:
+            core = [c, *core]
+        out.extend(core)
+        seen.update(core)
+    return out
+
+
+def guest_topology(host: Host, cpus: list[int], nodes_with_cpus: int) -> tuple[int, int, int]:
+    """The guest sees the shape it got: threads per core when every core it got is whole
+    and alike, one socket per NUMA node when the cores divide evenly."""
+    widths: set[int] = set()
+    seen: set[int] = set()
+    mine = set(cpus)
+    for c in cpus:
+        if c in seen:
+            continue
+        core = [s for s in (host.cpus[c].siblings or CpuSet([c])) if s in mine]
+        if c not in core:
+            core.append(c)
+        full = [
+            s
+            for s in (host.cpus[c].siblings or CpuSet([c]))
+            if host.cpus.get(s) and host.cpus[s].online
+        ]
+        widths.add(len(core) if len(core) == len(full) else -1)
+        seen.update(core)
+    threads = widths.pop() if len(widths) == 1 else 1
+    if threads < 1:
+        threads = 1
+    cores = len(cpus) // threads
+    sockets = nodes_with_cpus if nodes_with_cpus > 1 and cores % nodes_with_cpus == 0 else 1
+    return sockets, cores // sockets, threads

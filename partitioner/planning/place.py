@@ -1,0 +1,235 @@
+"""Placing one partition: the node(s) it goes on, its CPUs, memory and devices, as a Placement."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from partitioner.cpuset import CpuSet
+from partitioner.inventory.model import Host
+from partitioner.manifest.model import PartitionSpec
+from partitioner.planning.cpus import core_order, guest_topology, take_listed
+from partitioner.planning.memory import fit_memory, split_memory
+from partitioner.planning.model import DeviceAssignment, Placement
+from partitioner.planning.work import Core, NodeRoom, Work, dev_node, fits_alone, free_cpus, node_of
+from partitioner.units import format_size
+
+
+def place(
+    spec: PartitionSpec,
+    host: Host,
+    devices: tuple[DeviceAssignment, ...],
+    rooms: dict[int, NodeRoom],
+    smt_isolate: bool,
+    w: Work,
+) -> Placement | None:
+    notes: list[str] = []
+    tpc = w.threads_per_core
+    if smt_isolate and spec.cpu_list is None and tpc > 1 and spec.cpu_count % tpc:
+        w.problems.append(
+            f"{spec.name} asks for {spec.cpu_count} CPUs, but under smt: isolate a partition takes whole "
+            f"cores, so its CPU count must be a multiple of {tpc} threads per core (rule 2); "
+            f"ask for {spec.cpu_count - spec.cpu_count % tpc or tpc} or {spec.cpu_count + tpc - spec.cpu_count % tpc}, "
+            "or set `host.smt: share`"
+        )
+        return None
+    if spec.cpu_list is not None:
+        cpus = take_listed(spec, host, smt_isolate, rooms, w)
+        if cpus is None:
+            return None
+        by_node: dict[int, int] = {}
+        for c in cpus:
+            node = node_of(host, c)
+            by_node[node] = by_node.get(node, 0) + 1
+        if spec.numa != "auto":
+            outside = sorted(set(by_node) - set(spec.numa))
+            if outside:
+                w.problems.append(
+                    f"{spec.name}: its CPU list {spec.cpu_list} has CPUs on node(s) "
+                    f"{', '.join(map(str, outside))}, outside its numa {', '.join(map(str, spec.numa))}"
+                )
+                return None
+            nodes = tuple(sorted(spec.numa))
+            mem = split_memory(spec, {n: by_node.get(n, 0) for n in nodes})
+        else:
+            nodes = tuple(sorted(by_node))
+            if len(nodes) > 1:
+                notes.append(f"spans NUMA nodes {', '.join(map(str, nodes))}, as its CPU list says")
+            mem = split_memory(spec, by_node)
+        if not fit_memory(spec, mem, rooms, w):
+            return None  # plan() gives back its CPUs
+        return placement_of(spec, host, cpus, mem, devices, tuple(notes))
+
+    if spec.numa != "auto":
+        return _place_on_nodes(spec, host, devices, tuple(sorted(spec.numa)), rooms, smt_isolate, w)
+
+    # numa: auto (rule 6): one node, the devices' node when they agree.
+    dev_nodes = sorted({n for a in devices if (n := dev_node(host, a.address)) is not None})
+    if len(dev_nodes) == 1:
+        node = dev_nodes[0]
+        why = fits_alone(spec, rooms.get(node), smt_isolate)
+        if why is not None:
+            others = [
+                f"node {r.id} has {free_cpus(r)} free"
+                for r in rooms.values()
+                if r.id != node and fits_alone(spec, r, smt_isolate) is None
+            ]
+            named = ", ".join(str(a.address) for a in devices if not a.added)
+            w.problems.append(
+                f"{spec.name} needs {why}"
+                + (f"; {', '.join(others)}" if others else "")
+                + f" but {spec.name}'s device{'s' if len(devices) > 1 else ''} {named} "
+                f"{'are' if len(devices) > 1 else 'is'} on node {node} (rule 6); free room on node {node}, "
+                f"or set `numa:` to a list of nodes to let it span them"
+            )
+            return None
+        return _place_on_nodes(spec, host, devices, (node,), rooms, smt_isolate, w)
+    if len(dev_nodes) > 1:
+        notes.append(
+            f"its devices are on nodes {', '.join(map(str, dev_nodes))}: placed on one node, "
+            "remote to some of them"
+        )
+
+    fitting = [r for r in rooms.values() if fits_alone(spec, r, smt_isolate) is None]
+    if not fitting:
+        with_cpus = [r for r in rooms.values() if host.nodes[r.id].cpus]
+        if len(with_cpus) == 1:
+            w.problems.append(
+                f"{spec.name} needs {fits_alone(spec, with_cpus[0], smt_isolate)} (rules 1 and 3)"
+            )
+            return None
+        detail = "; ".join(f"{fits_alone(spec, r, smt_isolate)}" for r in with_cpus)
+        w.problems.append(
+            f"{spec.name} needs {spec.cpu_count} CPUs and {format_size(spec.memory_bytes)} on one NUMA "
+            f"node (rule 6, numa: auto) and no node has room: it would need {detail}; "
+            "set `numa:` to a list of nodes to let it span them, or make it smaller"
+        )
+        return None
+    # Best fit: the node with the fewest free CPUs that still fits keeps large
+    # holes for large partitions; ties go to the lowest node.
+    best = min(fitting, key=lambda r: (free_cpus(r), r.memory_left, r.id))
+    placement = _place_on_nodes(spec, host, devices, (best.id,), rooms, smt_isolate, w)
+    if placement is not None and notes:
+        placement = _with_notes(placement, notes)
+    return placement
+
+
+def _place_on_nodes(
+    spec: PartitionSpec,
+    host: Host,
+    devices: tuple[DeviceAssignment, ...],
+    nodes: tuple[int, ...],
+    rooms: dict[int, NodeRoom],
+    smt_isolate: bool,
+    w: Work,
+) -> Placement | None:
+    """CPUs and memory from exactly ``nodes``: spread as evenly as whole cores allow."""
+    unknown = [n for n in nodes if n not in rooms]
+    if unknown:
+        w.problems.append(
+            f"{spec.name}: numa names node(s) {', '.join(map(str, unknown))}, which this host does not have "
+            f"(nodes: {', '.join(map(str, sorted(rooms)))})"
+        )
+        return None
+    with_cpus = [n for n in nodes if host.nodes[n].cpus]
+    if not with_cpus:
+        w.problems.append(f"{spec.name}: none of its nodes {', '.join(map(str, nodes))} has CPUs")
+        return None
+    picked: dict[int, list[Core]] = {n: [] for n in with_cpus}
+    need = spec.cpu_count
+    cursor = {n: 0 for n in with_cpus}
+    # Under isolate a unit is a whole core; under share a single CPU, taken core by
+    # core so that siblings still end up together where they can.
+    units_of = {
+        n: rooms[n].cores if smt_isolate else [(c,) for core in rooms[n].cores for c in core]
+        for n in with_cpus
+    }
+    progress = True
+    while need > 0 and progress:
+        progress = False
+        for n in with_cpus:
+            if need <= 0:
+                break
+            units = units_of[n]
+            while cursor[n] < len(units):
+                unit = units[cursor[n]]
+                cursor[n] += 1
+                if len(unit) <= need:
+                    picked[n].append(unit)
+                    need -= len(unit)
+                    progress = True
+                    break
+    if need > 0:
+        free = {n: free_cpus(rooms[n]) for n in with_cpus}
+        where = ", ".join(
+            f"{free[n]} free on node {n} ({CpuSet(c for core in rooms[n].cores for c in core) or 'none'})"
+            for n in with_cpus
+        )
+        extra = ""
+        if smt_isolate and w.threads_per_core > 1 and spec.cpu_count % w.threads_per_core:
+            extra = (
+                f"; under smt: isolate a CPU count must be a multiple of {w.threads_per_core} "
+                "threads per core (rule 2)"
+            )
+        w.problems.append(
+            f"{spec.name} needs {spec.cpu_count} CPUs on node{'s' if len(with_cpus) > 1 else ''} "
+            f"{', '.join(map(str, with_cpus))}: {where}{extra}"
+        )
+        return None
+    cpus: list[int] = []
+    per_node_cpus: dict[int, int] = {}
+    for n in with_cpus:
+        taken = picked[n]
+        if smt_isolate:
+            rooms[n].cores = [c for c in rooms[n].cores if c not in taken]
+        else:
+            used = {c for core in taken for c in core}
+            rooms[n].cores = [
+                t for core in rooms[n].cores if (t := tuple(c for c in core if c not in used))
+            ]
+        for core in taken:
+            cpus.extend(core)
+        per_node_cpus[n] = sum(len(c) for c in taken)
+    for n in nodes:
+        per_node_cpus.setdefault(n, 0)
+    for c in cpus:
+        w.cpu_owner[c] = spec.name
+    # A numa list binds memory to every node it names: shared out evenly, even to
+    # a node that got no CPUs (it becomes a memory-only node of the guest).
+    mem = split_memory(spec, {n: 1 for n in nodes})
+    if not fit_memory(spec, mem, rooms, w):
+        return None
+    notes: tuple[str, ...] = ()
+    if len(nodes) > 1:
+        notes = (f"spans NUMA nodes {', '.join(map(str, nodes))}, as its numa list says",)
+    return placement_of(spec, host, cpus, mem, devices, notes)
+
+
+def placement_of(
+    spec: PartitionSpec,
+    host: Host,
+    cpus: list[int],
+    mem: tuple[tuple[int, int], ...],
+    devices: tuple[DeviceAssignment, ...],
+    notes: tuple[str, ...],
+) -> Placement:
+    ordered = core_order(host, CpuSet(cpus))
+    nodes_with_cpus = len({node_of(host, c) for c in ordered})
+    sockets, cores, threads = guest_topology(host, ordered, nodes_with_cpus)
+    return Placement(
+        name=spec.name,
+        cpus=tuple(ordered),
+        sockets=sockets,
+        cores=cores,
+        threads=threads,
+        numa_nodes=tuple(n for n, _ in mem),
+        memory_per_node=mem,
+        hugepage_bytes=spec.hugepage_bytes,
+        devices=devices,
+        spec=spec,
+        notes=notes,
+        cpu_nodes=tuple(node_of(host, c) for c in ordered),
+    )
+
+
+def _with_notes(p: Placement, notes: list[str]) -> Placement:
+    return replace(p, notes=(*p.notes, *notes))

@@ -1,0 +1,174 @@
+"""The shared work state of one planning run: what each node has left, who holds what, and the mark
+that gives back what a partition took when it cannot be placed."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from partitioner.cpuset import CpuSet
+from partitioner.inventory.model import Host, PciFunction
+from partitioner.manifest.model import Manifest, PartitionSpec
+from partitioner.pci import PciAddress
+from partitioner.units import format_size, human_size, page_size_name
+from partitioner.vfio.preview import ClaimPreview
+
+# A core is the set of its usable SMT siblings, as a sorted tuple.
+Core = tuple[int, ...]
+
+
+class NodeRoom:
+    """What is still free on one NUMA node while placing."""
+
+    def __init__(
+        self, id: int, cores: list[Core], memory_left: int, pages_left: dict[int, int]
+    ) -> None:
+        self.id = id
+        self.memory_left = memory_left  # bytes, after the host's share and placed partitions
+        self.pages_left = pages_left  # page size -> pages that are free or reservable
+        self.cores = cores  # free whole cores (isolate) or free CPUs grouped by core (share)
+
+    @property
+    def cores(self) -> list[Core]:
+        return self._cores
+
+    @cores.setter
+    def cores(self, value: list[Core]) -> None:
+        self._cores = value
+        self.free_cpus = sum(len(c) for c in value)
+
+
+@dataclass
+class Work:
+    """Mutable bookkeeping of one planning run."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    cpu_owner: dict[int, str] = field(default_factory=dict)
+    device_owner: dict[PciAddress, str] = field(default_factory=dict)
+    group_owner: dict[int, str] = field(default_factory=dict)
+    threads_per_core: int = 1
+    by_id: dict[str, list[PciFunction]] = field(default_factory=dict)  # "8086:10d3" -> functions
+    verdicts: dict[PciAddress, ClaimPreview] = field(default_factory=dict)  # claim_preview, cached
+    id_cursor: dict[str, int] = field(default_factory=dict)  # by_id: first function maybe free
+
+
+class Mark:
+    """What a planning run holds before one partition is placed, to give it back on failure."""
+
+    def __init__(self, w: Work, rooms: Mapping[int, NodeRoom]) -> None:
+        self.problems = len(w.problems)
+        self.notes = len(w.notes)
+        self.cpu_owner = dict(w.cpu_owner)
+        self.device_owner = dict(w.device_owner)
+        self.group_owner = dict(w.group_owner)
+        self.id_cursor = dict(w.id_cursor)
+        self.rooms = {
+            n: (list(r.cores), r.memory_left, dict(r.pages_left)) for n, r in rooms.items()
+        }
+
+    def restore(self, w: Work, rooms: Mapping[int, NodeRoom]) -> None:
+        """Back to the mark; the problems found since stay (they are the partition's reasons)."""
+        del w.notes[self.notes :]
+        w.cpu_owner = self.cpu_owner
+        w.device_owner = self.device_owner
+        w.group_owner = self.group_owner
+        w.id_cursor = self.id_cursor
+        for n, (cores, memory_left, pages_left) in self.rooms.items():
+            rooms[n].cores, rooms[n].memory_left, rooms[n].pages_left = (
+                cores,
+                memory_left,
+                pages_left,
+            )
+
+
+def give_back_devices(name: str, w: Work) -> None:
+    w.device_owner = {a: o for a, o in w.device_owner.items() if o != name}
+    w.group_owner = {g: o for g, o in w.group_owner.items() if o != name}
+    w.id_cursor.clear()  # a cursor may have passed what was given back
+
+
+def node_rooms(
+    manifest: Manifest, host: Host, cores_by_node: dict[int, list[Core]], host_cpus: CpuSet
+) -> dict[int, NodeRoom]:
+    total_mem = sum(n.memory_bytes for n in host.nodes.values()) or 1
+    reserve = manifest.host.reserve_memory_bytes
+    rooms: dict[int, NodeRoom] = {}
+    for node_id in sorted(host.nodes):
+        node = host.nodes[node_id]
+        # The host's reserve is shared out in proportion to node size (rule 3).
+        share = reserve * node.memory_bytes // total_mem
+        pages: dict[int, int] = {}
+        for size in host.hugepage_sizes:
+            pool = node.hugepages.get(size)
+            free_pages = pool.free if pool else 0
+            # Pages not yet in the pool can be reserved from the node's free memory.
+            pages[size] = free_pages + max(node.free_bytes, 0) // size
+        if manifest.host.smt == "isolate":
+            cores = [
+                c for c in cores_by_node.get(node_id, []) if not any(x in host_cpus for x in c)
+            ]
+        else:
+            # smt: share: the host's CPUs leave their siblings free to be handed out.
+            cores = [
+                left
+                for core in cores_by_node.get(node_id, [])
+                if (left := tuple(c for c in core if c not in host_cpus))
+            ]
+        rooms[node_id] = NodeRoom(node_id, cores, node.memory_bytes - share, pages)
+    return rooms
+
+
+def fits_alone(spec: PartitionSpec, room: NodeRoom | None, smt_isolate: bool) -> str | None:
+    """None if ``spec`` fits on this node alone, else what it needs there and what is free."""
+    if room is None:
+        return f"{spec.cpu_count} CPUs on a node this host does not have"
+    need = spec.cpu_count
+    for core in room.cores:
+        if not smt_isolate:
+            need -= min(len(core), need)
+        elif len(core) <= need:
+            need -= len(core)
+        if need == 0:
+            break
+    cpus_ok = need == 0
+    mem_ok = spec.memory_bytes <= room.memory_left
+    pages_ok = spec.hugepage_bytes is None or (
+        spec.memory_bytes // spec.hugepage_bytes <= room.pages_left.get(spec.hugepage_bytes, 0)
+    )
+    if cpus_ok and mem_ok and pages_ok:
+        return None
+    free = CpuSet(c for core in room.cores for c in core)
+    parts = []
+    if not cpus_ok:
+        parts.append(
+            f"{spec.cpu_count} CPUs on node {room.id}, {len(free)} "
+            f"{'is' if len(free) == 1 else 'are'} free there" + (f" (CPUs {free})" if free else "")
+        )
+    if not mem_ok:
+        parts.append(
+            f"{format_size(spec.memory_bytes)} on node {room.id}, "
+            f"{human_size(max(room.memory_left, 0))} is left there"
+        )
+    if not pages_ok and spec.hugepage_bytes is not None:
+        parts.append(
+            f"{spec.memory_bytes // spec.hugepage_bytes} {page_size_name(spec.hugepage_bytes)} pages on "
+            f"node {room.id}, {room.pages_left.get(spec.hugepage_bytes, 0)} are free or reservable there"
+        )
+    return " and ".join(parts)
+
+
+def free_cpus(room: NodeRoom) -> int:
+    return room.free_cpus
+
+
+def node_of(host: Host, cpu: int) -> int:
+    node = host.cpus[cpu].node
+    return node if node is not None else min(host.nodes, default=0)
+
+
+def dev_node(host: Host, address: PciAddress) -> int | None:
+    fn = host.pci.get(address)
+    if fn is None or fn.numa_node is None or fn.numa_node not in host.nodes:
+        return None
+    return fn.numa_node
