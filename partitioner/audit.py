@@ -111,7 +111,7 @@ def audit(
         }
         if rec.state is RunState.STOPPED:
             continue
-        if rec.state is RunState.FAILED or rec.pid is None or not root.exists(f"/proc/{rec.pid}"):
+        if rec.state is RunState.FAILED or rec.pid is None or not root.exists(sysfs.proc(rec.pid)):
             findings.append(
                 Finding(
                     name,
@@ -297,7 +297,7 @@ class _Auditor:
     def memory(self) -> None:
         p = self.rec.placement
         pid = self.rec.pid
-        maps = self.root.read(f"/proc/{pid}/numa_maps")
+        maps = None if pid is None else self.root.read(sysfs.proc(pid, "numa_maps"))
         if maps is None:
             return
         want_kb = (p.hugepage_bytes or 4096) // 1024
@@ -400,8 +400,8 @@ class _Auditor:
             )
 
     def boot(self) -> None:
-        isolated = _cpus(self.root.read(sysfs.CPU_ISOLATED))
-        nohz = _cpus(self.root.read(sysfs.CPU_NOHZ_FULL))
+        isolated = CpuSet.lenient(self.root.read(sysfs.CPU_ISOLATED)) or CpuSet()
+        nohz = CpuSet.lenient(self.root.read(sysfs.CPU_NOHZ_FULL)) or CpuSet()
         missing = [
             n for n, s in (("isolcpus", isolated), ("nohz_full", nohz)) if not self.cpus.issubset(s)
         ]
@@ -420,12 +420,3 @@ class _Auditor:
 def _task_name(t: Task) -> str:
     kind = "kernel thread" if t.kthread else "task"
     return f"{kind} {t.tid} ({t.comm})" + (f" of process {t.pid}" if t.pid != t.tid else "")
-
-
-def _cpus(text: str | None) -> CpuSet:
-    if not text or text == "(null)":
-        return CpuSet()
-    try:
-        return CpuSet.parse(text)
-    except ValueError:
-        return CpuSet()

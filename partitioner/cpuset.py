@@ -28,6 +28,20 @@ class CpuSet:
         self._set = items
 
     @classmethod
+    def lenient(cls, text: str | None) -> CpuSet | None:
+        """A cpulist as the kernel printed it in a file (``read`` gives None for a missing one):
+        None when there is no file or it holds no cpulist.  ``(null)`` is the empty set
+        (``nohz_full`` with no CPUs, as kernels before 6.x print it)."""
+        if text is None:
+            return None
+        if text.strip() == "(null)":
+            return cls()
+        try:
+            return cls.parse(text)
+        except CpuListSyntaxError:
+            return None
+
+    @classmethod
     def parse(cls, text: str) -> CpuSet:
         """Parse kernel cpulist syntax: ``"0-3,8,10-11"``; also ``"0-7:2"`` strides as the kernel accepts.
 

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.units import human_size
 
@@ -197,11 +198,11 @@ def collect(
     vcpu_of = {tid: i for i, tid in vcpu_threads.items()}
     vcpus: dict[int, ThreadTimes] = {}
     emu_cpu = emu_wait = emu_slices = 0
-    for entry in root.listdir(f"/proc/{pid}/task"):
+    for entry in root.listdir(sysfs.task(pid)):
         if not entry.isdigit():
             continue
         tid = int(entry)
-        t = parse_schedstat(tid, root.read(f"/proc/{pid}/task/{tid}/schedstat"))
+        t = parse_schedstat(tid, root.read(sysfs.task(pid, tid, "schedstat")))
         if t is None:
             continue  # the thread exited between the listing and the read
         if tid in vcpu_of:
@@ -216,10 +217,10 @@ def collect(
         usage = parse_cpu_stat(root.read(f"{cgroup}/cpu.stat"))
         if usage is not None:
             total, source = usage, "cgroup"
-    rss, hugetlb = parse_smaps_rollup(root.read(f"/proc/{pid}/smaps_rollup"))
-    per_node, huge_per_node = parse_numa_maps(root.read(f"/proc/{pid}/numa_maps"))
+    rss, hugetlb = parse_smaps_rollup(root.read(sysfs.proc(pid, "smaps_rollup")))
+    per_node, huge_per_node = parse_numa_maps(root.read(sysfs.proc(pid, "numa_maps")))
     if interrupts_text is None:
-        interrupts_text = root.read("/proc/interrupts")
+        interrupts_text = root.read(sysfs.INTERRUPTS)
     return PartitionStats(
         name=name,
         pid=pid,
@@ -320,11 +321,11 @@ def cgroup_of(root: HostRoot, name: str) -> str | None:
 def of_records(root: HostRoot, records: Mapping[str, Any]) -> dict[str, PartitionStats]:
     """Figures of every running partition among ``records`` (name -> PartitionRecord)."""
     out: dict[str, PartitionStats] = {}
-    interrupts = root.read("/proc/interrupts") or ""
+    interrupts = root.read(sysfs.INTERRUPTS) or ""
     for name, rec in sorted(records.items()):
         if rec.pid is None or rec.state.value != "running":
             continue
-        if not root.exists(f"/proc/{rec.pid}/task"):
+        if not root.exists(sysfs.task(rec.pid)):
             continue
         devices = [str(d.address) for d in rec.placement.devices]
         out[name] = collect(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from partitioner.boot.setup import BootSettings, HostFacts, reboot_needed
-from partitioner.cpuset import CpuListSyntaxError, CpuSet
+from partitioner.cpuset import CpuSet
 from partitioner.inventory.model import Host
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
@@ -80,10 +80,10 @@ def check_host(
 ) -> list[CheckItem]:
     """The machine's readiness; ``accel`` is the site's, when there is one: a site that says
     `accel: tcg` runs without KVM, so a missing KVM is a warning for it, not a failure."""
-    cpuinfo = root.read("/proc/cpuinfo")
+    cpuinfo = root.read(sysfs.CPUINFO)
     flags = _flags(cpuinfo or "")
     items = [
-        _virt(cpuinfo, flags, host.has_kvm or root.exists("/dev/kvm")),
+        _virt(cpuinfo, flags, host.has_kvm or root.exists(sysfs.DEV_KVM)),
         _kvm(root, host, flags),
         *_iommu(root, host, facts),
         _groups_acs(host),
@@ -132,8 +132,8 @@ def _virt(cpuinfo: str | None, flags: set[str], has_kvm: bool) -> CheckItem:
 
 
 def _kvm(root: HostRoot, host: Host, flags: set[str]) -> CheckItem:
-    title = "/dev/kvm"
-    if host.has_kvm or root.exists("/dev/kvm"):
+    title = sysfs.DEV_KVM
+    if host.has_kvm or root.exists(sysfs.DEV_KVM):
         return CheckItem("kvm", title, "pass", "/dev/kvm exists")
     module = (
         "kvm_intel" if "vmx" in flags else "kvm_amd" if "svm" in flags else "kvm_intel or kvm_amd"
@@ -161,7 +161,7 @@ def interrupt_remapping(root: HostRoot) -> bool | None:
     ``/proc/interrupts``, an Intel unit's extended capability register
     (``intel-iommu/ecap`` bit 3, IR) says at least that the hardware can.
     """
-    text = root.read("/proc/interrupts")
+    text = root.read(sysfs.INTERRUPTS)
     if text is not None:
         return bool(re.search(r"\sIR-[A-Za-z]", text))
     return None
@@ -374,7 +374,7 @@ def _vfio(root: HostRoot, facts: HostFacts) -> CheckItem:
 
 def _cgroup(root: HostRoot) -> CheckItem:
     title = "cgroup v2 cpuset"
-    mounts = root.read("/proc/self/mountinfo") or ""
+    mounts = root.read(sysfs.SELF_MOUNTINFO) or ""
     v2 = None
     v1_cpuset = False
     for line in mounts.splitlines():
@@ -421,10 +421,10 @@ def _cgroup(root: HostRoot) -> CheckItem:
 
 
 def init_system(root: HostRoot) -> str | None:
-    comm = root.read("/proc/1/comm")
+    comm = root.read(sysfs.proc(1, "comm"))
     if comm is None:
         return None
-    if comm == "systemd" or root.is_dir("/run/systemd/system"):
+    if comm == "systemd" or root.is_dir(sysfs.SYSTEMD_RUNTIME):
         return "systemd"
     return comm
 
@@ -513,18 +513,6 @@ def probe_kvm_cpu_host(qemu: str = "qemu-system-x86_64", timeout: float = 30.0) 
 # -- a site's boot-time settings against the running kernel --------------------------
 
 
-def _cpuset_file(root: HostRoot, path: str) -> CpuSet | None:
-    text = root.read(path)
-    if text is None:
-        return None
-    if text == "(null)":  # nohz_full with no CPUs, as kernels before 6.x print it
-        return CpuSet()
-    try:
-        return CpuSet.parse(text)
-    except CpuListSyntaxError:
-        return None
-
-
 def check_site(
     root: HostRoot,
     host: Host,
@@ -571,7 +559,7 @@ def check_site(
                 "without the scheduler tick (nohz_full)",
             ),
         ):
-            have = _cpuset_file(root, path)
+            have = CpuSet.lenient(root.read(path))
             title = f"CPUs {what}"
             if have is None:
                 items.append(

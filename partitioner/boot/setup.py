@@ -35,11 +35,11 @@ from typing import Any, Literal
 
 from partitioner.cpuset import CpuSet
 from partitioner.inventory.model import Host
+from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.manifest.model import Manifest
 from partitioner.planning.model import Plan
 from partitioner.units import kernel_page_size
-
 
 # Where everything lives on the target; the record lists what was written so that
 # --undo takes away exactly that, whatever the site says by then.
@@ -91,17 +91,17 @@ class HostFacts:
 
 
 def read_facts(root: HostRoot) -> HostFacts:
-    cpuinfo = root.read("/proc/cpuinfo") or ""
+    cpuinfo = root.read(sysfs.CPUINFO) or ""
     vendor = ""
     for line in cpuinfo.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "vendor_id":
             vendor = value.strip()
             break
-    cmdline = root.read("/proc/cmdline")
+    cmdline = root.read(sysfs.CMDLINE)
     return HostFacts(
         cpu_vendor=vendor,
-        kernel_release=root.read("/proc/sys/kernel/osrelease") or "",
+        kernel_release=root.read(sysfs.OSRELEASE) or "",
         cmdline=tuple(shlex.split(cmdline)) if cmdline is not None else None,
     )
 

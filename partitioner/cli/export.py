@@ -15,6 +15,7 @@ from partitioner.cli.common import Context
 from partitioner.errors import UsageError
 from partitioner.export import kubevirt, libvirt
 from partitioner.inventory import scan
+from partitioner.kernel import sysfs
 from partitioner.manifest.loader import load
 from partitioner.planning.planner import plan
 from partitioner.record.model import State, running_partitions
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     if args.format == "libvirt":
         docs = libvirt.documents(result)
     else:
-        node = args.node or (root.read("/proc/sys/kernel/hostname") or "").strip()
+        node = args.node or (root.read(sysfs.HOSTNAME) or "").strip()
         if not node:
             raise UsageError(
                 f"the host tree {ctx.host_root} does not say its hostname: "

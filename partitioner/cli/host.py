@@ -35,6 +35,7 @@ from partitioner.boot.setup import (
 )
 from partitioner.cli.common import Context
 from partitioner.errors import PartitionError, UsageError
+from partitioner.kernel import sysfs
 
 
 class SetupIncomplete(PartitionError):
@@ -141,7 +142,7 @@ def run_check(args: argparse.Namespace, ctx: Context) -> int:
     if (
         root.live
         and not args.no_probe
-        and root.exists("/dev/kvm")
+        and root.exists(sysfs.DEV_KVM)
         and shutil.which("qemu-system-x86_64")
     ):
         # After /dev/kvm: whether it runs a vCPU the way partitions use it.

@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from partitioner.kernel import sysfs
 from partitioner.kernel.ioctl import IOC, IOC_READ, IOC_WRITE, Binding
 
 _binding = Binding(
@@ -73,7 +74,7 @@ _EXIT_NAMES = (
 )
 
 MSR_IA32_ARCH_CAPABILITIES = 0x10A
-KVM_PATH = "/dev/kvm"
+KVM_PATH = sysfs.DEV_KVM
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from partitioner.cpuset import CpuSet
 from partitioner.errors import GuestError, PartitionError, VMLaunchFailure
 from partitioner.guest.argv import GuestPaths, qemu_argv
 from partitioner.guest.caps import QemuCaps
+from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.killpoint import point
 from partitioner.planning.model import Placement, Plan
@@ -163,8 +164,8 @@ def launch(
 def thread_affinities(root: HostRoot, pid: int) -> dict[int, CpuSet]:
     """Thread id -> the CPUs the kernel lets it run on, for every thread of ``pid``."""
     out: dict[int, CpuSet] = {}
-    for tid in root.listdir(f"/proc/{pid}/task"):
-        status = root.read(f"/proc/{pid}/task/{tid}/status")
+    for tid in root.listdir(sysfs.task(pid)):
+        status = root.read(sysfs.task(pid, tid, "status"))
         for line in (status or "").splitlines():
             if line.startswith("Cpus_allowed_list:"):
                 out[int(tid)] = CpuSet.parse(line.split(":", 1)[1])
@@ -174,8 +175,8 @@ def thread_affinities(root: HostRoot, pid: int) -> dict[int, CpuSet]:
 def thread_names(root: HostRoot, pid: int) -> dict[int, str]:
     """Thread id -> name (``CPU 0/KVM``, ``IO iothread0``... with ``debug-threads=on``)."""
     return {
-        int(tid): root.read(f"/proc/{pid}/task/{tid}/comm", "") or ""
-        for tid in root.listdir(f"/proc/{pid}/task")
+        int(tid): root.read(sysfs.task(pid, tid, "comm"), "") or ""
+        for tid in root.listdir(sysfs.task(pid))
     }
 
 
@@ -246,7 +247,7 @@ def start_ticks(root: HostRoot, pid: int) -> int | None:
     With the pid it names one process for the whole uptime: a pid reused by another
     process has another start time.
     """
-    stat = root.read(f"/proc/{pid}/stat") if pid > 0 else None
+    stat = root.read(sysfs.proc(pid, "stat")) if pid > 0 else None
     if not stat:
         return None
     # Fields after "(comm)" start at field 3; comm may hold spaces and parentheses.
@@ -291,7 +292,7 @@ def pid_in(pidfile: Path) -> int | None:
 def find_by_socket(root: HostRoot, name: str, paths: GuestPaths) -> int | None:
     """A QEMU of ``name`` serving ``paths`` found among all processes: for a QEMU killed
     (with its spawner) before it wrote its pidfile."""
-    for entry in root.listdir("/proc"):
+    for entry in root.listdir(sysfs.PROC):
         if entry.isdigit() and identify(root, int(entry), name, paths):
             return int(entry)
     return None
@@ -403,7 +404,7 @@ def _pin(root: HostRoot, pid: int, p: Placement, host_cpus: CpuSet, vcpus: dict[
     if not host_cpus:
         return
     vcpu_tids = set(vcpus.values())
-    for tid_text in root.listdir(f"/proc/{pid}/task"):
+    for tid_text in root.listdir(sysfs.task(pid)):
         tid = int(tid_text)
         if tid in vcpu_tids:
             continue
@@ -464,7 +465,7 @@ def _end(proc: subprocess.Popen[bytes]) -> None:
 
 def _cmdline(root: HostRoot, pid: int) -> list[str]:
     try:
-        raw = root.path(f"/proc/{pid}/cmdline").read_bytes()
+        raw = root.path(sysfs.proc(pid, "cmdline")).read_bytes()
     except OSError:
         return []
     return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
@@ -474,7 +475,7 @@ def _alive(root: HostRoot, pid: int) -> bool:
     """The process exists and is not a zombie (a zombie has exited; only its parent's wait is due)."""
     if pid <= 0:
         return False
-    stat = root.read(f"/proc/{pid}/stat")
+    stat = root.read(sysfs.proc(pid, "stat"))
     if stat is None:
         return False
     # "PID (comm) STATE ...": comm may hold spaces and parentheses, so split at the last ")".

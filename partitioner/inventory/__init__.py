@@ -62,7 +62,7 @@ def scan(root: HostRoot) -> Host:
         iommu_groups=groups,
         in_use=in_use,
         netdevs=netdevs,
-        has_kvm=root.exists("/dev/kvm"),
+        has_kvm=root.exists(sysfs.DEV_KVM),
         phys_bits=phys_bits(root),
         has_iommu=bool(groups),
         hugepage_sizes=scan_hugepage_sizes(r, nodes),

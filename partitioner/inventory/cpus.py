@@ -151,11 +151,11 @@ def scan_allowed_cpus(r: Reader) -> set[int] | None:
     cs = cgroup_cpuset(r)
     if cs is not None:
         return set(cs)
-    status = r.read("/proc/self/status")
+    status = r.read(sysfs.SELF_STATUS)
     if status:
         for line in status.splitlines():
             if line.startswith("Cpus_allowed_list:"):
-                cs = r.parse_cpus("/proc/self/status", line.split(":", 1)[1])
+                cs = r.parse_cpus(sysfs.SELF_STATUS, line.split(":", 1)[1])
                 return set(cs) if cs is not None else None
     return None
 
@@ -163,7 +163,7 @@ def scan_allowed_cpus(r: Reader) -> set[int] | None:
 def cgroup_cpuset(r: Reader) -> CpuSet | None:
     v1_path: str | None = None
     v2_path: str | None = None
-    text = r.read("/proc/self/cgroup")
+    text = r.read(sysfs.SELF_CGROUP)
     if text:
         for line in text.splitlines():
             parts = line.split(":", 2)
@@ -173,7 +173,7 @@ def cgroup_cpuset(r: Reader) -> CpuSet | None:
                 v2_path = parts[2]
             elif "cpuset" in parts[1].split(","):
                 v1_path = parts[2]
-    legacy = r.read("/proc/self/cpuset")  # older kernels, and hwloc's trees
+    legacy = r.read(sysfs.SELF_CPUSET)  # older kernels, and hwloc's trees
     mounts = cgroup_mounts(r)
     v1_files = (
         ("cpuset.effective_cpus", "cpuset.effective_mems"),
@@ -229,7 +229,7 @@ def note_mems(r: Reader, mems: CpuSet | None) -> None:
 def cgroup_mounts(r: Reader) -> list[tuple[str, str]]:
     """(kind, mountpoint) of cpuset-capable mounts: "v1" cgroup with cpuset, "cpuset", "v2"."""
     out: list[tuple[str, str]] = []
-    info = r.read("/proc/self/mountinfo")
+    info = r.read(sysfs.SELF_MOUNTINFO)
     if info:
         for line in info.splitlines():
             left, sep, right = line.partition(" - ")
@@ -240,7 +240,7 @@ def cgroup_mounts(r: Reader) -> list[tuple[str, str]]:
             opts = rf[2].split(",") if len(rf) > 2 else []
             out.extend(_cgroup_kind(rf[0], opts, unescape_mount(f[4])))
     if not out:
-        mounts = r.read("/proc/mounts") or ""
+        mounts = r.read(sysfs.MOUNTS) or ""
         for line in mounts.splitlines():
             f = line.split()
             if len(f) >= 4:

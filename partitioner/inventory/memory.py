@@ -52,7 +52,7 @@ def scan_nodes(r: Reader, cpus: dict[int, Cpu]) -> dict[int, NumaNode]:
             distances=read_distances(r, sysfs.node(n, "distance")),
             hugepages=read_pools(r, sysfs.node(n, "hugepages")),
         )
-    total_kb = read_meminfo(r, "/proc/meminfo").get("MemTotal")
+    total_kb = read_meminfo(r, sysfs.MEMINFO).get("MemTotal")
     nodes_kb = sum(n.memory_bytes for n in nodes.values()) // 1024
     if total_kb and abs(nodes_kb - total_kb) > total_kb // 20 and not dropped:
         # Seen on VMs whose memory was hot-added or ballooned: the per-node
@@ -84,7 +84,7 @@ def scan_nodes(r: Reader, cpus: dict[int, Cpu]) -> dict[int, NumaNode]:
 
 def scan_single_node(r: Reader, cpus: dict[int, Cpu], online: CpuSet) -> dict[int, NumaNode]:
     """A kernel without NUMA is one node 0 with everything, as numactl and hwloc see it."""
-    mem = read_meminfo(r, "/proc/meminfo")
+    mem = read_meminfo(r, sysfs.MEMINFO)
     if "MemTotal" not in mem:
         r.note("no NUMA nodes and no MemTotal in /proc/meminfo: memory taken as 0")
     for c in list(cpus.values()):

@@ -64,7 +64,7 @@ def read_ipv4_routes(r: Reader) -> tuple[set[str], set[str]]:
     """Interfaces with an IPv4 route (the kernel adds one per address) and with the default route."""
     has_route: set[str] = set()
     default: set[str] = set()
-    for line in (r.read("/proc/net/route") or "").splitlines()[1:]:
+    for line in (r.read(sysfs.NET_ROUTE) or "").splitlines()[1:]:
         f = line.split()
         if len(f) < 8:
             continue
@@ -78,14 +78,14 @@ def read_ipv6(r: Reader) -> tuple[set[str], set[str]]:
     """Interfaces with a routable IPv6 address (link-local ones come by themselves), and
     with an IPv6 default route."""
     has_addr: set[str] = set()
-    for line in (r.read("/proc/net/if_inet6") or "").splitlines():
+    for line in (r.read(sysfs.NET_IF_INET6) or "").splitlines():
         f = line.split()
         if len(f) < 6 or not _HEX_RE.match(f[3]):
             continue
         if int(f[3], 16) not in (_IPV6_SCOPE_LINK, _IPV6_SCOPE_HOST):
             has_addr.add(f[5])
     default: set[str] = set()
-    for line in (r.read("/proc/net/ipv6_route") or "").splitlines():
+    for line in (r.read(sysfs.NET_IPV6_ROUTE) or "").splitlines():
         f = line.split()
         if len(f) >= 10 and f[0] == "0" * 32 and f[1] == "00" and f[9] != "lo":
             flags = int(f[8], 16) if _HEX_RE.match(f[8]) else 0
@@ -169,7 +169,7 @@ def busy_interfaces(netdevs: dict[str, NetInterface]) -> list[str]:
 def mounted_block_devices(r: Reader) -> list[tuple[str, str, str]]:
     """(major:minor, mountpoint, device name) of mounted block devices."""
     out: list[tuple[str, str, str]] = []
-    info = r.read("/proc/self/mountinfo")
+    info = r.read(sysfs.SELF_MOUNTINFO)
     if info is not None:
         for line in info.splitlines():
             left, sep, right = line.partition(" - ")
@@ -192,7 +192,7 @@ def mounted_block_devices(r: Reader) -> list[tuple[str, str, str]]:
             out.append((majmin, unescape_mount(f[4]), os.path.basename(source)))
         return out
     # No mountinfo (old snapshots, hwloc trees): /proc/mounts names the device only.
-    for line in (r.read("/proc/mounts") or "").splitlines():
+    for line in (r.read(sysfs.MOUNTS) or "").splitlines():
         f = line.split()
         if len(f) >= 2:
             dev = block_by_source(r, f[0])
@@ -221,7 +221,7 @@ def block_by_source(r: Reader, source: str) -> str | None:
 
 def swap_devices(r: Reader) -> list[str]:
     out: list[str] = []
-    for line in (r.read("/proc/swaps") or "").splitlines()[1:]:
+    for line in (r.read(sysfs.SWAPS) or "").splitlines()[1:]:
         f = line.split()
         # A swap file lives on a mounted filesystem, whose controller is already kept.
         if len(f) >= 2 and f[1] == "partition" and f[0].startswith("/dev/"):

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import GuestError
+from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def find_hierarchy(root: HostRoot) -> Hierarchy | None:
     """The hierarchy to use: v2 with cpuset, else v1's cpuset, else v2 without it; None: no cgroups."""
     v2: str | None = None
     v1_cpuset: str | None = None
-    for line in (root.read("/proc/self/mounts") or "").splitlines():
+    for line in (root.read(sysfs.SELF_MOUNTS) or "").splitlines():
         f = line.split()
         if len(f) < 4:
             continue
@@ -135,7 +136,7 @@ def place(
     if h.v2:
         root.write(f"{top}/cgroup.procs", str(pid))
     vcpu_of = {tid: i for i, tid in vcpu_threads.items()}
-    for t in root.listdir(f"/proc/{pid}/task"):
+    for t in root.listdir(sysfs.task(pid)):
         if not t.isdigit():
             continue
         child = f"vcpu{vcpu_of[int(t)]}" if int(t) in vcpu_of else "emulator"

@@ -31,6 +31,7 @@ from partitioner.isolation.systemd import current as systemd_current
 from partitioner.isolation.systemd import has_systemd
 from partitioner.isolation.systemd import put_back as systemd_put_back
 from partitioner.isolation.view import format_mask, read_host_work, read_irqs, read_task
+from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.record.model import RunState, State
 from partitioner.run import CommandFailed
@@ -248,7 +249,7 @@ def _perform(root: HostRoot, doc: dict[str, Any], moves: Moves) -> None:
             _refuse(doc, "mask", m.path, m.path, e)
     for i in moves.irqs:
         try:
-            root.write(f"/proc/irq/{i.irq}/smp_affinity_list", str(i.new))
+            root.write(sysfs.proc_irq(i.irq, "smp_affinity_list"), str(i.new))
         except OSError as e:
             if e.errno not in REFUSED and e.errno not in GONE:
                 raise
@@ -286,7 +287,7 @@ def restore(root: HostRoot, state_dir: str | Path) -> list[str]:
             notes.append(f"{path} could not be put back to {old}: {_errname(e)}")
     for n, d in sorted(doc["irqs"].items(), key=lambda kv: int(kv[0])):
         try:
-            root.write(f"/proc/irq/{n}/smp_affinity_list", d["old"])
+            root.write(sysfs.proc_irq(n, "smp_affinity_list"), d["old"])
         except OSError as e:
             if e.errno in GONE:
                 continue

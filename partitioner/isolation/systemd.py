@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from partitioner.cpuset import CpuSet
+from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.run import run
 
@@ -21,7 +22,7 @@ UNITS = ("init.scope", "system.slice", "user.slice")
 
 def has_systemd(root: HostRoot) -> bool:
     """systemd is PID 1 (sd_booted(3): /run/systemd/system exists)."""
-    return root.is_dir("/run/systemd/system") and root.read("/proc/1/comm") == "systemd"
+    return root.is_dir(sysfs.SYSTEMD_RUNTIME) and root.read(sysfs.proc(1, "comm")) == "systemd"
 
 
 def set_property_argv(unit: str, cpus: str) -> list[str]:

@@ -19,7 +19,7 @@ PF_KTHREAD = 0x00200000
 PF_NO_SETAFFINITY = 0x04000000
 
 WORKQUEUE_MASK = sysfs.WORKQUEUE_CPUMASK
-DEFAULT_IRQ_AFFINITY = "/proc/irq/default_smp_affinity"
+DEFAULT_IRQ_AFFINITY = sysfs.IRQ_DEFAULT_AFFINITY
 
 # vfio-pci names its interrupt handlers "vfio-msix[3](0000:00:03.0)", "vfio-msi[0](...)",
 # "vfio-intx(...)" (drivers/vfio/pci/vfio_pci_intrs.c).
@@ -79,15 +79,6 @@ class HostWork:
     online: CpuSet
 
 
-def _cpus(text: str | None) -> CpuSet | None:
-    if text is None:
-        return None
-    try:
-        return CpuSet.parse(text) if text else CpuSet()
-    except CpuListSyntaxError:
-        return None
-
-
 def _mask(text: str | None) -> CpuSet | None:
     if text is None:
         return None
@@ -99,7 +90,7 @@ def _mask(text: str | None) -> CpuSet | None:
 
 def read_task(root: HostRoot, pid: int, tid: int) -> Task | None:
     """One task from /proc/PID/task/TID, or None if it is gone (tasks come and go while read)."""
-    base = f"/proc/{pid}/task/{tid}"
+    base = sysfs.task(pid, tid)
     stat = root.read(f"{base}/stat")
     status = root.read(f"{base}/status")
     if stat is None or status is None:
@@ -115,7 +106,7 @@ def read_task(root: HostRoot, pid: int, tid: int) -> Task | None:
     allowed = None
     for line in status.splitlines():
         if line.startswith("Cpus_allowed_list:"):
-            allowed = _cpus(line.split(":", 1)[1].strip())
+            allowed = CpuSet.lenient(line.split(":", 1)[1].strip())
     if allowed is None:
         return None
     return Task(tid=tid, pid=pid, comm=comm, starttime=starttime, flags=flags, allowed=allowed)
@@ -123,7 +114,7 @@ def read_task(root: HostRoot, pid: int, tid: int) -> Task | None:
 
 def process_threads(root: HostRoot, pid: int) -> list[Task]:
     out = []
-    for t in root.listdir(f"/proc/{pid}/task"):
+    for t in root.listdir(sysfs.task(pid)):
         if t.isdigit():
             task = read_task(root, pid, int(t))
             if task is not None:
@@ -133,7 +124,7 @@ def process_threads(root: HostRoot, pid: int) -> list[Task]:
 
 def read_tasks(root: HostRoot) -> list[Task]:
     out: list[Task] = []
-    for p in root.listdir("/proc"):
+    for p in root.listdir(sysfs.PROC):
         if p.isdigit():
             out.extend(process_threads(root, int(p)))
     return sorted(out, key=lambda t: t.tid)
@@ -141,27 +132,27 @@ def read_tasks(root: HostRoot) -> list[Task]:
 
 def read_irqs(root: HostRoot) -> list[Irq]:
     out = []
-    for n in root.listdir("/proc/irq"):
+    for n in root.listdir(sysfs.PROC_IRQ):
         if not n.isdigit():
             continue
-        aff = _cpus(root.read(f"/proc/irq/{n}/smp_affinity_list"))
+        aff = CpuSet.lenient(root.read(sysfs.proc_irq(n, "smp_affinity_list")))
         if aff is None:
             continue
-        eff = _cpus(root.read(f"/proc/irq/{n}/effective_affinity_list"))
+        eff = CpuSet.lenient(root.read(sysfs.proc_irq(n, "effective_affinity_list")))
         actions_text = root.read(sysfs.irq(n, "actions"))
         if actions_text is not None:
             actions = tuple(a for a in actions_text.split(",") if a)
         else:
             # /proc/irq/N/ has a directory per handler, named after it.
             actions = tuple(
-                e for e in root.listdir(f"/proc/irq/{n}") if root.is_dir(f"/proc/irq/{n}/{e}")
+                e for e in root.listdir(sysfs.proc_irq(n)) if root.is_dir(sysfs.proc_irq(n, e))
             )
         out.append(Irq(int(n), aff, eff, actions))
     return sorted(out, key=lambda i: i.irq)
 
 
 def read_online(root: HostRoot) -> CpuSet:
-    return _cpus(root.read(sysfs.CPU_ONLINE)) or CpuSet()
+    return CpuSet.lenient(root.read(sysfs.CPU_ONLINE)) or CpuSet()
 
 
 def read_host_work(root: HostRoot) -> HostWork:
@@ -192,9 +183,9 @@ def format_mask(cpus: CpuSet) -> str:
 def running_processes(root: HostRoot) -> Mapping[int, str]:
     """pid -> comm of every process (for irqbalance and the like)."""
     out = {}
-    for p in root.listdir("/proc"):
+    for p in root.listdir(sysfs.PROC):
         if p.isdigit():
-            comm = root.read(f"/proc/{p}/comm")
+            comm = root.read(sysfs.proc(p, "comm"))
             if comm is not None:
                 out[int(p)] = comm
     return out

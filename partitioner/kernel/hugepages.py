@@ -115,7 +115,7 @@ def _ensure_pages(root: HostRoot, node: int, size_bytes: int, needed_free: int) 
             page_size_name(size_bytes),
         )
         try:
-            root.write("/proc/sys/vm/compact_memory", "1")
+            root.write(sysfs.COMPACT_MEMORY, "1")
         except OSError as e:
             log.debug("compact_memory: %s", e)
         got = _set_pool(root, d, target)

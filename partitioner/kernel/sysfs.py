@@ -1,7 +1,9 @@
-"""Where the kernel keeps what the partitioner reads and writes: every sysfs path, built here.
+"""Where the kernel keeps what the partitioner reads and writes: every /sys, /proc and /dev path, built here.
 
 Paths are kernel paths (absolute, as the kernel names them); a :class:`HostRoot`
-turns them into files on this machine.  No other module spells ``/sys/...``.
+turns them into files on this machine.  No other module spells ``/sys/...``,
+``/proc/...`` or ``/dev/...`` (the generated boot-time scripts of ``host setup``
+aside: they are shell text for another machine, not paths read here).
 """
 
 from __future__ import annotations
@@ -78,3 +80,54 @@ def block(name: str, leaf: str = "") -> str:
 def block_by_number(majmin: str) -> str:
     """A block device by its ``major:minor`` (/sys/dev/block/8:1)."""
     return f"{DEV_BLOCK}/{majmin}"
+
+
+# -- /proc and /dev ---------------------------------------------------------------
+
+PROC = "/proc"
+CPUINFO = "/proc/cpuinfo"
+MEMINFO = "/proc/meminfo"
+INTERRUPTS = "/proc/interrupts"
+CMDLINE = "/proc/cmdline"
+UPTIME = "/proc/uptime"
+SWAPS = "/proc/swaps"
+MOUNTS = "/proc/mounts"
+SELF_MOUNTS = "/proc/self/mounts"
+SELF_MOUNTINFO = "/proc/self/mountinfo"
+SELF_CGROUP = "/proc/self/cgroup"
+SELF_CPUSET = "/proc/self/cpuset"  # older kernels, and hwloc's trees
+SELF_STATUS = "/proc/self/status"
+OSRELEASE = "/proc/sys/kernel/osrelease"
+HOSTNAME = "/proc/sys/kernel/hostname"
+COMPACT_MEMORY = "/proc/sys/vm/compact_memory"
+NET_ROUTE = "/proc/net/route"
+NET_IPV6_ROUTE = "/proc/net/ipv6_route"
+NET_IF_INET6 = "/proc/net/if_inet6"
+PROC_IRQ = "/proc/irq"
+IRQ_DEFAULT_AFFINITY = "/proc/irq/default_smp_affinity"
+DEV_KVM = "/dev/kvm"
+DEV_VFIO_CONTAINER = "/dev/vfio/vfio"
+SYSTEMD_RUNTIME = "/run/systemd/system"  # exists when systemd is the init system
+
+
+def proc(pid: int | str, leaf: str = "") -> str:
+    """A process's directory in /proc, or a file in it (``stat``, ``cmdline``, ``numa_maps``)."""
+    return f"{PROC}/{pid}/{leaf}" if leaf else f"{PROC}/{pid}"
+
+
+def task(pid: int | str, tid: int | str | None = None, leaf: str = "") -> str:
+    """A process's task directory, one thread's directory in it, or a file of that thread."""
+    base = f"{PROC}/{pid}/task"
+    if tid is None:
+        return base
+    return f"{base}/{tid}/{leaf}" if leaf else f"{base}/{tid}"
+
+
+def proc_irq(n: int | str, leaf: str = "") -> str:
+    """An interrupt's directory in /proc/irq, or a file in it (``smp_affinity_list``)."""
+    return f"{PROC_IRQ}/{n}/{leaf}" if leaf else f"{PROC_IRQ}/{n}"
+
+
+def dev_vfio(group: int | str) -> str:
+    """An IOMMU group's VFIO device node."""
+    return f"/dev/vfio/{group}"

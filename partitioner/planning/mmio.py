@@ -40,6 +40,7 @@ from dataclasses import dataclass, replace
 
 from partitioner.inventory.bars import high_bytes
 from partitioner.inventory.model import Host, PciFunction
+from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.manifest.model import DeviceSpec, Manifest
 from partitioner.planning.model import DeviceAssignment, Placement
@@ -56,7 +57,7 @@ _ADDRESS_SIZES = re.compile(r"^address sizes\s*:\s*(\d+) bits physical", re.MULT
 
 def phys_bits(root: HostRoot) -> int | None:
     """The CPU's physical address bits, from ``/proc/cpuinfo``; None when it does not say."""
-    m = _ADDRESS_SIZES.search(root.read("/proc/cpuinfo") or "")
+    m = _ADDRESS_SIZES.search(root.read(sysfs.CPUINFO) or "")
     return int(m.group(1)) if m else None
 
 

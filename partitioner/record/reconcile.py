@@ -362,7 +362,7 @@ def _started_at(root: HostRoot, pid: int) -> float | None:
     from partitioner.guest.launch import start_ticks
 
     ticks = start_ticks(root, pid)
-    uptime = root.read("/proc/uptime")
+    uptime = root.read(sysfs.UPTIME)
     if ticks is None or not uptime:
         return None
     with contextlib.suppress(ValueError, OSError):

@@ -319,7 +319,7 @@ def claim_group(
                 touched.append(rec)
                 log.info("claiming %s (%s) for vfio-pci", a, rec.driver or "no driver")
                 _claim_function(root, watch, rec, timeout)
-            dev = f"/dev/vfio/{group}"
+            dev = sysfs.dev_vfio(group)
             if not watch.wait(lambda: root.exists(dev), timeout):
                 raise DeviceError(
                     f"IOMMU group {group}: every endpoint is on vfio-pci but {dev} did not "

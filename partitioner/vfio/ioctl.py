@@ -67,7 +67,7 @@ VFIO_GROUP_FLAGS_CONTAINER_SET = 1 << 1
 VFIO_DEVICE_FLAGS_RESET = 1 << 0
 VFIO_DEVICE_FLAGS_PCI = 1 << 1
 
-CONTAINER_PATH = "/dev/vfio/vfio"
+CONTAINER_PATH = sysfs.DEV_VFIO_CONTAINER
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ def open_container(root: HostRoot) -> Container:
 def _open_group(root: HostRoot, group: int) -> int:
     return _open(
         root,
-        f"/dev/vfio/{group}",
+        sysfs.dev_vfio(group),
         what=f"IOMMU group {group}",
         hint="no function of the group is bound to vfio-pci (claim it first)",
     )
@@ -277,13 +277,13 @@ def check_group(
                     else "the kernel says a member is held by a driver other than vfio-pci"
                 ),
                 address=who[0][0] if who else "",
-                path=f"/dev/vfio/{group}",
+                path=sysfs.dev_vfio(group),
             )
         if status.container_set:
             raise DeviceError(
                 f"IOMMU group {group} is already attached to a container: "
                 "a running QEMU (or another partition) holds it",
-                path=f"/dev/vfio/{group}",
+                path=sysfs.dev_vfio(group),
             )
         cfd = ffi.new("int *", container.fd)
         _ioctl(
@@ -307,6 +307,6 @@ def check_group(
             "method): a guest that restarts cannot be given a clean device; add `reset: none-ok` "
             "to the device in the manifest to accept it",
             address=refused[0],
-            path=f"/dev/vfio/{group}",
+            path=sysfs.dev_vfio(group),
         )
     return infos
