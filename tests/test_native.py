@@ -36,11 +36,12 @@ from partitioner.inventory.bars import (
     parse_resource,
     read_bars,
 )
+from partitioner.inventory.cpus import phys_bits
 from partitioner.inventory.model import Host
 from partitioner.kernel.root import HostRoot
 from partitioner.manifest.loader import loads
 from partitioner.manifest.model import Manifest
-from partitioner.planning.mmio import DEFAULT_WINDOW, bits_for, layout, phys_bits
+from partitioner.planning.mmio import DEFAULT_WINDOW, bits_for, layout
 from partitioner.planning.model import Placement, Plan
 from partitioner.planning.planner import plan
 

@@ -109,7 +109,7 @@ def check_host(
 def _virt(cpuinfo: str | None, flags: set[str], has_kvm: bool) -> CheckItem:
     title = "hardware virtualization"
     if cpuinfo is None:
-        return CheckItem("cpu-virt", title, "warn", "/proc/cpuinfo cannot be read")
+        return CheckItem("cpu-virt", title, "warn", f"{sysfs.CPUINFO} cannot be read")
     if "vmx" in flags or "svm" in flags:
         which = "VT-x (vmx)" if "vmx" in flags else "AMD-V (svm)"
         return CheckItem("cpu-virt", title, "pass", f"the CPU offers {which}")
@@ -233,7 +233,7 @@ def _iommu(root: HostRoot, host: Host, facts: HostFacts) -> list[CheckItem]:
                     "interrupt-remapping",
                     title,
                     "warn",
-                    "/proc/interrupts cannot be read; the IOMMU's capability register says it can remap interrupts",
+                    f"{sysfs.INTERRUPTS} cannot be read; the IOMMU's capability register says it can remap interrupts",
                 )
             )
         else:
@@ -434,7 +434,10 @@ def _init(root: HostRoot) -> CheckItem:
     init = init_system(root)
     if init is None:
         return CheckItem(
-            "init", title, "warn", "/proc/1/comm cannot be read: the init system is unknown"
+            "init",
+            title,
+            "warn",
+            f"{sysfs.proc(1, 'comm')} cannot be read: the init system is unknown",
         )
     if init == "systemd":
         return CheckItem(
@@ -527,7 +530,7 @@ def check_site(
     missing = reboot_needed(settings, facts)
     if facts.cmdline is None:
         items.append(
-            CheckItem("site-cmdline", "kernel arguments", "warn", "/proc/cmdline cannot be read")
+            CheckItem("site-cmdline", "kernel arguments", "warn", f"{sysfs.CMDLINE} cannot be read")
         )
     elif missing:
         items.append(

@@ -20,7 +20,7 @@ an oracle for this package.
 from __future__ import annotations
 
 from partitioner.errors import HostReadError
-from partitioner.inventory.cpus import scan_cpus
+from partitioner.inventory.cpus import phys_bits, scan_cpus
 from partitioner.inventory.memory import scan_hugepage_sizes, scan_nodes
 from partitioner.inventory.model import Host
 from partitioner.inventory.pci import class_label, pci_is_bridge, scan_iommu_groups, scan_pci
@@ -28,7 +28,6 @@ from partitioner.inventory.reader import Reader
 from partitioner.inventory.usage import scan_in_use, scan_net, with_netdevs
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
-from partitioner.planning.mmio import phys_bits
 
 __all__ = ["class_label", "pci_is_bridge", "scan"]
 

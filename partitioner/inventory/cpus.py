@@ -13,6 +13,7 @@ from partitioner.errors import HostReadError
 from partitioner.inventory.model import Cpu
 from partitioner.inventory.reader import Reader, unescape_mount
 from partitioner.kernel import sysfs
+from partitioner.kernel.root import HostRoot
 
 _CPU_DIR_RE = re.compile(r"^cpu([0-9]{1,5})$")
 NODE_DIR_RE = re.compile(r"^node([0-9]{1,5})$")
@@ -273,3 +274,12 @@ def replace_cpu(c: Cpu, *, siblings: CpuSet | None = None, node: int | None = No
         siblings=c.siblings if siblings is None else siblings,
         kind=c.kind,
     )
+
+
+_ADDRESS_SIZES = re.compile(r"^address sizes\s*:\s*(\d+) bits physical", re.MULTILINE)
+
+
+def phys_bits(root: HostRoot) -> int | None:
+    """The CPU's physical address bits, from ``/proc/cpuinfo``; None when it does not say."""
+    m = _ADDRESS_SIZES.search(root.read(sysfs.CPUINFO) or "")
+    return int(m.group(1)) if m else None

@@ -34,14 +34,11 @@ docs/decisions.md "native"):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from partitioner.inventory.bars import high_bytes
 from partitioner.inventory.model import Host, PciFunction
-from partitioner.kernel import sysfs
-from partitioner.kernel.root import HostRoot
 from partitioner.manifest.model import DeviceSpec, Manifest
 from partitioner.planning.model import DeviceAssignment, Placement
 from partitioner.units import GiB, MiB, human_size
@@ -51,14 +48,6 @@ FOUR_GIB = 4 * GiB
 # q35 keeps all RAM below 4 GiB up to 2.75 GiB; above that, 2 GiB below and the rest from 4 GiB.
 _Q35_LOWMEM_LIMIT = 0xB0000000
 _Q35_LOWMEM = 2 * GiB
-
-_ADDRESS_SIZES = re.compile(r"^address sizes\s*:\s*(\d+) bits physical", re.MULTILINE)
-
-
-def phys_bits(root: HostRoot) -> int | None:
-    """The CPU's physical address bits, from ``/proc/cpuinfo``; None when it does not say."""
-    m = _ADDRESS_SIZES.search(root.read(sysfs.CPUINFO) or "")
-    return int(m.group(1)) if m else None
 
 
 def _pow2(n: int) -> int:
