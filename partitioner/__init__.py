@@ -1,6 +1,6 @@
 """partition: logical partitions for x86 Linux servers on KVM.
 
-Data flows one way (see ../shared/design.md)::
+Data flows one way::
 
     site.yaml --load--> Manifest --+
                                    +--plan--> Plan --diff(State)--> [Action...] --> host

@@ -1,6 +1,6 @@
 """Who owns which host CPU while the site runs: one pure description, derived from the Plan.
 
-Both halves of isolation use it (design.md, "Holding what the plan gave"): ``apply``'s
+Both halves of isolation use it (docs/decisions.md, "Isolation and audit"): ``apply``'s
 runtime actions move the host's work to :attr:`Layout.reserve`, and the boot-time
 ``host setup`` writes kernel arguments for :attr:`Layout.partition_cpus`.  Never
 computed anywhere else.

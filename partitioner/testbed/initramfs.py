@@ -34,7 +34,7 @@ from partitioner.errors import GuestError, PreconditionError
 
 BUSYBOX = "/bin/busybox"
 
-# What the 9p root needs, before it is mounted (testbed-notes.md); dependencies are
+# What the 9p root needs, before it is mounted (the test bed boots from it); dependencies are
 # added from modules.dep, so this names only the leaves.
 ROOT_MODULES = ("virtio_pci", "9pnet_virtio", "9p")
 
