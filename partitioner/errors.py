@@ -119,7 +119,7 @@ class PlanError(PartitionError):
 
 
 class PreconditionError(PartitionError):
-    """The request does not fit the host as it is now (cli.md's exit 3): a partition
+    """The request does not fit the host as it is now (docs/cli-reference.md's exit 3): a partition
     that is not running for ``console``, a tool the machine lacks.  It says what to do."""
 
     exit_code = 3

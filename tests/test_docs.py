@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from partitioner.cli.main import build_parser
-from partitioner.loader import loads, schema
+from partitioner.manifest.loader import loads, schema
 
 ROOT = Path(__file__).resolve().parent.parent
 MANIFEST_MD = ROOT / "docs" / "manifest.md"

@@ -680,5 +680,5 @@ def check_site(
 
 
 def exit_code(items: Sequence[CheckItem]) -> int:
-    """0 when nothing fails (warnings allowed), 3 when an item fails: a precondition is missing (cli.md)."""
+    """0 when nothing fails (warnings allowed), 3 when an item fails: a precondition is missing (docs/cli-reference.md)."""
     return 3 if any(i.status == "fail" for i in items) else 0

@@ -10,7 +10,7 @@ What a site needs at boot, and why it cannot wait for ``apply``:
 
 - kernel arguments: the IOMMU on; the partitions' CPUs kept from the
   scheduler's load balancing, the tick, RCU callbacks and managed interrupts
-  (rule 9 of manifest.md: what cannot be moved at run time); and the
+  (rule 9 of docs/manifest.md: what cannot be moved at run time); and the
   hugepage pools reserved per node before memory fragments (1 GiB pages
   practically never can be raised later);
 - early binding: each of the site's PCI functions, by address, gets

@@ -45,7 +45,7 @@ from partitioner.record.store import StateStore
 log = logging.getLogger("partitioner.boot.supervisor")
 
 HISTORY_FILE = "supervisor.json"
-MAX_CRASHES = 5  # manifest.md, on_crash: 5 crashes in 10 minutes leave it failed
+MAX_CRASHES = 5  # docs/manifest.md, on_crash: 5 crashes in 10 minutes leave it failed
 WINDOW_S = 600.0
 
 
@@ -244,7 +244,7 @@ class Supervisor:
                 h.restarts += 1
                 h.gave_up = None
                 return state, Event(rec.name, "restarted", reason)
-        # Left failed, still holding its CPUs, memory and devices (on_crash, manifest.md).
+        # Left failed, still holding its CPUs, memory and devices (on_crash, docs/manifest.md).
         now_rec = state.partitions.get(rec.name, rec)
         failed = replace(now_rec, state=RunState.FAILED, pid=None, vcpu_threads={}, started_at=None)
         state = state.with_partition(failed)

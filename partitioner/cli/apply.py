@@ -51,7 +51,7 @@ def add_lock_timeout(p: argparse.ArgumentParser) -> None:
 
 
 def progress(ctx: Context) -> Callable[[str], None] | None:
-    """Long steps say what they do on a terminal, and stay quiet in a pipe (cli.md)."""
+    """Long steps say what they do on a terminal, and stay quiet in a pipe (docs/cli-reference.md)."""
     if ctx.verbosity > 0 or (ctx.verbosity == 0 and ctx.err.isatty()):
         return lambda text: ctx.info(f"partition: {text}")
     return None

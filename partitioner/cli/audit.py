@@ -1,4 +1,4 @@
-"""``partition audit [NAME]``: one row per finding; exit 0 clean, 3 when anything drifted (cli.md)."""
+"""``partition audit [NAME]``: one row per finding; exit 0 clean, 3 when anything drifted (docs/cli-reference.md)."""
 
 from __future__ import annotations
 

@@ -67,7 +67,7 @@ class Context:
         return HostRoot(self.host_root)
 
     def require_live(self, verb: str) -> None:
-        """Verbs that change the host refuse --host-root (cli.md), and need a state
+        """Verbs that change the host refuse --host-root (docs/cli-reference.md), and need a state
         directory they can write: said now, before anything is changed."""
         if self.host_root is not None:
             raise UsageError(

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def to_json(host: Host) -> dict[str, Any]:
-    """The shape of ``partition inspect --json`` (cli.md), and more."""
+    """The shape of ``partition inspect --json`` (docs/cli-reference.md), and more."""
     cpus = [
         {
             "cpu": c.id,

@@ -2,7 +2,7 @@
 
 Each verb module has ``register(subparsers)``, which adds its parser and sets
 ``func`` to a ``run(args, ctx) -> int``.  Exceptions of the project's tree are
-turned into a message and the exit code ``cli.md`` gives, here and nowhere else.
+turned into a message and the exit code ``docs/cli-reference.md`` gives, here and nowhere else.
 
 The global options are accepted before and after the verb: every verb's parser
 gets them too.  They default to ``SUPPRESS`` everywhere, so that a verb's parser

@@ -49,7 +49,7 @@ def record_json(rec: PartitionRecord, now: float, shown: str | None = None) -> d
 
 
 def _shown(rec: PartitionRecord) -> str | None:
-    """``paused`` for a running partition whose QEMU says so (cli.md's states); else None.
+    """``paused`` for a running partition whose QEMU says so (docs/cli-reference.md's states); else None.
 
     Asked over QMP with a short deadline: a QEMU busy with another client stays ``running``.
     """

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     except ManifestError as e:
         if not ctx.json:
             raise
-        # cli.md's failure document, with validate's own keys.
+        # docs/cli-reference.md's failure document, with validate's own keys.
         ctx.emit_json(
             {
                 "ok": False,

@@ -52,7 +52,7 @@ class ClaimGroup(Step):
         ctx.update(replace(rec, claims=(*rec.claims, claim)))
         try:
             # Ask the kernel itself before QEMU is started: a group that is not viable is
-            # named here, not reported by QEMU later (design.md, Devices).
+            # named here, not reported by QEMU later (docs/architecture.md).
             check_group(ctx.root, ctx.host, self.group, reset_none_ok=none_ok)
         except BaseException:
             release_group(ctx.root, claim)

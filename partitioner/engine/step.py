@@ -3,7 +3,7 @@
 A step's ``do`` changes the host and the record together (``ctx.state``); ``undo``
 takes the change back; ``check`` says the host and the record already show it
 done, so a resumed command skips it.  ``plan`` and ``--dry-run`` list steps by
-``str()``; ``--json`` by ``to_json()`` (cli.md).
+``str()``; ``--json`` by ``to_json()`` (docs/cli-reference.md).
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ class Host:
     pci: Mapping[PciAddress, PciFunction]
     iommu_groups: Mapping[int, IommuGroup]
     # Functions the host itself is using, with why: "controller of / (nvme0n1p2)",
-    # "enp3s0 carries the default route", "boot VGA device".  Rule 5 of manifest.md.
+    # "enp3s0 carries the default route", "boot VGA device".  Rule 5 of docs/manifest.md.
     in_use: Mapping[PciAddress, tuple[str, ...]]
     netdevs: Mapping[str, NetInterface]
     has_kvm: bool

@@ -1,4 +1,4 @@
-"""What the host itself runs on (rule 5 of manifest.md): its network, disks and swap.
+"""What the host itself runs on (rule 5 of docs/manifest.md): its network, disks and swap.
 
 A PCI function is in use when it carries the default route or an addressed
 interface (directly or under a bridge, bond or VLAN), or controls a mounted

@@ -498,7 +498,7 @@ class _Checker:
                 seen[key] = path
 
     def disk_paths(self, name: str, base: PathKey, seen: dict[str, tuple[PathKey, bool]]) -> None:
-        """Nothing is shared between partitions (manifest.md), but an image that nobody writes
+        """Nothing is shared between partitions (docs/manifest.md), but an image that nobody writes
         can be: two readers of one file are safe, a writer and anyone else are not."""
         disks = self.get((*base, "disks"))
         if not isinstance(disks, list):

@@ -84,7 +84,7 @@ class Placement:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The one JSON form of a placement: ``partition plan --json`` (cli.md) shows it, and
+        """The one JSON form of a placement: ``partition plan --json`` (docs/cli-reference.md) shows it, and
         the state record keeps it, so it carries every field ``from_json`` needs back."""
         return {
             "name": self.name,

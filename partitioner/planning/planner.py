@@ -1,11 +1,11 @@
 """Placing partitions on the host: ``plan(manifest, host, running) -> Plan``.
 
-Pure and deterministic (design.md, style.md principle 1): it reads nothing
+Pure and deterministic (docs/architecture.md: a pure core): it reads nothing
 and starts nothing, and the same inputs give the same Plan.  It is greedy and
 polynomial: partitions are placed one at a time in a fixed order, each on the
 best node that fits, with no search over permutations of nodes or partitions.
 
-The rules it enforces are numbered as in ``manifest.md`` ("Rules a valid plan
+The rules it enforces are numbered as in ``docs/manifest.md`` ("Rules a valid plan
 obeys on the host"); every problem names its partition and the CPUs, node,
 address or group concerned, and all problems are collected before raising.
 

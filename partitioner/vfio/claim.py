@@ -64,7 +64,7 @@ def modprobe(name: str) -> None:
     run(["modprobe", name], timeout=60)
 
 
-# -- refusals (rules 4 and 5 of manifest.md) -----------------------------------
+# -- refusals (rules 4 and 5 of docs/manifest.md) -----------------------------------
 
 
 def refusals(host: Host, group: int, *, reset_none_ok: Collection[str] | None = None) -> list[str]:

@@ -11,7 +11,7 @@ asks here and nowhere else:
 - ``partition apply`` asks :func:`group_refusals` again for each group just
   before it claims it, on the host as scanned at that moment (``partitioner.vfio.claim``).
 
-The rules are 4 and 5 of manifest.md, the kernel's VFIO viability rule (a group
+The rules are 4 and 5 of docs/manifest.md, the kernel's VFIO viability rule (a group
 can be opened only when every member is on vfio-pci, pci-stub, a port driver,
 or no driver) and the reset check (docs/decisions.md, "One verdict").
 """
