@@ -41,9 +41,11 @@ STYLE = "lstopoStyle"  # the info attribute lstopo takes an object's colours fro
 # Every PCI function and bridge, not only those hwloc deems important: a partition's
 # device must be on the picture whatever its class.  The same filters at drawing time,
 # else lstopo drops again what the XML holds.  Disallowed PUs (outside this process's
-# cgroup) are drawn too: they are the host's CPUs all the same.
+# cgroup) are drawn too: they are the host's CPUs all the same.  Nothing collapsed or
+# factorized (lstopo draws the first two and last of many identical cores): every PU
+# and function is drawn in its own box, in its owner's colour.
 _FILTERS = ("--filter", "bridge:all", "--filter", "pcidev:all", "--filter", "osdev:none")
-_DRAW = (*_FILTERS, "--disallowed", "--no-collapse", "--no-default-legend")
+_DRAW = (*_FILTERS, "--disallowed", "--no-collapse", "--no-factorize", "--no-default-legend")
 _TIMEOUT = 120.0
 # What lstopo's Linux backend says when a tree has no CPU topology it can read; it then
 # describes the machine it runs on instead, which must not be drawn as the tree.
