@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PARTITION = Path(sys.executable).parent / "partition"
 EXAMPLE = ROOT / "partitions" / "demo.yaml"
 # Every verb as `partition VERB` names it (testbed's own verbs below it).
-VERBS = ["inspect", "snapshot", "validate", "plan", "apply", "status", "start", "stop"]
+VERBS = ["inspect", "snapshot", "validate", "plan", "apply", "status", "map", "start", "stop"]
 VERBS += [
     "restart",
     "destroy",

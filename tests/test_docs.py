@@ -37,7 +37,7 @@ PLANNED_FIELDS = {
     "partitions.NAME.hotplug_slots",
     "partitions.NAME.devices[].vf",
 }
-PLANNED_VERBS = {"map"}
+PLANNED_VERBS: set[str] = set()
 
 
 # -- the manifest ----------------------------------------------------------------------------

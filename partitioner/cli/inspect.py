@@ -33,6 +33,10 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         ctx.emit_json(doc)
     else:
         ctx.say(render(host, doc))
+        ctx.info(
+            "partition: a picture of this host with a site's partitions on it: "
+            "partition map FILE -o map.svg"
+        )
     return 0
 
 

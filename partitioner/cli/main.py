@@ -47,6 +47,7 @@ VERB_MODULES: list[str] = [
     "plan",
     "apply",
     "status",
+    "map",
     "lifecycle",
     "destroy",
     "audit",

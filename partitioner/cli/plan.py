@@ -11,6 +11,7 @@ from partitioner.cli.common import Context, table
 from partitioner.engine.diff import diff, held_replacements
 from partitioner.guest.argv import NO_ARGV, command_lines
 from partitioner.inventory import scan
+from partitioner.inventory.model import Host
 from partitioner.manifest.loader import load
 from partitioner.planning.files import checked_plan, file_problems
 from partitioner.planning.model import Plan
@@ -29,8 +30,10 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace, ctx: Context) -> int:
-    manifest = load(args.file)
+def planned(file: str, ctx: Context) -> tuple[Plan, Host, State]:
+    """The plan of ``file`` on ctx's host as ``plan`` shows it (``map`` draws it too), with
+    the host and the reconciled record it was made against."""
+    manifest = load(file)
     host = scan(ctx.root())
     state, findings = _reconciled(ctx)
     ctx.reconciled(findings, done=False)
@@ -44,6 +47,11 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             ctx.warn(
                 f"partition: note: {problem} (not checked: the plan is for --host-root's machine)"
             )
+    return result, host, state
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    result, host, state = planned(args.file, ctx)
     acts = [a.to_json() for a in diff(result, state, host, replace=set())]
     held = held_replacements(result, state, replace=set())
     wanted = args.qemu or ctx.json

@@ -10,7 +10,7 @@ from partitioner import stats
 from partitioner.cli.common import Context, table
 from partitioner.errors import UsageError
 from partitioner.record.codec import grant_to_json
-from partitioner.record.model import PartitionRecord, RunState
+from partitioner.record.model import PartitionRecord, RunState, State
 from partitioner.record.reconcile import reconcile
 from partitioner.record.store import StateStore
 from partitioner.units import format_size
@@ -75,13 +75,20 @@ def _uptime(seconds: float | None) -> str:
     return (f"{d}d" if d else "") + (f"{h:02d}:{m:02d}:{s:02d}" if d or h else f"{m}:{s:02d}")
 
 
-def run(args: argparse.Namespace, ctx: Context) -> int:
+def running(ctx: Context) -> State:
+    """The record reconciled with the host, as ``status`` shows it (``map`` draws it too)."""
     store = StateStore(ctx.state_dir)
     # Read-only: the record is checked against the live processes but not rewritten here;
     # the next apply or lifecycle verb records what it finds (and does what it says).
     found = reconcile(store.load(), ctx.root(), busy=store.busy())
     ctx.reconciled(found.findings, done=False)
-    recs = dict(found.state.partitions)
+    return found.state
+
+
+def run(args: argparse.Namespace, ctx: Context) -> int:
+    store = StateStore(ctx.state_dir)
+    state = running(ctx)
+    recs = dict(state.partitions)
     if args.name is not None:
         if args.name not in recs:
             raise UsageError(
@@ -134,4 +141,18 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
     if figures:
         ctx.say("\n" + table(stats.render(figures), stats.RENDER_HEADERS))
+    # Who holds each CPU, a line per node; the whole picture is `partition map`'s.
+    from partitioner.inventory import scan
+    from partitioner.map.owners import from_status
+    from partitioner.map.text import cpu_strips
+
+    owners = from_status(
+        {"partitions": docs},
+        state.site.host_cpus if state.site else None,
+        state.site.host_memory_bytes if state.site else None,
+    )
+    ctx.say()
+    for line in cpu_strips(scan(ctx.root()), owners):
+        ctx.say(line)
+    ctx.info("partition: the picture of these partitions on the host: partition map -o map.svg")
     return 0

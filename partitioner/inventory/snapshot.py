@@ -283,6 +283,7 @@ def take_snapshot_with_host(src: HostRoot, dest: Path, *, force: bool = False) -
     check_host(recorder, host, read_facts(recorder))
     for path in (sysfs.CPU_ISOLATED, sysfs.CPU_NOHZ_FULL):
         recorder.read(path)
+    _probe_for_hwloc(recorder, host)
     clear_dest(dest)
     m = _Mirror(src=src, dest=dest, seen=recorder.files)
     for p in recorder.files:
@@ -301,6 +302,47 @@ def take_snapshot_with_host(src: HostRoot, dest: Path, *, force: bool = False) -
         local.write_text(names)
         m.files += 1
     return m.files, host
+
+
+# What hwloc's Linux backend reads beyond the scan, so that `partition map` (lstopo under
+# HWLOC_FSROOT) draws a snapshot as it draws the machine: without the topology masks it
+# gives up on /sys ("failed to find sysfs cpu topology directory") and describes the CPU
+# it runs on instead; without config space it cannot tell bridges and nests no PCI tree.
+_HWLOC_CPU_FILES = (
+    "online", "topology/core_cpus", "topology/core_cpus_list", "topology/thread_siblings",
+    "topology/core_id", "topology/package_cpus", "topology/package_cpus_list",
+    "topology/core_siblings", "topology/physical_package_id", "topology/die_cpus",
+    "topology/die_cpus_list", "topology/die_id", "topology/cluster_cpus", "topology/cluster_id",
+)  # fmt: skip
+_HWLOC_CACHE_FILES = (
+    "level", "type", "size", "shared_cpu_map", "coherency_line_size",
+    "ways_of_associativity", "number_of_sets", "physical_line_partition", "id",
+)  # fmt: skip
+_HWLOC_NODE_FILES = ("cpumap", "meminfo", "distance")
+_HWLOC_PCI_FILES = ("config", "class", "vendor", "device", "subsystem_vendor",
+                    "subsystem_device", "local_cpus", "numa_node", "revision",
+                    "current_link_speed", "current_link_width")  # fmt: skip
+_HWLOC_OTHER = (
+    f"{sysfs.CPU}/possible", f"{sysfs.NODE}/online", f"{sysfs.NODE}/possible",
+    "/proc/cpuinfo", "/proc/meminfo",
+)  # fmt: skip
+
+
+def _probe_for_hwloc(recorder: _Recorder, host: Host) -> None:
+    """Note the files hwloc reads, as probes: the mirror copies them byte for byte (PCI
+    config space is binary, not text for the scan's reader)."""
+    paths = list(_HWLOC_OTHER)
+    for cpu in host.cpus:
+        paths += [sysfs.cpu(cpu, leaf) for leaf in _HWLOC_CPU_FILES]
+        for index in recorder.listdir(sysfs.cpu(cpu, "cache")):
+            if index.startswith("index"):
+                paths += [sysfs.cpu(cpu, f"cache/{index}/{leaf}") for leaf in _HWLOC_CACHE_FILES]
+    for node in host.nodes:
+        paths += [sysfs.node(node, leaf) for leaf in _HWLOC_NODE_FILES]
+    for address in host.pci:
+        paths += [sysfs.pci_device(str(address), leaf) for leaf in _HWLOC_PCI_FILES]
+    for path in paths:
+        recorder.exists(path)
 
 
 def take_snapshot(src: HostRoot, dest: Path, *, force: bool = False) -> int:
