@@ -198,7 +198,7 @@ def test_console_script_usage_errors_exit_2() -> None:
         text=True,
         check=False,
     )
-    assert cp.returncode == 2 and "invalid choice" in cp.stderr
+    assert cp.returncode == 2 and "unknown verb 'no-such-verb'" in cp.stderr
     cp = subprocess.run(
         [sys.executable, "-m", "partitioner.cli.main", "validate", "/nonexistent/site.yaml"],
         capture_output=True,

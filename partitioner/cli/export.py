@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from partitioner.cli.common import Context
+from partitioner.cli.common import MANIFEST_HELP, Context
 from partitioner.errors import UsageError
 from partitioner.export import kubevirt, libvirt
 from partitioner.inventory import scan
@@ -24,7 +24,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "export", help="the plan as libvirt domain XML or KubeVirt VirtualMachine objects"
     )
-    p.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    p.add_argument("file", metavar="FILE", help=MANIFEST_HELP)
     p.add_argument("--format", required=True, choices=["libvirt", "kubevirt"])
     p.add_argument(
         "--out", metavar="DIR", help="write one file per document into DIR (else: stdout)"
@@ -78,10 +78,10 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             ctx.out.write(text)
     for name, lines in extra.get("substitutions", {}).items():
         for line in lines:
-            ctx.info(f"partition: {name}: KubeVirt picks devices by model: {line}")
+            ctx.note(f"{name}: KubeVirt picks devices by model: {line}")
     for name, lines in extra.get("notes", {}).items():
         for line in lines:
-            ctx.info(f"partition: {name}: not exported: {line}")
+            ctx.note(f"{name}: not exported: {line}")
     return 0
 
 

@@ -29,6 +29,8 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace, ctx: Context) -> int:
     host = scan(ctx.root())
     doc = to_json(host)
+    for note in host.notes:
+        ctx.note(note)
     if ctx.json:
         ctx.emit_json(doc)
     else:
@@ -168,8 +170,6 @@ def render(host: Host, doc: dict[str, Any]) -> str:
         lines.extend(group_reasons(host, {f["verdict"] for f in doc["pci"]}))
     else:
         lines.append("no PCI functions")
-    for note in host.notes:
-        lines.append(f"note: {note}")
     return "\n".join(lines)
 
 
