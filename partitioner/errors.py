@@ -8,6 +8,7 @@ Only the CLI turns these into text and exit codes (``exit_code`` below, as
      +-- ManifestError             2  the manifest is not valid (carries .problems)
      +-- HostReadError             2  a --host-root tree that cannot be read as a host
      +-- PlanError                 3  valid manifest that does not fit this host (.problems)
+     |    +-- ExportError             ... or whose export would not start (what to add)
      +-- PreconditionError         3  the request does not fit the host as it is now
      +-- DeviceError               4  claiming / releasing a PCI function failed (.address, .path)
      +-- GuestError                4  QEMU could not be started or driven (.partition)
@@ -82,6 +83,11 @@ class PlanError(PartitionError):
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class ExportError(PlanError):
+    """The plan fits, but the documents for another manager would describe a guest that
+    cannot start there (a KubeVirt VM with nothing to boot): each problem says what to add."""
 
 
 class PreconditionError(PartitionError):

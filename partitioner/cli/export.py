@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from partitioner.errors import UsageError
 from partitioner.export import kubevirt, libvirt
 from partitioner.inventory import scan
 from partitioner.loader import load
+from partitioner.manifest import Manifest
 from partitioner.planner import plan
 from partitioner.state import State, StateStore, running_partitions
 
@@ -34,11 +36,74 @@ def register(sub: Any) -> None:
         metavar="NAME",
         help="kubevirt: the Kubernetes node name of this host (default: its hostname)",
     )
+    p.add_argument(
+        "--pvc",
+        metavar="PATH=CLAIM",
+        action="append",
+        default=[],
+        help="kubevirt: the disk PATH of the manifest is the PersistentVolumeClaim CLAIM "
+        "(needed for a block device or a qcow2 image; repeatable)",
+    )
+    p.add_argument(
+        "--kernel-image",
+        metavar="[NAME=]IMAGE",
+        action="append",
+        default=[],
+        help="kubevirt: the container image holding partition NAME's boot kernel and initrd "
+        "at the manifest's paths (without NAME=: every partition with boot:; repeatable)",
+    )
     p.set_defaults(func=run)
+
+
+# A Kubernetes object name (DNS-1123 subdomain), as a PersistentVolumeClaim's must be.
+_K8S_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+
+
+def sources_of(args: argparse.Namespace, manifest: Manifest) -> kubevirt.Sources:
+    """--pvc and --kernel-image, checked against the manifest: each names what it is for."""
+    if args.format != "kubevirt" and (args.pvc or args.kernel_image):
+        raise UsageError("--pvc and --kernel-image are for --format kubevirt")
+    disks = {d.path for spec in manifest.partitions.values() for d in spec.disks}
+    claims: dict[str, str] = {}
+    for given in args.pvc:
+        path, eq, claim = given.rpartition("=")
+        if not eq or not path:
+            raise UsageError(f"--pvc {given}: give PATH=CLAIM (a disk path of the manifest)")
+        if path not in disks:
+            raise UsageError(
+                f"--pvc {given}: {path} is no disk of {manifest.file} "
+                f"(disks: {', '.join(sorted(disks)) or 'none'})"
+            )
+        if len(claim) > 253 or not _K8S_NAME.fullmatch(claim):
+            raise UsageError(
+                f"--pvc {given}: {claim!r} is not a claim name Kubernetes takes "
+                "(lower-case letters, digits, '-' and '.', starting and ending alphanumeric)"
+            )
+        claims[path] = claim
+    booted = sorted(n for n, spec in manifest.partitions.items() if spec.boot is not None)
+    images: dict[str, str] = {}
+    for given in args.kernel_image:
+        name, eq, image = given.rpartition("=")
+        if not image.strip() or any(c.isspace() for c in image):
+            raise UsageError(f"--kernel-image {given}: name a container image")
+        if not eq and not booted:
+            raise UsageError(
+                f"--kernel-image {given}: no partition of {manifest.file} has boot: "
+                "(a kernel image is for direct kernel boot)"
+            )
+        for n in [name] if eq else booted:
+            if n not in booted:
+                raise UsageError(
+                    f"--kernel-image {given}: {n} is no partition of {manifest.file} that has "
+                    f"boot: (with boot: {', '.join(booted) or 'none'})"
+                )
+            images[n] = image
+    return kubevirt.Sources(claims=claims, kernel_images=images)
 
 
 def run(args: argparse.Namespace, ctx: Context) -> int:
     manifest = load(args.file)
+    sources = sources_of(args, manifest)
     root = ctx.root()
     host = scan(root)
     state = State() if ctx.host_root is not None else StateStore(ctx.state_dir).load()
@@ -53,7 +118,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                 f"the host tree {ctx.host_root} does not say its hostname: "
                 "name the Kubernetes node with --node NAME"
             )
-        kv = kubevirt.export(result, node, {a: f.id for a, f in host.pci.items()})
+        kv = kubevirt.export(result, node, {a: f.id for a, f in host.pci.items()}, sources)
         docs = kv.documents
         extra = kv.to_json()
     if args.out:
