@@ -13,6 +13,7 @@ each carries the fields named in brackets::
      +-- TopologyError             2  a test-bed topology file that cannot be used (.source, .problems)
      |                                  (testbed/topology.py)
      +-- PlanError                 3  valid manifest that does not fit this host (.problems)
+     |    +-- ExportError             ... or whose export would not start (what to add)
      +-- PreconditionError         3  the request does not fit the host as it is now
      +-- DeviceError               4  claiming / releasing a PCI function failed (.address, .path, .errno)
      |    +-- ClaimFailed             ... and was undone (.restored, .not_restored) (vfio/claim.py)
@@ -116,6 +117,11 @@ class PlanError(PartitionError):
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = list(problems)
         super().__init__("\n".join(self.problems))
+
+
+class ExportError(PlanError):
+    """The plan fits, but the documents for another manager would describe a guest that
+    cannot start there (a KubeVirt VM with nothing to boot): each problem says what to add."""
 
 
 class PreconditionError(PartitionError):

@@ -115,9 +115,9 @@ def test_inspect_table_says_why_not(capsys: pytest.CaptureFixture[str], tmp_path
     rc, out, _ = run(capsys, "--host-root", str(root), "inspect")
     assert rc == 0
     line = next(x for x in out.splitlines() if x.startswith("0000:81:00.0"))
-    assert line.endswith("yes +1 of its slot") and line.count("0000:81:00.0") == 1
+    assert line.endswith(" yes+1") and line.count("0000:81:00.0") == 1
     bridge = next(x for x in out.splitlines() if x.startswith("0000:80:01.0"))
-    assert bridge.endswith("no: bridge")
+    assert bridge.endswith(" no:bridge")
     assert "bridges and ports stay with the host (rule 4)" in out
 
 
@@ -134,9 +134,9 @@ def test_inspect_table_is_short_and_says_reasons_once_per_group(
     rc, out, _ = run(capsys, "--host-root", str(root), "inspect")
     assert rc == 0
     rows = [x for x in out.splitlines() if x.startswith("0000:05:00.")]
-    assert rows[0].endswith("no: the host uses it")
-    assert all(r.endswith("no: see group 30") for r in rows[1:])
-    assert all(len(r) < 120 for r in rows)
+    assert rows[0].endswith(" no:host")
+    assert all(r.endswith(" no:group") for r in rows[1:])
+    assert all(len(r) <= 100 for r in rows)
     assert out.count("enp5s0f0 carries the default route") == 1
     assert "IOMMU group 30 (0000:05:00.0, 0000:05:00.1, 0000:05:00.2, 0000:05:00.3):" in out
     # The JSON keeps the full reasons per function (cli.md).
@@ -198,7 +198,7 @@ def test_console_script_usage_errors_exit_2() -> None:
         text=True,
         check=False,
     )
-    assert cp.returncode == 2 and "invalid choice" in cp.stderr
+    assert cp.returncode == 2 and "unknown verb 'no-such-verb'" in cp.stderr
     cp = subprocess.run(
         [sys.executable, "-m", "partitioner.cli.main", "validate", "/nonexistent/site.yaml"],
         capture_output=True,

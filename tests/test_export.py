@@ -32,6 +32,7 @@ from treebuilder import GiB, TreeBuilder
 
 from partitioner.cli.main import main
 from partitioner.cpuset import CpuSet
+from partitioner.errors import ExportError
 from partitioner.export import kubevirt, libvirt
 from partitioner.guest.argv import guest_cpus_by_node
 from partitioner.pci import PciAddress
@@ -259,10 +260,27 @@ def test_functions_of_one_slot_stay_together() -> None:
 # -- KubeVirt -----------------------------------------------------------------------------
 
 
+def _sources(p: Placement) -> kubevirt.Sources:
+    """What a user names for ``p``: a claim for each disk KubeVirt cannot take as a hostDisk
+    (a block device, a qcow2 image), a kernel image where it boots a kernel directly."""
+    claims = {
+        d.path: f"{p.name}-disk{i}"
+        for i, d in enumerate(p.spec.disks)
+        if d.path.startswith("/dev/") or d.path.endswith(".qcow2")
+    }
+    images = {p.name: f"registry.example/{p.name}-kernel:1"} if p.spec.boot else {}
+    return kubevirt.Sources(claims=claims, kernel_images=images)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_kubevirt_golden_and_valid(case: str) -> None:
     p, accel, _ = CASES[case]
-    result = kubevirt.export(_plan(p, accel), "node-a")
+    if not p.spec.disks and p.spec.boot is None:
+        # Nothing to boot from: refused, saying what to add (no golden VM that cannot start).
+        with pytest.raises(ExportError, match=f"partition {p.name} has nothing to boot from"):
+            kubevirt.export(_plan(p, accel), "node-a", sources=_sources(p))
+        return
+    result = kubevirt.export(_plan(p, accel), "node-a", sources=_sources(p))
     text = "".join(f"---\n# {n}\n{t}" for n, t in sorted(result.documents.items()))
     _check_golden(f"{case}.kubevirt.yaml", text)
     for t in result.documents.values():
@@ -291,8 +309,32 @@ def _vm_domain(vm: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_kubevirt_carries_the_plan(case: str) -> None:
     p, accel, _ = CASES[case]
-    vm = kubevirt.virtual_machine(p, _plan(p, accel), "node-a")
+    sources = _sources(p)
+    vm = kubevirt.virtual_machine(p, _plan(p, accel), "node-a", sources=sources)
     dom = _vm_domain(vm)
+    # Every disk a volume, in the manifest's order: its claim where one is named, else the
+    # image file; the first disk boots unless a kernel does, from the image named for it.
+    volumes = {v["name"]: v for v in vm["spec"]["template"]["spec"].get("volumes", [])}
+    disks = dom["devices"].get("disks", [])
+    assert [d["name"] for d in disks] == [f"disk{i}" for i in range(len(p.spec.disks))]
+    for i, disk in enumerate(p.spec.disks):
+        v = volumes[f"disk{i}"]
+        if disk.path in sources.claims:
+            assert v["persistentVolumeClaim"] == {
+                "claimName": sources.claims[disk.path],
+                "readOnly": disk.readonly,
+            }
+        else:
+            assert v["hostDisk"] == {"path": disk.path, "type": "Disk"}
+    boot = dom["firmware"].get("kernelBoot")
+    if p.spec.boot is None:
+        assert boot is None and (not disks or disks[0]["bootOrder"] == 1)
+    else:
+        assert boot["container"]["image"] == sources.kernel_images[p.name]
+        assert boot["container"]["kernelPath"] == p.spec.boot.kernel
+        assert boot["container"].get("initrdPath") == p.spec.boot.initrd
+        assert boot.get("kernelArgs") == p.spec.boot.cmdline
+        assert all("bootOrder" not in d for d in disks)
     cpu = dom["cpu"]
     assert (cpu["sockets"], cpu["cores"], cpu["threads"]) == (p.sockets, p.cores, p.threads)
     assert cpu["dedicatedCpuPlacement"] is True and cpu["isolateEmulatorThread"] is True
@@ -338,7 +380,8 @@ def test_kubevirt_says_which_devices_it_could_swap() -> None:
     )
     spare = PciAddress.parse("0000:c2:00.0")
     other = PciAddress.parse("0000:c3:00.0")
-    result = kubevirt.export(plan, "node-a", {spare: "10de:1eb8", other: "8086:10d3"})
+    sources = _sources(a)
+    result = kubevirt.export(plan, "node-a", {spare: "10de:1eb8", other: "8086:10d3"}, sources)
     db1 = " ".join(result.substitutions["db1"])
     assert "0000:81:00.0 (partition fw0)" in db1 and "0000:c2:00.0 (not in the plan)" in db1
     assert "0000:c3:00.0" not in db1
@@ -354,7 +397,7 @@ def test_kubevirt_says_which_devices_it_could_swap() -> None:
         {"pciVendorSelector": "10DE:1EB8", "resourceName": "partition.local/pci-10de-1eb8"}
     ]
     # A model of its own: nothing to swap, no annotation.
-    alone = kubevirt.export(plan, "node-a", {})
+    alone = kubevirt.export(plan, "node-a", {}, sources)
     solo = _placement_like(a, "solo", (30,), ())
     assert kubevirt.virtual_machine(solo, plan, "n")["metadata"]["annotations"].keys() == {
         "partition.local/planned-cpus"
@@ -390,6 +433,7 @@ partitions:
     cpus: 2
     memory: 64MiB
     devices: [{pci: "0000:41:00.0"}, {pci: "0000:42:00.0"}]
+    boot: {kernel: /srv/fw0/vmlinuz, initrd: /srv/fw0/initrd.img, cmdline: console=ttyS0}
   db0:
     cpus: 2
     memory: 64MiB
@@ -397,6 +441,15 @@ partitions:
     devices: [{pci: "0000:81:00.0"}]
     disks: [{path: /srv/db0.qcow2}]
 """
+
+
+# What the SITE needs named to boot under KubeVirt: fw0's kernel, db0's qcow2 image.
+BOOTABLE = (
+    "--kernel-image",
+    "fw0=registry.example/fw0-kernel:1",
+    "--pvc",
+    "/srv/db0.qcow2=db0-root",
+)
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -432,8 +485,9 @@ def test_export_verb_on_a_host_tree(capsys: pytest.CaptureFixture[str], tmp_path
     rc, out, err = _run(capsys, *root, "export", str(site), "--format", "kubevirt")
     assert rc == 2 and "--node" in err and out == ""
     rc, out, err = _run(
-        capsys, *root, "--json", "export", str(site), "--format", "kubevirt", "--node", "n1"
-    )
+        capsys, *root, "--json", "export", str(site), "--format", "kubevirt", "--node", "n1",
+        *BOOTABLE,
+    )  # fmt: skip
     assert rc == 0, err
     doc = json.loads(out)
     assert doc["files"] == ["db0.yaml", "fw0.yaml", "kubevirt-permitted-host-devices.yaml"]
@@ -462,3 +516,85 @@ def test_export_refuses_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: 
     )
     rc, out, err = _run(capsys, *root, "export", str(site), "--format", "libvirt")
     assert rc == 3 and out == ""
+
+
+def test_kubevirt_export_that_cannot_boot_is_refused_naming_what_to_add(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Each partition's problem at once, exit 3, no document written."""
+    site = tmp_path / "site.yaml"
+    site.write_text(SITE.replace("/srv/db0.qcow2}]", "/srv/db0.qcow2}, {path: /dev/sdb}]"))
+    argv = ("--host-root", str(FIXTURE_HOST), "export", str(site), "--format", "kubevirt")
+    out_dir = tmp_path / "out"
+    rc, out, err = _run(capsys, *argv, "--node", "n1", "--out", str(out_dir))
+    assert rc == 3 and out == "" and not out_dir.exists()
+    assert "partition fw0 boots the kernel /srv/fw0/vmlinuz directly" in err
+    assert "add --kernel-image fw0=IMAGE, an image holding /srv/fw0/vmlinuz and " in err
+    assert "disk /srv/db0.qcow2: a qcow2 image" in err and "--pvc /srv/db0.qcow2=CLAIM" in err
+    assert "disk /dev/sdb: a block device" in err and "add --pvc /dev/sdb=CLAIM" in err
+    rc, out, err = _run(capsys, *argv, "--node", "n1", "--json", *BOOTABLE)
+    doc = json.loads(out)
+    assert rc == 3 and doc["ok"] is False and doc["exit"] == 3
+    # With the kernel image and the qcow2's claim named, only the block device is left.
+    [problem] = doc["problems"]
+    assert problem["message"].startswith("partition db0: disk /dev/sdb: a block device")
+    # Named, it boots: the claim and the kernel image are in the VM, valid for KubeVirt.
+    rc, out, err = _run(
+        capsys, *argv, "--node", "n1", "--json", *BOOTABLE, "--pvc", "/dev/sdb=db0-data"
+    )
+    assert rc == 0, err
+    doc = json.loads(out)
+    for text in doc["documents"].values():
+        _kubevirt_valid(yaml.safe_load(text))
+    db0 = yaml.safe_load(doc["documents"]["db0.yaml"])["spec"]["template"]["spec"]
+    assert db0["volumes"] == [
+        {"name": "disk0", "persistentVolumeClaim": {"claimName": "db0-root", "readOnly": False}},
+        {"name": "disk1", "persistentVolumeClaim": {"claimName": "db0-data", "readOnly": False}},
+    ]
+    assert db0["domain"]["devices"]["disks"][0]["bootOrder"] == 1
+    fw0 = yaml.safe_load(doc["documents"]["fw0.yaml"])["spec"]["template"]["spec"]
+    assert fw0["domain"]["firmware"]["kernelBoot"] == {
+        "container": {
+            "image": "registry.example/fw0-kernel:1",
+            "kernelPath": "/srv/fw0/vmlinuz",
+            "initrdPath": "/srv/fw0/initrd.img",
+        },
+        "kernelArgs": "console=ttyS0",
+    }
+
+
+def test_kubevirt_partition_with_nothing_to_boot_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(SITE.replace("    disks: [{path: /srv/db0.qcow2}]\n", ""))
+    rc, out, err = _run(
+        capsys, "--host-root", str(FIXTURE_HOST), "export", str(site), "--format", "kubevirt",
+        "--node", "n1", "--kernel-image", "registry.example/k:1",
+    )  # fmt: skip
+    assert rc == 3 and out == ""
+    assert "partition db0 has nothing to boot from (no boot: and no disks:): add a disk" in err
+    assert "fw0" not in err  # the image without NAME= went to every partition with boot:
+
+
+@pytest.mark.parametrize(
+    ("extra", "said"),
+    [
+        (["--pvc", "/srv/none.img=x"], "/srv/none.img is no disk of"),
+        (["--pvc", "/srv/db0.qcow2"], "give PATH=CLAIM"),
+        (["--pvc", "/srv/db0.qcow2=DB_root"], "'DB_root' is not a claim name Kubernetes takes"),
+        (["--kernel-image", "db0=registry.example/k:1"], "db0 is no partition of"),
+        (["--kernel-image", "fw0="], "name a container image"),
+        (["--format", "libvirt", "--pvc", "/srv/db0.qcow2=db0"], "are for --format kubevirt"),
+    ],
+)
+def test_kubevirt_sources_that_name_nothing_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, extra: list[str], said: str
+) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(SITE)
+    fmt = [] if "--format" in extra else ["--format", "kubevirt"]
+    rc, out, err = _run(
+        capsys, "--host-root", str(FIXTURE_HOST), "export", str(site), *fmt, "--node", "n1", *extra
+    )
+    assert rc == 2 and out == "" and said in err, err

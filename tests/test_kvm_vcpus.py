@@ -121,4 +121,6 @@ def test_host_root_notes_what_this_machine_would_refuse(
     [note] = [n for n in doc["notes"] if "KVM's limit" in n]
     assert "--host-root" in note and f"big, {limit + 1}" in note
     assert main([*common, "plan", str(path)]) == 0
-    assert "note: the vCPU counts were not checked against KVM's limit" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "note: the vCPU counts were not checked against KVM's limit" in said.err
+    assert "note:" not in said.out  # notes go to stderr (cli.md)

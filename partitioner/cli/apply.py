@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from partitioner.cli.common import Context
+from partitioner.cli.common import MANIFEST_HELP, Context
 from partitioner.engine.prepare import converge, prepare
 from partitioner.engine.step import Action
 from partitioner.record.store import StateStore
@@ -17,7 +17,7 @@ DEFAULT_LOCK_TIMEOUT = 60.0
 
 def register(sub: Any) -> None:
     p = sub.add_parser("apply", help="converge the host to a site manifest")
-    p.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    p.add_argument("file", metavar="FILE", help=MANIFEST_HELP)
     p.add_argument("--dry-run", action="store_true", help="print the actions and do nothing")
     p.add_argument(
         "--replace",

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 DEFAULT_STATE_DIR = "/var/lib/partition"
 DEFAULT_RUN_DIR = "/run/partition"
 DEFAULT_LOG_DIR = "/var/log/partition"
+MANIFEST_HELP = "the site manifest (site.yaml; - reads standard input)"
 
 
 @dataclass
@@ -42,10 +43,13 @@ class Context:
     # What the verb's JSON document carries whatever happens once it is known (``reconciled``):
     # emit_json adds it to the verb's own document, main to the one it writes for the verb.
     reported: dict[str, Any] = field(default_factory=dict)
+    _root_said: bool = False  # -v says once where the host's facts come from
 
     def root(self) -> HostRoot:
         if self.host_root is None:
+            self._said_root("the live host (/sys, /proc)")
             return HostRoot("/")
+        self._said_root(f"the host tree {self.host_root} (--host-root)")
         # What --host-root names is known here; past this point a path that loops or is
         # not a directory would surface as some library's error about some file in it.
         try:
@@ -65,6 +69,11 @@ class Context:
                 path=self.host_root,
             )
         return HostRoot(self.host_root)
+
+    def _said_root(self, where: str) -> None:
+        if not self._root_said:
+            self._root_said = True
+            self.detail(f"host facts from {where}; state directory {self.state_dir}")
 
     def require_live(self, verb: str) -> None:
         """Verbs that change the host refuse --host-root (docs/cli-reference.md), and need a state
@@ -114,10 +123,14 @@ class Context:
         self.reported["reconciled"] = [f.to_json(done=done) for f in findings]
 
     def emit_json(self, doc: dict[str, Any]) -> None:
-        """The verb's one JSON document on stdout (``--json``), with what it reported."""
+        """The verb's one JSON document on stdout (``--json``), with what it reported.
+
+        ``ok`` and ``exit`` lead every document (cli.md): a verb that emits on failure
+        says them itself; any other document is a success, ``"ok": true, "exit": 0``."""
         if self.emitted:
             raise RuntimeError("a verb emitted a second JSON document")
-        json.dump({**doc, **self.reported}, self.out, indent=2, sort_keys=False)
+        head = {"ok": doc.get("ok", True), "exit": doc.get("exit", 0)}
+        json.dump({**head, **doc, **self.reported}, self.out, indent=2, sort_keys=False)
         self.out.write("\n")
         self.out.flush()
         self.emitted = True
@@ -127,12 +140,30 @@ class Context:
         if not self.json:
             print(text, file=self.out)
 
+    # What is said on stderr at each verbosity (docs/cli.md, "-v and -q"):
+    #   -q      problems and warnings only (warn);
+    #   normal  and notes and hints (info, note), progress on a terminal;
+    #   -v      and where the facts come from (detail), progress in a pipe too, and the
+    #           steps apply and destroy take (logging INFO);
+    #   -vv     and every command run and QMP exchange (logging DEBUG).
+
     def info(self, text: str) -> None:
-        """Progress and notes on stderr, unless -q."""
+        """A note, a hint or progress on stderr, unless -q."""
         if self.verbosity >= 0:
             print(text, file=self.err)
 
+    def note(self, text: str) -> None:
+        """``partition: note: TEXT`` on stderr, unless -q: what a reader of the report
+        should know but need not act on (what a plan or export leaves out)."""
+        self.info(f"partition: note: {text}")
+
+    def detail(self, text: str) -> None:
+        """``partition: TEXT`` on stderr with -v only: where the verb's facts come from."""
+        if self.verbosity > 0:
+            print(f"partition: {text}", file=self.err)
+
     def warn(self, text: str) -> None:
+        """A warning on stderr, -q or not: something the user has to act on."""
         print(text, file=self.err)
 
 

@@ -20,7 +20,10 @@ from partitioner.record.store import StateStore
 def register(sub: Any) -> None:
     p = sub.add_parser("destroy", help="stop partitions and give their devices and hugepages back")
     p.add_argument(
-        "file", metavar="FILE", nargs="?", help="destroy the partitions of this manifest"
+        "file",
+        metavar="FILE",
+        nargs="?",
+        help="destroy the partitions of this manifest (- reads standard input)",
     )
     p.add_argument("--all", action="store_true", help="destroy every applied partition")
     p.add_argument("--dry-run", action="store_true", help="print the actions and do nothing")

@@ -33,7 +33,7 @@ from partitioner.boot.setup import (
     undo_changes,
     write,
 )
-from partitioner.cli.common import Context
+from partitioner.cli.common import MANIFEST_HELP, Context
 from partitioner.errors import PartitionError, UsageError
 from partitioner.kernel import sysfs
 
@@ -57,7 +57,7 @@ def register(sub: Any) -> None:
         "check",
         help="is this machine ready to run partitions; with FILE, does it carry the site's boot settings",
     )
-    c.add_argument("file", metavar="FILE", nargs="?", help="the site manifest (site.yaml)")
+    c.add_argument("file", metavar="FILE", nargs="?", help=MANIFEST_HELP)
     c.add_argument(
         "--no-probe",
         action="store_true",
@@ -66,7 +66,7 @@ def register(sub: Any) -> None:
     c.set_defaults(func=run_check)
 
     s = hs.add_parser("setup", help="write what the host needs at boot for a site")
-    s.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    s.add_argument("file", metavar="FILE", help=MANIFEST_HELP)
     s.add_argument(
         "--dry-run", action="store_true", help="print the files and changes; write nothing"
     )
@@ -84,7 +84,7 @@ def register(sub: Any) -> None:
         "boot",
         help="start the site's autostart partitions in order (what the boot-time service runs)",
     )
-    b.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    b.add_argument("file", metavar="FILE", help=MANIFEST_HELP)
     b.add_argument(
         "--no-supervise",
         action="store_true",
@@ -225,11 +225,11 @@ def run_setup(args: argparse.Namespace, ctx: Context) -> int:
     if args.undo:
         change_list = undo_changes(target)
     else:
-        try:
-            text = Path(args.file).read_text()
-        except OSError as e:
-            raise UsageError(f"cannot read {args.file}: {e.strerror}") from e
+        from partitioner.manifest.loader import read_manifest
+
         manifest, host, result, _ = _site_settings(ctx, args.file, facts)
+        # The same bytes load read (standard input is read once), copied into the machine.
+        text = read_manifest(args.file)[0].decode("utf-8")
         setup = compile_setup(manifest, text, result, host, facts, target, partition_command())
         change_list = changes(setup)
     changed = [c for c in change_list if c.action != "unchanged"]
@@ -327,11 +327,11 @@ def _render_setup(
             where = "" if str(doc["root"]) == "/" else f" (in {doc['root']}'s system, e.g. chroot)"
             ctx.say(f"then run{where}: " + "; ".join(doc["commands"]))
     for note in doc["notes"]:
-        ctx.say(f"note: {note}")
+        ctx.note(note)
     if doc["reboot_needed"]:
         ctx.say(
             "reboot for these settings to take effect, then `partition host check "
-            + (args.file or SITE_COPY)
+            + (SITE_COPY if args.file in (None, "-") else args.file)
             + "`"
         )
 

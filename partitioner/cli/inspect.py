@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import contextlib
+import os
+import re
+import textwrap
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 from partitioner.cli.common import Context, table
 from partitioner.cpuset import CpuSet
 from partitioner.inventory import scan
 from partitioner.inventory.model import Host
+from partitioner.pci import PciAddress
 from partitioner.units import human_size, page_size_name
 from partitioner.vfio.preview import (
     ClaimPreview,
@@ -20,6 +26,9 @@ from partitioner.vfio.preview import (
     used_by_host,
 )
 
+# The width of the table in a pipe or a file (docs/cli.md): a terminal's own, or COLUMNS.
+DEFAULT_WIDTH = 100
+
 
 def register(sub: Any) -> None:
     p = sub.add_parser("inspect", help="show the host: CPUs, NUMA nodes, memory, PCI functions")
@@ -29,10 +38,12 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace, ctx: Context) -> int:
     host = scan(ctx.root())
     doc = to_json(host)
+    for note in host.notes:
+        ctx.note(note)
     if ctx.json:
         ctx.emit_json(doc)
     else:
-        ctx.say(render(host, doc))
+        ctx.say(render(host, doc, table_width(os.environ, ctx.out)))
         ctx.info(
             "partition: a picture of this host with a site's partitions on it: "
             "partition map FILE -o map.svg"
@@ -115,7 +126,7 @@ def to_json(host: Host) -> dict[str, Any]:
     }
 
 
-def render(host: Host, doc: dict[str, Any]) -> str:
+def render(host: Host, doc: dict[str, Any], width: int = 100) -> str:
     online = [c for c in host.cpus.values() if c.online]
     packages = {c.package for c in online}
     cores = {(c.package, c.siblings) for c in online}
@@ -149,32 +160,101 @@ def render(host: Host, doc: dict[str, Any]) -> str:
         )
     )
     lines.append("")
-    pci_rows = []
+    previews = claim_previews(host)
+    rows = []
     for f in doc["pci"]:
-        pci_rows.append(
+        rows.append(
             [
                 f["address"],
                 f"{f['vendor']}:{f['device']}",
-                (f["label"] or f["class"]) + _largest_bar(f["bars"]),
+                _name(f),
                 "-" if f["iommu_group"] is None else str(f["iommu_group"]),
                 "-" if f["numa_node"] is None else str(f["numa_node"]),
-                f["driver"] or "-",
-                ",".join(f["netdev"]) or "-",
-                f["verdict"],
+                _cut(f["driver"] or "-", 13),
+                _cut(",".join(f["netdev"]) or "-", 15),
+                short_verdict(host, previews[PciAddress.parse(f["address"])]),
             ]
         )
-    if pci_rows:
-        lines.append(
-            table(
-                pci_rows, ["PCI", "ID", "CLASS", "GROUP", "NODE", "DRIVER", "NETDEV", "ASSIGNABLE"]
-            )
-        )
-        lines.extend(group_reasons(host, {f["verdict"] for f in doc["pci"]}))
-    else:
-        lines.append("no PCI functions")
-    for note in host.notes:
-        lines.append(f"note: {note}")
-    return "\n".join(lines)
+    header = ["PCI", "ID", "DEVICE", "GROUP", "NODE", "DRIVER", "NETDEV", "VERDICT"]
+    text = "\n".join(_wrap(line, width) for line in "\n".join(lines).split("\n"))
+    if not rows:
+        return text + "\nno PCI functions"
+    # A row is never wrapped: what is too wide is cut, DEVICE first, then NETDEV and DRIVER,
+    # each to no less than its floor (a narrower terminal gets rows as narrow as that).
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    over = sum(widths) + 2 * (len(header) - 1) - width
+    for column, floor in ((2, 12), (6, 6), (5, 6)):
+        if over > 0 and widths[column] > floor:
+            cut = min(over, widths[column] - floor)
+            widths[column] -= cut
+            over -= cut
+    for r in rows:
+        for column in (2, 5, 6):
+            r[column] = _cut(r[column], widths[column])
+    below = group_reasons(host, {r[-1] for r in rows})
+    return "\n".join([text, table(rows, header), *(_wrap(line, width) for line in below)])
+
+
+def table_width(env: Mapping[str, str], out: TextIO) -> int:
+    """``COLUMNS`` when it is a number, else the terminal's width, else 100 (a pipe, a file)."""
+    given = env.get("COLUMNS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    with contextlib.suppress(AttributeError, ValueError, OSError):
+        if out.isatty():
+            return os.get_terminal_size(out.fileno()).columns
+    return DEFAULT_WIDTH
+
+
+def _name(f: dict[str, Any]) -> str:
+    """The vendor and device names of udev's hwdb (``Intel 82574L Gigabit Network
+    Connection``), else the class; a large BAR (a GPU's memory) is worth a word too."""
+    bar = _largest_bar(f["bars"])
+    if f["device_name"]:
+        vendor = _short_vendor(f["vendor_name"] or "")
+        return f"{vendor} {f['device_name']}".strip() + bar
+    return str(f["label"] or f["class"]) + bar
+
+
+def _short_vendor(name: str) -> str:
+    """``Intel Corporation`` -> ``Intel``, ``Red Hat, Inc.`` -> ``Red Hat``: the company's
+    legal form says nothing about the device."""
+    name = name.split(",")[0].split(" [")[0]
+    return re.sub(r"\s+(Corporation|Corp\.?|Inc\.?|Co\.|Ltd\.?|Limited|GmbH|AG)$", "", name)
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: max(width - 1, 1)] + "~"
+
+
+def _wrap(line: str, width: int) -> str:
+    """A sentence longer than the width continues on indented lines (the table's rows fit)."""
+    if len(line) <= width:
+        return line
+    indent = " " * (len(line) - len(line.lstrip()) + 2)
+    return textwrap.fill(
+        line, width, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+    )
+
+
+def short_verdict(host: Host, v: ClaimPreview) -> str:
+    """The table's verdict: one short word that never wraps (docs/cli.md lists them); the
+    reasons are said once per group below the table, and in full in --json."""
+    fn = host.pci.get(v.address)
+    if fn is None:
+        return "no"
+    if stays_with_host(fn):
+        return "no:bridge" if fn.is_bridge else "no:chipset"
+    if fn.iommu_group is None or fn.iommu_group not in host.iommu_groups:
+        return "no:nogroup"
+    if v.refusals:
+        return "no:host" if used_by_host(host, fn) else "no:group"
+    word = "none-ok" if v.no_reset else "yes"
+    if v.added:
+        word += f"+{len(v.added)}"
+    if v.must_name:
+        word += "*"
+    return word
 
 
 def verdict_word(host: Host, v: ClaimPreview) -> str:
@@ -225,21 +305,31 @@ def group_reasons(host: Host, words: set[str]) -> list[str]:
             out.append(f"IOMMU group {g} ({', '.join(str(fn.address) for fn in members)}):")
             out.extend(f"  {s}" for s in said)
     legend = [
-        text
+        f"{word:<10} {text}"
         for word, text in (
-            ("no: bridge", "bridges and ports stay with the host (rule 4)"),
-            (
-                "no: chipset",
-                "host and ISA bridges (class 06, header type 0) stay with the host (rule 5)",
-            ),
-            ("+", "+N of its slot: the free functions of its slot come along (rule 4)"),
+            ("yes+N", "it and the N free functions of its slot go to a guest together (rule 4)"),
+            ("none-ok", "it, or what comes with it, has no reset method: `reset: none-ok`"),
+            ("*", "the other endpoints of its IOMMU group must be named with it (below)"),
+            ("no:bridge", "bridges and ports stay with the host (rule 4)"),
+            ("no:chipset", "host and ISA bridges (class 06, header type 0) stay with the host"),
+            ("no:nogroup", "the kernel lists no IOMMU group for it"),
+            ("no:host", "the host uses it (below)"),
+            ("no:group", "something in its IOMMU group keeps the group from a guest (below)"),
         )
-        if any(word in w for w in words)
+        if any(_has(w, word) for w in words)
     ]
     out[0:0] = legend
     if out:
         out.insert(0, "")
     return out
+
+
+def _has(verdict: str, word: str) -> bool:
+    if word == "yes+N":
+        return "+" in verdict
+    if word == "*":
+        return verdict.endswith("*")
+    return verdict == word or (word == "none-ok" and verdict.startswith(word))
 
 
 def _largest_bar(bars: list[dict[str, Any]]) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import json
 import logging
@@ -25,7 +26,7 @@ import os
 import sys
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -121,6 +122,27 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise _ArgumentError(message, self.format_usage())
+
+    def _check_value(self, action: argparse.Action, value: Any) -> None:
+        # A verb that is not one is answered with the nearest verbs (cli.md), as git does.
+        if (
+            isinstance(action, _Verbs)
+            and action.choices is not None
+            and value not in action.choices
+        ):
+            raise _ArgumentError(unknown_verb(self.prog, str(value), action.choices), "")
+        super()._check_value(action, value)
+
+
+def unknown_verb(prog: str, word: str, verbs: Iterable[str]) -> str:
+    """``partition plna``: "unknown verb 'plna'; did you mean plan?", then every verb."""
+    names = list(verbs)
+    near = difflib.get_close_matches(word, names, n=3, cutoff=0.6)
+    if not near:
+        # A prefix or a fragment of a verb is a likely slip too (`partition snap`).
+        near = [v for v in names if word and (v.startswith(word) or word in v)][:3]
+    hint = f"; did you mean {' or '.join(near)}?" if near else ""
+    return f"unknown verb {word!r}{hint} (`{prog} --help` lists: {', '.join(names)})"
 
 
 class _VerbParser(_Parser):

@@ -7,7 +7,7 @@ import shlex
 from dataclasses import replace
 from typing import Any
 
-from partitioner.cli.common import Context, table
+from partitioner.cli.common import MANIFEST_HELP, Context, table
 from partitioner.engine.diff import diff, held_replacements
 from partitioner.guest.argv import NO_ARGV, command_lines
 from partitioner.inventory import scan
@@ -23,7 +23,7 @@ from partitioner.units import format_size
 
 def register(sub: Any) -> None:
     p = sub.add_parser("plan", help="check a manifest against the host and show the placement")
-    p.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    p.add_argument("file", metavar="FILE", help=MANIFEST_HELP)
     p.add_argument(
         "--qemu", action="store_true", help="print each partition's QEMU command line too"
     )
@@ -44,9 +44,7 @@ def planned(file: str, ctx: Context) -> tuple[Plan, Host, State]:
     result = checked_plan(manifest, host, running_partitions(state), here=here)
     if not here:
         for problem in file_problems(manifest):
-            ctx.warn(
-                f"partition: note: {problem} (not checked: the plan is for --host-root's machine)"
-            )
+            ctx.note(f"{problem} (not checked: the plan is for --host-root's machine)")
     return result, host, state
 
 
@@ -69,6 +67,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             for n, p in result.placements.items()
         },
     )
+    for note in plan_notes(result):
+        ctx.note(note)
     if ctx.json:
         doc = result.to_json()
         for name, argv in argvs.items():
@@ -120,13 +120,14 @@ def render(result: Plan) -> str:
             rows, ["PARTITION", "CPUS", "TOPOLOGY", "NODES", "MEMORY", "PAGES", "DEVICES", "GROUPS"]
         ),
     ]
-    notes = list(result.notes) + [
+    return "\n".join(out)
+
+
+def plan_notes(result: Plan) -> list[str]:
+    """The plan's notes, said on stderr (cli.md: notes are not the report)."""
+    return list(result.notes) + [
         f"{n}: {note}" for n, p in result.placements.items() for note in p.notes
     ]
-    if notes:
-        out.append("")
-        out.extend(f"note: {n}" for n in notes)
-    return "\n".join(out)
 
 
 def _reconciled(ctx: Context) -> tuple[State, list[Finding]]:

@@ -45,5 +45,5 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         )
         ctx.info(f"read it with: partition --host-root {dest} inspect (or plan FILE)")
     for note in host.notes:
-        ctx.info(f"note: {note}")
+        ctx.note(note)
     return 0

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from partitioner.cli.common import Context, problems_json
+from partitioner.cli.common import MANIFEST_HELP, Context, problems_json
 from partitioner.errors import ManifestError
 from partitioner.manifest.loader import load
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("validate", help="check a manifest alone (no host needed)")
-    p.add_argument("file", metavar="FILE", help="the site manifest (site.yaml)")
+    p.add_argument("file", metavar="FILE", help=MANIFEST_HELP)
     p.set_defaults(func=run)
 
 

@@ -9,16 +9,29 @@ PCI addresses: its device plugin hands out any function of a vendor:device
 model it has been permitted.  ``substitutions`` says, per partition, which of
 its functions KubeVirt could swap for another of the same model, and with
 whom; every other thing the export drops is in ``notes``.
+
+What the guest boots from has to reach the VM, or KubeVirt starts a VM that
+boots nothing.  A disk becomes a volume: a ``persistentVolumeClaim`` the user
+names for its path (:class:`Sources`), else a raw image file as a ``hostDisk``;
+a block device or a qcow2 image without a claim cannot be carried (``hostDisk``
+takes a raw file).  Direct kernel boot becomes ``firmware.kernelBoot`` from a
+container image the user names, holding the kernel and initrd at the paths the
+manifest gives.  A partition with something it cannot carry, or with nothing
+to boot from, is refused (:class:`~partitioner.errors.ExportError`), each
+problem saying what to add.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from partitioner.errors import ExportError
+from partitioner.guest.argv import disk_format
+from partitioner.manifest.model import Disk
 from partitioner.pci import PciAddress
 from partitioner.planning.model import Placement, Plan
 from partitioner.units import GiB, MiB
@@ -40,18 +53,38 @@ class KubeVirtExport:
         return {"substitutions": self.substitutions, "notes": self.notes}
 
 
+@dataclass(frozen=True)
+class Sources:
+    """What the user names for the export that the manifest cannot say (``partition export``'s
+    ``--pvc`` and ``--kernel-image``)."""
+
+    claims: Mapping[str, str] = field(default_factory=dict)  # disk path -> PVC name
+    kernel_images: Mapping[str, str] = field(default_factory=dict)  # partition -> image
+
+
 def resource_name(vendor_device: str) -> str:
     """``10de:1eb8`` -> ``partition.local/pci-10de-1eb8``: the name a VM asks its device by."""
     return f"{RESOURCE_DOMAIN}/pci-{vendor_device.replace(':', '-')}"
 
 
-def export(plan: Plan, node: str, models: Mapping[PciAddress, str] | None = None) -> KubeVirtExport:
+def export(
+    plan: Plan,
+    node: str,
+    models: Mapping[PciAddress, str] | None = None,
+    sources: Sources | None = None,
+) -> KubeVirtExport:
     """The documents of ``plan`` for the Kubernetes node ``node``.
 
     ``models`` maps every PCI function of the host to its vendor:device (the
     inventory); functions of a model that no partition holds but that KubeVirt
-    would also offer are counted among the possible substitutes.
+    would also offer are counted among the possible substitutes.  ``sources``
+    names the claims and kernel images; raises ExportError with every partition's
+    problems when a VM would have nothing to boot or would miss a disk.
     """
+    sources = sources or Sources()
+    problems = [m for _, p in sorted(plan.placements.items()) for m in boot_problems(p, sources)]
+    if problems:
+        raise ExportError(problems)
     docs: dict[str, str] = {}
     subs: dict[str, list[str]] = {}
     notes: dict[str, list[str]] = {}
@@ -62,8 +95,8 @@ def export(plan: Plan, node: str, models: Mapping[PciAddress, str] | None = None
             everyone.setdefault(d.address, d.vendor_device)
     for name, p in sorted(plan.placements.items()):
         subs[name] = _substitutions(p, everyone, holder)
-        notes[name] = _notes(p, plan)
-        vm = virtual_machine(p, plan, node, subs[name])
+        notes[name] = _notes(p, plan, sources)
+        vm = virtual_machine(p, plan, node, subs[name], sources)
         docs[f"{name}.yaml"] = yaml.safe_dump(vm, sort_keys=False)
     kv = kubevirt_config(plan)
     if kv is not None:
@@ -71,8 +104,54 @@ def export(plan: Plan, node: str, models: Mapping[PciAddress, str] | None = None
     return KubeVirtExport(docs, subs, notes)
 
 
+def boot_problems(p: Placement, sources: Sources) -> list[str]:
+    """Why the VM of ``p`` would not start under KubeVirt, each with what to add."""
+    out = []
+    for disk in p.spec.disks:
+        if _volume(disk, sources) is None:
+            out.append(f"partition {p.name}: disk {disk.path}: {_cannot_carry(disk)}")
+    boot = p.spec.boot
+    if boot is not None and p.name not in sources.kernel_images:
+        held = " and ".join(f for f in (boot.kernel, boot.initrd) if f)
+        out.append(
+            f"partition {p.name} boots the kernel {boot.kernel} directly: KubeVirt boots a "
+            f"kernel only from a container image; add --kernel-image {p.name}=IMAGE, an image "
+            f"holding {held} at {'those paths' if boot.initrd else 'that path'}"
+        )
+    if boot is None and not p.spec.disks:
+        out.append(
+            f"partition {p.name} has nothing to boot from (no boot: and no disks:): add a disk "
+            "to the manifest (an image file, or a block device with --pvc PATH=CLAIM), or "
+            f"boot: with a kernel and --kernel-image {p.name}=IMAGE"
+        )
+    return out
+
+
+def _cannot_carry(disk: Disk) -> str:
+    if disk.path.startswith("/dev/"):
+        return (
+            "a block device reaches a KubeVirt VM only through a PersistentVolumeClaim (a "
+            f"local PersistentVolume with volumeMode: Block); add --pvc {disk.path}=CLAIM"
+        )
+    return (
+        "a qcow2 image, and KubeVirt's hostDisk reads a file as raw: import it into a "
+        f"PersistentVolumeClaim (CDI converts qcow2) and add --pvc {disk.path}=CLAIM, or "
+        "convert it to a raw image (qemu-img convert -O raw) and name that in the manifest"
+    )
+
+
+def _volume(disk: Disk, sources: Sources) -> dict[str, Any] | None:
+    """The volume source of ``disk`` (without its name), or None if it cannot be carried."""
+    claim = sources.claims.get(disk.path)
+    if claim is not None:
+        return {"persistentVolumeClaim": {"claimName": claim, "readOnly": disk.readonly}}
+    if disk.path.startswith("/dev/") or disk_format(disk.path) != "raw":
+        return None
+    return {"hostDisk": {"path": disk.path, "type": "Disk"}}
+
+
 def virtual_machine(
-    p: Placement, plan: Plan, node: str, subs: Iterable[str] = ()
+    p: Placement, plan: Plan, node: str, subs: Iterable[str] = (), sources: Sources | None = None
 ) -> dict[str, Any]:
     """The ``VirtualMachine`` object of partition ``p`` as a dict (apiVersion kubevirt.io/v1)."""
     annotations = {"partition.local/planned-cpus": str(p.cpuset)}
@@ -100,10 +179,12 @@ def virtual_machine(
         "autoattachSerialConsole": True,
         "logSerialConsole": True,
     }
+    sources = sources or Sources()
     volumes: list[dict[str, Any]] = []
     for i, disk in enumerate(p.spec.disks):
-        if disk.path.startswith("/dev/"):
-            continue  # a block device needs a PersistentVolume: see notes
+        source = _volume(disk, sources)
+        if source is None:
+            continue  # export() refuses such a partition (boot_problems)
         entry: dict[str, Any] = {
             "name": f"disk{i}",
             "disk": {"bus": "virtio", "readonly": disk.readonly},
@@ -112,7 +193,7 @@ def virtual_machine(
         if i == 0 and p.spec.boot is None:
             entry["bootOrder"] = 1
         devices.setdefault("disks", []).append(entry)
-        volumes.append({"name": f"disk{i}", "hostDisk": {"path": disk.path, "type": "Disk"}})
+        volumes.append({"name": f"disk{i}", **source})
     if p.devices:
         devices["hostDevices"] = [
             {"name": f"hostdev{i}", "deviceName": resource_name(d.vendor_device)}
@@ -123,6 +204,15 @@ def virtual_machine(
         if p.spec.firmware == "uefi"
         else {"bios": {"useSerial": True}}
     }
+    boot = p.spec.boot
+    image = sources.kernel_images.get(p.name)
+    if boot is not None and image is not None:
+        container: dict[str, Any] = {"image": image, "kernelPath": boot.kernel}
+        if boot.initrd:
+            container["initrdPath"] = boot.initrd
+        firmware["kernelBoot"] = {"container": container}
+        if boot.cmdline:
+            firmware["kernelBoot"]["kernelArgs"] = boot.cmdline
     domain: dict[str, Any] = {
         "cpu": cpu,
         "memory": memory,
@@ -203,7 +293,7 @@ def _substitutions(
     return out
 
 
-def _notes(p: Placement, plan: Plan) -> list[str]:
+def _notes(p: Placement, plan: Plan, sources: Sources) -> list[str]:
     notes = [
         f"host CPUs {p.cpuset}: the kubelet's static CPU manager picks the CPUs; "
         "the export keeps their count, topology and dedication, not their numbers",
@@ -224,16 +314,10 @@ def _notes(p: Placement, plan: Plan) -> list[str]:
         )
     if p.spec.boot is not None:
         notes.append(
-            f"direct kernel boot from {p.spec.boot.kernel}: KubeVirt boots a kernel only from "
-            "a container image (firmware.kernelBoot.container): build one and add it"
+            f"direct kernel boot from {p.spec.boot.kernel}: the kernel comes from the container "
+            "image given with --kernel-image (firmware.kernelBoot), not from this host's file"
         )
-    for disk in p.spec.disks:
-        if disk.path.startswith("/dev/"):
-            notes.append(
-                f"block device {disk.path}: needs a local PersistentVolume (volumeMode: Block) "
-                "and a claim; not exported"
-            )
-    if any(not d.path.startswith("/dev/") for d in p.spec.disks):
+    if any("hostDisk" in (_volume(d, sources) or {}) for d in p.spec.disks):
         notes.append("image files are hostDisk volumes: the HostDisk feature gate must be on")
     if p.spec.order:
         notes.append(f"order {p.spec.order}: KubeVirt starts VMs in no given order")

@@ -20,6 +20,7 @@ import importlib.resources
 import json
 import os
 import re
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
@@ -46,6 +47,9 @@ if TYPE_CHECKING:
 
 # A manifest is a few KiB; this refuses a wrong file (a disk image, a log) before parsing it.
 MAX_BYTES = 1024 * 1024
+# The manifest path that means standard input (cli.md), and the file name its problems carry.
+STDIN = "-"
+STDIN_NAME = "<stdin>"
 
 DEFAULT_RESERVE_MEMORY = 1 * GiB
 DEFAULT_HUGEPAGES = "2MiB"
@@ -125,14 +129,50 @@ def _remember_valid(key: str) -> None:
 
 
 def load(path: str | Path) -> Manifest:
-    """Read and check the manifest at ``path``."""
+    """Read and check the manifest at ``path`` (``-``: standard input)."""
+    data, file = read_manifest(path)
+    return loads(data, file)
+
+
+def read_manifest(path: str | Path) -> tuple[bytes, str]:
+    """The bytes of the manifest at ``path`` (at most one more than :data:`MAX_BYTES`), and
+    the name its problems are located by: the path, or ``<stdin>`` for ``-``.
+
+    Standard input is read once per process: a verb that needs the text twice (``host
+    setup`` copies it into the machine) gets the same bytes the second time."""
+    if str(path) == STDIN:
+        return _stdin_bytes(), STDIN_NAME
     file = str(path)
     try:
-        data = read_named(path, MAX_BYTES + 1)
+        return read_named(path, MAX_BYTES + 1), file
     except OSError as e:
         reason = e.strerror or str(e)
         raise ManifestError([Problem(file, 0, 0, f"cannot read the manifest: {reason}")]) from None
-    return loads(data, file)
+
+
+# (the stream read, its bytes): keyed by the stream, so that a new standard input is read anew.
+_stdin_read: list[tuple[object, bytes]] = []
+
+
+def _stdin_bytes() -> bytes:
+    stream = sys.stdin
+    for seen, data in _stdin_read:
+        if seen is stream:
+            return data
+    buffer = getattr(stream, "buffer", None)
+    if stream is None or buffer is None:
+        raise ManifestError(
+            [Problem(STDIN_NAME, 0, 0, "cannot read the manifest: standard input is closed")]
+        )
+    try:
+        data = bytes(buffer.read(MAX_BYTES + 1))
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "strerror", None) or str(e)
+        raise ManifestError(
+            [Problem(STDIN_NAME, 0, 0, f"cannot read the manifest from standard input: {reason}")]
+        ) from None
+    _stdin_read[:] = [(stream, data)]
+    return data
 
 
 def loads(text: str | bytes, file: str = "<manifest>") -> Manifest:
