@@ -12,7 +12,7 @@ from partitioner import sysfs
 from partitioner.cpuset import CpuSet
 from partitioner.errors import HostReadError
 from partitioner.host import Cpu
-from partitioner.inventory.reader import Reader, unescape_mount
+from partitioner.inventory.reader import Reader
 
 _CPU_DIR_RE = re.compile(r"^cpu([0-9]{1,5})$")
 NODE_DIR_RE = re.compile(r"^node([0-9]{1,5})$")
@@ -238,13 +238,13 @@ def cgroup_mounts(r: Reader) -> list[tuple[str, str]]:
             if not sep or len(f) < 5 or len(rf) < 1:
                 continue
             opts = rf[2].split(",") if len(rf) > 2 else []
-            out.extend(_cgroup_kind(rf[0], opts, unescape_mount(f[4])))
+            out.extend(_cgroup_kind(rf[0], opts, r.mount_point("/proc/self/mountinfo", f[4])))
     if not out:
         mounts = r.read("/proc/mounts") or ""
         for line in mounts.splitlines():
             f = line.split()
             if len(f) >= 4:
-                out.extend(_cgroup_kind(f[2], f[3].split(","), unescape_mount(f[1])))
+                out.extend(_cgroup_kind(f[2], f[3].split(","), r.mount_point("/proc/mounts", f[1])))
     # cpuset v1 first: where both exist, the v1 controller is the one that holds cpuset.
     out.sort(key=lambda km: {"v1": 0, "cpuset": 1, "v2": 2}[km[0]])
     return out
