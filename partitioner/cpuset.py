@@ -47,53 +47,40 @@ class CpuSet:
 
         An empty string (or only whitespace) is the empty set, as in an empty sysfs ``cpulist``.
         """
-        text = text.strip()
-        if not text:
-            return cls()
-        items = text.count(",") + 1
-        if items > MAX_CPUS:
-            # Checked on the text before any number is read: the work stays bounded by it.
-            raise CpuListSyntaxError(
-                f"CPU list {text[:40]!r}... has {items} items, more than the {MAX_CPUS} CPUs "
-                "Linux supports"
-            )
-        out: set[int] = set()
-        ranges: list[range] = []
-        expands_to = 0
-        for part in text.split(","):
-            part = part.strip()
-            if not part:
-                raise CpuListSyntaxError(f"empty item in CPU list {text!r}")
-            stride = 1
-            if ":" in part:
-                part, _, stride_text = part.partition(":")
-                if "/" in stride_text:  # kernel form "0-15:2/4": used/group size
-                    raise CpuListSyntaxError(f"group strides are not supported in {text!r}")
-                stride = _parse_int(stride_text, text)
-                if stride <= 0:
-                    raise CpuListSyntaxError(f"stride must be positive in {text!r}")
-            if "-" in part:
-                lo_text, _, hi_text = part.partition("-")
-                lo, hi = _parse_int(lo_text, text), _parse_int(hi_text, text)
-                if hi < lo:
-                    raise CpuListSyntaxError(f"range {part!r} runs backwards in CPU list {text!r}")
-                ranges.append(range(lo, hi + 1, stride))
-                expands_to += len(ranges[-1])
-            else:
-                out.add(_parse_int(part, text))
-        if expands_to <= 4 * MAX_CPUS:
+        singles, ranges = _items(text)
+        out = set(singles)
+        if sum(len(r) for r in ranges) <= 4 * MAX_CPUS:
             for r in ranges:
                 out.update(r)
         else:
             # Ranges naming far more CPUs than there can be ("0-8191" a million times):
             # marked in a bitmap at C speed, so the work grows with the text, not with
             # what the text repeats.
-            bits = bytearray(MAX_CPUS)
-            ones = memoryview(b"\x01" * MAX_CPUS)
-            for r in ranges:
-                bits[r.start : r.stop : r.step] = ones[: len(r)]
+            bits = _bitmap(ranges)
             out.update(i for i, b in enumerate(bits) if b)
         return cls(out)
+
+    @staticmethod
+    def parse_bits(text: str) -> int:
+        """The CPUs of a cpulist as the bits of an int (CPU n is bit n), for the checks
+        that compare many lists (a manifest's overlaps): built without a Python step per
+        CPU, so a list's cost is its text, not the CPUs it names."""
+        singles, ranges = _items(text)
+        mask = 0
+        for c in singles:
+            mask |= 1 << c
+        strided = [r for r in ranges if r.step != 1]
+        for r in ranges:
+            if r.step == 1:
+                mask |= ((1 << len(r)) - 1) << r.start
+        if strided:
+            mask |= int(bytes(_bitmap(strided)[::-1]).translate(_BINARY), 2)
+        return mask
+
+    @classmethod
+    def from_bits(cls, mask: int) -> CpuSet:
+        """The set :meth:`parse_bits` gives as an int."""
+        return cls(_bit_numbers(mask))
 
     @classmethod
     def from_mask(cls, text: str) -> CpuSet:
@@ -162,6 +149,65 @@ class CpuSet:
 
     def as_list(self) -> list[int]:
         return list(self._cpus)
+
+
+_BINARY = bytes.maketrans(b"\x00\x01", b"01")
+
+
+def _bit_numbers(mask: int) -> list[int]:
+    """The numbers of the set bits of ``mask``, at C speed (a string of its bits)."""
+    digits = bin(mask)[:1:-1]
+    out: list[int] = []
+    i = digits.find("1")
+    while i >= 0:
+        out.append(i)
+        i = digits.find("1", i + 1)
+    return out
+
+
+def _bitmap(ranges: list[range]) -> bytearray:
+    bits = bytearray(MAX_CPUS)
+    ones = memoryview(b"\x01" * MAX_CPUS)
+    for r in ranges:
+        bits[r.start : r.stop : r.step] = ones[: len(r)]
+    return bits
+
+
+def _items(text: str) -> tuple[list[int], list[range]]:
+    """The single CPUs and the ranges of a cpulist, checked; nothing expanded."""
+    text = text.strip()
+    if not text:
+        return [], []
+    items = text.count(",") + 1
+    if items > MAX_CPUS:
+        # Checked on the text before any number is read: the work stays bounded by it.
+        raise CpuListSyntaxError(
+            f"CPU list {text[:40]!r}... has {items} items, more than the {MAX_CPUS} CPUs "
+            "Linux supports"
+        )
+    singles: list[int] = []
+    ranges: list[range] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            raise CpuListSyntaxError(f"empty item in CPU list {text!r}")
+        stride = 1
+        if ":" in part:
+            part, _, stride_text = part.partition(":")
+            if "/" in stride_text:  # kernel form "0-15:2/4": used/group size
+                raise CpuListSyntaxError(f"group strides are not supported in {text!r}")
+            stride = _parse_int(stride_text, text)
+            if stride <= 0:
+                raise CpuListSyntaxError(f"stride must be positive in {text!r}")
+        if "-" in part:
+            lo_text, _, hi_text = part.partition("-")
+            lo, hi = _parse_int(lo_text, text), _parse_int(hi_text, text)
+            if hi < lo:
+                raise CpuListSyntaxError(f"range {part!r} runs backwards in CPU list {text!r}")
+            ranges.append(range(lo, hi + 1, stride))
+        else:
+            singles.append(_parse_int(part, text))
+    return singles, ranges
 
 
 def _parse_int(text: str, whole: str) -> int:

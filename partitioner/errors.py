@@ -89,13 +89,21 @@ class Problem:
         return f"{self.file}:{self.line}:{self.column}: {self.message}"
 
 
+# The most problems one ManifestError carries.  A reader fixes a handful at a time; a
+# hostile file (a MiB of bad names) would otherwise hold hundreds of thousands of them,
+# and the checks stop collecting here, so their memory and time stay bounded too.
+MAX_PROBLEMS = 100
+
+
 class ManifestError(PartitionError):
+    """``incomplete``: checking stopped at :data:`MAX_PROBLEMS`; there are more."""
+
     exit_code = 2
 
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        self.problems = sorted(
-            problems, key=lambda p: (p.file, p.line, p.column, p.path, p.message)
-        )
+    def __init__(self, problems: Sequence[Problem], *, incomplete: bool = False) -> None:
+        ordered = sorted(problems, key=lambda p: (p.file, p.line, p.column, p.path, p.message))
+        self.incomplete = incomplete or len(ordered) > MAX_PROBLEMS
+        self.problems = ordered[:MAX_PROBLEMS]
         super().__init__("\n".join(str(p) for p in self.problems))
 
 

@@ -469,3 +469,79 @@ def test_a_proc_file_larger_than_any_kernel_writes(
             f.write(line)
     err = refused(capsys, snap)
     assert str(p) in err and "larger than 64 MiB" in err
+
+
+# -- issue 18: mount points, page sizes and snapshot places no kernel or user means --------
+
+
+@pytest.mark.parametrize(
+    "mount",
+    [
+        b" / /sys/fs/cgroup rw,relatime - cgroup2",  # where the cgroup's cpuset is read
+        b" / / ro,relatime - 9p",  # the host's root
+    ],
+    ids=["cgroup2", "root"],
+)
+def test_relative_mount_point_is_exit_2_naming_mountinfo(
+    capsys: pytest.CaptureFixture[str], snap: Path, tmp_path: Path, mount: bytes
+) -> None:
+    p = snap / "proc/self/mountinfo"
+    before = p.read_bytes()
+    assert mount in before
+    relative = mount.replace(b" / /", b" / ", 1).replace(b" / ", b" / relative/", 1)
+    p.write_bytes(before.replace(mount, relative, 1))
+    manifest = site(
+        tmp_path,
+        "version: 1\nhost: {accel: tcg, smt: share, reserve: {cpus: 1}}\n"
+        "partitions:\n  p0: {cpus: 1, memory: 64MiB}\n",
+    )
+    for verb in (("inspect",), ("plan", str(manifest))):
+        err = refused(capsys, snap, *verb)
+        assert str(p) in err and "'relative/" in err and "absolute" in err, err
+
+
+@pytest.mark.parametrize("kb", ["549755813888", "33554432", "9" * 40])
+def test_hugepage_size_no_machine_has_is_exit_2_naming_the_pool(
+    capsys: pytest.CaptureFixture[str], snap: Path, tmp_path: Path, kb: str
+) -> None:
+    pools = snap / "sys/devices/system/node/node0/hugepages"
+    shutil.copytree(pools / "hugepages-2048kB", pools / f"hugepages-{kb}kB")
+    manifest = site(
+        tmp_path,
+        "version: 1\nhost: {accel: tcg, smt: share, reserve: {cpus: 1}}\n"
+        "partitions:\n  p0: {cpus: 1, memory: 64MiB}\n",
+    )
+    for verb in (("inspect",), ("plan", str(manifest))):
+        err = refused(capsys, snap, *verb)
+        assert f"{pools}/hugepages-{kb}kB" in err and "larger than any page" in err, err
+
+
+def test_hugepage_size_of_16GiB_is_a_page_size(
+    capsys: pytest.CaptureFixture[str], snap: Path
+) -> None:
+    # ppc64's gigantic pages: the largest Linux has, still read.
+    pools = snap / "sys/devices/system/node/node0/hugepages"
+    shutil.copytree(pools / "hugepages-2048kB", pools / "hugepages-16777216kB")
+    doc = inspect_json(capsys, snap)
+    assert set(doc["numa_nodes"][0]["hugepages"]) == {"2MiB", "16GiB"}
+
+
+@pytest.mark.parametrize(
+    "where", ["under a file", "deeper under a file", "dangling link", "under a dangling link"]
+)
+def test_snapshot_where_no_directory_can_be_made_is_exit_2(
+    capsys: pytest.CaptureFixture[str], snap: Path, tmp_path: Path, where: str
+) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere" / "x")
+    dest = {
+        "under a file": tmp_path / "file" / "snap",
+        "deeper under a file": tmp_path / "file" / "a" / "snap",
+        "dangling link": tmp_path / "link",
+        "under a dangling link": tmp_path / "link" / "snap",
+    }[where]
+    err = refused(capsys, snap, "snapshot", str(dest))
+    assert str(dest) in err, err
+    blocker = tmp_path / ("file" if "file" in where else "link")
+    assert str(blocker) in err and ("not a directory" in err or "does not exist" in err), err
+    assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "nowhere").exists()

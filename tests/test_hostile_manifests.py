@@ -12,12 +12,16 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from partitioner.cli.main import main
 from partitioner.cpuset import MAX_CPUS, CpuListSyntaxError, CpuSet
+from partitioner.errors import MAX_PROBLEMS
 
 TESTBED_NUMA = Path(__file__).resolve().parent / "fixtures" / "hosts" / "testbed-numa"
 
@@ -176,3 +180,111 @@ def test_apply_checks_the_files_as_plan_does(
     assert (
         f"{site}:4:" in err and f"partitions.fw0.boot.kernel {tmp_path}/no-kernel: no such" in err
     )
+
+
+# -- issue 18: a MiB of problems, and thousands of lists that all name every CPU -----------
+
+
+def test_a_mebibyte_of_bad_names_is_bounded_in_memory(tmp_path: Path) -> None:
+    # 93,000 partitions whose names and values are all wrong: 186,000 problems.  Collected
+    # in full they took 745 MiB and most of a minute; the checks stop after MAX_PROBLEMS.
+    lines = ["version: 1\npartitions:\n"]
+    size, i = len(lines[0]), 0
+    while size < 1024 * 1024 - 20:
+        lines.append(f"  X{i:x}: 1\n")
+        size += len(lines[-1])
+        i += 1
+    site = tmp_path / "site.yaml"
+    site.write_text("".join(lines))
+    assert site.stat().st_size <= 1024 * 1024
+    # A process of its own, so that its peak is its own (ru_maxrss of RUSAGE_SELF).
+    code = (
+        "import resource, sys\n"
+        "from partitioner.cli.main import main\n"
+        "rc = main(['validate', sys.argv[1]])\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stdout)\n"
+        "sys.exit(rc)\n"
+    )
+    env = {**os.environ, "PARTITION_CACHE_DIR": str(tmp_path / "cache")}
+    cp = subprocess.run(
+        [sys.executable, "-c", code, str(site)], capture_output=True, text=True, env=env,
+        timeout=300,
+    )  # fmt: skip
+    assert cp.returncode == 2 and "Traceback" not in cp.stderr, cp.stderr[-2000:]
+    peak_mib = int(cp.stdout.split()[-1]) / 1024
+    assert peak_mib < 300, f"peak {peak_mib:.0f} MiB"
+    shown = [x for x in cp.stderr.splitlines() if x.startswith(str(site))]
+    assert len(shown) == MAX_PROBLEMS
+    assert f"{site}:3:3: partitions.X0: expected a partition name" in shown[0]
+    assert f"more than {MAX_PROBLEMS} problems; checking stopped" in cp.stderr
+
+
+def test_the_json_of_a_stopped_check_says_it_is_incomplete(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    site = tmp_path / "site.yaml"
+    names = "".join(f"  X{i}: {{cpus: 1, memory: 64MiB}}\n" for i in range(MAX_PROBLEMS + 1))
+    site.write_text("version: 1\npartitions:\n" + names)
+    rc, out, _ = run(capsys, "--json", "validate", str(site))
+    doc = json.loads(out)
+    assert rc == 2 and doc["incomplete"] is True and len(doc["problems"]) == MAX_PROBLEMS
+    # One fewer is every problem: nothing left out, nothing said to be.
+    site.write_text("version: 1\npartitions:\n" + names.split("\n", 1)[1])
+    rc, out, _ = run(capsys, "--json", "validate", str(site))
+    doc = json.loads(out)
+    assert rc == 2 and doc["incomplete"] is False and len(doc["problems"]) == MAX_PROBLEMS
+
+
+class Budget(Exception):
+    """More CPUs handled one by one than a check linear in the file needs."""
+
+
+def test_8000_partitions_that_all_take_every_cpu(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each list compared with the ones before it CPU by CPU was 8,000 x 8,192 steps: minutes.
+    # Counted as CPUs put into CpuSets (a Python step each), with a budget that linear work
+    # stays far below and the old check passed within its first 500 partitions.
+    counted = [0]
+    real = CpuSet.__init__
+
+    def counting(self: CpuSet, cpus: Any = ()) -> None:
+        real(self, cpus)
+        counted[0] += len(self)
+        if counted[0] > 4_000_000:
+            raise Budget(f"{counted[0]} CPUs handled one by one")
+
+    monkeypatch.setattr(CpuSet, "__init__", counting)
+    lines = ['version: 1\nhost: {reserve: {cpus: "0-8191"}}\npartitions:\n']
+    lines += [f'  p{i}: {{cpus: "0-8191", memory: 1GiB}}\n' for i in range(8000)]
+    site = tmp_path / "site.yaml"
+    site.write_text("".join(lines))
+    rc, _, err = run(capsys, "validate", str(site))
+    assert rc == 2 and "Traceback" not in err
+    assert (
+        f"{site}:4:14: partitions.p0.cpus: partition p0 and the host's reserve (line 2) "
+        "both take CPUs 0-8191: a CPU has one owner" in err
+    )
+    assert f"more than {MAX_PROBLEMS} problems" in err
+
+
+def test_overlaps_are_found_between_lists_of_every_shape(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        'version: 1\nhost: {reserve: {cpus: "0-1"}}\npartitions:\n'
+        '  a: {cpus: "2-9:2", memory: 64MiB}\n'  # 2,4,6,8
+        '  b: {cpus: "8191,7-8", memory: 64MiB}\n'  # 8 is a's
+        '  c: {cpus: "1,3-4,8190-8191", memory: 64MiB}\n'  # 1 reserve, 4 a, 8191 b
+        '  d: {cpus: "5", memory: 64MiB}\n'
+    )
+    rc, _, err = run(capsys, "validate", str(site))
+    assert rc == 2
+    said = sorted(x.split(": ", 1)[1] for x in err.splitlines() if x.startswith(str(site)))
+    assert said == [
+        "partitions.b.cpus: partition b and partition a (line 4) both take CPU 8: a CPU has one owner",
+        "partitions.c.cpus: partition c and partition a (line 4) both take CPU 4: a CPU has one owner",
+        "partitions.c.cpus: partition c and partition b (line 5) both take CPU 8191: a CPU has one owner",
+        "partitions.c.cpus: partition c and the host's reserve (line 2) both take CPU 1: a CPU has one owner",
+    ]  # fmt: skip

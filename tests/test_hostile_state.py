@@ -244,3 +244,17 @@ def test_start_or_stop_of_a_name_not_in_the_record_is_exit_2(
         assert cp.returncode == 2, cp.stderr
         assert "no partition nosuch has been applied here" in cp.stderr
         assert "Traceback" not in cp.stderr
+
+
+def test_a_state_record_that_is_a_link_to_nothing(tmp_path: Path, manifest: Path) -> None:
+    # The record on a filesystem that is not mounted: not "no partitions", which would
+    # let apply claim again what runs.
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    record = state_dir / "state.json"
+    record.symlink_to(tmp_path / "unmounted" / "state.json")
+    for verb, args in VERBS.items():
+        cp = _partition(state_dir, manifest, *args)
+        _assert_refused(cp, record)
+        assert "does not exist" in cp.stderr, (verb, cp.stderr)
+    assert record.is_symlink() and not (tmp_path / "unmounted").exists()

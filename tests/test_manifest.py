@@ -239,11 +239,11 @@ def test_a_refused_alias_key_leaves_the_rest_checked(parser: str) -> None:
 
 def test_billion_laughs_is_refused_without_expanding(parser: str) -> None:
     lines = ["version: 1", "a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 12)]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 10)]
     found = problems("\n".join(lines) + "\n")
     aliases = [p for p in found if p.message.startswith("alias *")]
-    assert len(aliases) == 110  # each alias refused where it stands; 10**12 items never built
-    assert {p.line for p in aliases} == set(range(3, 14))
+    assert len(aliases) == 90  # each alias refused where it stands; 10**10 items never built
+    assert {p.line for p in aliases} == set(range(3, 12))
 
 
 def test_fifty_megabyte_file_is_refused_before_parsing(tmp_path: Path) -> None:

@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             problems = e.problems if isinstance(e, ManifestError) else lines
             doc = _document(False, e.exit_code, problems_json(problems), ctx)
             # What a program acting on the failure needs besides the words.
-            for key in ("path", "holder", "leftover", "partition", "address"):
+            for key in ("path", "holder", "leftover", "partition", "address", "incomplete"):
                 value = getattr(e, key, None)
                 if value:
                     doc[key] = value
@@ -349,7 +349,14 @@ def _say_error(e: PartitionError, err: Any) -> list[str]:
         for problem in e.problems:
             print(problem, file=err)
         n = len(e.problems)
-        print(f"partition: {n} problem{'s' if n != 1 else ''} in the manifest", file=err)
+        if e.incomplete:
+            print(
+                f"partition: the manifest has more than {n} problems; checking stopped at "
+                f"{n}: fix these and run again",
+                file=err,
+            )
+        else:
+            print(f"partition: {n} problem{'s' if n != 1 else ''} in the manifest", file=err)
         return [str(p) for p in e.problems]
     messages: list[str]
     messages = list(e.problems) if isinstance(e, PlanError) else [str(e)]

@@ -30,6 +30,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                 "valid": False,
                 "file": args.file,
                 "problems": problems_json(e.problems),
+                # Checking stopped at the most problems one run reports; there are more.
+                "incomplete": e.incomplete,
             }
         )
         for problem in e.problems:

@@ -11,7 +11,7 @@ import re
 from partitioner.cpuset import CpuSet
 from partitioner.errors import HostReadError
 from partitioner.inventory.model import Cpu
-from partitioner.inventory.reader import Reader, unescape_mount
+from partitioner.inventory.reader import Reader
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 
@@ -239,13 +239,13 @@ def cgroup_mounts(r: Reader) -> list[tuple[str, str]]:
             if not sep or len(f) < 5 or len(rf) < 1:
                 continue
             opts = rf[2].split(",") if len(rf) > 2 else []
-            out.extend(_cgroup_kind(rf[0], opts, unescape_mount(f[4])))
+            out.extend(_cgroup_kind(rf[0], opts, r.mount_point(sysfs.SELF_MOUNTINFO, f[4])))
     if not out:
         mounts = r.read(sysfs.MOUNTS) or ""
         for line in mounts.splitlines():
             f = line.split()
             if len(f) >= 4:
-                out.extend(_cgroup_kind(f[2], f[3].split(","), unescape_mount(f[1])))
+                out.extend(_cgroup_kind(f[2], f[3].split(","), r.mount_point(sysfs.MOUNTS, f[1])))
     # cpuset v1 first: where both exist, the v1 controller is the one that holds cpuset.
     out.sort(key=lambda km: {"v1": 0, "cpuset": 1, "v2": 2}[km[0]])
     return out

@@ -5,11 +5,14 @@ from __future__ import annotations
 import re
 
 from partitioner.cpuset import CpuSet
+from partitioner.errors import HostReadError
 from partitioner.inventory.cpus import NODE_DIR_RE, replace_cpu
 from partitioner.inventory.model import Cpu, HugepagePool, NumaNode
 from partitioner.inventory.reader import Reader
 from partitioner.kernel import sysfs
 
+# The largest page of any architecture Linux runs on (ppc64's 16 GiB "gigantic" pages).
+MAX_PAGE_BYTES = 16 * 2**30
 _HUGEPAGE_DIR_RE = re.compile(r"^hugepages-([0-9]+)kB$")
 _MEMINFO_RE = re.compile(r"^(?:Node [0-9]+ )?(\w+):\s+([0-9]+)(?: kB)?\s*$", re.ASCII)
 # Twenty digits hold any 64-bit count; longer is no kernel's number (and int() of
@@ -131,8 +134,18 @@ def page_size_of(r: Reader, base: str, name: str) -> int | None:
     m = _HUGEPAGE_DIR_RE.match(name)
     if not m:
         return None
-    digits = m.group(1)
-    kb = int(digits) if len(digits) <= 12 else 0
+    digits = m.group(1).lstrip("0") or "0"
+    if len(digits) > 12 or int(digits) * 1024 > MAX_PAGE_BYTES:
+        # Not junk beside the pools but a pool of pages no machine has: its size times
+        # its count would be taken for memory the node holds, so the tree is refused.
+        where = r.root.path(f"{base}/{name}")
+        raise HostReadError(
+            f"{where} is a pool of {digits[:20]}{'...' if len(digits) > 20 else ''} KiB pages, "
+            f"larger than any page Linux has ({MAX_PAGE_BYTES // 2**30} GiB): the tree is "
+            "damaged; take a new one with `partition snapshot DIR`",
+            path=str(where),
+        )
+    kb = int(digits)
     if kb <= 4 or kb & (kb - 1):
         r.note(f"{base}/{name} is not a hugepage size; ignored")
         return None

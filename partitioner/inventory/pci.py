@@ -205,7 +205,7 @@ def pci_is_bridge(root: HostRoot, device_dir: str, class_code: str) -> bool:
     """
     head = b""
     try:
-        fd = os.open(root.path(f"{device_dir}/config"), os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(root.local(f"{device_dir}/config"), os.O_RDONLY | os.O_NONBLOCK)
         try:
             if stat.S_ISREG(os.fstat(fd).st_mode):
                 head = os.read(fd, 0x0F)

@@ -70,6 +70,21 @@ class Reader:
             self._realpaths[kernel_path] = got
         return got
 
+    def mount_point(self, path: str, text: str) -> str:
+        """A mount point as ``path`` (a mount table) writes it, unescaped.  The kernel writes
+        them absolute; a relative one is a damaged table, and a mount the scan cannot place
+        could be the host's own disk (rule 5), so it stops the scan rather than being skipped."""
+        point = unescape_mount(text)
+        if not point.startswith("/"):
+            where = self.root.path(path)
+            shown = point if len(point) <= 60 else point[:57] + "..."
+            raise HostReadError(
+                f"{where} gives the mount point {shown!r}, not an absolute path as the kernel "
+                "writes: the tree is damaged; take a new one with `partition snapshot DIR`",
+                path=str(where),
+            )
+        return point
+
     def read_int(self, path: str, default: int | None = None, base: int = 10) -> int | None:
         text = self.read(path)
         if text is None:

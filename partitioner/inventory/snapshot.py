@@ -243,7 +243,26 @@ def check_overlap(src: HostRoot, dest: Path) -> None:
 
 
 def check_dest(dest: Path, force: bool) -> None:
-    """Refuse a directory that holds anything, unless ``force``."""
+    """Refuse a directory that holds anything, unless ``force``, and a place where no
+    directory can be made: under a file, or a symbolic link to nothing."""
+    if dest.is_symlink() and not dest.exists():
+        raise UsageError(
+            f"{dest} is a symbolic link to {os.readlink(dest)}, which does not exist: "
+            "create that directory, or choose another DIR"
+        )
+    for above in dest.parents:
+        if above.exists():
+            if not above.is_dir():
+                raise UsageError(
+                    f"{above} is not a directory, so {dest} cannot be made under it: "
+                    "choose another DIR"
+                )
+            break
+        if above.is_symlink():
+            raise UsageError(
+                f"{above} is a symbolic link to {os.readlink(above)}, which does not exist, "
+                f"so {dest} cannot be made under it: choose another DIR"
+            )
     if dest.exists() and not dest.is_dir():
         raise UsageError(f"{dest} exists and is not a directory")
     if dest.is_dir() and any(dest.iterdir()) and not force:
@@ -284,7 +303,13 @@ def take_snapshot_with_host(src: HostRoot, dest: Path, *, force: bool = False) -
     for path in (sysfs.CPU_ISOLATED, sysfs.CPU_NOHZ_FULL):
         recorder.read(path)
     _probe_for_hwloc(recorder, host)
-    clear_dest(dest)
+    try:
+        clear_dest(dest)
+    except OSError as e:
+        # What check_dest cannot see ahead: no permission, a read-only filesystem.
+        raise UsageError(
+            f"cannot write the snapshot into {dest}: {e.strerror or e}; choose another DIR"
+        ) from None
     m = _Mirror(src=src, dest=dest, seen=recorder.files)
     for p in recorder.files:
         m.mirror(p)

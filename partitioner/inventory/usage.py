@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from partitioner.inventory.model import NetInterface, PciFunction
 from partitioner.inventory.pci import nearest_pci
-from partitioner.inventory.reader import Reader, unescape_mount
+from partitioner.inventory.reader import Reader
 from partitioner.kernel import sysfs
 from partitioner.pci import PciAddress
 
@@ -189,7 +189,9 @@ def mounted_block_devices(r: Reader) -> list[tuple[str, str, str]]:
                 majmin = r.read(f"{dev}/dev") or ""
                 if not _MAJMIN_RE.match(majmin):
                     continue
-            out.append((majmin, unescape_mount(f[4]), os.path.basename(source)))
+            out.append(
+                (majmin, r.mount_point(sysfs.SELF_MOUNTINFO, f[4]), os.path.basename(source))
+            )
         return out
     # No mountinfo (old snapshots, hwloc trees): /proc/mounts names the device only.
     for line in (r.read(sysfs.MOUNTS) or "").splitlines():
@@ -198,7 +200,7 @@ def mounted_block_devices(r: Reader) -> list[tuple[str, str, str]]:
             dev = block_by_source(r, f[0])
             found = r.read(f"{dev}/dev") if dev else None
             if found and _MAJMIN_RE.match(found):
-                out.append((found, unescape_mount(f[1]), os.path.basename(f[0])))
+                out.append((found, r.mount_point(sysfs.MOUNTS, f[1]), os.path.basename(f[0])))
     return out
 
 

@@ -66,6 +66,10 @@ class HostRoot:
             return Path(kernel_path)
         return self.root / kernel_path.lstrip("/")
 
+    def local(self, kernel_path: str) -> str:
+        """:meth:`path` as a plain string, for reads a scan makes once per function."""
+        return self._local(kernel_path)
+
     def _local(self, kernel_path: str) -> str:
         if not kernel_path.startswith("/"):
             raise ValueError(f"kernel paths are absolute: {kernel_path!r}")

@@ -17,6 +17,7 @@ import difflib
 import functools
 import hashlib
 import importlib.resources
+import itertools
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from partitioner.cpuset import MAX_CPUS, CpuListSyntaxError, CpuSet
-from partitioner.errors import ManifestError, Problem
+from partitioner.errors import MAX_PROBLEMS, ManifestError, Problem
 from partitioner.manifest.model import (
     Boot,
     DeviceSpec,
@@ -211,9 +212,10 @@ def loads(text: str | bytes, file: str = "<manifest>") -> Manifest:
         )
     checker = _Checker(doc)
     checker.check_schema()
-    checker.check_semantics()
+    if not checker.full():
+        checker.check_semantics()
     if checker.problems:
-        raise ManifestError(checker.problems)
+        raise ManifestError(checker.problems, incomplete=checker.incomplete)
     return checker.build()
 
 
@@ -265,6 +267,35 @@ def _type_message(error: ValidationError) -> str:
     return message
 
 
+class _CpuOwners:
+    """Who took each CPU first, for the overlap check.
+
+    Lists are compared as bits: a partition that shares nothing costs a few machine
+    words whatever its list names, each CPU gets its owner once, and only CPUs that are
+    shared (each one a problem reported, and problems are bounded) are looked at one by
+    one.  Thousands of partitions that all name every CPU stay linear in the file.
+    """
+
+    def __init__(self) -> None:
+        self.taken = 0
+        self.owner: dict[int, tuple[str, PathKey]] = {}
+
+    def shared(self, cpus: int) -> dict[tuple[str, PathKey], list[int]]:
+        """The CPUs of ``cpus`` already taken, by whom."""
+        out: dict[tuple[str, PathKey], list[int]] = {}
+        common = cpus & self.taken
+        if common:
+            for cpu in CpuSet.from_bits(common):
+                out.setdefault(self.owner[cpu], []).append(cpu)
+        return out
+
+    def take(self, cpus: int, owner: tuple[str, PathKey]) -> None:
+        new = cpus & ~self.taken
+        if new:
+            self.owner.update(dict.fromkeys(CpuSet.from_bits(new), owner))
+            self.taken |= new
+
+
 class _Checker:
     """Collects every problem of one document, then builds the Manifest from it."""
 
@@ -274,6 +305,13 @@ class _Checker:
         # Paths the schema already complained about: the semantic checks leave them alone,
         # so that one mistake gives one message.
         self.bad: set[PathKey] = set(doc.unreadable)
+        self.incomplete = doc.incomplete
+
+    def full(self) -> bool:
+        """Whether more than MAX_PROBLEMS are collected: the checks stop there (and say so)."""
+        if len(self.problems) > MAX_PROBLEMS:
+            self.incomplete = True
+        return self.incomplete
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -301,9 +339,13 @@ class _Checker:
         key = _validity_key(self.doc.root)
         if _known_valid(key):
             return
-        errors = list(_validator().iter_errors(self.doc.root))
+        # Errors come lazily: taking no more than can be shown bounds the work of a file
+        # with a hundred thousand of them.
+        errors = list(itertools.islice(_validator().iter_errors(self.doc.root), MAX_PROBLEMS + 1))
         if not errors:
             _remember_valid(key)
+        if len(errors) > MAX_PROBLEMS:
+            self.incomplete = True
         typed = {tuple(e.absolute_path) for e in errors if e.validator == "type"}
         seen: set[tuple[PathKey, str]] = set()
         for error in sorted(errors, key=lambda e: (list(map(str, e.absolute_path)), e.message)):
@@ -390,37 +432,35 @@ class _Checker:
     # -- what the schema cannot say -----------------------------------------------------------
 
     def check_semantics(self) -> None:
-        host_list = self.reserve_cpus_list()
+        host_list = self.cpu_list(("host", "reserve", "cpus"))
         if self.get(("host", "reserve", "memory")) is not None:
             self.size(("host", "reserve", "memory"), allow_zero=True)
         partitions = self.get(("partitions",))
         if not isinstance(partitions, dict):
             return
-        owners: dict[int, tuple[str, PathKey]] = {}
+        owners = _CpuOwners()
         if host_list is not None:
-            owners.update(
-                dict.fromkeys(host_list, ("the host's reserve", ("host", "reserve", "cpus")))
-            )
+            owners.take(host_list, ("the host's reserve", ("host", "reserve", "cpus")))
         devices: dict[tuple[str, str], PathKey] = {}
         disks: dict[str, tuple[PathKey, bool]] = {}
         # File order, so that "already named" points back up the file.
         for name in sorted(partitions, key=lambda n: self.doc.where(("partitions", n)).line):
+            if self.full():
+                return
             base: PathKey = ("partitions", name)
             if not isinstance(partitions[name], dict):
                 continue
             self.memory(base)
-            cpus = self.cpu_list((*base, "cpus"))
+            path = (*base, "cpus")
+            cpus = self.cpu_list(path)
             if cpus is not None:
-                self.overlaps(name, (*base, "cpus"), cpus, owners)
-                for cpu in cpus:
-                    owners.setdefault(cpu, (f"partition {name}", (*base, "cpus")))
+                self.overlaps(name, path, owners.shared(cpus))
+                owners.take(cpus, (f"partition {name}", path))
             self.device_names(name, base, devices)
             self.disk_paths(name, base, disks)
 
-    def reserve_cpus_list(self) -> CpuSet | None:
-        return self.cpu_list(("host", "reserve", "cpus"))
-
-    def cpu_list(self, path: PathKey) -> CpuSet | None:
+    def cpu_list(self, path: PathKey) -> int | None:
+        """The CPUs of a `cpus:` list as bits (CPU n is bit n), or None (reported) if none."""
         text = self.get(path)
         if not isinstance(text, str) or self.is_bad(path):
             return None
@@ -434,7 +474,7 @@ class _Checker:
             )
             return None
         try:
-            cpus = CpuSet.parse(text)
+            cpus = CpuSet.parse_bits(text)
         except CpuListSyntaxError as e:
             self.report(self.doc.where_value(path), f"{dotted(path)}: {e}", path)
             return None
@@ -444,16 +484,8 @@ class _Checker:
         return cpus
 
     def overlaps(
-        self,
-        name: str,
-        path: PathKey,
-        cpus: CpuSet,
-        owners: Mapping[int, tuple[str, PathKey]],
+        self, name: str, path: PathKey, taken: Mapping[tuple[str, PathKey], list[int]]
     ) -> None:
-        taken: dict[tuple[str, PathKey], list[int]] = {}
-        for cpu in cpus:
-            if cpu in owners:
-                taken.setdefault(owners[cpu], []).append(cpu)
         for (owner, owner_path), common in taken.items():
             line = self.doc.where_value(owner_path).line
             self.report(

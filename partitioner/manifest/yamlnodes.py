@@ -40,7 +40,7 @@ from yaml.reader import Reader
 from yaml.resolver import BaseResolver
 from yaml.scanner import Scanner
 
-from partitioner.errors import ManifestError, Problem
+from partitioner.errors import MAX_PROBLEMS, ManifestError, Problem
 
 # Far deeper than any manifest (which is five levels deep); keeps the
 # recursive composer and the converters below clear of Python's recursion limit.
@@ -83,6 +83,7 @@ class Document:
     keys: dict[PathKey, Pos] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     unreadable: set[PathKey] = field(default_factory=set)  # values refused above (alias, tag)
+    incomplete: bool = False  # more problems than MAX_PROBLEMS: the rest are not kept
 
     def where(self, path: PathKey) -> Pos:
         """The key of ``path`` if it has one (what a reader looks for), else its value."""
@@ -232,22 +233,6 @@ def _yaml_error(e: yaml.YAMLError, text: str, file: str, *, fast: bool) -> list[
     return [Problem(file, 0, 0, f"invalid YAML: {e}")]
 
 
-_LINE_INDENT = re.compile(r"^[ ?:-]+", re.MULTILINE)
-
-
-def _may_nest_too_deep(text: str) -> bool:
-    """Whether ``text`` could nest more than :data:`MAX_DEPTH` levels: a cheap upper bound.
-
-    A flow level needs a ``[`` or ``{``; a block level needs one more column of indentation
-    or one more ``-``/``?``/``:`` indicator before a line's content; the document and the
-    innermost scalar add one each.  Below the limit on that count, no text is too deep,
-    whatever it means.
-    """
-    flow = text.count("[") + text.count("{")
-    block = max((len(m.group()) for m in _LINE_INDENT.finditer(text)), default=0)
-    return flow + block + 2 > MAX_DEPTH
-
-
 def compose(text: str, file: str, *, fast: bool | None = None) -> Node | None:
     """The single document's node graph, or None for a file with no document at all.
 
@@ -256,12 +241,6 @@ def compose(text: str, file: str, *, fast: bool | None = None) -> Node | None:
     accepts a tab between `key:` and its value, as YAML allows, where PyYAML refuses it.
     """
     fast = USE_LIBYAML if fast is None else fast
-    if fast and _may_nest_too_deep(text):
-        # libyaml scans ahead and stops at a nesting limit of its own (1000 levels, worded its
-        # own way) before the composer sees level MAX_DEPTH + 1.  The depth rule is the
-        # project's: a text that might break it is read by the pure-Python stages, which have
-        # no limit of their own, so the composer's refusal is the one said.
-        fast = False
     loader: Any = None
     try:
         loader = _CLoader(text) if fast else _PyLoader(text)
@@ -294,6 +273,14 @@ def compose(text: str, file: str, *, fast: bool | None = None) -> Node | None:
             ]
         ) from None
     except yaml.YAMLError as e:
+        if fast and "nesting depth" in str(getattr(e, "problem", "")):
+            # libyaml scans ahead and can stop at a nesting limit of its own (1000 levels,
+            # worded its own way) before the composer sees level MAX_DEPTH + 1.  The depth
+            # rule is the project's: such a text is read again by the pure-Python stages,
+            # which have no limit of their own, so the composer's refusal is the one said.
+            loader.dispose()
+            loader = None
+            return compose(text, file, fast=False)
         raise ManifestError(_yaml_error(e, text, file, fast=fast)) from None
     finally:
         if loader is not None:
@@ -316,6 +303,9 @@ class _Converter:
         """``refused``: the value at ``path`` is not what was written, so later checks skip it."""
         if refused:
             self.doc.unreadable.add(path)
+        if len(self.doc.problems) > MAX_PROBLEMS:
+            self.doc.incomplete = True  # one more than is shown is kept: there are more
+            return
         p = _pos(node)
         self.doc.problems.append(Problem(self.doc.file, p.line, p.column, message, dotted(path)))
 

@@ -41,8 +41,17 @@ class StateStore:
         """
         try:
             data = self.path.read_bytes()
-        except FileNotFoundError:
-            return State()
+        except FileNotFoundError as e:
+            if not self.path.is_symlink():
+                return State()
+            # A link to nothing (the state on a filesystem that is not mounted) is not "no
+            # partitions": read as one, apply would claim again what runs.
+            raise StateError(
+                f"cannot read the state record {self.path}: it is a symbolic link to "
+                f"{os.readlink(self.path)}, which does not exist; check that it is a readable "
+                "file (or move it aside if nothing runs)",
+                path=str(self.path),
+            ) from e
         except OSError as e:
             raise StateError(
                 f"cannot read the state record {self.path}: {e.strerror}; "
