@@ -8,6 +8,7 @@ import os
 import shlex
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from partitioner.hostcheck import (
 )
 from partitioner.hostsetup import (
     SITE_COPY,
+    TARGET_PARTITION,
     FileChange,
     HostFacts,
     SetupPlan,
@@ -76,6 +78,12 @@ def register(sub: Any) -> None:
         default="/",
         help="write under DIR instead of / (an image being prepared, a test tree); "
         "boot loader and initramfs tools run only when DIR is /",
+    )
+    s.add_argument(
+        "--partition-bin",
+        metavar="PATH",
+        help="the `partition` program on the target, as the boot-time service runs it "
+        f"(default: this one when DIR is / of this machine, else {TARGET_PARTITION})",
     )
     s.set_defaults(func=run_setup)
 
@@ -195,6 +203,14 @@ def _render_items(items: list[CheckItem]) -> str:
 # -- setup ----------------------------------------------------------------------------------
 
 
+def _is_program(root_dir: Path, path: str) -> bool:
+    local = root_dir / path.lstrip("/")
+    if local.is_symlink() and os.readlink(local).startswith("/"):
+        # An absolute link means a path on the target, not on this machine.
+        return _is_program(root_dir, os.readlink(local))
+    return local.is_file() and os.access(local, os.X_OK)
+
+
 def partition_command() -> list[str]:
     """How the boot-time service calls this program: the installed console script when there is
     one beside this interpreter or on PATH, else the interpreter and the module."""
@@ -205,6 +221,23 @@ def partition_command() -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-m", "partitioner.cli.main"]
+
+
+def target_command(args: argparse.Namespace, ctx: Context, root_dir: Path) -> list[str]:
+    """The ``partition`` the target's boot-time service runs.  This program is the right one only
+    when the target is this machine; an image or another machine gets a stable path of its own
+    (a virtual environment of the machine that compiled the files is not there)."""
+    given = args.partition_bin
+    if given is not None:
+        if not given.startswith("/") or given.endswith("/") or "\n" in given:
+            raise UsageError(
+                f"--partition-bin {given!r} is not an absolute path of a program: give where "
+                "`partition` is on the target, such as /usr/local/bin/partition"
+            )
+        return [os.path.normpath(given)]
+    if root_dir == Path("/") and ctx.host_root is None:
+        return partition_command()
+    return [TARGET_PARTITION]
 
 
 def run_setup(args: argparse.Namespace, ctx: Context) -> int:
@@ -228,7 +261,18 @@ def run_setup(args: argparse.Namespace, ctx: Context) -> int:
         except OSError as e:
             raise UsageError(f"cannot read {args.file}: {e.strerror}") from e
         manifest, host, result, _ = _site_settings(ctx, args.file, facts)
-        setup = compile_setup(manifest, text, result, host, facts, target, partition_command())
+        program = target_command(args, ctx, root_dir)
+        setup = compile_setup(manifest, text, result, host, facts, target, program)
+        if not args.dry_run and not _is_program(root_dir, program[0]):
+            setup = replace(
+                setup,
+                notes=(
+                    *setup.notes,
+                    f"{program[0]} is not a program in {root_dir}: install partition there "
+                    "before the next boot (pip install --prefix /usr/local, or a link to it), "
+                    "or give where it is with --partition-bin",
+                ),
+            )
         change_list = changes(setup)
     changed = [c for c in change_list if c.action != "unchanged"]
     commands = follow_up(target, changed, facts)
