@@ -109,6 +109,15 @@ def register(sub: Any) -> None:
     w.add_argument(
         "--poll", metavar="S", type=float, default=0.5, help="seconds between looks (default 0.5)"
     )
+    # How it was started: `apply` starts it detached or as a systemd unit (partitioner.watcher);
+    # such a one leaves when another watches already, or when no partition is left.
+    w.add_argument(
+        "--as",
+        dest="how",
+        choices=("foreground", "detached", "systemd"),
+        default="foreground",
+        help=argparse.SUPPRESS,
+    )
     w.set_defaults(func=run_supervise)
 
 
@@ -430,9 +439,11 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-def _supervise(ctx: Context, store: Any, poll: float) -> None:
+def _supervise(ctx: Context, store: Any, poll: float, how: str = "foreground") -> None:
+    from partitioner import watcher
     from partitioner.actions import Start, execute
     from partitioner.cli.lifecycle import lifecycle_context
+    from partitioner.errors import StateError
     from partitioner.state import State, StateStore
     from partitioner.supervisor import Supervisor
 
@@ -442,13 +453,42 @@ def _supervise(ctx: Context, store: Any, poll: float) -> None:
         execute([Start(name)], actx, s)
         return actx.state
 
-    ctx.info(f"partition: watching the partitions of {store.dir} (on_crash)")
-    Supervisor(ctx.root(), store, restart).run(poll=poll)
+    def site_gone() -> bool:
+        # One that apply started leaves with the last partition (destroy also ends it).
+        try:
+            return not store.load().partitions
+        except StateError:
+            return False
+
+    detached = how != "foreground"
+    mode: watcher.How = (
+        "detached" if how == "detached" else "systemd" if how == "systemd" else "foreground"
+    )
+    root = ctx.root()
+    waited = False
+
+    def keep_waiting() -> bool:
+        nonlocal waited
+        if not waited:
+            ctx.info(
+                f"partition: another supervisor watches {store.dir}; waiting to take over from it"
+            )
+            waited = True
+        return True
+
+    with watcher.hold(root, store.dir, mode, wait=None if detached else keep_waiting) as mine:
+        if not mine:
+            ctx.info(f"partition: another supervisor watches {store.dir} already")
+            return
+        ctx.info(f"partition: watching the partitions of {store.dir} (on_crash)")
+        Supervisor(root, store, restart).run(
+            poll=poll, until=site_gone if detached else lambda: False
+        )
 
 
 def run_supervise(args: argparse.Namespace, ctx: Context) -> int:
     from partitioner.state import StateStore
 
     ctx.require_live("host supervise")
-    _supervise(ctx, StateStore(ctx.state_dir), poll=args.poll)
+    _supervise(ctx, StateStore(ctx.state_dir), poll=args.poll, how=args.how)
     return 0
