@@ -86,7 +86,8 @@ class Site:
         )
 
     def apply(self, **extra: str) -> subprocess.CompletedProcess[str]:
-        return self.run("apply", str(self.manifest), **extra)
+        # No supervisor: what a killed apply leaves is for the next apply to bring home.
+        return self.run("apply", "--no-supervise", str(self.manifest), **extra)
 
     def destroy(self, **extra: str) -> subprocess.CompletedProcess[str]:
         # The test guest does not act on ACPI power-down: no time is given to it.

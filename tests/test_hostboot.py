@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -533,6 +534,70 @@ def test_pinned_sites_and_amd_hosts(
     assert any("AMD" in n for n in doc["notes"])
 
 
+def test_an_image_runs_its_own_partition(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The unit and the note for other init systems name the target's program, never the
+    virtual environment of the machine that compiled them."""
+    t = snapshot_tree(tmp_path)
+    target = target_root(tmp_path)
+    doc = setup_json(capsys, t.root, target)
+    unit = (target / "etc/systemd/system/partition-site.service").read_text()
+    assert "ExecStart=/usr/local/bin/partition host boot /etc/partition/site.yaml" in unit
+    assert "ExecStop=/usr/local/bin/partition destroy /etc/partition/site.yaml" in unit
+    assert sys.prefix not in unit and str(ROOT) not in unit
+    # The image does not have it yet: said, so that the boot does not fail silently.
+    assert any("/usr/local/bin/partition is not a program in" in n for n in doc["notes"])
+    (target / "usr/local/bin").mkdir(parents=True)
+    (target / "usr/local/bin/partition").write_text("#!/bin/sh\n")
+    (target / "usr/local/bin/partition").chmod(0o755)
+    doc = setup_json(capsys, t.root, target)
+    assert not any("is not a program" in n for n in doc["notes"])
+
+    other = target_root(tmp_path / "b", systemd=False)
+    doc = setup_json(capsys, t.root, other, "--partition-bin", "/opt/partition/bin/partition")
+    assert any(
+        "`/opt/partition/bin/partition host boot /etc/partition/site.yaml`" in n
+        for n in doc["notes"]
+    )
+    assert not any(sys.prefix in n for n in doc["notes"])
+
+    rc, _, err = run(
+        capsys, "--host-root", str(t.root), "host", "setup", str(DEMO), "--root", str(target),
+        "--partition-bin", "bin/partition",
+    )  # fmt: skip
+    assert rc == 2 and "--partition-bin" in err and "absolute" in err
+
+
+@pytest.mark.parametrize("initramfs", ["initramfs-tools", "dracut"])
+def test_no_file_is_only_comments(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], initramfs: str
+) -> None:
+    """Functions with no host driver: nothing to order after vfio-pci, so no modprobe file."""
+    t = snapshot_tree(tmp_path)
+    root = HostRoot(t.root)
+    for addr in DEMO_ADDRS:
+        real = root.realpath(f"/sys/bus/pci/devices/{addr}")
+        os.unlink(t.root / f"{real}/driver".lstrip("/"))
+    target = target_root(tmp_path)
+    if initramfs == "dracut":
+        shutil.rmtree(target / "etc/initramfs-tools")
+        (target / "etc/dracut.conf.d").mkdir(parents=True)
+    doc = setup_json(capsys, t.root, target)
+    assert doc["initramfs"] == initramfs
+    written = [f for f in doc["files"] if not f["symlink"] and f["content"] is not None]
+    assert written
+    for f in written:
+        said = [
+            ln for ln in f["content"].splitlines() if ln.strip() and not ln.lstrip().startswith("#")
+        ]
+        assert said, f"{f['path']} holds only comments"
+    assert not (target / "etc/modprobe.d/partition-vfio.conf").exists()
+    if initramfs == "dracut":
+        conf = (target / "etc/dracut.conf.d/partition-vfio.conf").read_text()
+        assert "modprobe.d" not in conf
+
+
 def test_host_root_refuses_to_write_this_machine(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -550,7 +615,9 @@ def test_generated_unit_passes_systemd_analyze(
         pytest.fail("systemd-analyze is missing: scripts/setup installs the systemd package")
     t = snapshot_tree(tmp_path)
     target = target_root(tmp_path)
-    setup_json(capsys, t.root, target)
+    # verify wants the program to exist here: this machine's, in place of the image's own.
+    here = Path(sys.executable).parent / "partition"
+    setup_json(capsys, t.root, target, "--partition-bin", str(here))
     units = tmp_path / "units"
     units.mkdir()
     shutil.copy(target / "etc/systemd/system/partition-site.service", units)

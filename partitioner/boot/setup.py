@@ -54,6 +54,9 @@ DRACUT_MODULE = "/usr/lib/dracut/modules.d/90partition-vfio"
 MODPROBE_CONF = "/etc/modprobe.d/partition-vfio.conf"
 UNIT = "/etc/systemd/system/partition-site.service"
 UNIT_LINK = "/etc/systemd/system/multi-user.target.wants/partition-site.service"
+# The program the boot-time service of another machine or an image runs, unless told
+# (docs/cli.md): where `pip install --prefix /usr/local` and most images put it.
+TARGET_PARTITION = "/usr/local/bin/partition"
 
 HEADER = "Written by `partition host setup`; `partition host setup --undo` removes it."
 
@@ -290,6 +293,7 @@ def _initramfs_files(devices: Sequence[EarlyDevice], kind: Initramfs) -> list[Se
         return []
     files: list[SetupFile] = []
     script = _bind_script(devices)
+    drivers = sorted({d.host_driver for d in devices if d.host_driver})
     if kind == "initramfs-tools":
         # It must run before udev's own init-top script starts udevd and coldplugs the
         # drivers.  initramfs-tools orders scripts with tsort of their prerequisites,
@@ -351,12 +355,14 @@ def _initramfs_files(devices: Sequence[EarlyDevice], kind: Initramfs) -> list[Se
                 DRACUT_CONF,
                 f"# {HEADER}\n"
                 'add_dracutmodules+=" partition-vfio "\n'
-                f'install_items+=" {MODPROBE_CONF} "\n',
+                + (f'install_items+=" {MODPROBE_CONF} "\n' if drivers else ""),
                 "include the module in every initramfs dracut builds",
                 group="initramfs",
             )
         )
-    drivers = sorted({d.host_driver for d in devices if d.host_driver})
+    if not drivers:
+        # No host driver to order after vfio-pci: a file of comments alone would say nothing.
+        return files
     lines = [f"# {HEADER}"]
     lines.append(
         "# The host drivers of the site's functions load after vfio-pci, so that a\n"

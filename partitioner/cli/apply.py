@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +29,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--replace-all", action="store_true", help="restart every running partition that changed"
+    )
+    p.add_argument(
+        "--no-supervise",
+        action="store_true",
+        help="do not start a supervisor: crashed partitions are not restarted (on_crash) "
+        "unless `partition host supervise` runs",
     )
     add_lock_timeout(p)
     p.add_argument(
@@ -63,6 +70,39 @@ def print_actions(ctx: Context, actions: Sequence[Action], heading: str) -> None
         ctx.say(f"  {a.kind:<18} {a.target:<14} {a.detail}")
 
 
+def _watch(
+    args: argparse.Namespace, ctx: Context, store: StateStore, doc: dict[str, Any] | None
+) -> None:
+    """A supervisor watches the applied site (on_crash), the one there or a new one
+    (partitioner.boot.watcher).  Failing to start one does not undo what was applied: it is said,
+    and `status` says no supervisor watches."""
+    from partitioner.boot import watcher
+    from partitioner.errors import GuestError
+
+    root = ctx.root()
+    if args.no_supervise or not store.load().partitions:
+        found = watcher.watcher(root, store.dir)
+    else:
+        env = {
+            k: v
+            for k, v in (
+                ("PARTITION_RUN_DIR", str(ctx.run_dir)),
+                ("PARTITION_LOG_DIR", str(ctx.log_dir)),
+            )
+        }
+        before = watcher.watcher(root, store.dir)
+        try:
+            found = watcher.ensure(root, store.dir, ctx.log_dir, {**os.environ, **env})
+        except GuestError as e:
+            ctx.warn(f"partition: warning: {e}; crashed partitions are not restarted (on_crash)")
+            found = watcher.watcher(root, store.dir)
+        else:
+            if not before.watching:
+                ctx.info(f"partition: supervisor: {found.describe()}")
+    if doc is not None:
+        doc["supervisor"] = found.to_json()
+
+
 def run(args: argparse.Namespace, ctx: Context) -> int:
     ctx.require_live("apply")
     root = ctx.root()
@@ -93,6 +133,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
                 "dry_run": bool(args.dry_run),
             }
         if not acts:
+            if not args.dry_run:
+                _watch(args, ctx, store, doc if ctx.json else None)
             if ctx.json:
                 doc["applied"] = False
                 ctx.emit_json(doc)
@@ -117,6 +159,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             stop_timeout=args.stop_timeout,
             on_progress=progress(ctx),
         )
+        _watch(args, ctx, store, doc if ctx.json else None)
         if ctx.json:
             doc["applied"] = True
             ctx.emit_json(doc)

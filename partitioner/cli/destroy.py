@@ -75,4 +75,11 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         if not actx.state.partitions and actx.state.site is not None:
             store.save(replace(actx.state, site=None))
         ctx.say(f"destroyed: {', '.join(sorted(names))}")
+        if not actx.state.partitions:
+            from partitioner.boot import watcher
+
+            # Nothing left to watch: the supervisor apply started goes with the last partition.
+            ended = watcher.end(root, store.dir)
+            if ended is not None:
+                ctx.info(f"partition: supervisor (pid {ended.pid}) ended")
     return 0

@@ -8,6 +8,7 @@ import os
 import shlex
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from partitioner.boot.check import (
 )
 from partitioner.boot.setup import (
     SITE_COPY,
+    TARGET_PARTITION,
     FileChange,
     HostFacts,
     SetupPlan,
@@ -78,6 +80,12 @@ def register(sub: Any) -> None:
         help="write under DIR instead of / (an image being prepared, a test tree); "
         "boot loader and initramfs tools run only when DIR is /",
     )
+    s.add_argument(
+        "--partition-bin",
+        metavar="PATH",
+        help="the `partition` program on the target, as the boot-time service runs it "
+        f"(default: this one when DIR is / of this machine, else {TARGET_PARTITION})",
+    )
     s.set_defaults(func=run_setup)
 
     b = hs.add_parser(
@@ -101,6 +109,15 @@ def register(sub: Any) -> None:
     )
     w.add_argument(
         "--poll", metavar="S", type=float, default=0.5, help="seconds between looks (default 0.5)"
+    )
+    # How it was started: `apply` starts it detached or as a systemd unit (partitioner.boot.watcher);
+    # such a one leaves when another watches already, or when no partition is left.
+    w.add_argument(
+        "--as",
+        dest="how",
+        choices=("foreground", "detached", "systemd"),
+        default="foreground",
+        help=argparse.SUPPRESS,
     )
     w.set_defaults(func=run_supervise)
 
@@ -197,6 +214,14 @@ def _render_items(items: list[CheckItem]) -> str:
 # -- setup ----------------------------------------------------------------------------------
 
 
+def _is_program(root_dir: Path, path: str) -> bool:
+    local = root_dir / path.lstrip("/")
+    if local.is_symlink() and os.readlink(local).startswith("/"):
+        # An absolute link means a path on the target, not on this machine.
+        return _is_program(root_dir, os.readlink(local))
+    return local.is_file() and os.access(local, os.X_OK)
+
+
 def partition_command() -> list[str]:
     """How the boot-time service calls this program: the installed console script when there is
     one beside this interpreter or on PATH, else the interpreter and the module."""
@@ -207,6 +232,23 @@ def partition_command() -> list[str]:
     if found:
         return [found]
     return [sys.executable, "-m", "partitioner.cli.main"]
+
+
+def target_command(args: argparse.Namespace, ctx: Context, root_dir: Path) -> list[str]:
+    """The ``partition`` the target's boot-time service runs.  This program is the right one only
+    when the target is this machine; an image or another machine gets a stable path of its own
+    (a virtual environment of the machine that compiled the files is not there)."""
+    given = args.partition_bin
+    if given is not None:
+        if not given.startswith("/") or given.endswith("/") or "\n" in given:
+            raise UsageError(
+                f"--partition-bin {given!r} is not an absolute path of a program: give where "
+                "`partition` is on the target, such as /usr/local/bin/partition"
+            )
+        return [os.path.normpath(given)]
+    if root_dir == Path("/") and ctx.host_root is None:
+        return partition_command()
+    return [TARGET_PARTITION]
 
 
 def run_setup(args: argparse.Namespace, ctx: Context) -> int:
@@ -230,7 +272,18 @@ def run_setup(args: argparse.Namespace, ctx: Context) -> int:
         manifest, host, result, _ = _site_settings(ctx, args.file, facts)
         # The same bytes load read (standard input is read once), copied into the machine.
         text = read_manifest(args.file)[0].decode("utf-8")
-        setup = compile_setup(manifest, text, result, host, facts, target, partition_command())
+        program = target_command(args, ctx, root_dir)
+        setup = compile_setup(manifest, text, result, host, facts, target, program)
+        if not args.dry_run and not _is_program(root_dir, program[0]):
+            setup = replace(
+                setup,
+                notes=(
+                    *setup.notes,
+                    f"{program[0]} is not a program in {root_dir}: install partition there "
+                    "before the next boot (pip install --prefix /usr/local, or a link to it), "
+                    "or give where it is with --partition-bin",
+                ),
+            )
         change_list = changes(setup)
     changed = [c for c in change_list if c.action != "unchanged"]
     commands = follow_up(target, changed, facts)
@@ -389,11 +442,13 @@ def run_boot(args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-def _supervise(ctx: Context, store: Any, poll: float) -> None:
+def _supervise(ctx: Context, store: Any, poll: float, how: str = "foreground") -> None:
+    from partitioner.boot import watcher
     from partitioner.boot.supervisor import Supervisor
     from partitioner.cli.lifecycle import lifecycle_context
     from partitioner.engine.executor import execute
     from partitioner.engine.guests import Start
+    from partitioner.errors import StateError
     from partitioner.record.model import State
     from partitioner.record.store import StateStore
 
@@ -403,13 +458,42 @@ def _supervise(ctx: Context, store: Any, poll: float) -> None:
         execute([Start(name)], actx, s)
         return actx.state
 
-    ctx.info(f"partition: watching the partitions of {store.dir} (on_crash)")
-    Supervisor(ctx.root(), store, restart).run(poll=poll)
+    def site_gone() -> bool:
+        # One that apply started leaves with the last partition (destroy also ends it).
+        try:
+            return not store.load().partitions
+        except StateError:
+            return False
+
+    detached = how != "foreground"
+    mode: watcher.How = (
+        "detached" if how == "detached" else "systemd" if how == "systemd" else "foreground"
+    )
+    root = ctx.root()
+    waited = False
+
+    def keep_waiting() -> bool:
+        nonlocal waited
+        if not waited:
+            ctx.info(
+                f"partition: another supervisor watches {store.dir}; waiting to take over from it"
+            )
+            waited = True
+        return True
+
+    with watcher.hold(root, store.dir, mode, wait=None if detached else keep_waiting) as mine:
+        if not mine:
+            ctx.info(f"partition: another supervisor watches {store.dir} already")
+            return
+        ctx.info(f"partition: watching the partitions of {store.dir} (on_crash)")
+        Supervisor(root, store, restart).run(
+            poll=poll, until=site_gone if detached else lambda: False
+        )
 
 
 def run_supervise(args: argparse.Namespace, ctx: Context) -> int:
     from partitioner.record.store import StateStore
 
     ctx.require_live("host supervise")
-    _supervise(ctx, StateStore(ctx.state_dir), poll=args.poll)
+    _supervise(ctx, StateStore(ctx.state_dir), poll=args.poll, how=args.how)
     return 0

@@ -104,6 +104,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     for name, d in docs.items():
         d.update(status_fields(store.dir, name))
 
+    from partitioner.boot import watcher
+
+    watching = watcher.watcher(ctx.root(), store.dir)
     figures = stats.of_records(ctx.root(), recs)  # CPU, run-queue delay, memory, interrupts
     if args.prometheus:
         ctx.out.write(stats.prometheus(figures.values(), down=sorted(set(recs) - set(figures))))
@@ -111,10 +114,12 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     for name, s in figures.items():
         docs[name]["stats"] = s.to_json()
     if ctx.json:
-        ctx.emit_json({"partitions": docs})
+        ctx.emit_json({"partitions": docs, "supervisor": watching.to_json()})
         return 0
     if not docs:
         ctx.say("no partitions are applied on this host")
+        if watching.watching:
+            ctx.say(f"supervisor: {watching.describe()}")
         return 0
     rows = []
     for name, d in docs.items():
@@ -133,6 +138,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     ctx.say(
         table(rows, ["PARTITION", "STATE", "PID", "CPUS", "NODES", "MEMORY", "DEVICES", "UPTIME"])
     )
+    ctx.say(f"supervisor: {watching.describe()}")
     for name, d in docs.items():
         if d["restarts"] or d["failed_reason"]:
             ctx.say(f"{name}: restarted {d['restarts']} times; last exit: {d['last_exit']}")

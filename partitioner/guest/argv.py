@@ -399,9 +399,24 @@ def command_lines(
             argvs[name] = None
             notes[name].append(f"{NO_ARGV}: {e}")
         return argvs, notes
+    missing_firmware = None
     if not live:
         caps = replace(caps, kvm=None)
+        if caps.ovmf_code is None:
+            # The firmware is the tree's machine's to have, not this one's: the command line
+            # names the usual path, and a note says it was not found here.
+            from partitioner.guest.caps import OVMF_CANDIDATES
+
+            code, vars_ = OVMF_CANDIDATES[0]
+            caps = replace(caps, ovmf_code=code, ovmf_vars=vars_)
+            missing_firmware = (
+                f"the UEFI firmware is not installed on this machine: the command line names "
+                f"{code}, where Debian's ovmf package puts it; install it on the machine of "
+                "--host-root (`apt-get install ovmf`, or `dnf install edk2-ovmf`)"
+            )
     for name, p in plan.placements.items():
+        if missing_firmware is not None and p.spec.firmware == "uefi":
+            notes[name].append(missing_firmware)
         paths = guest_paths(run_dir, log_dir, name, state_dir=state_dir)
         try:
             argvs[name] = qemu_argv(p, plan, paths, caps)

@@ -300,9 +300,13 @@ def take_snapshot_with_host(src: HostRoot, dest: Path, *, force: bool = False) -
     from partitioner.boot.setup import read_facts
 
     check_host(recorder, host, read_facts(recorder))
+    # And what `host check FILE` reads of a site's settings: the CPUs the kernel isolated,
+    # and each function's driver_override (whichever functions the site will name).
     for path in (sysfs.CPU_ISOLATED, sysfs.CPU_NOHZ_FULL):
         recorder.read(path)
     _probe_for_hwloc(recorder, host)
+    for address in host.pci:
+        recorder.read(sysfs.pci_device(str(address), "driver_override"))
     try:
         clear_dest(dest)
     except OSError as e:
@@ -310,6 +314,10 @@ def take_snapshot_with_host(src: HostRoot, dest: Path, *, force: bool = False) -
         raise UsageError(
             f"cannot write the snapshot into {dest}: {e.strerror or e}; choose another DIR"
         ) from None
+    for top in SNAPSHOT_TOPS:
+        # Each top exists even where the machine had nothing in it (no /dev/kvm): a tree
+        # without /dev is one that does not say, a tree with an empty /dev says "absent".
+        (dest / top).mkdir(exist_ok=True)
     m = _Mirror(src=src, dest=dest, seen=recorder.files)
     for p in recorder.files:
         m.mirror(p)
