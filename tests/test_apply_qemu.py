@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from guestimage import build_guest_initramfs, guest_kernel
+from procs import qemus_naming
 
 from partitioner.cpuset import CpuSet
 from partitioner.guest.launch import is_running, thread_affinities
@@ -135,17 +136,7 @@ def site(tmp_path: Path) -> Iterator[Site]:
 
 def _qemus_of(s: Site) -> list[int]:
     """QEMU processes whose sockets live in this site's run directory."""
-    out = []
-    for entry in ROOT.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if argv and b"qemu" in argv[0] and any(str(s.dir / "run").encode() in a for a in argv):
-            out.append(int(entry))
-    return out
+    return qemus_naming(s.dir / "run")
 
 
 def _pool() -> tuple[int, int]:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 from guestimage import build_guest_initramfs, guest_kernel
+from procs import pids_whose_argv
 
 from partitioner.cpuset import CpuSet
 from partitioner.guest.launch import thread_affinities
@@ -106,17 +107,8 @@ class Site:
 
 def _qemus(run_dir: Path) -> list[int]:
     """Live processes whose command line names a socket in ``run_dir``."""
-    out = []
-    for entry in ROOT.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if any(str(run_dir).encode() in a for a in argv):
-            out.append(int(entry))
-    return out
+    key = str(run_dir).encode()
+    return pids_whose_argv(lambda argv: any(key in a for a in argv))
 
 
 def _pool_size() -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from procs import pids_whose_argv
 
 from partitioner.boot import watcher
 from partitioner.cpuset import CpuSet
@@ -31,17 +32,8 @@ BACK_WITHIN = 30.0  # "within seconds": the supervisor looks every 0.5 s; TCG on
 
 def _supervisors_of(state: Path) -> list[int]:
     """Every `host supervise` process of this state directory, whoever started it."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"supervise" in argv and str(state).encode() in argv:
-            out.append(int(entry))
-    return out
+    key = str(state).encode()
+    return pids_whose_argv(lambda argv: b"supervise" in argv and key in argv)
 
 
 @dataclass

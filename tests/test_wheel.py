@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 from guestimage import build_guest_initramfs, guest_kernel
+from procs import qemus_naming
 
 from partitioner.cli.main import build_parser
 
@@ -318,17 +319,7 @@ def test_the_installed_partition_validates_and_plans_the_examples_as_the_tree_do
 
 
 def _qemus_under(run_dir: Path) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"qemu" in argv[0] and any(str(run_dir).encode() in a for a in argv):
-            pids.append(int(entry))
-    return pids
+    return qemus_naming(run_dir)
 
 
 @pytest.mark.qemu

@@ -630,19 +630,19 @@ def changes(setup: SetupPlan) -> list[FileChange]:
     paths = {f.path for f in wanted}
     for path in rec.get("files", []):
         if isinstance(path, str) and path not in paths:
-            content, is_link, _ = _current(target, path)
-            if content is not None:
-                out.append(
-                    FileChange(
-                        path,
-                        "remove",
-                        "written by an earlier host setup, no longer needed",
-                        None,
-                        "" if is_link else _diff(path, content, None),
-                        group=_group_of(path),
-                    )
-                )
+            gone = _removal(target, path, "written by an earlier host setup, no longer needed")
+            if gone is not None:
+                out.append(gone)
     return out
+
+
+def _removal(target: Target, path: str, why: str) -> FileChange | None:
+    """The removal of a file host setup wrote, or None when it is not there any more."""
+    content, is_link, _ = _current(target, path)
+    if content is None:
+        return None
+    diff = "" if is_link else _diff(path, content, None)
+    return FileChange(path, "remove", why, None, diff, group=_group_of(path))
 
 
 def undo_changes(target: Target) -> list[FileChange]:
@@ -652,20 +652,9 @@ def undo_changes(target: Target) -> list[FileChange]:
         return []
     out: list[FileChange] = []
     for path in rec.get("files", []):
-        if not isinstance(path, str):
-            continue
-        content, is_link, _ = _current(target, path)
-        if content is not None:
-            out.append(
-                FileChange(
-                    path,
-                    "remove",
-                    "written by host setup",
-                    None,
-                    "" if is_link else _diff(path, content, None),
-                    group=_group_of(path),
-                )
-            )
+        gone = _removal(target, path, "written by host setup") if isinstance(path, str) else None
+        if gone is not None:
+            out.append(gone)
     for path, original in rec.get("edited", {}).items():
         content, _, _ = _current(target, path)
         if content != original:

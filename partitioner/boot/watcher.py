@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from partitioner.kernel.root import HostRoot
+from partitioner.record.store import flock_held
 
 LOCK_FILE = "supervisor.lock"
 PID_FILE = "supervisor.pid"
@@ -84,18 +85,8 @@ def unit_name(state_dir: Path) -> str:
 
 
 def _lock_held(state_dir: Path) -> bool:
-    """True while some process holds the supervisor lock (a shared lock cannot be taken)."""
-    try:
-        fd = os.open(state_dir / LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    """True while some process holds the supervisor lock."""
+    return flock_held(state_dir / LOCK_FILE)
 
 
 def _read_pid_file(state_dir: Path) -> Mapping[str, Any] | None:

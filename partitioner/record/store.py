@@ -25,6 +25,22 @@ STATE_FILE = "state.json"
 LOCK_FILE = "lock"
 
 
+def flock_held(path: Path) -> bool:
+    """True while some process holds an exclusive flock on ``path`` (a shared one cannot be
+    taken); False for a file nobody locks, or none at all."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing lets go of the shared lock, if it was taken
+    return False
+
+
 class StateStore:
     def __init__(self, state_dir: Path) -> None:
         self.dir = Path(state_dir)
@@ -146,17 +162,7 @@ class StateStore:
     def busy(self) -> bool:
         """True while another command holds the lock (its flock, not the text it left:
         a killed holder's text stays, its flock does not)."""
-        try:
-            fd = os.open(self.lock_path, os.O_RDONLY)
-        except OSError:
-            return False
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        finally:
-            os.close(fd)  # closing lets go of the shared lock, if it was taken
-        return False
+        return flock_held(self.lock_path)
 
     @contextlib.contextmanager
     def lock(self, verb: str, timeout: float = 60.0) -> Iterator[None]:
