@@ -139,3 +139,13 @@ def test_a_fact_kept_in_one_place_is_defined_only_there(pattern: str, home: str)
         if rx.search(p.read_text()):
             found.append(rel)
     assert found == [], f"defined outside {home}: {found}"
+
+
+def test_a_module_over_600_lines_is_one_concept_said_so_in_the_doc() -> None:
+    text = DOC.read_text().split("## Modules over about 600 lines", 1)[1]
+    for p in sorted(PKG.rglob("*.py")):
+        rel = str(p.relative_to(PKG))
+        if len(p.read_text().splitlines()) > 650:  # "about 600"
+            assert f"`{rel}`" in text, (
+                f"{rel} is long: split it, or say in the doc why it is one concept"
+            )
