@@ -294,3 +294,72 @@ def test_text_form_and_format_choice(capsys: pytest.CaptureFixture[str], tmp_pat
         capsys, "--host-root", str(TESTBED_NUMA), "map", str(DEMO), "-o", str(tmp_path / "m.jpg")
     )
     assert rc == 2 and "name it .svg, .png or .txt" in err
+
+
+# -- what runs now: map without FILE, status's strip, the hints ------------------------------
+
+
+@pytest.fixture
+def recorded(tmp_path: Path) -> Path:
+    """A state record of this machine holding one stopped partition on its last CPU, as
+    apply leaves it (planned on the live host; no QEMU is needed for what holds CPUs)."""
+    from partitioner.inventory import scan
+    from partitioner.kernel.root import HostRoot
+    from partitioner.manifest.loader import loads
+    from partitioner.planning.planner import plan
+    from partitioner.record.model import PartitionRecord, RunState, SiteRecord, State
+    from partitioner.record.store import StateStore
+
+    host = scan(HostRoot("/"))
+    if len(host.online_cpus) < 2:
+        pytest.skip("this machine has one CPU: nothing to give a partition")
+    site = (
+        "version: 1\nhost:\n  accel: tcg\n  isolation: pinned\n  smt: share\n"
+        "  reserve: {cpus: 1, memory: 1GiB}\n"
+        "partitions:\n  lab:\n    cpus: 1\n    memory: 64MiB\n    hugepages: none\n"
+    )
+    result = plan(loads(site, file="site.yaml"), host)
+    state = State(
+        site=SiteRecord.of_plan(result, "site.yaml"),
+        partitions={
+            "lab": PartitionRecord("lab", RunState.STOPPED, result.placements["lab"]),
+        },
+    )
+    StateStore(tmp_path / "state").save(state)
+    return tmp_path / "state"
+
+
+def test_map_without_a_file_draws_what_the_record_holds(
+    capsys: pytest.CaptureFixture[str], recorded: Path
+) -> None:
+    from partitioner.record.store import StateStore
+
+    cpus = list(StateStore(recorded).load().partitions["lab"].placement.cpus)
+    rc, out, _ = cli(capsys, "--state-dir", str(recorded), "--json", "map", "--format", "text")
+    assert rc == 0, out
+    doc = json.loads(out)
+    assert doc["partitions"]["lab"]["cpus"] == cpus
+    assert f"{cpus[0]}:lab" in doc["text"]
+    # The reserve is the record's, told apart from the partition.
+    assert all(f"{c}:lab" not in doc["text"] for c in doc["host"]["cpus"])
+
+
+def test_status_draws_one_strip_per_node_and_points_to_map(
+    capsys: pytest.CaptureFixture[str], recorded: Path
+) -> None:
+    from partitioner.record.store import StateStore
+
+    held = StateStore(recorded).load().partitions["lab"].placement.cpus
+    rc, out, err = cli(capsys, "--state-dir", str(recorded), "status")
+    assert rc == 0, err
+    strips = [line for line in out.splitlines() if re.match(r"node \d+  ", line)]
+    assert strips, out
+    cells = dict(cell.split(":", 1) for line in strips for cell in line.split("  ", 1)[1].split())
+    assert {int(c) for c, who in cells.items() if who == "lab"} == set(held)
+    assert "partition map" in err
+
+
+def test_inspect_points_to_map(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, _, err = cli(capsys, "--host-root", str(TESTBED_NUMA), "inspect")
+    assert rc == 0
+    assert "partition map" in err

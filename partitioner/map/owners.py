@@ -137,9 +137,10 @@ def from_status(
     doc: Mapping[str, Any], reserve_cpus: CpuSet | None, reserve_memory_bytes: int | None
 ) -> Owners:
     """From the document of ``partition status --json``, with the reserve the record's site
-    keeps (status lists partitions only).  Partitions that are not running hold nothing
-    and are left out; a ``failed`` one keeps what the record gave it until destroyed."""
-    parts = {n: d for n, d in doc["partitions"].items() if d.get("state") != "stopped"}
+    keeps (status lists partitions only).  Every recorded partition is drawn: a ``stopped``
+    or ``failed`` one still holds its CPUs, pages and devices until it is destroyed (the
+    planner keeps them from others too)."""
+    parts = dict(doc["partitions"])
     try:
         shares = tuple(_share(i, n, parts[n]) for i, n in enumerate(sorted(parts)))
     except (ValueError, TypeError, KeyError) as e:
