@@ -8,7 +8,9 @@
 - A display GPU (NVIDIA RTX 3090, ``10de:2204``): a VGA controller (class
   0300) with 16 MiB BAR0, a 32 GiB BAR1 (resizable BAR on), 32 MiB BAR3, an
   I/O BAR5, and its HDMI audio function (``10de:1aef``, class 0403) in the same
-  slot and IOMMU group.
+  slot and IOMMU group, with no reset of its own (no FLR; the kernel shows neither
+  ``reset_method`` nor ``reset`` for it): VFIO resets it through the bus below the
+  root port, which holds the GPU and its audio alone.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def data_centre_gpu(
 
 
 def display_gpu(t: TreeBuilder, bus: int, group: int, *, node: int = 0) -> str:
-    """An RTX 3090-like VGA controller at ``0000:BUS:00.0`` with its audio at ``.1``."""
-    port = f"0000:00:{bus:02x}.0"
+    """An RTX 3090-like VGA controller at ``0000:BUS:00.0`` with its audio at ``.1``, behind
+    a root port of their own (``0000:00:1c.N``, N = BUS mod 8, as chipsets number theirs)."""
+    port = f"0000:00:1c.{bus % 8}"
     addr = f"0000:{bus:02x}:00.0"
     t.pci(port, class_code="060400", driver="pcieport", iommu_group=group + 100, numa_node=node)
     t.pci(
@@ -72,6 +75,7 @@ def display_gpu(t: TreeBuilder, bus: int, group: int, *, node: int = 0) -> str:
         iommu_group=group,
         numa_node=node,
         parent=port,
+        reset_methods=None,
         bars={0: (16 * 1024, BAR_MEM32)},
     )
     return addr

@@ -78,7 +78,8 @@ def test_the_fixture_fits_100_columns_with_udevs_names(
     assert rows["0000:42:00.0"].endswith(" yes+1")
     assert rows["0000:86:00.0"].endswith(" no:bridge")
     assert rows["0000:87:01.0"].endswith(" no:group")
-    assert rows["0000:00:18.0"].endswith(" none-ok")
+    assert rows["0000:00:1f.2"].endswith(" none-ok+1")
+    assert rows["0000:00:18.0"].endswith(" no:host")  # the root filesystem's 9p transport
     # The reasons once per group, below the table.
     assert out.count("IOMMU group 16 (") == 1 and out.count("is bound to shpchp") == 1
     assert out.index("IOMMU group 16 (") > out.index("0000:87:02.0")

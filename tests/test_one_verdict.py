@@ -13,7 +13,8 @@ testbed-numa) and of every tree of hwloc's corpus, three verbs are asked:
 
 They must give the same verdict.  Before one verdict, ``plan`` accepted the GPU
 of the test bed (0000:43:00.0) whose audio function has no reset method, which
-``inspect`` and ``apply`` refused.
+``inspect`` and ``apply`` refused; now all three accept it, the audio function
+being reset through its bus (docs/decisions.md, "Reset through the bus").
 """
 
 from __future__ import annotations
@@ -109,16 +110,16 @@ def _agree(host: Host, label: str) -> int:
 def test_testbed_snapshot_one_verdict() -> None:
     host = scan(HostRoot(TESTBED_NUMA))
     assert _agree(host, "testbed-numa") == 2 * len(host.pci)
-    # The case of the issue: the GPU alone is refused for its audio function's reset...
+    # The GPU of the test bed: its audio function (0000:43:00.1) has no reset of its own, but
+    # the two are alone behind root port 0000:40:02.0, so VFIO resets the audio function
+    # through that bus: no `reset: none-ok` needed, for plan and for apply's claim alike.
     gpu = claim_preview(host, PciAddress.parse("43:00.0"))
-    assert gpu.added == (PciAddress.parse("43:00.1"),) and not gpu.assignable
-    placed, problems = _plan(host, '{pci: "43:00.0"}')
-    assert not placed and "0000:43:00.1 (8086:293e) has no reset method" in problems
-    assert refusals(host, 22, reset_none_ok=set())
-    # ...and `reset: none-ok` on the GPU covers the audio function that comes with it,
-    # for plan and for apply's claim alike.
-    assert _plan(host, '{pci: "43:00.0", reset: none-ok}')[0]
-    assert not refusals(host, 22, reset_none_ok={"0000:43:00.0", "0000:43:00.1"})
+    assert gpu.added == (PciAddress.parse("43:00.1"),) and gpu.assignable
+    assert not host.pci[PciAddress.parse("43:00.1")].own_reset
+    assert gpu.bus_reset == (PciAddress.parse("43:00.1"),) and not gpu.no_reset
+    assert _plan(host, '{pci: "43:00.0"}')[0]
+    assert not refusals(host, 22, reset_none_ok=set())
+    assert not refusals(host, 22, reset_none_ok=set(), partition={"0000:43:00.0"})
 
 
 @pytest.mark.parametrize("name", names())

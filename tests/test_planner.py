@@ -541,26 +541,21 @@ def test_testbed_tree_nic_goes_to_its_node(testbed_numa: Host) -> None:
 
 
 def test_testbed_tree_multifunction_and_gpu_audio_come_along(testbed_numa: Host) -> None:
-    # The GPU's audio function (43:00.1) has no reset method on this kernel: the plan
-    # refuses it, saying which entry wants `reset: none-ok`, and that entry covers it.
+    # The GPU's audio function (43:00.1) has no reset of its own on this kernel, but it and
+    # the GPU are alone behind root port 40:02.0: VFIO resets it through that bus, so the
+    # GPU plans without `reset: none-ok`, and the plan says how the audio function is reset.
     lan0 = '  lan0: {cpus: 1, memory: 128MiB, devices: [{pci: "42:00.0"}]}\n'
-    msg = problems(
+    p = plan(
         manifest(
             TB_HEAD + lan0 + '  desk: {cpus: 1, memory: 128MiB, devices: [{pci: "43:00.0"}]}\n'
         ),
         testbed_numa,
     )
-    assert "0000:43:00.1 (8086:293e) has no reset method (it comes with pci: 0000:43:00.0)" in msg
-    assert "add `reset: none-ok` to the device `pci: 0000:43:00.0` at site.yaml:5:" in msg
-    p = plan(
-        manifest(
-            TB_HEAD
-            + lan0
-            + '  desk: {cpus: 1, memory: 128MiB, devices: [{pci: "43:00.0", reset: none-ok}]}\n'
-        ),
-        testbed_numa,
+    assert not any(d.reset_none_ok for d in p.placements["desk"].devices)
+    assert (
+        "desk: 0000:43:00.1 (8086:293e) has no reset of its own: VFIO resets it through the "
+        "bus below 0000:40:02.0, all of which desk holds" in p.notes
     )
-    assert all(d.reset_none_ok for d in p.placements["desk"].devices)
     assert [str(d.address) for d in p.placements["lan0"].devices] == [
         "0000:42:00.0",
         "0000:42:00.1",

@@ -258,3 +258,23 @@ def test_real_kernel_tree(numa_server_snapshot: Path, tmp_path: Path) -> None:
     # A snapshot of the snapshot reads back the same.
     take_snapshot(HostRoot(numa_server_snapshot), tmp_path / "again")
     assert scan(HostRoot(tmp_path / "again")) == h
+
+
+def test_reset_file_of_an_old_kernel_is_kept(tree: TreeBuilder, tmp_path: Path) -> None:
+    """Before 5.15 there is no reset_method: the write-only `reset` file says the kernel can
+    reset the function, and the snapshot keeps it (empty) so the tree says the same."""
+    tree.cpus(count=2)
+    tree.pci("0000:00:14.0", class_code="0c0330", iommu_group=3, reset_methods=None,
+             reset_file=True)  # fmt: skip
+    tree.pci("0000:00:16.0", class_code="078000", iommu_group=4, reset_methods=None)
+    src = tree.build()
+    reset = src / "sys/devices/pci0000:00/0000:00:14.0/reset"
+    reset.chmod(0o200)  # as sysfs has it: write-only
+    before = scan(HostRoot(src))
+    assert before.pci[PciAddress.parse("00:14.0")].reset_unnamed
+    assert not before.pci[PciAddress.parse("00:16.0")].own_reset
+    dest = tmp_path / "snap"
+    take_snapshot(HostRoot(src), dest)
+    assert (dest / "sys/devices/pci0000:00/0000:00:14.0/reset").is_file()
+    assert not (dest / "sys/devices/pci0000:00/0000:00:16.0/reset").exists()
+    assert scan(HostRoot(dest)) == before

@@ -34,6 +34,7 @@ BY_HAND = {
     "VFIO_GROUP_UNSET_CONTAINER": 0x3B69,
     "VFIO_GROUP_GET_DEVICE_FD": 0x3B6A,
     "VFIO_DEVICE_GET_INFO": 0x3B6B,
+    "VFIO_DEVICE_GET_PCI_HOT_RESET_INFO": 0x3B70,
 }
 
 
@@ -64,6 +65,9 @@ def test_struct_layouts_by_hand() -> None:
     assert v.ffi.offsetof("struct vfio_device_info", "num_regions") == 8
     assert v.ffi.offsetof("struct vfio_device_info", "num_irqs") == 12
     assert v.ffi.offsetof("struct vfio_device_info", "cap_offset") == 16
+    assert v.ffi.sizeof("struct vfio_pci_hot_reset_info") == 12
+    assert v.ffi.sizeof("struct vfio_pci_dependent_device") == 8
+    assert v.ffi.offsetof("struct vfio_pci_dependent_device", "devfn") == 7
 
 
 @pytest.mark.skipif(
@@ -82,7 +86,7 @@ def test_numbers_and_layouts_match_the_kernel_header(tmp_path: Path) -> None:
         "VFIO_DEVICE_FLAGS_PCI",
     ]
     lines = [f'printf("{n} %lu\\n", (unsigned long)({n}));' for n in names]
-    for s in ("vfio_group_status", "vfio_device_info"):
+    for s in ("vfio_group_status", "vfio_device_info", "vfio_pci_hot_reset_info"):
         lines.append(f'printf("sizeof {s} %zu\\n", sizeof(struct {s}));')
     for f in ("flags", "num_regions", "num_irqs"):
         lines.append(f'printf("offsetof {f} %zu\\n", offsetof(struct vfio_device_info, {f}));')
@@ -103,6 +107,9 @@ def test_numbers_and_layouts_match_the_kernel_header(tmp_path: Path) -> None:
     assert int(got["sizeof vfio_device_info"]) >= v.ffi.sizeof("struct vfio_device_info")
     for f in ("flags", "num_regions", "num_irqs"):
         assert int(got[f"offsetof {f}"]) == v.ffi.offsetof("struct vfio_device_info", f)
+    assert int(got["sizeof vfio_pci_hot_reset_info"]) == v.ffi.sizeof(
+        "struct vfio_pci_hot_reset_info"
+    )
 
 
 def test_missing_container_is_a_clean_device_error() -> None:

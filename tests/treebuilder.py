@@ -73,6 +73,7 @@ class _Pci:
     boot_vga: bool | None
     netdevs: tuple[str, ...]
     header_type: int | None = None  # config space byte 0x0e; None: no config file
+    reset_file: bool | None = None  # the `reset` file; None: there when reset_methods name one
 
     bars: Mapping[int, tuple[int, int]] | None = None
 
@@ -264,12 +265,15 @@ class TreeBuilder:
         driver_override: str | None = None,
         header_type: int | None = -1,
         bars: Mapping[int, tuple[int, int]] | None = None,
+        reset_file: bool | None = None,
     ) -> TreeBuilder:
         """A PCI function.  ``header_type`` goes to byte 0x0e of its ``config`` file: -1
         (default) derives it from the class as real devices have it (1 for a PCI bridge
         0604/0609, 2 for CardBus 0607, 0 otherwise), None leaves the file out (old trees).  ``parent`` (a bridge or port added before) puts it behind that
-        bridge in /sys/devices; ``reset_methods=None`` leaves out the reset_method file (old
-        kernels); ``boot_vga`` writes the file only when not None (the kernel has it on VGA
+        bridge in /sys/devices; ``reset_methods=None`` leaves out the reset_method file (as
+        kernels before 5.15 do, and later ones for a function they cannot reset);
+        ``reset_file`` writes the write-only ``reset`` file (True) or leaves it out (False),
+        by default there when ``reset_methods`` names a method; ``boot_vga`` writes the file only when not None (the kernel has it on VGA
         devices only); ``numa_node=None`` writes -1; ``bars`` (BAR number -> (size, flags),
         flags such as BAR_MEM64_PREF) writes ``resource`` as the kernel does."""
         if parent is not None and parent not in self._pci:
@@ -291,6 +295,7 @@ class TreeBuilder:
             netdevs=tuple(netdevs),
             header_type=_header_type(class_code) if header_type == -1 else header_type,
             bars=bars,
+            reset_file=reset_file,
         )
         if driver:
             self._drivers.add(driver)
@@ -548,8 +553,8 @@ class TreeBuilder:
             self._write(f"{d}/remove", "")
             if f.reset_methods is not None:
                 self._write(f"{d}/reset_method", " ".join(f.reset_methods) + "\n")
-                if f.reset_methods:
-                    self._write(f"{d}/reset", "")
+            if f.reset_file if f.reset_file is not None else bool(f.reset_methods):
+                self._write(f"{d}/reset", "")
             if f.header_type is not None:
                 self._write_config(f"{d}/config", f)
             if f.boot_vga is not None:

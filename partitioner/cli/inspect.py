@@ -24,6 +24,7 @@ from partitioner.vfio.preview import (
     reset_refusal,
     stays_with_host,
     used_by_host,
+    without_reset,
 )
 
 # The width of the table in a pipe or a file (docs/cli.md): a terminal's own, or COLUMNS.
@@ -298,7 +299,8 @@ def group_reasons(host: Host, words: set[str]) -> list[str]:
                 f"endpoints of several slots ({', '.join(str(fn.address) for fn in endpoints)}): "
                 "the group is assigned whole, so name them all in one partition (rule 4)"
             )
-        no_reset = [fn.address for fn in endpoints if not fn.reset_methods]
+        held = [fn.address for fn in endpoints]
+        no_reset = without_reset(host, held, held)
         if no_reset:
             said.append(reset_refusal(no_reset))
         if said and endpoints:

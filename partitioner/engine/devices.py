@@ -37,11 +37,16 @@ class ClaimGroup(Step):
             raise ApplyFailed(f"claiming IOMMU group {self.group} needs the scanned host")
         placement = ctx.placement(self.target)
         none_ok = {str(d.address) for d in placement.devices if d.reset_none_ok}
+        # A function without a reset of its own may be reset through its bus, when the
+        # partition holds all that bus reaches: the placement's devices say what it holds.
+        held = {str(d.address) for d in placement.devices}
         _claim_intent(ctx, self.target, self.group)
         try:
             # The plan's verdict asked again on the host as scanned now, reset methods
             # included, before anything is claimed (partitioner.vfio.preview).
-            claim = claim_group(ctx.root, ctx.host, self.group, reset_none_ok=none_ok)
+            claim = claim_group(
+                ctx.root, ctx.host, self.group, reset_none_ok=none_ok, partition=held
+            )
         except BaseException:
             # claim_group gave back what it took: the intent is void.
             ctx.update(drop_claim(ctx.state.partitions[self.target], self.group))
@@ -53,7 +58,7 @@ class ClaimGroup(Step):
         try:
             # Ask the kernel itself before QEMU is started: a group that is not viable is
             # named here, not reported by QEMU later (docs/architecture.md).
-            check_group(ctx.root, ctx.host, self.group, reset_none_ok=none_ok)
+            check_group(ctx.root, ctx.host, self.group, reset_none_ok=none_ok, partition=held)
         except BaseException:
             release_group(ctx.root, claim)
             ctx.update(drop_claim(ctx.state.partitions[self.target], self.group))

@@ -58,7 +58,7 @@ class PciFunction:
     driver_override: str | None
     iommu_group: int | None
     numa_node: int | None  # None where the kernel says -1
-    reset_methods: tuple[str, ...]  # reset_method, e.g. ("flr", "bus"); () if none or unknown
+    reset_methods: tuple[str, ...]  # reset_method, e.g. ("flr", "bus"); () if none or not said
     boot_vga: bool
     is_bridge: bool  # PCI class 06xx: bridges, root ports, switch ports stay with the host
     upstream: tuple[PciAddress, ...]  # bridges/ports from the root down to this function's parent
@@ -70,6 +70,14 @@ class PciFunction:
     # (iommu_group is None then): a damaged tree, or a group removed while reading.
     iommu_group_absent: str | None = None
     bars: tuple[Bar, ...] = ()  # from sysfs `resource` (partitioner/inventory/bars.py)
+    # No reset_method file (kernels before 5.15) but a `reset` file: the kernel can reset it
+    # by a method it does not name (it shows `reset` only for a function it can reset).
+    reset_unnamed: bool = False
+
+    @property
+    def own_reset(self) -> bool:
+        """The kernel can reset this function by itself (FLR, PM, a bus it is alone on...)."""
+        return bool(self.reset_methods) or self.reset_unnamed
 
     @property
     def id(self) -> str:
@@ -148,6 +156,19 @@ class Host:
         for fn in self.pci.values():
             by_slot.setdefault(fn.address.slot_key, []).append(fn)
         return {k: tuple(v) for k, v in by_slot.items()}
+
+    @cached_property
+    def _below(self) -> dict[PciAddress, tuple[PciFunction, ...]]:
+        by_bridge: dict[PciAddress, list[PciFunction]] = {}
+        for fn in self.pci.values():
+            for bridge in fn.upstream:
+                by_bridge.setdefault(bridge, []).append(fn)
+        return {k: tuple(sorted(v, key=lambda f: f.address)) for k, v in by_bridge.items()}
+
+    def functions_below(self, bridge: PciAddress) -> tuple[PciFunction, ...]:
+        """Every function behind ``bridge`` (on its secondary bus and the buses below it):
+        what a reset of that bus reaches.  Indexed once, as :meth:`functions_in_slot` is."""
+        return self._below.get(bridge, ())
 
     def functions_in_slot(self, slot_key: tuple[int, int, int]) -> tuple[PciFunction, ...]:
         """The functions of one physical slot (a GPU and its audio function), found without

@@ -134,6 +134,9 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
             device_name=names[1],
             iommu_group_absent=absent,
             bars=read_bars(r.root, real),
+            # Kernels before 5.15 have no reset_method: their `reset` file (write-only, there
+            # only for a function the kernel can reset) says what reset_method would.
+            reset_unnamed=reset is None and r.root.exists(f"{real}/reset"),
         )
     return dict(sorted(out.items()))
 

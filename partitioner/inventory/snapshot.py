@@ -92,6 +92,9 @@ class _Mirror:
     files: int = 0
     # What the scan read, written as it was read: live files change between two reads.
     seen: dict[str, str] = field(default_factory=dict)
+    # Paths the scan only asked about (exists): a write-only file (a function's `reset`)
+    # is kept as an empty file, which is all the scan learnt of it.
+    probed: set[str] = field(default_factory=set)
     _done: dict[str, str | None] = field(default_factory=dict)
 
     def local_src(self, kernel_path: str) -> str:
@@ -185,7 +188,11 @@ class _Mirror:
                 with open(self.local_src(kernel_path), "rb") as f:
                     data = f.read(_MAX_FILE)
             except OSError:
-                return  # write-only or refusing attribute: the scan saw nothing there either
+                if kernel_path in self.probed:
+                    Path(dest).touch()
+                    self.files += 1
+                # Otherwise a write-only or refusing attribute: the scan saw nothing there either.
+                return
         with open(dest, "wb") as f:
             f.write(data)
         self.files += 1
@@ -318,7 +325,7 @@ def take_snapshot_with_host(src: HostRoot, dest: Path, *, force: bool = False) -
         # Each top exists even where the machine had nothing in it (no /dev/kvm): a tree
         # without /dev is one that does not say, a tree with an empty /dev says "absent".
         (dest / top).mkdir(exist_ok=True)
-    m = _Mirror(src=src, dest=dest, seen=recorder.files)
+    m = _Mirror(src=src, dest=dest, seen=recorder.files, probed=set(recorder.probes))
     for p in recorder.files:
         m.mirror(p)
     for p in recorder.links:

@@ -1,8 +1,11 @@
 """What the host itself runs on (rule 5 of docs/manifest.md): its network, disks and swap.
 
 A PCI function is in use when it carries the default route or an addressed
-interface (directly or under a bridge, bond or VLAN), or controls a mounted
-filesystem or swap (directly or under device-mapper, md or NVMe multipath).
+interface (directly or under a bridge, bond or VLAN), controls a mounted
+filesystem or swap (directly or under device-mapper, md or NVMe multipath), or
+carries a network or virtual filesystem: the virtio device of a 9p or virtiofs
+mount, the interface that reaches an NFS, CIFS, Ceph or iSCSI server
+(``partitioner.inventory.netfs``).
 Stacked devices are walked once each: a link that points back up (a damaged
 tree) cannot make the walk loop or grow with the number of paths.
 """
@@ -13,6 +16,7 @@ import os
 import re
 from dataclasses import replace
 
+from partitioner.inventory import netfs
 from partitioner.inventory.model import NetInterface, PciFunction
 from partitioner.inventory.pci import nearest_pci
 from partitioner.inventory.reader import Reader
@@ -138,10 +142,31 @@ def scan_in_use(
         if why not in lst:
             lst.append(why)
 
+    all_mounts = netfs.mounts(r)
+    for addr, why in netfs.virtio_uses(r, all_mounts):
+        add(addr, why)
+    servers = list(netfs.network_mounts(r, all_mounts))
     for majmin, mountpoint, source in mounted_block_devices(r):
-        for addr, leaf in block_controllers(r, sysfs.block_by_number(majmin)):
+        controllers = block_controllers(r, sysfs.block_by_number(majmin))
+        for addr, leaf in controllers:
             name = leaf if leaf == source or not source else f"{leaf} under {source}"
             add(addr, f"controller of {mountpoint} ({name})")
+        if not controllers:
+            server = netfs.iscsi_server(r, r.realpath(sysfs.block_by_number(majmin)))
+            if server is not None:
+                servers.append(("iscsi", mountpoint, server))
+    for what, point, server in servers:
+        # The interface that reaches the server, and those it is built on.
+        iface = netfs.route_interface(r, server)
+        for lower in lower_interfaces(r, iface) if iface is not None else ():
+            ln = netdevs.get(lower)
+            if ln is None or ln.pci is None:
+                continue
+            through = "" if lower == iface else f" (through {iface})"
+            add(
+                ln.pci,
+                f"{lower} reaches the server of {netfs.where(point)} ({what} {server}){through}",
+            )
     for dev in swap_devices(r):
         for addr, leaf in block_controllers(r, sysfs.block(dev)):
             add(addr, f"swap on {leaf if leaf == dev else f'{leaf} under {dev}'}")

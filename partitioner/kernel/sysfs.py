@@ -17,6 +17,9 @@ PCI_DRIVERS_PROBE = "/sys/bus/pci/drivers_probe"
 IOMMU_GROUPS = "/sys/kernel/iommu_groups"
 CLASS_NET = "/sys/class/net"
 CLASS_BLOCK = "/sys/class/block"
+VIRTIO_DEVICES = "/sys/bus/virtio/devices"
+FS_VIRTIOFS = "/sys/fs/virtiofs"  # a virtiofs tag and its virtio device (Linux 6.10 and later)
+CLASS_ISCSI_CONNECTION = "/sys/class/iscsi_connection"
 DEV_BLOCK = "/sys/dev/block"
 WORKQUEUE_CPUMASK = "/sys/devices/virtual/workqueue/cpumask"
 CPU_ISOLATED = f"{CPU}/isolated"
@@ -70,6 +73,20 @@ def pmu_cpus(kind: str) -> str:
 def net(name: str, leaf: str = "") -> str:
     """A network interface's entry in /sys/class/net, or a file in it."""
     return f"{CLASS_NET}/{name}/{leaf}" if leaf else f"{CLASS_NET}/{name}"
+
+
+def virtio_device(name: str, leaf: str = "") -> str:
+    """A virtio device (``virtio0``): ``mount_tag`` for 9p, ``device`` for its type."""
+    return f"{VIRTIO_DEVICES}/{name}/{leaf}" if leaf else f"{VIRTIO_DEVICES}/{name}"
+
+
+def virtiofs(entry: str, leaf: str = "") -> str:
+    return f"{FS_VIRTIOFS}/{entry}/{leaf}" if leaf else f"{FS_VIRTIOFS}/{entry}"
+
+
+def iscsi_connection(name: str, leaf: str = "") -> str:
+    """An iSCSI connection (``connection1:0``): ``address`` is its target's IP address."""
+    return f"{CLASS_ISCSI_CONNECTION}/{name}/{leaf}" if leaf else f"{CLASS_ISCSI_CONNECTION}/{name}"
 
 
 def block(name: str, leaf: str = "") -> str:

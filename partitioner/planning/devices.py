@@ -11,7 +11,7 @@ from partitioner.manifest.model import DeviceSpec, Manifest, PartitionSpec
 from partitioner.pci import PciAddress
 from partitioner.planning.model import DeviceAssignment, RunningPartition
 from partitioner.planning.work import Work
-from partitioner.vfio.preview import ClaimPreview, claim_preview
+from partitioner.vfio.preview import ClaimPreview, claim_preview, without_reset
 
 
 def _device_order(
@@ -133,9 +133,21 @@ def resolve_devices(
                 f"name {member} in {spec.name} too"
             )
 
-    # Reset methods are checked here, at plan time, by the same rule apply's claim asks.
+    # Resets are checked here, at plan time, by the rule apply's claim asks: a function
+    # without a reset of its own is reset through its bus when the partition holds all
+    # that bus reaches (partitioner.vfio.preview.without_reset).
+    held = [a.address for a in out]
+    unreset = set(without_reset(host, held, held))
     for i, a in enumerate(out):
-        if host.pci[a.address].reset_methods:
+        fn = host.pci[a.address]
+        if fn.own_reset:
+            continue
+        if a.address not in unreset:
+            w.notes.append(
+                f"{spec.name}: {a.address} ({a.vendor_device}) has no reset of its own: VFIO "
+                f"resets it through the bus below {fn.upstream[-1]}, all of which {spec.name} "
+                "holds"
+            )
             continue
         if a.address in covered:
             out[i] = replace(a, reset_none_ok=True)

@@ -24,6 +24,7 @@ from partitioner.errors import DeviceError
 from partitioner.inventory.model import Host
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
+from partitioner.pci import PciAddress
 from partitioner.record.model import VFIO_PCI, FunctionRecord, GroupClaim
 from partitioner.run import CommandFailed, run
 from partitioner.vfio.preview import (
@@ -32,6 +33,7 @@ from partitioner.vfio.preview import (
     group_endpoints,
     group_refusals,
     reset_refusal,
+    without_reset,
 )
 
 log = logging.getLogger("partitioner.vfio")
@@ -67,22 +69,28 @@ def modprobe(name: str) -> None:
 # -- refusals (rules 4 and 5 of docs/manifest.md) -----------------------------------
 
 
-def refusals(host: Host, group: int, *, reset_none_ok: Collection[str] | None = None) -> list[str]:
+def refusals(
+    host: Host,
+    group: int,
+    *,
+    reset_none_ok: Collection[str] | None = None,
+    partition: Collection[str] = (),
+) -> list[str]:
     """Why ``group`` may not be claimed; empty when it may.
 
     The group part of the one verdict (:func:`partitioner.vfio.preview.group_refusals`), asked
     again on the host as scanned now.  With ``reset_none_ok`` (the addresses the
-    plan accepts without a reset method), an endpoint without one is refused
-    here, before anything is claimed; None leaves the reset question out (putting
-    back a claim that was made before).
+    plan accepts without a reset method), an endpoint that nothing resets is refused
+    here, before anything is claimed: the reset rule of the verdict
+    (:func:`partitioner.vfio.preview.without_reset`), the partition holding this group and
+    ``partition`` (the addresses of all its devices).  None leaves the reset question out
+    (putting back a claim that was made before).
     """
     why = group_refusals(host, group)
     if reset_none_ok is not None:
-        no_reset = [
-            fn.address
-            for fn in group_endpoints(host, group)
-            if not fn.reset_methods and str(fn.address) not in reset_none_ok
-        ]
+        endpoints = [fn.address for fn in group_endpoints(host, group)]
+        held = {*endpoints, *(PciAddress.parse(a) for a in partition)}
+        no_reset = [a for a in without_reset(host, endpoints, held) if str(a) not in reset_none_ok]
         if no_reset:
             why.append(reset_refusal(no_reset))
     return why
@@ -288,17 +296,18 @@ def claim_group(
     load_module: Callable[[str], None] = modprobe,
     timeout: float = 10.0,
     reset_none_ok: Collection[str] | None = None,
+    partition: Collection[str] = (),
 ) -> GroupClaim:
     """Bind every endpoint of IOMMU group ``group`` to vfio-pci; bridges and ports stay.
 
     Refuses (DeviceError, changing nothing) a group that :func:`refusals` refuses:
     the host uses an endpoint, it holds the boot VGA device, a member that stays
-    with the host blocks it, or (with ``reset_none_ok``) an endpoint has no reset
-    method and is not in ``reset_none_ok``.  If a step fails, what was taken is
+    with the host blocks it, or (with ``reset_none_ok``) nothing resets an endpoint (no
+    reset method, nor its bus within ``partition``) and it is not in ``reset_none_ok``.  If a step fails, what was taken is
     given back, newest first, and the DeviceError says what failed and what
     was restored.
     """
-    why = refusals(host, group, reset_none_ok=reset_none_ok)
+    why = refusals(host, group, reset_none_ok=reset_none_ok, partition=partition)
     if why:
         first = group_endpoints(host, group)
         raise DeviceError(

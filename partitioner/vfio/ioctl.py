@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno as errno_mod
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +42,18 @@ struct vfio_device_info {
     uint32_t num_irqs;
     uint32_t cap_offset;
 };
+struct vfio_pci_dependent_device {
+    uint32_t group_id;
+    uint16_t segment;
+    uint8_t bus;
+    uint8_t devfn;
+};
+struct vfio_pci_hot_reset_info {
+    uint32_t argsz;
+    uint32_t flags;
+    uint32_t count;
+    struct vfio_pci_dependent_device devices[];
+};
 """
 )
 ffi = _binding.ffi
@@ -61,6 +73,7 @@ VFIO_GROUP_SET_CONTAINER = _IO(VFIO_TYPE, VFIO_BASE + 4)
 VFIO_GROUP_UNSET_CONTAINER = _IO(VFIO_TYPE, VFIO_BASE + 5)
 VFIO_GROUP_GET_DEVICE_FD = _IO(VFIO_TYPE, VFIO_BASE + 6)
 VFIO_DEVICE_GET_INFO = _IO(VFIO_TYPE, VFIO_BASE + 7)
+VFIO_DEVICE_GET_PCI_HOT_RESET_INFO = _IO(VFIO_TYPE, VFIO_BASE + 12)
 
 VFIO_GROUP_FLAGS_VIABLE = 1 << 0
 VFIO_GROUP_FLAGS_CONTAINER_SET = 1 << 1
@@ -82,6 +95,10 @@ class DeviceInfo:
     flags: int
     num_regions: int
     num_irqs: int
+    # Without a reset of its own: the functions a reset of its bus or slot reaches, as
+    # VFIO_DEVICE_GET_PCI_HOT_RESET_INFO lists them; None when the kernel cannot reset
+    # its bus (ENODEV: a root bus, a quirk's no_bus_reset) or was not asked.
+    bus_reset_reaches: tuple[str, ...] | None = None
 
     @property
     def can_reset(self) -> bool:
@@ -226,7 +243,63 @@ def device_info(group_fd: int, address: str) -> DeviceInfo:
             what=f"VFIO_DEVICE_GET_INFO of {address}",
             address=address,
         )
-        return DeviceInfo(address, int(info.flags), int(info.num_regions), int(info.num_irqs))
+        flags = int(info.flags)
+        reaches = None if flags & VFIO_DEVICE_FLAGS_RESET else hot_reset_reach(dev, address)
+        return DeviceInfo(address, flags, int(info.num_regions), int(info.num_irqs), reaches)
+
+
+def hot_reset_reach(device_fd: int, address: str) -> tuple[str, ...] | None:
+    """VFIO_DEVICE_GET_PCI_HOT_RESET_INFO: the functions a reset of the device's bus (or
+    slot) reaches, that VFIO_DEVICE_PCI_HOT_RESET needs the same user to hold; None when
+    the kernel can reset neither (ENODEV).
+
+    Asked twice, as the kernel wants: a header alone gets ENOSPC and the count, then an
+    array of that size.
+    """
+    hdr = ffi.new("struct vfio_pci_hot_reset_info *")
+    hdr.argsz = ffi.sizeof("struct vfio_pci_hot_reset_info")
+    what = f"VFIO_DEVICE_GET_PCI_HOT_RESET_INFO of {address}"
+    if _binding.ioctl(device_fd, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, hdr) >= 0:
+        return ()
+    code = _binding.errno
+    if code == errno_mod.ENODEV:
+        return None
+    if code != errno_mod.ENOSPC:
+        raise DeviceError(
+            f"{what}: the kernel answered {describe(code)}", address=address, errno=code
+        )
+    count = int(hdr.count)
+    full = ffi.new("struct vfio_pci_hot_reset_info *", {"devices": count})
+    full.argsz = ffi.sizeof("struct vfio_pci_hot_reset_info") + count * ffi.sizeof(
+        "struct vfio_pci_dependent_device"
+    )
+    _ioctl(device_fd, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, full, what=what, address=address)
+    return tuple(
+        dependent_address(int(d.segment), int(d.bus), int(d.devfn))
+        for d in full.devices[0 : int(full.count)]
+    )
+
+
+def dependent_address(segment: int, bus: int, devfn: int) -> str:
+    """A PCI address as sysfs spells it, from the kernel's (segment, bus, devfn)."""
+    return f"{segment:04x}:{bus:02x}:{devfn >> 3:02x}.{devfn & 7}"
+
+
+def unreset(
+    infos: list[DeviceInfo], reset_none_ok: Collection[str], held: Collection[str]
+) -> list[str]:
+    """The functions nothing resets, by the kernel's word: no reset flag, and either no bus
+    reset or one that reaches a function the partition (``held``) does not hold; those in
+    ``reset_none_ok`` are accepted as they are."""
+    out: list[str] = []
+    for i in infos:
+        if i.can_reset or i.address in reset_none_ok:
+            continue
+        reach = i.bus_reset_reaches
+        if reach is not None and set(held).issuperset(reach):
+            continue
+        out.append(i.address)
+    return out
 
 
 def _not_viable_members(root: HostRoot, host: Host, group: int) -> list[tuple[str, str]]:
@@ -256,11 +329,15 @@ def check_group(
     group: int,
     *,
     reset_none_ok: set[str] | frozenset[str] = frozenset(),
+    partition: Collection[str] = (),
 ) -> list[DeviceInfo]:
     """Ask the kernel whether QEMU will be able to use ``group``; DeviceError naming why not.
 
     Every function of the group bound to vfio-pci is opened and its info read;
-    one without a reset is refused unless its address is in ``reset_none_ok``.
+    one without a reset is refused unless its address is in ``reset_none_ok`` or the
+    kernel can reset its bus and everything that reset reaches is in the group or in
+    ``partition`` (the addresses of the partition's devices): QEMU then resets it with
+    VFIO_DEVICE_PCI_HOT_RESET.
     """
     infos: list[DeviceInfo] = []
     with ExitStack() as stack:
@@ -300,11 +377,13 @@ def check_group(
             if root.readlink_name(sysfs.pci_device(a, "driver")) != "vfio-pci":
                 continue
             infos.append(device_info(gfd, a))
-    refused = [i.address for i in infos if not i.can_reset and i.address not in reset_none_ok]
+    held = {*partition, *members}
+    refused = unreset(infos, reset_none_ok, held)
     if refused:
         raise DeviceError(
             f"{', '.join(refused)} in IOMMU group {group} cannot be reset (VFIO reports no reset "
-            "method): a guest that restarts cannot be given a clean device; add `reset: none-ok` "
+            "method, nor a reset of its bus that reaches only this partition's functions): a "
+            "guest that restarts cannot be given a clean device; add `reset: none-ok` "
             "to the device in the manifest to accept it",
             address=refused[0],
             path=sysfs.dev_vfio(group),

@@ -13,11 +13,13 @@ asks here and nowhere else:
 
 The rules are 4 and 5 of docs/manifest.md, the kernel's VFIO viability rule (a group
 can be opened only when every member is on vfio-pci, pci-stub, a port driver,
-or no driver) and the reset check (docs/decisions.md, "One verdict").
+or no driver) and the reset check (docs/decisions.md, "One verdict", and "Reset through
+the bus" for a function without a reset of its own: :func:`without_reset`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -138,12 +140,64 @@ def group_refusals(host: Host, group: int, *, of: PciAddress | None = None) -> l
     return why
 
 
-def reset_refusal(no_reset: tuple[PciAddress, ...] | list[PciAddress]) -> str:
-    """The one sentence for functions without a reset method."""
+def bus_reset_reach(host: Host, fn: PciFunction) -> tuple[PciAddress, ...] | None:
+    """Every function a reset of ``fn``'s bus reaches, when VFIO can reset ``fn`` that way;
+    None when it cannot.
+
+    The kernel resets a bus through the bridge above it (``pci_probe_reset_bus``: no root
+    bus, for there is no bridge to do it), and VFIO's hot reset (the ``dev_set`` of
+    ``vfio_pci_dev_set_resettable``) needs every device that reset reaches, on the bus and
+    the buses below it, to be a vfio-pci device of the same user.  A bridge behind it stays
+    on pcieport, and a function the host uses stays with the host: with either, no partition
+    can hold them all.  What the kernel also refuses and sysfs does not show (a quirk's
+    ``no_bus_reset``) is asked of the kernel by ``apply`` (``partitioner.vfio.ioctl``).
+    """
+    if not fn.upstream:
+        return None
+    below = host.functions_below(fn.upstream[-1])
+    if any(stays_with_host(f) or used_by_host(host, f) for f in below):
+        return None
+    return tuple(f.address for f in below)
+
+
+def without_reset(
+    host: Host, addresses: Iterable[PciAddress], held: Collection[PciAddress]
+) -> tuple[PciAddress, ...]:
+    """Of ``addresses``, the functions nothing resets when one partition holds ``held``: those
+    without a reset of their own whose bus VFIO cannot reset for that partition (rule 11).
+
+    The one reset rule: the verdict on a function, ``plan`` (with the partition's devices)
+    and ``apply``'s claim (with the placement's devices) ask it.
+    """
+    have = set(held)
+    out: list[PciAddress] = []
+    for a in sorted(set(addresses)):
+        fn = host.pci.get(a)
+        if fn is None or fn.own_reset:
+            continue
+        reach = bus_reset_reach(host, fn)
+        if reach is not None and have.issuperset(reach):
+            continue
+        out.append(a)
+    return tuple(out)
+
+
+def reset_refusal(
+    no_reset: tuple[PciAddress, ...] | list[PciAddress],
+    bus_needs: Iterable[tuple[PciAddress, tuple[PciAddress, ...]]] = (),
+) -> str:
+    """The one sentence for functions without a reset method (and, where a reset of their
+    bus would do, what the partition must hold for it)."""
+    needs = {a: others for a, others in bus_needs if a in no_reset and others}
+    via_bus = "".join(
+        f"; {a} is reset through its bus if {', '.join(map(str, others))} "
+        f"{'goes' if len(others) == 1 else 'go'} to the same partition"
+        for a, others in sorted(needs.items())
+    )
     return (
         f"{', '.join(map(str, no_reset))} {'has' if len(no_reset) == 1 else 'have'} no reset "
         "method: a guest that restarts cannot be given a clean device (accepted with "
-        "`reset: none-ok` on the device in the manifest)"
+        f"`reset: none-ok` on the device in the manifest){via_bus}"
     )
 
 
@@ -163,15 +217,30 @@ class ClaimPreview:
     groups: tuple[int, ...] = ()  # the IOMMU groups to claim (claim_group each), ascending
     added: tuple[PciAddress, ...] = ()
     must_name: tuple[PciAddress, ...] = ()
+    # Functions it takes that have no reset of their own but that VFIO resets through their
+    # bus, everything on that bus coming along (a GPU's audio function).
+    bus_reset: tuple[PciAddress, ...] = ()
+    # Functions of ``no_reset`` whose bus VFIO could reset if the partition also held these.
+    bus_reset_needs: tuple[tuple[PciAddress, tuple[PciAddress, ...]], ...] = ()
 
     @property
     def needs_reset_none_ok(self) -> bool:
         return bool(self.no_reset)
 
-    def blockers(self, *, none_ok: bool = False) -> tuple[str, ...]:
-        """Why it cannot be assigned; ``none_ok``: the device says `reset: none-ok`."""
-        if self.no_reset and not none_ok:
-            return (*self.refusals, reset_refusal(self.no_reset))
+    def lacking_reset(self, held: Collection[PciAddress] = ()) -> tuple[PciAddress, ...]:
+        """``no_reset`` when the partition also holds ``held`` (its other devices)."""
+        have = {*held, self.address, *self.takes_with_it}
+        reset = {a for a, others in self.bus_reset_needs if have.issuperset(others)}
+        return tuple(a for a in self.no_reset if a not in reset)
+
+    def blockers(
+        self, *, none_ok: bool = False, held: Collection[PciAddress] = ()
+    ) -> tuple[str, ...]:
+        """Why it cannot be assigned; ``none_ok``: the device says `reset: none-ok`;
+        ``held``: the partition's other functions."""
+        lacking = () if none_ok else self.lacking_reset(held)
+        if lacking:
+            return (*self.refusals, reset_refusal(lacking, self.bus_reset_needs))
         return self.refusals
 
     @property
@@ -206,6 +275,7 @@ class ClaimPreview:
             "stays_with_host": [str(a) for a in self.stays_with_host],
             "needs_reset_none_ok": self.needs_reset_none_ok,
             "no_reset_method": [str(a) for a in self.no_reset],
+            "reset_through_bus": [str(a) for a in self.bus_reset],
             "iommu_groups": list(self.groups),
         }
 
@@ -269,7 +339,13 @@ def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
     others = sorted(taken - {address})
     added = tuple(m for m in others if m.slot_key == address.slot_key)
     must_name = tuple(m for m in others if m.slot_key != address.slot_key)
-    no_reset = tuple(m for m in sorted(taken) if not host.pci[m].reset_methods)
+    no_reset = without_reset(host, taken, taken)
+    bus_reset = tuple(m for m in sorted(taken) if not host.pci[m].own_reset and m not in no_reset)
+    bus_needs: list[tuple[PciAddress, tuple[PciAddress, ...]]] = []
+    for m in no_reset:
+        reach = bus_reset_reach(host, host.pci[m])
+        if reach is not None:
+            bus_needs.append((m, tuple(r for r in reach if r not in taken)))
     return ClaimPreview(
         address=address,
         iommu_group=fn.iommu_group,
@@ -280,4 +356,6 @@ def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
         groups=tuple(sorted(groups_seen)),
         added=added,
         must_name=must_name,
+        bus_reset=bus_reset,
+        bus_reset_needs=tuple(bus_needs),
     )
