@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from partitioner.cpuset import MAX_CPUS, CpuListSyntaxError, CpuSet
 from partitioner.errors import MAX_PROBLEMS, ManifestError, Problem
 from partitioner.manifest.model import (
+    NOWHERE,
     Boot,
     DeviceSpec,
     Disk,
@@ -628,6 +629,9 @@ class _Checker:
             else self.location(("host",))
             if "host" in root
             else Location(self.doc.file, 1, 1),
+            reserve_cpus_where=self.value_location(("host", "reserve", "cpus"))
+            if "cpus" in reserve
+            else NOWHERE,
         )
         partitions = root.get("partitions") or {}
         specs = {name: self.partition(name, partitions[name]) for name in sorted(partitions)}
@@ -676,6 +680,12 @@ class _Checker:
             firmware_where=self.value_location((*base, "firmware"))
             if "firmware" in p
             else self.location(base),
+            cpus_where=self.value_location((*base, "cpus")),
+            memory_where=self.value_location((*base, "memory")),
+            hugepages_where=self.value_location((*base, "hugepages"))
+            if "hugepages" in p
+            else self.value_location((*base, "memory")),
+            numa_where=self.value_location((*base, "numa")) if "numa" in p else self.location(base),
         )
 
     def device(self, d: dict[str, Any], path: PathKey) -> DeviceSpec:
