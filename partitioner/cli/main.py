@@ -360,9 +360,10 @@ def _say_error(e: PartitionError, err: Any) -> list[Problem | PlanProblem | str]
             print(f"partition: {n} problem{'s' if n != 1 else ''} in the manifest", file=err)
         return list(e.problems)
     if isinstance(e, PlanError):
-        # A located problem reads as a manifest problem does, FILE:LINE:COL first.
+        # Each starts with FILE:LINE:COL where it is located (after the `partition:` every
+        # line of a failure starts with).
         for plan_problem in e.problems:
-            print(plan_problem if plan_problem.line else f"partition: {plan_problem}", file=err)
+            print(f"partition: {plan_problem}", file=err)
         return list(e.problems)
     print(f"partition: {e}", file=err)
     if isinstance(e, RollbackIncomplete):
