@@ -32,7 +32,9 @@ def home_nodes(
 ) -> tuple[int, ...]:
     """The nodes ``spec`` can go on, where a device it asks for by ``id:`` is best taken (rule
     6): the nodes of its CPU list, its numa list, or under ``numa: auto`` each node where its
-    CPUs and memory fit as the host is now."""
+    CPUs and memory fit as the host is now.  Asked only of a partition with such a device."""
+    if not any(d.kind == "id" for d in spec.devices):
+        return ()
     if spec.cpu_list is not None:
         return tuple(sorted({node_of(host, c) for c in spec.cpu_list if c in host.cpus}))
     if spec.numa != "auto":
