@@ -12,7 +12,8 @@ each carries the fields named in brackets::
      +-- HostReadError             2  a --host-root tree that cannot be read as a host (.path)
      +-- TopologyError             2  a test-bed topology file that cannot be used (.source, .problems)
      |                                  (testbed/topology.py)
-     +-- PlanError                 3  valid manifest that does not fit this host (.problems)
+     +-- PlanError                 3  valid manifest that does not fit this host (.problems:
+     |                                  PlanProblems, each located at its field, with the host's part)
      |    +-- ExportError             ... or whose export would not start (what to add)
      +-- PreconditionError         3  the request does not fit the host as it is now
      +-- DeviceError               4  claiming / releasing a PCI function failed (.address, .path, .errno)
@@ -117,14 +118,81 @@ class HostReadError(PartitionError):
         super().__init__(message)
 
 
+@dataclass(frozen=True)
+class HostResources:
+    """The host's part in a plan problem: CPUs and who holds them, a node, a PCI function and its
+    IOMMU group.  Empty values are not involved (``docs/cli-reference.md``'s ``host`` object)."""
+
+    cpus: tuple[int, ...] = ()
+    held_by: str = ""  # who holds ``cpus`` (or the function): a partition, "the host", or several
+    node: int | None = None
+    address: str = ""
+    iommu_group: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        if self.cpus:
+            out["cpus"] = list(self.cpus)
+        if self.held_by:
+            out["held_by"] = self.held_by
+        if self.node is not None:
+            out["node"] = self.node
+        if self.address:
+            out["address"] = self.address
+        if self.iommu_group is not None:
+            out["iommu_group"] = self.iommu_group
+        return out
+
+
+NO_HOST = HostResources()
+
+
+@dataclass(frozen=True)
+class PlanProblem:
+    """One reason a valid manifest does not fit the host, located at the field it is about.
+
+    ``str()`` is the line a person reads: ``FILE:LINE:COL: message`` when located (``line`` 0:
+    not located, the message alone).  ``partition`` is empty for a problem of the site as a
+    whole; ``field`` is the partition's key it is about (``cpus``, ``devices[0]``), or the
+    dotted path of a host field (``host.reserve.memory``).
+    """
+
+    message: str
+    file: str = ""
+    line: int = 0
+    column: int = 0
+    partition: str = ""
+    field: str = ""
+    host: HostResources = NO_HOST
+
+    def __str__(self) -> str:
+        if self.line:
+            return f"{self.file}:{self.line}:{self.column}: {self.message}"
+        return self.message
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"message": self.message}
+        if self.line:
+            out.update(file=self.file, line=self.line, column=self.column)
+        if self.partition:
+            out["partition"] = self.partition
+        if self.field:
+            out["field"] = self.field
+        host = self.host.to_json()
+        if host:
+            out["host"] = host
+        return out
+
+
 class PlanError(PartitionError):
-    """The manifest is valid but does not fit the host.  Every reason is kept."""
+    """The manifest is valid but does not fit the host.  Every reason is kept, as a
+    :class:`PlanProblem` (a plain string is taken as an unlocated one)."""
 
     exit_code = 3
 
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("\n".join(self.problems))
+    def __init__(self, problems: Sequence[PlanProblem | str]) -> None:
+        self.problems = [p if isinstance(p, PlanProblem) else PlanProblem(p) for p in problems]
+        super().__init__("\n".join(str(p) for p in self.problems))
 
 
 class ExportError(PlanError):

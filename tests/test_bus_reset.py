@@ -45,7 +45,7 @@ def _plan(host: Host, *parts: str) -> Plan:
 def _problems(host: Host, *parts: str) -> str:
     with pytest.raises(PlanError) as e:
         _plan(host, *parts)
-    return "\n".join(e.value.problems)
+    return "\n".join(map(str, e.value.problems))
 
 
 def _base(t: TreeBuilder) -> None:

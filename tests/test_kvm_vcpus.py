@@ -46,15 +46,17 @@ def site(cpus: int, accel: str = "kvm") -> str:
 def test_planning_refuses_more_vcpus_than_the_limit_on_both_sides() -> None:
     at = loads(site(288), "site.yaml")
     assert kvm_vcpu_problems(at, 288) == []  # exactly KVM's limit fits
-    [problem] = kvm_vcpu_problems(at, 287)
-    # Located at the partition's entry (line 9 of the site), named, both numbers, what to do.
-    assert problem.startswith("site.yaml:9:")
+    [found] = kvm_vcpu_problems(at, 287)
+    problem = str(found)
+    # Located at the partition's `cpus:` (line 10 of the site), named, both numbers, what to do.
+    assert problem.startswith("site.yaml:10:")
+    assert (found.partition, found.field) == ("big", "cpus")
     assert "big asks for 288 CPUs" in problem
     assert "at most 287 vCPUs (KVM_CAP_MAX_VCPUS)" in problem
     assert "give big at most 287 CPUs" in problem
     # Every partition over the limit is named; one under it is not.
     two = kvm_vcpu_problems(at, 1)
-    assert [p.split(": ", 1)[1].split(" ")[0] for p in two] == ["big", "small"]
+    assert [p.partition for p in two] == ["big", "small"]
     # Under TCG KVM starts nothing: its limit does not apply.
     assert kvm_vcpu_problems(loads(site(288, accel="tcg"), "site.yaml"), 1) == []
 
@@ -81,7 +83,7 @@ def test_plan_and_apply_refuse_more_vcpus_than_this_machines_kvm(
         monkeypatch.setenv(f"PARTITION_{name.upper()}_DIR", str(d))
     assert main(["plan", str(path)]) == 3
     err = capsys.readouterr().err
-    assert f"{path}:9:" in err
+    assert f"{path}:10:" in err
     assert f"big asks for {limit + 1} CPUs" in err
     assert f"at most {limit} vCPUs (KVM_CAP_MAX_VCPUS)" in err
     # apply refuses it the same way, before it changes anything: no record, no guest.
@@ -110,7 +112,7 @@ def test_host_root_notes_what_this_machine_would_refuse(
     host = scan(HostRoot(root))
     with pytest.raises(PlanError) as e:
         checked_plan(manifest, host, here=True)
-    assert any(f"at most {limit} vCPUs" in p for p in e.value.problems)
+    assert any(f"at most {limit} vCPUs" in str(p) for p in e.value.problems)
     elsewhere = checked_plan(manifest, host, here=False)
     assert len(elsewhere.placements["big"].cpuset) == limit + 1
     assert any("not checked against KVM's limit" in n for n in elsewhere.notes)

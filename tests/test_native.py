@@ -70,7 +70,7 @@ def host_of(t: TreeBuilder) -> Host:
 def problems(m: Manifest, h: Host) -> str:
     with pytest.raises(PlanError) as e:
         plan(m, h)
-    return "\n".join(e.value.problems)
+    return "\n".join(map(str, e.value.problems))
 
 
 def _site(partitions: str, accel: str = "kvm") -> Manifest:

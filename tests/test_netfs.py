@@ -40,7 +40,7 @@ def _site(device: str) -> str:
 def _problems(host: Host, device: str) -> str:
     with pytest.raises(PlanError) as e:
         plan(loads(_site(device), "site.yaml"), host)
-    return "\n".join(e.value.problems)
+    return "\n".join(map(str, e.value.problems))
 
 
 def _a(text: str) -> PciAddress:

@@ -56,7 +56,7 @@ def _plan(host: Host, device: str = "") -> tuple[bool, str]:
     try:
         result = plan(loads(text, "site.yaml"), host)
     except PlanError as e:
-        return False, "\n".join(e.problems)
+        return False, "\n".join(map(str, e.problems))
     return "p" in result.placements, ""
 
 

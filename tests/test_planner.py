@@ -39,7 +39,7 @@ def host_of(t: TreeBuilder) -> Host:
 def problems(m: Manifest, h: Host, running: dict[str, RunningPartition] | None = None) -> str:
     with pytest.raises(PlanError) as e:
         plan(m, h, running)
-    return "\n".join(e.value.problems)
+    return "\n".join(map(str, e.value.problems))
 
 
 def two_node_smt(t: TreeBuilder) -> TreeBuilder:
@@ -648,7 +648,9 @@ def test_unplaced_partition_gives_back_cpus_memory_and_devices(tree: TreeBuilder
         ),
         h,
     )
-    assert msg.startswith("big needs 8GiB of memory on node 0") and "small" not in msg, msg
+    assert (
+        msg.startswith("site.yaml:5:26: big needs 8GiB of memory on node 0") and "small" not in msg
+    ), msg
     # The same with an explicit CPU list, and with devices: a takes 81:00.0 and cannot
     # be placed; b's `id:` match then finds both NICs free.
     msg = problems(
@@ -662,7 +664,7 @@ def test_unplaced_partition_gives_back_cpus_memory_and_devices(tree: TreeBuilder
         h,
     )
     lines = msg.splitlines()
-    assert {x.split()[0] for x in lines} == {"c", "a"}, msg
+    assert {x.split(": ", 1)[1].split()[0] for x in lines} == {"c", "a"}, msg
     assert "c needs 9GiB of memory on node 0" in msg and "a needs 20 CPUs" in msg
     # Without the unplaceable ones, the others are placed exactly as they were tried.
     p = plan(

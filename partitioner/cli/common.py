@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-from partitioner.errors import HostReadError, Problem, StateError, UsageError
+from partitioner.errors import HostReadError, PlanProblem, Problem, StateError, UsageError
 from partitioner.kernel.root import HostRoot
 
 if TYPE_CHECKING:
@@ -167,13 +167,16 @@ class Context:
         print(text, file=self.err)
 
 
-def problems_json(problems: Sequence[Problem | str]) -> list[dict[str, Any]]:
+def problems_json(problems: Sequence[Problem | PlanProblem | str]) -> list[dict[str, Any]]:
     """Problems as the ``--json`` documents carry them (docs/cli.md): each an object with
     its ``message`` (the words a person reads on stderr), and for a manifest problem its ``file``,
-    ``line`` and ``column`` (1-based; 0 for the whole file) and the ``path`` of the node."""
+    ``line`` and ``column`` (1-based; 0 for the whole file) and the ``path`` of the node; a plan
+    problem its place, ``partition``, ``field`` and ``host`` (the host resources involved)."""
     out: list[dict[str, Any]] = []
     for p in problems:
-        if isinstance(p, Problem):
+        if isinstance(p, PlanProblem):
+            out.append(p.to_json())
+        elif isinstance(p, Problem):
             out.append(
                 {
                     "message": p.message,

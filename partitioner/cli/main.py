@@ -36,6 +36,8 @@ from partitioner.errors import (
     ManifestError,
     PartitionError,
     PlanError,
+    PlanProblem,
+    Problem,
     RollbackIncomplete,
     UsageError,
 )
@@ -310,8 +312,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PartitionError as e:
         lines = _say_error(e, err)
         if as_json and not ctx.emitted:
-            problems = e.problems if isinstance(e, ManifestError) else lines
-            doc = _document(False, e.exit_code, problems_json(problems), ctx)
+            doc = _document(False, e.exit_code, problems_json(lines), ctx)
             # What a program acting on the failure needs besides the words.
             for key in ("path", "holder", "leftover", "partition", "address", "incomplete"):
                 value = getattr(e, key, None)
@@ -342,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return rc
 
 
-def _say_error(e: PartitionError, err: Any) -> list[str]:
+def _say_error(e: PartitionError, err: Any) -> list[Problem | PlanProblem | str]:
     """Say the error on stderr; return its messages, which are the problems of the JSON
     document too (without the ``partition:`` a terminal line starts with)."""
     if isinstance(e, ManifestError):
@@ -357,15 +358,18 @@ def _say_error(e: PartitionError, err: Any) -> list[str]:
             )
         else:
             print(f"partition: {n} problem{'s' if n != 1 else ''} in the manifest", file=err)
-        return [str(p) for p in e.problems]
-    messages: list[str]
-    messages = list(e.problems) if isinstance(e, PlanError) else [str(e)]
-    for message in messages:
-        print(f"partition: {message}", file=err)
+        return list(e.problems)
+    if isinstance(e, PlanError):
+        # Each starts with FILE:LINE:COL where it is located (after the `partition:` every
+        # line of a failure starts with).
+        for plan_problem in e.problems:
+            print(f"partition: {plan_problem}", file=err)
+        return list(e.problems)
+    print(f"partition: {e}", file=err)
     if isinstance(e, RollbackIncomplete):
         for item in e.leftover:
             print(f"  left in place: {item}", file=err)
-    return messages
+    return [str(e)]
 
 
 def _emit(out: Any, doc: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 from partitioner.cpuset import MAX_CPUS, CpuListSyntaxError, CpuSet
 from partitioner.errors import MAX_PROBLEMS, ManifestError, Problem
 from partitioner.manifest.model import (
+    NOWHERE,
     Boot,
     DeviceSpec,
     Disk,
@@ -315,9 +316,12 @@ class _Checker:
 
     # -- reporting ----------------------------------------------------------------------------
 
-    def report(self, pos: Pos, message: str, path: PathKey) -> None:
+    def report(self, pos: Pos, message: str, path: PathKey, *, spoils: bool = True) -> None:
+        """``spoils``: the node at ``path`` and all below it are left out of the later checks;
+        a mapping that only lacks a key, or whose name is wrong, still has its values checked."""
         self.problems.append(Problem(self.doc.file, pos.line, pos.column, message, dotted(path)))
-        self.bad.add(path)
+        if spoils:
+            self.bad.add(path)
 
     def is_bad(self, path: PathKey) -> bool:
         return any(path[:i] in self.bad for i in range(len(path) + 1))
@@ -354,10 +358,13 @@ class _Checker:
             unreadable = any(path[:i] in self.doc.unreadable for i in range(len(path) + 1))
             if (error.validator != "type" and path in typed) or unreadable:
                 continue
+            # A missing key or a wrong name spoils nothing below: the cross-references of
+            # what is there are still checked (every problem in one run).
+            spoils = error.validator != "required" and "propertyNames" not in error.schema_path
             for pos, where, message in self.explain(error):
                 if (where, message) not in seen:
                     seen.add((where, message))
-                    self.report(pos, message, where)
+                    self.report(pos, message, where, spoils=spoils)
 
     def explain(self, error: ValidationError) -> Iterator[tuple[Pos, PathKey, str]]:
         path: PathKey = tuple(error.absolute_path)
@@ -628,6 +635,9 @@ class _Checker:
             else self.location(("host",))
             if "host" in root
             else Location(self.doc.file, 1, 1),
+            reserve_cpus_where=self.value_location(("host", "reserve", "cpus"))
+            if "cpus" in reserve
+            else NOWHERE,
         )
         partitions = root.get("partitions") or {}
         specs = {name: self.partition(name, partitions[name]) for name in sorted(partitions)}
@@ -676,6 +686,12 @@ class _Checker:
             firmware_where=self.value_location((*base, "firmware"))
             if "firmware" in p
             else self.location(base),
+            cpus_where=self.value_location((*base, "cpus")),
+            memory_where=self.value_location((*base, "memory")),
+            hugepages_where=self.value_location((*base, "hugepages"))
+            if "hugepages" in p
+            else self.value_location((*base, "memory")),
+            numa_where=self.value_location((*base, "numa")) if "numa" in p else self.location(base),
         )
 
     def device(self, d: dict[str, Any], path: PathKey) -> DeviceSpec:

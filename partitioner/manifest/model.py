@@ -76,6 +76,28 @@ class PartitionSpec:
     on_crash: Literal["restart", "stop"] = "restart"
     where: Location = NOWHERE
     firmware_where: Location = field(default=NOWHERE, compare=False)
+    # Where each field's value stands, for plan problems about it (not compared; a field left
+    # out stands where the partition's name does).
+    cpus_where: Location = field(default=NOWHERE, compare=False)
+    memory_where: Location = field(default=NOWHERE, compare=False)
+    hugepages_where: Location = field(default=NOWHERE, compare=False)
+    numa_where: Location = field(default=NOWHERE, compare=False)
+
+    def field_where(self, name: str) -> Location:
+        """Where the field ``name`` (``cpus``, ``memory``, ``devices[2]``) stands; the partition's
+        own place for a field it leaves out or one not kept."""
+        if name.startswith("devices[") and name.endswith("]"):
+            i = int(name[len("devices[") : -1])
+            found = self.devices[i].where if 0 <= i < len(self.devices) else NOWHERE
+        else:
+            found = {
+                "cpus": self.cpus_where,
+                "memory": self.memory_where,
+                "hugepages": self.hugepages_where,
+                "numa": self.numa_where,
+                "firmware": self.firmware_where,
+            }.get(name, NOWHERE)
+        return found if found.line else self.where
 
 
 @dataclass(frozen=True)
@@ -87,6 +109,7 @@ class HostSpec:
     accel: Literal["kvm", "tcg"] = "kvm"
     isolation: Literal["full", "pinned"] = "full"
     reserve_memory_where: Location = field(default=NOWHERE, compare=False)
+    reserve_cpus_where: Location = field(default=NOWHERE, compare=False)
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from partitioner.cpuset import CpuSet
+from partitioner.errors import HostResources
 from partitioner.inventory.model import Host
 from partitioner.manifest.model import Manifest, PartitionSpec
-from partitioner.planning.work import Core, NodeRoom, Work, node_of
+from partitioner.planning.work import Core, NodeRoom, Work, holders, node_of
 
 
 def usable_cores(host: Host, smt_isolate: bool) -> dict[int, list[Core]]:
@@ -57,9 +58,13 @@ def host_reserve(
         wanted = spec.reserve_cpu_list
         missing = wanted - host.online_cpus
         if missing:
-            w.problems.append(
+            w.problem(
+                None,
+                "host.reserve.cpus",
                 f"host.reserve.cpus names CPUs {missing} that are not online on this host "
-                f"(online: {host.online_cpus})"
+                f"(online: {host.online_cpus})",
+                HostResources(cpus=tuple(missing)),
+                where=spec.reserve_cpus_where,
             )
         if smt_isolate:
             for cpu in wanted & host.online_cpus:
@@ -67,9 +72,13 @@ def host_reserve(
                     s for s in host.cpus[cpu].siblings if host.cpus.get(s) and host.cpus[s].online
                 )
                 if not sib.issubset(wanted):
-                    w.problems.append(
+                    w.problem(
+                        None,
+                        "host.reserve.cpus",
                         f"host.reserve.cpus takes CPU {cpu} but not its SMT siblings {sib - wanted} "
-                        f"(rule 2, smt: isolate): list the whole core ({sib}) or set `host.smt: share`"
+                        f"(rule 2, smt: isolate): list the whole core ({sib}) or set `host.smt: share`",
+                        HostResources(cpus=tuple(sib)),
+                        where=spec.reserve_cpus_where,
                     )
                     break
         return wanted & host.online_cpus
@@ -78,7 +87,7 @@ def host_reserve(
     # each node, going round the nodes so each node keeps a housekeeping core.
     order = _round_robin(cores_by_node)
     if not order:
-        w.problems.append("this host has no usable CPUs (none online and allowed)")
+        w.problem(None, "", "this host has no usable CPUs (none online and allowed)")
         return CpuSet()
     if spec.reserve_cpu_count is None:
         return CpuSet(order[0])
@@ -89,8 +98,11 @@ def host_reserve(
             break
         taken.extend(core)
     if len(taken) < want:
-        w.problems.append(
-            f"host.reserve.cpus asks for {want} CPUs but this host has {len(usable)} usable ({usable})"
+        w.problem(
+            None,
+            "host.reserve.cpus",
+            f"host.reserve.cpus asks for {want} CPUs but this host has {len(usable)} usable ({usable})",
+            where=spec.reserve_cpus_where,
         )
     elif len(taken) > want:
         w.notes.append(
@@ -127,25 +139,37 @@ def take_listed(
             parts.append(f"{offline} offline")
         if disallowed:
             parts.append(f"{disallowed} outside the CPUs this process may use (cgroup cpuset)")
-        w.problems.append(
-            f"{spec.name}: its CPU list {spec.cpu_list} has CPUs {'; '.join(parts)} (rule 1)"
+        w.problem(
+            spec,
+            "cpus",
+            f"{spec.name}: its CPU list {spec.cpu_list} has CPUs {'; '.join(parts)} (rule 1)",
+            HostResources(cpus=tuple(bad)),
         )
         ok = False
-    for c in spec.cpu_list & usable:
-        owner = w.cpu_owner.get(c)
-        if owner is not None:
-            w.problems.append(f"{spec.name}: CPU {c} of its list is already {owner}'s (rule 1)")
-            ok = False
-            break
+    held = CpuSet(c for c in spec.cpu_list & usable if c in w.cpu_owner)
+    if held:
+        said, resources = holders(held, w)
+        first = min(held)
+        w.problem(
+            spec,
+            "cpus",
+            f"{spec.name}: CPU {first} of its list is already {w.cpu_owner[first]}'s (rule 1)"
+            + (f" ({said})" if len(held) > 1 else ""),
+            resources,
+        )
+        ok = False
     if ok and smt_isolate:
         for c in spec.cpu_list:
             sib = CpuSet(
                 s for s in host.cpus[c].siblings if host.cpus.get(s) and host.cpus[s].online
             )
             if not sib.issubset(spec.cpu_list):
-                w.problems.append(
+                w.problem(
+                    spec,
+                    "cpus",
                     f"{spec.name}: its CPU list {spec.cpu_list} takes CPU {c} but not its SMT siblings "
-                    f"{sib - spec.cpu_list} (rule 2, smt: isolate): list whole cores or set `host.smt: share`"
+                    f"{sib - spec.cpu_list} (rule 2, smt: isolate): list whole cores or set `host.smt: share`",
+                    HostResources(cpus=tuple(sib)),
                 )
                 ok = False
                 break

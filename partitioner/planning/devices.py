@@ -3,14 +3,15 @@ one verdict on each function, whole IOMMU groups and slots taken along."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
+from partitioner.errors import HostResources
 from partitioner.inventory.model import Host, PciFunction
 from partitioner.manifest.model import DeviceSpec, Manifest, PartitionSpec
 from partitioner.pci import PciAddress
 from partitioner.planning.model import DeviceAssignment, RunningPartition
-from partitioner.planning.work import Work
+from partitioner.planning.work import Work, dev_node, handful
 from partitioner.vfio.preview import ClaimPreview, claim_preview, without_reset
 
 
@@ -22,88 +23,124 @@ def _device_order(
 
 
 def resolve_devices(
-    spec: PartitionSpec, host: Host, w: Work, prefer: set[PciAddress]
+    spec: PartitionSpec,
+    host: Host,
+    w: Work,
+    prefer: set[PciAddress],
+    home: Sequence[int] = (),
 ) -> tuple[DeviceAssignment, ...]:
-    """The partition's devices, from the one verdict on each function it names (partitioner.vfio.preview)."""
-    named: list[tuple[PciFunction, str, DeviceSpec]] = []  # function, how it was named, entry
-    for dev in spec.devices:
+    """The partition's devices, from the one verdict on each function it names (partitioner.vfio.preview).
+
+    ``home``: the nodes the partition can go on, best first (under ``numa: auto`` the nodes
+    where its CPUs and memory fit; else its numa list or its CPU list's nodes).  A device
+    asked by ``id:`` is taken there before anywhere else (rule 6)."""
+    auto = spec.numa == "auto" and spec.cpu_list is None
+    # (function, how it was named, entry, its field), by the entry's index: the fixed entries
+    # (pci:, netdev:) first, so that `id:` matches go where they are and never take them.
+    by_entry: dict[int, list[tuple[PciFunction, str, DeviceSpec, str]]] = {}
+    for i, dev in enumerate(spec.devices):
+        field = f"devices[{i}]"
         if dev.kind == "pci":
             addr = PciAddress.parse(dev.value)
             fn = host.pci.get(addr)
             if fn is None:
-                _missing(spec, dev.required, f"PCI function {addr} is not on this host", w)
+                _missing(spec, dev, field, f"PCI function {addr} is not on this host", w, str(addr))
                 continue
-            named.append((fn, f"named as pci: {addr}", dev))
+            by_entry[i] = [(fn, f"named as pci: {addr}", dev, field)]
         elif dev.kind == "netdev":
             iface = host.netdevs.get(dev.value)
             if iface is None:
-                _missing(
-                    spec, dev.required, f"network interface {dev.value} is not on this host", w
-                )
+                _missing(spec, dev, field, f"network interface {dev.value} is not on this host", w)
                 continue
             if iface.pci is None or iface.pci not in host.pci:
                 _missing(
                     spec,
-                    dev.required,
+                    dev,
+                    field,
                     f"network interface {dev.value} is not a PCI function (virtual or on another bus)",
                     w,
                 )
                 continue
-            named.append((host.pci[iface.pci], f"named as netdev: {dev.value}", dev))
-        else:
-            found = _match_id(
+            by_entry[i] = [(host.pci[iface.pci], f"named as netdev: {dev.value}", dev, field)]
+    fixed = {f.address for found in by_entry.values() for f, _, _, _ in found}
+    nodes = list(home)
+    if auto:
+        # The node of the devices named by address, when they have one, is the partition's.
+        fixed_nodes = {n for a in fixed if (n := dev_node(host, a)) is not None}
+        if fixed_nodes:
+            nodes = [n for n in nodes if n in fixed_nodes] or sorted(fixed_nodes)
+    for i, dev in enumerate(spec.devices):
+        if dev.kind != "id":
+            continue
+        field = f"devices[{i}]"
+        taken = {f.address for found in by_entry.values() for f, _, _, _ in found}
+        found = _match_id(spec, dev, host, w, prefer, taken, nodes, one_node=auto)
+        if len(found) < dev.count:
+            avail = w.by_id.get(dev.value, [])
+            listed = [_why_taken(f, host, w, spec.name, dev) for f in avail]
+            detail = (
+                f"this host has {len(avail):,} {dev.value} function{'s' if len(avail) != 1 else ''}"
+                + (f" ({handful(listed)})" if avail else "")
+            )
+            _missing(
                 spec,
                 dev,
-                host,
+                field,
+                f"wants {dev.count} free {dev.value} function{'s' if dev.count != 1 else ''}, "
+                f"found {len(found)}: {detail}",
                 w,
-                prefer,
-                exclude={f.address for f, _, _ in named},
             )
-            if len(found) < dev.count:
-                avail = [f for f in host.pci.values() if f.id == dev.value]
-                detail = (
-                    f"this host has {len(avail)} {dev.value} function{'s' if len(avail) != 1 else ''}"
-                    + (
-                        f" ({', '.join(_why_taken(f, host, w, spec.name, dev) for f in avail)})"
-                        if avail
-                        else ""
+        if auto and nodes:
+            # The next entries follow the node this one went to.
+            went = {n for f in found if (n := dev_node(host, f.address)) in nodes}
+            if len(went) == 1:
+                nodes = sorted(went)
+            for f in found:
+                if dev_node(host, f.address) is None:
+                    w.notes.append(
+                        f"{spec.name}: {f.address} ({dev.value}) has no NUMA node: taken because "
+                        f"no free {dev.value} function is local to a node where {spec.name} fits "
+                        "(rule 6)"
                     )
-                )
-                _missing(
-                    spec,
-                    dev.required,
-                    f"wants {dev.count} free {dev.value} function{'s' if dev.count != 1 else ''}, "
-                    f"found {len(found)}: {detail}",
-                    w,
-                )
-            named.extend((f, f"named as id: {dev.value}", dev) for f in found)
+        by_entry[i] = [(f, f"named as id: {dev.value}", dev, field) for f in found]
+    named = [item for i in sorted(by_entry) for item in by_entry[i]]
 
     out: list[DeviceAssignment] = []
-    taken: set[PciAddress] = set()
-    brought_by: dict[PciAddress, DeviceSpec] = {}  # each function: the entry that brings it
-    verdicts: list[tuple[ClaimPreview, DeviceSpec]] = []
-    for fn, reason, dev in named:
+    taken = set()
+    brought_by: dict[
+        PciAddress, tuple[DeviceSpec, str]
+    ] = {}  # each function: the entry that brings it
+    verdicts: list[tuple[ClaimPreview, DeviceSpec, str]] = []
+    for fn, reason, dev, field in named:
         if fn.address in taken:
-            w.problems.append(
-                f"{spec.name}: {fn.address} is named twice ({reason} resolves to a function already named)"
+            w.problem(
+                spec,
+                field,
+                f"{spec.name}: {fn.address} is named twice ({reason} resolves to a function already named)",
+                HostResources(address=str(fn.address), iommu_group=fn.iommu_group),
             )
             continue
         v = _verdict(fn.address, host, w)
         if v.refusals:
             if fn.iommu_group is None and not host.has_iommu:
                 continue  # already said once, as a precondition (rule 7)
-            w.problems.append(
-                f"{spec.name}: {fn.address} ({fn.id}) cannot be assigned: {'; '.join(v.refusals)}"
+            w.problem(
+                spec,
+                field,
+                f"{spec.name}: {fn.address} ({fn.id}) cannot be assigned: {'; '.join(v.refusals)}",
+                HostResources(
+                    address=str(fn.address), iommu_group=fn.iommu_group, node=fn.numa_node
+                ),
             )
             continue
         taken.add(fn.address)
-        brought_by[fn.address] = dev
-        verdicts.append((v, dev))
+        brought_by[fn.address] = (dev, field)
+        verdicts.append((v, dev, field))
         out.append(_assignment(fn, reason, added=False, reset_none_ok=dev.reset_none_ok))
 
     named_addrs = set(taken)
     covered: set[PciAddress] = set()  # functions `reset: none-ok` covers
-    for v, dev in verdicts:
+    for v, dev, field in verdicts:
         if dev.reset_none_ok:
             # It covers the function it is on and what comes with it (its slot, its groups).
             covered.update((v.address, *v.takes_with_it))
@@ -112,7 +149,7 @@ def resolve_devices(
                 continue
             other = host.pci[member]
             taken.add(member)
-            brought_by[member] = dev
+            brought_by[member] = (dev, field)
             group = other.iommu_group
             out.append(_assignment(other, f"same slot as {v.address} (IOMMU group {group})", True))
             w.notes.append(
@@ -127,10 +164,13 @@ def resolve_devices(
             if member in named_addrs:
                 continue
             other = host.pci[member]
-            w.problems.append(
+            w.problem(
+                spec,
+                field,
                 f"{spec.name}: IOMMU group {other.iommu_group} of {v.address} also holds {member} "
                 f"({other.id}, {other.driver or 'no driver'}); a group is assigned whole (rule 4): "
-                f"name {member} in {spec.name} too"
+                f"name {member} in {spec.name} too",
+                HostResources(address=str(member), iommu_group=other.iommu_group),
             )
 
     # Resets are checked here, at plan time, by the rule apply's claim asks: a function
@@ -152,26 +192,36 @@ def resolve_devices(
         if a.address in covered:
             out[i] = replace(a, reset_none_ok=True)
             continue
-        dev = brought_by[a.address]
+        dev, field = brought_by[a.address]
         how = "" if not a.added else f" (it comes with {dev})"
-        w.problems.append(
+        w.problem(
+            spec,
+            field,
             f"{spec.name}: {a.address} ({a.vendor_device}) has no reset method{how}: a guest that "
             f"restarts cannot be given a clean device; to accept it, add `reset: none-ok` to the "
-            f"device `{dev}` at {dev.where}"
+            f"device `{dev}` at {dev.where}",
+            HostResources(address=str(a.address), iommu_group=a.iommu_group),
         )
 
     for a in out:
+        field = brought_by[a.address][1]
         owner = w.device_owner.get(a.address)
         if owner is not None and owner != spec.name:
-            w.problems.append(
-                f"{spec.name} and {owner} both want {a.address} (rule 4: a function has one owner)"
+            w.problem(
+                spec,
+                field,
+                f"{spec.name} and {owner} both want {a.address} (rule 4: a function has one owner)",
+                HostResources(address=str(a.address), iommu_group=a.iommu_group, held_by=owner),
             )
             continue
         gowner = w.group_owner.get(a.iommu_group)
         if gowner is not None and gowner != spec.name:
-            w.problems.append(
+            w.problem(
+                spec,
+                field,
                 f"{spec.name} wants {a.address} in IOMMU group {a.iommu_group}, which {gowner} "
-                "already owns (rule 4: a group is owned whole by one partition)"
+                "already owns (rule 4: a group is owned whole by one partition)",
+                HostResources(address=str(a.address), iommu_group=a.iommu_group, held_by=gowner),
             )
             continue
         w.device_owner[a.address] = spec.name
@@ -186,10 +236,14 @@ def _match_id(
     w: Work,
     prefer: set[PciAddress],
     exclude: set[PciAddress],
+    home: Sequence[int],
+    *,
+    one_node: bool,
 ) -> list[PciFunction]:
-    """Free functions matching ``vendor:device``: ones the partition already holds, then
-    ones on its numa nodes, then the rest, lowest address first."""
-    nodes = set(spec.numa) if spec.numa != "auto" else set()
+    """Free functions matching ``vendor:device``: ones the partition already holds, then ones
+    local to its ``home`` nodes (``one_node``: all on one of them where they can be, the first
+    node, in address order, that has them all), then ones of no node, then the rest; lowest
+    address first within each."""
     functions = w.by_id.get(dev.value, [])
     count = dev.count
 
@@ -202,17 +256,15 @@ def _match_id(
         )
 
     found: list[PciFunction] = []
-    if prefer or nodes:
-        tiers: tuple[Callable[[PciFunction], bool], ...] = (
-            lambda f: f.address in prefer,
-            lambda f: f.numa_node in nodes,
-        )
-        for tier in tiers:
-            for f in functions:
-                if len(found) == count:
-                    return found
-                if tier(f) and f not in found and free(f):
-                    found.append(f)
+    if prefer:
+        for f in functions:
+            if len(found) == count:
+                return found
+            if f.address in prefer and free(f):
+                found.append(f)
+    want = count - len(found)
+    if want <= 0:
+        return found
     # Functions once owned stay owned for the rest of the run: skip the taken prefix
     # (per entry kind: a function refused without `reset: none-ok` may suit one with it).
     key = f"{dev.value}/{dev.reset_none_ok}"
@@ -220,12 +272,42 @@ def _match_id(
     while start < len(functions) and not free(functions[start]):
         start += 1
     w.id_cursor[key] = start
+    local: dict[int, list[PciFunction]] = {n: [] for n in home}
+    nodeless: list[PciFunction] = []
+    remote: list[PciFunction] = []
+    enough: int | None = None  # the home node that has them all
     for f in functions[start:]:
-        if len(found) == count:
-            break
-        if f not in found and free(f):
-            found.append(f)
-    return found
+        if f in found or not free(f):
+            continue
+        node = dev_node(host, f.address)
+        if node is not None and node in local:
+            local[node].append(f)
+            if len(local[node]) >= want if one_node else sum(map(len, local.values())) >= want:
+                enough = node
+                break
+        elif node is None:
+            if len(nodeless) < want:
+                nodeless.append(f)
+        elif len(remote) < want:
+            remote.append(f)
+    if one_node:
+        ranked = sorted(
+            local,
+            key=lambda n: (
+                n != enough,
+                -len(local[n]),
+                str(local[n][0].address) if local[n] else "",
+                n,
+            ),
+        )
+        best = local[ranked[0]] if ranked else []
+        rest = sorted((f for n in ranked[1:] for f in local[n]), key=lambda f: f.address)
+        order = [*best, *nodeless, *rest, *remote]
+    else:
+        merged = sorted((f for fs in local.values() for f in fs), key=lambda f: f.address)
+        order = [*merged, *nodeless, *remote]
+    # Chosen by place, handed to the guest in address order.
+    return found + sorted(order[:want], key=lambda f: f.address)
 
 
 def _why_taken(fn: PciFunction, host: Host, w: Work, me: str, dev: DeviceSpec) -> str:
@@ -259,8 +341,10 @@ def _assignment(
     )
 
 
-def _missing(spec: PartitionSpec, required: bool, what: str, w: Work) -> None:
-    if required:
-        w.problems.append(f"{spec.name}: {what}")
+def _missing(
+    spec: PartitionSpec, dev: DeviceSpec, field: str, what: str, w: Work, address: str = ""
+) -> None:
+    if dev.required:
+        w.problem(spec, field, f"{spec.name}: {what}", HostResources(address=address))
     else:
         w.notes.append(f"{spec.name}: optional device left out: {what}")

@@ -21,17 +21,29 @@ import stat
 from collections.abc import Mapping
 from dataclasses import replace
 
-from partitioner.errors import PlanError
+from partitioner.errors import PlanError, PlanProblem
 from partitioner.inventory.model import Host
 from partitioner.manifest.model import Location, Manifest
 from partitioner.planning.model import Plan, RunningPartition
+from partitioner.planning.work import located
 
 
-def _problem(where: Location, what: str, path: str, why: str) -> str:
-    return f"{where}: {what} {path}: {why}"
+def _problem(where: Location, what: str, path: str, why: str) -> PlanProblem:
+    # `what` is the field's path, `partitions.NAME.FIELD...`: the problem's partition and field.
+    _, name, field = what.split(":")[0].split(".", 2)
+    return PlanProblem(
+        f"{what} {path}: {why}",
+        file=where.file if where.line else "",
+        line=where.line,
+        column=where.column,
+        partition=name,
+        field=field,
+    )
 
 
-def _check(path: str, *, what: str, where: Location, write: bool, block_ok: bool) -> str | None:
+def _check(
+    path: str, *, what: str, where: Location, write: bool, block_ok: bool
+) -> PlanProblem | None:
     """None when QEMU will be able to open ``path`` as it will; else why not."""
     try:
         st = os.stat(path)
@@ -57,13 +69,13 @@ def _check(path: str, *, what: str, where: Location, write: bool, block_ok: bool
     return None
 
 
-def file_problems(manifest: Manifest) -> list[str]:
+def file_problems(manifest: Manifest) -> list[PlanProblem]:
     """Every file of every partition that QEMU could not open, located in the manifest."""
     from partitioner.guest.caps import OVMF_CANDIDATES
 
-    out: list[str] = []
+    out: list[PlanProblem] = []
     for spec in manifest.partitions.values():
-        checks: list[str | None] = []
+        checks: list[PlanProblem | None] = []
         if spec.boot is not None:
             checks.append(
                 _check(
@@ -102,10 +114,14 @@ def file_problems(manifest: Manifest) -> list[str]:
             ]
             if not found:
                 checks.append(
-                    f"{spec.firmware_where}: partitions.{spec.name}.firmware is uefi but no OVMF "
-                    f"firmware is installed (looked for {OVMF_CANDIDATES[0][0]} and the other "
-                    "usual places): install it with `apt-get install ovmf` (Debian, Ubuntu) or "
-                    "`dnf install edk2-ovmf`"
+                    located(
+                        spec,
+                        "firmware",
+                        f"partitions.{spec.name}.firmware is uefi but no OVMF "
+                        f"firmware is installed (looked for {OVMF_CANDIDATES[0][0]} and the other "
+                        "usual places): install it with `apt-get install ovmf` (Debian, Ubuntu) or "
+                        "`dnf install edk2-ovmf`",
+                    )
                 )
             else:
                 code, vars_ = found[0]
@@ -123,7 +139,7 @@ def file_problems(manifest: Manifest) -> list[str]:
     return out
 
 
-def kvm_limit(manifest: Manifest, *, here: bool) -> tuple[list[str], list[str]]:
+def kvm_limit(manifest: Manifest, *, here: bool) -> tuple[list[PlanProblem], list[str]]:
     """(problems, notes): each partition with more vCPUs than this machine's KVM lets one VM
     have, asked as ``guest/kvm.py`` asks the other KVM answers.  ``here`` False: the plan is
     for another machine, whose KVM cannot be asked from here; a note says so, as the

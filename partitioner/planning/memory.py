@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from partitioner.errors import HostResources
 from partitioner.manifest.model import PartitionSpec
 from partitioner.planning.work import NodeRoom, Work
 from partitioner.units import format_size, human_size, kernel_page_size, page_size_name
@@ -35,20 +36,26 @@ def fit_memory(
     for node, size in mem:
         room = rooms[node]
         if size > room.memory_left:
-            w.problems.append(
+            w.problem(
+                spec,
+                "memory",
                 f"{spec.name} needs {format_size(size)} of memory on node {node}, "
                 f"{human_size(max(room.memory_left, 0))} is left there after the host's reserve "
-                "and the other partitions (rule 3)"
+                "and the other partitions (rule 3)",
+                HostResources(node=node),
             )
             ok = False
         if spec.hugepage_bytes is not None:
             pages = size // spec.hugepage_bytes
             have = room.pages_left.get(spec.hugepage_bytes, 0)
             if pages > have:
-                w.problems.append(
+                w.problem(
+                    spec,
+                    "hugepages",
                     f"{spec.name} needs {pages} {page_size_name(spec.hugepage_bytes)} pages on node {node}, "
                     f"{have} are free or reservable there (rule 3); reserve them at boot with "
-                    f"hugepagesz={kernel_page_size(spec.hugepage_bytes)} hugepages={node}:{pages}"
+                    f"hugepagesz={kernel_page_size(spec.hugepage_bytes)} hugepages={node}:{pages}",
+                    HostResources(node=node),
                 )
                 ok = False
     if ok:

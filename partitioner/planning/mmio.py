@@ -37,10 +37,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from partitioner.errors import PlanProblem
 from partitioner.inventory.bars import high_bytes
 from partitioner.inventory.model import Host, PciFunction
 from partitioner.manifest.model import DeviceSpec, Manifest
 from partitioner.planning.model import DeviceAssignment, Placement
+from partitioner.planning.work import located
 from partitioner.units import GiB, MiB, human_size
 
 DEFAULT_WINDOW = 32 * GiB  # q35-pcihost.pci-hole64-size and OVMF's PcdPciMmio64Size
@@ -177,10 +179,10 @@ def _mirrors_host_cores(p: Placement, host: Host) -> bool:
 
 def settle(
     placements: Mapping[str, Placement], manifest: Manifest, host: Host
-) -> tuple[dict[str, Placement], list[str], list[str]]:
+) -> tuple[dict[str, Placement], list[PlanProblem], list[str]]:
     """(placements with their guest layout, problems, notes): see the module docstring."""
     out: dict[str, Placement] = {}
-    problems: list[str] = []
+    problems: list[PlanProblem] = []
     notes: list[str] = []
     kvm = manifest.host.accel == "kvm"
     for name, p in placements.items():
@@ -192,12 +194,20 @@ def settle(
                 d = replace(d, rom=spec.rom, primary_display=spec.primary_display)
             if d.primary_display:
                 displays.append(str(d.address))
-                problems += _display_problems(p, host.pci.get(d.address), d)
+                field = f"devices[{p.spec.devices.index(spec)}]" if spec is not None else "devices"
+                problems += [
+                    located(p.spec, field, m)
+                    for m in _display_problems(p, host.pci.get(d.address), d)
+                ]
             devices.append(d)
         if len(displays) > 1:
             problems.append(
-                f"{name}: primary_display is set on {', '.join(displays)}: a guest has one "
-                "primary display; keep it on one GPU"
+                located(
+                    p.spec,
+                    "devices",
+                    f"{name}: primary_display is set on {', '.join(displays)}: a guest has one "
+                    "primary display; keep it on one GPU",
+                )
             )
         p = replace(p, devices=tuple(devices))
         lay = placement_layout(p, host)
@@ -207,7 +217,7 @@ def settle(
                 f"gets a {human_size(lay.window)} 64-bit PCI window (QEMU's default is "
                 f"{human_size(DEFAULT_WINDOW)})"
             )
-        problems += _address_problems(p, lay, host)
+        problems += [located(p.spec, "firmware", m) for m in _address_problems(p, lay, host)]
         cache = kvm and _mirrors_host_cores(p, host)
         if kvm and not cache:
             notes.append(

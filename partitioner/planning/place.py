@@ -5,13 +5,41 @@ from __future__ import annotations
 from dataclasses import replace
 
 from partitioner.cpuset import CpuSet
+from partitioner.errors import HostResources
 from partitioner.inventory.model import Host
 from partitioner.manifest.model import PartitionSpec
 from partitioner.planning.cpus import core_order, guest_topology, take_listed
 from partitioner.planning.memory import fit_memory, split_memory
 from partitioner.planning.model import DeviceAssignment, Placement
-from partitioner.planning.work import Core, NodeRoom, Work, dev_node, fits_alone, free_cpus, node_of
+from partitioner.planning.work import (
+    Core,
+    NodeRoom,
+    Work,
+    dev_node,
+    fits_alone,
+    fits_on_all,
+    free_cpus,
+    handful,
+    holders,
+    node_of,
+    short_field,
+)
 from partitioner.units import format_size
+
+
+def home_nodes(
+    spec: PartitionSpec, host: Host, rooms: dict[int, NodeRoom], smt_isolate: bool
+) -> tuple[int, ...]:
+    """The nodes ``spec`` can go on, where a device it asks for by ``id:`` is best taken (rule
+    6): the nodes of its CPU list, its numa list, or under ``numa: auto`` each node where its
+    CPUs and memory fit as the host is now.  Asked only of a partition with such a device."""
+    if not any(d.kind == "id" for d in spec.devices):
+        return ()
+    if spec.cpu_list is not None:
+        return tuple(sorted({node_of(host, c) for c in spec.cpu_list if c in host.cpus}))
+    if spec.numa != "auto":
+        return tuple(sorted(spec.numa))
+    return tuple(r.id for r in rooms.values() if fits_alone(spec, r, smt_isolate) is None)
 
 
 def place(
@@ -25,16 +53,27 @@ def place(
     notes: list[str] = []
     tpc = w.threads_per_core
     if smt_isolate and spec.cpu_list is None and tpc > 1 and spec.cpu_count % tpc:
-        w.problems.append(
+        w.problem(
+            spec,
+            "cpus",
             f"{spec.name} asks for {spec.cpu_count} CPUs, but under smt: isolate a partition takes whole "
             f"cores, so its CPU count must be a multiple of {tpc} threads per core (rule 2); "
             f"ask for {spec.cpu_count - spec.cpu_count % tpc or tpc} or {spec.cpu_count + tpc - spec.cpu_count % tpc}, "
-            "or set `host.smt: share`"
+            "or set `host.smt: share`",
         )
         return None
     if spec.cpu_list is not None:
         cpus = take_listed(spec, host, smt_isolate, rooms, w)
         if cpus is None:
+            # Its memory is judged too, where its listed CPUs are (every problem at once).
+            listed: dict[int, int] = {}
+            for c in spec.cpu_list:
+                if c in host.cpus:
+                    listed[node_of(host, c)] = listed.get(node_of(host, c), 0) + 1
+            if spec.numa != "auto":
+                listed = {n: listed.get(n, 0) for n in spec.numa}
+            if listed and all(n in rooms for n in listed):
+                fit_memory(spec, split_memory(spec, listed), rooms, w)
             return None
         by_node: dict[int, int] = {}
         for c in cpus:
@@ -43,9 +82,11 @@ def place(
         if spec.numa != "auto":
             outside = sorted(set(by_node) - set(spec.numa))
             if outside:
-                w.problems.append(
+                w.problem(
+                    spec,
+                    "numa",
                     f"{spec.name}: its CPU list {spec.cpu_list} has CPUs on node(s) "
-                    f"{', '.join(map(str, outside))}, outside its numa {', '.join(map(str, spec.numa))}"
+                    f"{', '.join(map(str, outside))}, outside its numa {', '.join(map(str, spec.numa))}",
                 )
                 return None
             nodes = tuple(sorted(spec.numa))
@@ -73,13 +114,23 @@ def place(
                 for r in rooms.values()
                 if r.id != node and fits_alone(spec, r, smt_isolate) is None
             ]
-            named = ", ".join(str(a.address) for a in devices if not a.added)
-            w.problems.append(
+            named = [str(a.address) for a in devices if not a.added]
+            said, resources = _held_on(host, (node,), w)
+            field = short_field(spec, rooms.get(node), smt_isolate)
+            w.problem(
+                spec,
+                field,
                 f"{spec.name} needs {why}"
-                + (f"; {', '.join(others)}" if others else "")
-                + f" but {spec.name}'s device{'s' if len(devices) > 1 else ''} {named} "
-                f"{'are' if len(devices) > 1 else 'is'} on node {node} (rule 6); free room on node {node}, "
-                f"or set `numa:` to a list of nodes to let it span them"
+                + (f" ({said})" if said and field == "cpus" else "")
+                + (f"; {handful(others)}" if others else "")
+                + f" but {spec.name}'s device{'s' if len(named) > 1 else ''} {handful(named)} "
+                f"{'are' if len(named) > 1 else 'is'} on node {node} (rule 6); free room on node {node}"
+                + (
+                    ", or set `numa:` to a list of nodes to let it span them"
+                    if fits_on_all(spec, rooms, smt_isolate)
+                    else ""
+                ),
+                replace(resources, node=node, address=named[0] if len(named) == 1 else ""),
             )
             return None
         return _place_on_nodes(spec, host, devices, (node,), rooms, smt_isolate, w)
@@ -92,16 +143,32 @@ def place(
     fitting = [r for r in rooms.values() if fits_alone(spec, r, smt_isolate) is None]
     if not fitting:
         with_cpus = [r for r in rooms.values() if host.nodes[r.id].cpus]
+        fields = sorted({short_field(spec, r, smt_isolate) for r in with_cpus})
+        said, resources = _held_on(host, tuple(r.id for r in with_cpus), w)
+        held = f" ({said})" if said and "cpus" in fields else ""
         if len(with_cpus) == 1:
-            w.problems.append(
-                f"{spec.name} needs {fits_alone(spec, with_cpus[0], smt_isolate)} (rules 1 and 3)"
+            w.problem(
+                spec,
+                short_field(spec, with_cpus[0], smt_isolate),
+                f"{spec.name} needs {fits_alone(spec, with_cpus[0], smt_isolate)}{held} (rules 1 and 3)",
+                replace(resources, node=with_cpus[0].id),
             )
             return None
-        detail = "; ".join(f"{fits_alone(spec, r, smt_isolate)}" for r in with_cpus)
-        w.problems.append(
+        detail = handful([f"{fits_alone(spec, r, smt_isolate)}" for r in with_cpus], sep="; ")
+        field = fields[0]
+        if fits_on_all(spec, rooms, smt_isolate):
+            fix = "set `numa:` to a list of nodes to let it span them, or make it smaller"
+        else:
+            fix = (
+                "the host has not that much free on all its nodes together, so no `numa:` list "
+                "can help: make it smaller, or free room"
+            )
+        w.problem(
+            spec,
+            field,
             f"{spec.name} needs {spec.cpu_count} CPUs and {format_size(spec.memory_bytes)} on one NUMA "
-            f"node (rule 6, numa: auto) and no node has room: it would need {detail}; "
-            "set `numa:` to a list of nodes to let it span them, or make it smaller"
+            f"node (rule 6, numa: auto) and no node has room: it would need {detail}{held}; {fix}",
+            resources,
         )
         return None
     # Best fit: the node with the fewest free CPUs that still fits keeps large
@@ -125,14 +192,18 @@ def _place_on_nodes(
     """CPUs and memory from exactly ``nodes``: spread as evenly as whole cores allow."""
     unknown = [n for n in nodes if n not in rooms]
     if unknown:
-        w.problems.append(
+        w.problem(
+            spec,
+            "numa",
             f"{spec.name}: numa names node(s) {', '.join(map(str, unknown))}, which this host does not have "
-            f"(nodes: {', '.join(map(str, sorted(rooms)))})"
+            f"(nodes: {', '.join(map(str, sorted(rooms)))})",
         )
         return None
     with_cpus = [n for n in nodes if host.nodes[n].cpus]
     if not with_cpus:
-        w.problems.append(f"{spec.name}: none of its nodes {', '.join(map(str, nodes))} has CPUs")
+        w.problem(
+            spec, "numa", f"{spec.name}: none of its nodes {', '.join(map(str, nodes))} has CPUs"
+        )
         return None
     picked: dict[int, list[Core]] = {n: [] for n in with_cpus}
     need = spec.cpu_count
@@ -170,10 +241,17 @@ def _place_on_nodes(
                 f"; under smt: isolate a CPU count must be a multiple of {w.threads_per_core} "
                 "threads per core (rule 2)"
             )
-        w.problems.append(
+        said, resources = _held_on(host, tuple(with_cpus), w)
+        w.problem(
+            spec,
+            "cpus",
             f"{spec.name} needs {spec.cpu_count} CPUs on node{'s' if len(with_cpus) > 1 else ''} "
-            f"{', '.join(map(str, with_cpus))}: {where}{extra}"
+            f"{', '.join(map(str, with_cpus))}: {where}{extra}" + (f"; {said}" if said else ""),
+            replace(resources, node=with_cpus[0]) if len(with_cpus) == 1 else resources,
         )
+        # Its memory is judged too, on its own (every problem at once); plan() gives back
+        # whatever this takes.
+        fit_memory(spec, split_memory(spec, {n: 1 for n in nodes}), rooms, w)
         return None
     cpus: list[int] = []
     per_node_cpus: dict[int, int] = {}
@@ -202,6 +280,12 @@ def _place_on_nodes(
     if len(nodes) > 1:
         notes = (f"spans NUMA nodes {', '.join(map(str, nodes))}, as its numa list says",)
     return placement_of(spec, host, cpus, mem, devices, notes)
+
+
+def _held_on(host: Host, nodes: tuple[int, ...], w: Work) -> tuple[str, HostResources]:
+    """Who holds the CPUs of ``nodes`` that are not free: what a partition that does not fit
+    there would have needed."""
+    return holders((c for n in nodes for c in sorted(host.nodes[n].cpus)), w)
 
 
 def placement_of(

@@ -28,15 +28,23 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from partitioner.cpuset import CpuSet
-from partitioner.errors import PlanError
+from partitioner.errors import PlanError, PlanProblem
 from partitioner.inventory.model import Host
 from partitioner.manifest.model import Manifest
 from partitioner.planning.cpus import host_reserve, usable_cores
 from partitioner.planning.devices import resolve_devices
 from partitioner.planning.mmio import settle
 from partitioner.planning.model import DeviceAssignment, Placement, Plan, RunningPartition
-from partitioner.planning.place import place, placement_of
-from partitioner.planning.work import Mark, NodeRoom, Work, give_back_devices, node_rooms
+from partitioner.planning.place import home_nodes, place, placement_of
+from partitioner.planning.work import (
+    Mark,
+    NodeRoom,
+    Work,
+    give_back_devices,
+    handful,
+    located,
+    node_rooms,
+)
 from partitioner.units import format_size, human_size, page_size_name
 
 
@@ -62,8 +70,13 @@ def plan(
     # entry keeps exactly what it holds (rule 8) and `id:` matches stay where they are.
     devices: dict[str, tuple[DeviceAssignment, ...]] = {}
     for name in sorted(n for n in running if n in manifest.partitions):
+        spec = manifest.partitions[name]
         devices[name] = resolve_devices(
-            manifest.partitions[name], host, w, prefer=set(running[name].devices)
+            spec,
+            host,
+            w,
+            prefer=set(running[name].devices),
+            home=home_nodes(spec, host, rooms, smt_isolate),
         )
 
     placements: dict[str, Placement] = {}
@@ -89,7 +102,9 @@ def plan(
         # and each unplaced partition is refused for its own reasons.
         mark = Mark(w, rooms)
         held = set(running[spec.name].devices) if spec.name in running else set()
-        devs = resolve_devices(spec, host, w, prefer=held)
+        devs = resolve_devices(
+            spec, host, w, prefer=held, home=home_nodes(spec, host, rooms, smt_isolate)
+        )
         placement = place(spec, host, devs, rooms, smt_isolate, w)
         if placement is None or len(w.problems) > mark.problems:
             mark.restore(w, rooms)
@@ -116,25 +131,32 @@ def plan(
 
 def _check_preconditions(manifest: Manifest, host: Host, w: Work) -> None:
     if manifest.host.accel == "kvm" and not host.has_kvm:
-        w.problems.append(
+        w.problem(
+            None,
+            "host.accel",
             "host.accel is kvm but this host has no /dev/kvm: enable virtualization "
             "(VT-x / AMD-V) in the BIOS and load kvm_intel or kvm_amd; "
-            "`accel: tcg` is for test beds only"
+            "`accel: tcg` is for test beds only",
         )
     wants_devices = [p.name for p in manifest.partitions.values() if p.devices]
     if wants_devices and not host.has_iommu:
-        w.problems.append(
-            f"{', '.join(wants_devices)} {'asks' if len(wants_devices) == 1 else 'ask'} for PCI devices "
+        w.problem(
+            None,
+            "",
+            f"{handful(wants_devices)} {'asks' if len(wants_devices) == 1 else 'ask'} for PCI devices "
             "but this host has no IOMMU groups (/sys/kernel/iommu_groups is empty): turn on VT-d / "
-            "AMD-Vi in the BIOS and boot with intel_iommu=on (Intel) or amd_iommu=on (AMD)"
+            "AMD-Vi in the BIOS and boot with intel_iommu=on (Intel) or amd_iommu=on (AMD)",
         )
     total = sum(n.memory_bytes for n in host.nodes.values())
     reserve = manifest.host.reserve_memory_bytes
     if reserve > total:
-        w.problems.append(
-            f"{manifest.host.reserve_memory_where}: host.reserve.memory is {format_size(reserve)} "
+        w.problem(
+            None,
+            "host.reserve.memory",
+            f"host.reserve.memory is {format_size(reserve)} "
             f"but this host has {human_size(total)} of memory in all (rule 3): the host cannot "
-            f"keep more than it has; lower it to what the host needs (the default is 1GiB)"
+            f"keep more than it has; lower it to what the host needs (the default is 1GiB)",
+            where=manifest.host.reserve_memory_where,
         )
     sizes = set(host.hugepage_sizes)
     for p in manifest.partitions.values():
@@ -145,24 +167,30 @@ def _check_preconditions(manifest: Manifest, host: Host, w: Work) -> None:
                 if p.hugepage_bytes == 1 << 30
                 else ""
             )
-            w.problems.append(
+            w.problem(
+                p,
+                "hugepages",
                 f"{p.name} wants {page_size_name(p.hugepage_bytes)} hugepages but the kernel offers "
-                f"{offered}{hint}; choose an offered size or `hugepages: none`"
+                f"{offered}{hint}; choose an offered size or `hugepages: none`",
             )
 
 
-def kvm_vcpu_problems(manifest: Manifest, max_vcpus: int) -> list[str]:
+def kvm_vcpu_problems(manifest: Manifest, max_vcpus: int) -> list[PlanProblem]:
     """Under ``accel: kvm``, each partition with more vCPUs than the host's KVM lets one VM
     have (``max_vcpus``: ``KvmCaps.max_vcpus``, which ``planning.files.checked_plan`` asks of
     this machine's KVM): QEMU would refuse to start it, after apply had set the host up."""
     if manifest.host.accel != "kvm":
         return []
     return [
-        f"{spec.where}: {spec.name} asks for {spec.cpu_count} CPUs, one vCPU each, but this "
-        f"host's KVM lets one VM have at most {max_vcpus} vCPUs (KVM_CAP_MAX_VCPUS): QEMU "
-        f"would refuse to start it; give {spec.name} at most {max_vcpus} CPUs (split it into "
-        "smaller partitions), or run a kernel whose KVM is built for more (x86: "
-        "CONFIG_KVM_MAX_NR_VCPUS)"
+        located(
+            spec,
+            "cpus",
+            f"{spec.name} asks for {spec.cpu_count} CPUs, one vCPU each, but this "
+            f"host's KVM lets one VM have at most {max_vcpus} vCPUs (KVM_CAP_MAX_VCPUS): QEMU "
+            f"would refuse to start it; give {spec.name} at most {max_vcpus} CPUs (split it into "
+            "smaller partitions), or run a kernel whose KVM is built for more (x86: "
+            "CONFIG_KVM_MAX_NR_VCPUS)",
+        )
         for spec in manifest.partitions.values()
         if spec.cpu_count > max_vcpus
     ]

@@ -3,12 +3,13 @@ that gives back what a partition took when it cannot be placed."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from partitioner.cpuset import CpuSet
+from partitioner.errors import NO_HOST, HostResources, PlanProblem
 from partitioner.inventory.model import Host, PciFunction
-from partitioner.manifest.model import Manifest, PartitionSpec
+from partitioner.manifest.model import NOWHERE, Location, Manifest, PartitionSpec
 from partitioner.pci import PciAddress
 from partitioner.units import format_size, human_size, page_size_name
 from partitioner.vfio.preview import ClaimPreview
@@ -42,7 +43,7 @@ class NodeRoom:
 class Work:
     """Mutable bookkeeping of one planning run."""
 
-    problems: list[str] = field(default_factory=list)
+    problems: list[PlanProblem] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     cpu_owner: dict[int, str] = field(default_factory=dict)
     device_owner: dict[PciAddress, str] = field(default_factory=dict)
@@ -51,6 +52,71 @@ class Work:
     by_id: dict[str, list[PciFunction]] = field(default_factory=dict)  # "8086:10d3" -> functions
     verdicts: dict[PciAddress, ClaimPreview] = field(default_factory=dict)  # claim_preview, cached
     id_cursor: dict[str, int] = field(default_factory=dict)  # by_id: first function maybe free
+
+    def problem(
+        self,
+        spec: PartitionSpec | None,
+        field: str,
+        message: str,
+        host: HostResources = NO_HOST,
+        *,
+        where: Location | None = None,
+    ) -> None:
+        """A problem about ``spec``'s ``field`` (or the site's, with ``spec`` None and ``where``)."""
+        self.problems.append(located(spec, field, message, host, where=where))
+
+
+def located(
+    spec: PartitionSpec | None,
+    field: str,
+    message: str,
+    host: HostResources = NO_HOST,
+    *,
+    where: Location | None = None,
+) -> PlanProblem:
+    """A plan problem at the place of ``spec``'s ``field`` in the manifest."""
+    loc = where if where is not None else spec.field_where(field) if spec else NOWHERE
+    return PlanProblem(
+        message,
+        file=loc.file if loc.line else "",
+        line=loc.line,
+        column=loc.column,
+        partition=spec.name if spec else "",
+        field=field,
+        host=host,
+    )
+
+
+# A problem names at most this many items and counts the rest: a partition that finds no
+# free function on a host of thousands should not get a line that lists them all.
+HANDFUL = 5
+
+
+def handful(items: Sequence[str], limit: int = HANDFUL, sep: str = ", ") -> str:
+    """``a, b, c`` or ``a, b, c, d, e and 1,019 more``."""
+    if len(items) <= limit:
+        return sep.join(items)
+    return f"{sep.join(items[:limit])} and {len(items) - limit:,} more"
+
+
+def holders(cpus: Iterable[int], w: Work) -> tuple[str, HostResources]:
+    """Who holds which of ``cpus`` (``CPUs 4-5 are fw's, CPU 0 is the host's``), and the same as
+    the host resources of a problem: the held CPUs and their holders, most first."""
+    by_owner: dict[str, list[int]] = {}
+    for c in cpus:
+        owner = w.cpu_owner.get(c)
+        if owner is not None:
+            by_owner.setdefault(owner, []).append(c)
+    if not by_owner:
+        return "", NO_HOST
+    order = sorted(by_owner, key=lambda o: (-len(by_owner[o]), o))
+    said = [
+        f"CPU{'s' if len(by_owner[o]) > 1 else ''} {CpuSet(by_owner[o])} "
+        f"{'are' if len(by_owner[o]) > 1 else 'is'} {o}'s"
+        for o in order
+    ]
+    held = sorted(c for o in order for c in by_owner[o])
+    return handful(said), HostResources(cpus=tuple(held), held_by=", ".join(order[:HANDFUL]))
 
 
 class Mark:
@@ -119,10 +185,8 @@ def node_rooms(
     return rooms
 
 
-def fits_alone(spec: PartitionSpec, room: NodeRoom | None, smt_isolate: bool) -> str | None:
-    """None if ``spec`` fits on this node alone, else what it needs there and what is free."""
-    if room is None:
-        return f"{spec.cpu_count} CPUs on a node this host does not have"
+def _fit(spec: PartitionSpec, room: NodeRoom, smt_isolate: bool) -> tuple[bool, bool, bool]:
+    """Whether ``spec``'s CPUs, memory and hugepages fit in ``room``."""
     need = spec.cpu_count
     for core in room.cores:
         if not smt_isolate:
@@ -136,6 +200,38 @@ def fits_alone(spec: PartitionSpec, room: NodeRoom | None, smt_isolate: bool) ->
     pages_ok = spec.hugepage_bytes is None or (
         spec.memory_bytes // spec.hugepage_bytes <= room.pages_left.get(spec.hugepage_bytes, 0)
     )
+    return cpus_ok, mem_ok, pages_ok
+
+
+def short_field(spec: PartitionSpec, room: NodeRoom | None, smt_isolate: bool) -> str:
+    """The field a problem of ``spec`` not fitting on ``room`` is about: what falls short first."""
+    if room is None:
+        return "numa"
+    cpus_ok, mem_ok, _ = _fit(spec, room, smt_isolate)
+    return "cpus" if not cpus_ok else "memory" if not mem_ok else "hugepages"
+
+
+def fits_on_all(spec: PartitionSpec, rooms: Mapping[int, NodeRoom], smt_isolate: bool) -> bool:
+    """Whether ``spec`` would fit on all the host's free room together: if not, no `numa:` list
+    can help, the host is too small for it as it is."""
+    pages: dict[int, int] = {}
+    for r in rooms.values():
+        for size, n in r.pages_left.items():
+            pages[size] = pages.get(size, 0) + n
+    together = NodeRoom(
+        -1,
+        [core for r in rooms.values() for core in r.cores],
+        sum(r.memory_left for r in rooms.values()),
+        pages,
+    )
+    return all(_fit(spec, together, smt_isolate))
+
+
+def fits_alone(spec: PartitionSpec, room: NodeRoom | None, smt_isolate: bool) -> str | None:
+    """None if ``spec`` fits on this node alone, else what it needs there and what is free."""
+    if room is None:
+        return f"{spec.cpu_count} CPUs on a node this host does not have"
+    cpus_ok, mem_ok, pages_ok = _fit(spec, room, smt_isolate)
     if cpus_ok and mem_ok and pages_ok:
         return None
     free = CpuSet(c for core in room.cores for c in core)
