@@ -178,7 +178,8 @@ def test_no_kvm_no_vfio_no_cgroup(tmp_path: Path, capsys: pytest.CaptureFixture[
     os.unlink(t.root / "dev/kvm")
     shutil.rmtree(t.root / "sys/bus/pci/drivers/vfio-pci")
     t.file("/proc/self/mountinfo", "25 24 0:22 / /proc rw,relatime - proc proc rw\n")
-    (t.root / "lib/modules/6.1.0-18-amd64").mkdir(parents=True)
+    # The snapshot keeps /lib as the machine has it, a link to usr/lib (merged /usr).
+    (t.root / "usr/lib/modules/6.1.0-18-amd64").mkdir(parents=True)
     t.file("/lib/modules/6.1.0-18-amd64/modules.dep", "kernel/drivers/net/e1000e/e1000e.ko:\n")
     t.file("/lib/modules/6.1.0-18-amd64/modules.builtin", "")
     rc, doc = check_json(capsys, t.root)

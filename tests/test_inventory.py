@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -362,6 +363,27 @@ def test_cpu_dir_without_cpus(tmp_path: Path) -> None:
         scan(HostRoot(tmp_path))
 
 
+def test_ids_come_from_uevent_where_the_tree_has_it(tree: TreeBuilder, tmp_path: Path) -> None:
+    """One read of ``uevent`` gives class, ids and subsystem ids; a tree without it (older
+    snapshots, hwloc's dumps) gives the same functions from the single files."""
+    root = _pci_tree(tree).build()
+    both = scan(HostRoot(root))
+    bare = tmp_path / "no-uevent"
+    shutil.copytree(root, bare, symlinks=True)
+    singles = ("class", "vendor", "device", "subsystem_vendor", "subsystem_device")
+    for addr in both.pci:
+        d = tree.pci_path(str(addr)).lstrip("/")
+        (bare / d / "uevent").unlink()
+        for name in singles:  # the uevent tree, without the single files
+            (root / d / name).unlink()
+    from_uevent, from_singles = scan(HostRoot(root)), scan(HostRoot(bare))
+    assert from_uevent.pci == from_singles.pci == both.pci
+    nic = from_uevent.pci[A("0000:82:00.0")]
+    assert (nic.class_code, nic.vendor, nic.device) == ("020000", "8086", "10d3")
+    assert (nic.subsystem_vendor, nic.subsystem_device) == ("15d9", "0001")
+    assert from_uevent.pci[A("0000:80:01.0")].is_bridge
+
+
 def test_garbage_degrades_with_notes(tree: TreeBuilder) -> None:
     root = _pci_tree(tree).build()
     (root / "sys/devices/system/cpu/cpu1/topology/core_id").write_text("banana\n")
@@ -369,6 +391,8 @@ def test_garbage_degrades_with_notes(tree: TreeBuilder) -> None:
     (root / "sys/devices/system/node/node1/cpulist").write_text("3-1\n")
     nic = root / tree.pci_path("0000:82:00.0").lstrip("/")
     (nic / "vendor").write_text("0xZZZZ\n")
+    # uevent holds the same id; garbage there sends the scan to the single files.
+    (nic / "uevent").write_text("PCI_CLASS=20000\nPCI_ID=ZZZZ:10D3\n")
     (nic / "numa_node").write_text("\x00\xff")
     (root / "proc/self/mountinfo").write_text("garbage\n\n - -\n1 2 3\n")
     (root / "proc/net/route").write_text("Iface\n eth0 \n")

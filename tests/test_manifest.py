@@ -863,3 +863,42 @@ def test_a_document_that_passed_the_schema_is_not_checked_twice(
     # a document not seen before is checked, whatever it resembles
     with pytest.raises(AssertionError, match="consulted"):
         loads(good.replace("2", "4"), "other.yaml")
+
+
+def test_the_schema_checks_each_kind_of_partition_entry_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A site of 300 partitions of two kinds asks the schema about two entries, not 300; a
+    problem anywhere still gets every partition's own located report."""
+    from partitioner.manifest import loader
+
+    monkeypatch.setenv("PARTITION_CACHE_DIR", str(tmp_path / "not-a-dir"))
+    (tmp_path / "not-a-dir").write_text("")  # passes cannot be remembered: every load checks
+    seen: list[int] = []
+    real = loader._validator()
+
+    class Counting:
+        def iter_errors(self, instance: Any) -> Any:
+            seen.append(len(instance.get("partitions") or {}))
+            return real.iter_errors(instance)
+
+    monkeypatch.setattr(loader, "_validator", lambda: Counting())
+    lines = ["version: 1", "partitions:"]
+    for i in range(300):
+        more = ", hugepages: none" if i % 2 else ""
+        lines.append(f"  p{i:03d}: {{cpus: 2, memory: 1GiB{more}}}")
+    site = "\n".join(lines) + "\n"
+    m = loads(site, "big.yaml")
+    assert len(m.partitions) == 300
+    assert seen == [2], seen
+    # Three entries of one kind wrong, and a bad name: each reported where it stands.
+    bad = site.replace("p010: {cpus: 2, memory", "p010: {cpus: 2, memroy")
+    bad = bad.replace("p020: {cpus: 2, memory", "p020: {cpus: 2, memroy")
+    bad = bad.replace("p030: {cpus: 2, memory", "p030: {cpus: 2, memroy")
+    bad = bad.replace("p040:", "P040:")
+    with pytest.raises(ManifestError) as e:
+        loads(bad, "bad.yaml")
+    shown = [(p.line, p.message) for p in e.value.problems]
+    for n in (10, 20, 30):
+        assert any(line == n + 3 and "unknown key `memroy`" in msg for line, msg in shown), shown
+    assert any(line == 43 and "P040" in msg for line, msg in shown), shown

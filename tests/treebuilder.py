@@ -548,6 +548,23 @@ class TreeBuilder:
             self._write(f"{d}/class", f"0x{f.class_code}\n")
             self._write(f"{d}/subsystem_vendor", f"0x{f.subsystem_vendor}\n")
             self._write(f"{d}/subsystem_device", f"0x{f.subsystem_device}\n")
+            # What pci_uevent writes (the scan reads the ids from here where it can).
+            self._write(
+                f"{d}/uevent",
+                "".join(
+                    (
+                        f"DRIVER={f.driver}\n" if f.driver else "",
+                        f"PCI_CLASS={int(f.class_code, 16):04X}\n",
+                        f"PCI_ID={f.vendor.upper()}:{f.device.upper()}\n",
+                        f"PCI_SUBSYS_ID={f.subsystem_vendor.upper()}:{f.subsystem_device.upper()}\n",
+                        f"PCI_SLOT_NAME={f.address}\n",
+                        f"MODALIAS=pci:v0000{f.vendor.upper()}d0000{f.device.upper()}"
+                        f"sv0000{f.subsystem_vendor.upper()}sd0000{f.subsystem_device.upper()}"
+                        f"bc{f.class_code[:2].upper()}sc{f.class_code[2:4].upper()}"
+                        f"i{f.class_code[4:6].upper()}\n",
+                    )
+                ),
+            )
             self._write(f"{d}/driver_override", f"{f.driver_override or '(null)'}\n")
             self._write(f"{d}/numa_node", f"{-1 if f.numa_node is None else f.numa_node}\n")
             self._write(f"{d}/remove", "")

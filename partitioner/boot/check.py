@@ -6,6 +6,11 @@ Every fact is read through the one door (:class:`HostRoot`), so a snapshot or a
 built tree is checked exactly like the live host.  The one thing a tree cannot
 answer is whether ``/dev/kvm`` runs a vCPU with ``-cpu host``: that probe starts
 QEMU, and only on the live host (:func:`probe_kvm_cpu_host`).
+
+A tree may also lack a file the live host always has (an old snapshot without
+``/proc/cpuinfo``, a built tree without ``/dev``): what it does not hold is
+``unknown``, never a failure, since the machine it was taken from may well have
+it.  On the live host a missing file is what it says (no ``/dev/kvm`` is no KVM).
 """
 
 from __future__ import annotations
@@ -22,7 +27,23 @@ from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.units import GiB, page_size_name
 
-Status = Literal["pass", "warn", "fail"]
+Status = Literal["pass", "warn", "fail", "unknown"]
+
+
+def _lacking(root: HostRoot, live: Status) -> Status:
+    """The status of a fact that cannot be read: ``live`` on the live host; in a tree, unknown."""
+    return live if root.live else "unknown"
+
+
+def kvm_exists(root: HostRoot, host: Host) -> bool | None:
+    """Whether ``/dev/kvm`` exists; None when the tree does not say.  A snapshot always makes
+    ``dev/`` (empty where the machine had no KVM), so a tree without ``dev/`` is one that did not
+    record it (an older snapshot, a dump of ``/sys`` and ``/proc`` only)."""
+    if host.has_kvm or root.exists(sysfs.DEV_KVM):
+        return True
+    if root.live or root.is_dir(sysfs.DEV):
+        return False
+    return None
 
 
 @dataclass(frozen=True)
@@ -82,9 +103,10 @@ def check_host(
     `accel: tcg` runs without KVM, so a missing KVM is a warning for it, not a failure."""
     cpuinfo = root.read(sysfs.CPUINFO)
     flags = _flags(cpuinfo or "")
+    kvm = kvm_exists(root, host)
     items = [
-        _virt(cpuinfo, flags, host.has_kvm or root.exists(sysfs.DEV_KVM)),
-        _kvm(root, host, flags),
+        _virt(root, cpuinfo, flags, kvm),
+        _kvm(kvm, flags),
         *_iommu(root, host, facts),
         _groups_acs(host),
         _hugepage_sizes(host, flags, cpuinfo is not None),
@@ -106,10 +128,12 @@ def check_host(
     return items
 
 
-def _virt(cpuinfo: str | None, flags: set[str], has_kvm: bool) -> CheckItem:
+def _virt(root: HostRoot, cpuinfo: str | None, flags: set[str], has_kvm: bool | None) -> CheckItem:
     title = "hardware virtualization"
     if cpuinfo is None:
-        return CheckItem("cpu-virt", title, "warn", f"{sysfs.CPUINFO} cannot be read")
+        return CheckItem(
+            "cpu-virt", title, _lacking(root, "warn"), f"{sysfs.CPUINFO} cannot be read"
+        )
     if "vmx" in flags or "svm" in flags:
         which = "VT-x (vmx)" if "vmx" in flags else "AMD-V (svm)"
         return CheckItem("cpu-virt", title, "pass", f"the CPU offers {which}")
@@ -122,6 +146,14 @@ def _virt(cpuinfo: str | None, flags: set[str], has_kvm: bool) -> CheckItem:
             "warn",
             "the CPU flags show neither vmx nor svm, yet /dev/kvm exists: a nested or paravirtualized KVM",
         )
+    if has_kvm is None:
+        return CheckItem(
+            "cpu-virt",
+            title,
+            "unknown",
+            "the CPU flags show neither vmx nor svm, and the tree does not say whether /dev/kvm "
+            "exists (a paravirtualized KVM hides them): it has no dev/",
+        )
     return CheckItem(
         "cpu-virt",
         title,
@@ -131,10 +163,18 @@ def _virt(cpuinfo: str | None, flags: set[str], has_kvm: bool) -> CheckItem:
     )
 
 
-def _kvm(root: HostRoot, host: Host, flags: set[str]) -> CheckItem:
+def _kvm(kvm: bool | None, flags: set[str]) -> CheckItem:
     title = sysfs.DEV_KVM
-    if host.has_kvm or root.exists(sysfs.DEV_KVM):
+    if kvm:
         return CheckItem("kvm", title, "pass", "/dev/kvm exists")
+    if kvm is None:
+        return CheckItem(
+            "kvm",
+            title,
+            "unknown",
+            "the tree has no dev/, so it does not say whether /dev/kvm exists "
+            "(a snapshot makes dev/, empty where the machine has no KVM)",
+        )
     module = (
         "kvm_intel" if "vmx" in flags else "kvm_amd" if "svm" in flags else "kvm_intel or kvm_amd"
     )
@@ -232,7 +272,7 @@ def _iommu(root: HostRoot, host: Host, facts: HostFacts) -> list[CheckItem]:
                 CheckItem(
                     "interrupt-remapping",
                     title,
-                    "warn",
+                    _lacking(root, "warn"),
                     f"{sysfs.INTERRUPTS} cannot be read; the IOMMU's capability register says it can remap interrupts",
                 )
             )
@@ -241,7 +281,7 @@ def _iommu(root: HostRoot, host: Host, facts: HostFacts) -> list[CheckItem]:
                 CheckItem(
                     "interrupt-remapping",
                     title,
-                    "warn",
+                    _lacking(root, "warn"),
                     "cannot tell: /proc/interrupts cannot be read",
                 )
             )
@@ -366,6 +406,7 @@ def _vfio(root: HostRoot, facts: HostFacts) -> CheckItem:
     return CheckItem(
         "vfio-pci",
         title,
+        # Not unknown in a tree: a snapshot copies the module list where the machine has one.
         "warn",
         "vfio-pci is not loaded and the kernel's module list cannot be read",
         "`modprobe vfio-pci`",
@@ -374,7 +415,12 @@ def _vfio(root: HostRoot, facts: HostFacts) -> CheckItem:
 
 def _cgroup(root: HostRoot) -> CheckItem:
     title = "cgroup v2 cpuset"
-    mounts = root.read(sysfs.SELF_MOUNTINFO) or ""
+    mounts = root.read(sysfs.SELF_MOUNTINFO)
+    if mounts is None and not root.live:
+        return CheckItem(
+            "cgroup-cpuset", title, "unknown", f"{sysfs.SELF_MOUNTINFO} cannot be read"
+        )
+    mounts = mounts or ""
     v2 = None
     v1_cpuset = False
     for line in mounts.splitlines():
@@ -436,7 +482,7 @@ def _init(root: HostRoot) -> CheckItem:
         return CheckItem(
             "init",
             title,
-            "warn",
+            _lacking(root, "warn"),
             f"{sysfs.proc(1, 'comm')} cannot be read: the init system is unknown",
         )
     if init == "systemd":
@@ -530,7 +576,12 @@ def check_site(
     missing = reboot_needed(settings, facts)
     if facts.cmdline is None:
         items.append(
-            CheckItem("site-cmdline", "kernel arguments", "warn", f"{sysfs.CMDLINE} cannot be read")
+            CheckItem(
+                "site-cmdline",
+                "kernel arguments",
+                _lacking(root, "warn"),
+                f"{sysfs.CMDLINE} cannot be read",
+            )
         )
     elif missing:
         items.append(
@@ -562,9 +613,12 @@ def check_site(
                 "without the scheduler tick (nohz_full)",
             ),
         ):
-            have = CpuSet.lenient(root.read(path))
+            text = root.read(path)
+            have = CpuSet.lenient(text)
             title = f"CPUs {what}"
-            if have is None:
+            if text is None and not root.live:
+                items.append(CheckItem(key, title, "unknown", f"{path} is not in the tree"))
+            elif have is None:
                 items.append(
                     CheckItem(
                         key,
@@ -608,7 +662,23 @@ def check_site(
         for node, pages in sorted(nodes.items()):
             have_n = root.read_int(f"{sysfs.hugepage_pool(size, node)}/nr_hugepages")
             title = f"{name} pool on node {node}"
-            if have_n is None:
+            pool = sysfs.hugepage_pool(size, node)
+            if (
+                have_n is None
+                and not root.live
+                and (root.is_dir(pool) or not root.is_dir(sysfs.node(node, "hugepages")))
+            ):
+                # The pool is there but not its count, or the tree holds none of the node's
+                # pools: it does not say.  A node listing other sizes only has none of this one.
+                items.append(
+                    CheckItem(
+                        f"site-hugepages-{name}-node{node}",
+                        title,
+                        "unknown",
+                        f"{pool}/nr_hugepages is not in the tree",
+                    )
+                )
+            elif have_n is None:
                 items.append(
                     CheckItem(
                         f"site-hugepages-{name}-node{node}",
@@ -653,6 +723,16 @@ def check_site(
             items.append(
                 CheckItem(key, title, "pass", "on vfio-pci, with driver_override vfio-pci")
             )
+        elif driver == "vfio-pci" and override is None and not root.live:
+            items.append(
+                CheckItem(
+                    key,
+                    title,
+                    "unknown",
+                    "on vfio-pci; whether by driver_override (at boot) the tree does not say: "
+                    f"{sysdev}/driver_override is not in it",
+                )
+            )
         elif driver == "vfio-pci":
             items.append(
                 CheckItem(
@@ -680,5 +760,6 @@ def check_site(
 
 
 def exit_code(items: Sequence[CheckItem]) -> int:
-    """0 when nothing fails (warnings allowed), 3 when an item fails: a precondition is missing (docs/cli-reference.md)."""
+    """0 when nothing fails (warnings and unknowns allowed), 3 when an item fails: a precondition
+    is missing (docs/cli-reference.md)."""
     return 3 if any(i.status == "fail" for i in items) else 0

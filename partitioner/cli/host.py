@@ -187,9 +187,11 @@ def run_check(args: argparse.Namespace, ctx: Context) -> int:
     ctx.say(_render_items(items))
     fails = sum(i.status == "fail" for i in items)
     warns = sum(i.status == "warn" for i in items)
+    unknown = sum(i.status == "unknown" for i in items)
     ctx.say()
     ctx.say(
-        f"{len(items)} checks: {len(items) - fails - warns} pass, {warns} warn, {fails} fail"
+        f"{len(items)} checks: {len(items) - fails - warns - unknown} pass, {warns} warn, {fails} fail"
+        + (f", {unknown} unknown (not in the host tree)" if unknown else "")
         + (
             "; a reboot is needed after the fixes marked (reboot)"
             if any(i.reboot and i.status == "fail" for i in items)
@@ -201,12 +203,14 @@ def run_check(args: argparse.Namespace, ctx: Context) -> int:
 
 def _render_items(items: list[CheckItem]) -> str:
     width = max(len(i.title) for i in items)
+    status_width = max(4, *(len(i.status) for i in items))
     lines = []
     for i in items:
-        lines.append(f"{i.status.upper():<4}  {i.title:<{width}}  {i.detail}")
-        if i.fix and i.status != "pass":
+        lines.append(f"{i.status.upper():<{status_width}}  {i.title:<{width}}  {i.detail}")
+        if i.fix and i.status not in ("pass", "unknown"):
             lines.append(
-                f"{'':<4}  {'':<{width}}  fix: {i.fix}" + (" (reboot)" if i.reboot else "")
+                f"{'':<{status_width}}  {'':<{width}}  fix: {i.fix}"
+                + (" (reboot)" if i.reboot else "")
             )
     return "\n".join(lines)
 

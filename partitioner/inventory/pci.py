@@ -96,7 +96,8 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
         upstream = tuple(
             parse_pci(part) for part in real.split("/")[:-1] if PCI_ADDR_RE.match(part)
         )
-        class_code = r.read_hex(f"{real}/class", 6)
+        ids = uevent_ids(r.read(f"{real}/uevent"))
+        class_code = ids[0] if ids else r.read_hex(f"{real}/class", 6)
         override = r.read(f"{real}/driver_override")
         reset = r.read(f"{real}/reset_method")
         group_name = r.root.readlink_name(f"{real}/iommu_group")
@@ -109,16 +110,16 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
                 absent = group_name
         numa = r.read_int(f"{real}/numa_node")
         netdevs = tuple(n for n in r.root.listdir(f"{real}/net"))
-        vendor = r.read_hex(f"{real}/vendor", 4)
-        device = r.read_hex(f"{real}/device", 4)
+        vendor = ids[1] if ids else r.read_hex(f"{real}/vendor", 4)
+        device = ids[2] if ids else r.read_hex(f"{real}/device", 4)
         names = names_of(r, vendor, device)
         out[addr] = PciFunction(
             address=addr,
             vendor=vendor,
             device=device,
             class_code=class_code,
-            subsystem_vendor=r.read_hex(f"{real}/subsystem_vendor", 4),
-            subsystem_device=r.read_hex(f"{real}/subsystem_device", 4),
+            subsystem_vendor=ids[3] if ids else r.read_hex(f"{real}/subsystem_vendor", 4),
+            subsystem_device=ids[4] if ids else r.read_hex(f"{real}/subsystem_device", 4),
             driver=r.root.readlink_name(f"{real}/driver"),
             driver_override=None if override in (None, "", "(null)") else override,
             iommu_group=group,
@@ -139,6 +140,33 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
             reset_unnamed=reset is None and r.root.exists(f"{real}/reset"),
         )
     return dict(sorted(out.items()))
+
+
+_UEVENT_IDS = re.compile(
+    r"^PCI_CLASS=([0-9A-Fa-f]{1,6})$.*?^PCI_ID=([0-9A-Fa-f]{4}):([0-9A-Fa-f]{4})$"
+    r".*?^PCI_SUBSYS_ID=([0-9A-Fa-f]{4}):([0-9A-Fa-f]{4})$",
+    re.M | re.S,
+)
+
+
+def uevent_ids(text: str | None) -> tuple[str, str, str, str, str] | None:
+    """(class, vendor, device, subsystem vendor, subsystem device) from a PCI function's
+    ``uevent``, in the form of the single files as read_hex gives them; None when the file is
+    missing or does not hold all five (trees without it: hwloc's dumps, older snapshots).
+
+    One read instead of five: a scan of thousands of functions is its file opens.  The kernel
+    writes the class as ``%04X`` of its 24 bits, the ids as ``%04X:%04X`` (pci_uevent).
+    """
+    m = _UEVENT_IDS.search(text) if text else None
+    if m is None:
+        return None
+    return (
+        m.group(1).lower().zfill(6),
+        m.group(2).lower(),
+        m.group(3).lower(),
+        m.group(4).lower(),
+        m.group(5).lower(),
+    )
 
 
 def names_of(r: Reader, vendor: str, device: str) -> tuple[str, str]:

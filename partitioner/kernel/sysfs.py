@@ -122,6 +122,7 @@ NET_IPV6_ROUTE = "/proc/net/ipv6_route"
 NET_IF_INET6 = "/proc/net/if_inet6"
 PROC_IRQ = "/proc/irq"
 IRQ_DEFAULT_AFFINITY = "/proc/irq/default_smp_affinity"
+DEV = "/dev"
 DEV_KVM = "/dev/kvm"
 DEV_VFIO_CONTAINER = "/dev/vfio/vfio"
 SYSTEMD_RUNTIME = "/run/systemd/system"  # exists when systemd is the init system

@@ -22,7 +22,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -114,6 +114,50 @@ def _validity_key(root: Any) -> str:
     h = hashlib.sha256(_schema_digest())
     h.update(json.dumps(root, sort_keys=True, default=repr).encode())
     return h.hexdigest()
+
+
+# What a partition's entry may be is the same schema for every partition, and a large site
+# repeats a few kinds of entry many times (1,000 partitions of `{cpus: 2, memory: 1GiB}`):
+# the schema is asked once per distinct entry (and once per name), not once per partition.
+# Only a pass is taken from there; any problem sends the whole document through the full
+# check, so problems are found and reported exactly as before.
+_PARTITIONS_KEYWORDS = frozenset({"description", "type", "propertyNames", "additionalProperties"})
+
+
+def _frozen(value: Any) -> Hashable:
+    """A hashable twin of a YAML value that tells apart what the schema tells apart (1, 1.0,
+    True and "1"; a key 1 and a key "1")."""
+    if isinstance(value, dict):
+        return (
+            "map",
+            tuple(sorted(((type(k).__name__, repr(k)), _frozen(v)) for k, v in value.items())),
+        )
+    if isinstance(value, list):
+        return ("seq", tuple(_frozen(v) for v in value))
+    return (type(value).__name__, repr(value))
+
+
+def _passes_once_per_kind(root: Any) -> bool:
+    """True when ``root`` passes the schema, shown with each distinct partition entry checked
+    once; False when that cannot be shown (a problem somewhere, or a schema this shortcut does
+    not cover): then the full check decides."""
+    partitions = root.get("partitions") if isinstance(root, dict) else None
+    rule = schema()["properties"]["partitions"]
+    if not isinstance(partitions, dict) or len(partitions) < 2 or set(rule) - _PARTITIONS_KEYWORDS:
+        return False
+    import jsonschema
+
+    kinds: dict[Hashable, str] = {}
+    for name, value in partitions.items():
+        kinds.setdefault(_frozen(value), name)
+    if len(kinds) == len(partitions):
+        return False
+    one_each = dict(root)
+    one_each["partitions"] = {name: partitions[name] for name in kinds.values()}
+    if next(_validator().iter_errors(one_each), None) is not None:
+        return False
+    names = {"type": "object", "propertyNames": rule.get("propertyNames", True)}
+    return jsonschema.Draft202012Validator(names).is_valid(dict.fromkeys(partitions))
 
 
 def _known_valid(key: str) -> bool:
@@ -342,6 +386,9 @@ class _Checker:
     def check_schema(self) -> None:
         key = _validity_key(self.doc.root)
         if _known_valid(key):
+            return
+        if _passes_once_per_kind(self.doc.root):
+            _remember_valid(key)
             return
         # Errors come lazily: taking no more than can be shown bounds the work of a file
         # with a hundred thousand of them.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import NO_HOST, HostResources, PlanProblem
@@ -16,6 +17,7 @@ from partitioner.vfio.preview import ClaimPreview
 
 # A core is the set of its usable SMT siblings, as a sorted tuple.
 Core = tuple[int, ...]
+K = TypeVar("K")
 
 
 class NodeRoom:
@@ -120,25 +122,30 @@ def holders(cpus: Iterable[int], w: Work) -> tuple[str, HostResources]:
 
 
 class Mark:
-    """What a planning run holds before one partition is placed, to give it back on failure."""
+    """What a planning run holds before one partition is placed, to give it back on failure.
+
+    Linear in the run, not in what it placed so far: the owner maps are not copied but
+    remembered by length.  While one partition is placed, owners are only added, never changed
+    (rules 1 and 4: a CPU, function or group already owned is a problem, not a new owner), and
+    dicts keep insertion order, so what the partition took is the tail past that length.  A
+    node's ``cores`` list is replaced, never changed in place, so the mark keeps the list itself.
+    """
 
     def __init__(self, w: Work, rooms: Mapping[int, NodeRoom]) -> None:
         self.problems = len(w.problems)
         self.notes = len(w.notes)
-        self.cpu_owner = dict(w.cpu_owner)
-        self.device_owner = dict(w.device_owner)
-        self.group_owner = dict(w.group_owner)
+        self.cpu_owner = (w.cpu_owner, len(w.cpu_owner))
+        self.device_owner = (w.device_owner, len(w.device_owner))
+        self.group_owner = (w.group_owner, len(w.group_owner))
         self.id_cursor = dict(w.id_cursor)
-        self.rooms = {
-            n: (list(r.cores), r.memory_left, dict(r.pages_left)) for n, r in rooms.items()
-        }
+        self.rooms = {n: (r.cores, r.memory_left, dict(r.pages_left)) for n, r in rooms.items()}
 
     def restore(self, w: Work, rooms: Mapping[int, NodeRoom]) -> None:
         """Back to the mark; the problems found since stay (they are the partition's reasons)."""
         del w.notes[self.notes :]
-        w.cpu_owner = self.cpu_owner
-        w.device_owner = self.device_owner
-        w.group_owner = self.group_owner
+        w.cpu_owner = _truncated(w.cpu_owner, *self.cpu_owner)
+        w.device_owner = _truncated(w.device_owner, *self.device_owner)
+        w.group_owner = _truncated(w.group_owner, *self.group_owner)
         w.id_cursor = self.id_cursor
         for n, (cores, memory_left, pages_left) in self.rooms.items():
             rooms[n].cores, rooms[n].memory_left, rooms[n].pages_left = (
@@ -146,6 +153,16 @@ class Mark:
                 memory_left,
                 pages_left,
             )
+
+
+def _truncated(now: dict[K, str], then: dict[K, str], length: int) -> dict[K, str]:
+    """``now`` with the entries added since it was ``length`` long taken out.  A map replaced
+    since the mark (``give_back_devices`` builds a new one) is rebuilt from its first entries."""
+    if now is then:
+        for key in list(now)[length:]:
+            del now[key]
+        return now
+    return dict(list(then.items())[:length])
 
 
 def give_back_devices(name: str, w: Work) -> None:
