@@ -77,6 +77,7 @@ def site_to_json(s: SiteRecord) -> dict[str, Any]:
         "smt": s.smt,
         "host_cpus": str(s.host_cpus),
         "host_memory_bytes": s.host_memory_bytes,
+        "confine": s.confine,
     }
 
 
@@ -87,6 +88,8 @@ def site_from_json(d: Mapping[str, Any]) -> SiteRecord:
         smt=str(d["smt"]),
         host_cpus=CpuSet.parse(str(d["host_cpus"])),
         host_memory_bytes=nat(d["host_memory_bytes"], "host_memory_bytes"),
+        # A record from before rule 10 has no word: its partitions start confined (the default).
+        confine=bool(d.get("confine", True)),
     )
 
 

@@ -108,10 +108,13 @@ class SiteRecord:
     smt: str
     host_cpus: CpuSet
     host_memory_bytes: int
+    confine: bool = True
 
     @classmethod
     def of_plan(cls, plan: Plan, manifest: str) -> SiteRecord:
-        return cls(manifest, plan.accel, plan.smt, plan.host_cpus, plan.host_memory_bytes)
+        return cls(
+            manifest, plan.accel, plan.smt, plan.host_cpus, plan.host_memory_bytes, plan.confine
+        )
 
 
 @dataclass(frozen=True)
@@ -230,5 +233,6 @@ def plan_of_state(state: State) -> Plan:
         smt=state.site.smt,
         host_cpus=state.site.host_cpus,
         host_memory_bytes=state.site.host_memory_bytes,
+        confine=state.site.confine,
         placements={n: r.placement for n, r in sorted(state.partitions.items())},
     )
