@@ -133,6 +133,7 @@ class PartitionRecord:
     claims: tuple[GroupClaim, ...] = ()  # in claim order
     hugepages: tuple[HugepageGrant, ...] = ()
     pool_intents: tuple[PoolIntent, ...] = ()  # pool changes under way (a killed command's)
+    uid: int | None = None  # its QEMU's user and group (rule 10), recorded before first used
 
     def holds_nothing(self) -> bool:
         return (
@@ -140,6 +141,7 @@ class PartitionRecord:
             and not self.claims
             and not self.hugepages
             and not self.pool_intents
+            and self.uid is None
         )
 
     def claim_groups(self) -> list[int]:
