@@ -5,7 +5,13 @@ state record and the isolation record: the partition's vCPU threads alone on the
 CPUs and its emulator threads off them, no other task, interrupt or unbound
 workqueue on its CPUs (under ``isolation: full``), its device interrupts on its
 CPUs, its memory on its nodes in its page size, its devices on vfio-pci, its
-cgroup holding its threads, and the boot-time settings.
+cgroup holding its threads, and the boot-time settings.  Rule 10's walls, read from
+``/proc/PID`` of its QEMU: its own uid and gid (not root's, not another
+partition's), no capabilities, ``NoNewPrivs``, seccomp filter mode where it was
+started with ``-sandbox``, its root the empty directory it was chrooted into, no
+open descriptor of another partition's run directory, console log or device
+nodes, and its own ``/dev/vfio/N`` root's or its own, mode 0600.  A partition run
+unconfined (``host.confine: false``) is reported too: its walls are down.
 
 A finding is ``drift`` (something moved that should not have: exit 3) or ``boot``
 (what the kernel keeps on a CPU at run time, per-CPU kernel threads and managed
@@ -45,7 +51,9 @@ IRQBALANCE_CONFIGS = ("/etc/default/irqbalance", "/etc/sysconfig/irqbalance")
 @dataclass(frozen=True)
 class Finding:
     partition: str
-    kind: str  # task, vcpu, emulator, irq, workqueue, memory, device, cgroup, irqbalance, boot
+    kind: (
+        str  # task, vcpu, emulator, irq, workqueue, memory, device, cgroup, irqbalance, boot, walls
+    )
     resource: str  # what it is about, named for people: "task 812 (sshd)", "interrupt 24 (ahci)"
     status: str  # DRIFT or BOOT
     detail: str  # what is wrong
@@ -126,6 +134,10 @@ def audit(
             continue
         f = _Auditor(root, name, rec, work, guests, layout if full else None, refused)
         findings.extend(f.run())
+        if state.site is not None:  # a record without a site's line was never applied here
+            walls = Walls(root, name, rec, state, state.site.confine)
+            parts[name]["uid"] = walls.uid
+            findings.extend(walls.run())
     return Audit(parts, tuple(findings))
 
 
@@ -415,6 +427,168 @@ class _Auditor:
                 "partition host setup (kernel arguments), then reboot",
                 cpus=self.cpus.as_list(),
             )
+
+
+class Walls:
+    """Rule 10 read back from ``/proc/PID`` of one partition's QEMU."""
+
+    def __init__(
+        self, root: HostRoot, name: str, rec: PartitionRecord, state: State, confine: bool
+    ) -> None:
+        self.root, self.name, self.rec, self.state, self.confine = root, name, rec, state, confine
+        assert rec.pid is not None
+        self.pid = rec.pid
+        self.status = _status_fields(root.read(sysfs.proc(rec.pid, "status")) or "")
+        ids = self.status.get("Uid", "").split()
+        self.uid: int | None = int(ids[1]) if len(ids) > 1 and ids[1].isdigit() else None
+        self.out: list[Finding] = []
+
+    def add(self, resource: str, detail: str, action: str, **ids: Any) -> None:
+        self.out.append(Finding(self.name, "walls", resource, DRIFT, detail, action, ids))
+
+    def run(self) -> list[Finding]:
+        if not self.confine:
+            self.add(
+                f"QEMU {self.pid}",
+                f"runs unconfined as uid {self.uid} (host.confine: false): a guest that escapes "
+                "its QEMU owns the host and every other partition",
+                "set host.confine: true (the default) and apply --replace " + self.name,
+                pid=self.pid,
+                uid=self.uid,
+            )
+            return self.out
+        self.identity()
+        self.privileges()
+        self.descriptors()
+        self.device_nodes()
+        return self.out
+
+    def identity(self) -> None:
+        restart = f"partition restart {self.name}"
+        uids = self.status.get("Uid", "").split()
+        gids = self.status.get("Gid", "").split()
+        if not uids or "0" in uids or "0" in gids:
+            self.add(
+                f"QEMU {self.pid}",
+                f"runs as root (Uid {' '.join(uids)}, Gid {' '.join(gids)}), not as a user of "
+                "its own",
+                restart,
+                pid=self.pid,
+                uid=self.uid,
+            )
+            return
+        want = str(self.rec.uid)
+        if self.rec.uid is None or set(uids) != {want} or set(gids) != {want}:
+            self.add(
+                f"QEMU {self.pid}",
+                f"runs as Uid {' '.join(uids)} Gid {' '.join(gids)}, not as its own user "
+                f"{self.rec.uid}",
+                restart,
+                pid=self.pid,
+                uid=self.uid,
+            )
+        for other, r in sorted(self.state.partitions.items()):
+            if other != self.name and r.uid is not None and str(r.uid) in uids:
+                self.add(
+                    f"QEMU {self.pid}",
+                    f"runs as uid {r.uid}, the user of partition {other}",
+                    restart,
+                    pid=self.pid,
+                    uid=self.uid,
+                )
+
+    def privileges(self) -> None:
+        restart = f"partition restart {self.name}"
+        cap = self.status.get("CapEff", "").strip()
+        if not cap or int(cap, 16) != 0:
+            self.add(
+                f"QEMU {self.pid}",
+                f"holds capabilities (CapEff {cap or 'unknown'}), it must hold none",
+                restart,
+                pid=self.pid,
+            )
+        if self.status.get("NoNewPrivs", "").strip() != "1":
+            self.add(
+                f"QEMU {self.pid}",
+                "may gain privileges through exec (NoNewPrivs is not set)",
+                restart,
+                pid=self.pid,
+            )
+        if "-sandbox" in self.rec.argv and self.status.get("Seccomp", "").strip() != "2":
+            self.add(
+                f"QEMU {self.pid}",
+                f"was started with -sandbox but runs without a seccomp filter (Seccomp "
+                f"{self.status.get('Seccomp', '?').strip()}, not 2)",
+                restart,
+                pid=self.pid,
+            )
+        paths = self.rec.paths
+        if "dir" in paths and any(a in ("-chroot", "-run-with") for a in self.rec.argv):
+            want = f"{paths['dir']}/root"
+            got = self.root.readlink(sysfs.proc(self.pid, "root"))
+            if got is not None and got != want:
+                self.add(
+                    f"QEMU {self.pid}",
+                    f"its root directory is {got}, not the empty {want}",
+                    restart,
+                    pid=self.pid,
+                )
+
+    def descriptors(self) -> None:
+        theirs: dict[str, str] = {}  # a path (or a directory prefix ending in /) -> its partition
+        for other, r in self.state.partitions.items():
+            if other == self.name:
+                continue
+            if "dir" in r.paths:
+                theirs[r.paths["dir"].rstrip("/") + "/"] = other
+            if "console_log" in r.paths:
+                theirs[r.paths["console_log"]] = other
+            for c in r.claims:
+                theirs[sysfs.dev_vfio(c.group)] = other
+        fd_dir = sysfs.proc(self.pid, "fd")
+        for fd in sorted(self.root.listdir(fd_dir), key=lambda x: int(x) if x.isdigit() else -1):
+            target = self.root.readlink(f"{fd_dir}/{fd}")
+            if target is None:
+                continue
+            for path, other in theirs.items():
+                if target == path or (path.endswith("/") and target.startswith(path)):
+                    self.add(
+                        f"descriptor {fd} of QEMU {self.pid}",
+                        f"is open on {target}, which belongs to partition {other}",
+                        f"partition restart {self.name}; find how it got there",
+                        pid=self.pid,
+                        fd=int(fd) if fd.isdigit() else fd,
+                    )
+
+    def device_nodes(self) -> None:
+        import os
+        import stat
+
+        for c in self.rec.claims:
+            node = sysfs.dev_vfio(c.group)
+            try:
+                st = os.stat(self.root.path(node))
+            except OSError:
+                continue  # a claim under way, or a tree without /dev: the devices check speaks
+            owner_ok = st.st_uid in (0, self.rec.uid) and st.st_gid in (0, self.rec.uid)
+            if not owner_ok or stat.S_IMODE(st.st_mode) & 0o077:
+                self.add(
+                    node,
+                    f"is owned by {st.st_uid}:{st.st_gid} with mode "
+                    f"{stat.S_IMODE(st.st_mode):04o}: another partition's user may open it; it "
+                    "must be root's or the partition's own, mode 0600",
+                    f"chown root:root {node} && chmod 0600 {node} (a udev rule may have changed it)",
+                    group=c.group,
+                )
+
+
+def _status_fields(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key] = value.strip()
+    return out
 
 
 def _task_name(t: Task) -> str:

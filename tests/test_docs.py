@@ -27,8 +27,6 @@ NOT_YET = "**Not yet available.**"
 
 # The fields the reference announces before the schema has them, and only those.
 PLANNED_FIELDS = {
-    "host.confine",
-    "host.allow_unsafe_interrupts",
     "host.sriov",
     "partitions.NAME.min_cpus",
     "partitions.NAME.max_cpus",

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from partitioner.boot.setup import BootSettings, HostFacts, reboot_needed
 from partitioner.cpuset import CpuSet
 from partitioner.inventory.model import Host
+from partitioner.inventory.pci import interrupt_remapping as inventory_interrupt_remapping
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.units import GiB, page_size_name
@@ -192,19 +193,11 @@ def _iommu_units(root: HostRoot) -> list[str]:
 
 
 def interrupt_remapping(root: HostRoot) -> bool | None:
-    """Whether interrupt remapping is in effect: None when nothing tells.
-
-    The kernel says so in dmesg ("Enabled IRQ remapping"), which a tree does not
-    hold.  What sysfs and proc show: remapped interrupts are delivered through
-    the IR irqchip, whose name starts with ``IR-`` in ``/proc/interrupts``
-    (``IR-PCI-MSI``, ``IR-IO-APIC``), on Intel and AMD alike.  Without
-    ``/proc/interrupts``, an Intel unit's extended capability register
-    (``intel-iommu/ecap`` bit 3, IR) says at least that the hardware can.
-    """
-    text = root.read(sysfs.INTERRUPTS)
-    if text is not None:
-        return bool(re.search(r"\sIR-[A-Za-z]", text))
-    return None
+    """Whether interrupt remapping is in effect: None when nothing tells (the inventory's
+    one reading, :func:`partitioner.inventory.pci.interrupt_remapping`, which the planner
+    uses too).  Without ``/proc/interrupts``, an Intel unit's extended capability register
+    (``intel-iommu/ecap`` bit 3, IR) says at least that the hardware can."""
+    return inventory_interrupt_remapping(root)
 
 
 def _ecap_ir(root: HostRoot) -> bool | None:

@@ -13,6 +13,7 @@ from partitioner.guest.argv import NO_ARGV, command_lines
 from partitioner.inventory import scan
 from partitioner.inventory.model import Host
 from partitioner.manifest.loader import load
+from partitioner.planning.confine import memlock_bytes
 from partitioner.planning.files import checked_plan, file_problems
 from partitioner.planning.model import Plan
 from partitioner.record.model import State, running_partitions
@@ -73,6 +74,11 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         doc = result.to_json()
         for name, argv in argvs.items():
             doc["partitions"][name]["qemu_argv"] = argv
+        for name, p in result.placements.items():
+            # Rule 10: the RLIMIT_MEMLOCK its confined QEMU gets (none: it runs as root).
+            doc["partitions"][name]["memlock_bytes"] = (
+                memlock_bytes(p, result.accel) if result.confine else None
+            )
         doc["actions"] = acts
         doc["held"] = held
         ctx.emit_json(doc)
@@ -110,14 +116,31 @@ def render(result: Plan) -> str:
                 format_size(p.hugepage_bytes) if p.hugepage_bytes else "none",
                 " ".join(named) + (f" +{' '.join(added)}" if added else "") or "-",
                 ",".join(map(str, p.iommu_groups)) or "-",
+                format_size(memlock_bytes(p, result.accel)) if result.confine else "root",
             ]
         )
     out = [
         f"host keeps CPUs {result.host_cpus or 'none'} and {format_size(result.host_memory_bytes)}; "
-        f"smt: {result.smt}; accel: {result.accel}",
+        f"smt: {result.smt}; accel: {result.accel}; "
+        + (
+            "each QEMU confined (LOCKED: its locked-memory limit)"
+            if result.confine
+            else "QEMU runs as root (host.confine: false)"
+        ),
         "",
         table(
-            rows, ["PARTITION", "CPUS", "TOPOLOGY", "NODES", "MEMORY", "PAGES", "DEVICES", "GROUPS"]
+            rows,
+            [
+                "PARTITION",
+                "CPUS",
+                "TOPOLOGY",
+                "NODES",
+                "MEMORY",
+                "PAGES",
+                "DEVICES",
+                "GROUPS",
+                "LOCKED",
+            ],
         ),
     ]
     return "\n".join(out)

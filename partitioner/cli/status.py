@@ -33,6 +33,7 @@ def record_json(rec: PartitionRecord, now: float, shown: str | None = None) -> d
     return {
         "state": shown or rec.state.value,
         "pid": rec.pid if running else None,
+        "uid": rec.uid,  # its QEMU's user and group (rule 10); None: none taken, or unconfined
         "cpus": list(p.cpus),
         "numa_nodes": list(p.numa_nodes),
         "memory_bytes": p.memory_bytes,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from partitioner.engine.confine import GiveBackUser, TakeUser
 from partitioner.engine.devices import ClaimGroup, ReleaseGroup
 from partitioner.engine.guests import Forget, Start, Stop, _placement_summary
 from partitioner.engine.hugepages import ReleaseHugepages, ReserveHugepages, _idle_need
@@ -42,6 +43,8 @@ def _release(r: PartitionRecord) -> list[Action]:
         fns = tuple((f.address, f.driver) for f in c.functions)
         out.append(ReleaseGroup(r.name, c.group, fns))
     out.extend(ReleaseHugepages(r.name, g.node, g.size_bytes, g.pages) for g in r.hugepages)
+    if r.uid is not None:
+        out.append(GiveBackUser(r.name, r.uid))
     return out
 
 
@@ -51,6 +54,8 @@ def _bring_up(
     shortfall: dict[tuple[int, int], int],
     state: State,
     held: Iterable[int] = (),
+    *,
+    confine: bool = True,
 ) -> list[Action]:
     out: list[Action] = []
     if p.hugepage_bytes is not None:
@@ -66,6 +71,9 @@ def _bring_up(
             if shortfall[key] > 0:
                 out.append(ReserveHugepages(p.name, node, size, pages))
     out.extend(_claims(p, host, held))
+    rec = state.partitions.get(p.name)
+    if confine and (rec is None or rec.uid is None):
+        out.append(TakeUser(p.name))
     out.append(Start(p.name, _placement_summary(p)))
     return out
 
@@ -131,20 +139,24 @@ def diff(plan: Plan, state: State, host: Host, *, replace: set[str]) -> list[Act
     shortfall: dict[tuple[int, int], int] = {}
     for p in plan.start_order():
         rec = state.partitions.get(p.name)
+        # A partition placed anew gives its user back first and takes one when it starts.
+        without = state.without_partition(p.name)
         if rec is None:
-            out.extend(_bring_up(p, host, shortfall, state))
+            out.extend(_bring_up(p, host, shortfall, state, confine=plan.confine))
         elif not p.same_resources(rec.placement):
             if rec.state is RunState.RUNNING:
                 if p.name not in replace:
                     continue  # held_replacements() reports it
                 steps = [Stop(p.name), *_release(rec), Forget(p.name, rec)]
-                steps += _bring_up(p, host, shortfall, state)
+                steps += _bring_up(p, host, shortfall, without, confine=plan.confine)
                 out.append(Replace(p.name, tuple(steps), _changes(p, rec.placement)))
             else:
                 out.extend([*_release(rec), Forget(p.name, rec)])
-                out.extend(_bring_up(p, host, shortfall, state))
+                out.extend(_bring_up(p, host, shortfall, without, confine=plan.confine))
         elif rec.state is not RunState.RUNNING:
             # What is missing (pages or a claim an apply killed half-way never made, pages a
             # stopped partition gave back) is taken before it starts.
-            out.extend(_bring_up(p, host, shortfall, state, rec.claim_groups()))
+            out.extend(
+                _bring_up(p, host, shortfall, state, rec.claim_groups(), confine=plan.confine)
+            )
     return out

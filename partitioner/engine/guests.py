@@ -11,9 +11,11 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass, replace
 
+from partitioner.engine.confine import ensure_user
 from partitioner.engine.context import ApplyContext
 from partitioner.engine.step import Step
 from partitioner.isolation.cgroup import fence, unfence
+from partitioner.planning.confine import memlock_bytes
 from partitioner.planning.model import Placement, Plan
 from partitioner.record.model import PartitionRecord, RunState, plan_of_state
 from partitioner.units import format_size, page_size_name
@@ -30,13 +32,29 @@ def _placement_summary(p: Placement) -> str:
 
 
 def _launch(ctx: ApplyContext, name: str, placement: Placement, plan: Plan) -> PartitionRecord:
-    from partitioner.guest.argv import guest_paths, qemu_argv
-    from partitioner.guest.launch import launch, start_ticks
+    from partitioner.guest.argv import Jail, guest_paths, qemu_argv
+    from partitioner.guest.launch import launch, memlock_ceiling, start_ticks
 
+    jail = None
+    if plan.confine:
+        # Normally taken by its own step (TakeUser); a start of a partition recorded
+        # without one (an older record) takes it here, saved before it is used all the same.
+        uid = ensure_user(ctx, name)
+        need = memlock_bytes(placement, plan.accel)
+        ceiling = memlock_ceiling(ctx.root)
+        if ceiling is not None and ceiling < need:
+            ctx.progress(
+                f"warning: {name}: its QEMU needs a locked-memory limit of {format_size(need)} "
+                f"but this partitioner cannot give more than its own {format_size(ceiling)} "
+                "(it lacks CAP_SYS_RESOURCE: a container?); QEMU locks its memory before it "
+                "drops to its user, so it starts, but a device mapped later may be refused"
+            )
+            need = ceiling
+        jail = Jail(uid=uid, gid=uid, memlock_bytes=need)
     before = ctx.record(name)
     paths = guest_paths(ctx.run_dir, ctx.log_dir, name, state_dir=ctx.state_dir)
     caps = ctx.caps()
-    argv = qemu_argv(placement, plan, paths, caps)
+    argv = qemu_argv(placement, plan, paths, caps, jail)
     # The intent first: the record names the run directory (and so the pidfile and the QMP
     # socket) before a QEMU can exist that outlives this command.
     ctx.update(
@@ -69,6 +87,7 @@ def _launch(ctx: ApplyContext, name: str, placement: Placement, plan: Plan) -> P
             timeout=ctx.launch_timeout,
             on_progress=ctx.on_progress,
             on_spawned=spawned,
+            jail=jail,
         )
     except BaseException:
         # launch ended its QEMU and removed its run directory: the partition is as it was.

@@ -32,6 +32,14 @@ Decisions (each mirrors one of ``partitioner.guest.argv``):
   libvirt export"): libvirt has no element for it, and a ``<qemu:commandline>``
   ``-overcommit cpu-pm=on`` after libvirt's own ``-overcommit mem-lock=on``
   would turn the memory lock off.
+- Rule 10 (``host.confine``, the default): each domain names a user of its own
+  through a static DAC label (``+UID:+GID`` with ``relabel='yes'``: libvirt
+  starts QEMU as that user and, with ``dynamic_ownership``, hands it its device
+  nodes and files, and takes them back).  The uid is the partitioner's range
+  (``record.model.USER_BASE``) plus the partition's place in name order: the
+  export is a pure function of the plan, and libvirt, not the partitioner, then
+  manages the domain.  The rest of the walls are ``qemu.conf``'s (docs/cli.md,
+  "The libvirt export and rule 10's walls").
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from partitioner.guest.argv import (
     guest_ports,
     hostdev_numbers,
 )
+from partitioner.planning.confine import USER_BASE
 from partitioner.planning.model import Placement, Plan
 from partitioner.units import KiB
 
@@ -91,6 +100,10 @@ def domain_xml(p: Placement, plan: Plan) -> str:
     _sub(dom, "on_reboot", "restart")
     _sub(dom, "on_crash", "destroy")
     _devices(dom, p)
+    if plan.confine:
+        uid = USER_BASE + sorted(plan.placements).index(p.name)
+        label = _sub(dom, "seclabel", type="static", model="dac", relabel="yes")
+        _sub(label, "label", f"+{uid}:+{uid}")
     _overrides(dom, p)
     ET.indent(dom, space="  ")
     return ET.tostring(dom, encoding="unicode") + "\n"

@@ -30,6 +30,12 @@ the output with golden files.  Decisions worth knowing:
   ``-overcommit cpu-pm=on`` (HLT and MWAIT stay in the guest) when KVM offers to
   keep HLT in the guest.  Each is left out, and said so, where QEMU or KVM lacks
   it.  No balloon device: a partition's memory is never taken back.
+- Confined (rule 10, :class:`Jail`): QEMU is started as root under ``prlimit`` (the
+  locked-memory limit the plan computed) and ``setpriv --no-new-privs``, sets itself up
+  (opens its files, devices and sockets, locks its memory), then chroots into an
+  empty directory and drops to the partition's uid and gid (``-chroot``/``-runas``, or
+  ``-run-with``).  Its seccomp sandbox then leaves out ``elevateprivileges=deny``:
+  QEMU installs the filter before it drops, and would be killed at its own setuid.
 - A partition whose devices have large 64-bit BARs gets a 64-bit PCI window
   that holds them (``partitioner/planning/mmio.py`` sizes it); OVMF is told the same size,
   since it sizes its own aperture.
@@ -50,7 +56,21 @@ from partitioner.units import GiB, KiB, MiB
 
 # Under TCG the translation cache is an anonymous mapping that mem-lock=on would lock and
 # populate whole (1 GiB by default): a smaller cache keeps a test guest small.
-TCG_TB_SIZE_MIB = 256
+TCG_TB_SIZE_MIB = 256  # planning.confine.TCG_TB_BYTES counts it in the locked-memory limit
+
+
+@dataclass(frozen=True)
+class Jail:
+    """How a confined partition's QEMU is started (rule 10): its user and locked-memory limit."""
+
+    uid: int
+    gid: int
+    memlock_bytes: int
+
+
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# Under -runas: QEMU's own setgid/setuid come after the filter is installed.
+SANDBOX_DROPPING = "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
 
 
 @dataclass(frozen=True)
@@ -64,6 +84,11 @@ class GuestPaths:
     pidfile: Path
     output: Path  # QEMU's own stdout and stderr, kept to explain a failed start
     ovmf_vars: Path  # this partition's UEFI variable store (copied at first launch)
+
+    @property
+    def chroot(self) -> Path:
+        """The empty directory a confined QEMU is chrooted into, root's, mode 0555."""
+        return self.dir / "root"
 
     def to_json(self) -> dict[str, str]:
         return {
@@ -108,9 +133,12 @@ def guest_paths(
     )
 
 
-def qemu_argv(p: Placement, plan: Plan, paths: GuestPaths, caps: QemuCaps) -> list[str]:
-    """The full argv (binary first) that starts partition ``p`` paused."""
-    a: list[str] = [caps.binary]
+def qemu_argv(
+    p: Placement, plan: Plan, paths: GuestPaths, caps: QemuCaps, jail: Jail | None = None
+) -> list[str]:
+    """The full argv that starts partition ``p`` paused: QEMU's binary first, or with a
+    ``jail``, the wrappers that set its limits first (see :func:`jail_wrapper`)."""
+    a: list[str] = [*(jail_wrapper(p.name, jail, caps) if jail else []), caps.binary]
     a += ["-name", f"{_esc(p.name)},debug-threads=on"]
     a += ["-no-user-config", "-nodefaults", "-display", "none", "-msg", "timestamp=on"]
     # mem-merge=off: no KSM on memory the partition owns; dump-guest-core=off: a QEMU crash
@@ -154,8 +182,40 @@ def qemu_argv(p: Placement, plan: Plan, paths: GuestPaths, caps: QemuCaps) -> li
         # resourcecontrol=deny stops QEMU from changing its own affinity and priorities: the
         # partitioner pins its threads from outside, and the thread-context that places the
         # preallocation threads is set up before the filter is installed.
-        a += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]
+        a += ["-sandbox", SANDBOX_DROPPING if jail else SANDBOX]
+    if jail is not None:
+        a += _jail_options(jail, paths, caps)
     a += ["-S"]
+    return a
+
+
+def jail_wrapper(name: str, jail: Jail, caps: QemuCaps) -> list[str]:
+    """What runs before QEMU (each becomes the next program, same pid): ``prlimit`` sets the
+    locked-memory limit, ``setpriv`` sets NoNewPrivs (kept across exec and the drop)."""
+    if not caps.chroot or not caps.runas:
+        raise GuestError(
+            f"partition {name} is to run confined (host.confine) but QEMU {caps.version_text} "
+            f"({caps.binary}) offers no way to {'chroot' if not caps.chroot else 'drop to a user'} "
+            "after it has started (-chroot/-runas or -run-with): install a QEMU that does "
+            "(every packaged QEMU since 2.x), or set host.confine: false to debug",
+            partition=name,
+        )
+    n = str(jail.memlock_bytes)
+    return ["prlimit", f"--memlock={n}:{n}", "--", "setpriv", "--no-new-privs", "--"]
+
+
+def _jail_options(jail: Jail, paths: GuestPaths, caps: QemuCaps) -> list[str]:
+    user = f"{jail.uid}:{jail.gid}"
+    root = _esc(paths.chroot)
+    if caps.chroot == "run-with" and caps.runas == "run-with":
+        return ["-run-with", f"chroot={root},user={user}"]
+    # -chroot takes its path whole (not QEMU's comma-separated options): no escaping.
+    a = (
+        ["-run-with", f"chroot={root}"]
+        if caps.chroot == "run-with"
+        else ["-chroot", str(paths.chroot)]
+    )
+    a += ["-run-with", f"user={user}"] if caps.runas == "run-with" else ["-runas", user]
     return a
 
 

@@ -42,7 +42,7 @@ CPU_PROPS = frozenset(
     {"migratable", "kvm-hint-dedicated", "host-cache-info", "host-phys-bits", "arch-capabilities"}
 )
 # Bump when the probe learns something new: older cache entries are probed again.
-_CACHE_LAYOUT = 2
+_CACHE_LAYOUT = 3
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,11 @@ class QemuCaps:
     ovmf_vars: str | None = None
     cpu_props: frozenset[str] = frozenset()  # of CPU_PROPS, those this QEMU's x86 CPUs have
     cpu_pm: bool = False  # -overcommit cpu-pm=on (QEMU 3.0+)
+    # How this QEMU is told to chroot and to drop to a user after it has set itself up
+    # (rule 10): "run-with" (-run-with chroot=/user=, QEMU 8.1+/9.1+), the older options
+    # "chroot" / "runas" (removed in 9.0 / deprecated in 9.1), or "" when it cannot.
+    chroot: str = ""
+    runas: str = ""
     kvm: KvmCaps | None = None  # what the host's KVM answered (live, never cached); None: not asked
 
     @property
@@ -148,6 +153,11 @@ def _probe(path: str) -> QemuCaps:
             "arguments": {"option": "overcommit"},
             "id": "overcommit",
         },
+        {
+            "execute": "query-command-line-options",
+            "arguments": {"option": "run-with"},
+            "id": "run-with",
+        },
         {"execute": "quit"},
     ]
     stdin = "".join(json.dumps(c) + "\n" for c in commands)
@@ -182,9 +192,26 @@ def _probe(path: str) -> QemuCaps:
     overcommit: set[str] = set()
     for opt in replies.get("overcommit", {}).get("return", []) or []:
         overcommit.update(p.get("name", "") for p in opt.get("parameters", []))
+    run_with: set[str] = set()
+    for opt in replies.get("run-with", {}).get("return", []) or []:
+        run_with.update(p.get("name", "") for p in opt.get("parameters", []))
+    # -chroot and -runas are not QemuOpts, so the QMP query cannot list them: QEMU is asked
+    # whether it accepts each (a QEMU of no machine, chrooted in / or running as nobody).
+    chroot = (
+        "run-with" if "chroot" in run_with else "chroot" if _accepts(path, "-chroot", "/") else ""
+    )
+    runas = (
+        "run-with"
+        if "user" in run_with
+        else "runas"
+        if _accepts(path, "-runas", "65534:65534")
+        else ""
+    )
     ovmf_code, ovmf_vars = _find_ovmf()
     return QemuCaps(
         binary=path,
+        chroot=chroot,
+        runas=runas,
         version=version,
         package=str(version_reply.get("package", "")).strip(),
         thread_context="thread-context" in types,
@@ -197,6 +224,18 @@ def _probe(path: str) -> QemuCaps:
         cpu_props=CPU_PROPS & frozenset(n for n in cpu_props if isinstance(n, str)),
         cpu_pm="cpu-pm" in overcommit,
     )
+
+
+def _accepts(path: str, *option: str) -> bool:
+    """Whether QEMU starts with ``option`` (it refuses an option it does not know at once)."""
+    argv = [path, "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none"]
+    argv += [*option, "-qmp", "stdio"]
+    stdin = json.dumps({"execute": "qmp_capabilities"}) + "\n" + json.dumps({"execute": "quit"})
+    try:
+        cp = run(argv, input=stdin + "\n", timeout=30, check=False)
+    except CommandFailed:
+        return False
+    return cp.returncode == 0 and '"QMP"' in cp.stdout
 
 
 def _find_ovmf() -> tuple[str | None, str | None]:

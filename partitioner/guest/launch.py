@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import GuestError, PartitionError, VMLaunchFailure
-from partitioner.guest.argv import GuestPaths, qemu_argv
+from partitioner.guest.argv import GuestPaths, Jail, qemu_argv
 from partitioner.guest.caps import QemuCaps
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
@@ -95,22 +95,24 @@ def launch(
     timeout: float = 60.0,
     on_progress: Progress | None = None,
     on_spawned: Callable[[int], None] | None = None,
+    jail: Jail | None = None,
 ) -> RunningGuest:
     """Start partition ``p``, pinned, and running.  Raises VMLaunchFailure when QEMU exits while
     starting, GuestError for anything else; either way no QEMU and no run directory is left.
 
     ``on_spawned(pid)`` is called as soon as QEMU exists, before anything waits on it:
     the caller records the pid there (the record named the run directory before).
+    With a ``jail`` (rule 10), QEMU drops to its user and chroots once it is set up.
     """
     say = on_progress or (lambda _msg: None)
-    argv = qemu_argv(p, plan, paths, caps)
+    argv = qemu_argv(p, plan, paths, caps, jail)
     previous = _pid_in(paths.pidfile)
     if previous is not None and _ours(root, previous, paths):
         # Its sockets are about to be replaced: refuse rather than orphan a running guest.
         raise GuestError(
             f"partition {p.name} is already running (QEMU pid {previous})", partition=p.name
         )
-    _prepare_dirs(p, paths, caps)
+    _prepare_dirs(p, paths, caps, jail)
     deadline = time.monotonic() + timeout
     say(f"{p.name}: starting QEMU")
     out_fd = os.open(paths.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -238,6 +240,27 @@ def kill(pid: int, *, root: HostRoot | None = None, timeout: float = 10.0) -> No
         raise GuestError(f"process {pid} is still there {timeout:g} s after SIGKILL")
 
 
+def memlock_ceiling(root: HostRoot) -> int | None:
+    """The highest RLIMIT_MEMLOCK this process can give a child: None when it can give any
+    (it has CAP_SYS_RESOURCE), else its own hard limit (a container may withhold the
+    capability; a limit can always be lowered, never raised past it)."""
+    import resource
+
+    status = root.read(sysfs.SELF_STATUS) or ""
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            try:
+                if int(line.split()[1], 16) & (1 << CAP_SYS_RESOURCE):
+                    return None
+            except (IndexError, ValueError):
+                break
+    hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+    return None if hard == resource.RLIM_INFINITY else hard
+
+
+CAP_SYS_RESOURCE = 24
+
+
 # -- finding a QEMU again (reconciliation after a killed command) -----------------
 
 
@@ -320,15 +343,35 @@ def adoptable(
 # -- helpers -------------------------------------------------------------------
 
 
-def _prepare_dirs(p: Placement, paths: GuestPaths, caps: QemuCaps) -> None:
+def _prepare_dirs(p: Placement, paths: GuestPaths, caps: QemuCaps, jail: Jail | None) -> None:
     try:
         paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chown(paths.dir, 0, 0)
         os.chmod(paths.dir, 0o700)  # the umask may have cut it; sockets in here are root's
         # Leftovers of a QEMU that died without cleaning up would make QMP answer stale.
         for stale in (paths.qmp, paths.console, paths.pidfile):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
+        if jail is not None:
+            # The confined QEMU's root: empty and root's, so that after its chroot it can
+            # open no path at all (rule 10); whatever it needs it opened before.
+            paths.chroot.mkdir(mode=0o555, exist_ok=True)
+            os.chown(paths.chroot, 0, 0)
+            os.chmod(paths.chroot, 0o555)
+            for leftover in os.listdir(paths.chroot):
+                raise GuestError(
+                    f"the root directory {paths.chroot} of partition {p.name} is not empty "
+                    f"({leftover}): remove what is in it",
+                    partition=p.name,
+                )
         paths.console_log.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        # The console log is root's alone (rule 10: another partition's user cannot read it).
+        fd = os.open(paths.console_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            os.fchown(fd, 0, 0)
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
         if p.spec.firmware == "uefi" and caps.ovmf_vars and not paths.ovmf_vars.exists():
             paths.ovmf_vars.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             shutil.copyfile(caps.ovmf_vars, paths.ovmf_vars)

@@ -23,7 +23,13 @@ from partitioner.errors import HostReadError
 from partitioner.inventory.cpus import phys_bits, scan_cpus
 from partitioner.inventory.memory import scan_hugepage_sizes, scan_nodes
 from partitioner.inventory.model import Host
-from partitioner.inventory.pci import class_label, pci_is_bridge, scan_iommu_groups, scan_pci
+from partitioner.inventory.pci import (
+    class_label,
+    interrupt_remapping,
+    pci_is_bridge,
+    scan_iommu_groups,
+    scan_pci,
+)
 from partitioner.inventory.reader import Reader
 from partitioner.inventory.usage import scan_in_use, scan_net, with_netdevs
 from partitioner.kernel import sysfs
@@ -64,6 +70,7 @@ def scan(root: HostRoot) -> Host:
         has_kvm=root.exists(sysfs.DEV_KVM),
         phys_bits=phys_bits(root),
         has_iommu=bool(groups),
+        interrupt_remapping=interrupt_remapping(root),
         hugepage_sizes=scan_hugepage_sizes(r, nodes),
         page_size=4096,
         vfio_pci_loaded=root.is_dir(sysfs.pci_driver("vfio-pci")),

@@ -126,6 +126,9 @@ class Host:
     page_size: int = 4096
     vfio_pci_loaded: bool = False
     phys_bits: int | None = None  # the CPU's physical address bits (/proc/cpuinfo), None: unknown
+    # Interrupts delivered through interrupt remapping (an IR- irqchip in /proc/interrupts);
+    # None: nothing tells.  Rule 10: without it a device must not be assigned unasked.
+    interrupt_remapping: bool | None = None
     notes: tuple[str, ...] = field(
         default=()
     )  # quirks met while reading (contradictory NUMA data...)

@@ -247,3 +247,17 @@ def pci_is_bridge(root: HostRoot, device_dir: str, class_code: str) -> bool:
     if len(head) == 0x0F:
         return head[0x0E] & 0x7F in (1, 2)
     return class_code[:4] in ("0604", "0607", "0609")
+
+
+def interrupt_remapping(root: HostRoot) -> bool | None:
+    """Whether interrupt remapping is in effect: None when nothing tells.
+
+    The kernel says so in dmesg ("Enabled IRQ remapping"), which a tree does not
+    hold.  What sysfs and proc show: remapped interrupts are delivered through
+    the IR irqchip, whose name starts with ``IR-`` in ``/proc/interrupts``
+    (``IR-PCI-MSI``, ``IR-IO-APIC``), on Intel and AMD alike.
+    """
+    text = root.read(sysfs.INTERRUPTS)
+    if text is not None:
+        return bool(re.search(r"\sIR-[A-Za-z]", text))
+    return None

@@ -125,6 +125,9 @@ IRQ_DEFAULT_AFFINITY = "/proc/irq/default_smp_affinity"
 DEV = "/dev"
 DEV_KVM = "/dev/kvm"
 DEV_VFIO_CONTAINER = "/dev/vfio/vfio"
+# The account databases: a partition's uid and gid must be in neither (rule 10).
+ETC_PASSWD = "/etc/passwd"
+ETC_GROUP = "/etc/group"
 SYSTEMD_RUNTIME = "/run/systemd/system"  # exists when systemd is the init system
 
 

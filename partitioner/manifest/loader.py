@@ -677,6 +677,8 @@ class _Checker:
             smt=host.get("smt", "isolate"),
             accel=host.get("accel", "kvm"),
             isolation=host.get("isolation", "full"),
+            confine=bool(host.get("confine", True)),
+            allow_unsafe_interrupts=bool(host.get("allow_unsafe_interrupts", False)),
             reserve_memory_where=self.value_location(("host", "reserve", "memory"))
             if "memory" in reserve
             else self.location(("host",))

@@ -108,6 +108,8 @@ class HostSpec:
     smt: Literal["isolate", "share"] = "isolate"
     accel: Literal["kvm", "tcg"] = "kvm"
     isolation: Literal["full", "pinned"] = "full"
+    confine: bool = True  # rule 10: each QEMU unprivileged, a user of its own
+    allow_unsafe_interrupts: bool = False  # devices without interrupt remapping
     reserve_memory_where: Location = field(default=NOWHERE, compare=False)
     reserve_cpus_where: Location = field(default=NOWHERE, compare=False)
 

@@ -169,6 +169,7 @@ class Plan:
     host_memory_bytes: int
     placements: Mapping[str, Placement]  # in name order
     notes: tuple[str, ...] = field(default=())
+    confine: bool = True  # rule 10: each QEMU runs as a user of its own, unprivileged
 
     def hugepages_needed(self) -> dict[tuple[int, int], int]:
         """(node, page size in bytes) -> pages the placed partitions need there."""
@@ -190,6 +191,7 @@ class Plan:
             "host": {"cpus": self.host_cpus.as_list(), "memory_bytes": self.host_memory_bytes},
             "accel": self.accel,
             "smt": self.smt,
+            "confine": self.confine,
             "notes": list(self.notes),
         }
 

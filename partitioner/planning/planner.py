@@ -123,6 +123,7 @@ def plan(
         host_memory_bytes=manifest.host.reserve_memory_bytes,
         placements={name: placements[name] for name in sorted(placements)},
         notes=tuple(w.notes),
+        confine=manifest.host.confine,
     )
 
 
@@ -147,6 +148,7 @@ def _check_preconditions(manifest: Manifest, host: Host, w: Work) -> None:
             "but this host has no IOMMU groups (/sys/kernel/iommu_groups is empty): turn on VT-d / "
             "AMD-Vi in the BIOS and boot with intel_iommu=on (Intel) or amd_iommu=on (AMD)",
         )
+    _check_walls(manifest, host, wants_devices, w)
     total = sum(n.memory_bytes for n in host.nodes.values())
     reserve = manifest.host.reserve_memory_bytes
     if reserve > total:
@@ -173,6 +175,47 @@ def _check_preconditions(manifest: Manifest, host: Host, w: Work) -> None:
                 f"{p.name} wants {page_size_name(p.hugepage_bytes)} hugepages but the kernel offers "
                 f"{offered}{hint}; choose an offered size or `hugepages: none`",
             )
+
+
+def _check_walls(manifest: Manifest, host: Host, wants_devices: list[str], w: Work) -> None:
+    """Rule 10: what the manifest loosens of the walls between partitions is said on every
+    run; a device is not assigned without interrupt remapping unless it was asked for."""
+    if not manifest.host.confine:
+        w.notes.append(
+            "warning: host.confine is false: every partition's QEMU runs as root with every "
+            "capability, so a guest that escapes its QEMU owns the host and every other "
+            "partition (rule 10); for debugging only, `audit` reports it"
+        )
+    if not wants_devices or not host.has_iommu:
+        return
+    who = f"{handful(wants_devices)} {'asks' if len(wants_devices) == 1 else 'ask'} for PCI devices"
+    if host.interrupt_remapping is False:
+        if manifest.host.allow_unsafe_interrupts:
+            w.notes.append(
+                f"warning: {who} on a host without interrupt remapping, allowed by "
+                "host.allow_unsafe_interrupts: a guest can forge interrupts (MSI writes) "
+                "to the host and to other partitions (rule 10)"
+            )
+        else:
+            w.problem(
+                None,
+                "host.allow_unsafe_interrupts",
+                f"{who} but this host has no interrupt remapping (no IR- interrupt chip in "
+                "the kernel's interrupt list): a guest could forge interrupts to the host and to other "
+                "partitions (rule 10); remove intremap=off / nointremap from the kernel "
+                "command line and turn on x2APIC / interrupt remapping (VT-d or AMD-Vi) in "
+                "the firmware, or, knowing the risk, set host.allow_unsafe_interrupts: true",
+            )
+    elif host.interrupt_remapping is None:
+        w.notes.append(
+            f"{who}: whether this host remaps interrupts cannot be told (the kernel's "
+            "interrupt list cannot be read); `partition host check` says more"
+            + (
+                " (allowed without it by host.allow_unsafe_interrupts)"
+                if manifest.host.allow_unsafe_interrupts
+                else ""
+            )
+        )
 
 
 def kvm_vcpu_problems(manifest: Manifest, max_vcpus: int) -> list[PlanProblem]:

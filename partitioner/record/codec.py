@@ -18,6 +18,7 @@ from typing import Any
 from partitioner.cpuset import CpuSet
 from partitioner.jsonvalues import nat, obj, seq
 from partitioner.pci import PciAddress
+from partitioner.planning.confine import in_user_range
 from partitioner.planning.model import Placement
 from partitioner.record.model import (
     FunctionRecord,
@@ -77,6 +78,7 @@ def site_to_json(s: SiteRecord) -> dict[str, Any]:
         "smt": s.smt,
         "host_cpus": str(s.host_cpus),
         "host_memory_bytes": s.host_memory_bytes,
+        "confine": s.confine,
     }
 
 
@@ -87,6 +89,8 @@ def site_from_json(d: Mapping[str, Any]) -> SiteRecord:
         smt=str(d["smt"]),
         host_cpus=CpuSet.parse(str(d["host_cpus"])),
         host_memory_bytes=nat(d["host_memory_bytes"], "host_memory_bytes"),
+        # A record from before rule 10 has no word: its partitions start confined (the default).
+        confine=bool(d.get("confine", True)),
     )
 
 
@@ -167,6 +171,7 @@ def partition_to_json(r: PartitionRecord) -> dict[str, Any]:
         "pool_intents": [intent_to_json(i) for i in r.pool_intents],
         "argv": list(r.argv),
         "placement": r.placement.to_json(),
+        "uid": r.uid,
     }
 
 
@@ -199,7 +204,18 @@ def partition_from_json(name: str, d: Mapping[str, Any]) -> PartitionRecord:
             intent_from_json(obj(i, "a hugepage intent"))
             for i in seq(d.get("pool_intents", []), "pool_intents")
         ),
+        uid=_user(d.get("uid")),
     )
+
+
+def _user(v: object) -> int | None:
+    """A partition's uid: in the range rule 10 keeps for partitions, or none (never root's)."""
+    if v is None:
+        return None
+    uid = nat(v, "uid")
+    if not in_user_range(uid):
+        raise ValueError(f"uid {uid} is not in the range kept for partitions")
+    return uid
 
 
 def _opt_str(v: object) -> str | None:

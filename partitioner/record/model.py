@@ -108,10 +108,13 @@ class SiteRecord:
     smt: str
     host_cpus: CpuSet
     host_memory_bytes: int
+    confine: bool = True
 
     @classmethod
     def of_plan(cls, plan: Plan, manifest: str) -> SiteRecord:
-        return cls(manifest, plan.accel, plan.smt, plan.host_cpus, plan.host_memory_bytes)
+        return cls(
+            manifest, plan.accel, plan.smt, plan.host_cpus, plan.host_memory_bytes, plan.confine
+        )
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,7 @@ class PartitionRecord:
     claims: tuple[GroupClaim, ...] = ()  # in claim order
     hugepages: tuple[HugepageGrant, ...] = ()
     pool_intents: tuple[PoolIntent, ...] = ()  # pool changes under way (a killed command's)
+    uid: int | None = None  # its QEMU's user and group (rule 10), recorded before first used
 
     def holds_nothing(self) -> bool:
         return (
@@ -137,6 +141,7 @@ class PartitionRecord:
             and not self.claims
             and not self.hugepages
             and not self.pool_intents
+            and self.uid is None
         )
 
     def claim_groups(self) -> list[int]:
@@ -230,5 +235,6 @@ def plan_of_state(state: State) -> Plan:
         smt=state.site.smt,
         host_cpus=state.site.host_cpus,
         host_memory_bytes=state.site.host_memory_bytes,
+        confine=state.site.confine,
         placements={n: r.placement for n, r in sorted(state.partitions.items())},
     )
