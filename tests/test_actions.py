@@ -105,13 +105,16 @@ def make_placement(
     )
 
 
-def make_plan(*placements: Placement) -> Plan:
+def make_plan(*placements: Placement, confine: bool = False) -> Plan:
+    """A plan of ``placements``; unconfined unless asked, so the order of the other steps
+    is what a test sees (test_a_confined_partition_takes_a_user_before_it_starts)."""
     return Plan(
         accel="tcg",
         smt="isolate",
         host_cpus=CpuSet([0]),
         host_memory_bytes=1024 * MiB,
         placements={p.name: p for p in sorted(placements, key=lambda p: p.name)},
+        confine=confine,
     )
 
 
@@ -452,3 +455,17 @@ def test_forget_undo_puts_back_a_record_holding_nothing(tmp_path: Path) -> None:
     f.undo(ctx)
     back = ctx.state.partitions["a"]
     assert back.state is RunState.STOPPED and back.hugepages == () and back.placement == p
+
+
+def test_a_confined_partition_takes_a_user_before_it_starts_and_gives_it_back_last() -> None:
+    a = make_placement("a", (1,), nic=True)
+    acts = diff(make_plan(a, confine=True), state_of(), make_host(free_2m=500), replace=set())
+    got = kinds(acts)
+    assert ("take-user", "a") in got
+    assert got.index(("take-user", "a")) < got.index(("start", "a"))
+    unconfined = kinds(diff(make_plan(a), state_of(), make_host(free_2m=500), replace=set()))
+    assert ("take-user", "a") not in unconfined
+    held = state_of(running(a, uid=1879048192))
+    down = kinds(diff(make_plan(confine=True), held, make_host(), replace=set()))
+    assert down[-1] == ("forget", "a")
+    assert down.index(("give-back-user", "a")) > down.index(("stop", "a"))

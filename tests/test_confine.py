@@ -105,7 +105,7 @@ def test_a_device_without_interrupt_remapping_is_refused(
     assert h.interrupt_remapping is False
     with pytest.raises(PlanError) as e:
         plan(site(), h)
-    said = "\n".join(e.value.problems)
+    said = "\n".join(map(str, e.value.problems))
     assert "no interrupt remapping" in said
     assert "intremap=off" in said and "firmware" in said
     assert "allow_unsafe_interrupts" in said

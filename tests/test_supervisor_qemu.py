@@ -170,6 +170,8 @@ def test_host_boot_starts_autostart_partitions_and_supervises(site: Site) -> Non
     cp = site.run("--json", "host", "boot", str(manifest), "--no-supervise")
     assert cp.returncode == 0, cp.stderr
     assert json.loads(cp.stdout) == {
+        "ok": True,
+        "exit": 0,
         "started": [],
         "skipped": ["p0"],
         "notes": [],
