@@ -144,7 +144,15 @@ class Lab:
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
     _require()
-    lab = Lab(tmp_path, guest_kernel(), build_guest_initramfs(tmp_path / "img"))
+    # The export runs each domain as its partition's own user (a DAC seclabel, relabel=yes:
+    # libvirt hands the domain's files to it), so the files it boots are the test's copies
+    # (libvirt would relabel a system kernel), under directories that user may traverse.
+    kernel = tmp_path / "img" / "vmlinuz"
+    kernel.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(guest_kernel(), kernel)
+    for d in (tmp_path.parent.parent, tmp_path.parent, tmp_path):
+        d.chmod(d.stat().st_mode | 0o111)
+    lab = Lab(tmp_path, kernel, build_guest_initramfs(tmp_path / "img"))
     etc = tmp_path / "libvirt" / "etc"
     etc.mkdir(parents=True)
     (etc / "qemu.conf").write_text(QEMU_CONF)
