@@ -247,7 +247,6 @@ def test_group_behind_the_bridge(released: list[GroupClaim]) -> None:
                 DeviceError, match=f"{alone[-1]} in IOMMU group {group} cannot be reset"
             ):
                 check_group(ROOT, host, group, reset_none_ok=set(alone[:-1]))
-        assert by_bus or alone or not no_reset
 
         released.remove(claim)
         release_group(ROOT, claim)
