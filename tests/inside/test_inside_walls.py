@@ -34,9 +34,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -215,13 +217,16 @@ def run_probe(uid: int, gid: int, targets: list[tuple[str, str, str, str]]) -> d
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["confined", "unconfined"])
-def walls(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Walls]:
+def walls(request: pytest.FixtureRequest) -> Iterator[Walls]:
     confine: bool = request.param
     for a in (*NICS[A], *NICS[B]):
         assert current_driver(ROOT, a) == "e1000e", a
-    tmp = tmp_path_factory.mktemp("walls-on" if confine else "walls-off")
+    # Not under pytest's temporary directory: it is root's alone (0700), and would refuse A
+    # everything by itself.  Here only the partitioner's own modes stand in A's way.
+    tmp = Path(tempfile.mkdtemp(prefix=f"partition-walls-{'on' if confine else 'off'}-"))
+    os.chmod(tmp, 0o755)
+    for d in (tmp, *tmp.parents):
+        assert os.stat(d).st_mode & 0o001, f"{d} is not searchable by others"
     env = {
         **os.environ,
         "PARTITION_STATE_DIR": str(tmp / "state"),
@@ -237,6 +242,7 @@ def walls(
     assert f"confine: {'true' if confine else 'false'}" in text
     manifest = tmp / "site.yaml"
     manifest.write_text(text)
+    os.chmod(manifest, 0o644)
     w = Walls(confine, tmp, env, {}, {}, (-1, -1), {}, [])
     try:
         # No supervisor: nothing here crashes, and it is one process fewer under TCG.
@@ -259,12 +265,15 @@ def walls(
             ("console-log", "read", w.paths[B]["console_log"], ""),
             ("proc-mem", "read", f"/proc/{b_pid}/mem", ""),
             ("sys-bus-pci", "write", "/sys/bus/pci/drivers_probe", NICS[B][0]),
+            # The control: a file any user may read, beside the partitions' directories.
+            ("control", "read", str(manifest), ""),
         ]
         w.probe = run_probe(*w.identity, targets)
         yield w
     finally:
         if (tmp / "state" / "state.json").exists() and not w.destroyed:
             w.cli("destroy", "--all", "--timeout", "5")
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check(w: Walls, prefix: str, allowed: set[str]) -> None:
@@ -282,6 +291,8 @@ def test_the_probe_runs_with_partition_as_identity(walls: Walls) -> None:
     uid, gid = walls.identity
     p = walls.probe
     assert (p["uid"], p["euid"], p["gid"], p["groups"]) == (uid, uid, gid, [])
+    # It can read what any user may: what it is refused below is refused for what it is.
+    assert p["results"]["control"] == "ok", p
     if walls.confine:
         assert in_user_range(uid) and uid == gid == walls.status[A]["uid"]
         assert walls.status[B]["uid"] not in (None, uid)
