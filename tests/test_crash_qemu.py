@@ -9,9 +9,12 @@ touching this file.  Then, for each point in turn, the verb runs with
 ``PARTITION_TEST_KILL_AT=NAME:N`` and kills itself right there.
 
 After every kill: ``status`` answers (exit 0, valid JSON); the next ``apply``
-converges to the site running, its vCPU pinned (read from /proc); ``destroy``
-leaves no QEMU of the partition, nothing under the run directory, and the
-hugepage pool at the size it had before this test raised it.
+converges to the site running, its vCPU pinned (read from /proc), its QEMU the one
+process that runs as a partition's user (rule 10's range, read from every
+``/proc/PID/status``), with the uid the record holds; ``destroy`` leaves no QEMU of
+the partition, no process of any partition's uid, no uid slot in the record, nothing
+under the run directory, and the hugepage pool at the size it had before this test
+raised it.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from partitioner.guest.launch import thread_affinities
 from partitioner.guest.qmp import Qmp
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
+from partitioner.planning.confine import in_user_range
 from partitioner.units import MiB
 
 pytestmark = pytest.mark.qemu
@@ -61,6 +65,9 @@ class Site:
     dir: Path
     manifest: Path
     pool: int  # the 2MiB pool's size before the module applied anything: what every test ends with
+    # Processes of a partition's uid that ran before the module began (another site's
+    # confined QEMU): not this site's, left out of what every check counts.
+    users_before: frozenset[int]
 
     @property
     def run_dir(self) -> Path:
@@ -111,6 +118,32 @@ def _qemus(run_dir: Path) -> list[int]:
     return pids_whose_argv(lambda argv: any(key in a for a in argv))
 
 
+def _partition_users() -> dict[int, int]:
+    """pid -> uid of every live process whose real, effective, saved or filesystem uid or gid
+    lies in rule 10's range, read from ``/proc/PID/status`` (zombies left out: they hold
+    nothing, only their parent's wait is due)."""
+    out: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            lines = Path(f"/proc/{entry}/status").read_text().splitlines()
+        except OSError:
+            continue  # ended while read
+        fields = {ln.split(":", 1)[0]: ln.split()[1:] for ln in lines if ":" in ln}
+        if fields.get("State", ["?"])[0] in ("Z", "X"):
+            continue
+        ids = [int(v) for v in fields.get("Uid", []) + fields.get("Gid", []) if v.isdigit()]
+        if any(in_user_range(i) for i in ids):
+            out[int(entry)] = int(fields["Uid"][0])
+    return out
+
+
+def _site_users(site: Site) -> dict[int, int]:
+    """What :func:`_partition_users` finds, less what ran before the module began."""
+    return {p: u for p, u in _partition_users().items() if p not in site.users_before}
+
+
 def _pool_size() -> int:
     nr = ROOT.read_int(f"{POOL}/nr_hugepages")
     assert nr is not None
@@ -136,7 +169,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         "    hugepages: 2MiB\n"
         f"    boot: {{kernel: {kernel}, initrd: {initrd}, cmdline: console=ttyS0 quiet panic=-1}}\n"
     )
-    s = Site(d, manifest, _pool_size())
+    s = Site(d, manifest, _pool_size(), frozenset(_partition_users()))
     yield s
     if (d / "state" / "state.json").exists():
         s.destroy()
@@ -166,16 +199,48 @@ def _check_running_pinned(site: Site) -> None:
     assert list(vcpus) == [0]
     assert aff[vcpus[0]] == CpuSet([1]), f"vCPU thread may run on {aff[vcpus[0]]}"
     assert all(c == CpuSet([0]) for t, c in aff.items() if t != vcpus[0]), aff
+    # Confined (the default): its QEMU runs as the uid the record holds, and no other
+    # process runs as a partition's user (no QEMU a killed run left behind).
+    uid = st["uid"]
+    assert uid is not None and in_user_range(uid), st
+    record = json.loads((site.dir / "state" / "state.json").read_text())
+    assert record["partitions"]["crashp"]["uid"] == uid, record["partitions"]["crashp"]
+    assert _site_users(site) == {pid: uid}, _describe(_site_users(site))
+
+
+def _describe(users: dict[int, int]) -> str:
+    out = []
+    for pid, uid in sorted(users.items()):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")[:200]
+        except OSError:
+            argv = b"?"
+        out.append(f"pid {pid} uid {uid}: {argv.decode(errors='replace')}")
+    return "processes of a partition's user: " + ("; ".join(out) or "none")
+
+
+def _held_uids(doc: object) -> list[object]:
+    """Every non-null ``uid`` anywhere in a JSON document."""
+    if isinstance(doc, dict):
+        own = [doc["uid"]] if doc.get("uid") is not None else []
+        return own + [u for v in doc.values() for u in _held_uids(v)]
+    if isinstance(doc, list):
+        return [u for v in doc for u in _held_uids(v)]
+    return []
 
 
 def _check_clean(site: Site, pool_before: int) -> None:
-    """No QEMU, no run directory content, no partition recorded (so no grant, no intent
-    left to give back), and the pool as it was before the module applied anything."""
+    """No QEMU, no process of a partition's user, no run directory content, no partition
+    recorded (so no grant, no intent, no uid slot left to give back), and the pool as it
+    was before the module applied anything."""
     assert _qemus(site.run_dir) == []
+    # Every uid slot given back means no process left with it: ``destroy`` ends them all.
+    assert _site_users(site) == {}, _describe(_site_users(site))
     leftover = list(site.run_dir.rglob("*")) if site.run_dir.exists() else []
     assert leftover == [], leftover
     record = json.loads((site.dir / "state" / "state.json").read_text())
     assert record["partitions"] == {}, record
+    assert _held_uids(record) == [], record  # no slot held anywhere in the record
     # A page leaked keeps the pool above where it was; one given back that was not this
     # site's, below.  Pages come back to the pool as QEMU's memory is torn down: a bounded
     # wait.  (The suite runs alone on the machine: no other site resizes this pool meanwhile.)
@@ -195,7 +260,9 @@ def _status_answers(site: Site, label: str) -> None:
 def test_apply_killed_at_every_step_converges_and_destroys_clean(site: Site) -> None:
     pool_before = site.pool
     points = site.points("apply")
-    assert {"qemu-spawned", "guest-let-run", "did-start", "state-saved"} <= set(points), points
+    assert {
+        "qemu-spawned", "guest-let-run", "did-start", "state-saved", "user-taken", "did-take-user"
+    } <= set(points), points  # fmt: skip
     assert site.destroy().returncode == 0
     _check_clean(site, pool_before)
     for name, n in _occurrences(points):
@@ -215,7 +282,10 @@ def test_destroy_killed_at_every_step_is_finished_by_the_next_run(site: Site) ->
     pool_before = site.pool
     assert site.apply().returncode == 0
     points = site.points("destroy")
-    assert {"powerdown-sent", "qemu-gone", "did-stop", "did-forget"} <= set(points), points
+    assert {
+        "powerdown-sent", "qemu-gone", "did-stop", "did-forget", "user-processes-ended",
+        "did-give-back-user",
+    } <= set(points), points  # fmt: skip
     _check_clean(site, pool_before)
     assert site.apply().returncode == 0
     for name, n in _occurrences(points):
