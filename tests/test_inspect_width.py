@@ -108,3 +108,46 @@ def test_a_large_corpus_host_fits_the_width(
     assert max(len(line) for line in out.splitlines()) <= width
     for row in rows_of(out, doc).values():
         assert SHORT.fullmatch(row.split()[-1]), row
+
+
+def test_a_terminal_that_does_not_know_its_size_gets_the_default_width() -> None:
+    """A serial console (the emulated server's) or an unsized pty says 0 columns: no width."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    from partitioner.cli.inspect import DEFAULT_WIDTH, MIN_WIDTH, table_width
+
+    leader, follower = pty.openpty()
+    try:
+        with os.fdopen(os.dup(follower), "w") as tty:
+            assert os.get_terminal_size(tty.fileno()).columns == 0
+            assert table_width({}, tty) == DEFAULT_WIDTH
+            assert table_width({"COLUMNS": "3"}, tty) == MIN_WIDTH
+        # The whole verb on that terminal: a table, not a traceback.  The terminal is read
+        # while the verb writes, so a long table never fills it.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "partitioner.cli.main", "--host-root", str(FIXTURE), "inspect"],
+            stdout=follower, stderr=subprocess.PIPE, env={**os.environ, "COLUMNS": ""},
+        )  # fmt: skip
+        os.close(follower)
+        follower = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the verb has closed its end
+                break
+            if not chunk:
+                break
+            out += chunk
+        err = proc.stderr.read() if proc.stderr else b""
+        rc = proc.wait(timeout=120)
+    finally:
+        if follower >= 0:
+            os.close(follower)
+        os.close(leader)
+    assert rc == 0, err.decode()
+    assert b"Traceback" not in err
+    assert b"0000:00:18.0" in out

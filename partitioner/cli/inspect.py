@@ -28,6 +28,7 @@ from partitioner.vfio.preview import (
 )
 
 # The width of the table in a pipe or a file (docs/cli.md): a terminal's own, or COLUMNS.
+MIN_WIDTH = 40
 DEFAULT_WIDTH = 100
 
 
@@ -197,13 +198,19 @@ def render(host: Host, doc: dict[str, Any], width: int = 100) -> str:
 
 
 def table_width(env: Mapping[str, str], out: TextIO) -> int:
-    """``COLUMNS`` when it is a number, else the terminal's width, else 100 (a pipe, a file)."""
+    """``COLUMNS`` when it is a number, else the terminal's width, else 100 (a pipe, a file).
+
+    A terminal that does not know its size says 0 columns (a serial console, a pty
+    nobody sized): that is no width, so the default holds; nothing narrower than
+    ``MIN_WIDTH`` is taken (a table cannot be cut below its columns' own names)."""
     given = env.get("COLUMNS", "")
     if given.isdigit() and int(given) > 0:
-        return int(given)
+        return max(int(given), MIN_WIDTH)
     with contextlib.suppress(AttributeError, ValueError, OSError):
         if out.isatty():
-            return os.get_terminal_size(out.fileno()).columns
+            columns = os.get_terminal_size(out.fileno()).columns
+            if columns > 0:
+                return max(columns, MIN_WIDTH)
     return DEFAULT_WIDTH
 
 
