@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_cli_args import own_dirs, run  # noqa: F401  (own_dirs: an autouse fixture)
 from test_hostboot import snapshot_tree, target_root
-
-from partitioner.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 PARTITION = Path(sys.executable).parent / "partition"
@@ -22,29 +21,6 @@ FIXTURE = ROOT / "tests" / "fixtures" / "hosts" / "testbed-numa"
 DEMO = ROOT / "partitions" / "demo.yaml"
 # A manifest whose one problem is at line 3, column 15.
 BAD = "version: 1\npartitions:\n  fw0: {cpus: 0, memory: 1GiB}\n"
-
-
-@pytest.fixture(autouse=True)
-def own_dirs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    for var, name in (
-        ("PARTITION_STATE_DIR", "state"),
-        ("PARTITION_RUN_DIR", "run"),
-        ("PARTITION_LOG_DIR", "log"),
-        ("PARTITION_CACHE_DIR", "cache"),
-    ):
-        monkeypatch.setenv(var, str(tmp_path / name))
-    monkeypatch.delenv("PARTITION_HOST_ROOT", raising=False)
-    return tmp_path
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:
-        rc = int(e.code or 0)
-    out, err = capsys.readouterr()
-    assert "Traceback" not in err, err
-    return rc, out, err
 
 
 def stdin_of(monkeypatch: pytest.MonkeyPatch, text: str) -> None:
