@@ -37,6 +37,7 @@ class ApplyContext:
     stop_timeout: float = 60.0  # ACPI power-down before QEMU is told to quit
     undo_stop_timeout: float = 5.0  # a guest started by this very apply need not shut down politely
     launch_timeout: float = 120.0
+    live_timeout: float = 60.0  # for a guest to take or give up a vCPU, memory or a device
     release_wait: float = 10.0  # for an exited QEMU's hugepages to be free again
     on_progress: Callable[[str], None] | None = None
     store: StateStore | None = None  # set by execute: an intent is saved before its change

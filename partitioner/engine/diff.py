@@ -2,21 +2,40 @@
 
 Partitions leaving the plan are torn down first (stops in reverse start order,
 then their devices and pages), then partitions are brought up in start order.
-A running partition whose resources changed is left running unless its operator
-names it with ``--replace`` (:func:`held_replacements` says which and why).
+A running partition whose ``cpus``, ``memory`` or devices changed within its bounds
+is changed live (rule 11, :mod:`partitioner.engine.live`): every partition's
+give-backs first (so a partition may grow into what another gives up in the same
+apply), then the takes in start order.  Any other change of a running partition
+leaves it running unless its operator names it with ``--replace``
+(:func:`held_replacements` says which and why).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import replace
 
 from partitioner.engine.confine import GiveBackUser, TakeUser
 from partitioner.engine.devices import ClaimGroup, ReleaseGroup
 from partitioner.engine.guests import Forget, Start, Stop, _placement_summary
-from partitioner.engine.hugepages import ReleaseHugepages, ReserveHugepages, _idle_need
+from partitioner.engine.hugepages import (
+    ReleaseHugepages,
+    ReleasePagesLive,
+    ReserveHugepages,
+    ReservePagesLive,
+    _idle_need,
+)
+from partitioner.engine.live import (
+    AddCpus,
+    AttachDevice,
+    DetachDevice,
+    GrowMemory,
+    RemoveCpus,
+    ShrinkMemory,
+)
 from partitioner.engine.step import Action, Replace
 from partitioner.inventory.model import Host
-from partitioner.planning.model import Placement, Plan
+from partitioner.planning.model import LiveChange, Placement, Plan
 from partitioner.record.model import PartitionRecord, RunState, State
 from partitioner.units import format_size
 from partitioner.vfio.preview import group_endpoints
@@ -127,8 +146,94 @@ def held_replacements(plan: Plan, state: State, *, replace: set[str]) -> dict[st
             and name not in replace
             and not p.same_resources(rec.placement)
         ):
-            out[name] = _changes(p, rec.placement)
+            live = p.live_change_from(rec.placement)
+            if not isinstance(live, LiveChange):
+                out[name] = f"{_changes(p, rec.placement)} ({live})"
     return out
+
+
+def _pool_need(
+    host: Host, state: State, shortfall: dict[tuple[int, int], int], node: int, size: int, name: str
+) -> int:
+    key = (node, size)
+    if key not in shortfall:
+        pool = host.nodes[node].hugepages.get(size) if node in host.nodes else None
+        shortfall[key] = _idle_need(state, node, size, name) - (pool.free if pool else 0)
+    return shortfall[key]
+
+
+def _live_steps(
+    p: Placement,
+    rec: PartitionRecord,
+    host: Host,
+    shortfall: dict[tuple[int, int], int],
+    state: State,
+) -> tuple[list[Action], list[Action]]:
+    """A running partition changed live from its recorded placement to ``p``: (the steps that
+    give back, the steps that take), each step from one placement to the next."""
+    cur = replace(rec.placement, spec=p.spec)
+    gives: list[Action] = []
+    takes: list[Action] = []
+    size = p.hugepage_bytes
+    # Give back: vCPUs, memory, devices.
+    if len(p.cpus) < len(cur.cpus):
+        nxt = replace(cur, cpus=p.cpus, cpu_nodes=p.cpu_nodes)
+        gives.append(RemoveCpus(p.name, cur, nxt))
+        cur = nxt
+    old_mem, new_mem = dict(cur.memory_per_node), dict(p.memory_per_node)
+    for node in sorted(old_mem):
+        if new_mem.get(node, 0) < old_mem[node]:
+            nxt = replace(cur, memory_per_node=_with_node(cur, node, new_mem.get(node, 0)))
+            gives.append(ShrinkMemory(p.name, cur, nxt, node))
+            if size:
+                gives.append(ReleasePagesLive(p.name, node, size, (old_mem[node] - new_mem[node]) // size))
+            cur = nxt
+    keep_groups = set(p.iommu_groups)
+    for g in cur.iommu_groups:
+        if g not in keep_groups:
+            nxt = replace(cur, devices=tuple(d for d in cur.devices if d.iommu_group != g))
+            gives.append(DetachDevice(p.name, cur, nxt, g))
+            claim = rec.claim_of(g)
+            if claim is not None:
+                fns = tuple((f.address, f.driver) for f in claim.functions)
+                gives.append(ReleaseGroup(p.name, g, fns))
+            cur = nxt
+    # Take: memory (its pages first), devices (their groups claimed first), vCPUs.
+    for node in sorted(new_mem):
+        if new_mem[node] > old_mem.get(node, 0):
+            if size:
+                pages = (new_mem[node] - old_mem.get(node, 0)) // size
+                shortfall[(node, size)] = _pool_need(host, state, shortfall, node, size, p.name) + pages
+                if shortfall[(node, size)] > 0:
+                    takes.append(ReservePagesLive(p.name, node, size, pages))
+            nxt = replace(cur, memory_per_node=_with_node(cur, node, new_mem[node]))
+            takes.append(GrowMemory(p.name, cur, nxt, node))
+            cur = nxt
+    have_groups = set(cur.iommu_groups)
+    held = set(rec.claim_groups())
+    for g in p.iommu_groups:
+        if g not in have_groups:
+            if g not in held:
+                fns = tuple((str(fn.address), fn.driver) for fn in group_endpoints(host, g))
+                takes.append(ClaimGroup(p.name, g, fns))
+            added = tuple(d for d in p.devices if d.iommu_group == g)
+            nxt = replace(cur, devices=(*cur.devices, *added))
+            takes.append(AttachDevice(p.name, cur, nxt, g))
+            cur = nxt
+    if len(p.cpus) > len(cur.cpus):
+        takes.append(AddCpus(p.name, cur, replace(cur, cpus=p.cpus, cpu_nodes=p.cpu_nodes)))
+    # The last step leaves the placement exactly as planned.
+    steps = [*gives, *takes]
+    for i in range(len(steps) - 1, -1, -1):
+        last = steps[i]
+        if isinstance(last, (AddCpus, RemoveCpus, GrowMemory, ShrinkMemory, AttachDevice, DetachDevice)):
+            steps[i] = replace(last, after=p)
+            break
+    return steps[: len(gives)], steps[len(gives) :]
+
+
+def _with_node(p: Placement, node: int, nbytes: int) -> tuple[tuple[int, int], ...]:
+    return tuple((n, nbytes if n == node else b) for n, b in p.memory_per_node)
 
 
 def diff(plan: Plan, state: State, host: Host, *, replace: set[str]) -> list[Action]:
@@ -137,7 +242,23 @@ def diff(plan: Plan, state: State, host: Host, *, replace: set[str]) -> list[Act
     gone = [r for n, r in state.partitions.items() if n not in plan.placements]
     out.extend(teardown(gone))
     shortfall: dict[tuple[int, int], int] = {}
+    # Live changes: every partition's give-backs before anything is taken.
+    takes: dict[str, list[Action]] = {}
     for p in plan.start_order():
+        rec = state.partitions.get(p.name)
+        if (
+            rec is not None
+            and rec.state is RunState.RUNNING
+            and p.name not in replace
+            and not p.same_resources(rec.placement)
+            and isinstance(p.live_change_from(rec.placement), LiveChange)
+        ):
+            gives, takes[p.name] = _live_steps(p, rec, host, shortfall, state)
+            out.extend(gives)
+    for p in plan.start_order():
+        if p.name in takes:
+            out.extend(takes[p.name])
+            continue
         rec = state.partitions.get(p.name)
         # A partition placed anew gives its user back first and takes one when it starts.
         without = state.without_partition(p.name)

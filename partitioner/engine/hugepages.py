@@ -200,3 +200,66 @@ class ReleaseHugepages(Step):
         return rec is None or not any(
             (g.node, g.size_bytes) == (self.node, self.size_bytes) for g in rec.hugepages
         )
+
+
+@dataclass(frozen=True)
+class ReservePagesLive(Step):
+    """Pages for memory a running partition is about to grow by, made free on its node first."""
+
+    target: str
+    node: int
+    size_bytes: int
+    pages: int
+    kind: str = "reserve-hugepages"
+
+    @property
+    def detail(self) -> str:
+        return f"{self.pages} x {page_size_name(self.size_bytes)} pages on node {self.node}"
+
+    def do(self, ctx: ApplyContext) -> None:
+        want = self.pages + _idle_need(ctx.state, self.node, self.size_bytes, self.target)
+        _raise_pool(ctx, self.target, self.node, self.size_bytes, want)
+
+    def undo(self, ctx: ApplyContext) -> None:
+        _give_back_grant(ctx, self.target, self.node, self.size_bytes, self.pages)
+
+    def check(self, ctx: ApplyContext) -> bool:
+        want = self.pages + _idle_need(ctx.state, self.node, self.size_bytes, self.target)
+        return free_pages(ctx.root, self.node, self.size_bytes) >= want
+
+
+def _give_back_grant(ctx: ApplyContext, name: str, node: int, size_bytes: int, pages: int) -> int:
+    """Give back up to ``pages`` of what was added to the pool for ``name`` (never more than its
+    grant: pages the administrator put in the pool stay)."""
+    rec = ctx.state.partitions.get(name)
+    if rec is None:
+        return 0
+    granted = sum(g.pages for g in rec.hugepages if (g.node, g.size_bytes) == (node, size_bytes))
+    n = min(pages, granted)
+    return _shrink_pool(ctx, name, node, size_bytes, n) if n > 0 else 0
+
+
+@dataclass(frozen=True)
+class ReleasePagesLive(Step):
+    """Pages a running partition's guest has just given up (a shrink), taken out of the pool
+    again when they were added for it."""
+
+    target: str
+    node: int
+    size_bytes: int
+    pages: int
+    kind: str = "release-hugepages"
+
+    @property
+    def detail(self) -> str:
+        return f"up to {self.pages} x {page_size_name(self.size_bytes)} pages on node {self.node}"
+
+    def do(self, ctx: ApplyContext) -> None:
+        _give_back_grant(ctx, self.target, self.node, self.size_bytes, self.pages)
+
+    def undo(self, ctx: ApplyContext) -> None:
+        want = self.pages + _idle_need(ctx.state, self.node, self.size_bytes, self.target)
+        _raise_pool(ctx, self.target, self.node, self.size_bytes, want)
+
+    def check(self, ctx: ApplyContext) -> bool:
+        return False

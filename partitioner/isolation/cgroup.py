@@ -213,3 +213,63 @@ def unfence(root: HostRoot, name: str) -> None:
         remove(root, name)
     except OSError as e:
         raise GuestError(f"{name}: its cgroup could not be removed: {e}") from e
+
+
+def add_vcpu(root: HostRoot, name: str, index: int, tid: int, cpu: int) -> str | None:
+    """A vCPU added to a running partition: its ``vcpuN`` child made (the partition's cgroup
+    widened to its CPU first) and its thread moved in.  Returns the child's kernel path
+    (None: the partition has no cgroup here).  Idempotent."""
+    h = find_hierarchy(root)
+    if h is None:
+        return None
+    top = cgroup_path(h, name)
+    if not root.is_dir(top):
+        return None
+    child = f"{top}/vcpu{index}"
+    if h.cpuset:
+        have = CpuSet.lenient(root.read(f"{top}/cpuset.cpus")) or CpuSet()
+        if cpu not in have:
+            root.write(f"{top}/cpuset.cpus", str(have | CpuSet([cpu])))
+    _mkdir(root, child)
+    if h.v2 and (root.read(f"{child}/cgroup.type") or "").strip() != "threaded":
+        root.write(f"{child}/cgroup.type", "threaded")
+    if h.cpuset:
+        root.write(f"{child}/cpuset.cpus", str(cpu))
+        if not h.v2:
+            root.write(f"{child}/cpuset.mems", root.read(f"{top}/cpuset.mems") or "")
+    root.write(f"{child}/{h.tasks_file}", str(tid))
+    return child
+
+
+def remove_vcpu(root: HostRoot, name: str, index: int, *, wait: float = 5.0) -> None:
+    """A vCPU taken from a running partition: its ``vcpuN`` child removed (a thread still in
+    it goes to ``emulator``) and the partition's cgroup narrowed to the CPUs it keeps.
+    Idempotent."""
+    h = find_hierarchy(root)
+    if h is None:
+        return
+    top = cgroup_path(h, name)
+    child = f"{top}/vcpu{index}"
+    if root.is_dir(child):
+        deadline = time.monotonic() + wait
+        for tid in (root.read(f"{child}/{h.tasks_file}") or "").split():
+            with contextlib.suppress(OSError):
+                root.write(f"{top}/emulator/{h.tasks_file}", tid)
+        while True:
+            try:
+                os.rmdir(root.path(child))
+                break
+            except FileNotFoundError:
+                break
+            except OSError as e:
+                # The unplugged vCPU's thread leaves a moment after QEMU ends it.
+                if e.errno != errno_mod.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    if h.cpuset and root.is_dir(top):
+        keep = CpuSet()
+        for c in root.listdir(top):
+            if (c.startswith("vcpu") or c == "emulator") and root.is_dir(f"{top}/{c}"):
+                keep = keep | (CpuSet.lenient(root.read(f"{top}/{c}/cpuset.cpus")) or CpuSet())
+        if keep:
+            root.write(f"{top}/cpuset.cpus", str(keep))

@@ -23,7 +23,9 @@ from partitioner.planning.model import Placement
 from partitioner.record.model import (
     FunctionRecord,
     GroupClaim,
+    LIVE_OPS,
     HugepageGrant,
+    LiveIntent,
     PartitionRecord,
     PoolIntent,
     RunState,
@@ -172,7 +174,20 @@ def partition_to_json(r: PartitionRecord) -> dict[str, Any]:
         "argv": list(r.argv),
         "placement": r.placement.to_json(),
         "uid": r.uid,
+        "live": None
+        if r.live is None
+        else {"op": r.live.op, "after": r.live.after.to_json(), "resume": r.live.resume},
     }
+
+
+def _live(v: object) -> LiveIntent | None:
+    if v is None:
+        return None
+    d = obj(v, "a live change")
+    op = str(d["op"])
+    if op not in LIVE_OPS:
+        raise ValueError(f"live change {op!r} is none of {', '.join(LIVE_OPS)}")
+    return LiveIntent(op, Placement.from_json(d["after"]), bool(d.get("resume", False)))
 
 
 def partition_from_json(name: str, d: Mapping[str, Any]) -> PartitionRecord:
@@ -205,6 +220,7 @@ def partition_from_json(name: str, d: Mapping[str, Any]) -> PartitionRecord:
             for i in seq(d.get("pool_intents", []), "pool_intents")
         ),
         uid=_user(d.get("uid")),
+        live=_live(d.get("live")),
     )
 
 

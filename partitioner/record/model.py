@@ -99,6 +99,33 @@ class GroupClaim:
         return tuple(f.address for f in self.functions)
 
 
+LIVE_OPS = (
+    "add-cpus",
+    "remove-cpus",
+    "grow-memory",
+    "shrink-memory",
+    "attach-device",
+    "detach-device",
+)
+
+
+@dataclass(frozen=True)
+class LiveIntent:
+    """A live change to a running guest (rule 11), recorded before QEMU is asked for it.
+
+    ``after`` is the placement once the change is done; the record's placement is the
+    one before it until then.  A command killed in between leaves this, and the next
+    run takes what the guest really has from QEMU (``query-hotpluggable-cpus``,
+    ``query-memory-devices``, its devices) as the truth (:mod:`partitioner.record.reconcile`).
+    ``resume`` says the guest was running when the change paused it (a vCPU is pinned
+    before the guest may run it), so a kill in that window is followed by letting it run.
+    """
+
+    op: str  # one of LIVE_OPS
+    after: Placement
+    resume: bool = False
+
+
 @dataclass(frozen=True)
 class SiteRecord:
     """The host side of the applied plan: what a later ``start`` needs to rebuild a Plan."""
@@ -134,6 +161,7 @@ class PartitionRecord:
     hugepages: tuple[HugepageGrant, ...] = ()
     pool_intents: tuple[PoolIntent, ...] = ()  # pool changes under way (a killed command's)
     uid: int | None = None  # its QEMU's user and group (rule 10), recorded before first used
+    live: LiveIntent | None = None  # a live change under way (a killed command's)
 
     def holds_nothing(self) -> bool:
         return (

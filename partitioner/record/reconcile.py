@@ -19,6 +19,10 @@ the lock and change the host call it; ``status`` and ``plan`` show the outcome).
 - A pool intent becomes the grant it really was (the pool's size now, against the
   size before and the size asked for), so each page is given back exactly once.
 - A claim intent (a claim killed before it was recorded as done) is given back.
+- A live change (rule 11) killed half-way is settled by what the guest really has,
+  as its QEMU says (:mod:`partitioner.guest.view`): the vCPUs present are pinned and
+  fenced, a virtio-mem device still on its way is held at the size it reached, a
+  guest paused for a vCPU's pinning is let run, and the record takes that placement.
 """
 
 from __future__ import annotations
@@ -27,14 +31,15 @@ import contextlib
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from partitioner.cpuset import CpuSet
-from partitioner.errors import HugepageError
+from partitioner.errors import GuestError, HugepageError
 from partitioner.guest.argv import GuestPaths
 from partitioner.kernel import sysfs
 from partitioner.kernel.hugepages import pool_size
 from partitioner.kernel.root import HostRoot
+from partitioner.planning.model import Placement
 from partitioner.record.model import (
     VFIO_PCI,
     GroupClaim,
@@ -44,7 +49,10 @@ from partitioner.record.model import (
     settle_pool_intent,
 )
 from partitioner.record.store import StateStore
-from partitioner.units import page_size_name
+
+if TYPE_CHECKING:
+    from partitioner.guest.view import GuestView
+from partitioner.units import format_size, page_size_name
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,7 @@ def reconcile(state: State, root: HostRoot, *, busy: bool = False) -> Reconciled
         rec = _settle_pools(rec, root, findings)
         rec = _settle_claims(rec, root, findings)
         rec = _settle_guest(rec, root, host_cpus, findings)
+        rec = _settle_live(rec, root, findings)
         out = out.with_partition(rec)
     return Reconciled(state, out, findings)
 
@@ -327,6 +336,105 @@ def _settle_guest(
             )
         )
     return rec
+
+
+def seen_placement(before: Placement, after: Placement, view: GuestView) -> Placement:
+    """The placement a guest between ``before`` and ``after`` really has, from ``view``.
+
+    vCPUs present are always the first ones (growth appends, shrinking drops the
+    highest); memory is each node's fixed part plus what its virtio-mem device has
+    plugged; devices are those of either placement the guest has."""
+    k = len(view.vcpus)
+    src = after if len(after.cpus) >= len(before.cpus) else before
+    cpus = src.cpus[:k]
+    cpu_nodes = src.cpu_nodes[:k] if src.cpu_nodes else ()
+    memory = after.memory_per_node
+    if view.memory:
+        plugged = view.plugged_by_guest_node()
+        memory = tuple(
+            (node, fixed + plugged.get(after.numa_nodes.index(node), 0))
+            for node, fixed in after.fixed_memory_per_node
+        )
+    named = {str(d.address) for d in after.devices}
+    devices = tuple(d for d in after.devices if str(d.address) in view.vfio) + tuple(
+        d for d in before.devices if str(d.address) in view.vfio and str(d.address) not in named
+    )
+    return replace(after, cpus=cpus, cpu_nodes=cpu_nodes, memory_per_node=memory, devices=devices)
+
+
+def _settle_live(rec: PartitionRecord, root: HostRoot, findings: list[Finding]) -> PartitionRecord:
+    from partitioner.guest.qmp import Qmp
+    from partitioner.guest.view import observe
+
+    intent = rec.live
+    if intent is None:
+        return rec
+    paths = _paths(rec)
+    if rec.state is not RunState.RUNNING or rec.pid is None or paths is None:
+        findings.append(
+            Finding(rec.name, f"a live change ({intent.op}) was cut short and its QEMU is gone", "forget the change")
+        )
+        return replace(rec, live=None)
+    try:
+        with Qmp(paths.qmp, timeout=5.0, partition=rec.name) as qmp:
+            view = observe(qmp)
+    except (GuestError, OSError) as e:
+        findings.append(
+            Finding(
+                rec.name,
+                f"a live change ({intent.op}) was cut short and its QEMU does not answer "
+                f"over QMP ({e}); the next command asks again",
+            )
+        )
+        return rec
+    before = rec.placement
+    placement = seen_placement(before, intent.after, view)
+    threads = {i: t for i, t in sorted(view.vcpus.items()) if i < len(placement.cpus)}
+    slots = max(len(before.cpus), len(intent.after.cpus))
+    gone_devices = [
+        d for d in (*before.devices, *intent.after.devices) if str(d.address) not in view.vfio
+    ]
+    chroot = paths.chroot if rec.uid is not None else None
+
+    def fix() -> None:
+        import os
+
+        from partitioner.guest.jail import withdraw_device
+        from partitioner.isolation.cgroup import add_vcpu, remove_vcpu
+
+        for i, tid in threads.items():
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(tid, {placement.cpus[i]})
+            add_vcpu(root, rec.name, i, tid, placement.cpus[i])
+        for i in range(len(placement.cpus), slots):
+            remove_vcpu(root, rec.name, i)
+        if chroot is not None:
+            for d in gone_devices:
+                withdraw_device(root, chroot, str(d.address), d.iommu_group)
+        with Qmp(paths.qmp, timeout=5.0, partition=rec.name) as qmp:
+            for m in view.memory.values():
+                if m.requested != m.size:
+                    qmp.execute(
+                        "qom-set",
+                        {"path": f"/machine/peripheral/{m.id}", "property": "requested-size", "value": m.size},
+                    )
+            if intent.resume and not view.running:
+                qmp.execute("cont")
+
+    has = (
+        f"{len(placement.cpus)} vCPUs, {format_size(placement.memory_bytes)}, "
+        f"{len(placement.devices)} PCI function(s)"
+    )
+    findings.append(
+        Finding(
+            rec.name,
+            f"a live change ({intent.op}) was cut short; its guest has {has}",
+            "record what the guest has, pin and fence its vCPUs"
+            + (" and let it run" if intent.resume and not view.running else ""),
+            fix,
+        )
+    )
+    return replace(rec, placement=placement, vcpu_threads=threads, live=None)
 
 
 def _wait_pages_back(root: HostRoot, rec: PartitionRecord, timeout: float = 10.0) -> None:
