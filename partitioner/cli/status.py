@@ -9,6 +9,7 @@ from typing import Any
 from partitioner import stats
 from partitioner.cli.common import Context, table
 from partitioner.errors import UsageError
+from partitioner.planning.model import Placement
 from partitioner.record.codec import grant_to_json
 from partitioner.record.model import PartitionRecord, RunState, State
 from partitioner.record.reconcile import reconcile
@@ -46,7 +47,35 @@ def record_json(rec: PartitionRecord, now: float, shown: str | None = None) -> d
         else None,
         "console_log": rec.paths.get("console_log"),
         "hugepages_added": [grant_to_json(g) for g in rec.hugepages],
+        "bounds": bounds_json(p),
     }
+
+
+def bounds_json(p: Placement) -> dict[str, int]:
+    """What the partition has now against the bounds it may be changed within live (rule 11)."""
+    s = p.spec
+    return {
+        "cpus": len(p.cpus),
+        "min_cpus": s.cpus_min,
+        "max_cpus": s.cpus_max,
+        "memory_bytes": p.memory_bytes,
+        "min_memory_bytes": s.memory_min,
+        "max_memory_bytes": s.memory_max,
+        "hotplug_slots": s.hotplug_slots,
+    }
+
+
+def _bounds_line(name: str, b: dict[str, int]) -> str | None:
+    if (b["min_cpus"], b["max_cpus"]) == (b["cpus"], b["cpus"]) and (
+        b["min_memory_bytes"],
+        b["max_memory_bytes"],
+    ) == (b["memory_bytes"], b["memory_bytes"]) and not b["hotplug_slots"]:
+        return None
+    return (
+        f"{name}: {b['cpus']} vCPUs (min {b['min_cpus']}, max {b['max_cpus']}), "
+        f"{format_size(b['memory_bytes'])} (min {format_size(b['min_memory_bytes'])}, "
+        f"max {format_size(b['max_memory_bytes'])}), {b['hotplug_slots']} hot-plug slot(s)"
+    )
 
 
 def _shown(rec: PartitionRecord) -> str | None:
@@ -140,6 +169,10 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         table(rows, ["PARTITION", "STATE", "PID", "CPUS", "NODES", "MEMORY", "DEVICES", "UPTIME"])
     )
     ctx.say(f"supervisor: {watching.describe()}")
+    for name, d in docs.items():
+        said = _bounds_line(name, d["bounds"])
+        if said is not None:
+            ctx.say(said)
     for name, d in docs.items():
         if d["restarts"] or d["failed_reason"]:
             ctx.say(f"{name}: restarted {d['restarts']} times; last exit: {d['last_exit']}")
