@@ -476,9 +476,12 @@ def test_a_device_beyond_the_spare_slots_is_placed_anew_and_needs_replace(
     second = plan(manifest(HEAD + entry.format(devices=two)), h, running(first))
     why = second.placements["a"].live_change_from(first.placements["a"])
     assert isinstance(why, str)
-    assert why.startswith(
-        "2 functions would be attached (0000:82:00.0, 0000:82:00.1) but it has hotplug_slots: 1"
-    ) or why.startswith("vCPU 0 would move"), why
+    assert why == (
+        "2 functions would be attached (0000:82:00.0, 0000:82:00.1) but it has hotplug_slots: "
+        "1: each function attached while it runs takes a spare slot, and more slots need a "
+        "larger hotplug_slots; needs --replace a"
+    )
+    assert second.placements["a"].hotplugged == ()  # placed anew: nothing hot-plugged
     # A static partition (no spare slots) attaching a device: as before, placed anew.
     static = "  b: {{cpus: 2, memory: 1GiB, devices: [{devices}]}}\n"
     one = plan(manifest(HEAD + static.format(devices='{pci: "81:00.0"}')), h)
@@ -628,3 +631,42 @@ def test_a_live_change_of_every_kind_at_once_lists_its_actions_in_order(
         ("attach-device", "db", "0000:81:00.0"),
     )
     assert all(h.cpus[c].node == 1 for _, c in change.added_cpus)
+
+
+def test_a_running_dynamic_partition_unchanged_stays_exactly_as_it_runs(
+    tree: TreeBuilder,
+) -> None:
+    h = host_of(two_node_smt(tree))
+    spans = ", numa: [0, 1]"
+    first = plan(manifest(HEAD + db(extra=spans)), h)
+    grown = plan(manifest(HEAD + db(cpus=6, memory="3GiB", extra=spans)), h, running(first))
+    # grown vCPUs are in the order they came, not renumbered core by core
+    again = plan(manifest(HEAD + db(cpus=6, memory="3GiB", extra=spans)), h, running(grown))
+    a, b = grown.placements["db"], again.placements["db"]
+    assert b.same_resources(a) and b.cpus == a.cpus
+    change = b.live_change_from(a)
+    assert isinstance(change, LiveChange) and change.empty and change.actions() == ()
+    # the same inputs give the same bytes (rule 8)
+    twice = plan(manifest(HEAD + db(cpus=6, memory="3GiB", extra=spans)), h, running(grown))
+    assert json.dumps(twice.to_json(), sort_keys=True) == json.dumps(
+        again.to_json(), sort_keys=True
+    )
+
+
+def test_a_running_partition_whose_bounds_change_is_placed_anew(tree: TreeBuilder) -> None:
+    h = host_of(two_node_smt(tree))
+    first = plan(manifest(HEAD + db(extra=", numa: 1")), h)
+    wider = HEAD + db(extra=", numa: 1").replace("max_cpus: 8", "max_cpus: 6")
+    second = plan(manifest(wider), h, running(first))
+    assert second.placements["db"].vcpu_slots == 6
+    assert second.placements["db"].live_change_from(first.placements["db"]) == (
+        "max_cpus changed 8 -> 6: a change of bounds needs --replace db"
+    )
+    # memory left to follow `memory` is a bound that changes with it
+    follows = "  db: {{cpus: 2, max_cpus: 4, memory: {m}, max_memory: 4GiB, numa: 1}}\n"
+    one = plan(manifest(HEAD + follows.format(m="2GiB")), h)
+    two = plan(manifest(HEAD + follows.format(m="3GiB")), h, running(one))
+    assert two.placements["db"].live_change_from(one.placements["db"]) == (
+        "min_memory changed 2GiB -> 3GiB (left out, it follows memory; write `min_memory: "
+        "2GiB` to keep it): a change of bounds needs --replace db"
+    )

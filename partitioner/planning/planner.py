@@ -34,7 +34,7 @@ from partitioner.inventory.model import Host
 from partitioner.manifest.model import Manifest, PartitionSpec
 from partitioner.planning.cpus import grow_cpus, host_reserve, smt_count_problems, usable_cores
 from partitioner.planning.devices import resolve_devices
-from partitioner.planning.memory import fit_growth, split_plugged
+from partitioner.planning.memory import fit_growth, split_bounds, split_plugged
 from partitioner.planning.mmio import settle
 from partitioner.planning.model import (
     DeviceAssignment,
@@ -283,8 +283,8 @@ def _keep_running(
 ) -> tuple[dict[str, Placement], list[_Growth]]:
     """The running partitions that stay where they are: those that still match their entry
     (rule 8), and those whose entry changed only in what rule 11 changes live, within their
-    bounds and slots.  The second keep their CPUs, nodes and devices; what they gain is taken
-    later (:func:`_grow`) and returned here to be."""
+    bounds and slots.  The second keep their CPUs, nodes and devices and give back what they
+    lose; what they gain is returned as a :class:`_Growth`, taken later by :func:`_grow`."""
     kept: dict[str, Placement] = {}
     growing: list[_Growth] = []
     for name in sorted(running):
@@ -304,8 +304,8 @@ def _keep_running(
             and all(host.cpus.get(c) is not None and host.cpus[c].online for c in r.cpus)
             and not any(c in w.cpu_owner for c in r.cpus)
         )
-        static = not _dynamic(spec) and (old is None or not _dynamic(old.spec))
-        if old is not None and not (exact and static) and _live(spec, old, devices[name], host, w):
+        dynamic = _dynamic(spec) or (old is not None and _dynamic(old.spec))
+        if old is not None and (dynamic or not exact) and _live(spec, old, devices[name], host, w):
             grow = _keep_live(spec, old, devices[name], host, rooms, w)
             # A count that is not whole cores is a problem, and nothing is taken for it.
             whole = smt_count_problems(spec, smt_isolate, w)
@@ -314,8 +314,10 @@ def _keep_running(
             else:
                 kept[name] = grow.placement(grow.kept, host)
             continue
-        if not exact:
-            continue  # changed: placed anew, and apply shows it as a replace
+        if not exact or (dynamic and old is not None):
+            # Changed (a dynamic one beyond what is live: its bounds): placed anew, and apply
+            # shows it as a replace.
+            continue
         for c in r.cpus:
             w.cpu_owner[c] = name
         for room in rooms.values():
@@ -324,7 +326,20 @@ def _keep_running(
             if node in rooms:
                 rooms[node].memory_left -= size
         # Its hugepages are already out of the free pools, so only memory is counted here.
-        kept[name] = placement_of(spec, host, list(r.cpus), r.memory_per_node, devices[name], ())
+        # (A dynamic one here is known by its resources only: its bounds shared out anew.)
+        weights = {n: sum(1 for c in r.cpus if node_of(host, c) == n) for n in nodes}
+        fixed, ceiling = split_bounds(spec, weights) if nodes else ((), ())
+        kept[name] = placement_of(
+            spec,
+            host,
+            list(r.cpus),
+            r.memory_per_node,
+            devices[name],
+            (),
+            fixed=fixed,
+            ceiling=ceiling,
+            unit=w.threads_per_core if smt_isolate else 1,
+        )
     return kept, growing
 
 
@@ -349,7 +364,8 @@ def _live(
     if n > old.max_vcpus:
         return False
     keep = old.cpus[: min(n, len(old.cpus))]
-    if any(c not in host.usable_cpus or c in w.cpu_owner for c in keep):
+    usable = host.usable_cpus
+    if any(c not in usable or c in w.cpu_owner for c in keep):
         return False
     if spec.cpu_list is not None:
         listed = set(spec.cpu_list)
