@@ -57,3 +57,15 @@ def human_size(n: int) -> str:
             value = n / _UNITS[unit]
             return f"{value:.1f}{unit}" if n % _UNITS[unit] else f"{int(value)}{unit}"
     return exact
+
+
+# virtio-mem plugs and unplugs memory in blocks of at least 2MiB (Linux's memory-block
+# granularity for it on x86 is the pageblock, 2MiB), and never a block smaller than the page
+# that backs the memory: a 1GiB-page backend is plugged 1GiB at a time.
+VIRTIO_MEM_MIN_BLOCK = 2 * MiB
+
+
+def virtio_mem_block(hugepage_bytes: int | None) -> int:
+    """The block a partition's dynamic memory is plugged in: the larger of its page size
+    (``None``: normal 4KiB pages) and 2MiB."""
+    return max(hugepage_bytes or 4 * KiB, VIRTIO_MEM_MIN_BLOCK)

@@ -40,7 +40,15 @@ from partitioner.manifest.model import (
 )
 from partitioner.manifest.yamlnodes import Document, PathKey, Pos, decode, dotted, parse
 from partitioner.pci import PciAddress, PciAddressSyntaxError
-from partitioner.units import GiB, KiB, MiB, SizeSyntaxError, format_size, parse_size
+from partitioner.units import (
+    GiB,
+    KiB,
+    MiB,
+    SizeSyntaxError,
+    format_size,
+    parse_size,
+    virtio_mem_block,
+)
 from partitioner.userfiles import read_named
 
 if TYPE_CHECKING:
@@ -504,12 +512,14 @@ class _Checker:
             base: PathKey = ("partitions", name)
             if not isinstance(partitions[name], dict):
                 continue
-            self.memory(base)
+            memory = self.memory(base)
             path = (*base, "cpus")
             cpus = self.cpu_list(path)
             if cpus is not None:
                 self.overlaps(name, path, owners.shared(cpus))
                 owners.take(cpus, (f"partition {name}", path))
+            self.cpu_bounds(base, cpus)
+            self.memory_bounds(base, memory)
             self.device_names(name, base, devices)
             self.disk_paths(name, base, disks)
 
@@ -563,11 +573,25 @@ class _Checker:
             return None
         return n
 
-    def memory(self, base: PathKey) -> None:
-        path = (*base, "memory")
+    def page_bytes(self, base: PathKey) -> int | None:
+        """The page size a partition's memory is backed by (4KiB for `hugepages: none`), or None
+        when its `hugepages:` is wrong (reported by the schema)."""
+        hugepages = self.get((*base, "hugepages"))
+        if hugepages is None:
+            hugepages = DEFAULT_HUGEPAGES
+        if not isinstance(hugepages, str) or hugepages not in _HUGEPAGE_BYTES:
+            return None
+        if self.is_bad((*base, "hugepages")):
+            return None
+        return _HUGEPAGE_BYTES[hugepages] or PAGE_BYTES
+
+    def memory(self, base: PathKey, key: str = "memory") -> int | None:
+        """The size at ``key`` (`memory`, `min_memory`, `max_memory`) when it is a whole number
+        of the partition's pages; None (reported) when not, or when it is left out."""
+        path = (*base, key)
         n = self.size(path)
         if n is None:
-            return
+            return None
         hugepages = self.get((*base, "hugepages"))
         if hugepages is None:
             hugepages = DEFAULT_HUGEPAGES
@@ -589,6 +613,102 @@ class _Checker:
                 f"{dotted(path)}: {format_size(n)} is not a multiple of the 4KiB page size",
                 path,
             )
+        else:
+            return n
+        return None
+
+    def cpu_bounds(self, base: PathKey, listed: int | None) -> None:
+        """min_cpus <= cpus <= max_cpus (rule 11), each problem at the bound that is wrong.  An
+        explicit list counts its CPUs."""
+        cpus = self.get((*base, "cpus"))
+        if self.is_bad((*base, "cpus")):
+            return
+        if isinstance(cpus, int) and not isinstance(cpus, bool):
+            count = cpus
+        elif listed is not None:
+            count = listed.bit_count()
+        else:
+            return
+        shown = f"cpus ({count})" if isinstance(cpus, int) else f"cpus ({count}: {cpus})"
+        low, high = (*base, "min_cpus"), (*base, "max_cpus")
+        n = self.get(low)
+        if isinstance(n, int) and not isinstance(n, bool) and not self.is_bad(low) and n > count:
+            self.report(
+                self.doc.where_value(low),
+                f"{dotted(low)}: {n} is more than {shown}: a partition's vCPUs stay within "
+                f"min_cpus <= cpus <= max_cpus (rule 11); lower min_cpus to {count} or less, "
+                "or leave it out (it defaults to cpus)",
+                low,
+            )
+        n = self.get(high)
+        if isinstance(n, int) and not isinstance(n, bool) and not self.is_bad(high) and n < count:
+            self.report(
+                self.doc.where_value(high),
+                f"{dotted(high)}: {n} is less than {shown}: a partition's vCPUs stay within "
+                f"min_cpus <= cpus <= max_cpus (rule 11); raise max_cpus to {count} or more, "
+                "or leave it out (it defaults to cpus)",
+                high,
+            )
+
+    def memory_bounds(self, base: PathKey, memory: int | None) -> None:
+        """min_memory <= memory <= max_memory (rule 11), and what lies above min_memory a whole
+        number of virtio-mem blocks; each problem at the bound that is wrong."""
+        low = self.memory(base, "min_memory")
+        high = self.memory(base, "max_memory")
+        page = self.page_bytes(base)
+        if memory is None:
+            return
+        block = virtio_mem_block(page)
+        if low is not None:
+            path = (*base, "min_memory")
+            diff = memory - low
+            if diff < 0:
+                self.report(
+                    self.doc.where_value(path),
+                    f"{dotted(path)}: {format_size(low)} is more than memory "
+                    f"({format_size(memory)}): a partition's memory stays within min_memory <= "
+                    "memory <= max_memory (rule 11); lower min_memory, or leave it out (it "
+                    "defaults to memory)",
+                    path,
+                )
+            elif page is not None and diff % block:
+                raised = memory - diff // block * block
+                lowered = memory - (diff // block + 1) * block
+                choices = [format_size(v) for v in (lowered, raised) if v > 0]
+                self.report(
+                    self.doc.where_value(path),
+                    f"{dotted(path)}: memory {format_size(memory)} is {format_size(diff)} above "
+                    f"min_memory {format_size(low)}, not a whole number of {format_size(block)} "
+                    "blocks: the memory above min_memory is plugged live by virtio-mem in "
+                    f"blocks of {format_size(block)} (the larger of the page size and 2MiB) on "
+                    f"each of the partition's nodes; use min_memory {' or '.join(choices)}",
+                    path,
+                )
+        if high is not None:
+            path = (*base, "max_memory")
+            diff = high - memory
+            if diff < 0:
+                self.report(
+                    self.doc.where_value(path),
+                    f"{dotted(path)}: {format_size(high)} is less than memory "
+                    f"({format_size(memory)}): a partition's memory stays within min_memory <= "
+                    "memory <= max_memory (rule 11); raise max_memory, or leave it out (it "
+                    "defaults to memory)",
+                    path,
+                )
+            elif page is not None and diff % block:
+                lowered = memory + diff // block * block
+                raised = memory + (diff // block + 1) * block
+                self.report(
+                    self.doc.where_value(path),
+                    f"{dotted(path)}: max_memory {format_size(high)} is {format_size(diff)} "
+                    f"above memory {format_size(memory)}, not a whole number of "
+                    f"{format_size(block)} blocks: the memory above min_memory is plugged live "
+                    f"by virtio-mem in blocks of {format_size(block)} (the larger of the page "
+                    "size and 2MiB) on each of the partition's nodes; use max_memory "
+                    f"{format_size(lowered)} or {format_size(raised)}",
+                    path,
+                )
 
     def device_names(self, name: str, base: PathKey, seen: dict[tuple[str, str], PathKey]) -> None:
         devices = self.get((*base, "devices"))
@@ -741,7 +861,22 @@ class _Checker:
             if "hugepages" in p
             else self.value_location((*base, "memory")),
             numa_where=self.value_location((*base, "numa")) if "numa" in p else self.location(base),
+            min_cpus=p.get("min_cpus"),
+            max_cpus=p.get("max_cpus"),
+            min_memory_bytes=parse_size(p["min_memory"]) if "min_memory" in p else None,
+            max_memory_bytes=parse_size(p["max_memory"]) if "max_memory" in p else None,
+            hotplug_slots=p.get("hotplug_slots", 0),
+            min_cpus_where=self._where_if(p, base, "min_cpus"),
+            max_cpus_where=self._where_if(p, base, "max_cpus"),
+            min_memory_where=self._where_if(p, base, "min_memory"),
+            max_memory_where=self._where_if(p, base, "max_memory"),
+            hotplug_slots_where=self._where_if(p, base, "hotplug_slots"),
         )
+
+    def _where_if(self, p: dict[str, Any], base: PathKey, key: str) -> Location:
+        """Where ``key``'s value stands, or NOWHERE when it is left out (``field_where`` then
+        answers with the field it defaults to)."""
+        return self.value_location((*base, key)) if key in p else NOWHERE
 
     def device(self, d: dict[str, Any], path: PathKey) -> DeviceSpec:
         kind: Literal["pci", "id", "netdev"]

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from partitioner.cpuset import CpuSet
-from partitioner.jsonvalues import obj, seq
+from partitioner.jsonvalues import nat, obj, seq
 
 
 @dataclass(frozen=True)
@@ -76,12 +76,54 @@ class PartitionSpec:
     on_crash: Literal["restart", "stop"] = "restart"
     where: Location = NOWHERE
     firmware_where: Location = field(default=NOWHERE, compare=False)
+    # Dynamic bounds (rule 11), as written: None means "as `cpus`" / "as `memory`" (static).
+    # The effective values are the properties cpus_min, cpus_max, memory_min and memory_max.
+    min_cpus: int | None = None
+    max_cpus: int | None = None
+    min_memory_bytes: int | None = None
+    max_memory_bytes: int | None = None
+    hotplug_slots: int = 0  # spare PCIe slots for devices attached while it runs
     # Where each field's value stands, for plan problems about it (not compared; a field left
     # out stands where the partition's name does).
     cpus_where: Location = field(default=NOWHERE, compare=False)
     memory_where: Location = field(default=NOWHERE, compare=False)
     hugepages_where: Location = field(default=NOWHERE, compare=False)
     numa_where: Location = field(default=NOWHERE, compare=False)
+    min_cpus_where: Location = field(default=NOWHERE, compare=False)
+    max_cpus_where: Location = field(default=NOWHERE, compare=False)
+    min_memory_where: Location = field(default=NOWHERE, compare=False)
+    max_memory_where: Location = field(default=NOWHERE, compare=False)
+    hotplug_slots_where: Location = field(default=NOWHERE, compare=False)
+
+    @property
+    def cpus_min(self) -> int:
+        """The fewest vCPUs it may be brought down to while it runs (default: ``cpus``)."""
+        return self.cpu_count if self.min_cpus is None else self.min_cpus
+
+    @property
+    def cpus_max(self) -> int:
+        """Its vCPU slots: the most vCPUs it may be given while it runs (default: ``cpus``)."""
+        return self.cpu_count if self.max_cpus is None else self.max_cpus
+
+    @property
+    def memory_min(self) -> int:
+        """Its fixed memory: what it never goes below (default: ``memory``)."""
+        return self.memory_bytes if self.min_memory_bytes is None else self.min_memory_bytes
+
+    @property
+    def memory_max(self) -> int:
+        """The ceiling of its memory while it runs (default: ``memory``); not a reservation."""
+        return self.memory_bytes if self.max_memory_bytes is None else self.max_memory_bytes
+
+    @property
+    def dynamic_cpus(self) -> bool:
+        """Whether its vCPU count may change while it runs (a bound differs from ``cpus``)."""
+        return self.cpus_min != self.cpu_count or self.cpus_max != self.cpu_count
+
+    @property
+    def dynamic_memory(self) -> bool:
+        """Whether its memory may change while it runs: part of it is plugged (virtio-mem)."""
+        return self.memory_max != self.memory_min
 
     def field_where(self, name: str) -> Location:
         """Where the field ``name`` (``cpus``, ``memory``, ``devices[2]``) stands; the partition's
@@ -96,6 +138,16 @@ class PartitionSpec:
                 "hugepages": self.hugepages_where,
                 "numa": self.numa_where,
                 "firmware": self.firmware_where,
+                # A bound left out stands for the value it follows.
+                "min_cpus": self.min_cpus_where if self.min_cpus_where.line else self.cpus_where,
+                "max_cpus": self.max_cpus_where if self.max_cpus_where.line else self.cpus_where,
+                "min_memory": self.min_memory_where
+                if self.min_memory_where.line
+                else self.memory_where,
+                "max_memory": self.max_memory_where
+                if self.max_memory_where.line
+                else self.memory_where,
+                "hotplug_slots": self.hotplug_slots_where,
             }.get(name, NOWHERE)
         return found if found.line else self.where
 
@@ -139,7 +191,9 @@ def _loc_from_json(v: Any) -> Location:
 
 
 def spec_to_json(s: PartitionSpec) -> dict[str, Any]:
-    return {
+    """A spec as JSON; the dynamic bounds only when written, so that a static partition's
+    JSON is what it was before they existed (``spec_from_json`` takes their absence as static)."""
+    out: dict[str, Any] = {
         "name": s.name,
         "cpu_count": s.cpu_count,
         "cpu_list": None if s.cpu_list is None else str(s.cpu_list),
@@ -169,6 +223,21 @@ def spec_to_json(s: PartitionSpec) -> dict[str, Any]:
         "on_crash": s.on_crash,
         "where": _loc_to_json(s.where),
     }
+    for key, value in (
+        ("min_cpus", s.min_cpus),
+        ("max_cpus", s.max_cpus),
+        ("min_memory_bytes", s.min_memory_bytes),
+        ("max_memory_bytes", s.max_memory_bytes),
+    ):
+        if value is not None:
+            out[key] = value
+    if s.hotplug_slots:
+        out["hotplug_slots"] = s.hotplug_slots
+    return out
+
+
+def _opt_nat(v: Any, what: str) -> int | None:
+    return None if v is None else nat(v, what)
 
 
 def spec_from_json(v: Any) -> PartitionSpec:
@@ -207,4 +276,9 @@ def spec_from_json(v: Any) -> PartitionSpec:
         order=int(d.get("order", 0)),
         on_crash="stop" if d.get("on_crash") == "stop" else "restart",
         where=_loc_from_json(d.get("where")),
+        min_cpus=_opt_nat(d.get("min_cpus"), "min_cpus"),
+        max_cpus=_opt_nat(d.get("max_cpus"), "max_cpus"),
+        min_memory_bytes=_opt_nat(d.get("min_memory_bytes"), "min_memory_bytes"),
+        max_memory_bytes=_opt_nat(d.get("max_memory_bytes"), "max_memory_bytes"),
+        hotplug_slots=nat(d.get("hotplug_slots", 0), "hotplug_slots"),
     )

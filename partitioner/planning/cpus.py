@@ -3,7 +3,8 @@ guest topology a set of host CPUs gives."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import HostResources
@@ -230,3 +231,226 @@ def guest_topology(host: Host, cpus: list[int], nodes_with_cpus: int) -> tuple[i
     cores = len(cpus) // threads
     sockets = nodes_with_cpus if nodes_with_cpus > 1 and cores % nodes_with_cpus == 0 else 1
     return sockets, cores // sockets, threads
+
+
+# -- dynamic partitions (rule 11): vCPU slots, and CPUs added to a running partition ------------
+
+
+def smt_count_problems(spec: PartitionSpec, smt_isolate: bool, w: Work) -> bool:
+    """Under ``smt: isolate`` a partition takes whole cores, so its CPU count and its bounds
+    are multiples of the threads per core (rule 2): each one that is not is a problem at its
+    field.  True when there is none."""
+    tpc = w.threads_per_core
+    if not smt_isolate or tpc == 1:
+        return True
+    ok = True
+    n = spec.cpu_count
+    if spec.cpu_list is None and n % tpc:
+        w.problem(
+            spec,
+            "cpus",
+            f"{spec.name} asks for {n} CPUs, but under smt: isolate a partition takes whole "
+            f"cores, so its CPU count must be a multiple of {tpc} threads per core (rule 2); "
+            f"ask for {n - n % tpc or tpc} or {n + tpc - n % tpc}, or set `host.smt: share`",
+        )
+        ok = False
+    for field, value, written in (
+        ("min_cpus", spec.cpus_min, spec.min_cpus),
+        ("max_cpus", spec.cpus_max, spec.max_cpus),
+    ):
+        if written is not None and value % tpc:
+            w.problem(
+                spec,
+                field,
+                f"{spec.name}: {field} is {value}, but under smt: isolate vCPUs come and go a "
+                f"whole core at a time, so it must be a multiple of {tpc} threads per core "
+                f"(rule 2); use {value - value % tpc or tpc} or {value + tpc - value % tpc}, or "
+                "set `host.smt: share`",
+            )
+            ok = False
+    return ok
+
+
+def slot_nodes_of(
+    cpu_nodes: Sequence[int], slots: int, home: Sequence[int], unit: int
+) -> tuple[int, ...]:
+    """The host node of each of ``slots`` vCPU slots: the present vCPUs' nodes, then the spare
+    slots ``unit`` at a time (a whole core under smt: isolate) to the node of ``home`` that has
+    the fewest slots so far (ties: the lowest node), so a partition's slots are balanced over
+    its nodes as its CPUs are."""
+    out = list(cpu_nodes[:slots])
+    nodes = sorted(set(home)) or sorted(set(out)) or [0]
+    count = {n: out.count(n) for n in nodes}
+    while len(out) < slots:
+        node = min(nodes, key=lambda n: (count[n], n))
+        k = min(unit, slots - len(out))
+        out += [node] * k
+        count[node] += k
+    return tuple(out)
+
+
+def slot_topology(threads: int, slots: int) -> tuple[int, int, int]:
+    """The guest topology of a partition with ``slots`` vCPU slots: one socket of
+    ``slots / threads`` cores (``threads`` as its present vCPUs show, 1 when it does not
+    divide the slots).  One socket whatever its nodes: spare slots interleave the nodes, and
+    the NUMA nodes the guest sees are per vCPU (``slot_nodes``)."""
+    if threads < 1 or slots % threads:
+        threads = 1
+    return 1, slots // threads, threads
+
+
+def grow_cpus(
+    spec: PartitionSpec,
+    kept: Sequence[int],
+    slot_node: Callable[[int], int],
+    host: Host,
+    rooms: dict[int, NodeRoom],
+    smt_isolate: bool,
+    w: Work,
+) -> list[int] | None:
+    """Host CPUs for the vCPUs a running partition gains (slots ``len(kept)`` to
+    ``spec.cpu_count - 1``), in vCPU order, each on its slot's node: the CPUs its new list
+    names, or free CPUs of that node (whole cores under smt: isolate, lowest first).  Nothing
+    running moves for them (rule 8).  None, with problems at ``cpus``, when they are not there."""
+    slots = range(len(kept), spec.cpu_count)
+    need: dict[int, int] = {}
+    for i in slots:
+        need[slot_node(i)] = need.get(slot_node(i), 0) + 1
+    taken: dict[int, list[int]] = {}
+    if spec.cpu_list is not None:
+        found = _listed_growth(spec, kept, host, smt_isolate, w)
+        if found is None:
+            return None
+        for c in found:
+            taken.setdefault(node_of(host, c), []).append(c)
+        if {n: len(cs) for n, cs in taken.items()} != need:
+            w.problem(
+                spec,
+                "cpus",
+                f"{spec.name}: its CPU list adds CPUs {CpuSet(found)}, but the slots of vCPUs "
+                f"{slots.start}-{slots.stop - 1} are on node(s) "
+                f"{', '.join(map(str, sorted(need)))}: a vCPU added live runs on its slot's node",
+                HostResources(cpus=tuple(found)),
+            )
+            return None
+    else:
+        ok = True
+        for node in sorted(need):
+            got = _free_on(rooms.get(node), need[node], smt_isolate)
+            if got is None:
+                ok = False
+                _no_room(
+                    spec,
+                    kept,
+                    node,
+                    need[node],
+                    [i for i in slots if slot_node(i) == node],
+                    host,
+                    rooms,
+                    w,
+                )
+            else:
+                taken[node] = got
+        if not ok:
+            return None
+    added = {c for cs in taken.values() for c in cs}
+    for room in rooms.values():
+        if smt_isolate:
+            room.cores = [core for core in room.cores if not any(c in added for c in core)]
+        else:
+            room.cores = [
+                t for core in room.cores if (t := tuple(c for c in core if c not in added))
+            ]
+    for c in sorted(added):
+        w.cpu_owner[c] = spec.name
+    queues = {n: iter(cs) for n, cs in taken.items()}
+    return [next(queues[slot_node(i)]) for i in slots]
+
+
+def _free_on(room: NodeRoom | None, need: int, smt_isolate: bool) -> list[int] | None:
+    """``need`` free CPUs of ``room``, lowest first: whole cores under smt: isolate (a core
+    larger than what is left is passed over), single CPUs under share; None when too few."""
+    if room is None:
+        return None
+    out: list[int] = []
+    for core in room.cores:
+        if len(out) == need:
+            break
+        if not smt_isolate:
+            out.extend(core[: need - len(out)])
+        elif len(core) <= need - len(out):
+            out.extend(core)
+    return out if len(out) == need else None
+
+
+def _no_room(
+    spec: PartitionSpec,
+    kept: Sequence[int],
+    node: int,
+    need: int,
+    vcpus: list[int],
+    host: Host,
+    rooms: dict[int, NodeRoom],
+    w: Work,
+) -> None:
+    room = rooms.get(node)
+    free = CpuSet(c for core in room.cores for c in core) if room is not None else CpuSet()
+    said, resources = holders(sorted(host.nodes[node].cpus) if node in host.nodes else (), w)
+    shown = f"vCPU {vcpus[0]}" if len(vcpus) == 1 else f"vCPUs {vcpus[0]}-{vcpus[-1]}"
+    w.problem(
+        spec,
+        "cpus",
+        f"{spec.name} grows from {len(kept)} to {spec.cpu_count} CPUs: {shown} need "
+        f"{need} free CPU{'s' if need > 1 else ''} on node {node}, the node of their slots, "
+        f"and {len(free)} {'is' if len(free) == 1 else 'are'} free there"
+        + (f" (CPUs {free})" if free else "")
+        + (f"; {said}" if said else "")
+        + " (rules 1, 2 and 8: no running partition is moved for it); free CPUs on node "
+        f"{node}, or ask for fewer",
+        replace(resources, node=node),
+    )
+
+
+def _listed_growth(
+    spec: PartitionSpec, kept: Sequence[int], host: Host, smt_isolate: bool, w: Work
+) -> list[int] | None:
+    """The CPUs a running partition's new list names beyond the ones it keeps, in core
+    order, when they are all usable, free and (under smt: isolate) whole cores."""
+    assert spec.cpu_list is not None
+    new = CpuSet(c for c in spec.cpu_list if c not in set(kept))
+    bad = new - host.usable_cpus
+    if bad:
+        w.problem(
+            spec,
+            "cpus",
+            f"{spec.name}: its CPU list {spec.cpu_list} adds CPUs {bad}, which are offline, "
+            "not on this host or outside the CPUs this process may use (rule 1)",
+            HostResources(cpus=tuple(bad)),
+        )
+        return None
+    held = CpuSet(c for c in new if c in w.cpu_owner)
+    if held:
+        said, resources = holders(held, w)
+        w.problem(
+            spec,
+            "cpus",
+            f"{spec.name} grows to {spec.cpu_count} CPUs: its CPU list adds {held}, and {said} "
+            "(rule 1; no running partition is moved for it)",
+            resources,
+        )
+        return None
+    if smt_isolate:
+        for c in new:
+            sib = CpuSet(
+                s for s in host.cpus[c].siblings if host.cpus.get(s) and host.cpus[s].online
+            )
+            if not sib.issubset(new):
+                w.problem(
+                    spec,
+                    "cpus",
+                    f"{spec.name}: its CPU list adds CPU {c} but not its SMT siblings "
+                    f"{sib - new} (rule 2, smt: isolate): add whole cores or set `host.smt: share`",
+                    HostResources(cpus=tuple(sib)),
+                )
+                return None
+    return core_order(host, new)

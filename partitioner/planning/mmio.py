@@ -145,7 +145,15 @@ def placement_layout(p: Placement, host: Host) -> Layout:
             if fn is not None:
                 sizes.extend(high_bytes(fn.bars))
         ports.append(tuple(sizes))
-    return layout(p.memory_bytes, ports)
+    lay = layout(p.fixed_memory_bytes if p.dynamic_memory else p.memory_bytes, ports)
+    if not p.dynamic_memory:
+        return lay
+    # Dynamic memory (virtio-mem) lives in QEMU's device-memory region, above RAM aligned to
+    # 1 GiB and sized to the ceiling less the fixed part, plus 1 GiB of alignment per memory
+    # slot (taken as one per virtio-mem device); the 64-bit PCI window comes after it.
+    devices = sum(1 for _, room in p.dynamic_room_per_node if room)
+    top = _align(lay.ram_top, GiB) + p.max_memory_bytes - p.fixed_memory_bytes + devices * GiB
+    return replace(lay, ram_top=top)
 
 
 def _spec_of(d: DeviceAssignment, specs: tuple[DeviceSpec, ...], host: Host) -> DeviceSpec | None:

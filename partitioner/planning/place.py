@@ -8,8 +8,15 @@ from partitioner.cpuset import CpuSet
 from partitioner.errors import HostResources
 from partitioner.inventory.model import Host
 from partitioner.manifest.model import PartitionSpec
-from partitioner.planning.cpus import core_order, guest_topology, take_listed
-from partitioner.planning.memory import fit_memory, split_memory
+from partitioner.planning.cpus import (
+    core_order,
+    guest_topology,
+    slot_nodes_of,
+    slot_topology,
+    smt_count_problems,
+    take_listed,
+)
+from partitioner.planning.memory import fit_memory, split_bounds, split_memory
 from partitioner.planning.model import DeviceAssignment, Placement
 from partitioner.planning.work import (
     Core,
@@ -51,17 +58,9 @@ def place(
     w: Work,
 ) -> Placement | None:
     notes: list[str] = []
-    tpc = w.threads_per_core
-    if smt_isolate and spec.cpu_list is None and tpc > 1 and spec.cpu_count % tpc:
-        w.problem(
-            spec,
-            "cpus",
-            f"{spec.name} asks for {spec.cpu_count} CPUs, but under smt: isolate a partition takes whole "
-            f"cores, so its CPU count must be a multiple of {tpc} threads per core (rule 2); "
-            f"ask for {spec.cpu_count - spec.cpu_count % tpc or tpc} or {spec.cpu_count + tpc - spec.cpu_count % tpc}, "
-            "or set `host.smt: share`",
-        )
+    if not smt_count_problems(spec, smt_isolate, w):
         return None
+    unit = w.threads_per_core if smt_isolate else 1
     if spec.cpu_list is not None:
         cpus = take_listed(spec, host, smt_isolate, rooms, w)
         if cpus is None:
@@ -79,6 +78,7 @@ def place(
         for c in cpus:
             node = node_of(host, c)
             by_node[node] = by_node.get(node, 0) + 1
+        weights: dict[int, int] = by_node
         if spec.numa != "auto":
             outside = sorted(set(by_node) - set(spec.numa))
             if outside:
@@ -90,7 +90,8 @@ def place(
                 )
                 return None
             nodes = tuple(sorted(spec.numa))
-            mem = split_memory(spec, {n: by_node.get(n, 0) for n in nodes})
+            weights = {n: by_node.get(n, 0) for n in nodes}
+            mem = split_memory(spec, weights)
         else:
             nodes = tuple(sorted(by_node))
             if len(nodes) > 1:
@@ -98,7 +99,10 @@ def place(
             mem = split_memory(spec, by_node)
         if not fit_memory(spec, mem, rooms, w):
             return None  # plan() gives back its CPUs
-        return placement_of(spec, host, cpus, mem, devices, tuple(notes))
+        fixed, ceiling = split_bounds(spec, weights)
+        return placement_of(
+            spec, host, cpus, mem, devices, tuple(notes), fixed=fixed, ceiling=ceiling, unit=unit
+        )
 
     if spec.numa != "auto":
         return _place_on_nodes(spec, host, devices, tuple(sorted(spec.numa)), rooms, smt_isolate, w)
@@ -273,13 +277,18 @@ def _place_on_nodes(
         w.cpu_owner[c] = spec.name
     # A numa list binds memory to every node it names: shared out evenly, even to
     # a node that got no CPUs (it becomes a memory-only node of the guest).
-    mem = split_memory(spec, {n: 1 for n in nodes})
+    weights = {n: 1 for n in nodes}
+    mem = split_memory(spec, weights)
     if not fit_memory(spec, mem, rooms, w):
         return None
     notes: tuple[str, ...] = ()
     if len(nodes) > 1:
         notes = (f"spans NUMA nodes {', '.join(map(str, nodes))}, as its numa list says",)
-    return placement_of(spec, host, cpus, mem, devices, notes)
+    fixed, ceiling = split_bounds(spec, weights)
+    slot_unit = w.threads_per_core if smt_isolate else 1
+    return placement_of(
+        spec, host, cpus, mem, devices, notes, fixed=fixed, ceiling=ceiling, unit=slot_unit
+    )
 
 
 def _held_on(host: Host, nodes: tuple[int, ...], w: Work) -> tuple[str, HostResources]:
@@ -295,10 +304,26 @@ def placement_of(
     mem: tuple[tuple[int, int], ...],
     devices: tuple[DeviceAssignment, ...],
     notes: tuple[str, ...],
+    *,
+    fixed: tuple[tuple[int, int], ...] = (),
+    ceiling: tuple[tuple[int, int], ...] = (),
+    unit: int = 1,
 ) -> Placement:
+    """The placement of ``spec`` on ``cpus`` (numbered core by core) and ``mem``.  With dynamic
+    memory, ``fixed`` and ``ceiling`` are its fixed part and ceiling per node; with dynamic
+    CPUs it gets ``spec.cpus_max`` slots, the spare ones ``unit`` CPUs at a time (a whole core
+    under smt: isolate) on its nodes (:func:`slot_nodes_of`)."""
     ordered = core_order(host, CpuSet(cpus))
     nodes_with_cpus = len({node_of(host, c) for c in ordered})
     sockets, cores, threads = guest_topology(host, ordered, nodes_with_cpus)
+    cpu_nodes = tuple(node_of(host, c) for c in ordered)
+    slots: tuple[int, ...] = ()
+    if spec.dynamic_cpus:
+        home = [n for n, _ in mem if n in host.nodes and host.nodes[n].cpus] or sorted(
+            set(cpu_nodes)
+        )
+        slots = slot_nodes_of(cpu_nodes, spec.cpus_max, home, unit)
+        sockets, cores, threads = slot_topology(threads, spec.cpus_max)
     return Placement(
         name=spec.name,
         cpus=tuple(ordered),
@@ -311,7 +336,11 @@ def placement_of(
         devices=devices,
         spec=spec,
         notes=notes,
-        cpu_nodes=tuple(node_of(host, c) for c in ordered),
+        cpu_nodes=cpu_nodes,
+        vcpu_slots=spec.cpus_max if spec.dynamic_cpus else 0,
+        slot_nodes=slots,
+        fixed_per_node=fixed,
+        max_per_node=ceiling,
     )
 
 

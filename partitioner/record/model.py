@@ -250,6 +250,7 @@ def running_partitions(state: State) -> dict[str, RunningPartition]:
             memory_per_node=p.memory_per_node,
             hugepage_bytes=p.hugepage_bytes,
             devices=tuple(d.address for d in p.devices),
+            placement=p,
         )
     return out
 
