@@ -5,7 +5,8 @@ tree (``partition snapshot``, hwloc's test corpus) for ``--host-root``.  Paths
 given to it are absolute paths *as the kernel names them* (``/sys/bus/pci``);
 the root is prefixed here and nowhere else.
 
-Writes are for the live host only (claiming devices, hugepage pools).  Tests
+Writes are for the live host only (claiming devices, hugepage pools, and the device
+nodes a confined QEMU's root is given for a hot-plug, see ``guest/jail.py``).  Tests
 subclass HostRoot and override :meth:`write` to play the kernel's part on a
 tree they built (see ``tests/fakekernel.py``), so the code under test runs
 unchanged.
@@ -13,9 +14,11 @@ unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import errno as errno_mod
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -213,6 +216,38 @@ class HostRoot:
             os.write(fd, value.encode())
         finally:
             os.close(fd)
+
+    def char_device(self, kernel_path: str) -> tuple[int, int] | None:
+        """``(major, minor)`` of the character device node at ``kernel_path`` (``/dev/vfio/7``),
+        or None when there is none (missing, or not a character device)."""
+        try:
+            st = os.stat(self._local(kernel_path))
+        except (OSError, ValueError):
+            return None
+        if not stat.S_ISCHR(st.st_mode):
+            return None
+        return os.major(st.st_rdev), os.minor(st.st_rdev)
+
+    # -- files of this machine made for a confined QEMU (not kernel paths) ----
+    #
+    # ``path`` below is a file of the partitioner's own run directory (a confined QEMU's
+    # root, ``GuestPaths.chroot``), used as given: it is not under ``self.root``.
+
+    def mknod(self, path: Path, major: int, minor: int, *, uid: int, gid: int, mode: int) -> None:
+        """A character device node ``major:minor`` at ``path``, owned by ``uid:gid`` with
+        ``mode`` (the umask aside); FileExistsError if ``path`` exists."""
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(major, minor))
+        os.chown(path, uid, gid, follow_symlinks=False)
+        os.chmod(path, mode)
+
+    def symlink(self, path: Path, target: str) -> None:
+        """A symbolic link at ``path`` to ``target`` (as written); FileExistsError if ``path`` exists."""
+        os.symlink(target, path)
+
+    def remove(self, path: Path) -> None:
+        """Remove the file, node or link at ``path`` (not a directory); nothing if it is gone."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 class _Hwdb:
