@@ -66,10 +66,15 @@ def bounds_json(p: Placement) -> dict[str, int]:
 
 
 def _bounds_line(name: str, b: dict[str, int]) -> str | None:
-    if (b["min_cpus"], b["max_cpus"]) == (b["cpus"], b["cpus"]) and (
-        b["min_memory_bytes"],
-        b["max_memory_bytes"],
-    ) == (b["memory_bytes"], b["memory_bytes"]) and not b["hotplug_slots"]:
+    if (
+        (b["min_cpus"], b["max_cpus"]) == (b["cpus"], b["cpus"])
+        and (
+            b["min_memory_bytes"],
+            b["max_memory_bytes"],
+        )
+        == (b["memory_bytes"], b["memory_bytes"])
+        and not b["hotplug_slots"]
+    ):
         return None
     return (
         f"{name}: {b['cpus']} vCPUs (min {b['min_cpus']}, max {b['max_cpus']}), "

@@ -30,12 +30,14 @@ from partitioner.engine.live import (
     AttachDevice,
     DetachDevice,
     GrowMemory,
+    LiveStep,
     RemoveCpus,
+    Rerecord,
     ShrinkMemory,
 )
 from partitioner.engine.step import Action, Replace
 from partitioner.inventory.model import Host
-from partitioner.planning.model import LiveChange, Placement, Plan
+from partitioner.planning.model import LiveChange, Placement, Plan, hotplugged_after
 from partitioner.record.model import PartitionRecord, RunState, State
 from partitioner.units import format_size
 from partitioner.vfio.preview import group_endpoints
@@ -171,27 +173,32 @@ def _live_steps(
 ) -> tuple[list[Action], list[Action]]:
     """A running partition changed live from its recorded placement to ``p``: (the steps that
     give back, the steps that take), each step from one placement to the next."""
-    cur = replace(rec.placement, spec=p.spec)
+    cur = rec.placement
     gives: list[Action] = []
     takes: list[Action] = []
     size = p.hugepage_bytes
     # Give back: vCPUs, memory, devices.
     if len(p.cpus) < len(cur.cpus):
-        nxt = replace(cur, cpus=p.cpus, cpu_nodes=p.cpu_nodes)
+        nxt = replace(cur, spec=p.spec, cpus=p.cpus, cpu_nodes=p.cpu_nodes)
         gives.append(RemoveCpus(p.name, cur, nxt))
         cur = nxt
     old_mem, new_mem = dict(cur.memory_per_node), dict(p.memory_per_node)
     for node in sorted(old_mem):
         if new_mem.get(node, 0) < old_mem[node]:
-            nxt = replace(cur, memory_per_node=_with_node(cur, node, new_mem.get(node, 0)))
+            nxt = replace(
+                cur, spec=p.spec, memory_per_node=_with_node(cur, node, new_mem.get(node, 0))
+            )
             gives.append(ShrinkMemory(p.name, cur, nxt, node))
             if size:
-                gives.append(ReleasePagesLive(p.name, node, size, (old_mem[node] - new_mem[node]) // size))
+                gives.append(
+                    ReleasePagesLive(p.name, node, size, (old_mem[node] - new_mem[node]) // size)
+                )
             cur = nxt
     keep_groups = set(p.iommu_groups)
     for g in cur.iommu_groups:
         if g not in keep_groups:
-            nxt = replace(cur, devices=tuple(d for d in cur.devices if d.iommu_group != g))
+            left = tuple(d for d in cur.devices if d.iommu_group != g)
+            nxt = replace(cur, spec=p.spec, devices=left, hotplugged=hotplugged_after(cur, left))
             gives.append(DetachDevice(p.name, cur, nxt, g))
             claim = rec.claim_of(g)
             if claim is not None:
@@ -203,10 +210,12 @@ def _live_steps(
         if new_mem[node] > old_mem.get(node, 0):
             if size:
                 pages = (new_mem[node] - old_mem.get(node, 0)) // size
-                shortfall[(node, size)] = _pool_need(host, state, shortfall, node, size, p.name) + pages
+                shortfall[(node, size)] = (
+                    _pool_need(host, state, shortfall, node, size, p.name) + pages
+                )
                 if shortfall[(node, size)] > 0:
                     takes.append(ReservePagesLive(p.name, node, size, pages))
-            nxt = replace(cur, memory_per_node=_with_node(cur, node, new_mem[node]))
+            nxt = replace(cur, spec=p.spec, memory_per_node=_with_node(cur, node, new_mem[node]))
             takes.append(GrowMemory(p.name, cur, nxt, node))
             cur = nxt
     have_groups = set(cur.iommu_groups)
@@ -217,17 +226,23 @@ def _live_steps(
                 fns = tuple((str(fn.address), fn.driver) for fn in group_endpoints(host, g))
                 takes.append(ClaimGroup(p.name, g, fns))
             added = tuple(d for d in p.devices if d.iommu_group == g)
-            nxt = replace(cur, devices=(*cur.devices, *added))
+            more = (*cur.devices, *added)
+            nxt = replace(cur, spec=p.spec, devices=more, hotplugged=hotplugged_after(cur, more))
             takes.append(AttachDevice(p.name, cur, nxt, g))
             cur = nxt
     if len(p.cpus) > len(cur.cpus):
-        takes.append(AddCpus(p.name, cur, replace(cur, cpus=p.cpus, cpu_nodes=p.cpu_nodes)))
+        takes.append(
+            AddCpus(p.name, cur, replace(cur, spec=p.spec, cpus=p.cpus, cpu_nodes=p.cpu_nodes))
+        )
+    if not gives and not takes:
+        # Nothing for the guest to do (its devices listed in another order): recorded as planned.
+        takes.append(Rerecord(p.name, rec.placement, p))
     # The last step leaves the placement exactly as planned.
     steps = [*gives, *takes]
     for i in range(len(steps) - 1, -1, -1):
         last = steps[i]
-        if isinstance(last, (AddCpus, RemoveCpus, GrowMemory, ShrinkMemory, AttachDevice, DetachDevice)):
-            steps[i] = replace(last, after=p)
+        if isinstance(last, LiveStep):
+            steps[i] = last.ending_at(p)
             break
     return steps[: len(gives)], steps[len(gives) :]
 

@@ -91,7 +91,8 @@ def settle_from_guest(ctx: ApplyContext, name: str) -> None:
     ctx.commit()
 
 
-class _Live(Step):
+@dataclass(frozen=True)
+class LiveStep(Step):
     """A live change: listed as ``KIND NAME DETAIL`` (``add-cpus db0 4 -> 6 (CPUs 12-13, pinned)``)."""
 
     target: str
@@ -101,11 +102,21 @@ class _Live(Step):
     def __str__(self) -> str:
         return f"{self.kind} {self.target} {self.detail}"
 
+    def ending_at(self, after: Placement) -> LiveStep:
+        """This step with the placement it leaves replaced (the last of a change ends at the plan's)."""
+        return replace(self, after=after)
+
     def check(self, ctx: ApplyContext) -> bool:
         rec = ctx.state.partitions.get(self.target)
         return rec is not None and rec.live is None and self._shows(rec.placement, self.after)
 
     def _shows(self, have: Placement, want: Placement) -> bool:
+        raise NotImplementedError
+
+    def do(self, ctx: ApplyContext) -> None:
+        raise NotImplementedError
+
+    def undo(self, ctx: ApplyContext) -> None:
         raise NotImplementedError
 
     def _failed(self, ctx: ApplyContext) -> None:
@@ -116,7 +127,9 @@ class _Live(Step):
 # -- CPUs ------------------------------------------------------------------------
 
 
-def _plug(ctx: ApplyContext, rec: PartitionRecord, added: tuple[tuple[int, int], ...]) -> dict[int, int]:
+def _plug(
+    ctx: ApplyContext, rec: PartitionRecord, added: tuple[tuple[int, int], ...]
+) -> dict[int, int]:
     """Plug the vCPUs ``added`` (index, host CPU) with the guest paused; each pinned and in the
     partition's cgroup before the guest runs again.  Returns index -> thread id."""
     from partitioner.guest.live import paused, plug_cpu
@@ -155,7 +168,7 @@ def _is_running(ctx: ApplyContext, rec: PartitionRecord) -> bool:
 
 
 @dataclass(frozen=True)
-class AddCpus(_Live):
+class AddCpus(LiveStep):
     target: str
     before: Placement
     after: Placement
@@ -199,7 +212,7 @@ class AddCpus(_Live):
 
 
 @dataclass(frozen=True)
-class RemoveCpus(_Live):
+class RemoveCpus(LiveStep):
     target: str
     before: Placement
     after: Placement
@@ -258,7 +271,7 @@ def _resize(ctx: ApplyContext, rec: PartitionRecord, want: Placement, node: int)
 
 
 @dataclass(frozen=True)
-class _Memory(_Live):
+class _Memory(LiveStep):
     target: str
     before: Placement
     after: Placement
@@ -320,25 +333,13 @@ def _chroot(ctx: ApplyContext, rec: PartitionRecord) -> Path | None:
     return GuestPaths.from_json(dict(rec.paths)).chroot
 
 
-def _slots_in_use(qmp: Qmp, slots: int) -> set[int]:
-    """Spare slots (``hpK``) that hold a device, as QEMU's PCI tree shows them."""
-    used: set[int] = set()
-    for bus in qmp.execute("query-pci") or []:
-        for dev in bus.get("devices", []):
-            qid = str(dev.get("qdev_id", ""))
-            if qid.startswith("hp") and qid[2:].isdigit():
-                if dev.get("pci_bridge", {}).get("devices"):
-                    used.add(int(qid[2:]))
-    return {k for k in used if k < slots}
-
-
-def _by_function(devs: tuple[DeviceAssignment, ...]) -> list[DeviceAssignment]:
-    # Function 0 of a multifunction slot goes in last: QEMU plugs the slot with it.
-    return sorted(devs, key=lambda d: (d.address.function == 0, str(d.address)))
+def hotplug_id(slot: int) -> str:
+    """The QEMU device id of the function attached live into spare slot ``hp{slot}``."""
+    return f"hotdev{slot}"
 
 
 @dataclass(frozen=True)
-class AttachDevice(_Live):
+class AttachDevice(LiveStep):
     target: str
     before: Placement
     after: Placement
@@ -357,7 +358,7 @@ class AttachDevice(_Live):
         return self.group in have.iommu_groups
 
     def do(self, ctx: ApplyContext) -> None:
-        from partitioner.engine.confine import expose_device
+        from partitioner.guest.jail import expose_device
         from partitioner.guest.live import attach_vfio
         from partitioner.guest.view import vfio_devices
 
@@ -367,21 +368,17 @@ class AttachDevice(_Live):
             jail = _chroot(ctx, rec)
             with _qmp(ctx, rec) as qmp:
                 have = vfio_devices(qmp)
-                free = sorted(set(range(self.after.hotplug_slots)) - _slots_in_use(qmp, self.after.hotplug_slots))
-                if not free:
-                    raise GuestError(
-                        f"partition {self.target} has no spare slot left for "
-                        f"{self.detail} (hotplug_slots: {self.after.hotplug_slots}, all used); "
-                        "raise hotplug_slots and apply with --replace",
-                        partition=self.target,
-                    )
-                slot = free[0]
-                for d in _by_function(self.devices):
+                for d in self.devices:
                     if str(d.address) in have:
                         continue
+                    slot = self.after.hotplug_slot(str(d.address))
+                    if slot is None:
+                        raise ApplyFailed(
+                            f"partition {self.target}: no spare slot is planned for {d.address}"
+                        )
                     if jail is not None and rec.uid is not None:
                         expose_device(ctx.root, jail, rec.uid, str(d.address), d.iommu_group)
-                    attach_vfio(qmp, str(d.address), f"hp{slot}", f"hot{slot}f{d.address.function}")
+                    attach_vfio(qmp, str(d.address), f"hp{slot}", hotplug_id(slot))
                     point("device-plugged")
         except BaseException:
             self._failed(ctx)
@@ -399,15 +396,14 @@ class AttachDevice(_Live):
 def _unplug_devices(
     ctx: ApplyContext, rec: PartitionRecord, devices: tuple[DeviceAssignment, ...]
 ) -> None:
-    from partitioner.engine.confine import withdraw_device
+    from partitioner.guest.jail import withdraw_device
     from partitioner.guest.live import detach_device
     from partitioner.guest.view import vfio_devices
 
     jail = _chroot(ctx, rec)
     with _qmp(ctx, rec) as qmp:
         have = vfio_devices(qmp)
-        # Function 0 last in, first out: unplugging it takes the slot's other functions along.
-        for d in reversed(_by_function(devices)):
+        for d in devices:
             dev_id = have.get(str(d.address))
             if dev_id is not None:
                 detach_device(qmp, dev_id, ctx.live_timeout)
@@ -418,7 +414,7 @@ def _unplug_devices(
 
 
 @dataclass(frozen=True)
-class DetachDevice(_Live):
+class DetachDevice(LiveStep):
     target: str
     before: Placement
     after: Placement
@@ -449,3 +445,27 @@ class DetachDevice(_Live):
 
     def undo(self, ctx: ApplyContext) -> None:
         AttachDevice(self.target, self.after, self.before, self.group).do(ctx)
+
+
+@dataclass(frozen=True)
+class Rerecord(LiveStep):
+    """A running partition whose plan differs only in how it is written down (its devices
+    listed in another order): the record takes the plan's placement; the guest is not asked."""
+
+    target: str
+    before: Placement
+    after: Placement
+    kind: str = "record"
+
+    @property
+    def detail(self) -> str:
+        return "(the guest keeps what it has)"
+
+    def _shows(self, have: Placement, want: Placement) -> bool:
+        return have == want
+
+    def do(self, ctx: ApplyContext) -> None:
+        _done(ctx, self.target, self.after)
+
+    def undo(self, ctx: ApplyContext) -> None:
+        _done(ctx, self.target, self.before)

@@ -21,9 +21,9 @@ from partitioner.pci import PciAddress
 from partitioner.planning.confine import in_user_range
 from partitioner.planning.model import Placement
 from partitioner.record.model import (
+    LIVE_OPS,
     FunctionRecord,
     GroupClaim,
-    LIVE_OPS,
     HugepageGrant,
     LiveIntent,
     PartitionRecord,

@@ -372,7 +372,11 @@ def _settle_live(rec: PartitionRecord, root: HostRoot, findings: list[Finding]) 
     paths = _paths(rec)
     if rec.state is not RunState.RUNNING or rec.pid is None or paths is None:
         findings.append(
-            Finding(rec.name, f"a live change ({intent.op}) was cut short and its QEMU is gone", "forget the change")
+            Finding(
+                rec.name,
+                f"a live change ({intent.op}) was cut short and its QEMU is gone",
+                "forget the change",
+            )
         )
         return replace(rec, live=None)
     try:
@@ -416,7 +420,11 @@ def _settle_live(rec: PartitionRecord, root: HostRoot, findings: list[Finding]) 
                 if m.requested != m.size:
                     qmp.execute(
                         "qom-set",
-                        {"path": f"/machine/peripheral/{m.id}", "property": "requested-size", "value": m.size},
+                        {
+                            "path": f"/machine/peripheral/{m.id}",
+                            "property": "requested-size",
+                            "value": m.size,
+                        },
                     )
             if intent.resume and not view.running:
                 qmp.execute("cont")
