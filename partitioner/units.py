@@ -47,6 +47,13 @@ def kernel_page_size(n: int) -> str:
     return f"{n // GiB}G" if n % GiB == 0 else f"{n // MiB}M"
 
 
+def virtio_mem_block(hugepage_bytes: int | None) -> int:
+    """The block size of a partition's virtio-mem devices: its page size, at least 2 MiB (what
+    virtio-mem plugs and unplugs at once; each node's dynamic room and plugged amount are
+    multiples of it)."""
+    return max(hugepage_bytes or 0, 2 * MiB)
+
+
 def human_size(n: int) -> str:
     """For people, not for manifests: exact where it can be, else one decimal (``10.3GiB``)."""
     exact = format_size(n)

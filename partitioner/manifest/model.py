@@ -74,6 +74,7 @@ class PartitionSpec:
     autostart: bool = True
     order: int = 0
     on_crash: Literal["restart", "stop"] = "restart"
+    hotplug_slots: int = 0  # spare PCIe root ports for devices attached live
     where: Location = NOWHERE
     firmware_where: Location = field(default=NOWHERE, compare=False)
     # Where each field's value stands, for plan problems about it (not compared; a field left

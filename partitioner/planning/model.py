@@ -52,10 +52,44 @@ class Placement:
     # default holds them), and whether the guest's topology mirrors the host cores it got.
     pci_hole64_bytes: int = 0
     host_cache_info: bool = False
+    # Dynamic partitions (rule 11).  vCPUs present now are slots 0..len(cpus)-1 of
+    # ``vcpu_slots`` (0: len(cpus), static); sockets x cores x threads == max_vcpus.
+    vcpu_slots: int = 0
+    # Host NUMA node of every vCPU slot (length max_vcpus; () when there is one node).
+    slot_nodes: tuple[int, ...] = ()
+    # (node, bytes) in node order: the fixed part (min_memory split), and the ceiling
+    # (max_memory split); () means static (== memory_per_node).  memory_per_node is what the
+    # guest has now, fixed + plugged.
+    fixed_per_node: tuple[tuple[int, int], ...] = ()
+    max_per_node: tuple[tuple[int, int], ...] = ()
 
     @property
     def memory_bytes(self) -> int:
         return sum(b for _, b in self.memory_per_node)
+
+    @property
+    def max_vcpus(self) -> int:
+        return self.vcpu_slots or len(self.cpus)
+
+    @property
+    def fixed_memory_per_node(self) -> tuple[tuple[int, int], ...]:
+        return self.fixed_per_node or self.memory_per_node
+
+    @property
+    def plugged_per_node(self) -> tuple[tuple[int, int], ...]:
+        """(node, bytes plugged through virtio-mem now) for each node, in node order."""
+        fixed = dict(self.fixed_memory_per_node)
+        return tuple((n, b - fixed.get(n, 0)) for n, b in self.memory_per_node)
+
+    @property
+    def dynamic_room_per_node(self) -> tuple[tuple[int, int], ...]:
+        """(node, bytes virtio-mem may plug there at most: max - fixed), in node order."""
+        ceiling = dict(self.max_per_node or self.memory_per_node)
+        return tuple((n, ceiling.get(n, b) - b) for n, b in self.fixed_memory_per_node)
+
+    @property
+    def hotplug_slots(self) -> int:
+        return self.spec.hotplug_slots
 
     @property
     def cpuset(self) -> CpuSet:
@@ -115,6 +149,10 @@ class Placement:
             ],
             "pci_hole64_bytes": self.pci_hole64_bytes,
             "host_cache_info": self.host_cache_info,
+            "vcpu_slots": self.vcpu_slots,
+            "slot_nodes": list(self.slot_nodes),
+            "fixed_per_node": {str(n): b for n, b in self.fixed_per_node},
+            "max_per_node": {str(n): b for n, b in self.max_per_node},
             "notes": list(self.notes),
             "spec": spec_to_json(self.spec),
         }
@@ -158,7 +196,19 @@ class Placement:
             ),
             pci_hole64_bytes=nat(d.get("pci_hole64_bytes", 0), "pci_hole64_bytes"),
             host_cache_info=bool(d.get("host_cache_info", False)),
+            vcpu_slots=nat(d.get("vcpu_slots", 0), "vcpu_slots"),
+            slot_nodes=tuple(
+                nat(n, "a NUMA node") for n in seq(d.get("slot_nodes", []), "slot_nodes")
+            ),
+            fixed_per_node=_per_node(d.get("fixed_per_node", {}), "fixed_per_node"),
+            max_per_node=_per_node(d.get("max_per_node", {}), "max_per_node"),
         )
+
+
+def _per_node(v: Any, what: str) -> tuple[tuple[int, int], ...]:
+    return tuple(
+        sorted((nat(int(n), "a NUMA node"), nat(b, what)) for n, b in obj(v, what).items())
+    )
 
 
 @dataclass(frozen=True)
