@@ -22,6 +22,15 @@ each carries the fields named in brackets::
      |    +-- VMLaunchFailure         QEMU exited while starting (.exitcode, .command, .output)
      |    +-- HugepageError           a node's hugepage pool cannot be raised (.node, .size_bytes, ...)
      |    +-- QmpCommandError         QEMU refused a QMP command (.command, .error_class) (guest/qmp.py)
+     |    +-- LiveChangeError         a running guest's CPUs, memory or devices could not be
+     |         |                        changed live (guest/live.py); each says why, what to do
+     |         +-- CpuHotplugError       a vCPU slot could not be plugged or unplugged (.index)
+     |         |    +-- CpuUnplugTimeout    ... the guest did not give it back in time (.timeout)
+     |         +-- MemoryResizeError     a virtio-mem device could not be resized (.node, .requested)
+     |         |    +-- MemoryResizeTimeout ... the guest did not take or give back the memory in
+     |         |                              time (.timeout, .reached: its size then)
+     |         +-- DeviceHotplugError    a device could not be attached or detached (.device_id)
+     |              +-- DeviceDetachTimeout ... the guest did not release it in time (.timeout)
      |    +-- TestbedTimeout          the emulated server's command ran out of time (.timeout, .booted)
      |    +-- TestbedBootFailure      the emulated server did not boot (.reason, .log_tail)
      |    +-- TestbedEmulationFault   the emulation itself failed; run it again (testbed/server.py)
@@ -265,6 +274,72 @@ class HugepageError(GuestError):
         self.got = got
         self.original = original
         super().__init__(message)
+
+
+class LiveChangeError(GuestError):
+    """A running partition's CPUs, memory or devices could not be changed live."""
+
+
+class CpuHotplugError(LiveChangeError):
+    """vCPU slot ``index`` could not be plugged or unplugged."""
+
+    def __init__(self, message: str, *, partition: str = "", index: int) -> None:
+        self.index = index
+        super().__init__(message, partition=partition)
+
+
+class CpuUnplugTimeout(CpuHotplugError):
+    """The guest did not give vCPU ``index`` back within ``timeout`` seconds."""
+
+    def __init__(self, message: str, *, partition: str = "", index: int, timeout: float) -> None:
+        self.timeout = timeout
+        super().__init__(message, partition=partition, index=index)
+
+
+class MemoryResizeError(LiveChangeError):
+    """The virtio-mem device of host node ``node`` could not be set to ``requested`` bytes."""
+
+    def __init__(self, message: str, *, partition: str = "", node: int, requested: int) -> None:
+        self.node = node
+        self.requested = requested
+        super().__init__(message, partition=partition)
+
+
+class MemoryResizeTimeout(MemoryResizeError):
+    """The guest did not plug or unplug up to ``requested`` within ``timeout`` seconds;
+    ``reached`` is the device's size then (the request stays with the guest)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        partition: str = "",
+        node: int,
+        requested: int,
+        reached: int,
+        timeout: float,
+    ) -> None:
+        self.reached = reached
+        self.timeout = timeout
+        super().__init__(message, partition=partition, node=node, requested=requested)
+
+
+class DeviceHotplugError(LiveChangeError):
+    """Device ``device_id`` could not be attached or detached."""
+
+    def __init__(self, message: str, *, partition: str = "", device_id: str) -> None:
+        self.device_id = device_id
+        super().__init__(message, partition=partition)
+
+
+class DeviceDetachTimeout(DeviceHotplugError):
+    """The guest did not release device ``device_id`` within ``timeout`` seconds."""
+
+    def __init__(
+        self, message: str, *, partition: str = "", device_id: str, timeout: float
+    ) -> None:
+        self.timeout = timeout
+        super().__init__(message, partition=partition, device_id=device_id)
 
 
 class StateError(PartitionError):

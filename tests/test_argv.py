@@ -15,14 +15,22 @@ import pytest
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import GuestError
-from partitioner.guest.argv import GuestPaths, disk_format, guest_paths, qemu_argv
+from partitioner.guest.argv import (
+    GuestPaths,
+    disk_format,
+    dynamic_memory,
+    guest_nodes,
+    guest_paths,
+    hotplug_port_ids,
+    qemu_argv,
+)
 from partitioner.guest.caps import CPU_PROPS, QemuCaps
 from partitioner.guest.kvm import KvmCaps
 from partitioner.guest.launch import RunningGuest
 from partitioner.manifest.model import Boot, Disk, PartitionSpec
 from partitioner.pci import PciAddress
 from partitioner.planning.model import DeviceAssignment, Placement, Plan
-from partitioner.units import GiB, MiB
+from partitioner.units import GiB, MiB, virtio_mem_block
 
 GOLDEN = Path(__file__).parent / "golden" / "argv"
 
@@ -430,5 +438,263 @@ def test_guest_paths_and_running_guest_round_trip() -> None:
 
 
 def _bytes(text: str) -> int:
+    if text.isdigit():
+        return int(text)
     units = {"B": 1, "K": 1024, "M": MiB, "G": GiB}
     return int(text[:-1]) * units[text[-1]]
+
+
+# -- dynamic partitions (rule 11) ------------------------------------------------------------
+
+VMEM_CAPS = replace(CAPS, virtio_mem=True, virtio_mem_prealloc=True)
+# A QEMU 6.2 with virtio-mem but without its prealloc property, memfd or thread-context.
+OLD_VMEM_CAPS = replace(OLD_CAPS, virtio_mem=True)
+
+
+def _dynamic(
+    p: Placement,
+    *,
+    slots: int = 0,
+    slot_nodes: tuple[int, ...] = (),
+    fixed: tuple[tuple[int, int], ...] = (),
+    most: tuple[tuple[int, int], ...] = (),
+    hotplug: int = 0,
+) -> Placement:
+    return replace(
+        p,
+        vcpu_slots=slots,
+        slot_nodes=slot_nodes,
+        fixed_per_node=fixed,
+        max_per_node=most,
+        spec=replace(p.spec, hotplug_slots=hotplug),
+    )
+
+
+DYNAMIC_CASES: dict[str, tuple[Placement, str, QemuCaps]] = {
+    # The test guest grown live: 1 of 2 vCPUs, 128 MiB fixed + 64 MiB plugged of 256 MiB room
+    # on normal pages, two spare root ports.
+    "dynamic-tcg-ram": (
+        _dynamic(
+            _placement(
+                "t1",
+                (1,),
+                ((0, 192 * MiB),),
+                topology=(1, 2, 1),
+                hugepages=None,
+                boot=Boot("/boot/vmlinuz", "/tmp/initrd.gz", "console=ttyS0 panic=-1"),
+            ),
+            slots=2,
+            fixed=((0, 128 * MiB),),
+            most=((0, 384 * MiB),),
+            hotplug=2,
+        ),
+        "tcg",
+        VMEM_CAPS,
+    ),
+    # Two nodes of 1 GiB pages: 4 of 8 vCPU slots, each slot on its node; node 0 has 4 GiB
+    # plugged of 12, node 1 nothing of 4; a GPU on rp0 and two spare ports after it.
+    "dynamic-kvm-two-nodes-1g": (
+        _dynamic(
+            _placement(
+                "db0",
+                (8, 9, 24, 25),
+                ((0, 8 * GiB), (1, 4 * GiB)),
+                topology=(2, 4, 1),
+                hugepages=GiB,
+                cpu_nodes=(0, 0, 1, 1),
+                devices=(_dev("0000:81:00.0", 19),),
+                disks=(Disk("/dev/disk/by-id/nvme-db0"),),
+            ),
+            slots=8,
+            slot_nodes=(0, 0, 1, 1, 0, 0, 1, 1),
+            fixed=((0, 4 * GiB), (1, 4 * GiB)),
+            most=((0, 16 * GiB), (1, 8 * GiB)),
+            hotplug=2,
+        ),
+        "kvm",
+        VMEM_CAPS,
+    ),
+    # Dynamic memory only, on a QEMU without memfd (hugetlbfs mount) or virtio-mem prealloc.
+    "dynamic-old-qemu-memory": (
+        _dynamic(
+            _placement("m2", (2, 3), ((0, 3 * GiB),), topology=(1, 2, 1)),
+            fixed=((0, 2 * GiB),),
+            most=((0, 6 * GiB),),
+        ),
+        "kvm",
+        OLD_VMEM_CAPS,
+    ),
+    # Dynamic CPUs only: memory stays static and locked.
+    "dynamic-kvm-cpus-only": (
+        _dynamic(_placement("c1", (4, 5), ((0, 2 * GiB),), topology=(1, 4, 1)), slots=4),
+        "kvm",
+        VMEM_CAPS,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DYNAMIC_CASES))
+def test_golden_dynamic(case: str) -> None:
+    p, accel, caps = DYNAMIC_CASES[case]
+    text = "\n".join(qemu_argv(p, _plan(p, accel), _paths(p.name), caps)) + "\n"
+    golden = GOLDEN / f"{case}.txt"
+    if os.environ.get("PARTITION_REGEN_GOLDEN") == "1":
+        golden.write_text(text)
+    assert golden.exists(), f"no golden file {golden}: run with PARTITION_REGEN_GOLDEN=1"
+    assert text == golden.read_text(), f"argv of {case} differs from {golden}"
+
+
+@pytest.mark.parametrize("case", sorted(DYNAMIC_CASES))
+def test_rules_every_dynamic_command_line_keeps(case: str) -> None:
+    p, accel, caps = DYNAMIC_CASES[case]
+    argv = qemu_argv(p, _plan(p, accel), _paths(p.name), caps)
+    assert argv[-1] == "-S"
+    ids = [
+        v
+        for flag in ("-object", "-drive", "-device", "-chardev")
+        for o in _opts(argv, flag)
+        for k, v in _kv(o)
+        if k == "id"
+    ]
+    assert len(ids) == len(set(ids))
+    guest_node = {node: i for i, (node, _) in enumerate(p.memory_per_node)}
+
+    # vCPUs: N present of M slots, every slot on the guest node of its host node.
+    smp = dict(_kv(_opts(argv, "-smp")[0]))
+    sockets, cores, threads = (int(smp[k]) for k in ("sockets", "cores", "threads"))
+    assert sockets * cores * threads == p.max_vcpus == int(smp["maxcpus"])
+    numa_cpus = [dict(_kv(o)) for o in _opts(argv, "-numa") if o.startswith("cpu,")]
+    numa_nodes = [dict(_kv(o)) for o in _opts(argv, "-numa") if o.startswith("node,")]
+    if p.max_vcpus > len(p.cpus):
+        assert int(smp["cpus"]) == len(p.cpus)
+        assert len(numa_cpus) == p.max_vcpus
+        slots = {(int(c["socket-id"]), int(c["core-id"]), int(c["thread-id"])) for c in numa_cpus}
+        assert len(slots) == p.max_vcpus
+        assert all(s < sockets and c < cores and t < threads for s, c, t in slots)
+        nodes = p.slot_nodes or (p.numa_nodes[0],) * p.max_vcpus
+        assert [int(c["node-id"]) for c in numa_cpus] == [guest_node[n] for n in nodes]
+        # Slot i is vCPU i: the present ones keep the node of the host CPU they run on.
+        for i, n in enumerate(p.cpu_nodes):
+            assert int(numa_cpus[i]["node-id"]) == guest_node[n]
+        assert not any("cpus" in n for n in numa_nodes)
+    else:
+        assert "cpus" not in smp and not numa_cpus
+
+    # Memory: fixed backends as for a static partition, preallocated; per node with room a
+    # backend that reserves nothing and a virtio-mem device plugged up to what it has now.
+    backends = {b["id"]: b for b in (dict(_kv(o)) for o in _opts(argv, "-object")) if "size" in b}
+    fixed = dict(p.fixed_memory_per_node)
+    for i, (node, _) in enumerate(p.memory_per_node):
+        b = backends[f"mem{i}"]
+        assert _bytes(b["size"]) == fixed[node] and b["prealloc"] == "on"
+        assert b["host-nodes"] == str(node) and b["policy"] == "bind"
+    vmem = [dict(_kv(o)) for o in _opts(argv, "-device") if o.startswith("virtio-mem-pci,")]
+    rooms = [(n, r) for n, r in p.dynamic_room_per_node if r]
+    plugged = dict(p.plugged_per_node)
+    block = virtio_mem_block(p.hugepage_bytes)
+    assert [d["id"] for d in vmem] == [f"vmem{n}" for n, _ in rooms]
+    for d, (node, room) in zip(vmem, rooms, strict=True):
+        b = backends[d["memdev"]]
+        assert d["memdev"] == f"vmem-n{node}" and _bytes(b["size"]) == room
+        assert b["reserve"] == "off" and "prealloc" not in b, "only what is plugged is taken"
+        assert b["host-nodes"] == str(node) and b["policy"] == "bind"
+        same_kind = [k for k in b if k.startswith("memory-backend-")]
+        assert same_kind and same_kind[0] in backends["mem0"]
+        assert (b.get("hugetlbsize"), b.get("mem-path")) == (
+            backends["mem0"].get("hugetlbsize"),
+            backends["mem0"].get("mem-path"),
+        )
+        assert int(d["node"]) == guest_node[node]
+        assert _bytes(d["requested-size"]) == plugged[node]
+        assert _bytes(d["block-size"]) == block
+        assert d.get("prealloc") == ("on" if caps.virtio_mem_prealloc else None)
+    overcommit = _opts(argv, "-overcommit")[0]
+    m = _opts(argv, "-m")[0]
+    if rooms:
+        mem = dict(_kv(m))
+        assert _bytes(mem["size"]) == sum(fixed.values())
+        assert _bytes(mem["maxmem"]) == sum(b for _, b in p.max_per_node)
+        assert int(mem["slots"]) == len(rooms)
+        # QEMU refuses virtio-mem with mem-lock ("Incompatible with mlock").
+        assert overcommit.startswith("mem-lock=off")
+    else:
+        assert _bytes(m) == p.memory_bytes and overcommit.startswith("mem-lock=on")
+
+    # Root ports: the devices' rp{k} first, then the spare hp0..; chassis and port unique.
+    ports = [dict(_kv(o)) for o in _opts(argv, "-device") if o.startswith("pcie-root-port,")]
+    spare = [d["id"] for d in ports if d["id"].startswith("hp")]
+    assert spare == [f"hp{j}" for j in range(p.hotplug_slots)]
+    assert [d["id"] for d in ports] == [d["id"] for d in ports if d["id"].startswith("rp")] + spare
+    assert len({d["chassis"] for d in ports}) == len({d["port"] for d in ports}) == len(ports)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_static_bounds_give_the_static_command_line(case: str) -> None:
+    # A placement whose bounds equal what it has is static: the same argv, byte for byte.
+    p, accel, caps = CASES[case]
+    bounded = _dynamic(
+        p,
+        slots=len(p.cpus),
+        slot_nodes=p.cpu_nodes,
+        fixed=p.memory_per_node,
+        most=p.memory_per_node,
+    )
+    plan = _plan(p, accel)
+    assert qemu_argv(bounded, plan, _paths(p.name), caps) == qemu_argv(
+        p, plan, _paths(p.name), caps
+    )
+    # ...and so does one that only left the bounds out, with a QEMU that has virtio-mem.
+    vmem = replace(caps, virtio_mem=True, virtio_mem_prealloc=True)
+    assert qemu_argv(p, plan, _paths(p.name), vmem) == qemu_argv(p, plan, _paths(p.name), caps)
+
+
+def test_dynamic_placements_qemu_cannot_hold_are_refused() -> None:
+    p, accel, _ = DYNAMIC_CASES["dynamic-tcg-ram"]
+    plan, paths = _plan(p, accel), _paths(p.name)
+    with pytest.raises(GuestError, match=r"no virtio-mem-pci device.*min_memory = max_memory"):
+        qemu_argv(p, plan, paths, CAPS)
+    odd = replace(p, memory_per_node=((0, 129 * MiB),))
+    with pytest.raises(GuestError, match="not whole virtio-mem blocks of 2M"):
+        qemu_argv(odd, plan, paths, VMEM_CAPS)
+    over = replace(p, memory_per_node=((0, 512 * MiB),))
+    with pytest.raises(GuestError, match="within the room"):
+        qemu_argv(over, plan, paths, VMEM_CAPS)
+    nothing_fixed = replace(p, fixed_per_node=((0, 0),))
+    with pytest.raises(GuestError, match="no fixed memory"):
+        qemu_argv(nothing_fixed, plan, paths, VMEM_CAPS)
+    wrong_shape = replace(p, vcpu_slots=3)
+    with pytest.raises(GuestError, match="is not its 3 vCPU slots"):
+        qemu_argv(wrong_shape, plan, paths, VMEM_CAPS)
+    q, accel, _ = DYNAMIC_CASES["dynamic-kvm-two-nodes-1g"]
+    elsewhere = replace(q, slot_nodes=(0, 0, 1, 1, 0, 0, 1, 2))
+    with pytest.raises(GuestError, match="slot 7 is planned on host node 2"):
+        qemu_argv(elsewhere, _plan(q, accel), _paths(q.name), VMEM_CAPS)
+
+
+def test_dynamic_placement_numbers_and_json() -> None:
+    p, _, _ = DYNAMIC_CASES["dynamic-kvm-two-nodes-1g"]
+    assert p.max_vcpus == 8
+    assert p.fixed_memory_per_node == ((0, 4 * GiB), (1, 4 * GiB))
+    assert p.plugged_per_node == ((0, 4 * GiB), (1, 0))
+    assert p.dynamic_room_per_node == ((0, 12 * GiB), (1, 4 * GiB))
+    assert p.hotplug_slots == 2
+    assert [(d.node, d.guest_node, d.room, d.plugged) for d in dynamic_memory(p)] == [
+        (0, 0, 12 * GiB, 4 * GiB),
+        (1, 1, 4 * GiB, 0),
+    ]
+    assert hotplug_port_ids(p) == ["hp0", "hp1"]
+    assert guest_nodes(p) == {0: 0, 1: 1}
+    # (the spec's own JSON, hotplug_slots in it, is the manifest's to keep)
+    assert replace(Placement.from_json(p.to_json()), spec=p.spec) == p
+    # A placement recorded before dynamic partitions reads back static.
+    s, _, _ = CASES["kvm-two-nodes-1g"]
+    old = {
+        k: v
+        for k, v in s.to_json().items()
+        if k not in ("vcpu_slots", "slot_nodes", "fixed_per_node", "max_per_node")
+    }
+    back = Placement.from_json(old)
+    assert back == s and back.max_vcpus == 4 and back.dynamic_room_per_node == ((0, 0), (1, 0))
+    assert back.plugged_per_node == ((0, 0), (1, 0)) and dynamic_memory(back) == []
+    assert virtio_mem_block(None) == virtio_mem_block(4096) == 2 * MiB
+    assert virtio_mem_block(GiB) == GiB

@@ -12,7 +12,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -20,7 +20,13 @@ import pytest
 from guestimage import KERNEL_CMDLINE, build_guest_initramfs, guest_kernel
 
 from partitioner.cpuset import CpuSet
-from partitioner.errors import GuestError, VMLaunchFailure
+from partitioner.errors import (
+    CpuHotplugError,
+    DeviceHotplugError,
+    GuestError,
+    MemoryResizeError,
+    VMLaunchFailure,
+)
 from partitioner.guest.argv import GuestPaths, guest_paths
 from partitioner.guest.caps import QemuCaps, probe_qemu
 from partitioner.guest.launch import (
@@ -31,6 +37,18 @@ from partitioner.guest.launch import (
     powerdown,
     thread_affinities,
     thread_names,
+)
+from partitioner.guest.live import (
+    attach_vfio,
+    cpu_slots,
+    detach_device,
+    devices_present,
+    memory_plugged,
+    paused,
+    plug_cpu,
+    set_memory,
+    unplug_cpu,
+    wait_until,
 )
 from partitioner.guest.qmp import Qmp, QmpCommandError
 from partitioner.kernel.hugepages import ensure_pages, pool_counts, release_pages
@@ -325,6 +343,10 @@ def test_probe_matches_what_qemu_says(caps: QemuCaps) -> None:
     assert caps.version == tuple(int(x) for x in m.groups())
     assert caps.binary.startswith("/")
     assert caps.thread_context == (caps.version >= (7, 2, 0))
+    # virtio-mem and its prealloc property, as QEMU lists the device's properties.
+    help_text = run([caps.binary, "-device", "virtio-mem-pci,help"], check=False).stdout
+    assert caps.virtio_mem == ("requested-size=" in help_text)
+    assert caps.virtio_mem_prealloc == ("prealloc=" in help_text)
     assert probe_qemu(caps.binary) == caps
 
 
@@ -427,3 +449,144 @@ print(json.dumps(launch(p, t._plan(p), paths, probe_qemu(), root=t.ROOT).to_json
     assert all(c == HOST_CPUS for t, c in affinity.items() if t != g.vcpu_threads[0])
     powerdown(paths, g.pid, root=ROOT, timeout=2)
     _assert_gone(g)
+
+
+def _guest_lines(paths: GuestPaths) -> list[tuple[int, int]]:
+    """Every ``partition-guest: cpus=N memtotal_kb=M`` line of the console so far, in order."""
+    try:
+        text = paths.console_log.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    found = re.findall(r"^partition-guest: cpus=(\d+) memtotal_kb=(\d+)\r?$", text, re.MULTILINE)
+    return [(int(c), int(m)) for c, m in found]
+
+
+def _wait_guest_line(
+    paths: GuestPaths, after: int, want: Callable[[int, int], bool], what: str, timeout: float = 60
+) -> tuple[int, int]:
+    """The first report after the ``after`` first ones for which ``want(cpus, memtotal_kb)``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for cpus, kb in _guest_lines(paths)[after:]:
+            if want(cpus, kb):
+                return cpus, kb
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"the guest did not report {what} within {timeout}s: {_guest_lines(paths)}"
+            )
+        time.sleep(0.5)
+
+
+def test_dynamic_guest_takes_and_gives_back_a_vcpu_and_memory(
+    caps: QemuCaps, image: Image, paths: GuestPaths
+) -> None:
+    # 1 of 2 vCPU slots present; 128 MiB fixed and 256 MiB of virtio-mem room on node 0 in
+    # 2 MiB pages, 64 MiB of it plugged at start.  The guest's init onlines what comes.
+    if not caps.virtio_mem:
+        pytest.skip(f"QEMU {caps.version_text} has no virtio-mem-pci")
+    fixed, room, plugged = 128 * MiB, 256 * MiB, 64 * MiB
+    p = replace(
+        _placement(image, fixed + plugged, HUGE),
+        sockets=1,
+        cores=2,
+        vcpu_slots=2,
+        fixed_per_node=((0, fixed),),
+        max_per_node=((0, fixed + room),),
+    )
+    p = replace(p, spec=replace(p.spec, hotplug_slots=1))
+    pages = (fixed + room) // HUGE
+    added = ensure_pages(ROOT, 0, HUGE, pages)
+    try:
+        g = launch(p, _plan(p), paths, caps, root=ROOT)
+        try:
+            with Qmp(paths.qmp, partition="t1", timeout=20) as q:
+                _dynamic_changes(q, g, paths, plugged)
+        finally:
+            powerdown(paths, g.pid, root=ROOT, timeout=20)
+        _assert_gone(g)
+    finally:
+        assert release_pages(ROOT, 0, HUGE, added) == added
+
+
+def _dynamic_changes(q: Qmp, g: RunningGuest, paths: GuestPaths, plugged: int) -> None:
+    def hugetlb_kb() -> int:
+        return int(_status_field(g.pid, None, "HugetlbPages").split()[0])
+
+    slots = cpu_slots(q)
+    assert [(s.index, s.present) for s in slots] == [(0, True), (1, False)]
+    assert slots[0].thread_id == g.vcpu_threads[0] and slots[1].thread_id is None
+
+    # At start the guest plugs what requested-size says, and reports it.
+    _wait_console(paths, "GUEST-READY")
+    assert wait_until(lambda: memory_plugged(q) == {0: plugged}, 60), memory_plugged(q)
+    time.sleep(2)  # the guest's next report has the plugged memory in it
+    cpus0, kb0 = _guest_lines(paths)[-1]
+    assert cpus0 == 1
+    assert hugetlb_kb() == (128 * MiB + plugged) // 1024, "only what is plugged is taken"
+    _, free0 = pool_counts(ROOT, 0, HUGE)
+
+    # A vCPU plugged while the guest is paused: its thread is pinned before it ever runs.
+    with paused(q):
+        assert q.status() == "paused"
+        tid = plug_cpu(q, 1)
+        os.sched_setaffinity(tid, {0})
+    assert q.status() == "running", "paused() lets a running guest run again"
+    assert thread_names(ROOT, g.pid)[tid].startswith("CPU 1/")
+    assert thread_affinities(ROOT, g.pid)[tid] == CpuSet([0])
+    assert cpu_slots(q)[1].present and cpu_slots(q)[1].thread_id == tid
+    assert "vcpu1" in devices_present(q)
+    n = len(_guest_lines(paths))
+    _wait_guest_line(paths, n, lambda c, _: c == 2, "cpus=2")
+    with pytest.raises(CpuHotplugError, match="already filled"):
+        plug_cpu(q, 1)
+    with pytest.raises(CpuHotplugError, match="no slot 2"):
+        plug_cpu(q, 2)
+
+    # Memory grown by 128 MiB: plugged, preallocated from the pool, onlined by the guest.
+    n = len(_guest_lines(paths))
+    set_memory(q, 0, plugged + 128 * MiB, timeout=60)
+    assert memory_plugged(q) == {0: plugged + 128 * MiB}
+    assert hugetlb_kb() == (128 * MiB + plugged + 128 * MiB) // 1024
+    assert pool_counts(ROOT, 0, HUGE)[1] == free0 - 128 * MiB // HUGE
+    want = kb0 + 128 * MiB // 1024
+    _, kb1 = _wait_guest_line(paths, n, lambda _, kb: kb == want, f"memtotal_kb={want}")
+    # ...and shrunk to nothing, what was plugged at start too: unplugged, the pages back in
+    # the pool, gone from the guest.
+    n = len(_guest_lines(paths))
+    set_memory(q, 0, 0, timeout=60)
+    assert memory_plugged(q) == {0: 0}
+    assert hugetlb_kb() == 128 * MiB // 1024
+    assert pool_counts(ROOT, 0, HUGE)[1] == free0 + plugged // HUGE, "pages back in the pool"
+    want = kb1 - (128 * MiB + plugged) // 1024
+    _wait_guest_line(paths, n, lambda _, kb: kb == want, f"memtotal_kb={want}")
+    with pytest.raises(MemoryResizeError, match="whole blocks of 2MiB"):
+        set_memory(q, 0, plugged + MiB, timeout=5)
+    with pytest.raises(MemoryResizeError, match="no virtio-mem device vmem3"):
+        set_memory(q, 3, plugged, timeout=5)
+
+    # The spare root port: a PCI device plugged there and asked back; the guest's PCIe
+    # hot-plug driver lets it go (after the 5 s of its attention button).
+    assert "hp0" in devices_present(q) and "hp1" not in devices_present(q)
+    with pytest.raises(DeviceHotplugError, match=r"refused to attach 0000:ff:1f\.7"):
+        attach_vfio(q, "0000:ff:1f.7", "hp0", "hostdev9")
+    with pytest.raises(DeviceHotplugError, match="no spare slot hp1"):
+        attach_vfio(q, "0000:ff:1f.7", "hp1", "hostdev9")
+    q.execute("device_add", {"driver": "pci-testdev", "bus": "hp0", "id": "probe0"})
+    with pytest.raises(DeviceHotplugError, match=r"slot hp0 .* already holds probe0"):
+        attach_vfio(q, "0000:ff:1f.7", "hp0", "hostdev9")
+    with pytest.raises(DeviceHotplugError, match="already has a device probe0"):
+        attach_vfio(q, "0000:ff:1f.7", "hp0", "probe0")
+    time.sleep(2)  # the guest sees the device arrive before it is asked back
+    detach_device(q, "probe0", timeout=30)
+    assert "probe0" not in devices_present(q)
+    detach_device(q, "probe0", timeout=1)  # already gone: nothing to ask
+
+    # The vCPU asked back: the guest offlines it and QEMU empties the slot.  Last: QEMU 7.2
+    # under TCG keeps the memory listener of an unplugged vCPU, and a later change of the
+    # guest's memory map (a device plugged) can crash it; KVM has no such listener.
+    n = len(_guest_lines(paths))
+    unplug_cpu(q, 1, timeout=60)
+    assert not cpu_slots(q)[1].present and "vcpu1" not in devices_present(q)
+    _wait_guest_line(paths, n, lambda c, _: c == 1, "cpus=1")
+    with pytest.raises(CpuHotplugError, match="boot CPU"):
+        unplug_cpu(q, 0, timeout=5)

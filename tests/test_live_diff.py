@@ -25,7 +25,8 @@ from partitioner.engine.live import (
     RemoveCpus,
     ShrinkMemory,
 )
-from partitioner.guest.view import GuestView, MemoryDevice
+from partitioner.guest.live import MemoryDevice
+from partitioner.guest.view import GuestView
 from partitioner.inventory.model import Host
 from partitioner.planning.model import Plan
 from partitioner.planning.planner import plan
@@ -173,7 +174,7 @@ def test_an_intent_survives_the_records_json_and_is_settled_by_the_guest(
     view = GuestView(
         running=False,
         vcpus={0: 11, 1: 12, 2: 13},
-        memory={"vmem0": MemoryDevice("vmem0", 0, plugged, 2 * GiB, 4 * GiB)},
+        memory={"vmem1": MemoryDevice("vmem1", 0, plugged, 2 * GiB, 4 * GiB, 2 * MiB)},
     )
     seen = seen_placement(before, after, view)
     assert seen.cpus == after.cpus[:3]

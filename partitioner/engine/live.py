@@ -267,7 +267,7 @@ def _resize(ctx: ApplyContext, rec: PartitionRecord, want: Placement, node: int)
 
     plugged = dict(want.plugged_per_node).get(node, 0)
     with _qmp(ctx, rec) as qmp:
-        set_memory(qmp, want.guest_node(node), plugged, ctx.live_timeout)
+        set_memory(qmp, node, plugged, ctx.live_timeout)
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,14 @@ the output with golden files.  Decisions worth knowing:
 - A partition whose devices have large 64-bit BARs gets a 64-bit PCI window
   that holds them (``partitioner/planning/mmio.py`` sizes it); OVMF is told the same size,
   since it sizes its own aperture.
+- A dynamic partition (rule 11, :func:`dynamic_memory`, ``Placement.max_vcpus``): ``-smp
+  cpus=N,maxcpus=M`` and every slot on its guest node (``-numa cpu``); the fixed memory in
+  the per-node backends above, and per node with room a virtio-mem device (``vmem{node}``,
+  host node) over a backend of the same kind (``vmem-n{node}``) that reserves nothing
+  (``reserve=off``: only what is plugged is taken, preallocated by the device); such a
+  partition runs without ``mem-lock`` (QEMU refuses virtio-mem with it, docs/decisions.md).
+  ``hotplug_slots`` spare root ports ``hp0..`` after the devices' ``rp{k}``, for devices
+  attached live (``guest/live.py`` drives all of it).
 """
 
 from __future__ import annotations
@@ -52,7 +60,7 @@ from partitioner.errors import GuestError
 from partitioner.guest.caps import QemuCaps
 from partitioner.pci import PciAddress
 from partitioner.planning.model import DeviceAssignment, Placement, Plan
-from partitioner.units import GiB, KiB, MiB
+from partitioner.units import GiB, KiB, MiB, virtio_mem_block
 
 # Under TCG the translation cache is an anonymous mapping that mem-lock=on would lock and
 # populate whole (1 GiB by default): a smaller cache keeps a test guest small.
@@ -160,15 +168,29 @@ def qemu_argv(
         # (and the guest sees every thread as a core); as GenuineIntel it shows them.
         a += ["-accel", f"tcg,thread=multi,tb-size={TCG_TB_SIZE_MIB}"]
         a += ["-cpu", "max,vendor=GenuineIntel"]
-    n = len(p.cpus)
-    a += ["-smp", f"{n},sockets={p.sockets},cores={p.cores},threads={p.threads},maxcpus={n}"]
-    a += ["-m", _size(p.memory_bytes)]
+    n, slots = len(p.cpus), p.max_vcpus
+    topology = f"sockets={p.sockets},cores={p.cores},threads={p.threads}"
+    if slots > n:
+        a += ["-smp", f"cpus={n},{topology},maxcpus={slots}"]
+    else:
+        a += ["-smp", f"{n},{topology},maxcpus={n}"]
+    vmem = dynamic_memory(p, caps)
+    if vmem:
+        fixed = sum(b for _, b in p.fixed_memory_per_node)
+        most = fixed + sum(d.room for d in vmem)
+        a += ["-m", f"size={_size(fixed)},slots={len(vmem)},maxmem={_size(most)}"]
+    else:
+        a += ["-m", _size(p.memory_bytes)]
     a += _memory(p, caps)
-    a += ["-overcommit", ",".join(["mem-lock=on", *(kvm.overcommit if kvm else [])])]
+    # QEMU refuses virtio-mem with mem-lock ("Incompatible with mlock"): docs/decisions.md.
+    lock = "mem-lock=off" if vmem else "mem-lock=on"
+    a += ["-overcommit", ",".join([lock, *(kvm.overcommit if kvm else [])])]
     a += _firmware(p, paths, caps)
     a += _boot(p)
     a += _disks(p)
     a += _devices(p.devices)
+    a += _hotplug_ports(len(guest_ports(p.devices)), p.hotplug_slots)
+    a += _virtio_mem(p, vmem, caps)
     a += ["-chardev", f"socket,id=qmp0,path={_esc(paths.qmp)},server=on,wait=off"]
     a += ["-mon", "chardev=qmp0,mode=control"]
     a += [
@@ -279,25 +301,120 @@ def guest_cpus_by_node(p: Placement) -> list[tuple[int, list[int]]]:
     return [(node, per[node]) for node in nodes]
 
 
+def guest_nodes(p: Placement) -> dict[int, int]:
+    """Host node -> the guest's NUMA node id for it (its place in ``p.memory_per_node``)."""
+    return {node: i for i, (node, _) in enumerate(p.memory_per_node)}
+
+
+def slot_topology(p: Placement, index: int) -> tuple[int, int, int]:
+    """(socket-id, core-id, thread-id) of vCPU slot ``index``: QEMU numbers the slots of
+    ``-smp sockets=S,cores=C,threads=T`` thread first, then core, then socket."""
+    return index // (p.cores * p.threads), (index // p.threads) % p.cores, index % p.threads
+
+
+def slot_guest_node(p: Placement, index: int) -> int:
+    """The guest NUMA node of vCPU slot ``index``: its host node's (``slot_nodes``, else the
+    host node of the CPU it runs on now, else the first node)."""
+    nodes = guest_nodes(p)
+    if p.slot_nodes:
+        host = p.slot_nodes[index]
+    elif p.cpu_nodes and index < len(p.cpu_nodes):
+        host = p.cpu_nodes[index]
+    else:
+        return 0
+    if host not in nodes:
+        raise GuestError(
+            f"partition {p.name}: vCPU slot {index} is planned on host node {host}, where the "
+            f"partition has no memory (nodes {sorted(nodes)}): plan it again",
+            partition=p.name,
+        )
+    return nodes[host]
+
+
+@dataclass(frozen=True)
+class VirtioMem:
+    """One virtio-mem device of a dynamic partition: on host ``node``, guest node ``guest_node``,
+    ``room`` bytes at most, ``plugged`` of them plugged at start, in blocks of ``block``."""
+
+    node: int
+    guest_node: int
+    room: int
+    plugged: int
+    block: int
+
+    @property
+    def device_id(self) -> str:
+        return f"vmem{self.node}"
+
+    @property
+    def backend_id(self) -> str:
+        return f"vmem-n{self.node}"
+
+
+def dynamic_memory(p: Placement, caps: QemuCaps | None = None) -> list[VirtioMem]:
+    """The virtio-mem devices of ``p``, one per node with dynamic room; [] for a partition
+    whose memory is static.  Refuses a placement virtio-mem cannot hold, or a QEMU (``caps``)
+    without virtio-mem, naming what to do."""
+    room = dict(p.dynamic_room_per_node)
+    if not any(room.values()):
+        return []
+    if caps is not None and not caps.virtio_mem:
+        raise GuestError(
+            f"partition {p.name} has dynamic memory (min_memory < max_memory) but QEMU "
+            f"{caps.version_text} ({caps.binary}) has no virtio-mem-pci device: install a QEMU "
+            "built with it (5.1 or newer, every distribution's x86 build), or give the "
+            "partition min_memory = max_memory",
+            partition=p.name,
+        )
+    block = virtio_mem_block(p.hugepage_bytes)
+    plugged = dict(p.plugged_per_node)
+    nodes = guest_nodes(p)
+    out: list[VirtioMem] = []
+    for node, fixed in p.fixed_memory_per_node:
+        r, now = room.get(node, 0), plugged.get(node, 0)
+        if fixed <= 0:
+            raise GuestError(
+                f"partition {p.name}: node {node} has no fixed memory (min_memory's share is "
+                "0): QEMU needs some fixed memory on every guest node; plan it again",
+                partition=p.name,
+            )
+        if r % block or now % block or not 0 <= now <= r:
+            raise GuestError(
+                f"partition {p.name}: node {node}'s dynamic memory ({now} of {r} bytes plugged) "
+                f"is not whole virtio-mem blocks of {_size(block)} within the room: plan it again",
+                partition=p.name,
+            )
+        if r:
+            out.append(VirtioMem(node, nodes[node], r, now, block))
+    return out
+
+
+def _backend(p: Placement, caps: QemuCaps, ident: str, size: int) -> tuple[str, list[str]]:
+    """The kind and first options of a memory backend of ``p``'s page size."""
+    opts = [f"id={ident}", f"size={_size(size)}"]
+    if p.hugepage_bytes is None:
+        kind = "memory-backend-ram"
+    elif caps.memfd:
+        kind = "memory-backend-memfd"
+        opts += ["hugetlb=on", f"hugetlbsize={_size(p.hugepage_bytes)}"]
+    else:
+        kind = "memory-backend-file"
+        # The mount points libvirt and systemd use for each page size.
+        mount = "/dev/hugepages" if p.hugepage_bytes < GiB else "/dev/hugepages1G"
+        opts += [f"mem-path={mount}"]
+    return kind, opts
+
+
 def _memory(p: Placement, caps: QemuCaps) -> list[str]:
     a: list[str] = []
+    fixed = dict(p.fixed_memory_per_node)
+    per_slot = p.max_vcpus > len(p.cpus)
     for i, (node, vcpus) in enumerate(guest_cpus_by_node(p)):
-        size = dict(p.memory_per_node)[node]
         # A memory-only node is preallocated from all the partition's CPUs (remote, but
         # still nobody else's); policy=bind puts the pages on the node all the same.
         host_cpus = CpuSet(p.cpus[v] for v in vcpus) if vcpus else CpuSet(p.cpus)
         threads = max(1, len(host_cpus))
-        opts = [f"id=mem{i}", f"size={_size(size)}"]
-        if p.hugepage_bytes is None:
-            kind = "memory-backend-ram"
-        elif caps.memfd:
-            kind = "memory-backend-memfd"
-            opts += ["hugetlb=on", f"hugetlbsize={_size(p.hugepage_bytes)}"]
-        else:
-            kind = "memory-backend-file"
-            # The mount points libvirt and systemd use for each page size.
-            mount = "/dev/hugepages" if p.hugepage_bytes < GiB else "/dev/hugepages1G"
-            opts += [f"mem-path={mount}"]
+        kind, opts = _backend(p, caps, f"mem{i}", fixed[node])
         opts += [f"host-nodes={node}", "policy=bind", "prealloc=on", f"prealloc-threads={threads}"]
         if caps.thread_context:
             affinity = ",".join(f"cpu-affinity={r}" for r in str(host_cpus).split(","))
@@ -305,9 +422,46 @@ def _memory(p: Placement, caps: QemuCaps) -> list[str]:
             opts += [f"prealloc-context=tc{i}"]
         a += ["-object", f"{kind}," + ",".join(opts)]
         numa = f"node,nodeid={i},memdev=mem{i}"
-        if vcpus:
+        if vcpus and not per_slot:
             numa += "," + ",".join(f"cpus={r}" for r in str(CpuSet(vcpus)).split(","))
         a += ["-numa", numa]
+    if per_slot:
+        # Every slot, present or not, on its node: QEMU wants all of them placed.
+        if p.sockets * p.cores * p.threads != p.max_vcpus:
+            raise GuestError(
+                f"partition {p.name}: guest topology {p.sockets} sockets x {p.cores} cores x "
+                f"{p.threads} threads is not its {p.max_vcpus} vCPU slots: plan it again",
+                partition=p.name,
+            )
+        for index in range(p.max_vcpus):
+            socket, core, thread = slot_topology(p, index)
+            a += [
+                "-numa",
+                f"cpu,node-id={slot_guest_node(p, index)},socket-id={socket},"
+                f"core-id={core},thread-id={thread}",
+            ]
+    return a
+
+
+def _virtio_mem(p: Placement, vmem: list[VirtioMem], caps: QemuCaps) -> list[str]:
+    """Per node with room: a backend bound to the node that reserves nothing (only what the
+    device plugs is taken from the pool, preallocated by the device as it plugs), and the
+    device plugged up to ``plugged`` at start."""
+    a: list[str] = []
+    for d in vmem:
+        kind, opts = _backend(p, caps, d.backend_id, d.room)
+        opts += ["reserve=off", f"host-nodes={d.node}", "policy=bind"]
+        a += ["-object", f"{kind}," + ",".join(opts)]
+        dev = [
+            f"id={d.device_id}",
+            f"memdev={d.backend_id}",
+            f"node={d.guest_node}",
+            f"requested-size={_size(d.plugged)}",
+            f"block-size={_size(d.block)}",
+        ]
+        if caps.virtio_mem_prealloc:
+            dev.append("prealloc=on")
+        a += ["-device", "virtio-mem-pci," + ",".join(dev)]
     return a
 
 
@@ -416,8 +570,25 @@ def _devices(devices: tuple[DeviceAssignment, ...]) -> list[str]:
     return a
 
 
+def hotplug_port_ids(p: Placement) -> list[str]:
+    """The ids of ``p``'s spare root ports, for devices attached live: ``hp0``, ``hp1``..."""
+    return [f"hp{j}" for j in range(p.hotplug_slots)]
+
+
+def _hotplug_ports(first: int, count: int) -> list[str]:
+    """``count`` empty root ports numbered after the ``first`` ones the devices took, so that
+    every chassis and port number stays unique."""
+    a: list[str] = []
+    for j in range(count):
+        k = first + j
+        a += ["-device", f"pcie-root-port,id=hp{j},chassis={k + 1},port={k + 16:#x}"]
+    return a
+
+
 def _size(n: int) -> str:
     """A size QEMU reads exactly: the largest of G, M, K that divides it, else bytes."""
+    if n == 0:
+        return "0"
     for unit, suffix in ((GiB, "G"), (MiB, "M"), (KiB, "K")):
         if n % unit == 0:
             return f"{n // unit}{suffix}"

@@ -11,7 +11,8 @@ Where UEFI firmware is installed is looked up every time: it is a package of
 its own; so is what the host's KVM offers (``guest/kvm.py``), which can change
 with a module parameter.  The x86 CPU properties (``qom-list-properties`` of
 the ``max`` model) and ``-overcommit``'s parameters say which dedicated-CPU
-settings this QEMU knows (``guest/argv.py``).
+settings this QEMU knows (``guest/argv.py``); the properties of ``virtio-mem-pci`` whether
+it can preallocate what it plugs (``prealloc``, QEMU 7.1+).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ CPU_PROPS = frozenset(
     {"migratable", "kvm-hint-dedicated", "host-cache-info", "host-phys-bits", "arch-capabilities"}
 )
 # Bump when the probe learns something new: older cache entries are probed again.
-_CACHE_LAYOUT = 3
+_CACHE_LAYOUT = 4
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class QemuCaps:
     # "chroot" / "runas" (removed in 9.0 / deprecated in 9.1), or "" when it cannot.
     chroot: str = ""
     runas: str = ""
+    virtio_mem: bool = False  # -device virtio-mem-pci (dynamic memory, QEMU 5.1+)
+    virtio_mem_prealloc: bool = False  # its prealloc property: plugged memory preallocated
     kvm: KvmCaps | None = None  # what the host's KVM answered (live, never cached); None: not asked
 
     @property
@@ -158,6 +161,12 @@ def _probe(path: str) -> QemuCaps:
             "arguments": {"option": "run-with"},
             "id": "run-with",
         },
+        # Answered with an error by a QEMU without virtio-mem.
+        {
+            "execute": "device-list-properties",
+            "arguments": {"typename": "virtio-mem-pci"},
+            "id": "virtio-mem",
+        },
         {"execute": "quit"},
     ]
     stdin = "".join(json.dumps(c) + "\n" for c in commands)
@@ -207,6 +216,7 @@ def _probe(path: str) -> QemuCaps:
         if _accepts(path, "-runas", "65534:65534")
         else ""
     )
+    vmem_props = {p.get("name") for p in replies.get("virtio-mem", {}).get("return", []) or []}
     ovmf_code, ovmf_vars = _find_ovmf()
     return QemuCaps(
         binary=path,
@@ -223,6 +233,8 @@ def _probe(path: str) -> QemuCaps:
         ovmf_vars=ovmf_vars,
         cpu_props=CPU_PROPS & frozenset(n for n in cpu_props if isinstance(n, str)),
         cpu_pm="cpu-pm" in overcommit,
+        virtio_mem="virtio-mem-pci" in types and "requested-size" in vmem_props,
+        virtio_mem_prealloc="prealloc" in vmem_props,
     )
 
 

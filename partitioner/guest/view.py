@@ -11,19 +11,12 @@ functions.  :func:`observe` reads all of it in one session.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from partitioner.guest.live import MemoryDevice, memory_devices
 
 if TYPE_CHECKING:
     from partitioner.guest.qmp import Qmp
-
-
-@dataclass(frozen=True)
-class MemoryDevice:
-    id: str
-    node: int  # the guest's NUMA node
-    size: int  # plugged now
-    requested: int  # what it was asked to plug
-    max_size: int
 
 
 @dataclass(frozen=True)
@@ -33,34 +26,11 @@ class GuestView:
     memory: dict[str, MemoryDevice] = field(default_factory=dict)  # virtio-mem devices by id
     vfio: dict[str, str] = field(default_factory=dict)  # host PCI address -> device id
 
-    def plugged_by_guest_node(self) -> dict[int, int]:
-        out: dict[int, int] = {}
-        for m in self.memory.values():
-            out[m.node] = out.get(m.node, 0) + m.size
-        return out
-
 
 def _vcpus(qmp: Qmp) -> dict[int, int]:
     out: dict[int, int] = {}
     for c in qmp.execute("query-cpus-fast") or []:
         out[int(c["cpu-index"])] = int(c["thread-id"])
-    return out
-
-
-def _memory(qmp: Qmp) -> dict[str, MemoryDevice]:
-    out: dict[str, MemoryDevice] = {}
-    for m in qmp.execute("query-memory-devices") or []:
-        if m.get("type") != "virtio-mem":
-            continue
-        d: dict[str, Any] = m.get("data", {})
-        dev_id = str(d.get("id", ""))
-        out[dev_id] = MemoryDevice(
-            id=dev_id,
-            node=int(d.get("node", 0)),
-            size=int(d.get("size", 0)),
-            requested=int(d.get("requested-size", 0)),
-            max_size=int(d.get("max-size", 0)),
-        )
     return out
 
 
@@ -87,6 +57,6 @@ def observe(qmp: Qmp) -> GuestView:
     return GuestView(
         running=status.get("status") == "running",
         vcpus=_vcpus(qmp),
-        memory=_memory(qmp),
+        memory={m.id: m for m in memory_devices(qmp)},
         vfio=vfio_devices(qmp),
     )

@@ -350,9 +350,9 @@ def seen_placement(before: Placement, after: Placement, view: GuestView) -> Plac
     cpu_nodes = src.cpu_nodes[:k] if src.cpu_nodes else ()
     memory = after.memory_per_node
     if view.memory:
-        plugged = view.plugged_by_guest_node()
+        # Each node's virtio-mem device is ``vmem{node}`` (guest/argv.py).
         memory = tuple(
-            (node, fixed + plugged.get(after.numa_nodes.index(node), 0))
+            (node, fixed + (view.memory[f"vmem{node}"].size if f"vmem{node}" in view.memory else 0))
             for node, fixed in after.fixed_memory_per_node
         )
     named = {str(d.address) for d in after.devices}

@@ -12,6 +12,15 @@ Console lines (one each, in this order)::
     GUEST-READY
     GUEST-POWERDOWN                   when the power button was pressed (then poweroff -f)
 
+and, once at start and then whenever either count changes (a vCPU or virtio-mem memory
+plugged or unplugged; checked every second)::
+
+    partition-guest: cpus=2 memtotal_kb=377856
+
+The guest onlines what is hot-plugged, as a partition's guest must (``docs/manifest.md``):
+memory blocks as they come (``auto_online_blocks``: ``online_movable``, so that virtio-mem
+can take them back), and every offline CPU it finds.
+
 ``python -m partitioner.testbed.guestimage DIR`` builds it and prints its path.
 """
 
@@ -22,14 +31,21 @@ import hashlib
 import sys
 from pathlib import Path
 
-from partitioner.testbed.initramfs import CpioWriter, default_kernel, static_busybox
+from partitioner.testbed.initramfs import (
+    CpioWriter,
+    default_kernel,
+    module_bytes,
+    module_load_order,
+    static_busybox,
+)
 
 BUSYBOX = Path("/bin/busybox")
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 
-# evdev gives /dev/input/eventN; button turns the ACPI power button into an input event.
-# Both are modules in Debian's kernel and have no dependencies.
-MODULES = ("kernel/drivers/input/evdev.ko", "kernel/drivers/acpi/button.ko")
+# evdev gives /dev/input/eventN; button turns the ACPI power button into an input event;
+# virtio_pci and virtio_mem drive a dynamic partition's virtio-mem devices.  All are modules
+# in Debian's kernel; their dependencies come along, each loaded after what it needs.
+MODULES = ("evdev", "button", "virtio_pci", "virtio_mem")
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -37,7 +53,9 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-for m in /lib/modules/*.ko; do insmod "$m" 2>/dev/null; done
+# Hot-plugged memory is onlined movable as it comes (virtio-mem plugs at probe already).
+echo online_movable > /sys/devices/system/memory/auto_online_blocks 2>/dev/null
+while read -r m; do insmod "/lib/modules/$m" 2>/dev/null; done < /lib/modules/order
 echo "GUEST-CPUS $(grep -c '^processor' /proc/cpuinfo)"
 echo "GUEST-MEM-KB $(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)"
 echo "GUEST-NUMA-NODES $(ls -d /sys/devices/system/node/node* 2>/dev/null | wc -l)"
@@ -52,13 +70,25 @@ for e in /sys/class/input/event*; do
   ( dd if=/dev/input/${e##*/} of=/dev/null bs=24 count=1 2>/dev/null
     echo GUEST-POWERDOWN; poweroff -f ) &
 done
+(
+  last=""
+  while true; do
+    for f in /sys/devices/system/cpu/cpu[0-9]*/online; do
+      [ "$(cat "$f" 2>/dev/null)" = 0 ] && echo 1 > "$f" 2>/dev/null
+    done
+    now="cpus=$(grep -c '^processor' /proc/cpuinfo)"
+    now="$now memtotal_kb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)"
+    [ "$now" != "$last" ] && echo "partition-guest: $now" && last=$now
+    sleep 1
+  done
+) &
 echo GUEST-READY
 while true; do sleep 3600; done
 """
 
 
 def guest_kernel() -> Path:
-    """The newest /boot/vmlinuz-* with its modules (the guest loads evdev and button)."""
+    """The newest /boot/vmlinuz-* with its modules (the guest loads those of MODULES)."""
     return default_kernel()
 
 
@@ -66,11 +96,10 @@ def build_guest_initramfs(dest_dir: Path) -> Path:
     """Build (or reuse, cached by content) the guest initramfs in ``dest_dir``."""
     busybox = static_busybox(BUSYBOX)
     release = guest_kernel().name.removeprefix("vmlinuz-")
-    modules = [Path("/lib/modules") / release / m for m in MODULES]
-    modules = [m for m in modules if m.is_file()]
+    modules = module_load_order(Path("/lib/modules") / release, MODULES)
     h = hashlib.sha256(INIT.encode() + busybox)
     for m in modules:
-        h.update(m.read_bytes())
+        h.update(m.name.encode() + m.path.read_bytes())
     dest_dir.mkdir(parents=True, exist_ok=True)
     out = dest_dir / f"guest-initramfs-{h.hexdigest()[:16]}.cpio.gz"
     if out.exists():
@@ -82,7 +111,8 @@ def build_guest_initramfs(dest_dir: Path) -> Path:
     w.file("bin/busybox", busybox, 0o755)
     w.file("init", INIT.encode(), 0o755)
     for m in modules:
-        w.file(f"lib/modules/{m.name}", m.read_bytes())
+        w.file(f"lib/modules/{m.name}.ko", module_bytes(m.path))
+    w.file("lib/modules/order", "".join(f"{m.name}.ko\n" for m in modules).encode())
     tmp = out.with_suffix(".tmp")
     tmp.write_bytes(gzip.compress(w.finish(), compresslevel=1))
     tmp.rename(out)

@@ -233,7 +233,7 @@ def module_load_order(modules_dir: Path, wanted: Iterable[str]) -> list[KernelMo
     return order
 
 
-def _module_bytes(path: Path) -> bytes:
+def module_bytes(path: Path) -> bytes:
     data = path.read_bytes()
     if path.name.endswith(".xz"):
         return lzma.decompress(data)
@@ -307,7 +307,7 @@ def build_initramfs(
     w.file("init", init.encode(), 0o755)
     w.file("timer-check.awk", TIMER_CHECK_AWK.encode(), 0o644)
     for m in modules:
-        w.file(f"modules/{m.name}.ko", _module_bytes(m.path))
+        w.file(f"modules/{m.name}.ko", module_bytes(m.path))
     w.file("modules/order", "".join(f"{m.name}.ko\n" for m in modules).encode())
     return w.finish()
 
