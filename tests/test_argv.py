@@ -698,3 +698,22 @@ def test_dynamic_placement_numbers_and_json() -> None:
     assert back.plugged_per_node == ((0, 0), (1, 0)) and dynamic_memory(back) == []
     assert virtio_mem_block(None) == virtio_mem_block(4096) == 2 * MiB
     assert virtio_mem_block(GiB) == GiB
+
+
+def test_a_function_attached_live_is_started_again_in_its_spare_slot() -> None:
+    """After a live attach the record says which spare slot holds the function; a restart
+    (the supervisor's, or start after stop) puts it back there, under the id a detach finds."""
+    nic, gpu = _dev("0000:81:00.0", 19), _dev("0000:82:00.0", 20)
+    p = _dynamic(_placement("a", (4,), ((0, GiB),), devices=(nic, gpu)), hotplug=2)
+    p = replace(p, hotplugged=("", "0000:82:00.0"))
+    argv = qemu_argv(p, _plan(p, "tcg"), _paths(p.name), CAPS)
+    devices = _opts(argv, "-device")
+    vfio = [d for d in devices if d.startswith("vfio-pci,")]
+    assert vfio == [
+        "vfio-pci,host=0000:81:00.0,id=hostdev0,bus=rp0,addr=0.0",
+        "vfio-pci,host=0000:82:00.0,id=hotdev1,bus=hp1",
+    ]
+    ports = [d for d in devices if d.startswith("pcie-root-port,")]
+    assert [dict(_kv(d))["id"] for d in ports] == ["rp0", "hp0", "hp1"]
+    # hp1's function comes right after its port, so the guest finds it in that slot
+    assert devices.index(vfio[1]) == devices.index(ports[2]) + 1

@@ -333,11 +333,6 @@ def _chroot(ctx: ApplyContext, rec: PartitionRecord) -> Path | None:
     return GuestPaths.from_json(dict(rec.paths)).chroot
 
 
-def hotplug_id(slot: int) -> str:
-    """The QEMU device id of the function attached live into spare slot ``hp{slot}``."""
-    return f"hotdev{slot}"
-
-
 @dataclass(frozen=True)
 class AttachDevice(LiveStep):
     target: str
@@ -358,6 +353,7 @@ class AttachDevice(LiveStep):
         return self.group in have.iommu_groups
 
     def do(self, ctx: ApplyContext) -> None:
+        from partitioner.guest.argv import hotplug_device_id
         from partitioner.guest.jail import expose_device
         from partitioner.guest.live import attach_vfio
         from partitioner.guest.view import vfio_devices
@@ -378,7 +374,7 @@ class AttachDevice(LiveStep):
                         )
                     if jail is not None and rec.uid is not None:
                         expose_device(ctx.root, jail, rec.uid, str(d.address), d.iommu_group)
-                    attach_vfio(qmp, str(d.address), f"hp{slot}", hotplug_id(slot))
+                    attach_vfio(qmp, str(d.address), f"hp{slot}", hotplug_device_id(slot))
                     point("device-plugged")
         except BaseException:
             self._failed(ctx)

@@ -188,8 +188,10 @@ def qemu_argv(
     a += _firmware(p, paths, caps)
     a += _boot(p)
     a += _disks(p)
-    a += _devices(p.devices)
-    a += _hotplug_ports(len(guest_ports(p.devices)), p.hotplug_slots)
+    # A function attached live goes back into the spare slot the record says it sits in.
+    boot = tuple(d for d in p.devices if p.hotplug_slot(str(d.address)) is None)
+    a += _devices(boot)
+    a += _hotplug_ports(len(guest_ports(boot)), p)
     a += _virtio_mem(p, vmem, caps)
     a += ["-chardev", f"socket,id=qmp0,path={_esc(paths.qmp)},server=on,wait=off"]
     a += ["-mon", "chardev=qmp0,mode=control"]
@@ -560,14 +562,19 @@ def _devices(devices: tuple[DeviceAssignment, ...]) -> list[str]:
             ]
             if multi and fn == 0:
                 opts.append("multifunction=on")
-            if d.rom == "off":
-                opts.append("rombar=0")  # no ROM BAR: no PXE or video BIOS runs in the guest
-            elif d.rom:
-                opts.append(f"romfile={_esc(d.rom)}")
-            if d.primary_display:
-                opts.append("x-vga=on")  # the legacy VGA ranges go to this GPU (SeaBIOS)
-            a += ["-device", "vfio-pci," + ",".join(opts)]
+            a += ["-device", "vfio-pci," + ",".join(opts + _rom_and_display(d))]
     return a
+
+
+def _rom_and_display(d: DeviceAssignment) -> list[str]:
+    opts: list[str] = []
+    if d.rom == "off":
+        opts.append("rombar=0")  # no ROM BAR: no PXE or video BIOS runs in the guest
+    elif d.rom:
+        opts.append(f"romfile={_esc(d.rom)}")
+    if d.primary_display:
+        opts.append("x-vga=on")  # the legacy VGA ranges go to this GPU (SeaBIOS)
+    return opts
 
 
 def hotplug_port_ids(p: Placement) -> list[str]:
@@ -575,14 +582,25 @@ def hotplug_port_ids(p: Placement) -> list[str]:
     return [f"hp{j}" for j in range(p.hotplug_slots)]
 
 
-def _hotplug_ports(first: int, count: int) -> list[str]:
-    """``count`` empty root ports numbered after the ``first`` ones the devices took, so that
-    every chassis and port number stays unique."""
+def _hotplug_ports(first: int, p: Placement) -> list[str]:
+    """The spare root ports numbered after the ``first`` ones the devices took, so that every
+    chassis and port number stays unique; a function the record says was attached live into
+    ``hp{j}`` (a restart after a live change) is put back there, as ``hotdev{j}``."""
+    by_address = {str(d.address): d for d in p.devices}
     a: list[str] = []
-    for j in range(count):
+    for j in range(p.hotplug_slots):
         k = first + j
         a += ["-device", f"pcie-root-port,id=hp{j},chassis={k + 1},port={k + 16:#x}"]
+        d = by_address.get(p.hotplugged[j]) if j < len(p.hotplugged) else None
+        if d is not None:
+            opts = [f"host={d.address}", f"id={hotplug_device_id(j)}", f"bus=hp{j}"]
+            a += ["-device", "vfio-pci," + ",".join(opts + _rom_and_display(d))]
     return a
+
+
+def hotplug_device_id(slot: int) -> str:
+    """The QEMU device id of the function attached live into spare slot ``hp{slot}``."""
+    return f"hotdev{slot}"
 
 
 def _size(n: int) -> str:
