@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from partitioner.errors import DeviceError
+from partitioner.errors import DeviceError, GuestError
 from partitioner.guest.jail import (
     expose_device,
     exposed,
@@ -329,3 +329,27 @@ def test_a_root_on_a_nodev_file_system_is_refused_with_the_reason(
             expose_device(host, run, UID, NIC, 7)
         assert os.listdir(run) == []
     assert not nodev(tmp_path)
+
+
+def test_a_restart_clears_what_a_dead_qemu_had_exposed_and_nothing_else(
+    host: HostRoot, chroot: Path
+) -> None:
+    from test_argv import CAPS, _placement
+
+    from partitioner.guest.argv import Jail, guest_paths
+    from partitioner.guest.launch import _prepare_dirs
+    from partitioner.units import MiB
+
+    paths = guest_paths(chroot.parents[1], chroot.parents[2] / "log", "p")
+    assert paths.chroot == chroot
+    p = _placement("p", (1,), ((0, 128 * MiB),))
+    jail = Jail(uid=UID, gid=UID, memlock_bytes=1024 * MiB)
+    expose_device(host, chroot, UID, NIC, 7)
+    _prepare_dirs(p, paths, CAPS, jail, host)
+    assert listing(chroot) == {}
+    # What the partitioner did not make there is still refused.
+    expose_device(host, chroot, UID, NIC, 7)
+    os.mknod(chroot / "dev" / "kvm", stat.S_IFCHR | 0o600, os.makedev(*NULL))
+    with pytest.raises(GuestError, match=r"of partition p is not empty \(dev\)"):
+        _prepare_dirs(p, paths, CAPS, jail, host)
+    assert list(listing(chroot)) == ["dev", "dev/kvm"]

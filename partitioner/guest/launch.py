@@ -29,6 +29,7 @@ from partitioner.cpuset import CpuSet
 from partitioner.errors import GuestError, PartitionError, VMLaunchFailure
 from partitioner.guest.argv import GuestPaths, Jail, qemu_argv
 from partitioner.guest.caps import QemuCaps
+from partitioner.guest.jail import withdraw_all
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.killpoint import point
@@ -112,7 +113,7 @@ def launch(
         raise GuestError(
             f"partition {p.name} is already running (QEMU pid {previous})", partition=p.name
         )
-    _prepare_dirs(p, paths, caps, jail)
+    _prepare_dirs(p, paths, caps, jail, root)
     deadline = time.monotonic() + timeout
     say(f"{p.name}: starting QEMU")
     out_fd = os.open(paths.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -343,7 +344,9 @@ def adoptable(
 # -- helpers -------------------------------------------------------------------
 
 
-def _prepare_dirs(p: Placement, paths: GuestPaths, caps: QemuCaps, jail: Jail | None) -> None:
+def _prepare_dirs(
+    p: Placement, paths: GuestPaths, caps: QemuCaps, jail: Jail | None, root: HostRoot
+) -> None:
     try:
         paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chown(paths.dir, 0, 0)
@@ -358,6 +361,9 @@ def _prepare_dirs(p: Placement, paths: GuestPaths, caps: QemuCaps, jail: Jail | 
             paths.chroot.mkdir(mode=0o555, exist_ok=True)
             os.chown(paths.chroot, 0, 0)
             os.chmod(paths.chroot, 0o555)
+            # A device hot-plugged into a QEMU that died was left exposed in its root: the
+            # new QEMU opens the devices it starts with before its chroot (guest/jail.py).
+            withdraw_all(root, paths.chroot)
             for leftover in os.listdir(paths.chroot):
                 raise GuestError(
                     f"the root directory {paths.chroot} of partition {p.name} is not empty "
