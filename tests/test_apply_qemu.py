@@ -124,6 +124,11 @@ class Site:
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Site]:
+    yield from site_in(tmp_path)
+
+
+def site_in(tmp_path: Path) -> Iterator[Site]:
+    """A site under ``tmp_path`` (a fixture's body: other modules' fixtures yield from it)."""
     _require()
     s = Site(tmp_path, guest_kernel(), build_guest_initramfs(tmp_path / "img"))
     yield s

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from partitioner.errors import DeviceError
+from partitioner.errors import DeviceError, GuestError
 from partitioner.guest.jail import (
     expose_device,
     exposed,
@@ -329,3 +329,55 @@ def test_a_root_on_a_nodev_file_system_is_refused_with_the_reason(
             expose_device(host, run, UID, NIC, 7)
         assert os.listdir(run) == []
     assert not nodev(tmp_path)
+
+
+def test_a_restart_clears_what_a_dead_qemu_had_exposed_and_nothing_else(
+    host: HostRoot, chroot: Path
+) -> None:
+    from test_argv import CAPS, _placement
+
+    from partitioner.guest.argv import Jail, guest_paths
+    from partitioner.guest.launch import _prepare_dirs
+    from partitioner.units import MiB
+
+    paths = guest_paths(chroot.parents[1], chroot.parents[2] / "log", "p")
+    assert paths.chroot == chroot
+    p = _placement("p", (1,), ((0, 128 * MiB),))
+    jail = Jail(uid=UID, gid=UID, memlock_bytes=1024 * MiB)
+    expose_device(host, chroot, UID, NIC, 7)
+    _prepare_dirs(p, paths, CAPS, jail, host)
+    assert listing(chroot) == {}
+    # What the partitioner did not make there is still refused.
+    expose_device(host, chroot, UID, NIC, 7)
+    os.mknod(chroot / "dev" / "kvm", stat.S_IFCHR | 0o600, os.makedev(*NULL))
+    with pytest.raises(GuestError, match=r"of partition p is not empty \(dev\)"):
+        _prepare_dirs(p, paths, CAPS, jail, host)
+    assert list(listing(chroot)) == ["dev", "dev/kvm"]
+
+
+def test_a_root_on_a_nodev_file_system_gets_a_mount_of_its_own_and_loses_it_with_its_run_dir(
+    host: HostRoot, tmp_path: Path
+) -> None:
+    """systemd's /run is nodev: a partition that may receive devices live gets a small
+    tmpfs on its QEMU's root, where the nodes expose_device makes open; removing the run
+    directory takes the mount away first."""
+    from partitioner.guest.jail import give_root_a_mount, remove_run_dir
+
+    with nodev_tmpfs(tmp_path / "run") as run:
+        # the run directory itself is made on the nodev file system, as launch makes it
+        subprocess.run(["mount", "-o", "remount,mode=0755", str(run)], check=True)
+        run_dir = run / "p"
+        run_dir.mkdir(mode=0o700)
+        root = run_dir / "root"
+        root.mkdir(mode=0o555)
+        assert nodev(root)
+        assert give_root_a_mount(root) is True
+        assert os.path.ismount(root) and not nodev(root)
+        assert give_root_a_mount(root) is False  # once
+        st = os.stat(root)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o555)
+        expose_device(host, root, UID, NIC, 7)
+        assert exposed(root) == {NIC: 7}
+        remove_run_dir(run_dir)
+        assert not run_dir.exists()
+        assert not os.path.ismount(root)

@@ -195,3 +195,25 @@ def test_every_live_step_lists_as_kind_name_detail(tree: TreeBuilder) -> None:
         "target": "db",
         "detail": "4 -> 2 (CPUs 5,13 given back)",
     }
+
+
+def test_a_dynamic_partitions_locked_memory_limit_counts_its_ceiling(tree: TreeBuilder) -> None:
+    """Rule 10's limit is set once, before QEMU drops to its user: a partition that may grow
+    or receive a device live is given room for its vCPU slots, its max_memory, and (with
+    spare slots) VFIO's pinning of that memory."""
+    from partitioner.planning.confine import (
+        QEMU_OWN_BYTES,
+        TCG_TB_BYTES,
+        VCPU_STACK_BYTES,
+        memlock_bytes,
+    )
+
+    h = host_of(two_node_smt(tree))
+    static = plan(manifest(HEAD + "  db: {cpus: 2, memory: 2GiB, numa: 1}\n"), h)
+    p = static.placements["db"]
+    assert memlock_bytes(p, "kvm") == QEMU_OWN_BYTES + 2 * VCPU_STACK_BYTES
+    dyn = plan(manifest(HEAD + db(extra=", numa: 1, hotplug_slots: 1")), h).placements["db"]
+    assert dyn.max_vcpus == 8 and dyn.max_memory_bytes == 5 * GiB
+    assert memlock_bytes(dyn, "tcg") == (
+        QEMU_OWN_BYTES + 8 * VCPU_STACK_BYTES + 5 * GiB + TCG_TB_BYTES
+    )

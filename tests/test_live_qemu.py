@@ -16,17 +16,24 @@ import json
 import re
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from test_apply_qemu import ROOT, Site, _pool, site  # noqa: F401  (site: a fixture)
+from test_apply_qemu import Site, _pool, site_in
 
 from partitioner.guest.live import memory_devices
 from partitioner.guest.qmp import Qmp
 from partitioner.units import MiB
 
 pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Iterator[Site]:
+    yield from site_in(tmp_path)
+
 
 MARK = re.compile(r"partition-guest: cpus=(\d+) memtotal_kb=(\d+)")
 

@@ -8,7 +8,6 @@ ends it.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass, replace
 
 from partitioner.engine.confine import ensure_user
@@ -112,6 +111,7 @@ def _launch(ctx: ApplyContext, name: str, placement: Placement, plan: Plan) -> P
 
 def _stop(ctx: ApplyContext, rec: PartitionRecord, timeout: float) -> None:
     from partitioner.guest.argv import GuestPaths, guest_paths
+    from partitioner.guest.jail import remove_run_dir
     from partitioner.guest.launch import is_running, powerdown
 
     if rec.pid is not None and is_running(ctx.root, rec.pid, rec.name):
@@ -123,7 +123,7 @@ def _stop(ctx: ApplyContext, rec: PartitionRecord, timeout: float) -> None:
         )
         powerdown(paths, rec.pid, timeout=timeout, root=ctx.root)
     elif rec.paths:
-        shutil.rmtree(GuestPaths.from_json(dict(rec.paths)).dir, ignore_errors=True)
+        remove_run_dir(GuestPaths.from_json(dict(rec.paths)).dir)
     unfence(ctx.root, rec.name)
     ctx.update(
         replace(

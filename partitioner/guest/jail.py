@@ -37,13 +37,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import stat
 from pathlib import Path
 
-from partitioner.errors import DeviceError
+from partitioner.errors import CommandFailed, DeviceError
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.pci import PciAddress, PciAddressSyntaxError
+from partitioner.run import run
 
 DIR_MODE = 0o555
 NODE_MODE = 0o600
@@ -259,3 +261,42 @@ def _tidy(root: HostRoot, chroot: Path) -> None:
         with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             if not os.listdir(chroot / d):
                 os.rmdir(chroot / d)
+
+
+def give_root_a_mount(chroot: Path) -> bool:
+    """A confined QEMU's root on a ``nodev`` file system (systemd mounts ``/run`` so) gets a
+    small tmpfs of its own where device nodes open, so a device can be hot-plugged into it;
+    ``nosuid,noexec`` and root's, mode 0555.  True when it was mounted now.  The mount is
+    found again by its path (:func:`remove_run_dir` takes it away), so no record is needed."""
+    if not nodev(chroot) or os.path.ismount(chroot):
+        return False
+    try:
+        run(
+            [
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                "mode=0555,uid=0,gid=0,nosuid,noexec,size=1m",
+                "partition-root",
+                str(chroot),
+            ],
+            timeout=30,
+        )
+    except CommandFailed as e:
+        raise DeviceError(
+            f"the root {chroot} of a confined QEMU that may receive devices live is on a nodev "
+            f"file system and a tmpfs could not be mounted on it ({e.output.strip()}): set "
+            "PARTITION_RUN_DIR to a directory whose file system allows device nodes"
+        ) from e
+    return True
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Remove a partition's run directory, the mount :func:`give_root_a_mount` put on its
+    QEMU's root first (lazily: the QEMU that was chrooted there is gone or going)."""
+    chroot = run_dir / "root"
+    if os.path.ismount(chroot):
+        with contextlib.suppress(CommandFailed):
+            run(["umount", "-l", str(chroot)], timeout=30)
+    shutil.rmtree(run_dir, ignore_errors=True)

@@ -29,6 +29,7 @@ from partitioner.cpuset import CpuSet
 from partitioner.errors import GuestError, PartitionError, VMLaunchFailure
 from partitioner.guest.argv import GuestPaths, Jail, qemu_argv
 from partitioner.guest.caps import QemuCaps
+from partitioner.guest.jail import give_root_a_mount, remove_run_dir, withdraw_all
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.killpoint import point
@@ -112,7 +113,7 @@ def launch(
         raise GuestError(
             f"partition {p.name} is already running (QEMU pid {previous})", partition=p.name
         )
-    _prepare_dirs(p, paths, caps, jail)
+    _prepare_dirs(p, paths, caps, jail, root)
     deadline = time.monotonic() + timeout
     say(f"{p.name}: starting QEMU")
     out_fd = os.open(paths.output, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -120,7 +121,7 @@ def launch(
         with _own_affinity(plan.host_cpus):
             proc = spawn(argv, stdout=out_fd, stderr=subprocess.STDOUT)
     except CommandFailed as e:
-        shutil.rmtree(paths.dir, ignore_errors=True)
+        remove_run_dir(paths.dir)
         raise VMLaunchFailure(partition=p.name, exitcode=None, command=argv, output=e.output) from e
     finally:
         os.close(out_fd)
@@ -157,7 +158,7 @@ def launch(
         )
     except BaseException as e:
         _end(proc)
-        shutil.rmtree(paths.dir, ignore_errors=True)
+        remove_run_dir(paths.dir)
         if isinstance(e, PartitionError) or not isinstance(e, Exception):
             raise
         raise GuestError(f"starting partition {p.name} failed: {e}", partition=p.name) from e
@@ -228,7 +229,7 @@ def powerdown(
     else:
         _reap(pid)
     point("qemu-gone")
-    shutil.rmtree(paths.dir, ignore_errors=True)
+    remove_run_dir(paths.dir)
 
 
 def kill(pid: int, *, root: HostRoot | None = None, timeout: float = 10.0) -> None:
@@ -343,7 +344,9 @@ def adoptable(
 # -- helpers -------------------------------------------------------------------
 
 
-def _prepare_dirs(p: Placement, paths: GuestPaths, caps: QemuCaps, jail: Jail | None) -> None:
+def _prepare_dirs(
+    p: Placement, paths: GuestPaths, caps: QemuCaps, jail: Jail | None, root: HostRoot
+) -> None:
     try:
         paths.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chown(paths.dir, 0, 0)
@@ -358,6 +361,12 @@ def _prepare_dirs(p: Placement, paths: GuestPaths, caps: QemuCaps, jail: Jail | 
             paths.chroot.mkdir(mode=0o555, exist_ok=True)
             os.chown(paths.chroot, 0, 0)
             os.chmod(paths.chroot, 0o555)
+            # A device hot-plugged into a QEMU that died was left exposed in its root: the
+            # new QEMU opens the devices it starts with before its chroot (guest/jail.py).
+            withdraw_all(root, paths.chroot)
+            if p.hotplug_slots:
+                # Device nodes made in it later must open (guest/jail.py).
+                give_root_a_mount(paths.chroot)
             for leftover in os.listdir(paths.chroot):
                 raise GuestError(
                     f"the root directory {paths.chroot} of partition {p.name} is not empty "

@@ -14,6 +14,10 @@ counted against it (``mm->locked_vm``), not unlimited:
 - the guest's memory once more when a device is assigned: VFIO pins all of it
   for DMA and counts it, hugepages included;
 - under TCG, the translation cache (``argv.TCG_TB_SIZE_MIB``).
+
+A dynamic partition (rule 11) counts its ceiling: the vCPU slots, ``max_memory``, and
+the guest's memory once more when it has spare slots for devices attached live, since
+VFIO pins it after QEMU has dropped to its user, when the limit can no longer be raised.
 """
 
 from __future__ import annotations
@@ -39,11 +43,11 @@ TCG_TB_BYTES = 256 * MiB  # guest.argv.TCG_TB_SIZE_MIB: the translation cache TC
 
 def memlock_bytes(p: Placement, accel: str) -> int:
     """The RLIMIT_MEMLOCK partition ``p``'s confined QEMU is started with."""
-    need = QEMU_OWN_BYTES + VCPU_STACK_BYTES * len(p.cpus)
+    need = QEMU_OWN_BYTES + VCPU_STACK_BYTES * p.max_vcpus
     if p.hugepage_bytes is None:
-        need += p.memory_bytes
-    if p.devices:
-        need += p.memory_bytes
+        need += p.max_memory_bytes
+    if p.devices or p.hotplug_slots:
+        need += p.max_memory_bytes
     if accel == "tcg":
         need += TCG_TB_BYTES
     return need

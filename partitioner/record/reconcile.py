@@ -28,7 +28,6 @@ the lock and change the host call it; ``status`` and ``plan`` show the outcome).
 from __future__ import annotations
 
 import contextlib
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from partitioner.cpuset import CpuSet
 from partitioner.errors import GuestError, HugepageError
 from partitioner.guest.argv import GuestPaths
+from partitioner.guest.jail import remove_run_dir
 from partitioner.kernel import sysfs
 from partitioner.kernel.hugepages import pool_size
 from partitioner.kernel.root import HostRoot
@@ -248,7 +248,7 @@ def _settle_guest(
 
     def clear_dir() -> None:
         if run_dir is not None:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            remove_run_dir(run_dir)
 
     def end(pid: int) -> Callable[[], None]:
         def fix() -> None:
