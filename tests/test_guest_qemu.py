@@ -452,12 +452,14 @@ print(json.dumps(launch(p, t._plan(p), paths, probe_qemu(), root=t.ROOT).to_json
 
 
 def _guest_lines(paths: GuestPaths) -> list[tuple[int, int]]:
-    """Every ``partition-guest: cpus=N memtotal_kb=M`` line of the console so far, in order."""
+    """Every ``partition-guest: cpus=N memtotal_kb=M ...`` line of the console so far, in order."""
     try:
         text = paths.console_log.read_text(errors="replace")
     except FileNotFoundError:
         return []
-    found = re.findall(r"^partition-guest: cpus=(\d+) memtotal_kb=(\d+)\r?$", text, re.MULTILINE)
+    found = re.findall(
+        r"^partition-guest: cpus=(\d+) memtotal_kb=(\d+)(?: pci=\S*)?\r?$", text, re.MULTILINE
+    )
     return [(int(c), int(m)) for c, m in found]
 
 

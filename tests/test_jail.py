@@ -7,7 +7,7 @@ the kernel's.  The confined QEMU's root is a temporary directory too, and what Q
 vfio-pci realize does there is done for real by a child process that chroots into it and
 drops to the partition's uid, as QEMU does: stat the device's sysfs directory, read its
 group from the link, open the group's node and the container's, and fail to change anything.
-The real hot-plug is in tests/inside/test_inside_hotplug.py.
+The real hot-plug, through apply, is in tests/inside/test_inside_live.py.
 """
 
 from __future__ import annotations

@@ -217,3 +217,21 @@ def test_a_dynamic_partitions_locked_memory_limit_counts_its_ceiling(tree: TreeB
     assert memlock_bytes(dyn, "tcg") == (
         QEMU_OWN_BYTES + 8 * VCPU_STACK_BYTES + 5 * GiB + TCG_TB_BYTES
     )
+
+
+def test_a_claim_a_killed_live_change_left_behind_is_given_back(tree: TreeBuilder) -> None:
+    """Killed between the claim and the plug (then the device is no longer wanted), or
+    between the unplug and the release: the group is held for nothing, and goes back."""
+    from partitioner.record.model import FunctionRecord, GroupClaim
+
+    h = host_of(with_nics(two_node_smt(tree)))
+    entry = "  a: {cpus: 2, memory: 1GiB, hotplug_slots: 2}\n"
+    first = plan(manifest(HEAD + entry), h)
+    state = applied(first)
+    rec = state.partitions["a"]
+    claim = GroupClaim(20, (FunctionRecord("0000:82:00.0", "e1000e", None),))
+    state = state.with_partition(PartitionRecord(**{**rec.__dict__, "claims": (claim,)}))
+    again = replan(HEAD + entry, h, state)
+    steps = diff(again, state, h, replace=set())
+    assert kinds(steps) == ["release-group a"]
+    assert steps[0].detail == "IOMMU group 20: 0000:82:00.0 (vfio-pci -> e1000e)"

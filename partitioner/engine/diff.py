@@ -247,6 +247,18 @@ def _live_steps(
     return steps[: len(gives)], steps[len(gives) :]
 
 
+def _stray_claims(p: Placement, rec: PartitionRecord) -> list[Action]:
+    """Groups a running partition holds claimed that its guest has not got and its plan does
+    not want (a live change killed between the claim and the plug, or between the unplug and
+    the release): given back."""
+    wanted = {*p.iommu_groups, *rec.placement.iommu_groups}
+    return [
+        ReleaseGroup(p.name, c.group, tuple((f.address, f.driver) for f in c.functions))
+        for c in rec.claims
+        if c.group not in wanted and not c.pending
+    ]
+
+
 def _with_node(p: Placement, node: int, nbytes: int) -> tuple[tuple[int, int], ...]:
     return tuple((n, nbytes if n == node else b) for n, b in p.memory_per_node)
 
@@ -261,6 +273,8 @@ def diff(plan: Plan, state: State, host: Host, *, replace: set[str]) -> list[Act
     takes: dict[str, list[Action]] = {}
     for p in plan.start_order():
         rec = state.partitions.get(p.name)
+        if rec is not None and rec.state is RunState.RUNNING and p.name not in replace:
+            out.extend(_stray_claims(p, rec))
         if (
             rec is not None
             and rec.state is RunState.RUNNING

@@ -5,7 +5,7 @@ A confined QEMU (rule 10) chroots into an empty root-owned directory
 then on it can open no path of the host.  A device it was started with is no
 matter (it opened ``/dev/vfio/N`` before), but a ``device_add vfio-pci`` later
 finds the host by path.  QEMU 7.2's vfio-pci realize (``hw/vfio/pci.c``,
-``hw/vfio/common.c``), seen by strace in ``tests/inside/test_inside_hotplug.py``:
+``hw/vfio/common.c``), seen by strace inside the emulated server (docs/decisions.md):
 
 - ``stat(SYSFSDEV)``, ``SYSFSDEV`` being ``/sys/bus/pci/devices/ADDR`` (from ``host=``);
 - ``readlink(SYSFSDEV/iommu_group)``: the group is the number its basename spells;

@@ -12,10 +12,11 @@ Console lines (one each, in this order)::
     GUEST-READY
     GUEST-POWERDOWN                   when the power button was pressed (then poweroff -f)
 
-and, once at start and then whenever either count changes (a vCPU or virtio-mem memory
-plugged or unplugged; checked every second)::
+and, once at start and then whenever one of them changes (a vCPU, virtio-mem memory or a
+PCI function plugged or unplugged; checked every second, with shell builtins for the PCI
+list: a fork is dear in a TCG guest inside a TCG server)::
 
-    partition-guest: cpus=2 memtotal_kb=377856
+    partition-guest: cpus=2 memtotal_kb=377856 pci=8086:29c0@0000:00:00.0,...
 
 The guest onlines what is hot-plugged, as a partition's guest must (``docs/manifest.md``):
 memory blocks as they come (``auto_online_blocks``: ``online_movable``, so that virtio-mem
@@ -78,6 +79,13 @@ done
     done
     now="cpus=$(grep -c '^processor' /proc/cpuinfo)"
     now="$now memtotal_kb=$(sed -n 's/^MemTotal: *\([0-9]*\) kB/\1/p' /proc/meminfo)"
+    pci=""
+    for d in /sys/bus/pci/devices/*; do
+      [ -e "$d/vendor" ] || continue
+      read v < "$d/vendor"; read i < "$d/device"
+      pci="$pci,${v#0x}:${i#0x}@${d##*/}"
+    done
+    now="$now pci=${pci#,}"
     [ "$now" != "$last" ] && echo "partition-guest: $now" && last=$now
     sleep 1
   done
