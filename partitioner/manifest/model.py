@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -259,21 +260,22 @@ def spec_from_json(v: Any) -> PartitionSpec:
 def _vf_to_json(d: DeviceSpec) -> dict[str, Any]:
     if d.kind != "vf":
         return {}
-    s = d.vf_settings
+    return {"vf_index": d.vf_index, "vf_settings": vf_settings_to_json(d.vf_settings)}
+
+
+def vf_settings_to_json(s: VfSettings | None) -> dict[str, Any] | None:
+    """A VF's settings as JSON (the state record, ``plan --json``); None: none given."""
+    if s is None:
+        return None
     return {
-        "vf_index": d.vf_index,
-        "vf_settings": None
-        if s is None
-        else {
-            "mac": s.mac,
-            "vlan": s.vlan,
-            "qos": s.qos,
-            "spoofchk": s.spoofchk,
-            "trust": s.trust,
-            "link_state": s.link_state,
-            "min_tx_rate": s.min_tx_rate,
-            "max_tx_rate": s.max_tx_rate,
-        },
+        "mac": s.mac,
+        "vlan": s.vlan,
+        "qos": s.qos,
+        "spoofchk": s.spoofchk,
+        "trust": s.trust,
+        "link_state": s.link_state,
+        "min_tx_rate": s.min_tx_rate,
+        "max_tx_rate": s.max_tx_rate,
     }
 
 
@@ -285,24 +287,35 @@ def _opt_int(v: Any, what: str) -> int | None:
     return v
 
 
+def vf_settings_from_json(v: Any) -> VfSettings | None:
+    """:func:`vf_settings_to_json` read back, every value checked (``ValueError`` names it)."""
+    if v is None:
+        return None
+    s = obj(v, "vf_settings")
+    mac, link = s.get("mac"), s.get("link_state")
+    if mac is not None and not (isinstance(mac, str) and _MAC.fullmatch(mac)):
+        raise ValueError(f"vf_settings mac is {mac!r}, not a MAC address")
+    if link not in (None, "auto", "enable", "disable"):
+        raise ValueError(f"vf_settings link_state is {link!r}, not auto, enable or disable")
+    return VfSettings(
+        mac=mac,
+        vlan=_opt_int(s.get("vlan"), "vf_settings vlan"),
+        qos=_opt_int(s.get("qos"), "vf_settings qos"),
+        spoofchk=bool(s.get("spoofchk", True)),
+        trust=bool(s.get("trust", False)),
+        link_state=link,
+        min_tx_rate=_opt_int(s.get("min_tx_rate"), "vf_settings min_tx_rate"),
+        max_tx_rate=_opt_int(s.get("max_tx_rate"), "vf_settings max_tx_rate"),
+    )
+
+
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
 def _vf_from_json(x: Mapping[str, Any]) -> dict[str, Any]:
     if x.get("kind") != "vf":
         return {}
-    s = x.get("vf_settings")
-    settings = None
-    if s is not None:
-        s = obj(s, "vf_settings")
-        mac, link = s.get("mac"), s.get("link_state")
-        if link not in (None, "auto", "enable", "disable"):
-            raise ValueError(f"vf_settings link_state is {link!r}, not auto, enable or disable")
-        settings = VfSettings(
-            mac=None if mac is None else str(mac),
-            vlan=_opt_int(s.get("vlan"), "vf_settings vlan"),
-            qos=_opt_int(s.get("qos"), "vf_settings qos"),
-            spoofchk=bool(s.get("spoofchk", True)),
-            trust=bool(s.get("trust", False)),
-            link_state=link,
-            min_tx_rate=_opt_int(s.get("min_tx_rate"), "vf_settings min_tx_rate"),
-            max_tx_rate=_opt_int(s.get("max_tx_rate"), "vf_settings max_tx_rate"),
-        )
-    return {"vf_index": _opt_int(x.get("vf_index"), "vf_index"), "vf_settings": settings}
+    return {
+        "vf_index": _opt_int(x.get("vf_index"), "vf_index"),
+        "vf_settings": vf_settings_from_json(x.get("vf_settings")),
+    }

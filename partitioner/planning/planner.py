@@ -36,6 +36,7 @@ from partitioner.planning.devices import resolve_devices
 from partitioner.planning.mmio import settle
 from partitioner.planning.model import DeviceAssignment, Placement, Plan, RunningPartition
 from partitioner.planning.place import home_nodes, place, placement_of
+from partitioner.planning.sriov import plan_sriov
 from partitioner.planning.work import (
     Mark,
     NodeRoom,
@@ -57,6 +58,7 @@ def plan(
     for fn in sorted(host.pci.values(), key=lambda f: f.address):
         w.by_id.setdefault(fn.id, []).append(fn)
     _check_preconditions(manifest, host, w)
+    sriov = plan_sriov(manifest, host, running, w)  # each `vf:` device's VF, in w.vf_devices
 
     smt_isolate = manifest.host.smt == "isolate"
     cores_by_node = usable_cores(host, smt_isolate)
@@ -124,6 +126,7 @@ def plan(
         placements={name: placements[name] for name in sorted(placements)},
         notes=tuple(w.notes),
         confine=manifest.host.confine,
+        sriov=sriov,
     )
 
 

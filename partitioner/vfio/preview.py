@@ -314,6 +314,10 @@ def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
     for other in host.functions_in_slot(address.slot_key):
         if (
             other.address != address
+            # SR-IOV virtual functions share slot numbers without being one device: a VF
+            # brings no other function of its slot, nor is brought by one.
+            and other.physfn is None
+            and fn.physfn is None
             and not stays_with_host(other)
             and other.iommu_group is not None
             and other.iommu_group in host.iommu_groups
