@@ -327,13 +327,15 @@ class TreeBuilder:
         vf_group: int | None = None,
         vf_driver: str | None = None,
         vf_netdevs: bool = False,
+        same_group: bool = False,
     ) -> TreeBuilder:
         """Make ``pf`` (added before) an SR-IOV physical function with ``num_vfs`` of its
         ``total_vfs`` VFs made, as the kernel shows them: the ``sriov_*`` files, each VF a
         function beside the PF (same parent bridge, NUMA node and class) at the PF's routing
         ID + ``offset`` + index * ``stride``, linked ``virtfnN`` and ``physfn``.  VF i is in
-        IOMMU group ``vf_group + i`` (None: no group), bound to ``vf_driver``, with an
-        interface ``PFNETDEVvI`` when ``vf_netdevs``."""
+        IOMMU group ``vf_group + i`` (None: no group; ``same_group``: all in ``vf_group``, as
+        without ACS), bound to ``vf_driver``, with an interface ``PFNETDEVvI`` when
+        ``vf_netdevs``."""
         f = self._pci[pf]
         self._sriov[pf] = _Sriov(total_vfs, num_vfs, offset, stride, vf_device, autoprobe)
         for i in range(num_vfs):
@@ -344,7 +346,7 @@ class TreeBuilder:
                 device=vf_device,
                 class_code=f.class_code,
                 driver=vf_driver,
-                iommu_group=None if vf_group is None else vf_group + i,
+                iommu_group=None if vf_group is None else vf_group + (0 if same_group else i),
                 numa_node=f.numa_node,
                 parent=f.parent,
                 netdevs=(f"{f.netdevs[0] if f.netdevs else 'eth'}v{i}",) if vf_netdevs else (),

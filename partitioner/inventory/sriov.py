@@ -108,6 +108,7 @@ def relate(pci: dict[PciAddress, PciFunction], r: Reader) -> None:
                     f"makes {addr}, a physical function with SR-IOV files of its own, a "
                     f"virtual function of {fn.physfn}",
                 )
+    for addr, fn in pci.items():  # the links back, once every physfn is known sound
         if fn.sriov is not None:
             for i, vf in enumerate(fn.sriov.vfs):
                 other = pci.get(vf)

@@ -295,11 +295,13 @@ def _assign(
             None,
         )
         if free is None:
-            what = (
-                f"no free VF of {pf.said()}: its {pf.spec.vfs} VF"
-                f"{'s are' if pf.spec.vfs != 1 else ' is'} asked for by "
-                + handful(sorted({p for (n, _), p in taken.items() if n == pf.spec.name}))
-            )
+            held = [
+                f"VF {k} is {taken[(pf.spec.name, k)]}'s"
+                if (pf.spec.name, k) in taken
+                else f"VF {k} is used by the host"
+                for k in range(pf.spec.vfs)
+            ]
+            what = f"no free VF of {pf.said()}, which has {pf.spec.vfs}: {handful(held)}"
             if dev.required:
                 w.problem(spec, f"devices[{i}]", f"{spec.name}: {what}")
             else:

@@ -341,8 +341,14 @@ def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
             if why not in refusals:
                 refusals.append(why)
     others = sorted(taken - {address})
-    added = tuple(m for m in others if m.slot_key == address.slot_key)
-    must_name = tuple(m for m in others if m.slot_key != address.slot_key)
+    # A VF's group-mates are never added by themselves (other VFs, the PF: no ACS between
+    # them); they have to be named.
+    added = tuple(
+        m
+        for m in others
+        if m.slot_key == address.slot_key and fn.physfn is None and host.pci[m].physfn is None
+    )
+    must_name = tuple(m for m in others if m not in added)
     no_reset = without_reset(host, taken, taken)
     bus_reset = tuple(m for m in sorted(taken) if not host.pci[m].own_reset and m not in no_reset)
     bus_needs: list[tuple[PciAddress, tuple[PciAddress, ...]]] = []
