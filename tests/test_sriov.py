@@ -784,3 +784,14 @@ def _devices(kv: dict[str, Any]) -> list[dict[str, Any]]:
         "pciHostDevices"
     ]
     return devices
+
+
+def test_a_vf_of_a_pf_entry_already_wrong_is_not_said_twice() -> None:
+    text = HOST + "    - pf: 82:00.0\n      netdev: enp130s0\n      vfs: 2\npartitions:\n"
+    text += textwrap.indent(part("a", "{vf: 82:00.0}", "{vf: enp130s0}"), "  ")
+    with pytest.raises(ManifestError) as e:
+        loads(text, file="site.yaml")
+    assert [str(p) for p in e.value.problems] == [
+        "site.yaml:8:7: host.sriov[0]: expected exactly one of `pf:` or `netdev:` in each "
+        "entry of host.sriov"
+    ]

@@ -826,6 +826,16 @@ class _Checker:
         a VF's MAC address is unicast, not zero and one VF's; `qos` goes with a `vlan`, and
         `min_tx_rate` is at most `max_tx_rate`.  A PF itself stays with the host."""
         pfs = self.sriov_pfs()
+        # The names of host.sriov entries already found wrong (None: one that names none).
+        entries = self.get(("host", "sriov"))
+        unsure: set[str | None] = set()
+        if self.is_bad(("host", "sriov")) or self.is_bad(("host",)):
+            unsure.add(None)
+        for i, e in enumerate(entries if isinstance(entries, list) else []):
+            if self.is_bad(("host", "sriov", i)):
+                given = [e.get(k) for k in ("pf", "netdev")] if isinstance(e, dict) else []
+                named = [pf_name(v) for v in given if isinstance(v, str)]
+                unsure.update(named or [None])
         partitions = self.get(("partitions",))
         if not isinstance(partitions, dict):
             return
@@ -842,6 +852,8 @@ class _Checker:
                 if not isinstance(d.get("vf"), str) or self.is_bad((*path, "vf")):
                     continue
                 pf = pf_name(d["vf"])
+                if pf not in pfs and (pf in unsure or None in unsure):
+                    continue  # its entry in host.sriov is wrong already: said once, there
                 if pf not in pfs:
                     listed = ", ".join(sorted(pfs)) or "none"
                     self.report(
