@@ -39,7 +39,6 @@ class _Pf:
     """A PF of host.sriov, found."""
 
     spec: SriovSpec
-    field: str  # "host.sriov[0]"
     fn: PciFunction
     caps: SriovCaps
 
@@ -148,7 +147,7 @@ def _resolve(
             )
             continue
         seen[fn.address] = spec.name
-        pf = _Pf(spec, field, fn, caps)
+        pf = _Pf(spec, fn, caps)
         if not pf.known and not _count_change_ok(pf, host, holders, w, problem):
             continue
         out[spec.name] = pf
