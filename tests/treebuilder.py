@@ -79,6 +79,16 @@ class _Pci:
 
 
 @dataclass
+class _Sriov:
+    total_vfs: int
+    num_vfs: int
+    offset: int
+    stride: int
+    vf_device: str
+    autoprobe: bool
+
+
+@dataclass
 class _Block:
     name: str
     major: int
@@ -122,6 +132,7 @@ class TreeBuilder:
         self._words: int | None = None
         self._phys_bits: int | None = None
         self._next_bar = 0x38_0000_0000_00  # where the "firmware" puts the next BAR
+        self._sriov: dict[str, _Sriov] = {}
         self.built = False  # after build(), bind/unbind change the files
 
     # -- CPUs and memory -----------------------------------------------------
@@ -303,6 +314,53 @@ class TreeBuilder:
             self._nets.setdefault(n, _Net(n, address, False, False, False))
         return self
 
+    def sriov(
+        self,
+        pf: str,
+        total_vfs: int,
+        num_vfs: int = 0,
+        *,
+        offset: int = 0x80,
+        stride: int = 2,
+        vf_device: str = "10ca",
+        autoprobe: bool = True,
+        vf_group: int | None = None,
+        vf_driver: str | None = None,
+        vf_netdevs: bool = False,
+        same_group: bool = False,
+    ) -> TreeBuilder:
+        """Make ``pf`` (added before) an SR-IOV physical function with ``num_vfs`` of its
+        ``total_vfs`` VFs made, as the kernel shows them: the ``sriov_*`` files, each VF a
+        function beside the PF (same parent bridge, NUMA node and class) at the PF's routing
+        ID + ``offset`` + index * ``stride``, linked ``virtfnN`` and ``physfn``.  VF i is in
+        IOMMU group ``vf_group + i`` (None: no group; ``same_group``: all in ``vf_group``, as
+        without ACS), bound to ``vf_driver``, with an interface ``PFNETDEVvI`` when
+        ``vf_netdevs``."""
+        f = self._pci[pf]
+        self._sriov[pf] = _Sriov(total_vfs, num_vfs, offset, stride, vf_device, autoprobe)
+        for i in range(num_vfs):
+            vf = self.vf_address(pf, i)
+            self.pci(
+                vf,
+                vendor=f.vendor,
+                device=vf_device,
+                class_code=f.class_code,
+                driver=vf_driver,
+                iommu_group=None if vf_group is None else vf_group + (0 if same_group else i),
+                numa_node=f.numa_node,
+                parent=f.parent,
+                netdevs=(f"{f.netdevs[0] if f.netdevs else 'eth'}v{i}",) if vf_netdevs else (),
+            )
+        return self
+
+    def vf_address(self, pf: str, index: int) -> str:
+        """Where VF ``index`` of ``pf`` is (its routing ID plus the capability's offset and stride)."""
+        s = self._sriov[pf]
+        domain, bus, rest = pf.split(":")
+        slot, fn = rest.split(".")
+        rid = (int(bus, 16) << 8 | int(slot, 16) << 3 | int(fn)) + s.offset + index * s.stride
+        return f"{domain}:{rid >> 8:02x}:{(rid >> 3) & 0x1F:02x}.{rid & 7}"
+
     def driver(self, name: str) -> TreeBuilder:
         """A loaded driver with no device (e.g. ``vfio-pci`` after modprobe)."""
         self._drivers.add(name)
@@ -423,6 +481,7 @@ class TreeBuilder:
         self._build_cpus()
         self._build_nodes()
         self._build_pci()
+        self._build_sriov()
         self._build_blocks()
         self._build_net()
         self._build_proc()
@@ -590,6 +649,23 @@ class TreeBuilder:
                 self._link(f"/sys/bus/pci/drivers/{f.driver}/{f.address}", d)
         for g_id in groups:
             self._write(f"/sys/kernel/iommu_groups/{g_id}/type", "DMA\n")
+
+    def _build_sriov(self) -> None:
+        for pf, s in self._sriov.items():
+            d = self.pci_path(pf)
+            for leaf, value in (
+                ("sriov_totalvfs", s.total_vfs),
+                ("sriov_numvfs", s.num_vfs),
+                ("sriov_drivers_autoprobe", int(s.autoprobe)),
+                ("sriov_offset", s.offset),
+                ("sriov_stride", s.stride),
+            ):
+                self._write(f"{d}/{leaf}", f"{value}\n")
+            self._write(f"{d}/sriov_vf_device", f"{s.vf_device}\n")
+            for i in range(s.num_vfs):
+                vf = self.pci_path(self.vf_address(pf, i))
+                self._link(f"{d}/virtfn{i}", vf)
+                self._link(f"{vf}/physfn", d)
 
     def _resource(self, bars: Mapping[int, tuple[int, int]]) -> str:
         lines = ["0x0000000000000000 0x0000000000000000 0x0000000000000000"] * 7

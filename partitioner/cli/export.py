@@ -113,6 +113,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     extra: dict[str, Any] = {}
     if args.format == "libvirt":
         docs = libvirt.documents(result)
+        extra = {"notes": libvirt.notes(result)}
     else:
         node = args.node or (root.read(sysfs.HOSTNAME) or "").strip()
         if not node:

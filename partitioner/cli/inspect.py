@@ -13,7 +13,7 @@ from typing import Any, TextIO
 from partitioner.cli.common import Context, table
 from partitioner.cpuset import CpuSet
 from partitioner.inventory import scan
-from partitioner.inventory.model import Host
+from partitioner.inventory.model import Host, PciFunction
 from partitioner.pci import PciAddress
 from partitioner.units import human_size, page_size_name
 from partitioner.vfio.preview import (
@@ -114,6 +114,7 @@ def to_json(host: Host) -> dict[str, Any]:
                 "verdict": word,
                 "claim": preview.to_json(),
                 "bars": [b.to_json() for b in fn.bars],
+                **sriov_json(fn),
             }
         )
     return {
@@ -164,10 +165,10 @@ def render(host: Host, doc: dict[str, Any], width: int = 100) -> str:
     lines.append("")
     previews = claim_previews(host)
     rows = []
-    for f in doc["pci"]:
+    for f, vf in pf_order(host, doc["pci"]):
         rows.append(
             [
-                f["address"],
+                ("  " if vf else "") + f["address"],
                 f"{f['vendor']}:{f['device']}",
                 _name(f),
                 "-" if f["iommu_group"] is None else str(f["iommu_group"]),
@@ -193,8 +194,68 @@ def render(host: Host, doc: dict[str, Any], width: int = 100) -> str:
     for r in rows:
         for column in (2, 5, 6):
             r[column] = _cut(r[column], widths[column])
-    below = group_reasons(host, {r[-1] for r in rows})
+    below = sriov_lines(host) + group_reasons(host, {r[-1] for r in rows})
     return "\n".join([text, table(rows, header), *(_wrap(line, width) for line in below)])
+
+
+def sriov_json(fn: PciFunction) -> dict[str, Any]:
+    """A function's SR-IOV part of ``inspect --json``: ``sriov`` of a physical function (its
+    VFs by address), ``physfn`` of a virtual function."""
+    caps = fn.sriov
+    return {
+        "sriov": None
+        if caps is None
+        else {
+            "total_vfs": caps.total_vfs,
+            "num_vfs": caps.num_vfs,
+            "drivers_autoprobe": caps.drivers_autoprobe,
+            "vf_offset": caps.vf_offset,
+            "vf_stride": caps.vf_stride,
+            "vf_device": caps.vf_device or None,
+            "vfs": [str(a) for a in caps.vfs],
+        },
+        "sriov_problem": fn.sriov_problem,
+        "physfn": None if fn.physfn is None else str(fn.physfn),
+    }
+
+
+def pf_order(host: Host, functions: list[dict[str, Any]]) -> list[tuple[dict[str, Any], bool]]:
+    """The table's rows: address order, each physical function's VFs right under it (by
+    index); (function, is one of those VFs)."""
+    listed = {
+        str(a): fn.address for fn in host.pci.values() if fn.sriov is not None for a in fn.sriov.vfs
+    }
+    by_address = {f["address"]: f for f in functions}
+    out: list[tuple[dict[str, Any], bool]] = []
+    for f in functions:
+        if f["address"] in listed:
+            continue
+        out.append((f, False))
+        caps = host.pci[PciAddress.parse(f["address"])].sriov
+        for vf in caps.vfs if caps is not None else ():
+            if str(vf) in by_address:
+                out.append((by_address[str(vf)], True))
+    return out
+
+
+def sriov_lines(host: Host) -> list[str]:
+    """One line per SR-IOV physical function: its VF count and whether host drivers take new VFs."""
+    out = []
+    for fn in host.pci.values():
+        caps = fn.sriov
+        if caps is None:
+            if fn.sriov_problem:
+                out.append(f"SR-IOV {fn.address}: unusable: {fn.sriov_problem}")
+            continue
+        named = f" ({', '.join(fn.netdevs)})" if fn.netdevs else ""
+        out.append(
+            f"SR-IOV {fn.address}{named}: {caps.num_vfs} of {caps.total_vfs} VFs made"
+            + (" (listed under it)" if caps.vfs else "")
+            + "; host drivers "
+            + ("probe" if caps.drivers_autoprobe else "do not probe")
+            + " new VFs"
+        )
+    return ["", *out] if out else []
 
 
 def table_width(env: Mapping[str, str], out: TextIO) -> int:

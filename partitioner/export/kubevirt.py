@@ -19,6 +19,19 @@ container image the user names, holding the kernel and initrd at the paths the
 manifest gives.  A partition with something it cannot carry, or with nothing
 to boot from, is refused (:class:`~partitioner.errors.ExportError`), each
 problem saying what to add.
+
+A virtual function with a MAC address or a VLAN in the manifest (``export.network_vf``)
+is a network: an ``sriov`` interface of the VM on a Multus network named
+``PARTITION-vfK`` (K counts the partition's network VFs from 0), which the cluster
+provides as a NetworkAttachmentDefinition of the SR-IOV CNI on the resource
+``partition.local/sriov_DDDD_BB_SS_F``, the SR-IOV device plugin's pool of that PF's
+VFs (:func:`sriov_resource_name`; with sriov-network-operator: a
+SriovNetworkNodePolicy with that resourceName, ``resourcePrefix`` partition.local, the PF
+as ``nicSelector.rootDevices`` and ``deviceType: vfio-pci``).  The VM carries the MAC
+address; the VLAN, its priority, spoof checking, trust, link state and rates belong
+to that network (a SriovNetwork's ``vlan``, ``vlanQoS``, ``spoofChk``, ``trust``,
+``linkState``, ``minTxRate``, ``maxTxRate``), and the device plugin picks which VF of
+the pool the VM gets: ``notes`` says both.  Any other VF is a host device by model.
 """
 
 from __future__ import annotations
@@ -30,10 +43,11 @@ from typing import Any
 import yaml
 
 from partitioner.errors import ExportError
+from partitioner.export import network_vf
 from partitioner.guest.argv import disk_format
 from partitioner.manifest.model import Disk
 from partitioner.pci import PciAddress
-from partitioner.planning.model import Placement, Plan
+from partitioner.planning.model import DeviceAssignment, Placement, Plan
 from partitioner.units import GiB, MiB
 
 API_VERSION = "kubevirt.io/v1"
@@ -67,6 +81,22 @@ def resource_name(vendor_device: str) -> str:
     return f"{RESOURCE_DOMAIN}/pci-{vendor_device.replace(':', '-')}"
 
 
+def sriov_resource_name(pf: PciAddress) -> str:
+    """``0000:82:00.0`` -> ``partition.local/sriov_0000_82_00_0``: the SR-IOV device plugin's
+    resource of a PF's VFs (letters, digits and '_' only, as sriov-network-operator's
+    resourceName must be)."""
+    return f"{RESOURCE_DOMAIN}/sriov_{str(pf).replace(':', '_').replace('.', '_')}"
+
+
+def sriov_network_name(partition: str, k: int) -> str:
+    """The Multus network of the partition's ``k``-th network VF (from 0)."""
+    return f"{partition}-vf{k}"
+
+
+def _network_vfs(p: Placement) -> list[DeviceAssignment]:
+    return [d for d in p.devices if network_vf(d)]
+
+
 def export(
     plan: Plan,
     node: str,
@@ -93,6 +123,8 @@ def export(
     for p in plan.placements.values():
         for d in p.devices:
             everyone.setdefault(d.address, d.vendor_device)
+    for d in (d for p in plan.placements.values() for d in _network_vfs(p)):
+        everyone.pop(d.address, None)  # a network, not a host device of its model
     for name, p in sorted(plan.placements.items()):
         subs[name] = _substitutions(p, everyone, holder)
         notes[name] = _notes(p, plan, sources)
@@ -194,11 +226,19 @@ def virtual_machine(
             entry["bootOrder"] = 1
         devices.setdefault("disks", []).append(entry)
         volumes.append({"name": f"disk{i}", **source})
-    if p.devices:
+    if any(not network_vf(d) for d in p.devices):
         devices["hostDevices"] = [
             {"name": f"hostdev{i}", "deviceName": resource_name(d.vendor_device)}
-            for i, d in enumerate(p.devices)
+            for i, d in enumerate(d for d in p.devices if not network_vf(d))
         ]
+    networks: list[dict[str, Any]] = []
+    for k, d in enumerate(_network_vfs(p)):
+        name = f"vf{k}"
+        iface: dict[str, Any] = {"name": name, "sriov": {}}
+        if d.vf is not None and d.vf.settings is not None and d.vf.settings.mac is not None:
+            iface["macAddress"] = d.vf.settings.mac
+        devices.setdefault("interfaces", []).append(iface)
+        networks.append({"name": name, "multus": {"networkName": sriov_network_name(p.name, k)}})
     firmware: dict[str, Any] = {
         "bootloader": {"efi": {"secureBoot": False}}
         if p.spec.firmware == "uefi"
@@ -232,6 +272,8 @@ def virtual_machine(
     }
     if volumes:
         template_spec["volumes"] = volumes
+    if networks:
+        template_spec["networks"] = networks
     labels = {LABEL: p.name}
     return {
         "apiVersion": API_VERSION,
@@ -255,7 +297,9 @@ def _run_strategy(p: Placement) -> str:
 def kubevirt_config(plan: Plan) -> dict[str, Any] | None:
     """The ``KubeVirt`` resource's ``permittedHostDevices`` for every model the plan assigns,
     to merge into the cluster's own KubeVirt object (None without devices)."""
-    models = sorted({d.vendor_device for p in plan.placements.values() for d in p.devices})
+    models = sorted(
+        {d.vendor_device for p in plan.placements.values() for d in p.devices if not network_vf(d)}
+    )
     if not models:
         return None
     return {
@@ -282,6 +326,8 @@ def _substitutions(
     own = {d.address for d in p.devices}
     out = []
     for d in p.devices:
+        if network_vf(d):
+            continue  # the device plugin's choice within the PF's pool: said in the notes
         others = sorted(a for a, m in models.items() if m == d.vendor_device and a not in own)
         if not others:
             continue
@@ -307,11 +353,12 @@ def _notes(p: Placement, plan: Plan, sources: Sources) -> list[str]:
         )
     if plan.accel != "kvm":
         notes.append("accel tcg: KubeVirt runs only under KVM (or useEmulation cluster-wide)")
-    if p.devices:
+    if any(not network_vf(d) for d in p.devices):
         notes.append(
             "devices are asked by model, not by address; functions of one slot are "
             "separate devices, not one multifunction device"
         )
+    notes += [_vf_note(p, k, d) for k, d in enumerate(_network_vfs(p))]
     if p.spec.boot is not None:
         notes.append(
             f"direct kernel boot from {p.spec.boot.kernel}: the kernel comes from the container "
@@ -322,6 +369,34 @@ def _notes(p: Placement, plan: Plan, sources: Sources) -> list[str]:
     if p.spec.order:
         notes.append(f"order {p.spec.order}: KubeVirt starts VMs in no given order")
     return notes
+
+
+def _vf_note(p: Placement, k: int, d: DeviceAssignment) -> str:
+    """What the VM of ``p`` cannot carry of its ``k``-th network VF, and what the cluster needs."""
+    assert d.vf is not None and d.vf.settings is not None
+    s = d.vf.settings
+    held = [
+        f"{key} {value}"
+        for key, value, default in (
+            ("vlan", s.vlan, None),
+            ("qos", s.qos, None),
+            ("spoofchk", "on" if s.spoofchk else "off", None),
+            ("trust", "on" if s.trust else "off", None),
+            ("link_state", s.link_state, None),
+            ("min_tx_rate", s.min_tx_rate, None),
+            ("max_tx_rate", s.max_tx_rate, None),
+        )
+        if value != default
+    ]
+    network = sriov_network_name(p.name, k)
+    return (
+        f"{d.address} (VF {d.vf.index} of {d.vf.pf}) is the sriov interface vf{k} on network "
+        f"{network}, which the cluster must provide: a NetworkAttachmentDefinition of the "
+        f"SR-IOV CNI on resource {sriov_resource_name(d.vf.pf)} (the PF's VFs on vfio-pci); "
+        f"{', '.join(held)} belong to that network (a SriovNetwork's vlan, vlanQoS, spoofChk, "
+        "trust, linkState, minTxRate, maxTxRate), not to the VM; the device plugin picks "
+        f"which VF of the PF the VM gets, not VF {d.vf.index}"
+    )
 
 
 def _quantity(n: int) -> str:

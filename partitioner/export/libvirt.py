@@ -28,6 +28,13 @@ Decisions (each mirrors one of ``partitioner.guest.argv``):
   ``<qemu:override>`` (libvirt 8.2+): the hostdev is given a user alias
   (``ua-hostdevN``, argv's ``id=hostdevN``) and the override sets the property on
   it.  libvirt has no element for it, and marks such a domain tainted.
+- A virtual function with a MAC address or a VLAN in the manifest (``export.network_vf``)
+  is an ``<interface type='hostdev' managed='no'>`` with ``<mac>`` and ``<vlan><tag>``:
+  libvirt sets them on the VF through its PF at start, as apply does.  libvirt has no
+  words for a VF's ``qos``, ``spoofchk: false``, ``trust``, ``link_state`` or rates (it
+  carries no ``<bandwidth>`` for a hostdev interface): :func:`notes` says so, and the
+  ``<metadata>`` keeps every setting.  Without a MAC address in the manifest libvirt
+  gives the VF one of its own.  Any other VF is a ``<hostdev>`` like any function.
 - ``-overcommit cpu-pm=on`` is not exported (docs/decisions.md, "cpu-pm in the
   libvirt export"): libvirt has no element for it, and a ``<qemu:commandline>``
   ``-overcommit cpu-pm=on`` after libvirt's own ``-overcommit mem-lock=on``
@@ -47,6 +54,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 from partitioner.cpuset import CpuSet
+from partitioner.export import network_vf
 from partitioner.guest.argv import (
     TCG_TB_SIZE_MIB,
     disk_format,
@@ -54,8 +62,9 @@ from partitioner.guest.argv import (
     guest_ports,
     hostdev_numbers,
 )
+from partitioner.manifest.model import vf_settings_to_json
 from partitioner.planning.confine import USER_BASE
-from partitioner.planning.model import Placement, Plan
+from partitioner.planning.model import DeviceAssignment, Placement, Plan
 from partitioner.units import KiB
 
 # The libvirt XML namespace of the plan's own record inside <metadata>.
@@ -126,8 +135,15 @@ def _metadata(dom: ET.Element, p: Placement, plan: Plan) -> None:
         dev = ET.SubElement(rec, f"{{{NAMESPACE}}}device")
         dev.set("address", str(d.address))
         dev.set("id", d.vendor_device)
-        dev.set("iommu-group", str(d.iommu_group))
+        if d.iommu_group is not None:  # None: a VF apply has yet to make, known then
+            dev.set("iommu-group", str(d.iommu_group))
         dev.set("reason", d.reason)
+        if d.vf is not None:
+            dev.set("vf-of", str(d.vf.pf))
+            dev.set("vf-index", str(d.vf.index))
+            for key, value in (vf_settings_to_json(d.vf.settings) or {}).items():
+                if value is not None:
+                    dev.set(key.replace("_", "-"), str(value).lower())
 
 
 def _memory_backing(dom: ET.Element, p: Placement) -> None:
@@ -235,20 +251,15 @@ def _devices(dom: ET.Element, p: Placement) -> None:
     for k, members in enumerate(ports):
         multi = len(members) > 1
         for d, fn in members:
-            hd = _sub(devs, "hostdev", mode="subsystem", type="pci", managed="no")
-            # vfio-pci, as argv: libvirt's default backend resolves to VFIO only on a host
-            # that has it, so a conversion elsewhere (domxml-to-native) would refuse it.
-            _sub(hd, "driver", name="vfio")
-            src = _sub(hd, "source")
-            a = d.address
-            _sub(
-                src,
-                "address",
-                domain=f"{a.domain:#06x}",
-                bus=f"{a.bus:#04x}",
-                slot=f"{a.slot:#04x}",
-                function=f"{a.function:#x}",
-            )
+            if network_vf(d):
+                hd = _vf_interface(devs, d)
+            else:
+                hd = _sub(devs, "hostdev", mode="subsystem", type="pci", managed="no")
+                # vfio-pci, as argv: libvirt's default backend resolves to VFIO only on a host
+                # that has it, so a conversion elsewhere (domxml-to-native) would refuse it.
+                _sub(hd, "driver", name="vfio")
+                src = _sub(hd, "source")
+                _sub(src, "address", **_host_address(d))
             guest = {
                 "type": "pci",
                 "domain": "0x0000",
@@ -273,6 +284,73 @@ def _devices(dom: ET.Element, p: Placement) -> None:
     _sub(console, "target", type="serial", port="0")
     _sub(devs, "controller", type="usb", model="none")
     _sub(devs, "memballoon", model="none")
+
+
+def _host_address(d: DeviceAssignment) -> dict[str, str]:
+    a = d.address
+    return {
+        "domain": f"{a.domain:#06x}",
+        "bus": f"{a.bus:#04x}",
+        "slot": f"{a.slot:#04x}",
+        "function": f"{a.function:#x}",
+    }
+
+
+def _vf_interface(devs: ET.Element, d: DeviceAssignment) -> ET.Element:
+    """A network VF: libvirt sets its MAC address and VLAN through the PF when it starts the
+    domain, then hands it to the guest by VFIO (managed='no': it is on vfio-pci already)."""
+    assert d.vf is not None and d.vf.settings is not None
+    s = d.vf.settings
+    el = _sub(devs, "interface", type="hostdev", managed="no")
+    if s.mac is not None:
+        _sub(el, "mac", address=s.mac)
+    _sub(el, "driver", name="vfio")
+    src = _sub(el, "source")
+    _sub(src, "address", type="pci", **_host_address(d))
+    if s.vlan is not None:
+        vlan = _sub(el, "vlan")
+        _sub(vlan, "tag", id=str(s.vlan))
+    return el
+
+
+def notes(plan: Plan) -> dict[str, list[str]]:
+    """Partition -> what its domain XML cannot carry (the VF settings libvirt has no words for)."""
+    out: dict[str, list[str]] = {}
+    for name, p in sorted(plan.placements.items()):
+        said = [n for d in p.devices for n in _vf_notes(d)]
+        if said:
+            out[name] = said
+    return out
+
+
+def _vf_notes(d: DeviceAssignment) -> list[str]:
+    s = d.vf.settings if d.vf is not None else None
+    if d.vf is None or s is None:
+        return []
+    lost = [
+        f"{key} {value}"
+        for key, value, default in (
+            ("mac", None if network_vf(d) else s.mac, None),
+            ("vlan", None if network_vf(d) else s.vlan, None),
+            ("qos", s.qos, None),
+            ("spoofchk", "on" if s.spoofchk else "off", "on"),
+            ("trust", "on" if s.trust else "off", "off"),
+            ("link_state", s.link_state, None),
+            ("min_tx_rate", s.min_tx_rate, None),
+            ("max_tx_rate", s.max_tx_rate, None),
+        )
+        if value != default
+    ]
+    vf = f"{d.address} (VF {d.vf.index} of {d.vf.pf})"
+    out = []
+    if lost:
+        out.append(
+            f"{vf}: libvirt sets only a VF's MAC address and VLAN; set {', '.join(lost)} on "
+            f"the PF before the domain starts (ip link set PF vf {d.vf.index} ...)"
+        )
+    if network_vf(d) and s.mac is None:
+        out.append(f"{vf}: libvirt gives it a MAC address of its own (the manifest names none)")
+    return out
 
 
 def hostdev_alias(n: int) -> str:

@@ -47,6 +47,33 @@ class NumaNode:
 
 
 @dataclass(frozen=True)
+class SriovCaps:
+    """A physical function's SR-IOV capability, as sysfs shows it (``sriov_*``, ``virtfnN``)."""
+
+    total_vfs: int  # sriov_totalvfs: the most VFs it can have
+    num_vfs: int  # sriov_numvfs: the VFs it has now
+    drivers_autoprobe: bool  # sriov_drivers_autoprobe: host drivers probe a VF when it is made
+    # First VF Offset and VF Stride, in routing IDs (bus << 8 | devfn): where VF i is, relative
+    # to the PF, for the VF count the PF has now.  0: not told (an offset is never 0).
+    vf_offset: int
+    vf_stride: int
+    vf_device: str  # sriov_vf_device: the VFs' device id, 4 lowercase hex digits; "" unknown
+    vfs: tuple[PciAddress, ...] = ()  # the VFs that exist, by index (virtfn0, virtfn1, ...)
+
+    def vf_address(self, pf: PciAddress, index: int) -> PciAddress | None:
+        """Where VF ``index`` of ``pf`` is (an existing one) or will be once made (the PF's
+        routing ID plus offset plus index times stride); None when that cannot be told."""
+        if index < len(self.vfs):
+            return self.vfs[index]
+        if self.vf_offset <= 0 or (index > 0 and self.vf_stride <= 0) or index < 0:
+            return None
+        rid = (pf.bus << 8 | pf.slot << 3 | pf.function) + self.vf_offset + index * self.vf_stride
+        if rid > 0xFFFF:
+            return None
+        return PciAddress(pf.domain, rid >> 8, (rid >> 3) & 0x1F, rid & 0x7)
+
+
+@dataclass(frozen=True)
 class PciFunction:
     address: PciAddress
     vendor: str  # 4 lowercase hex digits, no 0x: "8086"
@@ -73,6 +100,10 @@ class PciFunction:
     # No reset_method file (kernels before 5.15) but a `reset` file: the kernel can reset it
     # by a method it does not name (it shows `reset` only for a function it can reset).
     reset_unnamed: bool = False
+    sriov: SriovCaps | None = None  # a physical function's SR-IOV capability (inventory/sriov.py)
+    physfn: PciAddress | None = None  # a virtual function's physical function
+    # Why a function with SR-IOV files has no ``sriov`` (numbers that are not numbers...).
+    sriov_problem: str | None = None
 
     @property
     def own_reset(self) -> bool:
@@ -177,6 +208,26 @@ class Host:
         """The functions of one physical slot (a GPU and its audio function), found without
         a walk over every function: callers ask once per function, and hosts have thousands."""
         return self._slots.get(slot_key, ())
+
+    def vfs_of(self, pf: PciAddress) -> tuple[PciAddress, ...]:
+        """The virtual functions ``pf`` has now, by index."""
+        fn = self.pci.get(pf)
+        return fn.sriov.vfs if fn is not None and fn.sriov is not None else ()
+
+    def vf_address(self, pf: PciAddress, index: int) -> PciAddress | None:
+        """Where VF ``index`` of ``pf`` is, or will be once made (``SriovCaps.vf_address``)."""
+        fn = self.pci.get(pf)
+        if fn is None or fn.sriov is None:
+            return None
+        return fn.sriov.vf_address(pf, index)
+
+    def vf_index(self, vf: PciAddress) -> int | None:
+        """The index of an existing virtual function among its PF's VFs; None if not a VF."""
+        fn = self.pci.get(vf)
+        if fn is None or fn.physfn is None:
+            return None
+        vfs = self.vfs_of(fn.physfn)
+        return vfs.index(vf) if vf in vfs else None
 
     def group_of(self, address: PciAddress) -> IommuGroup | None:
         fn = self.pci.get(address)

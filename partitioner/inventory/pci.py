@@ -15,6 +15,7 @@ from dataclasses import replace
 from partitioner.inventory.bars import read_bars
 from partitioner.inventory.model import IommuGroup, PciFunction
 from partitioner.inventory.reader import Reader, is_number
+from partitioner.inventory.sriov import read_physfn, read_sriov, relate
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.pci import PciAddress, PciAddressSyntaxError
@@ -113,6 +114,7 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
         vendor = ids[1] if ids else r.read_hex(f"{real}/vendor", 4)
         device = ids[2] if ids else r.read_hex(f"{real}/device", 4)
         names = names_of(r, vendor, device)
+        sriov, sriov_problem = read_sriov(r, real)
         out[addr] = PciFunction(
             address=addr,
             vendor=vendor,
@@ -138,7 +140,11 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
             # Kernels before 5.15 have no reset_method: their `reset` file (write-only, there
             # only for a function the kernel can reset) says what reset_method would.
             reset_unnamed=reset is None and r.root.exists(f"{real}/reset"),
+            sriov=sriov,
+            physfn=read_physfn(r, real),
+            sriov_problem=sriov_problem,
         )
+    relate(out, r)
     return dict(sorted(out.items()))
 
 

@@ -39,6 +39,21 @@ def pci_device(address: str, leaf: str = "") -> str:
     return f"{PCI_DEVICES}/{address}/{leaf}" if leaf else f"{PCI_DEVICES}/{address}"
 
 
+# A physical function's SR-IOV files (leaves of its directory), and a VF's link to its PF.
+SRIOV_TOTALVFS = "sriov_totalvfs"
+SRIOV_NUMVFS = "sriov_numvfs"
+SRIOV_DRIVERS_AUTOPROBE = "sriov_drivers_autoprobe"
+SRIOV_OFFSET = "sriov_offset"
+SRIOV_STRIDE = "sriov_stride"
+SRIOV_VF_DEVICE = "sriov_vf_device"
+PHYSFN = "physfn"
+
+
+def virtfn(index: int) -> str:
+    """The leaf of a physical function's link to its VF ``index`` (``virtfn0``)."""
+    return f"virtfn{index}"
+
+
 def pci_driver(driver: str, leaf: str = "") -> str:
     """A PCI driver's directory, or a file in it (``bind``, ``unbind``, ``new_id``)."""
     return f"{PCI_DRIVERS}/{driver}/{leaf}" if leaf else f"{PCI_DRIVERS}/{driver}"

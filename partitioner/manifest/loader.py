@@ -37,6 +37,8 @@ from partitioner.manifest.model import (
     Location,
     Manifest,
     PartitionSpec,
+    SriovSpec,
+    VfSettings,
 )
 from partitioner.manifest.yamlnodes import Document, PathKey, Pos, decode, dotted, parse
 from partitioner.pci import PciAddress, PciAddressSyntaxError
@@ -494,6 +496,7 @@ class _Checker:
     # -- what the schema cannot say -----------------------------------------------------------
 
     def check_semantics(self) -> None:
+        self.sriov_checks()
         host_list = self.cpu_list(("host", "reserve", "cpus"))
         if self.get(("host", "reserve", "memory")) is not None:
             self.size(("host", "reserve", "memory"), allow_zero=True)
@@ -807,6 +810,7 @@ class _Checker:
             reserve_cpus_where=self.value_location(("host", "reserve", "cpus"))
             if "cpus" in reserve
             else NOWHERE,
+            sriov=self.sriov_specs(host.get("sriov") or []),
         )
         partitions = root.get("partitions") or {}
         specs = {name: self.partition(name, partitions[name]) for name in sorted(partitions)}
@@ -879,11 +883,13 @@ class _Checker:
         return self.value_location((*base, key)) if key in p else NOWHERE
 
     def device(self, d: dict[str, Any], path: PathKey) -> DeviceSpec:
-        kind: Literal["pci", "id", "netdev"]
+        kind: Literal["pci", "id", "netdev", "vf"]
         if "pci" in d:
             kind, value = "pci", str(PciAddress.parse(d["pci"]))
         elif "id" in d:
             kind, value = "id", d["id"].lower()
+        elif "vf" in d:
+            kind, value = "vf", pf_name(d["vf"])
         else:
             kind, value = "netdev", d["netdev"]
         return DeviceSpec(
@@ -895,4 +901,253 @@ class _Checker:
             rom=d.get("rom"),
             primary_display=d.get("primary_display", False),
             where=self.location(path),
+            vf_index=d.get("index"),
+            vf_settings=vf_settings(d),
         )
+
+    # -- SR-IOV: host.sriov and the devices' `vf:` ---------------------------------------------
+
+    def sriov_specs(self, entries: list[dict[str, Any]]) -> tuple[SriovSpec, ...]:
+        return tuple(
+            SriovSpec(
+                pf=str(PciAddress.parse(e["pf"])) if "pf" in e else None,
+                netdev=e.get("netdev"),
+                vfs=e["vfs"],
+                where=self.location(("host", "sriov", i)),
+            )
+            for i, e in enumerate(entries)
+        )
+
+    def sriov_pfs(self) -> dict[str, tuple[PathKey, int | None]]:
+        """The PFs of host.sriov by the name a device's `vf:` gives them: (entry, its vfs)."""
+        pfs: dict[str, tuple[PathKey, int | None]] = {}
+        entries = self.get(("host", "sriov"))
+        for i, e in enumerate(entries if isinstance(entries, list) else []):
+            path: PathKey = ("host", "sriov", i)
+            if not isinstance(e, dict) or self.is_bad(path):
+                continue
+            name: str | None = None
+            if isinstance(e.get("pf"), str) and not self.is_bad((*path, "pf")):
+                try:
+                    name = str(PciAddress.parse(e["pf"]))
+                except PciAddressSyntaxError as err:
+                    self.report(self.doc.where_value((*path, "pf")), f"{dotted(path)}: {err}", path)
+                    continue
+            elif isinstance(e.get("netdev"), str) and not self.is_bad((*path, "netdev")):
+                name = e["netdev"]
+            if name is None:
+                continue
+            vfs = e.get("vfs")
+            good = (
+                isinstance(vfs, int)
+                and not isinstance(vfs, bool)
+                and not self.is_bad((*path, "vfs"))
+            )
+            if name in pfs:
+                line = self.doc.where(pfs[name][0]).line
+                self.report(
+                    self.doc.where(path),
+                    f"{dotted(path)}: the PF {name} is listed again (line {line}): host.sriov "
+                    "has one entry per PF",
+                    path,
+                )
+                continue
+            pfs[name] = (path, vfs if good else None)
+        return pfs
+
+    def sriov_checks(self) -> None:
+        """What the schema cannot say of SR-IOV: each `vf:` names a PF of host.sriov, and the
+        PF's VFs suffice for what the partitions ask (a fixed `index:` once, below its `vfs`);
+        a VF's MAC address is unicast, not zero and one VF's; `qos` goes with a `vlan`, and
+        `min_tx_rate` is at most `max_tx_rate`.  A PF itself stays with the host."""
+        pfs = self.sriov_pfs()
+        # The names of host.sriov entries already found wrong (None: one that names none).
+        entries = self.get(("host", "sriov"))
+        unsure: set[str | None] = set()
+        if self.is_bad(("host", "sriov")) or self.is_bad(("host",)):
+            unsure.add(None)
+        for i, e in enumerate(entries if isinstance(entries, list) else []):
+            if self.is_bad(("host", "sriov", i)):
+                given = [e.get(k) for k in ("pf", "netdev")] if isinstance(e, dict) else []
+                named = [pf_name(v) for v in given if isinstance(v, str)]
+                unsure.update(named or [None])
+        partitions = self.get(("partitions",))
+        if not isinstance(partitions, dict):
+            return
+        asked: dict[str, list[PathKey]] = {}
+        indices: dict[tuple[str, int], PathKey] = {}
+        macs: dict[str, PathKey] = {}
+        for name in sorted(partitions, key=lambda n: self.doc.where(("partitions", n)).line):
+            devices = self.get(("partitions", name, "devices"))
+            for i, d in enumerate(devices if isinstance(devices, list) else []):
+                path: PathKey = ("partitions", name, "devices", i)
+                if not isinstance(d, dict) or self.is_bad(path):
+                    continue
+                self.pf_taken_whole(d, path, pfs)
+                if not isinstance(d.get("vf"), str) or self.is_bad((*path, "vf")):
+                    continue
+                pf = pf_name(d["vf"])
+                if pf not in pfs and (pf in unsure or None in unsure):
+                    continue  # its entry in host.sriov is wrong already: said once, there
+                if pf not in pfs:
+                    listed = ", ".join(sorted(pfs)) or "none"
+                    self.report(
+                        self.doc.where_value((*path, "vf")),
+                        f"{dotted(path)}: vf {pf} names no PF of host.sriov (it lists: {listed}): "
+                        f"add it there with its `vfs:`, or name a PF as host.sriov names it",
+                        path,
+                    )
+                    continue
+                entry, vfs = pfs[pf]
+                asked.setdefault(pf, []).append(path)
+                self.vf_index(path, d.get("index"), pf, entry, vfs, indices)
+                self.vf_settings_checks(path, d, macs)
+        for pf, paths in asked.items():
+            entry, vfs = pfs[pf]
+            if vfs is not None and len(paths) > vfs:
+                who = sorted({str(p[1]) for p in paths})
+                self.report(
+                    self.doc.where(paths[vfs]),
+                    f"{dotted(paths[vfs])}: {len(paths)} devices ask for a VF of {pf} "
+                    f"(partition{'s' if len(who) > 1 else ''} {', '.join(who)}) but host.sriov "
+                    f"gives it {vfs} (line {self.doc.where(entry).line}): raise its `vfs:` or "
+                    "ask for fewer",
+                    paths[vfs],
+                )
+
+    def pf_taken_whole(
+        self, d: dict[str, Any], path: PathKey, pfs: Mapping[str, tuple[PathKey, int | None]]
+    ) -> None:
+        """A PF of host.sriov named by `pci:` or `netdev:`: the PF stays with the host."""
+        for key in ("pci", "netdev"):
+            value = d.get(key)
+            if not isinstance(value, str) or self.is_bad((*path, key)):
+                continue
+            named = pf_name(value) if key == "pci" else value
+            if named in pfs:
+                line = self.doc.where(pfs[named][0]).line
+                self.report(
+                    self.doc.where_value((*path, key)),
+                    f"{dotted(path)}: {named} is a PF of host.sriov (line {line}), which stays "
+                    f"with the host: take a virtual function of it with `vf: {named}`",
+                    path,
+                )
+
+    def vf_index(
+        self,
+        path: PathKey,
+        index: Any,
+        pf: str,
+        entry: PathKey,
+        vfs: int | None,
+        seen: dict[tuple[str, int], PathKey],
+    ) -> None:
+        at = (*path, "index")
+        if not isinstance(index, int) or isinstance(index, bool) or self.is_bad(at):
+            return
+        line = self.doc.where(entry).line
+        if vfs is not None and index >= vfs:
+            self.report(
+                self.doc.where_value(at),
+                f"{dotted(at)}: VF {index} of {pf}, but host.sriov gives it {vfs} VF"
+                f"{'s' if vfs > 1 else ''} (line {line}), numbered 0 to {vfs - 1}",
+                at,
+            )
+        elif (pf, index) in seen:
+            first = seen[(pf, index)]
+            self.report(
+                self.doc.where_value(at),
+                f"{dotted(at)}: VF {index} of {pf} is already asked for by "
+                f"{dotted(first)} (line {self.doc.where_value((*first, 'index')).line}): a VF "
+                "belongs to one partition, once",
+                at,
+            )
+        else:
+            seen[(pf, index)] = path
+
+    def vf_settings_checks(
+        self, path: PathKey, d: dict[str, Any], macs: dict[str, PathKey]
+    ) -> None:
+        at = (*path, "mac")
+        mac = d.get("mac")
+        if isinstance(mac, str) and not self.is_bad(at):
+            mac = mac.lower()
+            why = ""
+            if mac == "00:00:00:00:00:00":
+                why = "is all zeros, which means no address"
+            elif int(mac[:2], 16) & 1:
+                why = "is a multicast address (the first byte is odd): a VF's MAC must be unicast"
+            if why:
+                self.report(self.doc.where_value(at), f"{dotted(at)}: {mac} {why}", at)
+            elif mac in macs:
+                first = macs[mac]
+                self.report(
+                    self.doc.where_value(at),
+                    f"{dotted(at)}: {mac} is already the MAC of {dotted(first)} (line "
+                    f"{self.doc.where_value(first).line}): two VFs with one address confuse "
+                    "every switch",
+                    at,
+                )
+            else:
+                macs[mac] = at
+        at = (*path, "qos")
+        if "qos" in d and "vlan" not in d and not self.is_bad(at):
+            self.report(
+                self.doc.where(at),
+                f"{dotted(at)}: a priority of the VLAN tag, but this VF has no `vlan:`: add "
+                "one, or leave qos out",
+                at,
+            )
+        low, high = d.get("min_tx_rate"), d.get("max_tx_rate")
+        at = (*path, "min_tx_rate")
+        if (
+            isinstance(low, int)
+            and isinstance(high, int)
+            and low > high
+            and not self.is_bad(at)
+            and not self.is_bad((*path, "max_tx_rate"))
+        ):
+            self.report(
+                self.doc.where_value(at),
+                f"{dotted(at)}: {low} Mbit/s guaranteed is more than the max_tx_rate of "
+                f"{high} Mbit/s (line {self.doc.where_value((*path, 'max_tx_rate')).line})",
+                at,
+            )
+
+
+# The keys of a `vf:` device that are its settings (VfSettings), in the manifest's words.
+_VF_SETTINGS = (
+    "mac",
+    "vlan",
+    "qos",
+    "spoofchk",
+    "trust",
+    "link_state",
+    "min_tx_rate",
+    "max_tx_rate",
+)
+
+
+def pf_name(text: str) -> str:
+    """A PF as a device's `vf:` or host.sriov names it: a full PCI address, or an interface."""
+    try:
+        return str(PciAddress.parse(text))
+    except PciAddressSyntaxError:
+        return text
+
+
+def vf_settings(d: Mapping[str, Any]) -> VfSettings | None:
+    """A `vf:` device's settings; None when it gives none (the VF is left as it is)."""
+    if "vf" not in d or not any(k in d for k in _VF_SETTINGS):
+        return None
+    mac = d.get("mac")
+    return VfSettings(
+        mac=None if mac is None else mac.lower(),
+        vlan=d.get("vlan"),
+        qos=d.get("qos"),
+        spoofchk=d.get("spoofchk", True),
+        trust=d.get("trust", False),
+        link_state=d.get("link_state"),
+        min_tx_rate=d.get("min_tx_rate"),
+        max_tx_rate=d.get("max_tx_rate"),
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,17 +27,56 @@ NOWHERE = Location("<manifest>", 0, 0)
 
 
 @dataclass(frozen=True)
+class VfSettings:
+    """What the host sets on a virtual function through its PF before the guest sees it (a
+    device's ``mac``, ``vlan``, ``qos``, ``spoofchk``, ``trust``, ``link_state``,
+    ``min_tx_rate``, ``max_tx_rate``); None: left as the VF has it."""
+
+    mac: str | None = None  # lowercase "52:54:00:12:34:56": unicast, not zero
+    vlan: int | None = None  # 1-4094
+    qos: int | None = None  # 0-7, only with vlan
+    spoofchk: bool = True
+    trust: bool = False
+    link_state: str | None = None  # "auto" | "enable" | "disable"
+    min_tx_rate: int | None = None  # Mbit/s
+    max_tx_rate: int | None = None  # Mbit/s
+
+
+@dataclass(frozen=True)
+class SriovSpec:
+    """One entry of ``host.sriov``: a physical function, by address or by interface, and how
+    many virtual functions it gets."""
+
+    pf: str | None  # full PCI address ("0000:82:00.0"); None when named by netdev
+    netdev: str | None  # interface name; None when named by pf
+    vfs: int
+    where: Location = NOWHERE
+
+    @property
+    def name(self) -> str:
+        """As the manifest names it: what a device's ``vf:`` says to take a VF of it."""
+        return self.pf if self.pf is not None else str(self.netdev)
+
+    def __str__(self) -> str:
+        return f"pf: {self.pf}" if self.pf is not None else f"netdev: {self.netdev}"
+
+
+@dataclass(frozen=True)
 class DeviceSpec:
     """One entry of a partition's ``devices`` list."""
 
-    kind: Literal["pci", "id", "netdev"]
-    value: str  # full PCI address ("0000:81:00.0"), "8086:10d3" (lowercase), or an interface name
+    kind: Literal["pci", "id", "netdev", "vf"]
+    # full PCI address ("0000:81:00.0"), "8086:10d3" (lowercase), or an interface name; for
+    # "vf", the PF as host.sriov names it (its full PCI address, or its interface name)
+    value: str
     count: int = 1  # for kind "id" only
     required: bool = True
     reset_none_ok: bool = False  # `reset: none-ok`: accept a function with no reset method
     rom: str | None = None  # `rom: off` or an absolute ROM file path; None: the device's own ROM
     primary_display: bool = False  # `primary_display: true`: x-vga=on (display GPUs, SeaBIOS)
     where: Location = NOWHERE
+    vf_index: int | None = None  # kind "vf": `index:`, the VF asked for; None: the lowest free
+    vf_settings: VfSettings | None = None  # kind "vf": its settings; None: none given
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.value}" + (f" x{self.count}" if self.kind == "id" else "")
@@ -164,6 +204,7 @@ class HostSpec:
     allow_unsafe_interrupts: bool = False  # devices without interrupt remapping
     reserve_memory_where: Location = field(default=NOWHERE, compare=False)
     reserve_cpus_where: Location = field(default=NOWHERE, compare=False)
+    sriov: tuple[SriovSpec, ...] = ()  # host.sriov, in file order
 
 
 @dataclass(frozen=True)
@@ -210,6 +251,7 @@ def spec_to_json(s: PartitionSpec) -> dict[str, Any]:
                 "rom": d.rom,
                 "primary_display": d.primary_display,
                 "where": _loc_to_json(d.where),
+                **_vf_to_json(d),
             }
             for d in s.devices
         ],
@@ -261,6 +303,7 @@ def spec_from_json(v: Any) -> PartitionSpec:
                 rom=x.get("rom"),
                 primary_display=bool(x.get("primary_display", False)),
                 where=_loc_from_json(x.get("where")),
+                **_vf_from_json(x),
             )
             for x in seq(d.get("devices", []), "spec devices")
         ),
@@ -282,3 +325,71 @@ def spec_from_json(v: Any) -> PartitionSpec:
         max_memory_bytes=_opt_nat(d.get("max_memory_bytes"), "max_memory_bytes"),
         hotplug_slots=nat(d.get("hotplug_slots", 0), "hotplug_slots"),
     )
+
+
+# A device's VF fields in the spec's JSON: written only for `vf:` devices, so that a spec of
+# another kind keeps the JSON it had.
+
+
+def _vf_to_json(d: DeviceSpec) -> dict[str, Any]:
+    if d.kind != "vf":
+        return {}
+    return {"vf_index": d.vf_index, "vf_settings": vf_settings_to_json(d.vf_settings)}
+
+
+def vf_settings_to_json(s: VfSettings | None) -> dict[str, Any] | None:
+    """A VF's settings as JSON (the state record, ``plan --json``); None: none given."""
+    if s is None:
+        return None
+    return {
+        "mac": s.mac,
+        "vlan": s.vlan,
+        "qos": s.qos,
+        "spoofchk": s.spoofchk,
+        "trust": s.trust,
+        "link_state": s.link_state,
+        "min_tx_rate": s.min_tx_rate,
+        "max_tx_rate": s.max_tx_rate,
+    }
+
+
+def _opt_int(v: Any, what: str) -> int | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError(f"{what} is {v!r}, not a whole number")
+    return v
+
+
+def vf_settings_from_json(v: Any) -> VfSettings | None:
+    """:func:`vf_settings_to_json` read back, every value checked (``ValueError`` names it)."""
+    if v is None:
+        return None
+    s = obj(v, "vf_settings")
+    mac, link = s.get("mac"), s.get("link_state")
+    if mac is not None and not (isinstance(mac, str) and _MAC.fullmatch(mac)):
+        raise ValueError(f"vf_settings mac is {mac!r}, not a MAC address")
+    if link not in (None, "auto", "enable", "disable"):
+        raise ValueError(f"vf_settings link_state is {link!r}, not auto, enable or disable")
+    return VfSettings(
+        mac=mac,
+        vlan=_opt_int(s.get("vlan"), "vf_settings vlan"),
+        qos=_opt_int(s.get("qos"), "vf_settings qos"),
+        spoofchk=bool(s.get("spoofchk", True)),
+        trust=bool(s.get("trust", False)),
+        link_state=link,
+        min_tx_rate=_opt_int(s.get("min_tx_rate"), "vf_settings min_tx_rate"),
+        max_tx_rate=_opt_int(s.get("max_tx_rate"), "vf_settings max_tx_rate"),
+    )
+
+
+_MAC = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def _vf_from_json(x: Mapping[str, Any]) -> dict[str, Any]:
+    if x.get("kind") != "vf":
+        return {}
+    return {
+        "vf_index": _opt_int(x.get("vf_index"), "vf_index"),
+        "vf_settings": vf_settings_from_json(x.get("vf_settings")),
+    }

@@ -63,6 +63,8 @@ def resolve_devices(
                 continue
             by_entry[i] = [(host.pci[iface.pci], f"named as netdev: {dev.value}", dev, field)]
     fixed = {f.address for found in by_entry.values() for f, _, _, _ in found}
+    vfs = w.vf_devices.get(spec.name, {})  # `vf:` devices' VFs (planning/sriov.py)
+    fixed |= {a.vf.pf for a in vfs.values() if a.vf is not None}  # a VF is on its PF's node
     nodes = list(home)
     if auto:
         # The node of the devices named by address, when they have one, is the partition's.
@@ -137,6 +139,19 @@ def resolve_devices(
         brought_by[fn.address] = (dev, field)
         verdicts.append((v, dev, field))
         out.append(_assignment(fn, reason, added=False, reset_none_ok=dev.reset_none_ok))
+    for i, a in sorted(vfs.items()):
+        if a.address in taken:
+            w.problem(
+                spec,
+                f"devices[{i}]",
+                f"{spec.name}: {a.address} is named twice ({a.reason} resolves to a function "
+                "already named)",
+                HostResources(address=str(a.address), iommu_group=a.iommu_group),
+            )
+            continue
+        taken.add(a.address)
+        brought_by[a.address] = (spec.devices[i], f"devices[{i}]")
+        out.append(a)
 
     named_addrs = set(taken)
     covered: set[PciAddress] = set()  # functions `reset: none-ok` covers
@@ -173,14 +188,17 @@ def resolve_devices(
                 HostResources(address=str(member), iommu_group=other.iommu_group),
             )
 
+    # Named first, in manifest order, then what they brought along (Placement.devices).
+    out.sort(key=lambda a: (a.added, int(brought_by[a.address][1][len("devices[") : -1])))
+
     # Resets are checked here, at plan time, by the rule apply's claim asks: a function
     # without a reset of its own is reset through its bus when the partition holds all
     # that bus reaches (partitioner.vfio.preview.without_reset).
     held = [a.address for a in out]
     unreset = set(without_reset(host, held, held))
     for i, a in enumerate(out):
-        fn = host.pci[a.address]
-        if fn.own_reset:
+        fn = host.pci.get(a.address)
+        if fn is None or fn.own_reset:  # None: a VF apply makes (VFs have FLR, by the spec)
             continue
         if a.address not in unreset:
             w.notes.append(
@@ -213,6 +231,9 @@ def resolve_devices(
                 f"{spec.name} and {owner} both want {a.address} (rule 4: a function has one owner)",
                 HostResources(address=str(a.address), iommu_group=a.iommu_group, held_by=owner),
             )
+            continue
+        if a.iommu_group is None:  # a VF apply makes: a group of its own, known then
+            w.device_owner[a.address] = spec.name
             continue
         gowner = w.group_owner.get(a.iommu_group)
         if gowner is not None and gowner != spec.name:

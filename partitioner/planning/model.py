@@ -14,15 +14,84 @@ from typing import Any, Literal
 
 from partitioner.cpuset import CpuSet
 from partitioner.jsonvalues import nat, obj, seq
-from partitioner.manifest.model import PartitionSpec, spec_from_json, spec_to_json
+from partitioner.manifest.model import (
+    PartitionSpec,
+    VfSettings,
+    spec_from_json,
+    spec_to_json,
+    vf_settings_from_json,
+    vf_settings_to_json,
+)
 from partitioner.pci import PciAddress
 from partitioner.units import format_size, human_size, page_size_name, virtio_mem_block
 
 
 @dataclass(frozen=True)
+class VfAssignment:
+    """A device that is a virtual function: VF ``index`` of the physical function ``pf``, with
+    the settings the host gives it through the PF before the guest sees it."""
+
+    pf: PciAddress
+    index: int
+    settings: VfSettings | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pf": str(self.pf),
+            "index": self.index,
+            "settings": vf_settings_to_json(self.settings),
+        }
+
+    @classmethod
+    def from_json(cls, v: Any) -> VfAssignment:
+        d = obj(v, "vf")
+        return cls(
+            pf=PciAddress.parse(str(d["pf"])),
+            index=nat(d["index"], "a VF index"),
+            settings=vf_settings_from_json(d.get("settings")),
+        )
+
+
+@dataclass(frozen=True)
+class PfPlan:
+    """A physical function of ``host.sriov`` as planned: ``vfs`` virtual functions.
+
+    ``iommu_groups_known``: its VFs exist with that count now, so the plan's VFs carry
+    their IOMMU groups; False when apply has to make them (the count changes, the VFs are
+    made anew): the plan's VFs of this PF then have ``iommu_group`` None, and apply claims
+    each VF's group once the VF exists."""
+
+    address: PciAddress
+    netdev: str | None  # its interface on the host (the first), for the per-VF settings
+    vfs: int
+    iommu_groups_known: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pf": str(self.address),
+            "netdev": self.netdev,
+            "vfs": self.vfs,
+            "iommu_groups_known": self.iommu_groups_known,
+        }
+
+    @classmethod
+    def from_json(cls, v: Any) -> PfPlan:
+        d = obj(v, "a PF")
+        netdev = d.get("netdev")
+        return cls(
+            address=PciAddress.parse(str(d["pf"])),
+            netdev=None if netdev is None else str(netdev),
+            vfs=nat(d["vfs"], "vfs"),
+            iommu_groups_known=bool(d["iommu_groups_known"]),
+        )
+
+
+@dataclass(frozen=True)
 class DeviceAssignment:
     address: PciAddress
-    iommu_group: int
+    # None only for a VF that apply has yet to make (``vf`` set, its PfPlan's
+    # ``iommu_groups_known`` False): its group is known once it exists.
+    iommu_group: int | None
     vendor_device: str  # "8086:10d3"
     driver: str | None  # the host driver bound when planned (given back on destroy)
     added: bool  # True: not named by the user, taken because its slot or group goes along
@@ -30,6 +99,7 @@ class DeviceAssignment:
     reset_none_ok: bool = False
     rom: str | None = None  # "off" or a ROM file (manifest `rom:`); None: the device's own
     primary_display: bool = False  # x-vga=on (manifest `primary_display: true`)
+    vf: VfAssignment | None = None  # a virtual function of a PF in host.sriov (`vf:`)
 
 
 @dataclass(frozen=True)
@@ -142,7 +212,8 @@ class Placement:
 
     @property
     def iommu_groups(self) -> tuple[int, ...]:
-        return tuple(sorted({d.iommu_group for d in self.devices}))
+        """The groups known now (a VF apply has yet to make is in none yet)."""
+        return tuple(sorted({d.iommu_group for d in self.devices if d.iommu_group is not None}))
 
     def same_resources(self, other: Placement) -> bool:
         """True when a running partition placed as ``other`` need not be replaced to become ``self``."""
@@ -351,6 +422,7 @@ class Placement:
                     "reset_none_ok": d.reset_none_ok,
                     "rom": d.rom,
                     "primary_display": d.primary_display,
+                    "vf": None if d.vf is None else d.vf.to_json(),
                 }
                 for d in self.devices
             ],
@@ -397,7 +469,7 @@ class Placement:
             devices=tuple(
                 DeviceAssignment(
                     address=PciAddress.parse(str(x["address"])),
-                    iommu_group=nat(x["iommu_group"], "an IOMMU group"),
+                    iommu_group=_group_from_json(x),
                     vendor_device=str(x["id"]),
                     driver=None if x.get("driver") is None else str(x["driver"]),
                     added=bool(x["added"]),
@@ -405,6 +477,7 @@ class Placement:
                     reset_none_ok=bool(x.get("reset_none_ok", False)),
                     rom=None if x.get("rom") is None else str(x["rom"]),
                     primary_display=bool(x.get("primary_display", False)),
+                    vf=None if x.get("vf") is None else VfAssignment.from_json(x["vf"]),
                 )
                 for x in (obj(e, "a device") for e in seq(d["device_details"], "device_details"))
             ),
@@ -595,6 +668,7 @@ class Plan:
     placements: Mapping[str, Placement]  # in name order
     notes: tuple[str, ...] = field(default=())
     confine: bool = True  # rule 10: each QEMU runs as a user of its own, unprivileged
+    sriov: tuple[PfPlan, ...] = ()  # host.sriov's PFs, by address
 
     def hugepages_needed(self) -> dict[tuple[int, int], int]:
         """(node, page size in bytes) -> pages the placed partitions need there."""
@@ -618,7 +692,32 @@ class Plan:
             "smt": self.smt,
             "confine": self.confine,
             "notes": list(self.notes),
+            "sriov": [pf.to_json() for pf in self.sriov],
         }
+
+    @classmethod
+    def from_json(cls, v: Any) -> Plan:
+        """A plan back from :meth:`to_json` (what ``plan --json`` shows), every value checked."""
+        d = obj(v, "plan")
+        host = obj(d["host"], "host")
+        placements = obj(d["partitions"], "partitions")
+        return cls(
+            accel=str(d["accel"]),
+            smt=str(d["smt"]),
+            host_cpus=CpuSet(nat(c, "a CPU") for c in seq(host["cpus"], "host cpus")),
+            host_memory_bytes=nat(host["memory_bytes"], "host memory_bytes"),
+            placements={n: Placement.from_json(placements[n]) for n in sorted(placements)},
+            notes=tuple(str(n) for n in seq(d.get("notes", []), "notes")),
+            confine=bool(d.get("confine", True)),
+            sriov=tuple(PfPlan.from_json(x) for x in seq(d.get("sriov", []), "sriov")),
+        )
+
+
+def _group_from_json(x: Any) -> int | None:
+    """A device's IOMMU group; null only for a VF (one apply has yet to make)."""
+    if x["iommu_group"] is None and x.get("vf") is not None:
+        return None
+    return nat(x["iommu_group"], "an IOMMU group")
 
 
 @dataclass(frozen=True)

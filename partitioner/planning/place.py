@@ -108,7 +108,10 @@ def place(
         return _place_on_nodes(spec, host, devices, tuple(sorted(spec.numa)), rooms, smt_isolate, w)
 
     # numa: auto (rule 6): one node, the devices' node when they agree.
-    dev_nodes = sorted({n for a in devices if (n := dev_node(host, a.address)) is not None})
+    # A VF is on its PF's node, made or not (rule 6).
+    dev_nodes = sorted(
+        {n for a in devices if (n := dev_node(host, a.vf.pf if a.vf else a.address)) is not None}
+    )
     if len(dev_nodes) == 1:
         node = dev_nodes[0]
         why = fits_alone(spec, rooms.get(node), smt_isolate)

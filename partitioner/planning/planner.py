@@ -45,6 +45,7 @@ from partitioner.planning.model import (
     live_bounds_refusal,
 )
 from partitioner.planning.place import home_nodes, place, placement_of
+from partitioner.planning.sriov import plan_sriov
 from partitioner.planning.work import (
     Mark,
     NodeRoom,
@@ -68,6 +69,7 @@ def plan(
     for fn in sorted(host.pci.values(), key=lambda f: f.address):
         w.by_id.setdefault(fn.id, []).append(fn)
     _check_preconditions(manifest, host, w)
+    sriov = plan_sriov(manifest, host, running, w)  # each `vf:` device's VF, in w.vf_devices
 
     smt_isolate = manifest.host.smt == "isolate"
     cores_by_node = usable_cores(host, smt_isolate)
@@ -142,6 +144,7 @@ def plan(
         placements={name: placements[name] for name in sorted(placements)},
         notes=tuple(w.notes),
         confine=manifest.host.confine,
+        sriov=sriov,
     )
 
 

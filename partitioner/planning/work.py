@@ -12,6 +12,7 @@ from partitioner.errors import NO_HOST, HostResources, PlanProblem
 from partitioner.inventory.model import Host, PciFunction
 from partitioner.manifest.model import NOWHERE, Location, Manifest, PartitionSpec
 from partitioner.pci import PciAddress
+from partitioner.planning.model import DeviceAssignment
 from partitioner.units import format_size, human_size, page_size_name
 from partitioner.vfio.preview import ClaimPreview
 
@@ -54,6 +55,8 @@ class Work:
     by_id: dict[str, list[PciFunction]] = field(default_factory=dict)  # "8086:10d3" -> functions
     verdicts: dict[PciAddress, ClaimPreview] = field(default_factory=dict)  # claim_preview, cached
     id_cursor: dict[str, int] = field(default_factory=dict)  # by_id: first function maybe free
+    # Each `vf:` device's VF (planning/sriov.py): partition -> its entry's index -> assignment.
+    vf_devices: dict[str, dict[int, DeviceAssignment]] = field(default_factory=dict)
 
     def problem(
         self,

@@ -314,6 +314,10 @@ def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
     for other in host.functions_in_slot(address.slot_key):
         if (
             other.address != address
+            # SR-IOV virtual functions share slot numbers without being one device: a VF
+            # brings no other function of its slot, nor is brought by one.
+            and other.physfn is None
+            and fn.physfn is None
             and not stays_with_host(other)
             and other.iommu_group is not None
             and other.iommu_group in host.iommu_groups
@@ -337,8 +341,14 @@ def claim_preview(host: Host, address: PciAddress) -> ClaimPreview:
             if why not in refusals:
                 refusals.append(why)
     others = sorted(taken - {address})
-    added = tuple(m for m in others if m.slot_key == address.slot_key)
-    must_name = tuple(m for m in others if m.slot_key != address.slot_key)
+    # A VF's group-mates are never added by themselves (other VFs, the PF: no ACS between
+    # them); they have to be named.
+    added = tuple(
+        m
+        for m in others
+        if m.slot_key == address.slot_key and fn.physfn is None and host.pci[m].physfn is None
+    )
+    must_name = tuple(m for m in others if m not in added)
     no_reset = without_reset(host, taken, taken)
     bus_reset = tuple(m for m in sorted(taken) if not host.pci[m].own_reset and m not in no_reset)
     bus_needs: list[tuple[PciAddress, tuple[PciAddress, ...]]] = []
