@@ -36,7 +36,11 @@ PROJECT = Path(__file__).resolve().parents[1]
 INSIDE = PROJECT / "tests" / "inside"
 MODULES = sorted(p.stem for p in INSIDE.glob("test_*.py"))
 TOPOLOGY = os.environ.get("PARTITION_TESTBED_TOPOLOGY", "numa")
-SLOW_MODULES = ("test_inside_apply", "test_inside_live", "test_inside_walls")  # nested guests: after the quick ones
+SLOW_MODULES = (
+    "test_inside_apply",
+    "test_inside_live",
+    "test_inside_walls",
+)  # nested guests: after the quick ones
 TIMEOUT = float(os.environ.get("PARTITION_TESTBED_TIMEOUT", "1500"))
 
 

@@ -372,7 +372,7 @@ class AttachDevice(LiveStep):
                         raise ApplyFailed(
                             f"partition {self.target}: no spare slot is planned for {d.address}"
                         )
-                    if jail is not None and rec.uid is not None:
+                    if jail is not None and rec.uid is not None and d.iommu_group is not None:
                         expose_device(ctx.root, jail, rec.uid, str(d.address), d.iommu_group)
                     attach_vfio(qmp, str(d.address), f"hp{slot}", hotplug_device_id(slot))
                     point("device-plugged")
@@ -405,7 +405,7 @@ def _unplug_devices(
                 detach_device(qmp, dev_id, ctx.live_timeout)
                 point("device-unplugged")
         for d in devices:
-            if jail is not None:
+            if jail is not None and d.iommu_group is not None:
                 withdraw_device(ctx.root, jail, str(d.address), d.iommu_group)
 
 

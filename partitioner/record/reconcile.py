@@ -414,7 +414,8 @@ def _settle_live(rec: PartitionRecord, root: HostRoot, findings: list[Finding]) 
             remove_vcpu(root, rec.name, i)
         if chroot is not None:
             for d in gone_devices:
-                withdraw_device(root, chroot, str(d.address), d.iommu_group)
+                if d.iommu_group is not None:
+                    withdraw_device(root, chroot, str(d.address), d.iommu_group)
         with Qmp(paths.qmp, timeout=5.0, partition=rec.name) as qmp:
             for m in view.memory.values():
                 if m.requested != m.size:
