@@ -185,7 +185,11 @@ def test_changed_running_partition_is_held_unless_replace_is_asked() -> None:
     st = state_of(running(old, hugepages=(HugepageGrant(0, 2 * MiB, 64),)))
     plan = make_plan(new)
     assert diff(plan, st, make_host(), replace=set()) == []
-    assert held_replacements(plan, st, replace=set()) == {"a": "memory 128MiB -> 256MiB"}
+    held = held_replacements(plan, st, replace=set())
+    assert list(held) == ["a"]
+    # what changed, then why it cannot be done live (rule 11), asking for --replace
+    assert held["a"].startswith("memory 128MiB -> 256MiB; "), held
+    assert held["a"].endswith("needs --replace a"), held
 
     acts = diff(plan, st, make_host(free_2m=0), replace={"a"})
     assert held_replacements(plan, st, replace={"a"}) == {}

@@ -1,6 +1,6 @@
 """Dynamic partitions (issue 20, rule 11), the manifest and planning half: bounds in the
 manifest, how a dynamic partition is placed, how a running one is changed within its bounds,
-and what a live change is (``Placement.live_change_from``) or why it needs ``--replace``.
+and what a live change is (``planning.live.live_change``) or why it needs ``--replace``.
 
 Hosts are trees written by TreeBuilder and read back through the real inventory; manifests
 go through the real loader; running partitions come from a state record through
@@ -21,12 +21,11 @@ from partitioner.inventory.model import Host
 from partitioner.manifest.loader import loads
 from partitioner.manifest.model import spec_from_json, spec_to_json
 from partitioner.pci import PciAddress
+from partitioner.planning.live import LiveChange, hotplugged_after, live_change
 from partitioner.planning.model import (
-    LiveChange,
     Placement,
     Plan,
     RunningPartition,
-    hotplugged_after,
 )
 from partitioner.planning.planner import kvm_vcpu_problems, plan
 from partitioner.record.codec import state_from_json, state_to_json
@@ -160,7 +159,7 @@ def test_static_bounds_written_out_plan_as_static(tree: TreeBuilder) -> None:
         h,
     )
     a, b = bare.placements["a"], same.placements["a"]
-    assert b.same_resources(a) and a.live_change_from(b) == LiveChange(
+    assert b.same_resources(a) and live_change(a, b) == LiveChange(
         "a", vcpus_before=4, memory_before=2 * GiB, hugepage_bytes=2 * MiB
     )
     doc = a.to_json()
@@ -266,7 +265,7 @@ def test_growth_takes_free_whole_cores_of_its_node_and_moves_nobody(tree: TreeBu
     assert after["db"].cpus[:2] == before["db"].cpus
     assert after["db"].cpus == (4, 12, 6, 14, 7, 15)  # appended, whole cores, lowest first
     assert all(h.cpus[c].node == 1 for c in after["db"].cpus)
-    change = after["db"].live_change_from(before["db"])
+    change = live_change(after["db"], before["db"])
     assert isinstance(change, LiveChange)
     assert change.added_cpus == ((2, 6), (3, 14), (4, 7), (5, 15))
     assert change.actions() == (("add-cpus", "db", "2 -> 6 (CPUs 6-7,14-15, pinned)"),)
@@ -307,7 +306,7 @@ def test_shrinking_drops_the_highest_vcpus_and_frees_their_cpus(tree: TreeBuilde
     second = plan(manifest(text), h, running(first))
     assert second.placements["db"].cpus == (4, 12)
     assert second.placements["pin"].cpus == (6, 14)
-    change = second.placements["db"].live_change_from(first.placements["db"])
+    change = live_change(second.placements["db"], first.placements["db"])
     assert isinstance(change, LiveChange)
     assert change.removed_vcpus == ((5, 14), (4, 6), (3, 13), (2, 5))
     assert change.actions() == (("remove-cpus", "db", "6 -> 2 (CPUs 5-6,13-14)"),)
@@ -332,19 +331,19 @@ def test_an_explicit_list_grows_by_the_cpus_it_adds(tree: TreeBuilder) -> None:
     assert first.placements["db"].cpus == (5, 13)
     second = plan(manifest(HEAD + pinned.format(cpus="4-5,12-13")), h, running(first))
     assert second.placements["db"].cpus == (5, 13, 4, 12)  # the new ones after the present
-    change = second.placements["db"].live_change_from(first.placements["db"])
+    change = live_change(second.placements["db"], first.placements["db"])
     assert isinstance(change, LiveChange) and change.added_cpus == ((2, 4), (3, 12))
     # dropping CPUs of the lower vCPUs cannot be done live: placed anew, and plan says why
     third = plan(manifest(HEAD + pinned.format(cpus="4,12")), h, running(second))
     assert third.placements["db"].cpus == (4, 12)
-    why = third.placements["db"].live_change_from(second.placements["db"])
+    why = live_change(third.placements["db"], second.placements["db"])
     assert why == (
         "vCPU 0 would move from CPU 5 to CPU 4: a running vCPU keeps its CPU (rule 8); "
         "needs --replace db"
     )
     # a list that keeps the CPUs of the lower vCPUs shrinks live
     fourth = plan(manifest(HEAD + pinned.format(cpus="5,13")), h, running(second))
-    change = fourth.placements["db"].live_change_from(second.placements["db"])
+    change = live_change(fourth.placements["db"], second.placements["db"])
     assert isinstance(change, LiveChange) and change.removed_vcpus == ((3, 12), (2, 4))
 
 
@@ -371,7 +370,7 @@ def test_memory_grows_and_shrinks_on_its_nodes_in_whole_blocks(tree: TreeBuilder
     assert after.cpus == before.cpus
     assert after.memory_per_node == ((0, 2 * GiB), (1, 2 * GiB))
     assert after.fixed_per_node == before.fixed_per_node
-    change = after.live_change_from(before)
+    change = live_change(after, before)
     assert isinstance(change, LiveChange)
     assert change.memory == ((0, GiB, 2 * GiB), (1, GiB, 2 * GiB))
     assert change.actions() == (
@@ -381,10 +380,10 @@ def test_memory_grows_and_shrinks_on_its_nodes_in_whole_blocks(tree: TreeBuilder
     # the same size started afresh is split the same way
     fresh = plan(manifest(HEAD + db(memory="4GiB", extra=spans)), h).placements["db"]
     assert fresh.memory_per_node == after.memory_per_node
-    back = after.live_change_from(after)
+    back = live_change(after, after)
     assert isinstance(back, LiveChange) and back.empty
     shrunk = plan(manifest(HEAD + db(memory="1GiB", extra=spans)), h, running(second))
-    change = shrunk.placements["db"].live_change_from(after)
+    change = live_change(shrunk.placements["db"], after)
     assert isinstance(change, LiveChange)
     assert change.actions() == (
         ("shrink-memory", "db", "4GiB -> 2560MiB (node 0, 768 x 2MiB pages)"),
@@ -424,7 +423,7 @@ def test_a_static_partition_unchanged_is_kept_as_before(tree: TreeBuilder) -> No
     )
     # a static partition changed in cpus is placed anew, as before
     changed = plan(manifest(text.replace("cpus: 2,", "cpus: 4,")), h, running(first))
-    why = changed.placements["b"].live_change_from(first.placements["b"])
+    why = live_change(changed.placements["b"], first.placements["b"])
     assert why == (
         "max_cpus changed 2 -> 4 (left out, it follows cpus; write `max_cpus: 2` to keep it): "
         "a change of bounds needs --replace b"
@@ -441,7 +440,7 @@ def test_devices_attach_into_spare_slots_and_detach_whole_groups(tree: TreeBuild
     assert a2.cpus == a1.cpus
     # the group goes whole: 82:00.1 with 82:00.0, each function in a spare slot
     assert a2.hotplugged == ("0000:82:00.0", "0000:82:00.1")
-    change = a2.live_change_from(a1)
+    change = live_change(a2, a1)
     assert isinstance(change, LiveChange)
     assert [str(d.address) for d in change.attached] == ["0000:82:00.0", "0000:82:00.1"]
     assert change.actions() == (
@@ -453,7 +452,7 @@ def test_devices_attach_into_spare_slots_and_detach_whole_groups(tree: TreeBuild
         manifest(HEAD + entry.format(slots=2, devices='{pci: "82:00.0"}')), h, running(second)
     )
     a3 = third.placements["a"]
-    change = a3.live_change_from(a2)
+    change = live_change(a3, a2)
     assert isinstance(change, LiveChange)
     assert change.actions() == (("detach-device", "a", "0000:81:00.0"),)
     assert a3.hotplugged == a2.hotplugged
@@ -463,7 +462,7 @@ def test_devices_attach_into_spare_slots_and_detach_whole_groups(tree: TreeBuild
     )
     a4 = fourth.placements["a"]
     assert a4.hotplugged == ("0000:81:00.0",)
-    assert isinstance(a4.live_change_from(a3), LiveChange)
+    assert isinstance(live_change(a4, a3), LiveChange)
 
 
 def test_a_device_beyond_the_spare_slots_is_placed_anew_and_needs_replace(
@@ -474,7 +473,7 @@ def test_a_device_beyond_the_spare_slots_is_placed_anew_and_needs_replace(
     first = plan(manifest(HEAD + entry.format(devices='{pci: "81:00.0"}')), h)
     two = '{pci: "81:00.0"}, {pci: "82:00.0"}'
     second = plan(manifest(HEAD + entry.format(devices=two)), h, running(first))
-    why = second.placements["a"].live_change_from(first.placements["a"])
+    why = live_change(second.placements["a"], first.placements["a"])
     assert isinstance(why, str)
     assert why == (
         "2 functions would be attached (0000:82:00.0, 0000:82:00.1) but it has hotplug_slots: "
@@ -486,7 +485,7 @@ def test_a_device_beyond_the_spare_slots_is_placed_anew_and_needs_replace(
     static = "  b: {{cpus: 2, memory: 1GiB, devices: [{devices}]}}\n"
     one = plan(manifest(HEAD + static.format(devices='{pci: "81:00.0"}')), h)
     two_devs = plan(manifest(HEAD + static.format(devices=two)), h, running(one))
-    assert isinstance(two_devs.placements["b"].live_change_from(one.placements["b"]), str)
+    assert isinstance(live_change(two_devs.placements["b"], one.placements["b"]), str)
 
 
 def test_hotplugged_after_fills_the_lowest_free_slot(tree: TreeBuilder) -> None:
@@ -505,7 +504,7 @@ def test_hotplugged_after_fills_the_lowest_free_slot(tree: TreeBuilder) -> None:
     assert hotplugged_after(old, ()) == ()
 
 
-# -- live_change_from: each refusal ---------------------------------------------------------
+# -- live_change: each refusal ---------------------------------------------------------
 
 
 @pytest.fixture
@@ -529,7 +528,7 @@ def test_each_change_that_is_not_live_says_why_and_asks_for_replace(
     r = dataclasses.replace
 
     def why(new: Placement) -> str:
-        out = new.live_change_from(p)
+        out = live_change(new, p)
         assert isinstance(out, str), out
         assert out.endswith("needs --replace db"), out
         return out
@@ -582,7 +581,7 @@ def test_each_change_that_is_not_live_says_why_and_asks_for_replace(
         "its spare slots are not as a live change leaves them"
     )
     assert isinstance(
-        r(p, devices=(*p.devices, other), hotplugged=("0000:81:00.0",)).live_change_from(p),
+        live_change(r(p, devices=(*p.devices, other), hotplugged=("0000:81:00.0",)), p),
         LiveChange,
     )
     slots = why(
@@ -599,7 +598,7 @@ def test_each_change_that_is_not_live_says_why_and_asks_for_replace(
         "2 functions would be attached (0000:81:00.0, 0000:01:00.0) but it has hotplug_slots: 1"
     )
     static = r(p, fixed_per_node=(), max_per_node=())
-    grown = r(static, memory_per_node=((1, 3 * GiB),)).live_change_from(static)
+    grown = live_change(r(static, memory_per_node=((1, 3 * GiB),)), static)
     assert grown == (
         "memory changes 2GiB -> 3GiB but it was started with all of its memory fixed "
         "(min_memory = max_memory); needs --replace db"
@@ -620,7 +619,7 @@ def test_a_live_change_of_every_kind_at_once_lists_its_actions_in_order(
         devices=(other,),
         hotplugged=("0000:81:00.0",),
     )
-    change = new.live_change_from(p)
+    change = live_change(new, p)
     assert isinstance(change, LiveChange)
     assert (change.vcpus_after, change.memory_after) == (4, 3 * GiB)
     assert change.actions() == (
@@ -644,7 +643,7 @@ def test_a_running_dynamic_partition_unchanged_stays_exactly_as_it_runs(
     again = plan(manifest(HEAD + db(cpus=6, memory="3GiB", extra=spans)), h, running(grown))
     a, b = grown.placements["db"], again.placements["db"]
     assert b.same_resources(a) and b.cpus == a.cpus
-    change = b.live_change_from(a)
+    change = live_change(b, a)
     assert isinstance(change, LiveChange) and change.empty and change.actions() == ()
     # the same inputs give the same bytes (rule 8)
     twice = plan(manifest(HEAD + db(cpus=6, memory="3GiB", extra=spans)), h, running(grown))
@@ -659,14 +658,14 @@ def test_a_running_partition_whose_bounds_change_is_placed_anew(tree: TreeBuilde
     wider = HEAD + db(extra=", numa: 1").replace("max_cpus: 8", "max_cpus: 6")
     second = plan(manifest(wider), h, running(first))
     assert second.placements["db"].vcpu_slots == 6
-    assert second.placements["db"].live_change_from(first.placements["db"]) == (
+    assert live_change(second.placements["db"], first.placements["db"]) == (
         "max_cpus changed 8 -> 6: a change of bounds needs --replace db"
     )
     # memory left to follow `memory` is a bound that changes with it
     follows = "  db: {{cpus: 2, max_cpus: 4, memory: {m}, max_memory: 4GiB, numa: 1}}\n"
     one = plan(manifest(HEAD + follows.format(m="2GiB")), h)
     two = plan(manifest(HEAD + follows.format(m="3GiB")), h, running(one))
-    assert two.placements["db"].live_change_from(one.placements["db"]) == (
+    assert live_change(two.placements["db"], one.placements["db"]) == (
         "min_memory changed 2GiB -> 3GiB (left out, it follows memory; write `min_memory: "
         "2GiB` to keep it): a change of bounds needs --replace db"
     )

@@ -37,7 +37,8 @@ from partitioner.engine.live import (
 )
 from partitioner.engine.step import Action, Replace
 from partitioner.inventory.model import Host
-from partitioner.planning.model import LiveChange, Placement, Plan, hotplugged_after
+from partitioner.planning.live import LiveChange, hotplugged_after, live_change
+from partitioner.planning.model import Placement, Plan
 from partitioner.record.model import PartitionRecord, RunState, State
 from partitioner.units import format_size
 from partitioner.vfio.preview import group_endpoints
@@ -148,9 +149,9 @@ def held_replacements(plan: Plan, state: State, *, replace: set[str]) -> dict[st
             and name not in replace
             and not p.same_resources(rec.placement)
         ):
-            live = p.live_change_from(rec.placement)
+            live = live_change(p, rec.placement)
             if not isinstance(live, LiveChange):
-                out[name] = f"{_changes(p, rec.placement)} ({live})"
+                out[name] = f"{_changes(p, rec.placement)}; {live}"
     return out
 
 
@@ -280,7 +281,7 @@ def diff(plan: Plan, state: State, host: Host, *, replace: set[str]) -> list[Act
             and rec.state is RunState.RUNNING
             and p.name not in replace
             and not p.same_resources(rec.placement)
-            and isinstance(p.live_change_from(rec.placement), LiveChange)
+            and isinstance(live_change(p, rec.placement), LiveChange)
         ):
             gives, takes[p.name] = _live_steps(p, rec, host, shortfall, state)
             out.extend(gives)

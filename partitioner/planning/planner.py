@@ -34,6 +34,7 @@ from partitioner.inventory.model import Host
 from partitioner.manifest.model import Manifest, PartitionSpec
 from partitioner.planning.cpus import grow_cpus, host_reserve, smt_count_problems, usable_cores
 from partitioner.planning.devices import resolve_devices
+from partitioner.planning.live import hotplugged_after, live_bounds_refusal
 from partitioner.planning.memory import fit_growth, split_bounds, split_plugged
 from partitioner.planning.mmio import settle
 from partitioner.planning.model import (
@@ -41,8 +42,6 @@ from partitioner.planning.model import (
     Placement,
     Plan,
     RunningPartition,
-    hotplugged_after,
-    live_bounds_refusal,
 )
 from partitioner.planning.place import home_nodes, place, placement_of
 from partitioner.planning.sriov import plan_sriov
