@@ -121,7 +121,7 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site() -> Iterator[Site]:
+def site(nic_drivers: None) -> Iterator[Site]:
     # On the server's /tmp: a tmpfs without nodev, as a confined root receiving devices needs.
     tmp = Path(tempfile.mkdtemp(prefix="partition-live-"))
     s = Site(tmp)
