@@ -75,3 +75,24 @@ def nic_drivers() -> Iterator[None]:
     # Leave the server's drivers as they were found, for the tests that run after.
     for module in loaded:
         run(["modprobe", "-r", module], timeout=120, check=False)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "incremental: the module's tests build on each other; after one fails, skip"
+    )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    rep = outcome.get_result()  # type: ignore[attr-defined]
+    if "incremental" in item.keywords and rep.when == "call" and rep.failed:
+        item.parent._failed_before = item.name  # type: ignore[union-attr]
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if "incremental" in item.keywords:
+        before = getattr(item.parent, "_failed_before", None)
+        if before is not None:
+            pytest.skip(f"{before} failed, and this test builds on it")

@@ -36,10 +36,13 @@ from partitioner.inventory.model import Host
 from partitioner.kernel.root import HostRoot
 from partitioner.vfio.claim import current_driver
 
-pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or not os.path.isdir("/sys/kernel/iommu_groups/0"),
-    reason="runs inside the emulated VT-d server (root, IOMMU groups)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not os.path.isdir("/sys/kernel/iommu_groups/0"),
+        reason="runs inside the emulated VT-d server (root, IOMMU groups)",
+    ),
+    pytest.mark.incremental,
+]
 
 ROOT = HostRoot("/")
 PROJECT = Path(__file__).resolve().parents[2]
@@ -106,7 +109,7 @@ class Site:
 
     def apply(self, m: Path) -> str:
         cp = self.cli("apply", "--no-supervise", str(m))
-        assert cp.returncode == 0, cp.stderr
+        assert cp.returncode == 0, (m.name, cp.stdout, cp.stderr)
         return " ".join(cp.stdout.split())
 
     def status(self) -> dict[str, Any]:
@@ -121,13 +124,17 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def site(nic_drivers: None) -> Iterator[Site]:
+def site(nic_drivers: None, testbed_out: Path) -> Iterator[Site]:
     # On the server's /tmp: a tmpfs without nodev, as a confined root receiving devices needs.
     tmp = Path(tempfile.mkdtemp(prefix="partition-live-"))
     s = Site(tmp)
     try:
         yield s
     finally:
+        # What the guest said and what the record held, kept in the testbed's output.
+        for src, name in ((tmp / "log", "live-log"), (tmp / "state", "live-state")):
+            if src.is_dir():
+                shutil.copytree(src, testbed_out / name, dirs_exist_ok=True)
         if (tmp / "state" / "state.json").exists():
             s.cli("destroy", "--all", "--timeout", "5")
         shutil.rmtree(tmp, ignore_errors=True)
