@@ -139,6 +139,9 @@ def _plug(
         for index, cpu in added:
             tid = plug_cpu(qmp, index)
             point("cpu-plugged")
+            # Into its own cgroup first: the thread was born in the emulator's, whose cpuset
+            # does not hold the partition's CPUs (the kernel refuses that affinity there).
+            add_vcpu(ctx.root, rec.name, index, tid, cpu)
             try:
                 os.sched_setaffinity(tid, {cpu})
             except OSError as e:
@@ -147,7 +150,6 @@ def _plug(
                     f"to CPU {cpu}: {e.strerror}",
                     partition=rec.name,
                 ) from e
-            add_vcpu(ctx.root, rec.name, index, tid, cpu)
             threads[index] = tid
     return threads
 

@@ -407,9 +407,9 @@ def _settle_live(rec: PartitionRecord, root: HostRoot, findings: list[Finding]) 
         from partitioner.isolation.cgroup import add_vcpu, remove_vcpu
 
         for i, tid in threads.items():
+            add_vcpu(root, rec.name, i, tid, placement.cpus[i])  # its cgroup first, then pin
             with contextlib.suppress(ProcessLookupError):
                 os.sched_setaffinity(tid, {placement.cpus[i]})
-            add_vcpu(root, rec.name, i, tid, placement.cpus[i])
         for i in range(len(placement.cpus), slots):
             remove_vcpu(root, rec.name, i)
         if chroot is not None:
