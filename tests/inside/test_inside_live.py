@@ -196,7 +196,10 @@ def check_matches_guest(s: Site, label: str, cpus: int, nic: bool) -> None:
 
 def killed_then_settled(s: Site, to: Path, point: str, cpus: int, nic: bool) -> str:
     """``apply`` of ``to`` killed with SIGKILL at ``point`` (its first pass); ``status``
-    answers; the next ``apply`` finishes the change, and the record matches the guest."""
+    answers; the next ``apply`` finishes the change, and the record matches the guest.
+    Returns what ``plan`` listed for the change before it was made."""
+    listed = s.cli("plan", str(to))
+    assert listed.returncode == 0, (point, listed.stderr)
     env = {**s.env, "PARTITION_TEST_KILL_AT": f"{point}:1"}
     cp = s.cli("apply", "--no-supervise", str(to), env=env)
     assert cp.returncode == -9, (point, cp.returncode, cp.stdout, cp.stderr)
@@ -205,7 +208,7 @@ def killed_then_settled(s: Site, to: Path, point: str, cpus: int, nic: bool) -> 
     assert json.loads(st.stdout)["partitions"][NAME]["state"] == "running", point
     s.apply(to)
     check_matches_guest(s, f"killed at {point}", cpus, nic)
-    return " ".join(cp.stdout.split())
+    return " ".join(listed.stdout.split())
 
 
 # One guest for the whole module, and an order QEMU 7.2 under TCG survives: every plug
