@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 from partitioner.cpuset import MAX_CPUS, CpuListSyntaxError, CpuSet
 from partitioner.errors import MAX_PROBLEMS, ManifestError, Problem
+from partitioner.gcpause import collector_paused
 from partitioner.manifest.model import (
     NOWHERE,
     Boot,
@@ -221,6 +222,7 @@ def _stdin_bytes() -> bytes:
     return data
 
 
+@collector_paused()
 def loads(text: str | bytes, file: str = "<manifest>") -> Manifest:
     """Check the manifest in ``text`` (``file`` names it in problems)."""
     if len(text) > MAX_BYTES:

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import PlanError, PlanProblem
+from partitioner.gcpause import collector_paused
 from partitioner.inventory.model import Host
 from partitioner.manifest.model import Manifest
 from partitioner.planning.cpus import host_reserve, usable_cores
@@ -48,6 +49,7 @@ from partitioner.planning.work import (
 from partitioner.units import format_size, human_size, page_size_name
 
 
+@collector_paused()
 def plan(
     manifest: Manifest, host: Host, running: Mapping[str, RunningPartition] | None = None
 ) -> Plan:
