@@ -16,6 +16,7 @@ from partitioner.planning.work import (
     NodeRoom,
     Work,
     dev_node,
+    fits,
     fits_alone,
     fits_on_all,
     free_cpus,
@@ -39,7 +40,7 @@ def home_nodes(
         return tuple(sorted({node_of(host, c) for c in spec.cpu_list if c in host.cpus}))
     if spec.numa != "auto":
         return tuple(sorted(spec.numa))
-    return tuple(r.id for r in rooms.values() if fits_alone(spec, r, smt_isolate) is None)
+    return tuple(r.id for r in rooms.values() if fits(spec, r, smt_isolate))
 
 
 def place(
@@ -107,12 +108,17 @@ def place(
     dev_nodes = sorted({n for a in devices if (n := dev_node(host, a.address)) is not None})
     if len(dev_nodes) == 1:
         node = dev_nodes[0]
-        why = fits_alone(spec, rooms.get(node), smt_isolate)
+        room = rooms.get(node)
+        why = (
+            None
+            if room is not None and fits(spec, room, smt_isolate)
+            else fits_alone(spec, room, smt_isolate)
+        )
         if why is not None:
             others = [
                 f"node {r.id} has {free_cpus(r)} free"
                 for r in rooms.values()
-                if r.id != node and fits_alone(spec, r, smt_isolate) is None
+                if r.id != node and fits(spec, r, smt_isolate)
             ]
             named = [str(a.address) for a in devices if not a.added]
             said, resources = _held_on(host, (node,), w)
@@ -140,7 +146,7 @@ def place(
             "remote to some of them"
         )
 
-    fitting = [r for r in rooms.values() if fits_alone(spec, r, smt_isolate) is None]
+    fitting = [r for r in rooms.values() if fits(spec, r, smt_isolate)]
     if not fitting:
         with_cpus = [r for r in rooms.values() if host.nodes[r.id].cpus]
         fields = sorted({short_field(spec, r, smt_isolate) for r in with_cpus})
