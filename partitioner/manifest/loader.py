@@ -22,7 +22,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
@@ -125,17 +125,12 @@ def _validity_key(root: Any) -> str:
 _PARTITIONS_KEYWORDS = frozenset({"description", "type", "propertyNames", "additionalProperties"})
 
 
-def _frozen(value: Any) -> Hashable:
-    """A hashable twin of a YAML value that tells apart what the schema tells apart (1, 1.0,
-    True and "1"; a key 1 and a key "1")."""
-    if isinstance(value, dict):
-        return (
-            "map",
-            tuple(sorted(((type(k).__name__, repr(k)), _frozen(v)) for k, v in value.items())),
-        )
-    if isinstance(value, list):
-        return ("seq", tuple(_frozen(v) for v in value))
-    return (type(value).__name__, repr(value))
+def _frozen(value: Any) -> str:
+    """A twin of a partition's YAML value that tells apart what the schema tells apart (1, True
+    and "1"; null and "null"; key order aside): its JSON with sorted keys.  The manifest's YAML
+    gives text keys only and no fractions (``manifest.yamlnodes``), so JSON says it all, and
+    json's C encoder writes it for little per partition."""
+    return json.dumps(value, sort_keys=True)
 
 
 def _passes_once_per_kind(root: Any) -> bool:
@@ -148,7 +143,7 @@ def _passes_once_per_kind(root: Any) -> bool:
         return False
     import jsonschema
 
-    kinds: dict[Hashable, str] = {}
+    kinds: dict[str, str] = {}
     for name, value in partitions.items():
         kinds.setdefault(_frozen(value), name)
     if len(kinds) == len(partitions):
@@ -157,7 +152,13 @@ def _passes_once_per_kind(root: Any) -> bool:
     one_each["partitions"] = {name: partitions[name] for name in kinds.values()}
     if next(_validator().iter_errors(one_each), None) is not None:
         return False
-    names = {"type": "object", "propertyNames": rule.get("propertyNames", True)}
+    names_rule = rule.get("propertyNames", True)
+    if isinstance(names_rule, dict) and set(names_rule) <= {"pattern", "patternErrorMessage"}:
+        # A pattern alone is what jsonschema's `pattern` does (re.search, on text; the names
+        # are keys, text), asked without building a validator step per name.
+        pattern = re.compile(names_rule.get("pattern", ""))
+        return all(not isinstance(n, str) or pattern.search(n) for n in partitions)
+    names = {"type": "object", "propertyNames": names_rule}
     return jsonschema.Draft202012Validator(names).is_valid(dict.fromkeys(partitions))
 
 
