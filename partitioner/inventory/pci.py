@@ -92,7 +92,7 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
         except PciAddressSyntaxError:
             r.note(f"{sysfs.pci_device(name)} is not a PCI address; ignored")
             continue
-        real, uevent = _device_dir(r, sysfs.pci_device(name))
+        real, uevent = _device_dir(r, name)
         if real is None:
             r.note(f"{sysfs.pci_device(name)} points nowhere; ignored")
             continue
@@ -152,18 +152,19 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
     return dict(sorted(out.items()))
 
 
-def _device_dir(r: Reader, link: str) -> tuple[str | None, str | None]:
-    """Where a function's link in /sys/bus/pci/devices leads (None: to no directory), and the
-    text of its ``uevent`` there.
+def _device_dir(r: Reader, name: str) -> tuple[str | None, str | None]:
+    """Where the function's link ``name`` in /sys/bus/pci/devices leads (None: to no
+    directory), and the text of its ``uevent`` there.
 
     The kernel's link is relative and stays inside /sys, so its normalised target is the
     directory as soon as a file reads there (only a directory holds one): the read the scan
     makes anyway stands for the check.  Otherwise (no uevent: older trees, hwloc's dumps; or
     an odd link) :meth:`Reader.realdir` decides, as for any link."""
+    link = sysfs.pci_device(name)
     target = r.root.readlink(link)
     guess: str | None = None
     if target is not None and not target.startswith("/"):
-        guess = os.path.normpath(os.path.join(os.path.dirname(link), target))
+        guess = os.path.normpath(f"{sysfs.PCI_DEVICES}/{target}")
         if guess.startswith("/sys/"):
             text = r.read(f"{guess}/uevent")
             if text is not None:
@@ -192,12 +193,13 @@ def uevent_ids(text: str | None) -> tuple[str, str, str, str, str] | None:
     m = _UEVENT_IDS.search(text) if text else None
     if m is None:
         return None
+    class_code, vendor, device, sub_vendor, sub_device = m.group(1, 2, 3, 4, 5)
     return (
-        m.group(1).lower().zfill(6),
-        m.group(2).lower(),
-        m.group(3).lower(),
-        m.group(4).lower(),
-        m.group(5).lower(),
+        class_code.lower().zfill(6),
+        vendor.lower(),
+        device.lower(),
+        sub_vendor.lower(),
+        sub_device.lower(),
     )
 
 

@@ -263,16 +263,18 @@ def _place_on_nodes(
     per_node_cpus: dict[int, int] = {}
     for n in with_cpus:
         taken = picked[n]
+        count = sum(len(c) for c in taken)
         if smt_isolate:
-            rooms[n].cores = [c for c in rooms[n].cores if c not in taken]
+            rooms[n].took([c for c in rooms[n].cores if c not in taken], count)
         else:
             used = {c for core in taken for c in core}
-            rooms[n].cores = [
-                t for core in rooms[n].cores if (t := tuple(c for c in core if c not in used))
-            ]
+            rooms[n].took(
+                [t for core in rooms[n].cores if (t := tuple(c for c in core if c not in used))],
+                count,
+            )
         for core in taken:
             cpus.extend(core)
-        per_node_cpus[n] = sum(len(c) for c in taken)
+        per_node_cpus[n] = count
     for n in nodes:
         per_node_cpus.setdefault(n, 0)
     for c in cpus:

@@ -40,6 +40,12 @@ class NodeRoom:
         self._cores = value
         self.free_cpus = sum(len(c) for c in value)
 
+    def took(self, left: list[Core], count: int) -> None:
+        """``count`` CPUs were taken and ``left`` is what stays free: the count is kept without
+        a walk of the node's cores, once per partition placed."""
+        self._cores = left
+        self.free_cpus -= count
+
 
 @dataclass
 class Work:
