@@ -86,6 +86,10 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
     root = r.root
     names: dict[tuple[str, str], tuple[str, str]] = {}  # udev's names, asked once per id
     parsed: dict[str, PciAddress] = {}  # the functions read so far, by directory name
+    # Values many functions share are made once: the bridges above the functions of one bus,
+    # their reset methods.  A large host's Host holds thousands fewer objects.
+    upstreams: dict[str, tuple[PciAddress, ...]] = {}
+    resets: dict[str | None, tuple[str, ...]] = {}
     for name in root.listdir(sysfs.PCI_DEVICES):
         try:
             addr = PciAddress.parse(name)
@@ -96,12 +100,15 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
         if real is None:
             r.note(f"{sysfs.pci_device(name)} points nowhere; ignored")
             continue
-        # A port is listed before what is behind it: its own address is reused.
-        upstream = tuple(
-            parsed.get(part) or parse_pci(part)
-            for part in real.split("/")[:-1]
-            if PCI_ADDR_RE.match(part)
-        )
+        parent = real.rpartition("/")[0]
+        upstream = upstreams.get(parent)
+        if upstream is None:
+            # A port is listed before what is behind it: its own address is reused.
+            upstream = upstreams[parent] = tuple(
+                parsed.get(part) or parse_pci(part)
+                for part in parent.split("/")
+                if PCI_ADDR_RE.match(part)
+            )
         parsed[name] = addr
         ids = uevent_ids(uevent)
         class_code = ids[0] if ids else r.read_hex(f"{real}/class", 6)
@@ -132,7 +139,8 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
             driver_override=None if override in (None, "", "(null)") else override,
             iommu_group=group,
             numa_node=numa if numa is not None and numa >= 0 else None,
-            reset_methods=tuple(reset.split()) if reset else (),
+            reset_methods=resets.get(reset)
+            or resets.setdefault(reset, tuple(reset.split()) if reset else ()),
             # The kernel gives boot_vga to display-class devices only.
             boot_vga=class_code.startswith("03") and r.read_int(f"{real}/boot_vga") == 1,
             is_bridge=pci_is_bridge(root, real, class_code),

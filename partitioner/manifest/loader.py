@@ -354,6 +354,7 @@ class _Checker:
         # so that one mistake gives one message.
         self.bad: set[PathKey] = set(doc.unreadable)
         self.incomplete = doc.incomplete
+        self.locations: dict[Pos, Location] = {}
 
     def full(self) -> bool:
         """Whether more than MAX_PROBLEMS are collected: the checks stop there (and say so)."""
@@ -659,12 +660,17 @@ class _Checker:
     # -- the values ---------------------------------------------------------------------------
 
     def location(self, path: PathKey) -> Location:
-        pos = self.doc.where(path)
-        return Location(self.doc.file, pos.line, pos.column)
+        return self._located(self.doc.where(path))
 
     def value_location(self, path: PathKey) -> Location:
-        pos = self.doc.where_value(path)
-        return Location(self.doc.file, pos.line, pos.column)
+        return self._located(self.doc.where_value(path))
+
+    def _located(self, pos: Pos) -> Location:
+        """One Location per place: a partition's fields left out all stand where its name does."""
+        got = self.locations.get(pos)
+        if got is None:
+            got = self.locations[pos] = Location(self.doc.file, pos.line, pos.column)
+        return got
 
     def build(self) -> Manifest:
         root = self.doc.root
