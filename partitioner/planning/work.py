@@ -255,6 +255,8 @@ def fits(spec: PartitionSpec, room: NodeRoom, smt_isolate: bool) -> bool:
     """Whether ``spec`` fits on this node alone: :func:`fits_alone` without the sentence,
     which lists the node's free CPUs (asked of every node for every partition, most of
     them full on a full host)."""
+    if room.free_cpus < spec.cpu_count or room.memory_left < spec.memory_bytes:
+        return False  # what _fit would find, without walking the node's cores
     cpus_ok, mem_ok, pages_ok = _fit(spec, room, smt_isolate)
     return cpus_ok and mem_ok and pages_ok
 
