@@ -8,8 +8,15 @@ more time in the collector than in their own work, and more than linearly in par
 walks more objects more often): bench/README.md has the figures.
 
 Held off, reference counting still frees each object the moment it is dropped; only cycles
-wait, for the collector's first round after the phase.  The collector is left as it was found
-(a caller that disabled it keeps it disabled), and phases nest.
+wait.  At the end of the phase, what it built is what its caller keeps (the Manifest, the
+Host, the Plan): the objects the collector tracks are moved to its oldest generation at once
+(``gc.freeze`` then ``gc.unfreeze``, no walk), instead of being walked by the next young
+rounds only to be found alive and moved there.  Cycles made meanwhile by anyone are collected
+by the next full round, as those that outlive the young rounds are.  Where the program froze
+objects of its own (a server before it forks), they are left frozen and this step is skipped.
+
+The collector is left as it was found (a caller that disabled it keeps it disabled), and
+phases nest.
 """
 
 from __future__ import annotations
@@ -29,4 +36,7 @@ def collector_paused() -> Iterator[None]:
     try:
         yield
     finally:
+        if gc.get_freeze_count() == 0:
+            gc.freeze()
+            gc.unfreeze()
         gc.enable()
