@@ -278,7 +278,8 @@ def _match_id(
     nodeless: list[PciFunction] = []
     remote: list[PciFunction] = []
     enough: int | None = None  # the home node that has them all
-    for f in functions[start:]:
+    for i in range(start, len(functions)):  # not a copy of the rest for every partition
+        f = functions[i]
         if f in found or not free(f):
             continue
         node = dev_node(host, f.address)
