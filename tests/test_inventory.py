@@ -534,6 +534,74 @@ def test_scan_cost_is_linear_and_small(tree: TreeBuilder) -> None:
     assert _CountingRoot.calls <= 3 * cpus + 16 * functions + 60
 
 
+class _RequestsByKind(HostRoot):
+    """Counts the requests made to the host, by kind (``config`` is opened through ``local``)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.made: dict[str, int] = {}
+
+    def _count(self, kind: str) -> None:
+        self.made[kind] = self.made.get(kind, 0) + 1
+
+    def read(self, kernel_path: str, default: str | None = None) -> str | None:
+        self._count("read")
+        return super().read(kernel_path, default)
+
+    def local(self, kernel_path: str) -> str:
+        self._count("read")
+        return super().local(kernel_path)
+
+    def listdir(self, kernel_path: str) -> list[str]:
+        self._count("listdir")
+        return super().listdir(kernel_path)
+
+    def readlink(self, kernel_path: str) -> str | None:
+        self._count("readlink")
+        return super().readlink(kernel_path)
+
+    def readlink_name(self, kernel_path: str) -> str | None:
+        self._count("readlink")
+        return super().readlink_name(kernel_path)
+
+    def exists(self, kernel_path: str) -> bool:
+        self._count("stat")
+        return super().exists(kernel_path)
+
+    def is_dir(self, kernel_path: str) -> bool:
+        self._count("stat")
+        return super().is_dir(kernel_path)
+
+    def realpath(self, kernel_path: str) -> str:
+        self._count("realpath")
+        return super().realpath(kernel_path)
+
+
+def _requests_per_port(tmp_path: Path, ports: int) -> dict[str, int]:
+    t = TreeBuilder(tmp_path / f"ports{ports}").cpus(count=4)
+    for i in range(ports):
+        port = f"0000:00:{i // 8:02x}.{i % 8}"
+        t.pci(port, class_code="060400", driver="pcieport", iommu_group=2 * i, parent=None)
+        for f in range(2):
+            t.pci(f"0000:{1 + i:02x}:00.{f}", driver="igb", iommu_group=2 * i + 1, parent=port)
+    root = _RequestsByKind(t.build())
+    h = scan(root)
+    assert len(h.pci) == 3 * ports and len(h.iommu_groups) == 2 * ports
+    assert h.iommu_groups[1].members == (A("0000:01:00.0"), A("0000:01:00.1"))
+    return root.made
+
+
+def test_each_function_costs_its_own_files_and_links_only(tmp_path: Path) -> None:
+    """Issue 18's host has 4,095 functions: the scan of one is its syscalls.  Per function:
+    the reads of its own files (uevent, driver_override, reset_method, numa_node, config,
+    resource) and three links (where it is, its group, its driver); no listing per function
+    or per group (interfaces come from one listing of /sys/class/net, group members from the
+    functions' links) and no stat (the uevent read tells its directory is there)."""
+    small, large = _requests_per_port(tmp_path, 8), _requests_per_port(tmp_path, 16)
+    per_function = {k: (large.get(k, 0) - small.get(k, 0)) / 24 for k in large.keys() | small}
+    assert per_function == {"read": 6, "readlink": 3, "listdir": 0, "stat": 0}
+
+
 def test_nvme_multipath_root(tree: TreeBuilder) -> None:
     """Native NVMe multipath puts namespaces under a virtual subsystem, away from the PCI path."""
     tree.cpus(count=2)

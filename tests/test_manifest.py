@@ -841,6 +841,51 @@ def test_fuzz_both_parsers_read_the_same(tokens: list[str]) -> None:
     assert _read_with(text, True) == _read_with(text, False)
 
 
+@pytest.mark.skipif(not yamlnodes.HAVE_LIBYAML, reason="PyYAML was built without libyaml")
+@pytest.mark.parametrize(
+    ("text", "quick"),
+    [
+        (
+            "version: 1\npartitions:\n  a: {cpus: 2, memory: 1GiB, devices: [{id: '8086:10d3'}]}\n",
+            True,
+        ),
+        ("version: 1\n# only a comment after\n", True),
+        ("version: &v 1\nx: *v\n", False),  # an alias: refused where it stands
+        ("version: 1\nx: *nowhere\n", False),  # an alias of nothing
+        ("&k version: 1\n*k : 2\n", False),  # an alias as a key
+        ("version: 1\nversion: 2\n", False),  # a duplicate key, whose value is not read
+        ("? [a]\n: 1\n", False),  # a key that is no name, whose inside is not read
+        ("a: " + "[" * 63 + "]" * 63 + "\n", True),  # 64 levels: the deepest allowed
+        ("a: " + "[" * 64 + "]" * 64 + "\n", False),  # 65: refused as compose() refuses it
+        ("version: 1\n---\nversion: 1\n", False),  # a second document
+        ("version: [1\n", False),  # not YAML
+    ],
+)
+def test_libyamls_composer_reads_plain_documents_and_hands_the_rest_over(
+    monkeypatch: pytest.MonkeyPatch, text: str, quick: bool
+) -> None:
+    """A plain document is composed by libyaml itself (half the time of composing its events
+    in Python, which a site of thousands of partitions feels); what only the project's own
+    composer says as the project does goes through it, and reads as it always did."""
+    monkeypatch.setattr(yamlnodes, "USE_LIBYAML", True)
+    real, composed = yamlnodes.compose, []
+
+    def compose(*args: Any, **kwargs: Any) -> Any:
+        composed.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(yamlnodes, "compose", compose)
+    got = _read_with(text, True)
+    assert bool(composed) is not quick
+    monkeypatch.setattr(yamlnodes, "compose", real)
+
+    def never(text: str) -> None:
+        raise yamlnodes._Retry
+
+    monkeypatch.setattr(yamlnodes, "_compose_quickly", never)
+    assert got == _read_with(text, True)  # the same as compose() alone reads it
+
+
 def test_a_document_that_passed_the_schema_is_not_checked_twice(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

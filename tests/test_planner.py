@@ -436,6 +436,28 @@ def test_rule8_same_inputs_same_bytes(tree: TreeBuilder) -> None:
     assert one == two
 
 
+def test_a_plan_that_places_everything_builds_no_refusal(
+    tree: TreeBuilder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Placing asks every node whether each partition fits there; the sentence of why one does
+    not (it lists the node's free CPUs) is for refusals only.  Built for every full node and
+    every partition, it made the plan of a filling host grow faster than its partitions."""
+    from partitioner.planning import place
+
+    def refusal(*args: object) -> None:
+        raise AssertionError("a refusal's sentence was built for a plan that places everything")
+
+    monkeypatch.setattr(place, "fits_alone", refusal)
+    h = host_of(with_nics(two_node_smt(tree)))
+    text = (
+        HEAD
+        + "".join(f"  p{i}: {{cpus: 2, memory: 1GiB}}\n" for i in range(6))
+        + '  d: {cpus: 2, memory: 1GiB, devices: [{id: "8086:105e"}]}\n'
+    )
+    p = plan(manifest(text), h)
+    assert len(p.placements) == 7 and len({c for x in p.placements.values() for c in x.cpus}) == 14
+
+
 def test_rule8_adding_a_partition_never_moves_a_running_one(tree: TreeBuilder) -> None:
     h = host_of(two_node_smt(tree))
     first = plan(manifest(HEAD + "  small: {cpus: 2, memory: 1GiB}\n"), h)

@@ -72,6 +72,28 @@ def test_cpulist_round_trip(cpus: set[int]) -> None:
     assert set(s) == cpus
 
 
+_plain_item = st.one_of(
+    st.integers(0, 9999).map(str),
+    st.tuples(st.integers(0, 9999), st.integers(0, 9999)).map(lambda r: f"{r[0]}-{r[1]}"),
+    st.sampled_from(["0007", "8191", "8192", "0-8191", "9999-0"]),
+)
+
+
+@given(st.lists(_plain_item, min_size=1, max_size=70).map(",".join))
+def test_a_plain_cpulist_reads_as_the_general_reading_reads_it(text: str) -> None:
+    """sysfs's lists ("0,2048", "0-63") are read without the general checks (thousands of
+    sibling lists on a large host); what they give, or refuse, is the general reading's (a
+    leading space sends a text through it)."""
+
+    def read(t: str) -> CpuSet | str:
+        try:
+            return CpuSet.parse(t)
+        except CpuListSyntaxError as e:
+            return str(e)
+
+    assert read(text) == read(" " + text)
+
+
 def test_pci_address() -> None:
     assert str(PciAddress.parse("81:00.0")) == "0000:81:00.0"
     assert str(PciAddress.parse("0001:0A:1f.7")) == "0001:0a:1f.7"

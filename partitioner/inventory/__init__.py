@@ -20,6 +20,7 @@ an oracle for this package.
 from __future__ import annotations
 
 from partitioner.errors import HostReadError
+from partitioner.gcpause import collector_paused
 from partitioner.inventory.cpus import phys_bits, scan_cpus
 from partitioner.inventory.memory import scan_hugepage_sizes, scan_nodes
 from partitioner.inventory.model import Host
@@ -38,6 +39,7 @@ from partitioner.kernel.root import HostRoot
 __all__ = ["class_label", "pci_is_bridge", "scan"]
 
 
+@collector_paused()
 def scan(root: HostRoot) -> Host:
     """Read the host under ``root`` into a frozen :class:`Host`."""
     if not root.is_dir(sysfs.CPU):

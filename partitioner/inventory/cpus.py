@@ -112,8 +112,14 @@ def scan_cpus(r: Reader) -> dict[int, Cpu]:
         )
     # Siblings are told about online CPUs only: an offline thread is not a sibling one can own.
     online_now = {c.id for c in cpus.values() if c.online}
+    whole: dict[CpuSet, bool] = {}  # a core's siblings are one CpuSet, asked once
     for c in list(cpus.values()):
-        if c.online and not set(c.siblings) <= online_now:
+        if not c.online:
+            continue
+        ok = whole.get(c.siblings)
+        if ok is None:
+            ok = whole[c.siblings] = all(s in online_now for s in c.siblings)
+        if not ok:
             cpus[c.id] = replace_cpu(c, siblings=CpuSet(s for s in c.siblings if s in online_now))
     return cpus
 

@@ -84,24 +84,38 @@ def class_label(class_code: str) -> str:
 
 def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
     out: dict[PciAddress, PciFunction] = {}
-    for name in r.root.listdir(sysfs.PCI_DEVICES):
+    root = r.root
+    names: dict[tuple[str, str], tuple[str, str]] = {}  # udev's names, asked once per id
+    parsed: dict[str, PciAddress] = {}  # the functions read so far, by directory name
+    # Values many functions share are made once: the bridges above the functions of one bus,
+    # their reset methods.  A large host's Host holds thousands fewer objects.
+    upstreams: dict[str, tuple[PciAddress, ...]] = {}
+    resets: dict[str | None, tuple[str, ...]] = {}
+    for name in root.listdir(sysfs.PCI_DEVICES):
         try:
             addr = PciAddress.parse(name)
         except PciAddressSyntaxError:
             r.note(f"{sysfs.pci_device(name)} is not a PCI address; ignored")
             continue
-        real = r.realpath(sysfs.pci_device(name))
-        if not r.root.is_dir(real):
+        real, uevent = _device_dir(r, name)
+        if real is None:
             r.note(f"{sysfs.pci_device(name)} points nowhere; ignored")
             continue
-        upstream = tuple(
-            parse_pci(part) for part in real.split("/")[:-1] if PCI_ADDR_RE.match(part)
-        )
-        ids = uevent_ids(r.read(f"{real}/uevent"))
+        parent = real.rpartition("/")[0]
+        upstream = upstreams.get(parent)
+        if upstream is None:
+            # A port is listed before what is behind it: its own address is reused.
+            upstream = upstreams[parent] = tuple(
+                parsed.get(part) or parse_pci(part)
+                for part in parent.split("/")
+                if PCI_ADDR_RE.match(part)
+            )
+        parsed[name] = addr
+        ids = uevent_ids(uevent)
         class_code = ids[0] if ids else r.read_hex(f"{real}/class", 6)
         override = r.read(f"{real}/driver_override")
         reset = r.read(f"{real}/reset_method")
-        group_name = r.root.readlink_name(f"{real}/iommu_group")
+        group_name = root.readlink_name(f"{real}/iommu_group")
         group: int | None = None
         absent: str | None = None
         if group_name is not None:
@@ -110,10 +124,11 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
             else:
                 absent = group_name
         numa = r.read_int(f"{real}/numa_node")
-        netdevs = tuple(n for n in r.root.listdir(f"{real}/net"))
         vendor = ids[1] if ids else r.read_hex(f"{real}/vendor", 4)
         device = ids[2] if ids else r.read_hex(f"{real}/device", 4)
-        names = names_of(r, vendor, device)
+        named = names.get((vendor, device))
+        if named is None:
+            named = names[(vendor, device)] = names_of(r, vendor, device)
         sriov, sriov_problem = read_sriov(r, real)
         out[addr] = PciFunction(
             address=addr,
@@ -122,30 +137,56 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
             class_code=class_code,
             subsystem_vendor=ids[3] if ids else r.read_hex(f"{real}/subsystem_vendor", 4),
             subsystem_device=ids[4] if ids else r.read_hex(f"{real}/subsystem_device", 4),
-            driver=r.root.readlink_name(f"{real}/driver"),
+            driver=root.readlink_name(f"{real}/driver"),
             driver_override=None if override in (None, "", "(null)") else override,
             iommu_group=group,
             numa_node=numa if numa is not None and numa >= 0 else None,
-            reset_methods=tuple(reset.split()) if reset else (),
+            reset_methods=resets.get(reset)
+            or resets.setdefault(reset, tuple(reset.split()) if reset else ()),
             # The kernel gives boot_vga to display-class devices only.
             boot_vga=class_code.startswith("03") and r.read_int(f"{real}/boot_vga") == 1,
-            is_bridge=pci_is_bridge(r.root, real, class_code),
+            is_bridge=pci_is_bridge(root, real, class_code),
             upstream=upstream,
-            netdevs=netdevs,
+            # Its network interfaces come from one listing of /sys/class/net, where the
+            # kernel links each one (scan_net), rather than a listing of net/ per function.
+            netdevs=(),
             label=class_label(class_code),
-            vendor_name=names[0],
-            device_name=names[1],
+            vendor_name=named[0],
+            device_name=named[1],
             iommu_group_absent=absent,
-            bars=read_bars(r.root, real),
+            bars=read_bars(root, real),
             # Kernels before 5.15 have no reset_method: their `reset` file (write-only, there
             # only for a function the kernel can reset) says what reset_method would.
-            reset_unnamed=reset is None and r.root.exists(f"{real}/reset"),
+            reset_unnamed=reset is None and root.exists(f"{real}/reset"),
             sriov=sriov,
             physfn=read_physfn(r, real),
             sriov_problem=sriov_problem,
         )
     relate(out, r)
     return dict(sorted(out.items()))
+
+
+def _device_dir(r: Reader, name: str) -> tuple[str | None, str | None]:
+    """Where the function's link ``name`` in /sys/bus/pci/devices leads (None: to no
+    directory), and the text of its ``uevent`` there.
+
+    The kernel's link is relative and stays inside /sys, so its normalised target is the
+    directory as soon as a file reads there (only a directory holds one): the read the scan
+    makes anyway stands for the check.  Otherwise (no uevent: older trees, hwloc's dumps; or
+    an odd link) :meth:`Reader.realdir` decides, as for any link."""
+    link = sysfs.pci_device(name)
+    target = r.root.readlink(link)
+    guess: str | None = None
+    if target is not None and not target.startswith("/"):
+        guess = os.path.normpath(f"{sysfs.PCI_DEVICES}/{target}")
+        if guess.startswith("/sys/"):
+            text = r.read(f"{guess}/uevent")
+            if text is not None:
+                return guess, text
+    real = r.realdir(link)
+    if real is None or real == guess:
+        return real, None
+    return real, r.read(f"{real}/uevent")
 
 
 _UEVENT_IDS = re.compile(
@@ -166,12 +207,13 @@ def uevent_ids(text: str | None) -> tuple[str, str, str, str, str] | None:
     m = _UEVENT_IDS.search(text) if text else None
     if m is None:
         return None
+    class_code, vendor, device, sub_vendor, sub_device = m.group(1, 2, 3, 4, 5)
     return (
-        m.group(1).lower().zfill(6),
-        m.group(2).lower(),
-        m.group(3).lower(),
-        m.group(4).lower(),
-        m.group(5).lower(),
+        class_code.lower().zfill(6),
+        vendor.lower(),
+        device.lower(),
+        sub_vendor.lower(),
+        sub_device.lower(),
     )
 
 
@@ -187,23 +229,28 @@ def scan_iommu_groups(
     r: Reader, pci: dict[PciAddress, PciFunction]
 ) -> tuple[dict[int, IommuGroup], dict[PciAddress, PciFunction]]:
     """The IOMMU groups, and ``pci`` with the functions whose group link names a group the
-    kernel does not list taken out of any group (``iommu_group_absent`` says which)."""
-    groups: dict[int, IommuGroup] = {}
+    kernel does not list taken out of any group (``iommu_group_absent`` says which).
+
+    A group's members are the functions whose ``iommu_group`` link names it, read once by
+    scan_pci: the kernel makes that link and the group's ``devices/`` entry together
+    (iommu_group_add_device), so listing every group's ``devices/`` again would read the same
+    fact a second time.  Groups also hold non-PCI devices on some platforms; only PCI ones
+    matter here."""
+    members: dict[int, list[PciAddress]] = {}
     for name in r.root.listdir(sysfs.IOMMU_GROUPS):
         if not is_number(name):
             r.note(f"{sysfs.iommu_group(name)} is not an IOMMU group number; ignored")
             continue
-        members: list[PciAddress] = []
-        for dev in r.root.listdir(sysfs.iommu_group(name, "devices")):
-            # Groups also hold non-PCI devices on some platforms; only PCI ones matter here.
-            if PCI_ADDR_RE.match(dev):
-                members.append(parse_pci(dev))
-        groups[int(name)] = IommuGroup(id=int(name), members=tuple(sorted(members)))
+        members[int(name)] = []
     out = pci
     for addr, fn in pci.items():
         missing = fn.iommu_group_absent
-        if fn.iommu_group is not None and fn.iommu_group not in groups:
-            missing = str(fn.iommu_group)
+        if fn.iommu_group is not None:
+            listed = members.get(fn.iommu_group)
+            if listed is None:
+                missing = str(fn.iommu_group)
+            else:
+                listed.append(addr)
         if missing is None:
             continue
         if out is pci:
@@ -213,7 +260,8 @@ def scan_iommu_groups(
             f"{addr} names IOMMU group {missing!r}, which the kernel does not list in "
             f"{sysfs.IOMMU_GROUPS}: taken as in no group"
         )
-    return dict(sorted(groups.items())), out
+    groups = {g: IommuGroup(id=g, members=tuple(sorted(members[g]))) for g in sorted(members)}
+    return groups, out
 
 
 def nearest_pci(real: str) -> PciAddress | None:

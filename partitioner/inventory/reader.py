@@ -70,6 +70,22 @@ class Reader:
             self._realpaths[kernel_path] = got
         return got
 
+    def realdir(self, kernel_path: str) -> str | None:
+        """:meth:`realpath` of a link to a directory (a device's), None when it leads to no
+        directory.  The usual sysfs link, relative inside /sys, costs one readlink and one
+        stat: the stat that tells it is a directory also tells the normalisation was right."""
+        got = self._realpaths.get(kernel_path)
+        if got is None:
+            target = self.root.readlink(kernel_path)
+            if target is not None and not target.startswith("/"):
+                got = os.path.normpath(os.path.join(os.path.dirname(kernel_path), target))
+                if got.startswith("/sys/") and self.root.is_dir(got):
+                    self._realpaths[kernel_path] = got
+                    return got
+            got = kernel_path if target is None else self.root.realpath(kernel_path)
+            self._realpaths[kernel_path] = got
+        return got if self.root.is_dir(got) else None
+
     def mount_point(self, path: str, text: str) -> str:
         """A mount point as ``path`` (a mount table) writes it, unescaped.  The kernel writes
         them absolute; a relative one is a damaged table, and a mount the scan cannot place

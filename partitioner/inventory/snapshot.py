@@ -314,6 +314,13 @@ def take_snapshot_with_host(src: HostRoot, dest: Path, *, force: bool = False) -
     _probe_for_hwloc(recorder, host)
     for address in host.pci:
         recorder.read(sysfs.pci_device(str(address), "driver_override"))
+        # The scan finds a function's interfaces through /sys/class/net; the tree keeps the
+        # function's own net/ as the machine has it.
+        recorder.listdir(sysfs.pci_device(str(address), "net"))
+    # And each group's own list of its devices (the scan takes members from the functions'
+    # links; a claim's checks read the list, as the kernel's VFIO does).
+    for group in host.iommu_groups:
+        recorder.listdir(sysfs.iommu_group(group, "devices"))
     try:
         clear_dest(dest)
     except OSError as e:

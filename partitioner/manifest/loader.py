@@ -22,12 +22,13 @@ import json
 import os
 import re
 import sys
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from partitioner.cpuset import MAX_CPUS, CpuListSyntaxError, CpuSet
 from partitioner.errors import MAX_PROBLEMS, ManifestError, Problem
+from partitioner.gcpause import collector_paused
 from partitioner.manifest.model import (
     NOWHERE,
     Boot,
@@ -134,17 +135,12 @@ def _validity_key(root: Any) -> str:
 _PARTITIONS_KEYWORDS = frozenset({"description", "type", "propertyNames", "additionalProperties"})
 
 
-def _frozen(value: Any) -> Hashable:
-    """A hashable twin of a YAML value that tells apart what the schema tells apart (1, 1.0,
-    True and "1"; a key 1 and a key "1")."""
-    if isinstance(value, dict):
-        return (
-            "map",
-            tuple(sorted(((type(k).__name__, repr(k)), _frozen(v)) for k, v in value.items())),
-        )
-    if isinstance(value, list):
-        return ("seq", tuple(_frozen(v) for v in value))
-    return (type(value).__name__, repr(value))
+def _frozen(value: Any) -> str:
+    """A twin of a partition's YAML value that tells apart what the schema tells apart (1, True
+    and "1"; null and "null"; key order aside): its JSON with sorted keys.  The manifest's YAML
+    gives text keys only and no fractions (``manifest.yamlnodes``), so JSON says it all, and
+    json's C encoder writes it for little per partition."""
+    return json.dumps(value, sort_keys=True)
 
 
 def _passes_once_per_kind(root: Any) -> bool:
@@ -157,7 +153,7 @@ def _passes_once_per_kind(root: Any) -> bool:
         return False
     import jsonschema
 
-    kinds: dict[Hashable, str] = {}
+    kinds: dict[str, str] = {}
     for name, value in partitions.items():
         kinds.setdefault(_frozen(value), name)
     if len(kinds) == len(partitions):
@@ -166,7 +162,13 @@ def _passes_once_per_kind(root: Any) -> bool:
     one_each["partitions"] = {name: partitions[name] for name in kinds.values()}
     if next(_validator().iter_errors(one_each), None) is not None:
         return False
-    names = {"type": "object", "propertyNames": rule.get("propertyNames", True)}
+    names_rule = rule.get("propertyNames", True)
+    if isinstance(names_rule, dict) and set(names_rule) <= {"pattern", "patternErrorMessage"}:
+        # A pattern alone is what jsonschema's `pattern` does (re.search, on text; the names
+        # are keys, text), asked without building a validator step per name.
+        pattern = re.compile(names_rule.get("pattern", ""))
+        return all(not isinstance(n, str) or pattern.search(n) for n in partitions)
+    names = {"type": "object", "propertyNames": names_rule}
     return jsonschema.Draft202012Validator(names).is_valid(dict.fromkeys(partitions))
 
 
@@ -231,6 +233,7 @@ def _stdin_bytes() -> bytes:
     return data
 
 
+@collector_paused()
 def loads(text: str | bytes, file: str = "<manifest>") -> Manifest:
     """Check the manifest in ``text`` (``file`` names it in problems)."""
     if len(text) > MAX_BYTES:
@@ -361,6 +364,7 @@ class _Checker:
         # so that one mistake gives one message.
         self.bad: set[PathKey] = set(doc.unreadable)
         self.incomplete = doc.incomplete
+        self.locations: dict[Pos, Location] = {}
 
     def full(self) -> bool:
         """Whether more than MAX_PROBLEMS are collected: the checks stop there (and say so)."""
@@ -779,12 +783,17 @@ class _Checker:
     # -- the values ---------------------------------------------------------------------------
 
     def location(self, path: PathKey) -> Location:
-        pos = self.doc.where(path)
-        return Location(self.doc.file, pos.line, pos.column)
+        return self._located(self.doc.where(path))
 
     def value_location(self, path: PathKey) -> Location:
-        pos = self.doc.where_value(path)
-        return Location(self.doc.file, pos.line, pos.column)
+        return self._located(self.doc.where_value(path))
+
+    def _located(self, pos: Pos) -> Location:
+        """One Location per place: a partition's fields left out all stand where its name does."""
+        got = self.locations.get(pos)
+        if got is None:
+            got = self.locations[pos] = Location(self.doc.file, pos.line, pos.column)
+        return got
 
     def build(self) -> Manifest:
         root = self.doc.root

@@ -29,7 +29,7 @@ import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from yaml.composer import Composer
@@ -59,9 +59,9 @@ _ALIAS = " alias"  # not a tag anyone can write: YAML tags have no spaces
 PathKey = tuple[str | int, ...]
 
 
-@dataclass(frozen=True)
-class Pos:
-    """A place in the file, 1-based."""
+class Pos(NamedTuple):
+    """A place in the file, 1-based.  A tuple: a manifest has one for every key and every
+    value, and a tuple of two numbers is the cheapest value Python makes."""
 
     line: int
     column: int
@@ -154,6 +154,32 @@ if HAVE_LIBYAML:
             _CParser.__init__(self, text)
             Composer.__init__(self)
             _Resolver.__init__(self)
+
+    class _CComposer(_CParser, _Resolver):  # type: ignore[misc]
+        """libyaml's own composer, with the resolver above: the node graph at C speed."""
+
+        def __init__(self, text: str) -> None:
+            _CParser.__init__(self, text)
+            _Resolver.__init__(self)
+
+
+class _Retry(Exception):
+    """The quick reading met what only the composer above reports as the project does."""
+
+
+def _compose_quickly(text: str) -> Node | None:
+    """The document's node graph from libyaml's composer; :class:`_Retry` for anything but a
+    plain document (an error, a second document).  Its graph is the one :func:`compose` makes
+    but for what :class:`_Composing` refuses (aliases, nesting past MAX_DEPTH), which the
+    converter's quick reading finds and hands back to :func:`compose`."""
+    loader = _CComposer(text)
+    try:
+        node: Node | None = loader.get_single_node()
+        return node
+    except Exception:  # said by compose(), as it says it
+        raise _Retry from None
+    finally:
+        loader.dispose()
 
 
 def _line_col(text: str, index: int) -> tuple[int, int]:
@@ -296,8 +322,22 @@ def _pos(node: Node) -> Pos:
 
 
 class _Converter:
-    def __init__(self, doc: Document) -> None:
+    def __init__(self, doc: Document, *, quick: bool = False) -> None:
         self.doc = doc
+        # The quick reading (of libyaml's composer's graph, see parse): every node is met once
+        # unless an alias shares it, which compose() would have refused where it stands.
+        self.met: set[int] | None = set() if quick else None
+
+    def _meet(self, node: Node, path: PathKey, children: bool) -> None:
+        """In the quick reading, hand over to compose() what only it reports as the project
+        does: an alias (a node met twice), a node deeper than MAX_DEPTH (the root is at depth
+        1, a mapping's keys one below it)."""
+        met = self.met
+        if met is None:
+            return
+        if id(node) in met or (children and len(path) + 2 > MAX_DEPTH):
+            raise _Retry
+        met.add(id(node))
 
     def problem(self, node: Node, message: str, path: PathKey, *, refused: bool = True) -> None:
         """``refused``: the value at ``path`` is not what was written, so later checks skip it."""
@@ -310,6 +350,7 @@ class _Converter:
         self.doc.problems.append(Problem(self.doc.file, p.line, p.column, message, dotted(path)))
 
     def convert(self, node: Node, path: PathKey) -> Any:
+        self._meet(node, path, not isinstance(node, ScalarNode) and bool(node.value))
         self.doc.values[path] = _pos(node)
         if isinstance(node, MappingNode):
             return self.mapping(node, path)
@@ -346,7 +387,14 @@ class _Converter:
             self.problem(node, f"YAML tag {_tag(node.tag)} is not used in a manifest", path)
         out: dict[str, Any] = {}
         first: dict[str, Pos] = {}
+        quick = self.met is not None
         for key_node, value_node in node.value:
+            if quick:
+                if not isinstance(key_node, ScalarNode) or key_node.value in first:
+                    # Refused without reading what is inside or below, where an anchor
+                    # could hide from the count of aliases: compose() reads it.
+                    raise _Retry
+                self._meet(key_node, path, False)
             if isinstance(key_node, ScalarNode) and key_node.tag == _ALIAS:
                 message = f"alias *{key_node.value} is not allowed in a manifest: write the key out"
                 self.problem(key_node, message, path, refused=False)
@@ -391,7 +439,23 @@ def dotted(path: PathKey | Iterator[str | int]) -> str:
 
 
 def parse(text: str, file: str, *, fast: bool | None = None) -> Document | None:
-    """The document with its locations; None for an empty file.  Unreadable YAML raises ManifestError."""
+    """The document with its locations; None for an empty file.  Unreadable YAML raises ManifestError.
+
+    With libyaml, the graph comes from libyaml's composer first (twice as fast as composing
+    its events in Python, which a site of thousands of partitions feels), and is the same
+    graph; whatever it cannot say as :func:`compose` does (errors, aliases, nesting, the
+    refused keys under which an anchor could hide) sends the text through :func:`compose`.
+    """
+    if HAVE_LIBYAML and (USE_LIBYAML if fast is None else fast):
+        try:
+            quick = _compose_quickly(text)
+            if quick is None:
+                return None
+            doc = Document(file, None)
+            doc.root = _Converter(doc, quick=True).convert(quick, ())
+            return doc
+        except _Retry:
+            pass
     node = compose(text, file, fast=fast)
     if node is None:
         return None

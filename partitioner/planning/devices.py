@@ -34,6 +34,8 @@ def resolve_devices(
     ``home``: the nodes the partition can go on, best first (under ``numa: auto`` the nodes
     where its CPUs and memory fit; else its numa list or its CPU list's nodes).  A device
     asked by ``id:`` is taken there before anywhere else (rule 6)."""
+    if not spec.devices:
+        return ()
     auto = spec.numa == "auto" and spec.cpu_list is None
     # (function, how it was named, entry, its field), by the entry's index: the fixed entries
     # (pci:, netdev:) first, so that `id:` matches go where they are and never take them.
@@ -297,7 +299,8 @@ def _match_id(
     nodeless: list[PciFunction] = []
     remote: list[PciFunction] = []
     enough: int | None = None  # the home node that has them all
-    for f in functions[start:]:
+    for i in range(start, len(functions)):  # not a copy of the rest for every partition
+        f = functions[i]
         if f in found or not free(f):
             continue
         node = dev_node(host, f.address)

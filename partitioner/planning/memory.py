@@ -188,5 +188,10 @@ def fit_memory(
         for node, size in mem:
             rooms[node].memory_left -= size
             if spec.hugepage_bytes is not None:
-                rooms[node].pages_left[spec.hugepage_bytes] -= size // spec.hugepage_bytes
+                # Replaced, not changed in place: a planning Mark keeps the dict it saw.
+                left = rooms[node].pages_left
+                rooms[node].pages_left = {
+                    **left,
+                    spec.hugepage_bytes: left[spec.hugepage_bytes] - size // spec.hugepage_bytes,
+                }
     return ok

@@ -196,10 +196,12 @@ def settle(
     for name, p in placements.items():
         devices = []
         displays: list[str] = []
+        changed = False
         for d in p.devices:
             spec = _spec_of(d, p.spec.devices, host)
             if spec is not None and (spec.rom is not None or spec.primary_display):
                 d = replace(d, rom=spec.rom, primary_display=spec.primary_display)
+                changed = True
             if d.primary_display:
                 displays.append(str(d.address))
                 field = f"devices[{p.spec.devices.index(spec)}]" if spec is not None else "devices"
@@ -217,7 +219,8 @@ def settle(
                     "primary display; keep it on one GPU",
                 )
             )
-        p = replace(p, devices=tuple(devices))
+        if changed:
+            p = replace(p, devices=tuple(devices))
         lay = placement_layout(p, host)
         if lay.needs_window:
             notes.append(

@@ -23,6 +23,7 @@ from partitioner.planning.work import (
     NodeRoom,
     Work,
     dev_node,
+    fits,
     fits_alone,
     fits_on_all,
     free_cpus,
@@ -46,7 +47,7 @@ def home_nodes(
         return tuple(sorted({node_of(host, c) for c in spec.cpu_list if c in host.cpus}))
     if spec.numa != "auto":
         return tuple(sorted(spec.numa))
-    return tuple(r.id for r in rooms.values() if fits_alone(spec, r, smt_isolate) is None)
+    return tuple(r.id for r in rooms.values() if fits(spec, r, smt_isolate))
 
 
 def place(
@@ -114,12 +115,17 @@ def place(
     )
     if len(dev_nodes) == 1:
         node = dev_nodes[0]
-        why = fits_alone(spec, rooms.get(node), smt_isolate)
+        room = rooms.get(node)
+        why = (
+            None
+            if room is not None and fits(spec, room, smt_isolate)
+            else fits_alone(spec, room, smt_isolate)
+        )
         if why is not None:
             others = [
                 f"node {r.id} has {free_cpus(r)} free"
                 for r in rooms.values()
-                if r.id != node and fits_alone(spec, r, smt_isolate) is None
+                if r.id != node and fits(spec, r, smt_isolate)
             ]
             named = [str(a.address) for a in devices if not a.added]
             said, resources = _held_on(host, (node,), w)
@@ -147,7 +153,7 @@ def place(
             "remote to some of them"
         )
 
-    fitting = [r for r in rooms.values() if fits_alone(spec, r, smt_isolate) is None]
+    fitting = [r for r in rooms.values() if fits(spec, r, smt_isolate)]
     if not fitting:
         with_cpus = [r for r in rooms.values() if host.nodes[r.id].cpus]
         fields = sorted({short_field(spec, r, smt_isolate) for r in with_cpus})
@@ -264,16 +270,18 @@ def _place_on_nodes(
     per_node_cpus: dict[int, int] = {}
     for n in with_cpus:
         taken = picked[n]
+        count = sum(len(c) for c in taken)
         if smt_isolate:
-            rooms[n].cores = [c for c in rooms[n].cores if c not in taken]
+            rooms[n].took([c for c in rooms[n].cores if c not in taken], count)
         else:
             used = {c for core in taken for c in core}
-            rooms[n].cores = [
-                t for core in rooms[n].cores if (t := tuple(c for c in core if c not in used))
-            ]
+            rooms[n].took(
+                [t for core in rooms[n].cores if (t := tuple(c for c in core if c not in used))],
+                count,
+            )
         for core in taken:
             cpus.extend(core)
-        per_node_cpus[n] = sum(len(c) for c in taken)
+        per_node_cpus[n] = count
     for n in nodes:
         per_node_cpus.setdefault(n, 0)
     for c in cpus:

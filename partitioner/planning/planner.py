@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import PlanError, PlanProblem
+from partitioner.gcpause import collector_paused
 from partitioner.inventory.model import Host
 from partitioner.manifest.model import Manifest, PartitionSpec
 from partitioner.planning.cpus import grow_cpus, host_reserve, smt_count_problems, usable_cores
@@ -59,6 +60,7 @@ from partitioner.planning.work import (
 from partitioner.units import format_size, human_size, page_size_name
 
 
+@collector_paused()
 def plan(
     manifest: Manifest, host: Host, running: Mapping[str, RunningPartition] | None = None
 ) -> Plan:

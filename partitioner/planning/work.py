@@ -41,6 +41,12 @@ class NodeRoom:
         self._cores = value
         self.free_cpus = sum(len(c) for c in value)
 
+    def took(self, left: list[Core], count: int) -> None:
+        """``count`` CPUs were taken and ``left`` is what stays free: the count is kept without
+        a walk of the node's cores, once per partition placed."""
+        self._cores = left
+        self.free_cpus -= count
+
 
 @dataclass
 class Work:
@@ -131,7 +137,8 @@ class Mark:
     remembered by length.  While one partition is placed, owners are only added, never changed
     (rules 1 and 4: a CPU, function or group already owned is a problem, not a new owner), and
     dicts keep insertion order, so what the partition took is the tail past that length.  A
-    node's ``cores`` list is replaced, never changed in place, so the mark keeps the list itself.
+    node's ``cores`` list and ``pages_left`` dict are replaced, never changed in place, so the
+    mark keeps them themselves.
     """
 
     def __init__(self, w: Work, rooms: Mapping[int, NodeRoom]) -> None:
@@ -141,7 +148,7 @@ class Mark:
         self.device_owner = (w.device_owner, len(w.device_owner))
         self.group_owner = (w.group_owner, len(w.group_owner))
         self.id_cursor = dict(w.id_cursor)
-        self.rooms = {n: (r.cores, r.memory_left, dict(r.pages_left)) for n, r in rooms.items()}
+        self.rooms = {n: (r.cores, r.memory_left, r.pages_left) for n, r in rooms.items()}
 
     def restore(self, w: Work, rooms: Mapping[int, NodeRoom]) -> None:
         """Back to the mark; the problems found since stay (they are the partition's reasons)."""
@@ -245,6 +252,16 @@ def fits_on_all(spec: PartitionSpec, rooms: Mapping[int, NodeRoom], smt_isolate:
         pages,
     )
     return all(_fit(spec, together, smt_isolate))
+
+
+def fits(spec: PartitionSpec, room: NodeRoom, smt_isolate: bool) -> bool:
+    """Whether ``spec`` fits on this node alone: :func:`fits_alone` without the sentence,
+    which lists the node's free CPUs (asked of every node for every partition, most of
+    them full on a full host)."""
+    if room.free_cpus < spec.cpu_count or room.memory_left < spec.memory_bytes:
+        return False  # what _fit would find, without walking the node's cores
+    cpus_ok, mem_ok, pages_ok = _fit(spec, room, smt_isolate)
+    return cpus_ok and mem_ok and pages_ok
 
 
 def fits_alone(spec: PartitionSpec, room: NodeRoom | None, smt_isolate: bool) -> str | None:
