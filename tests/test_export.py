@@ -19,6 +19,7 @@ import os
 import shutil
 import subprocess
 import xml.etree.ElementTree as ET
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,19 @@ import jsonschema
 import pytest
 import yaml
 from gpuhosts import display_gpu, gpu_server
-from test_argv import CASES, _plan
+from test_argv import (
+    CASES,
+    DYNAMIC_CASES,
+    VMEM_CAPS,
+    _dev,
+    _dynamic,
+    _kv,
+    _opts,
+    _paths,
+    _placement,
+    _plan,
+)
+from test_argv import _bytes as _qemu_bytes
 from test_native import FIXTURE_SITES, _site, host_of
 from treebuilder import GiB, TreeBuilder
 
@@ -34,11 +47,12 @@ from partitioner.cli.main import main
 from partitioner.cpuset import CpuSet
 from partitioner.errors import ExportError
 from partitioner.export import kubevirt, libvirt
-from partitioner.guest.argv import guest_cpus_by_node
+from partitioner.guest.argv import guest_cpus_by_node, qemu_argv
+from partitioner.manifest.model import Disk
 from partitioner.pci import PciAddress
 from partitioner.planning.model import Placement, Plan
 from partitioner.planning.planner import plan as plan_site
-from partitioner.units import KiB
+from partitioner.units import KiB, MiB
 
 GOLDEN = Path(__file__).parent / "golden" / "export"
 FIXTURE_HOST = Path(__file__).parent / "fixtures" / "hosts" / "testbed-numa"
@@ -257,6 +271,186 @@ def test_functions_of_one_slot_stay_together() -> None:
     assert {str(int(v[0] or "0", 16)) for v in guest.values()} <= ports
 
 
+# -- dynamic partitions (rule 11) ---------------------------------------------------------
+
+
+def _bounded(p: Placement, *, min_cpus: int | None = None) -> Placement:
+    """``p`` with the manifest's bounds its placement was made from: max_cpus its slots,
+    min/max_memory its fixed part and ceiling (and min_cpus when given)."""
+    return replace(
+        p,
+        spec=replace(
+            p.spec,
+            min_cpus=min_cpus,
+            max_cpus=p.max_vcpus if p.max_vcpus > len(p.cpus) else None,
+            min_memory_bytes=p.fixed_memory_bytes if p.dynamic_memory else None,
+            max_memory_bytes=p.max_memory_bytes if p.dynamic_memory else None,
+        ),
+    )
+
+
+def _hotplugged() -> Placement:
+    """2 of 4 vCPUs with min_cpus 1, 2 MiB pages, a disk, a device of its own and one attached
+    live into the second of two spare slots (the first freed by a detach)."""
+    p = _dynamic(
+        _placement(
+            "t2",
+            (1, 3),
+            ((0, 256 * MiB),),
+            topology=(1, 4, 1),
+            disks=(Disk("/srv/t2/root.img"),),
+            devices=(_dev("0000:81:00.0", 19), _dev("0000:82:00.0", 20)),
+        ),
+        slots=4,
+        fixed=((0, 128 * MiB),),
+        most=((0, 512 * MiB),),
+        hotplug=2,
+    )
+    return _bounded(replace(p, hotplugged=("", "0000:82:00.0")), min_cpus=1)
+
+
+DYNAMIC_EXPORT_CASES: dict[str, tuple[Placement, str]] = {
+    **{case: (_bounded(p), accel) for case, (p, accel, _) in DYNAMIC_CASES.items()},
+    "dynamic-tcg-hotplugged": (_hotplugged(), "tcg"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DYNAMIC_EXPORT_CASES))
+def test_libvirt_golden_and_valid_dynamic(case: str, tmp_path: Path) -> None:
+    p, accel = DYNAMIC_EXPORT_CASES[case]
+    text = libvirt.domain_xml(p, _plan(p, accel))
+    _check_golden(f"{case}.xml", text)
+    _xmllint({f"{case}.xml": text}, tmp_path)
+
+
+@pytest.mark.parametrize("case", sorted(DYNAMIC_EXPORT_CASES))
+def test_libvirt_mirrors_the_dynamic_command_line(case: str) -> None:
+    """What argv puts on QEMU's command line for a dynamic partition, read back from the XML:
+    the vCPU slots and their nodes, the fixed memory and its ceiling, each virtio-mem device,
+    the lock left off with virtio-mem, the spare root ports and what sits in them."""
+    p, accel = DYNAMIC_EXPORT_CASES[case]
+    plan = _plan(p, accel)
+    root = ET.fromstring(libvirt.domain_xml(p, plan))
+    argv = qemu_argv(p, plan, _paths(p.name), VMEM_CAPS)
+
+    # vCPUs: -smp cpus=N,maxcpus=M; the first min_cpus never unplugged, the rest hot-pluggable.
+    smp = dict(_kv(_opts(argv, "-smp")[0]))
+    vcpu = root.find("vcpu")
+    assert vcpu is not None and int(vcpu.text or "") == int(smp["maxcpus"]) == p.max_vcpus
+    n = len(p.cpus)
+    assert vcpu.get("current") == (str(n) if p.max_vcpus > n else None)
+    floor = p.spec.cpus_min
+    assert _attrs(root, "vcpus/vcpu") == [
+        {
+            "id": str(i),
+            "enabled": "yes" if i < n else "no",
+            "hotpluggable": "no" if i < floor else "yes",
+        }
+        for i in range(p.max_vcpus)
+        if p.max_vcpus > n or floor < n  # static vCPUs: no <vcpus>
+    ]
+    pins = {int(a["vcpu"]): int(a["cpuset"]) for a in _attrs(root, "cputune/vcpupin")}
+    assert pins == dict(enumerate(p.cpus))
+    # Every slot in the cell of argv's -numa cpu node-id (all in one cell without them).
+    slot_cells = [
+        int(dict(_kv(o))["node-id"]) for o in _opts(argv, "-numa") if o.startswith("cpu,")
+    ] or [0] * p.max_vcpus
+    cells = _attrs(root, "cpu/numa/cell")
+    for cell in cells:
+        want = [i for i, c in enumerate(slot_cells) if c == int(cell["id"])]
+        assert CpuSet.parse(cell.get("cpus", "")) == CpuSet(want)
+    # Memory: the cells hold the fixed part (argv's fixed backends), <maxMemory> is -m's
+    # maxmem and slots; no <locked/> where argv says mem-lock=off.
+    fixed = dict(p.fixed_memory_per_node)
+    assert [int(c["memory"]) * KiB for c in cells] == [fixed[n] for n, _ in p.memory_per_node]
+    overcommit = _opts(argv, "-overcommit")[0]
+    locked = root.find("memoryBacking/locked") is not None
+    assert locked == overcommit.startswith("mem-lock=on")
+    vmem = [dict(_kv(o)) for o in _opts(argv, "-device") if o.startswith("virtio-mem-pci,")]
+    backends = {b["id"]: b for b in (dict(_kv(o)) for o in _opts(argv, "-object")) if "size" in b}
+    most = root.find("maxMemory")
+    memory = root.find("memory")
+    assert memory is not None
+    if vmem:
+        m = dict(_kv(_opts(argv, "-m")[0]))
+        assert most is not None and int(most.text or "") * KiB == _qemu_bytes(m["maxmem"])
+        assert most.get("slots") == m["slots"]
+        assert int(memory.text or "") * KiB == _qemu_bytes(m["maxmem"])
+    else:
+        assert most is None and int(memory.text or "") * KiB == p.memory_bytes
+    devices = root.findall("devices/memory")
+    assert len(devices) == len(vmem)
+    for el, d in zip(devices, vmem, strict=True):
+        b = backends[d["memdev"]]
+        assert el.get("model") == "virtio-mem"
+        assert el.findtext("source/nodemask") == b["host-nodes"]
+        page = el.find("source/pagesize")
+        if "hugetlbsize" in b or "mem-path" in b:
+            assert page is not None and int(page.text or "") * KiB == p.hugepage_bytes
+        else:
+            assert page is None
+        assert int(el.findtext("target/size") or "") * KiB == _qemu_bytes(b["size"])
+        assert el.findtext("target/node") == d["node"]
+        assert int(el.findtext("target/block") or "") * KiB == _qemu_bytes(d["block-size"])
+        assert int(el.findtext("target/requested") or "") * KiB == _qemu_bytes(d["requested-size"])
+        # On the root bus as argv's, not in a root port (a spare one would be taken).
+        assert _guest_address(el).get("bus") == "0x00"
+    # Root ports: as many as argv's (the devices' own, then the spare ones); a function the
+    # record put in spare slot hpJ is in the J-th spare port.
+    ports = [dict(_kv(o)) for o in _opts(argv, "-device") if o.startswith("pcie-root-port,")]
+    controllers = root.findall("devices/controller[@model='pcie-root-port']")
+    assert len(controllers) == len(ports)
+    index = {d["id"]: k + 1 for k, d in enumerate(ports)}
+    for o in _opts(argv, "-device"):
+        if o.startswith("vfio-pci,"):
+            d = dict(_kv(o))
+            [h] = [h for h in root.findall("devices/hostdev") if str(_host_address(h)) == d["host"]]
+            assert int(_guest_address(h).get("bus", "-1"), 16) == index[d["bus"]]
+    if p.hotplug_slots:
+        for disk in root.findall("devices/disk"):
+            assert _guest_address(disk).get("bus") == "0x00"
+
+
+def _guest_address(el: ET.Element) -> dict[str, str]:
+    a = el.find("address")
+    return dict(a.attrib) if a is not None else {}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_static_bounds_give_the_static_domain(case: str) -> None:
+    """A placement whose bounds equal what it has is static: the same XML, byte for byte."""
+    p, accel, _ = CASES[case]
+    bounded = _dynamic(
+        p,
+        slots=len(p.cpus),
+        slot_nodes=p.cpu_nodes,
+        fixed=p.memory_per_node,
+        most=p.memory_per_node,
+    )
+    plan = _plan(p, accel)
+    assert libvirt.domain_xml(bounded, plan) == libvirt.domain_xml(p, plan)
+    assert libvirt.notes(plan) == libvirt.notes(_plan(bounded, accel))
+    assert kubevirt.virtual_machine(bounded, plan, "n", sources=_sources(p)) == (
+        kubevirt.virtual_machine(p, plan, "n", sources=_sources(p))
+    )
+
+
+def test_libvirt_notes_what_a_live_change_leaves_to_the_operator() -> None:
+    p, accel = DYNAMIC_EXPORT_CASES["dynamic-kvm-two-nodes-1g"]
+    said = libvirt.notes(_plan(p, accel))["db0"]
+    assert any(
+        "vCPUs 4-7" in n and "virsh vcpupin db0 VCPU CPU --live" in n and "add-cpus" in n
+        for n in said
+    ), said
+    grow = [n for n in said if "virsh update-memory-device db0" in n]
+    assert len(grow) == 2 and "node 0's pool of 1GiB pages" in grow[0], grow
+    q, accel = DYNAMIC_EXPORT_CASES["dynamic-tcg-ram"]
+    [_, ram] = libvirt.notes(_plan(q, accel))["t1"]
+    assert "node 0 must have the memory free" in ram
+    r, accel = CASES["kvm-two-nodes-1g"][:2]
+    assert libvirt.notes(_plan(r, accel)) == {}
+
+
 # -- KubeVirt -----------------------------------------------------------------------------
 
 
@@ -350,6 +544,75 @@ def test_kubevirt_carries_the_plan(case: str) -> None:
     assert [h["deviceName"] for h in dom["devices"].get("hostDevices", [])] == want
 
 
+def _bootable(p: Placement) -> Placement:
+    """``p`` with an image file to boot from where it has nothing (KubeVirt refuses that)."""
+    if p.spec.disks or p.spec.boot is not None:
+        return p
+    return replace(p, spec=replace(p.spec, disks=(Disk(f"/srv/{p.name}/root.img"),)))
+
+
+@pytest.mark.parametrize("case", sorted(DYNAMIC_EXPORT_CASES))
+def test_kubevirt_golden_and_valid_dynamic(case: str) -> None:
+    p, accel = DYNAMIC_EXPORT_CASES[case]
+    p = _bootable(p)
+    result = kubevirt.export(_plan(p, accel), "node-a", sources=_sources(p))
+    text = "".join(f"---\n# {n}\n{t}" for n, t in sorted(result.documents.items()))
+    _check_golden(f"{case}.kubevirt.yaml", text)
+    for t in result.documents.values():
+        _kubevirt_valid(yaml.safe_load(t))
+
+
+@pytest.mark.parametrize("case", sorted(DYNAMIC_EXPORT_CASES))
+def test_kubevirt_carries_what_it_can_of_a_dynamic_partition(case: str) -> None:
+    """vCPUs by whole sockets of one core up to maxSockets, memory up to maxGuest (without
+    guestMappingPassthrough, which KubeVirt refuses with it); the rest said in the notes."""
+    p, accel = DYNAMIC_EXPORT_CASES[case]
+    p = _bootable(p)
+    plan = _plan(p, accel)
+    dom = _vm_domain(kubevirt.virtual_machine(p, plan, "node-a", sources=_sources(p)))
+    notes = " ".join(kubevirt.export(plan, "node-a", sources=_sources(p)).notes[p.name])
+    cpu, n = dom["cpu"], len(p.cpus)
+    if p.max_vcpus > n or p.spec.cpus_min < n:
+        per = cpu["cores"] * cpu["threads"]
+        assert cpu["cores"] == 1 and cpu["sockets"] * per == n
+        assert cpu["maxSockets"] * per == p.max_vcpus
+        assert f"vCPUs {n} of {p.max_vcpus} slots (min_cpus {p.spec.cpus_min})" in notes
+        assert "hot-plugs whole sockets" in notes and "no floor there" in notes
+    else:
+        assert (cpu["sockets"], cpu["cores"], cpu["threads"]) == (p.sockets, p.cores, p.threads)
+        assert "maxSockets" not in cpu and "hot-plugs whole sockets" not in notes
+    assert _bytes(dom["memory"]["guest"]) == p.memory_bytes
+    if p.dynamic_memory:
+        assert _bytes(dom["memory"]["maxGuest"]) == p.max_memory_bytes
+        assert "numa" not in cpu and "refuses guestMappingPassthrough" in notes
+        assert "one virtio-mem device on guest node 0" in notes
+    else:
+        assert "maxGuest" not in dom["memory"]
+        assert cpu["numa"] == {"guestMappingPassthrough": {}}
+    if p.hotplug_slots:
+        assert f"hotplug_slots {p.hotplug_slots}" in notes
+    if p.devices:
+        assert "which a VM with host devices cannot make" in notes
+    elif p.dynamic_memory:
+        assert "only by a live migration" in notes
+
+
+def test_kubevirt_leaves_out_a_ceiling_it_would_refuse() -> None:
+    """KubeVirt asks guest and maxGuest in whole 2Mi blocks (1Gi with 1Gi pages): a partition
+    on normal pages whose memory is not is exported with fixed memory, and said so."""
+    p, accel = DYNAMIC_EXPORT_CASES["dynamic-tcg-ram"]
+    odd = replace(
+        p,
+        memory_per_node=((0, 192 * MiB + 4 * KiB),),
+        fixed_per_node=((0, 128 * MiB + 4 * KiB),),
+        max_per_node=((0, 384 * MiB + 4 * KiB),),
+    )
+    dom = _vm_domain(kubevirt.virtual_machine(odd, _plan(odd, accel), "n"))
+    assert "maxGuest" not in dom["memory"] and dom["cpu"]["numa"]
+    said = kubevirt.export(_plan(odd, accel), "n", sources=_sources(odd)).notes["t1"]
+    assert any("not a multiple of 2MiB" in n and "maxGuest is left out" in n for n in said)
+
+
 def _bytes(q: str) -> int:
     for suffix, unit in (("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
         if q.endswith(suffix):
@@ -408,7 +671,6 @@ def test_kubevirt_says_which_devices_it_could_swap() -> None:
 def _placement_like(
     p: Placement, name: str, cpus: tuple[int, ...], devices: tuple[Any, ...]
 ) -> Placement:
-    from dataclasses import replace
 
     return replace(
         p,

@@ -17,6 +17,10 @@ partition with a primary-display GPU, exported from a host tree
 libvirt's own line must carry ``host-phys-bits=on`` and ``x-vga=on``.  The last
 shows, on a real QEMU, why ``cpu-pm=on`` is not exported as a
 ``<qemu:commandline>``.
+
+A dynamic partition (rule 11) is exported, compared the same way
+(``DYNAMIC_DIFFERENCES``), defined, started, and grown live by libvirt's own
+``virsh update-memory-device``: the guest's console says the new size.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,6 +59,15 @@ ROOT = HostRoot("/")
 POOL_2M = "/sys/devices/system/node/node0/hugepages/hugepages-2048kB"
 NAME = "lvx1"
 MEMORY_MIB = 64
+# A dynamic partition (rule 11): 1 of 2 vCPU slots, 128 MiB fixed of 2 MiB pages (the guest
+# kernel needs that much to boot) with 32 MiB plugged by virtio-mem, up to 256 MiB (a room of
+# one Linux memory block, 128 MiB: a smaller one the guest cannot use), one spare root port.
+DYNAMIC_NAME = "lvd1"
+DYNAMIC_BOUNDS = (
+    "    max_cpus: 2\n    memory: 160MiB\n    min_memory: 128MiB\n    max_memory: 256MiB\n"
+    "    hotplug_slots: 1\n"
+)
+GUEST_MARK = re.compile(r"partition-guest: cpus=(\d+) memtotal_kb=(\d+)")
 CAP_SYS_RESOURCE = 24
 
 # What the embedded driver's qemu.conf changes from Debian's defaults, and why.
@@ -98,30 +112,31 @@ class Lab:
             "PARTITION_LOG_DIR": str(self.dir / "log"),
         }
 
-    def site(self) -> Path:
+    def site(self, name: str = NAME, bounds: str = "") -> Path:
+        memory = f"    memory: {MEMORY_MIB}MiB\n" if not bounds else ""
         text = (
             "version: 1\n"
             'host:\n  reserve:\n    cpus: "0"\n    memory: 1GiB\n'
             "  accel: tcg\n  isolation: pinned\n  smt: share\n"
-            f"partitions:\n  {NAME}:\n"
-            f'    cpus: "1"\n    memory: {MEMORY_MIB}MiB\n    hugepages: 2MiB\n'
+            f"partitions:\n  {name}:\n"
+            f'    cpus: "1"\n{memory}    hugepages: 2MiB\n{bounds}'
             f"    boot:\n      kernel: {self.kernel}\n      initrd: {self.initrd}\n"
             "      cmdline: console=ttyS0 quiet panic=-1\n"
         )
-        path = self.dir / "site.yaml"
+        path = self.dir / f"{name}.yaml"
         path.write_text(text)
         return path
 
-    def export(self) -> str:
+    def export(self, name: str = NAME, bounds: str = "") -> str:
         out = self.dir / "export"
         cp = subprocess.run(
-            [sys.executable, "-m", "partitioner.cli.main", "export", str(self.site()),
+            [sys.executable, "-m", "partitioner.cli.main", "export", str(self.site(name, bounds)),
              "--format", "libvirt", "--out", str(out)],
             env=self.env, capture_output=True, text=True, timeout=120,
             cwd=Path(__file__).resolve().parent.parent,
         )  # fmt: skip
         assert cp.returncode == 0, cp.stderr
-        return (out / f"{NAME}.xml").read_text()
+        return (out / f"{name}.xml").read_text()
 
     def virsh(self, *commands: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         cp = subprocess.run(
@@ -132,8 +147,8 @@ class Lab:
             assert cp.returncode == 0, f"virsh {commands}: {cp.stderr}"
         return cp
 
-    def qemu_pid(self) -> int | None:
-        pidfile = self.dir / "libvirt" / "run" / "qemu" / f"{NAME}.pid"
+    def qemu_pid(self, name: str = NAME) -> int | None:
+        pidfile = self.dir / "libvirt" / "run" / "qemu" / f"{name}.pid"
         try:
             pid = int(pidfile.read_text().strip())
         except (OSError, ValueError):
@@ -157,10 +172,11 @@ def lab(tmp_path: Path) -> Iterator[Lab]:
     etc.mkdir(parents=True)
     (etc / "qemu.conf").write_text(QEMU_CONF)
     yield lab
-    pid = lab.qemu_pid()
-    if pid is not None:
-        lab.virsh(f"destroy {NAME}", check=False)
-        _wait_gone(pid)
+    for name in (NAME, DYNAMIC_NAME):
+        pid = lab.qemu_pid(name)
+        if pid is not None:
+            lab.virsh(f"destroy {name}", check=False)
+            _wait_gone(pid)
 
 
 def _wait_gone(pid: int, timeout: float = 30) -> None:
@@ -270,6 +286,114 @@ def test_libvirt_runs_the_export_pinned_and_on_the_planned_pages(lab: Lab) -> No
         pages.give_back()
 
 
+def _guest_memtotal(log: Path, want: int | None = None, timeout: float = 180.0) -> int:
+    """The MemTotal (kB) the test guest last said on its console; with ``want``, wait for it."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        seen = GUEST_MARK.findall(log.read_text(errors="replace") if log.exists() else "")
+        if seen:
+            last = int(seen[-1][1])
+            if want is None or last == want:
+                return last
+        time.sleep(0.5)
+    raise AssertionError(f"the guest said memtotal_kb={last}, not {want}, within {timeout}s")
+
+
+def _settled_memtotal(log: Path, quiet: float = 5.0, timeout: float = 180.0) -> int:
+    """The guest's MemTotal once its console has said nothing new for ``quiet`` seconds (it
+    prints on every change: what virtio-mem plugged at start is onlined by then)."""
+    _guest_memtotal(log, timeout=timeout)
+    deadline = time.monotonic() + timeout
+    size, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        now = log.stat().st_size
+        if now != size:
+            size, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return _guest_memtotal(log)
+        time.sleep(0.5)
+    raise AssertionError(f"the guest's console {log} did not settle within {timeout}s")
+
+
+def _plugged_kib(lab: Lab, want: int, timeout: float = 120.0) -> None:
+    """Wait until QEMU says the virtio-mem device has ``want`` KiB plugged.  Asked of QEMU
+    (``query-memory-devices``): the embedded driver lives only as long as each ``virsh``, so
+    libvirt's ``<current>`` misses the size-change events that come between them."""
+    deadline = time.monotonic() + timeout
+    got = None
+    while time.monotonic() < deadline:
+        cp = lab.virsh(
+            f'qemu-monitor-command {DYNAMIC_NAME} \'{{"execute": "query-memory-devices"}}\''
+        )
+        [dev] = json.loads(cp.stdout)["return"]
+        got = dev["data"]["size"] // 1024
+        if got == want:
+            return
+        time.sleep(1)
+    raise AssertionError(f"QEMU says {got} KiB plugged, not {want}, within {timeout}s")
+
+
+def test_libvirt_runs_a_dynamic_partition_and_grows_it_live(lab: Lab) -> None:
+    """The export of a dynamic partition (rule 11), as libvirt takes it: its command line
+    differs from partition's own only as listed (DYNAMIC_DIFFERENCES), libvirt keeps its
+    vCPU slots, ceiling and virtio-mem device, the guest boots with the fixed and plugged
+    memory, and ``virsh update-memory-device`` grows it live: the guest says so."""
+    xml = lab.export(DYNAMIC_NAME, DYNAMIC_BOUNDS)
+    assert "<locked />" not in xml  # QEMU refuses virtio-mem under mem-lock, as argv knows
+    xml = xml.replace("/var/log/libvirt/qemu/", f"{lab.dir}/log-")
+    log = lab.dir / f"log-{DYNAMIC_NAME}.console.log"
+    domain = lab.dir / "dynamic.xml"
+    domain.write_text(xml)
+
+    native = _native(lab.virsh(f"domxml-to-native qemu-argv {domain}"))
+    result = plan(load(str(lab.site(DYNAMIC_NAME, DYNAMIC_BOUNDS))), scan(ROOT), {})
+    paths = guest_paths(lab.dir / "run", lab.dir / "log", DYNAMIC_NAME)
+    ours = _items(qemu_argv(result.placements[DYNAMIC_NAME], result, paths, probe_qemu()))
+    static_smp = [e for e in EXPECTED_DIFFERENCES if e[1].startswith("^-smp ")]
+    expected = [e for e in EXPECTED_DIFFERENCES if e not in static_smp]
+    _check_differences(
+        native, _items(native), ours, expected + TCG_DIFFERENCES + DYNAMIC_DIFFERENCES
+    )
+    for item in ("-overcommit mem-lock=off", f"-m maxmem={256 << 20} size={128 << 20} slots=1"):
+        assert item in _items(native) and item in ours, item
+
+    pages = Pages()
+    try:
+        lab.virsh(f"define {domain}")
+        kept = ET.fromstring(lab.virsh(f"dumpxml {DYNAMIC_NAME}").stdout)
+        vcpu = kept.find("vcpu")
+        assert vcpu is not None and (vcpu.text, vcpu.get("current")) == ("2", "1")
+        assert [v.get("enabled") for v in kept.findall("vcpus/vcpu")] == ["yes", "no"]
+        [vmem] = kept.findall("devices/memory[@model='virtio-mem']")
+        assert vmem.findtext("target/size") == str(128 * 1024)
+        assert vmem.findtext("target/requested") == str(32 * 1024)
+        assert len(kept.findall("devices/controller[@model='pcie-root-port']")) == 1
+        for _attempt in range(3):
+            # 64 pages fixed, 16 plugged at start, 48 more for the growth
+            pages.top_up(128)
+            started = lab.virsh(f"start {DYNAMIC_NAME}", check=False)
+            if started.returncode == 0 or "Cannot allocate memory" not in started.stderr:
+                break
+        assert started.returncode == 0, started.stderr
+        pid = lab.qemu_pid(DYNAMIC_NAME)
+        assert pid is not None
+        _plugged_kib(lab, 32 * 1024)
+        kb0 = _settled_memtotal(log)
+        lab.virsh(f"update-memory-device {DYNAMIC_NAME} --node 0 --requested-size 128MiB --live")
+        _plugged_kib(lab, 128 * 1024)
+        _guest_memtotal(log, kb0 + 96 * 1024)
+        lab.virsh(f"destroy {DYNAMIC_NAME}", check=False)
+        _wait_gone(pid)
+        lab.virsh(f"undefine {DYNAMIC_NAME}")
+    finally:
+        pid = lab.qemu_pid(DYNAMIC_NAME)
+        if pid is not None:
+            lab.virsh(f"destroy {DYNAMIC_NAME}", check=False)
+            _wait_gone(pid)
+        pages.give_back()
+
+
 # -- libvirt's command line against partition's own ----------------------------------------
 
 # Each entry: which side has the item ("libvirt" or "partition"), a pattern on the
@@ -371,6 +495,51 @@ TCG_DIFFERENCES: list[tuple[str, str, str]] = [
 ]
 
 
+# A dynamic partition's own differences (with the static -smp entries left out).
+DYNAMIC_DIFFERENCES: list[tuple[str, str, str]] = [
+    (
+        "libvirt",
+        r"^-smp (\d+) cores=\d+ dies=1 maxcpus=\d+ sockets=\d+ threads=\d+$",
+        "libvirt states dies=1 and the present vCPUs without cpus= (the same slots)",
+    ),
+    (
+        "partition",
+        r"^-smp cores=\d+ cpus=\d+ maxcpus=\d+ sockets=\d+ threads=\d+$",
+        "partition says cpus=N of maxcpus=M",
+    ),
+    (
+        "libvirt",
+        r"^-numa node cpus=[0-9,-]+ nodeid=\d+$",
+        "libvirt puts every slot of the cell, present or not, in -numa node cpus=",
+    ),
+    ("partition", r"^-numa node nodeid=\d+$", "partition puts each slot on its node by -numa cpu"),
+    (
+        "partition",
+        r"^-numa cpu core-id=\d+ node-id=\d+ socket-id=\d+ thread-id=\d+$",
+        "the same slots and nodes, one by one (see libvirt's -numa node cpus=)",
+    ),
+    (
+        "libvirt",
+        r"^-device pcie-root-port addr=1\.0 chassis=1 port=16$",
+        "libvirt gives the spare root port a fixed slot of pcie.0 (addr=); partition lets "
+        "QEMU take the next free one",
+    ),
+    ("partition", r"^-device pcie-root-port chassis=1 port=16$", "the same port without addr="),
+    (
+        "libvirt",
+        r"^-device virtio-mem-pci addr=16\.0 ",
+        "the export places the virtio-mem device on pcie.0 at a fixed slot (0x10), so that "
+        "libvirt does not put it into the spare root port; partition's QEMU puts it on "
+        "pcie.0 too, at the next free slot",
+    ),
+    (
+        "partition",
+        r"^-device virtio-mem-pci block-size=\d+ node=\d+ prealloc=on requested-size=\d+$",
+        "the same device without addr=",
+    ),
+]
+
+
 def _kv(text: str) -> list[tuple[str, str]]:
     out = []
     for item in text.replace(",,", "\0").split(","):
@@ -379,7 +548,7 @@ def _kv(text: str) -> list[tuple[str, str]]:
     return out
 
 
-_BYTES = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_BYTES = {"k": 1 << 10, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 # Keys whose values are names of other objects: the two sides name things differently.
 _NAME_KEYS = {"id", "memdev", "prealloc-context", "chardev", "path", "fd", "bus", "file"}
 
@@ -390,7 +559,9 @@ def _value(key: str, v: object) -> str:
     if isinstance(v, list):
         return ",".join(str(x) for x in v)
     s = str(v)
-    if key in ("size", "hugetlbsize") or key.endswith(".pci-hole64-size"):
+    if key in ("size", "hugetlbsize", "block-size", "requested-size") or key.endswith(
+        ".pci-hole64-size"
+    ):
         return str(int(s[:-1]) * _BYTES[s[-1]]) if s[-1:] in _BYTES else s
     if key == "port":
         return str(int(s, 0))  # libvirt's JSON 16, partition's 0x10
@@ -412,6 +583,11 @@ def _items(argv: list[str]) -> list[str]:
         i += 2 if value is not None else 1
         if value is None:
             items.append(flag)
+            continue
+        if flag == "-m" and "=" in value:
+            # size=FIXED,slots=K,maxmem=MAX (a partition with virtio-mem)
+            pairs = sorted(f"{k}={_value('size', v)}" for k, v in _kv(value))
+            items.append(" ".join(["-m", *pairs]))
             continue
         if flag == "-m":
             items.append(f"-m {int(value) << 20 if value.isdigit() else _value('size', value)}")

@@ -502,6 +502,28 @@ def test_pools_per_node_and_size_largest_first(
     assert doc["hugepages"] == {str(GiB): {"0": 2, "1": 2}, str(2 * MiB): {"1": 256}}
 
 
+def test_pools_hold_a_dynamic_partitions_memory_not_its_ceiling(
+    tree: TreeBuilder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A partition with dynamic memory gets boot-time pages for its memory now; its
+    max_memory is a ceiling, not a reservation (rule 11), and host setup says so."""
+    host = server_1g(tree)
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        SITE_1G.replace(
+            "memory: 4GiB, hugepages: 1GiB,",
+            "memory: 4GiB, min_memory: 2GiB, max_memory: 8GiB, hugepages: 1GiB,",
+        )
+        % "full"
+    )
+    doc = setup_json(capsys, host, target_root(tmp_path), "--dry-run", site=site)
+    assert doc["kernel_args"][-4:-2] == ["hugepagesz=1G", "hugepages=0:2,1:2"]
+    assert doc["hugepages"][str(GiB)] == {"0": 2, "1": 2}
+    [said] = [n for n in doc["notes"] if "partition big" in n]
+    assert "hold its memory (4GiB), not its max_memory (8GiB)" in said
+    assert not any("partition small" in n for n in doc["notes"])
+
+
 def test_older_kernel_gets_totals_and_is_told(
     tree: TreeBuilder, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

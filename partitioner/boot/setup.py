@@ -39,7 +39,7 @@ from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.manifest.model import Manifest
 from partitioner.planning.model import Plan
-from partitioner.units import kernel_page_size
+from partitioner.units import format_size, kernel_page_size, page_size_name
 
 # Where everything lives on the target; the record lists what was written so that
 # --undo takes away exactly that, whatever the site says by then.
@@ -163,10 +163,21 @@ def boot_settings(manifest: Manifest, plan: Plan, host: Host, facts: HostFacts) 
     else:
         partition_cpus = CpuSet()
 
+    # Each partition's memory now (memory_per_node), not its max_memory: the ceiling of a
+    # dynamic partition is not a reservation (rule 11), and apply takes the pages it grows by.
     pools: dict[int, dict[int, int]] = {}
     for (node, size), pages in sorted(plan.hugepages_needed().items()):
         if pages:
             pools.setdefault(size, {})[node] = pages
+    for p in plan.start_order():
+        if p.hugepage_bytes is not None and p.max_memory_bytes > p.memory_bytes:
+            notes.append(
+                f"partition {p.name}: the boot-time pools hold its memory "
+                f"({format_size(p.memory_bytes)}), not its max_memory "
+                f"({format_size(p.max_memory_bytes)}): the pages it grows by live are raised "
+                f"when `partition apply` grows it, which fragmentation can refuse "
+                f"({page_size_name(p.hugepage_bytes)} pages)"
+            )
     version = facts.kernel_version
     per_node = version is None or version >= (5, 16)
     # Largest pages first: a 1 GiB page needs 1 GiB of contiguous memory, best

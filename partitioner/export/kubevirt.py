@@ -32,6 +32,16 @@ address; the VLAN, its priority, spoof checking, trust, link state and rates bel
 to that network (a SriovNetwork's ``vlan``, ``vlanQoS``, ``spoofChk``, ``trust``,
 ``linkState``, ``minTxRate``, ``maxTxRate``), and the device plugin picks which VF of
 the pool the VM gets: ``notes`` says both.  Any other VF is a host device by model.
+
+A dynamic partition (rule 11) keeps what KubeVirt's hot-plug can say.  KubeVirt plugs
+vCPUs by whole sockets, so one whose vCPU count may change gets sockets of one core
+(``sockets`` = cpus / threads, ``maxSockets`` = max_cpus / threads) instead of the plan's
+topology.  Dynamic memory is ``memory.guest`` = memory and ``maxGuest`` = max_memory,
+without ``guestMappingPassthrough`` (KubeVirt refuses it with memory hot-plug), when
+both are whole hot-plug blocks (2Mi, 1Gi with 1Gi pages).  ``notes`` says what is lost:
+the guest topology and slot nodes, ``min_cpus`` and ``min_memory`` as floors, one
+virtio-mem device per node, spare PCIe slots and devices attached live, and that
+KubeVirt resizes a VM only by a live migration, which host devices forbid.
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ from partitioner.guest.argv import disk_format
 from partitioner.manifest.model import Disk
 from partitioner.pci import PciAddress
 from partitioner.planning.model import DeviceAssignment, Placement, Plan
-from partitioner.units import GiB, MiB
+from partitioner.units import GiB, MiB, format_size
 
 API_VERSION = "kubevirt.io/v1"
 # The extended-resource domain under which the exported device models are advertised.
@@ -192,17 +202,27 @@ def virtual_machine(
     subs = list(subs)
     if subs:
         annotations["partition.local/device-substitution"] = "; ".join(subs)
-    cpu: dict[str, Any] = {
-        "sockets": p.sockets,
-        "cores": p.cores,
-        "threads": p.threads,
-        "dedicatedCpuPlacement": True,
-        "isolateEmulatorThread": True,
-        "numa": {"guestMappingPassthrough": {}},
-    }
+    unit = _socket_threads(p)
+    if unit is None:
+        cpu: dict[str, Any] = {"sockets": p.sockets, "cores": p.cores, "threads": p.threads}
+    else:
+        # KubeVirt plugs whole sockets: one core each, so a core at a time, as apply does.
+        cpu = {
+            "sockets": len(p.cpus) // unit,
+            "cores": 1,
+            "threads": unit,
+            "maxSockets": p.max_vcpus // unit,
+        }
+    cpu |= {"dedicatedCpuPlacement": True, "isolateEmulatorThread": True}
+    max_guest = _max_guest(p)
+    if max_guest is None:
+        # KubeVirt refuses guestMappingPassthrough with memory hot-plug (maxGuest).
+        cpu["numa"] = {"guestMappingPassthrough": {}}
     if plan.accel == "kvm":
         cpu["model"] = "host-passthrough"
     memory: dict[str, Any] = {"guest": _quantity(p.memory_bytes)}
+    if max_guest is not None:
+        memory["maxGuest"] = _quantity(max_guest)
     if p.hugepage_bytes is not None:
         memory["hugepages"] = {"pageSize": _quantity(p.hugepage_bytes)}
     devices: dict[str, Any] = {
@@ -286,6 +306,32 @@ def virtual_machine(
     }
 
 
+def _socket_threads(p: Placement) -> int | None:
+    """For a partition whose vCPU count changes live (rule 11): the vCPUs of one KubeVirt
+    socket (its guest threads per core, 1 where they do not divide the counts); None for a
+    static one, which keeps the plan's topology."""
+    if p.max_vcpus == len(p.cpus) and p.spec.cpus_min >= len(p.cpus):
+        return None
+    t = p.threads
+    return t if len(p.cpus) % t == 0 and p.max_vcpus % t == 0 else 1
+
+
+def _hotplug_block(p: Placement) -> int:
+    """The alignment KubeVirt asks of guest and maxGuest: 1Gi with 1Gi pages, else 2Mi."""
+    return GiB if p.hugepage_bytes == GiB else 2 * MiB
+
+
+def _max_guest(p: Placement) -> int | None:
+    """``maxGuest``: the ceiling of a partition with dynamic memory, when KubeVirt can take
+    it (both sizes in its hot-plug blocks); else None."""
+    if not p.dynamic_memory:
+        return None
+    block = _hotplug_block(p)
+    if p.memory_bytes % block or p.max_memory_bytes % block:
+        return None
+    return p.max_memory_bytes
+
+
 def _run_strategy(p: Placement) -> str:
     """autostart and on_crash in KubeVirt's words: started with the site or by hand,
     restarted after a failure (RerunOnFailure) or left stopped (Once)."""
@@ -344,8 +390,13 @@ def _notes(p: Placement, plan: Plan, sources: Sources) -> list[str]:
         f"host CPUs {p.cpuset}: the kubelet's static CPU manager picks the CPUs; "
         "the export keeps their count, topology and dedication, not their numbers",
         f"memory per host node {dict(p.memory_per_node)}: KubeVirt follows the CPUs it was "
-        "given (guestMappingPassthrough), not a node chosen ahead",
+        "given (guestMappingPassthrough), not a node chosen ahead"
+        if _max_guest(p) is None
+        else f"memory per host node {dict(p.memory_per_node)}: KubeVirt places it where the "
+        "pod lands, and the guest sees one NUMA node: KubeVirt refuses guestMappingPassthrough "
+        "with memory hot-plug (maxGuest)",
     ]
+    notes += _live_notes(p)
     if plan.host_cpus:
         notes.append(
             f"host reserve {plan.host_cpus}: the emulator thread gets a dedicated CPU of the "
@@ -369,6 +420,63 @@ def _notes(p: Placement, plan: Plan, sources: Sources) -> list[str]:
     if p.spec.order:
         notes.append(f"order {p.spec.order}: KubeVirt starts VMs in no given order")
     return notes
+
+
+def _live_notes(p: Placement) -> list[str]:
+    """What KubeVirt cannot carry of a partition changed while it runs (rule 11)."""
+    out = []
+    n, slots, floor = len(p.cpus), p.max_vcpus, p.spec.cpus_min
+    unit = _socket_threads(p)
+    if unit is not None:
+        lost = "" if unit == p.threads else f", and {p.threads} threads per core become 1"
+        out.append(
+            f"vCPUs {n} of {slots} slots (min_cpus {floor}): KubeVirt hot-plugs whole sockets, "
+            f"so the VM has {n // unit} of at most {slots // unit} sockets (maxSockets) of one "
+            f"core of {unit} thread{'s' if unit > 1 else ''}, not the plan's {p.sockets} "
+            f"socket{'s' if p.sockets > 1 else ''} of {p.cores} cores x {p.threads} threads with "
+            f"each slot on its host node{lost}; min_cpus {floor} is no floor there"
+        )
+    if p.dynamic_memory:
+        block = _hotplug_block(p)
+        if _max_guest(p) is None:
+            out.append(
+                f"memory {format_size(p.memory_bytes)} or max_memory "
+                f"{format_size(p.max_memory_bytes)} is not a multiple of {format_size(block)}, "
+                "which KubeVirt asks for memory hot-plug: maxGuest is left out, and the VM's "
+                "memory is fixed there"
+            )
+        else:
+            out.append(
+                f"memory {format_size(p.memory_bytes)} (min_memory "
+                f"{format_size(p.fixed_memory_bytes)}, max_memory "
+                f"{format_size(p.max_memory_bytes)}): KubeVirt boots with all of guest fixed and "
+                "plugs the rest up to maxGuest through one virtio-mem device on guest node 0, "
+                "not one per host node over a fixed min_memory: there the floor is what the VM "
+                "booted with, not min_memory"
+            )
+            if p.memory_bytes < GiB:
+                out.append(
+                    "KubeVirt's user guide asks at least 1Gi of guest memory for memory hot-plug"
+                )
+    if unit is not None or p.dynamic_memory:
+        how = (
+            "by a live migration (vmRolloutStrategy: LiveUpdate, workloadUpdateMethods: "
+            "LiveMigrate)"
+        )
+        if p.devices:
+            out.append(
+                f"KubeVirt changes a running VM's CPUs and memory only {how}, which a VM with "
+                "host devices cannot make: there, this partition changes size only by a restart"
+            )
+        else:
+            out.append(f"KubeVirt changes a running VM's CPUs and memory only {how}")
+    if p.hotplug_slots:
+        out.append(
+            f"hotplug_slots {p.hotplug_slots}: a VirtualMachine names no spare PCIe root ports, "
+            "and KubeVirt attaches no host device to a running VM: a device added to this "
+            "partition needs the VM restarted there"
+        )
+    return out
 
 
 def _vf_note(p: Placement, k: int, d: DeviceAssignment) -> str:
