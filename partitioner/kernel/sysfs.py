@@ -39,6 +39,18 @@ def pci_device(address: str, leaf: str = "") -> str:
     return f"{PCI_DEVICES}/{address}/{leaf}" if leaf else f"{PCI_DEVICES}/{address}"
 
 
+# A physical function's SR-IOV files (drivers/pci/iov.c): the VFs made (write 0 before any
+# other count), the most it can make, and whether drivers probe new VFs.
+SRIOV_NUMVFS = "sriov_numvfs"
+SRIOV_TOTALVFS = "sriov_totalvfs"
+SRIOV_AUTOPROBE = "sriov_drivers_autoprobe"
+
+
+def pci_virtfn(pf: str, index: int) -> str:
+    """The link from a physical function to its VF ``index`` (``virtfnN``)."""
+    return pci_device(pf, f"virtfn{index}")
+
+
 def pci_driver(driver: str, leaf: str = "") -> str:
     """A PCI driver's directory, or a file in it (``bind``, ``unbind``, ``new_id``)."""
     return f"{PCI_DRIVERS}/{driver}/{leaf}" if leaf else f"{PCI_DRIVERS}/{driver}"

@@ -26,6 +26,20 @@ NOWHERE = Location("<manifest>", 0, 0)
 
 
 @dataclass(frozen=True)
+class VfSettings:
+    """A VF's settings, set through its PF before the VF is claimed (manifest ``vf:``)."""
+
+    mac: str | None
+    vlan: int | None
+    qos: int | None
+    spoofchk: bool = True
+    trust: bool = False
+    link_state: str | None = None
+    min_tx_rate: int | None = None
+    max_tx_rate: int | None = None
+
+
+@dataclass(frozen=True)
 class DeviceSpec:
     """One entry of a partition's ``devices`` list."""
 

@@ -14,9 +14,28 @@ from typing import Any
 
 from partitioner.cpuset import CpuSet
 from partitioner.jsonvalues import nat, obj, seq
-from partitioner.manifest.model import PartitionSpec, spec_from_json, spec_to_json
+from partitioner.manifest.model import PartitionSpec, VfSettings, spec_from_json, spec_to_json
 from partitioner.pci import PciAddress
 from partitioner.units import page_size_name
+
+
+@dataclass(frozen=True)
+class VfAssignment:
+    """A device that is VF ``index`` of the PF ``pf``, with the settings the PF gives it."""
+
+    pf: PciAddress
+    index: int
+    settings: VfSettings | None
+
+
+@dataclass(frozen=True)
+class PfPlan:
+    """A PF whose VFs apply makes (``host.sriov``): ``vfs`` of them, through ``netdev`` if named."""
+
+    address: PciAddress
+    netdev: str | None
+    vfs: int
+    iommu_groups_known: bool
 
 
 @dataclass(frozen=True)
@@ -30,6 +49,7 @@ class DeviceAssignment:
     reset_none_ok: bool = False
     rom: str | None = None  # "off" or a ROM file (manifest `rom:`); None: the device's own
     primary_display: bool = False  # x-vga=on (manifest `primary_display: true`)
+    vf: VfAssignment | None = None  # a VF of a PF the plan's `sriov` makes
 
 
 @dataclass(frozen=True)
@@ -170,6 +190,7 @@ class Plan:
     placements: Mapping[str, Placement]  # in name order
     notes: tuple[str, ...] = field(default=())
     confine: bool = True  # rule 10: each QEMU runs as a user of its own, unprivileged
+    sriov: tuple[PfPlan, ...] = ()  # PFs whose VFs are made, in host.sriov's order
 
     def hugepages_needed(self) -> dict[tuple[int, int], int]:
         """(node, page size in bytes) -> pages the placed partitions need there."""
