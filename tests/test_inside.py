@@ -9,10 +9,11 @@ The SR-IOV module (:data:`SRIOV_MODULES`) needs a topology with an SR-IOV NIC
 (QEMU's igb), which Debian 12's QEMU 7.2 cannot build: when the suite's topology
 has none, that module runs on a boot of its own of the ``sriov`` preset
 (``PARTITION_TESTBED_SRIOV_TOPOLOGY``), with the QEMU that has igb (scripts/setup
-unpacks one under /opt).  That preset is small (2 vCPUs, no nested guests): its
-boot takes about 10 s and the module about a minute and a half, so the suite keeps its
-one long boot on QEMU 7.2 (what users run) and adds one short one, rather than
-putting igb into the ``numa`` preset and the whole suite on the newer QEMU.  Without
+unpacks one under /opt).  That preset is small (2 vCPUs): its boot
+takes about 10 s and the module about 7.5 minutes (two nested guests, booted at once,
+are most of it), so the suite keeps its one long boot on QEMU 7.2 (what users run) and
+adds one short one, rather than putting igb into the ``numa`` preset and the whole
+suite on the newer QEMU.  Without
 a QEMU that has igb, the SR-IOV module is skipped, saying so.  ``pytest -s`` shows the
 inside run live; otherwise its log is in the session's tmp dir (testbed-out*/inside.log)
 and its tail in each failure.

@@ -6,7 +6,8 @@ with a MAC and a VLAN, run against the kernel (starting the guests aside): the
 PF makes 4 VFs with autoprobe off, so igbvf (loaded first, as udev would) never
 binds one; each VF gets its MAC and VLAN through the PF (``ip -d link show`` of
 the PF shows them) and is claimed for vfio-pci with the IOMMU group the kernel
-gave it (the VFIO ioctls confirm the group is viable).  The teardown that
+gave it (the VFIO ioctls confirm the group is viable).  A nested guest per
+partition, given its VF, sees it with the MAC the host set.  The teardown that
 ``destroy`` runs puts the VFs' settings back, gives the VFs back, and the PF gets
 ``sriov_numvfs`` 0 and autoprobe 1 again.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from guestimage import KERNEL_CMDLINE, build_guest_initramfs, guest_kernel
 
 from partitioner.cpuset import CpuSet
 from partitioner.engine.context import ApplyContext
@@ -39,7 +42,7 @@ from partitioner.pci import PciAddress
 from partitioner.planning.model import DeviceAssignment, PfPlan, Placement, Plan, VfAssignment
 from partitioner.record.model import State
 from partitioner.record.store import StateStore
-from partitioner.run import run
+from partitioner.run import run, spawn
 from partitioner.units import MiB
 from partitioner.vfio.claim import current_driver
 
@@ -53,6 +56,7 @@ IGB = ("0x8086", "0x10c9")
 VFS = 4
 MAC = {"fw": "52:54:00:5f:00:01", "lan": "52:54:00:5f:00:02"}
 VLAN = {"fw": 100, "lan": 200}
+GUEST_TIMEOUT = 900.0  # two TCG guests inside a TCG server on 2 cores: minutes
 
 
 def dev(addr: str, leaf: str) -> Path:
@@ -246,6 +250,57 @@ def test_the_count_is_not_changed_under_claimed_vfs(applied: Applied) -> None:
     with pytest.raises(VfsInUse, match=f"VF 0 \\({pf.vf(0)}\\) is claimed by partition fw"):
         CreateVfs(pf.address, 2).do(applied.ctx)
     assert read(pf.address, "sriov_numvfs") == str(VFS)
+
+
+def test_each_nested_guest_sees_its_vf_with_the_mac_the_host_set(applied: Applied) -> None:
+    """Both partitions' guests at once (Debian 12's QEMU 7.2, from the host's /usr/bin, each
+    given its VF with vfio-pci): each guest's igbvf reads the MAC its PF set for the VF."""
+    pf = applied.pf
+    tmp = Path(tempfile.mkdtemp(prefix="sriov-guests-"))
+    initrd = build_guest_initramfs(tmp / "img")
+    guests: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    try:
+        for i, name in enumerate(("fw", "lan")):
+            log = tmp / f"{name}.log"
+            argv = [
+                "qemu-system-x86_64",
+                "-accel",
+                "tcg",
+                "-m",
+                "160",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-kernel",
+                str(guest_kernel()),
+                "-initrd",
+                str(initrd),
+                "-append",
+                KERNEL_CMDLINE,
+                "-serial",
+                f"file:{log}",
+                "-device",
+                f"vfio-pci,host={pf.vf(i)}",
+            ]
+            guests[name] = (spawn(argv, new_session=True, die_with_parent=True), log)
+        seen: dict[str, str] = {}
+        deadline = time.monotonic() + GUEST_TIMEOUT
+        while len(seen) < len(guests) and time.monotonic() < deadline:
+            for name, (proc, log) in guests.items():
+                text = log.read_text(errors="replace") if log.exists() else ""
+                if name not in seen and ("GUEST-READY" in text or proc.poll() is not None):
+                    seen[name] = text.replace("\r", "")
+            time.sleep(2)
+        for name in guests:
+            text = seen.get(name, "")
+            assert "GUEST-READY" in text, f"{name}'s guest did not come up:\n{text[-1500:]}"
+            assert re.search(r"^GUEST-PCI 8086:10ca ", text, re.M), text
+            assert f"GUEST-NET eth0 {MAC[name]}" in text.splitlines(), text
+    finally:
+        for proc, _ in guests.values():
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def test_destroy_clears_the_settings_and_puts_the_pf_back(applied: Applied) -> None:
