@@ -286,7 +286,12 @@ def diff(plan: Plan, state: State, host: Host, *, replace: set[str]) -> list[Act
     out.extend(teardown(gone, state))
     # PFs: those leaving the plan (or changing their count) put back once the partitions that
     # left gave back their VFs, then the plan's VFs made before any partition comes up.
-    restores, creations = pf_changes(((str(pf.address), pf.vfs) for pf in plan.sriov), state)
+    now = {
+        str(a): fn.sriov.num_vfs
+        for a, fn in ((pf.address, host.pci.get(pf.address)) for pf in plan.sriov)
+        if fn is not None and fn.sriov is not None
+    }
+    restores, creations = pf_changes(((str(pf.address), pf.vfs) for pf in plan.sriov), state, now)
     out.extend(restores)
     out.extend(creations)
     shortfall: dict[tuple[int, int], int] = {}

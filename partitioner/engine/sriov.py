@@ -23,7 +23,7 @@ settles what a killed command left.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,7 +33,13 @@ from partitioner.engine.step import Action, Step
 from partitioner.errors import DeviceError, PreconditionError
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
-from partitioner.kernel.vflink import VfLink, VfLinkError, read_vf_links, set_vf_link
+from partitioner.kernel.vflink import (
+    VfLink,
+    VfLinkError,
+    pf_netdev,
+    read_vf_links,
+    set_vf_link,
+)
 from partitioner.killpoint import point
 from partitioner.record.model import (
     VFIO_PCI,
@@ -81,21 +87,6 @@ def autoprobe(root: HostRoot, pf: str) -> bool:
 def vf_address(root: HostRoot, pf: str, index: int) -> str | None:
     """The PCI address of VF ``index`` of ``pf``, if it exists now (its ``virtfnN`` link)."""
     return root.readlink_name(sysfs.pci_virtfn(pf, index))
-
-
-def pf_netdev(root: HostRoot, pf: str) -> str:
-    """The network interface of ``pf``, through which its VFs' settings are set."""
-    names = root.listdir(sysfs.pci_device(pf, "net"))
-    if len(names) != 1:
-        drv = root.readlink_name(sysfs.pci_device(pf, "driver"))
-        why = "none" if not names else f"{len(names)}: {', '.join(sorted(names))}"
-        raise VfLinkError(
-            f"{pf} must have one network interface to set its VFs' MAC, VLAN and flags "
-            f"through (it has {why}; its driver: {drv or 'none bound'}); load the PF's "
-            "network driver, or give the VF no settings",
-            address=pf,
-        )
-    return names[0]
 
 
 def vf_users(root: HostRoot, state: State, pf: str) -> list[str]:
@@ -209,11 +200,24 @@ class CreateVfs(Step):
 
     target: str  # the PF's PCI address
     count: int
+    now: int | None = None  # sriov_numvfs when planned (for the listing); None: not known
     kind: str = "create-vfs"
 
     @property
     def detail(self) -> str:
-        return f"{self.count} VFs (sriov_numvfs), sriov_drivers_autoprobe 0"
+        if self.now == self.count:
+            return (
+                f"{self.count} VFs there already (sriov_numvfs {self.count}): kept, and "
+                "recorded so that their settings are set and put back"
+            )
+        was = "" if self.now is None else f" {self.now} ->"
+        return (
+            f"sriov_numvfs{was} {self.count}, with sriov_drivers_autoprobe 0 first (no host "
+            "driver probes them)"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "pf": self.target, "vfs": self.count, "numvfs_now": self.now}
 
     def do(self, ctx: ApplyContext) -> None:
         root, pf = ctx.root, self.target
@@ -275,6 +279,15 @@ class RestoreVfs(Step):
             f"sriov_drivers_autoprobe back to {probe}"
         )
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **super().to_json(),
+            "pf": self.target,
+            "vfs": self.numvfs,
+            "numvfs_back": self.numvfs_before,
+            "autoprobe_back": self.autoprobe_before,
+        }
+
     def do(self, ctx: ApplyContext) -> None:
         _restore(ctx, self.target)
 
@@ -302,6 +315,14 @@ class ConfigureVf(Step):
     @property
     def detail(self) -> str:
         return f"VF {self.index} of {self.pf}: {_want(self.settings).describe()}"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **super().to_json(),
+            "pf": self.pf,
+            "index": self.index,
+            "settings": _want(self.settings).to_json(),
+        }
 
     def do(self, ctx: ApplyContext) -> None:
         root, pf = ctx.root, self.pf
@@ -388,6 +409,9 @@ class ClearVf(Step):
     def detail(self) -> str:
         return f"VF {self.index} of {self.pf}: settings put back"
 
+    def to_json(self) -> dict[str, Any]:
+        return {**super().to_json(), "pf": self.pf, "index": self.index}
+
     def do(self, ctx: ApplyContext) -> None:
         _clear(ctx, self.pf, self.index)
 
@@ -417,6 +441,14 @@ class ClaimVf(Step):
     @property
     def detail(self) -> str:
         return f"VF {self.index} of {self.pf} ({self.address} -> vfio-pci)"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **super().to_json(),
+            "pf": self.pf,
+            "index": self.index,
+            "address": self.address,
+        }
 
     def _group(self, ctx: ApplyContext) -> int:
         root = ctx.root
@@ -455,6 +487,7 @@ class ClaimVf(Step):
             # The VF was made after the host was scanned: scan it again.
             ctx.host = scan(ctx.root)
         ClaimGroup(self.target, group, ((self.address, None),)).do(ctx)
+        _group_known(ctx, self.target, self.address, group)
 
     def undo(self, ctx: ApplyContext) -> None:
         rec = ctx.state.partitions.get(self.target)
@@ -483,16 +516,35 @@ class ClaimVf(Step):
         )
 
 
+def _group_known(ctx: ApplyContext, name: str, address: str, group: int) -> None:
+    """The plan's VF at ``address`` given the IOMMU group the kernel gave it, so that the
+    partition is recorded (and started) with it."""
+    p = ctx.plan.placements.get(name)
+    if p is None:
+        return
+    devices = tuple(
+        replace(d, iommu_group=group) if str(d.address) == address else d for d in p.devices
+    )
+    if devices != p.devices:
+        placements = {**ctx.plan.placements, name: replace(p, devices=devices)}
+        ctx.plan = replace(ctx.plan, placements=placements)
+        rec = ctx.state.partitions.get(name)
+        if rec is not None and rec.placement == p:
+            ctx.update(replace(rec, placement=placements[name]))
+
+
 # -- what the diff emits ------------------------------------------------------------------
 
 
 def pf_changes(
-    plan_pfs: Iterable[tuple[str, int]], state: State
+    plan_pfs: Iterable[tuple[str, int]], state: State, now: Mapping[str, int] | None = None
 ) -> tuple[list[Action], list[Action]]:
     """``(restores, creations)`` that take the recorded PFs to the plan's ``(pf, vfs)``: a PF
     the plan no longer has, or with another count, is put back first; a PF without VFs
-    made (or with another count) gets them."""
+    made (or with another count) gets them.  ``now``: each PF's ``sriov_numvfs`` as scanned,
+    for the listing."""
     planned = dict(plan_pfs)
+    now = now or {}
     restores: list[Action] = []
     creations: list[Action] = []
     for r in state.sriov:
@@ -501,7 +553,7 @@ def pf_changes(
     for pf, count in planned.items():
         was = state.pf(pf)
         if was is None or was.numvfs != count:
-            creations.append(CreateVfs(pf, count))
+            creations.append(CreateVfs(pf, count, now.get(pf)))
     return restores, creations
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from partitioner.errors import CommandFailed, DeviceError
+from partitioner.kernel import sysfs
+from partitioner.kernel.root import HostRoot
 from partitioner.run import run
 
 IP = "ip"
@@ -126,6 +128,21 @@ def _opt_state(v: object) -> str | None:
 
 
 # -- reading -------------------------------------------------------------------
+
+
+def pf_netdev(root: HostRoot, pf: str) -> str:
+    """The network interface of ``pf``, through which its VFs' settings are set."""
+    names = root.listdir(sysfs.pci_device(pf, "net"))
+    if len(names) != 1:
+        drv = root.readlink_name(sysfs.pci_device(pf, "driver"))
+        why = "none" if not names else f"{len(names)}: {', '.join(sorted(names))}"
+        raise VfLinkError(
+            f"{pf} must have one network interface to set its VFs' MAC, VLAN and flags "
+            f"through (it has {why}; its driver: {drv or 'none bound'}); load the PF's "
+            "network driver, or give the VF no settings",
+            address=pf,
+        )
+    return names[0]
 
 
 def parse_vfinfo(doc: Any, netdev: str) -> dict[int, VfLink]:
