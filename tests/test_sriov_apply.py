@@ -165,7 +165,7 @@ def test_the_diff_makes_the_vfs_then_configures_and_claims_each(fk: FakeSriovKer
 def test_apply_makes_sets_and_claims_and_records_the_groups_the_kernel_gave(
     fk: FakeSriovKernel, tmp_path: Path
 ) -> None:
-    ctx, store = applied(fk, tmp_path, site())
+    _, store = applied(fk, tmp_path, site())
     assert fk.numvfs(PF) == 4
     assert fk.read(f"/sys/bus/pci/devices/{PF}/sriov_drivers_autoprobe") == "0"
     links = vflink.read_vf_links("eth0")
@@ -263,7 +263,7 @@ def test_plan_lists_the_vf_creation_and_each_vfs_settings(
     rc, out, err = cli(capsys, "--host-root", root, "--state-dir", str(state), "plan", str(m))
     assert rc == 0, err
     lines = [ln.split(None, 2) for ln in out.splitlines() if ln.startswith("  ")]
-    assert ["create-vfs", PF] == lines[0][:2] and "sriov_numvfs 0 -> 4" in lines[0][2]
+    assert lines[0][:2] == ["create-vfs", PF] and "sriov_numvfs 0 -> 4" in lines[0][2]
     assert lines[1] == [
         "configure-vf",
         "fw",
