@@ -303,3 +303,35 @@ def test_a_plan_against_vfs_made_at_boot_keeps_them(fk: FakeSriovKernel, tmp_pat
     execute(teardown(ctx.state.partitions.values(), ctx.state) + restore_all(ctx.state), ctx, store)
     assert fk.numvfs(PF) == 4
     assert vflink.read_vf_links("eth0")[0].mac == "00:00:00:00:00:00"
+
+
+def test_status_shows_each_partitions_vfs_with_their_settings(
+    fk: FakeSriovKernel, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, store = applied(fk, tmp_path, site())
+    base = ("--host-root", str(fk.tree.root), "--state-dir", str(store.dir))
+    rc, out, err = cli(capsys, *base, "--json", "status")
+    assert rc == 0, err
+    doc = json.loads(out)
+    for i, (name, vf) in enumerate((("fw", VF0), ("lan", VF1))):
+        (v,) = doc["partitions"][name]["vfs"]
+        group = int(fk.readlink_name(f"/sys/bus/pci/devices/{vf}/iommu_group") or "-1")
+        assert (v["address"], v["pf"], v["index"], v["iommu_group"], v["set"]) == (
+            vf,
+            PF,
+            i,
+            group,
+            True,
+        )
+        assert (v["settings"]["mac"], v["settings"]["vlan"]) == (MAC[name], VLAN[name])
+    assert doc["sriov"] == [
+        {"pf": PF, "vfs": 4, "numvfs_before": 0, "autoprobe_before": True, "pending": None}
+    ]
+    rc, out, err = cli(capsys, *base, "status")
+    assert rc == 0, err
+    assert f"fw: VF 0 of {PF} ({VF0}): mac {MAC['fw']}, vlan 100" in out.splitlines()
+    assert f"lan: VF 1 of {PF} ({VF1}): mac {MAC['lan']}, vlan 200" in out.splitlines()
+    assert (
+        f"host: PF {PF}: 4 VFs for the site (the last destroy puts back sriov_numvfs 0 and "
+        "sriov_drivers_autoprobe 1)" in out.splitlines()
+    )
