@@ -335,3 +335,45 @@ def test_status_shows_each_partitions_vfs_with_their_settings(
         f"host: PF {PF}: 4 VFs for the site (the last destroy puts back sriov_numvfs 0 and "
         "sriov_drivers_autoprobe 1)" in out.splitlines()
     )
+
+
+def test_audit_names_a_vf_whose_settings_changed_and_a_vf_gone(
+    fk: FakeSriovKernel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from partitioner import audit
+
+    _, store = applied(fk, tmp_path, site())
+    state = store.load()
+    monkeypatch.setattr(
+        audit, "_read_links", lambda root, pf: ("eth0", vflink.read_vf_links("eth0"))
+    )
+    for name in ("fw", "lan"):
+        assert audit.vf_findings(fk, name, state.partitions[name], state) == []
+    # Someone on the host gives fw's VF another MAC and takes its VLAN off.
+    fk.ip(["ip", "link", "set", "dev", "eth0", "vf", "0", "mac", "52:54:00:00:00:66"])
+    fk.ip(["ip", "link", "set", "dev", "eth0", "vf", "0", "vlan", "0"])
+    (f,) = audit.vf_findings(fk, "fw", state.partitions["fw"], state)
+    assert (f.kind, f.status, f.resource) == ("vf", audit.DRIFT, f"VF 0 of {PF} ({VF0})")
+    assert f.detail == (
+        f"its settings changed: mac is 52:54:00:00:00:66, the plan says {MAC['fw']}; "
+        "vlan is 0, the plan says 100"
+    )
+    assert f.action.startswith(
+        f"ip link set dev eth0 vf 0 mac {MAC['fw']}; ip link set dev eth0 vf 0 vlan 100"
+    )
+    assert f.ids["fields"] == ["mac", "vlan"]
+    assert audit.vf_findings(fk, "lan", state.partitions["lan"], state) == []
+    # The VFs gone (the count put to 0 behind the partitioner's back).
+    fk.write(f"/sys/bus/pci/devices/{PF}/sriov_numvfs", "0")
+    (f,) = audit.vf_findings(fk, "lan", state.partitions["lan"], state)
+    assert f.detail == "the PF has no VF 1 now (sriov_numvfs 0)"
+
+
+def test_audit_of_a_tree_judges_no_settings(fk: FakeSriovKernel, tmp_path: Path) -> None:
+    """Under --host-root, iproute2 would read this machine's interfaces: not the tree's."""
+    from partitioner import audit
+
+    _, store = applied(fk, tmp_path, site())
+    state = store.load()
+    fk.ip(["ip", "link", "set", "dev", "eth0", "vf", "0", "mac", "52:54:00:00:00:66"])
+    assert audit.vf_findings(fk, "fw", state.partitions["fw"], state) == []
