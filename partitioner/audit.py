@@ -40,9 +40,9 @@ from partitioner.isolation.view import (
     read_host_work,
     running_processes,
 )
-from partitioner.kernel import sysfs
+from partitioner.kernel import sysfs, vflink
 from partitioner.kernel.root import HostRoot
-from partitioner.kernel.vflink import VfLink, VfLinkError, pf_netdev, read_vf_links, set_args
+from partitioner.kernel.vflink import VfLink, VfLinkError, set_args
 from partitioner.record.model import PartitionRecord, RunState, State
 from partitioner.units import page_size_name
 
@@ -431,15 +431,6 @@ class _Auditor:
             )
 
 
-def _read_links(root: HostRoot, pf: str) -> tuple[str, dict[int, VfLink]] | None:
-    """The PF's interface and its VFs' settings as iproute2 reads them now; None for a tree
-    (``--host-root``: iproute2 would read this machine's interfaces, not the tree's)."""
-    if not root.live:
-        return None
-    netdev = pf_netdev(root, pf)
-    return netdev, read_vf_links(netdev)
-
-
 def vf_findings(root: HostRoot, name: str, rec: PartitionRecord, state: State) -> list[Finding]:
     """Each of the partition's VFs still where the plan put it, with the MAC, VLAN and flags
     the host set on it (read through its PF: ``kernel.vflink``)."""
@@ -473,7 +464,7 @@ def vf_findings(root: HostRoot, name: str, rec: PartitionRecord, state: State) -
             continue  # no settings of the site's, or being set: nothing to judge
         if pf not in links:
             try:
-                links[pf] = _read_links(root, pf)
+                links[pf] = vflink.links_of(root, pf)
             except VfLinkError as e:
                 out.append(
                     Finding(

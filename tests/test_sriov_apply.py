@@ -60,6 +60,11 @@ def tree_of(tmp_path: Path) -> TreeBuilder:
 
 @pytest.fixture
 def fk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSriovKernel:
+    return fake_kernel(tmp_path, monkeypatch)
+
+
+def fake_kernel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FakeSriovKernel:
+    """The host above on the fake kernel, its iproute2 the fake's."""
     t = tree_of(tmp_path)
     t.build()
     k = FakeSriovKernel(t)
@@ -344,9 +349,8 @@ def test_audit_names_a_vf_whose_settings_changed_and_a_vf_gone(
 
     _, store = applied(fk, tmp_path, site())
     state = store.load()
-    monkeypatch.setattr(
-        audit, "_read_links", lambda root, pf: ("eth0", vflink.read_vf_links("eth0"))
-    )
+    # The fake tree stands for the live host here: iproute2 (the fake's) is asked.
+    monkeypatch.setattr(vflink, "links_of", lambda root, pf: ("eth0", vflink.read_vf_links("eth0")))
     for name in ("fw", "lan"):
         assert audit.vf_findings(fk, name, state.partitions[name], state) == []
     # Someone on the host gives fw's VF another MAC and takes its VLAN off.

@@ -145,6 +145,15 @@ def pf_netdev(root: HostRoot, pf: str) -> str:
     return names[0]
 
 
+def links_of(root: HostRoot, pf: str) -> tuple[str, dict[int, VfLink]] | None:
+    """The PF's interface and its VFs' settings as iproute2 reads them now; None for a tree
+    (``--host-root``: iproute2 would read this machine's interfaces, not the tree's)."""
+    if not root.live:
+        return None
+    netdev = pf_netdev(root, pf)
+    return netdev, read_vf_links(netdev)
+
+
 def parse_vfinfo(doc: Any, netdev: str) -> dict[int, VfLink]:
     """VF index -> settings, from ``ip -j -d link show dev NETDEV``'s output (parsed JSON).
 
