@@ -14,7 +14,11 @@ users.  ``destroy`` clears the settings and puts ``sriov_numvfs`` and autoprobe 
 Each kill point of SR-IOV (``vfs-created``, ``vf-configured`` of apply; ``vf-cleared``,
 ``vfs-restored`` of destroy) is hit with a real SIGKILL of the command; ``status``
 answers after it and the next ``apply`` or ``destroy`` converges.  The main apply and
-destroy are those recoveries, so that the two guests are started three times in all.
+destroy are those recoveries; the guests boot once (the second round's guests have no
+kernel to boot and sit in SeaBIOS, which is all ``apply`` needs), and the checks that
+need only the host run while they boot.  Each command costs 10 to 20 s under TCG (a
+Python start and a scan), so what the kernel and the record say is read directly where
+that is the same answer.
 
 tests/test_inside.py runs this module on its own boot of the ``sriov`` preset, after
 test_inside_sriov_boot (which leaves the PF as the boot found it).
@@ -95,6 +99,8 @@ class Site:
             text = text.replace(f"  {name}:\n", f"  {name}:\n{boot}")
         self.manifest = tmp / "site.yaml"
         self.manifest.write_text(text)
+        self.idle = tmp / "idle.yaml"  # the same site, its guests in SeaBIOS
+        self.idle.write_text(SITE.read_text())
         self.vfs = {name: vf_address(pf, i) for i, name in enumerate(NAMES)}
 
     def cli(
@@ -117,13 +123,13 @@ class Site:
         assert st.returncode == 0, (point, st.stderr)
         json.loads(st.stdout)
 
-    def apply(self) -> str:
-        cp = self.cli("apply", "--no-supervise", str(self.manifest))
+    def apply(self, manifest: Path | None = None) -> str:
+        cp = self.cli("apply", "--no-supervise", str(manifest or self.manifest))
         assert cp.returncode == 0, (cp.stdout, cp.stderr)
         return cp.stdout
 
     def destroy(self) -> str:
-        cp = self.cli("destroy", "--all", "--timeout", "5")
+        cp = self.cli("destroy", "--all", "--timeout", "2")
         assert cp.returncode == 0, (cp.stdout, cp.stderr)
         return cp.stdout
 
@@ -137,6 +143,11 @@ class Site:
         shown = run(["ip", "-d", "link", "show", "dev", self.netdev], timeout=60).stdout
         return {int(m[0]): m[1] for m in re.findall(r"^\s*vf (\d+)\s+(.*)$", shown, re.M)}
 
+    def record(self) -> dict[str, Any]:
+        path = self.tmp / "state" / "state.json"
+        doc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+        return doc
+
     def check_applied(self, label: str) -> None:
         """The site as apply leaves it: the VFs made, set, claimed; the guests running."""
         assert read(self.pf, "sriov_numvfs") == str(VFS), label
@@ -148,9 +159,11 @@ class Site:
             assert current_driver(ROOT, self.vfs[name]) == "vfio-pci", label
         for i in range(len(NAMES), VFS):
             assert current_driver(ROOT, vf_address(self.pf, i)) is None, label
-        st = self.status()["partitions"]
-        assert {n: st[n]["state"] for n in NAMES} == dict.fromkeys(NAMES, "running"), label
-        state = json.loads((self.tmp / "state" / "state.json").read_text())
+        state = self.record()
+        for n in NAMES:
+            rec = state["partitions"][n]
+            assert rec["state"] == "running", (label, n, rec["state"])
+            assert os.path.exists(f"/proc/{rec['pid']}"), (label, n, "its QEMU is gone")
         pending = [
             r["pf"]
             for r in state.get("sriov", [])
@@ -164,8 +177,8 @@ class Site:
         assert read(self.pf, "sriov_drivers_autoprobe") == "1", label
         assert not dev(self.pf, "virtfn0").exists(), label
         assert self.vf_lines() == {}, label
-        st = self.status()
-        assert st["partitions"] == {} and st["sriov"] == [], (label, st)
+        state = self.record()
+        assert not state.get("partitions") and not state.get("sriov"), (label, state)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +213,7 @@ def site(testbed_out: Path) -> Iterator[Site]:
             if src.is_dir():
                 shutil.copytree(src, testbed_out / name, dirs_exist_ok=True)
         if (tmp / "state" / "state.json").exists():
-            s.cli("destroy", "--all", "--timeout", "5")
+            s.cli("destroy", "--all", "--timeout", "2")
         # Whatever a failed test left: the PF as it was found.
         dev(pf, "sriov_numvfs").write_text("0")
         dev(pf, "sriov_drivers_autoprobe").write_text("1")
@@ -210,22 +223,29 @@ def site(testbed_out: Path) -> Iterator[Site]:
 
 
 def test_plan_lists_the_vfs_creation_and_each_vfs_settings(site: Site) -> None:
-    cp = site.cli("plan", str(site.manifest))
+    """(The text form of the same actions: tests/test_sriov_apply.py.)"""
+    cp = site.cli("--json", "plan", str(site.manifest))
     assert cp.returncode == 0, cp.stderr
-    acts = [ln.split(None, 2) for ln in cp.stdout.splitlines() if ln.startswith("  ")]
-    kinds = [a[0] for a in acts if a[0] in ("create-vfs", "configure-vf", "claim-vf")]
-    assert kinds == ["create-vfs", "configure-vf", "claim-vf", "configure-vf", "claim-vf"]
-    said = {(a[0], a[1]): a[2] for a in acts}
-    assert said[("create-vfs", site.pf)].startswith(f"sriov_numvfs 0 -> {VFS}")
-    for i, name in enumerate(NAMES):
-        assert said[("configure-vf", name)] == (
-            f"VF {i} of {site.pf}: mac {MAC[name]}, vlan {VLAN[name]}"
-        )
-    doc = json.loads(site.cli("--json", "plan", str(site.manifest)).stdout)
-    conf = [a for a in doc["actions"] if a["action"] == "configure-vf"]
-    assert [(a["index"], a["settings"]["mac"], a["settings"]["vlan"]) for a in conf] == [
-        (i, MAC[n], VLAN[n]) for i, n in enumerate(NAMES)
+    doc = json.loads(cp.stdout)
+    acts = [a for a in doc["actions"] if a["action"] in ("create-vfs", "configure-vf", "claim-vf")]
+    assert [(a["action"], a["target"]) for a in acts] == [
+        ("create-vfs", site.pf),
+        ("configure-vf", "fw"),
+        ("claim-vf", "fw"),
+        ("configure-vf", "lan"),
+        ("claim-vf", "lan"),
     ]
+    assert acts[0]["detail"].startswith(f"sriov_numvfs 0 -> {VFS}")
+    assert (acts[0]["vfs"], acts[0]["numvfs_now"]) == (VFS, 0)
+    for i, name in enumerate(NAMES):
+        a = acts[1 + 2 * i]
+        assert a["detail"] == f"VF {i} of {site.pf}: mac {MAC[name]}, vlan {VLAN[name]}"
+        assert (a["index"], a["settings"]["mac"], a["settings"]["vlan"]) == (
+            i,
+            MAC[name],
+            VLAN[name],
+        )
+        assert acts[2 + 2 * i]["address"] == site.vfs[name]
     assert doc["sriov"][0]["iommu_groups_known"] is False
 
 
@@ -242,24 +262,6 @@ def test_no_host_driver_took_a_vf(site: Site) -> None:
     assert not [e for e in os.listdir("/sys/bus/pci/drivers/igbvf") if e.startswith("0000:")]
 
 
-def test_each_nested_guest_sees_its_vf_with_the_mac_the_host_set(site: Site) -> None:
-    st = site.status()["partitions"]
-    logs = {n: Path(st[n]["console_log"]) for n in NAMES}
-    deadline = time.monotonic() + TIMEOUT
-    seen: dict[str, str] = {}
-    while len(seen) < len(NAMES) and time.monotonic() < deadline:
-        for n, log in logs.items():
-            text = log.read_text(errors="replace").replace("\r", "") if log.exists() else ""
-            if n not in seen and "GUEST-READY" in text:
-                seen[n] = text
-        time.sleep(2)
-    for n in NAMES:
-        text = seen.get(n, "")
-        assert "GUEST-READY" in text, f"{n}'s guest did not come up"
-        assert re.search(r"^GUEST-PCI 8086:10ca ", text, re.M), text
-        assert f"GUEST-NET eth0 {MAC[n]}" in text.splitlines(), text
-
-
 def test_status_shows_each_partitions_vf_and_its_settings(site: Site) -> None:
     doc = site.status()
     for i, n in enumerate(NAMES):
@@ -270,8 +272,6 @@ def test_status_shows_each_partitions_vf_and_its_settings(site: Site) -> None:
     assert doc["sriov"] == [
         {"pf": site.pf, "vfs": VFS, "numvfs_before": 0, "autoprobe_before": True, "pending": None}
     ]
-    text = site.cli("status").stdout.splitlines()
-    assert f"fw: VF 0 of {site.pf} ({site.vfs['fw']}): mac {MAC['fw']}, vlan 100" in text
 
 
 def test_audit_names_a_vf_whose_mac_was_changed(site: Site) -> None:
@@ -293,7 +293,6 @@ def test_audit_names_a_vf_whose_mac_was_changed(site: Site) -> None:
         assert f"ip link set dev {site.netdev} vf 0 mac {MAC['fw']}" in f["action"]
     finally:
         run(["ip", "link", "set", "dev", site.netdev, "vf", "0", "mac", MAC["fw"]], timeout=60)
-    assert vf_findings()[1] == []
 
 
 def test_plan_refuses_a_new_count_under_the_vfs_in_use(site: Site) -> None:
@@ -307,19 +306,37 @@ def test_plan_refuses_a_new_count_under_the_vfs_in_use(site: Site) -> None:
     assert read(site.pf, "sriov_numvfs") == str(VFS)
 
 
+def test_each_nested_guest_sees_its_vf_with_the_mac_the_host_set(site: Site) -> None:
+    parts = site.record()["partitions"]
+    logs = {n: Path(parts[n]["paths"]["console_log"]) for n in NAMES}
+    deadline = time.monotonic() + TIMEOUT
+    seen: dict[str, str] = {}
+    while len(seen) < len(NAMES) and time.monotonic() < deadline:
+        for n, log in logs.items():
+            text = log.read_text(errors="replace").replace("\r", "") if log.exists() else ""
+            if n not in seen and "GUEST-READY" in text:
+                seen[n] = text
+        time.sleep(2)
+    for n in NAMES:
+        text = seen.get(n, "")
+        assert "GUEST-READY" in text, f"{n}'s guest did not come up"
+        assert re.search(r"^GUEST-PCI 8086:10ca ", text, re.M), text
+        assert f"GUEST-NET eth0 {MAC[n]}" in text.splitlines(), text
+
+
 def test_destroy_killed_while_a_vfs_settings_go_back_then_destroyed(site: Site) -> None:
-    site.killed("vf-cleared", "destroy", "--all", "--timeout", "5")
+    site.killed("vf-cleared", "destroy", "--all", "--timeout", "2")
     site.destroy()
     site.check_destroyed("after a kill at vf-cleared")
 
 
 def test_apply_killed_while_a_vf_is_set_then_applied(site: Site) -> None:
-    site.killed("vf-configured", "apply", "--no-supervise", str(site.manifest))
-    site.apply()
+    site.killed("vf-configured", "apply", "--no-supervise", str(site.idle))
+    site.apply(site.idle)
     site.check_applied("after a kill at vf-configured")
 
 
 def test_destroy_killed_while_the_pf_is_put_back_then_destroyed(site: Site) -> None:
-    site.killed("vfs-restored", "destroy", "--all", "--timeout", "5")
+    site.killed("vfs-restored", "destroy", "--all", "--timeout", "2")
     site.destroy()
     site.check_destroyed("after a kill at vfs-restored")
