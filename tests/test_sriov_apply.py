@@ -381,3 +381,29 @@ def test_audit_of_a_tree_judges_no_settings(fk: FakeSriovKernel, tmp_path: Path)
     state = store.load()
     fk.ip(["ip", "link", "set", "dev", "eth0", "vf", "0", "mac", "52:54:00:00:00:66"])
     assert audit.vf_findings(fk, "fw", state.partitions["fw"], state) == []
+
+
+def test_vfs_recorded_but_gone_after_a_reboot_are_made_again(
+    fk: FakeSriovKernel, tmp_path: Path
+) -> None:
+    """The record says apply made the VFs; the host rebooted without `host setup` and the
+    PF has none: the next apply makes them again and sets them up, and destroy still puts
+    back what the PF had before the first apply."""
+    _, store = applied(fk, tmp_path, site())
+    state = store.load()
+    for name in ("fw", "lan"):  # the guests and the claims went with the reboot
+        state = state.without_partition(name)
+    fk.write(f"/sys/bus/pci/devices/{PF}/sriov_numvfs", "0")
+    fk.write(f"/sys/bus/pci/devices/{PF}/sriov_drivers_autoprobe", "1")
+    host = scan(fk)
+    p = plan(site(), host, {})
+    acts = host_steps(diff(p, state, host, replace=set()))
+    assert [a.kind for a in acts][:2] == ["create-vfs", "configure-vf"]
+    ctx = ApplyContext(
+        root=fk, plan=p, state=state, run_dir=tmp_path / "run", log_dir=tmp_path / "log", host=host
+    )
+    execute(acts, ctx, store)
+    assert fk.numvfs(PF) == 4
+    assert vflink.read_vf_links("eth0")[0].mac == MAC["fw"]
+    rec = ctx.state.pf(PF)
+    assert rec is not None and (rec.numvfs_before, rec.autoprobe_before) == (0, True)

@@ -541,8 +541,8 @@ def pf_changes(
 ) -> tuple[list[Action], list[Action]]:
     """``(restores, creations)`` that take the recorded PFs to the plan's ``(pf, vfs)``: a PF
     the plan no longer has, or with another count, is put back first; a PF without VFs
-    made (or with another count) gets them.  ``now``: each PF's ``sriov_numvfs`` as scanned,
-    for the listing."""
+    made (or with another count, or whose recorded VFs are not there) gets them.  ``now``:
+    each PF's ``sriov_numvfs`` as scanned."""
     planned = dict(plan_pfs)
     now = now or {}
     restores: list[Action] = []
@@ -552,7 +552,10 @@ def pf_changes(
             restores.append(RestoreVfs(r.pf, r.numvfs, r.numvfs_before, r.autoprobe_before))
     for pf, count in planned.items():
         was = state.pf(pf)
-        if was is None or was.numvfs != count:
+        # Recorded as made but not there (the host rebooted without `host setup`'s VFs):
+        # made again, what the PF had before the first apply kept as what destroy puts back.
+        gone = was is not None and pf in now and now[pf] != was.numvfs
+        if was is None or was.numvfs != count or gone:
             creations.append(CreateVfs(pf, count, now.get(pf)))
     return restores, creations
 
