@@ -11,7 +11,9 @@ partition's), no capabilities, ``NoNewPrivs``, seccomp filter mode where it was
 started with ``-sandbox``, its root the empty directory it was chrooted into, no
 open descriptor of another partition's run directory, console log or device
 nodes, and its own ``/dev/vfio/N`` root's or its own, mode 0600.  A partition run
-unconfined (``host.confine: false``) is reported too: its walls are down.
+unconfined (``host.confine: false``) is reported too: its walls are down.  Each of its
+SR-IOV VFs still the PF's VF it was given, with the MAC, VLAN and flags the host set on
+it (read through the PF with iproute2, on the live host only).
 
 A finding is ``drift`` (something moved that should not have: exit 3) or ``boot``
 (what the kernel keeps on a CPU at run time, per-CPU kernel threads and managed
@@ -38,8 +40,9 @@ from partitioner.isolation.view import (
     read_host_work,
     running_processes,
 )
-from partitioner.kernel import sysfs
+from partitioner.kernel import sysfs, vflink
 from partitioner.kernel.root import HostRoot
+from partitioner.kernel.vflink import VfLink, VfLinkError, set_args
 from partitioner.record.model import PartitionRecord, RunState, State
 from partitioner.units import page_size_name
 
@@ -51,9 +54,7 @@ IRQBALANCE_CONFIGS = ("/etc/default/irqbalance", "/etc/sysconfig/irqbalance")
 @dataclass(frozen=True)
 class Finding:
     partition: str
-    kind: (
-        str  # task, vcpu, emulator, irq, workqueue, memory, device, cgroup, irqbalance, boot, walls
-    )
+    kind: str  # task, vcpu, emulator, irq, workqueue, memory, device, vf, cgroup, irqbalance, boot, walls
     resource: str  # what it is about, named for people: "task 812 (sshd)", "interrupt 24 (ahci)"
     status: str  # DRIFT or BOOT
     detail: str  # what is wrong
@@ -134,6 +135,7 @@ def audit(
             continue
         f = _Auditor(root, name, rec, work, guests, layout if full else None, refused)
         findings.extend(f.run())
+        findings.extend(vf_findings(root, name, rec, state))
         if state.site is not None:  # a record without a site's line was never applied here
             walls = Walls(root, name, rec, state, state.site.confine)
             parts[name]["uid"] = walls.uid
@@ -427,6 +429,96 @@ class _Auditor:
                 "partition host setup (kernel arguments), then reboot",
                 cpus=self.cpus.as_list(),
             )
+
+
+def vf_findings(root: HostRoot, name: str, rec: PartitionRecord, state: State) -> list[Finding]:
+    """Each of the partition's VFs still where the plan put it, with the MAC, VLAN and flags
+    the host set on it (read through its PF: ``kernel.vflink``)."""
+    out: list[Finding] = []
+    links: dict[str, tuple[str, dict[int, VfLink]] | None] = {}
+    for d in rec.placement.devices:
+        if d.vf is None:
+            continue
+        pf, index, address = str(d.vf.pf), d.vf.index, str(d.address)
+        what = f"VF {index} of {pf} ({address})"
+        now = root.readlink_name(sysfs.pci_virtfn(pf, index))
+        if now != address:
+            count = root.read_int(sysfs.pci_device(pf, sysfs.SRIOV_NUMVFS))
+            out.append(
+                Finding(
+                    name,
+                    "vf",
+                    what,
+                    DRIFT,
+                    f"the PF has no VF {index} now (sriov_numvfs {count})"
+                    if now is None
+                    else f"VF {index} of the PF is {now} now",
+                    f"partition destroy {name}, then apply the site again",
+                    {"address": address, "pf": pf, "index": index},
+                )
+            )
+            continue
+        pf_rec = state.pf(pf)
+        held = pf_rec.vf(index) if pf_rec is not None else None
+        if held is None or held.partition != name or held.pending:
+            continue  # no settings of the site's, or being set: nothing to judge
+        if pf not in links:
+            try:
+                links[pf] = vflink.links_of(root, pf)
+            except VfLinkError as e:
+                out.append(
+                    Finding(
+                        name,
+                        "vf",
+                        what,
+                        DRIFT,
+                        f"its settings cannot be read through its PF: {e}",
+                        "load the PF's network driver; install iproute2",
+                        {"address": address, "pf": pf, "index": index},
+                    )
+                )
+                links[pf] = None
+                continue
+        found = links[pf]
+        if found is None:
+            continue
+        netdev, got_all = found
+        got = got_all.get(index)
+        if got is None:
+            continue  # said above: the VF is gone
+        wrong = set_args(held.want, got)
+        if not wrong:
+            continue
+        fields = [a[0] for a in wrong]
+        said = "; ".join(
+            f"{f} is {_vf_value(got, f)}, the plan says {_vf_value(held.want, f)}" for f in fields
+        )
+        fix = "; ".join(" ".join(["ip link set dev", netdev, "vf", str(index), *a]) for a in wrong)
+        out.append(
+            Finding(
+                name,
+                "vf",
+                what,
+                DRIFT,
+                f"its settings changed: {said}",
+                f"{fix} (or destroy the partition and apply the site again)",
+                {"address": address, "pf": pf, "index": index, "fields": fields},
+            )
+        )
+    return out
+
+
+def _vf_value(link: VfLink, field: str) -> str:
+    if field == "vlan":
+        return f"{link.vlan}" + (f" (qos {link.qos})" if link.qos else "")
+    if field == "state":
+        return str(link.link_state)
+    if field == "min_tx_rate":
+        return f"{link.min_tx_rate}/{link.max_tx_rate} Mbit/s (min/max)"
+    v = getattr(link, field)
+    if isinstance(v, bool):
+        return "on" if v else "off"
+    return str(v)
 
 
 class Walls:

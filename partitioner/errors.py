@@ -16,8 +16,14 @@ each carries the fields named in brackets::
      |                                  PlanProblems, each located at its field, with the host's part)
      |    +-- ExportError             ... or whose export would not start (what to add)
      +-- PreconditionError         3  the request does not fit the host as it is now
+     |    +-- VfsInUse                a PF's VF count cannot change: VFs in use (.pf, .users)
+     |    |                             (engine/sriov.py)
+     |    +-- QemuLacksDevices        no QEMU here has a test-bed topology's devices (.missing,
+     |                                  .tried) (testbed/qemu.py)
      +-- DeviceError               4  claiming / releasing a PCI function failed (.address, .path, .errno)
      |    +-- ClaimFailed             ... and was undone (.restored, .not_restored) (vfio/claim.py)
+     |    +-- VfLinkError             a VF's settings could not be set or read through its PF
+     |                                  (kernel/vflink.py)
      +-- GuestError                4  QEMU could not be started or driven (.partition)
      |    +-- VMLaunchFailure         QEMU exited while starting (.exitcode, .command, .output)
      |    +-- HugepageError           a node's hugepage pool cannot be raised (.node, .size_bytes, ...)

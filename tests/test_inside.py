@@ -3,19 +3,39 @@
 The server (the ``numa`` preset unless ``PARTITION_TESTBED_TOPOLOGY`` names
 another) is booted once per session; pytest runs there once per module of tests/inside,
 each writing a JUnit report to the writable share, and each host-side test
-below passes iff every case of its module passed in there.  ``pytest -s`` shows the
+below passes iff every case of its module passed in there.
+
+The SR-IOV modules (:data:`SRIOV_MODULES`) need a topology with an SR-IOV NIC
+(QEMU's igb), which Debian 12's QEMU 7.2 cannot build: when the suite's topology
+has none, they run on a boot of their own of the ``sriov`` preset
+(``PARTITION_TESTBED_SRIOV_TOPOLOGY``), with the QEMU that has igb (scripts/setup
+unpacks one under /opt).  That boot is the boot-time proof too: the server is
+booted with the kernel arguments ``partition host setup`` compiles for
+tests/manifests/hostboot-sriov.yaml (against the snapshot of the ``sriov`` server,
+tests/fixtures/hosts/testbed-sriov), whose other files are put in
+``$TESTBED_OUT/sriov-boot``; test_inside_sriov_boot runs the compiled SR-IOV script
+as udev would when the PF's driver binds it and checks the result, then puts the
+PF back for test_inside_sriov (``partition apply`` of the same site, its nested
+guests, and SIGKILL at each SR-IOV kill point).  The preset is small (3 vCPUs):
+its boot takes about 10 s; the suite keeps its one long boot on QEMU 7.2 (what
+users run) and adds this short one, rather than putting igb into the ``numa``
+preset and the whole suite on the newer QEMU.  Without a QEMU that has igb, the
+SR-IOV modules are skipped, saying so.  ``pytest -s`` shows the
 inside run live; otherwise its log is in the session's tmp dir (testbed-out*/inside.log)
 and its tail in each failure.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import json
 import os
 import shutil
+import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -23,12 +43,14 @@ from typing import TextIO
 import pytest
 
 from partitioner.testbed.initramfs import OUT_DIR
+from partitioner.testbed.qemu import QemuLacksDevices, choose_qemu
 from partitioner.testbed.server import (
     TestbedEmulationFault,
     TestbedHang,
     TestbedServer,
     TestbedTimeout,
 )
+from partitioner.testbed.topology import load_topology
 
 pytestmark = [pytest.mark.testbed, pytest.mark.qemu]
 
@@ -36,6 +58,12 @@ PROJECT = Path(__file__).resolve().parents[1]
 INSIDE = PROJECT / "tests" / "inside"
 MODULES = sorted(p.stem for p in INSIDE.glob("test_*.py"))
 TOPOLOGY = os.environ.get("PARTITION_TESTBED_TOPOLOGY", "numa")
+SRIOV_TOPOLOGY = os.environ.get("PARTITION_TESTBED_SRIOV_TOPOLOGY", "sriov")
+# Need an SR-IOV NIC: run where the topology has one, in this order (the boot-time proof
+# first, on the PF as the boot left it).
+SRIOV_MODULES = ("test_inside_sriov_boot", "test_inside_sriov")
+SRIOV_SITE = PROJECT / "tests" / "manifests" / "hostboot-sriov.yaml"
+SRIOV_SNAPSHOT = PROJECT / "tests" / "fixtures" / "hosts" / "testbed-sriov"
 SLOW_MODULES = (
     "test_inside_apply",
     "test_inside_live",
@@ -59,6 +87,14 @@ class InsideRun:
     cases: dict[str, list[CaseResult]] = field(default_factory=dict)  # module stem -> cases
     module_rc: dict[str, int] = field(default_factory=dict)  # module stem -> pytest's exit code
     problem: str = ""  # why the run as a whole failed (boot failure, timeout)
+    skipped: dict[str, str] = field(default_factory=dict)  # module stem -> why it did not run
+
+
+def topology_of(module: str, suite: str = TOPOLOGY, sriov: str = SRIOV_TOPOLOGY) -> str:
+    """The topology a module runs on: the suite's, but an SR-IOV module needs an SR-IOV NIC."""
+    if module in SRIOV_MODULES and not load_topology(suite).has_sriov:
+        return sriov
+    return suite
 
 
 def _module_of(classname: str, name: str) -> str | None:
@@ -115,7 +151,6 @@ def inside_run(
     if reason:
         pytest.skip(reason)
     out = tmp_path_factory.mktemp("testbed-out")
-    log_path = out / "inside.log"
     # Only the modules this session selected (`-k inventory` runs one inside).
     mine = sys.modules[__name__]
     selected = (
@@ -133,15 +168,51 @@ def inside_run(
     )
     # One pytest per module, each with its own report: a module that overruns the
     # timeout or crashes pytest takes only its own results with it.  Slow ones last.
-    selected.sort(key=lambda m: (m in SLOW_MODULES, m))
+    selected.sort(
+        key=lambda m: (m in SLOW_MODULES, SRIOV_MODULES.index(m) if m in SRIOV_MODULES else -1, m)
+    )
     live = request.config.getoption("capture") == "no"
-    with log_path.open("w") as log:
-        stream = _Tee(log, sys.stderr) if live else log
-        rc, problem, boot_seconds = _run_once_more_after_a_fault(
-            _boot_and_run, selected, out, stream
-        )
-    text = log_path.read_text(errors="replace")
-    run = InsideRun(rc=rc, log=text, boot_seconds=boot_seconds, problem=str(problem or ""))
+    by_topology: dict[str, list[str]] = {}
+    for m in selected:
+        by_topology.setdefault(topology_of(m), []).append(m)
+    logs: list[str] = []
+    rcs: list[int | None] = []
+    problems: list[str] = []
+    boot_seconds: float | None = None
+    skipped: dict[str, str] = {}
+    for topology, modules in by_topology.items():
+        topo = load_topology(topology)
+        try:
+            choose_qemu(topo.name, topo.qemu_devices())
+        except QemuLacksDevices as e:
+            if topology == TOPOLOGY:
+                raise
+            skipped.update(dict.fromkeys(modules, str(e)))
+            continue
+        log_path = out / ("inside.log" if topology == TOPOLOGY else f"inside-{topo.name}.log")
+        append = sriov_boot_files(out) if topo.has_sriov else []
+        with log_path.open("w") as log:
+            stream = _Tee(log, sys.stderr) if live else log
+            rc, problem, seconds = _run_once_more_after_a_fault(
+                functools.partial(_boot_and_run, topology=topology, append=append),
+                modules,
+                out,
+                stream,
+            )
+        logs.append(log_path.read_text(errors="replace"))
+        rcs.append(rc)
+        if problem:
+            problems.append(f"{topology}: {problem}")
+        if topology == TOPOLOGY or boot_seconds is None:
+            boot_seconds = seconds  # the suite topology's boot, which is the one that counts
+    worst = None if None in rcs else max(rcs, default=0)
+    run = InsideRun(
+        rc=worst,
+        log="\n".join(logs),
+        boot_seconds=boot_seconds,
+        problem="\n".join(problems),
+        skipped=skipped,
+    )
     for m in selected:
         if (out / f"{m}.xml").exists():
             run.cases[m] = parse_junit(out / f"{m}.xml")[m]
@@ -149,6 +220,26 @@ def inside_run(
         if rc_text.isdigit():
             run.module_rc[m] = int(rc_text)
     return run
+
+
+def sriov_boot_files(out: Path) -> list[str]:
+    """What ``partition host setup`` compiles for the SR-IOV site on the ``sriov`` server (its
+    snapshot), as ``--dry-run --json`` says it, put in ``out/sriov-boot/setup.json`` for the
+    boot-time proof inside; its kernel arguments, to boot the server with."""
+    cp = subprocess.run(
+        [
+            sys.executable, "-m", "partitioner.cli.main", "--host-root", str(SRIOV_SNAPSHOT),
+            "--json", "host", "setup", str(SRIOV_SITE), "--dry-run",
+            "--root", str(out / "sriov-target"),
+        ],
+        capture_output=True, text=True, cwd=PROJECT, timeout=300,
+    )  # fmt: skip
+    assert cp.returncode == 0, cp.stderr
+    doc = json.loads(cp.stdout)
+    (out / "sriov-boot").mkdir(exist_ok=True)
+    (out / "sriov-boot" / "setup.json").write_text(cp.stdout)
+    args: list[str] = doc["kernel_args"]
+    return args
 
 
 BootAndRun = Callable[[list[str], Path, TextIO], tuple[int | None, Exception | None, float | None]]
@@ -170,7 +261,12 @@ def _run_once_more_after_a_fault(
 
 
 def _boot_and_run(
-    modules: list[str], out: Path, stream: TextIO
+    modules: list[str],
+    out: Path,
+    stream: TextIO,
+    *,
+    topology: str = TOPOLOGY,
+    append: Sequence[str] = (),
 ) -> tuple[int | None, Exception | None, float | None]:
     """Boot the server, run pytest once per module in it: its exit code, what went wrong (a
     timeout, a boot failure, an emulation fault), the boot time."""
@@ -183,7 +279,13 @@ def _boot_and_run(
     # (-o addopts: the project's addopts ignore tests/inside, not in here.)
     argv = ["sh", "-c", script, "inside", sys.executable, *modules]
     with TestbedServer(
-        TOPOLOGY, argv, timeout=TIMEOUT, cwd=str(PROJECT), out_dir=out, stream=stream
+        topology,
+        argv,
+        timeout=TIMEOUT,
+        cwd=str(PROJECT),
+        out_dir=out,
+        stream=stream,
+        append=append,
     ) as tb:
         try:
             return tb.wait(), None, tb.boot_seconds
@@ -197,6 +299,8 @@ def _tail(text: str, n: int = 60) -> str:
 
 @pytest.mark.parametrize("module", MODULES)
 def test_inside_module(inside_run: InsideRun, module: str) -> None:
+    if module in inside_run.skipped:
+        pytest.skip(inside_run.skipped[module])
     rc = inside_run.module_rc.get(module)
     if rc is None:
         why = inside_run.problem or "the emulated server ended before this module's pytest did"
@@ -225,6 +329,23 @@ def test_inside_module(inside_run: InsideRun, module: str) -> None:
             f"every case of {module} was skipped inside:\n"
             + "\n".join(f"{c.name}: {c.text.splitlines()[0] if c.text else ''}" for c in cases)
         )
+
+
+def test_the_sriov_module_runs_where_there_is_an_sriov_nic() -> None:
+    assert topology_of("test_inside_sriov", "numa") == "sriov"
+    assert topology_of("test_inside_sriov_boot", "numa") == "sriov"
+    assert topology_of("test_inside_sriov", "sriov") == "sriov"
+    assert topology_of("test_inside_vfio", "numa") == "numa"
+    assert set(SRIOV_MODULES) <= set(MODULES)
+
+
+def test_the_sriov_boot_is_booted_with_what_host_setup_compiled(tmp_path: Path) -> None:
+    args = sriov_boot_files(tmp_path)
+    assert "intel_iommu=on" in args
+    doc = json.loads((tmp_path / "sriov-boot" / "setup.json").read_text())
+    paths = {f["path"] for f in doc["files"]}
+    assert {"/etc/partition/sriov-vfs", "/etc/udev/rules.d/70-partition-sriov.rules"} <= paths
+    assert [pf["pf"] for pf in doc["sriov"]] == ["0000:01:00.0"]
 
 
 # -- the rerun after an emulation fault, with a stand-in for the server ---------------------

@@ -457,7 +457,7 @@ def test_exit_code_and_output_come_back_and_no_qemu_is_left(
     assert tb.boot_seconds is not None and tb.boot_seconds < 240
     if rc == 7:
         assert out.getvalue() == "out\nerr\n"  # no kernel log, no CR: ttyS1 is raw
-    assert "booting emulated server (small: 2 vCPUs, 1 node)..." in progress.getvalue()
+    assert "booting emulated server (small: 2 vCPUs, 1 node) with /" in progress.getvalue()
     assert qemu_processes_mentioning(run_dir) == []
     assert not Path(f"/proc/{pid}").exists() or qemu_processes_mentioning(run_dir) == []
     assert not Path(run_dir).exists()

@@ -20,12 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from partitioner.boot.setup import BootSettings, HostFacts, reboot_needed
+from partitioner.boot.setup import SRIOV_SCRIPT, BootSettings, HostFacts, reboot_needed
 from partitioner.cpuset import CpuSet
 from partitioner.inventory.model import Host
 from partitioner.inventory.pci import interrupt_remapping as inventory_interrupt_remapping
-from partitioner.kernel import sysfs
+from partitioner.kernel import sysfs, vflink
 from partitioner.kernel.root import HostRoot
+from partitioner.kernel.vflink import VfLink, VfLinkError, set_args
 from partitioner.units import GiB, page_size_name
 
 Status = Literal["pass", "warn", "fail", "unknown"]
@@ -749,6 +750,156 @@ def check_site(
                     reboot=True,
                 )
             )
+    items.extend(_sriov_items(root, settings, fix))
+    return items
+
+
+def _sriov_items(root: HostRoot, settings: BootSettings, fix: str) -> list[CheckItem]:
+    """Each PF of ``host.sriov`` with its VF count, and each of the site's VFs on vfio-pci
+    (by ``driver_override``, as the boot-time script binds it) with the MAC, VLAN and flags
+    the site gives it (read through the PF with iproute2: the live host only)."""
+    items: list[CheckItem] = []
+    for pf in settings.sriov:
+        key, title = f"site-sriov-{pf.address}", f"SR-IOV PF {pf.address}"
+        sysdev = sysfs.pci_device(pf.address)
+        count = root.read_int(sysfs.pci_device(pf.address, sysfs.SRIOV_NUMVFS))
+        probe = root.read_int(sysfs.pci_device(pf.address, sysfs.SRIOV_DRIVERS_AUTOPROBE))
+        driver = root.readlink_name(f"{sysdev}/driver")
+        if not root.exists(sysdev):
+            items.append(CheckItem(key, title, "fail", f"{pf.address} is not on this host"))
+            continue
+        if count is None:
+            items.append(
+                CheckItem(
+                    key,
+                    title,
+                    _lacking(root, "fail"),
+                    f"{sysfs.SRIOV_NUMVFS} cannot be read: not an SR-IOV physical function",
+                )
+            )
+            continue
+        if count == pf.vfs:
+            probed = "" if probe is None else f", sriov_drivers_autoprobe {probe}"
+            items.append(CheckItem(key, title, "pass", f"{count} VFs, as the site asks{probed}"))
+        else:
+            why = (
+                "its driver has not bound it (the kernel makes VFs through the PF's driver, "
+                "and the boot-time script runs when it binds)"
+                if driver is None
+                else f"bound to {driver}; the boot-time script {SRIOV_SCRIPT} did not make them"
+            )
+            items.append(
+                CheckItem(
+                    key,
+                    title,
+                    "fail",
+                    f"{count} VFs, the site asks {pf.vfs}: {why}",
+                    f"{fix} (or run {SRIOV_SCRIPT} {pf.address} now, while no VF of it is used)",
+                    reboot=True,
+                )
+            )
+        links: dict[int, VfLink] | None = None
+        netdev = ""
+        for v in pf.site_vfs:
+            vkey = f"site-vf-{v.address}"
+            vtitle = f"VF {v.index} of {pf.address} ({v.partition})"
+            vdev = sysfs.pci_device(v.address)
+            at = root.readlink_name(sysfs.pci_virtfn(pf.address, v.index))
+            vdriver = root.readlink_name(f"{vdev}/driver")
+            override = root.read(f"{vdev}/driver_override")
+            if at != v.address:
+                items.append(
+                    CheckItem(
+                        vkey,
+                        vtitle,
+                        "fail",
+                        f"the PF has no VF {v.index}"
+                        if at is None
+                        else f"VF {v.index} is {at}, not {v.address} as planned",
+                        fix,
+                        reboot=True,
+                    )
+                )
+                continue
+            if vdriver == "vfio-pci" and override == "vfio-pci":
+                items.append(
+                    CheckItem(
+                        vkey, vtitle, "pass", f"{v.address} on vfio-pci, with driver_override"
+                    )
+                )
+            elif vdriver == "vfio-pci":
+                items.append(
+                    CheckItem(
+                        vkey,
+                        vtitle,
+                        "warn" if root.live or override is not None else "unknown",
+                        f"{v.address} on vfio-pci, without driver_override: claimed at run "
+                        "time, not at boot",
+                        fix,
+                        reboot=True,
+                    )
+                )
+            else:
+                items.append(
+                    CheckItem(
+                        vkey,
+                        vtitle,
+                        "fail",
+                        f"{v.address} is {'bound to ' + vdriver if vdriver else 'bound to no driver'}"
+                        ": the boot-time binding to vfio-pci is not in effect",
+                        fix,
+                        reboot=True,
+                    )
+                )
+            if v.settings is None:
+                continue
+            skey, stitle = (
+                f"site-vf-settings-{v.address}",
+                f"settings of VF {v.index} of {pf.address}",
+            )
+            if links is None:
+                try:
+                    found = vflink.links_of(root, pf.address)
+                except VfLinkError as e:
+                    items.append(CheckItem(skey, stitle, "fail", str(e), fix, reboot=True))
+                    continue
+                if found is None:
+                    items.append(
+                        CheckItem(
+                            skey,
+                            stitle,
+                            "unknown",
+                            "a VF's settings are read through its PF with iproute2, on the "
+                            "live host only",
+                        )
+                    )
+                    continue
+                netdev, links = found
+            got = links.get(v.index)
+            if got is None:
+                items.append(
+                    CheckItem(skey, stitle, "fail", f"{netdev} lists no VF {v.index}", fix)
+                )
+                continue
+            want = got.with_settings(v.settings)
+            wrong = set_args(want, got)
+            if not wrong:
+                items.append(CheckItem(skey, stitle, "pass", want.describe()))
+            else:
+                items.append(
+                    CheckItem(
+                        skey,
+                        stitle,
+                        "fail",
+                        f"{got.describe()}; the site sets {want.describe()}",
+                        "; ".join(
+                            " ".join(["ip link set dev", netdev, "vf", str(v.index), *a])
+                            for a in wrong
+                        )
+                        + f", or {fix}",
+                        reboot=True,
+                    )
+                )
     return items
 
 

@@ -16,6 +16,14 @@ What a site needs at boot, and why it cannot wait for ``apply``:
 - early binding: each of the site's PCI functions, by address, gets
   ``driver_override = vfio-pci`` in the initramfs, before udev loads any
   driver, so a host driver never touches it;
+- SR-IOV (``host.sriov``): a PF's VFs can only be made once its driver has bound
+  it, which the initramfs's early binding comes before.  A udev rule runs a script
+  of the site's when the PF's driver binds (and the boot-time service runs it
+  again before it starts the partitions, whichever comes first; they take turns
+  by a lock): ``sriov_drivers_autoprobe`` 0 first, so no host driver probes a VF,
+  then ``sriov_numvfs``; each of the site's VFs gets its MAC, VLAN and flags
+  through the PF (``ip link set dev PF vf N``, one setting a command) and is then
+  bound to vfio-pci by address (``driver_override``), as the early binding does;
 - start at boot: a systemd unit that runs ``partition host boot``, or the
   same command from another init system.
 """
@@ -37,7 +45,8 @@ from partitioner.cpuset import CpuSet
 from partitioner.inventory.model import Host
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
-from partitioner.manifest.model import Manifest
+from partitioner.kernel.vflink import VfLink, set_args
+from partitioner.manifest.model import Manifest, VfSettings
 from partitioner.planning.model import Plan
 from partitioner.units import format_size, kernel_page_size, page_size_name
 
@@ -52,6 +61,9 @@ ITOOLS_HOOK = "/etc/initramfs-tools/hooks/partition-vfio"
 DRACUT_CONF = "/etc/dracut.conf.d/partition-vfio.conf"
 DRACUT_MODULE = "/usr/lib/dracut/modules.d/90partition-vfio"
 MODPROBE_CONF = "/etc/modprobe.d/partition-vfio.conf"
+SRIOV_SCRIPT = "/etc/partition/sriov-vfs"
+SRIOV_RULES = "/etc/udev/rules.d/70-partition-sriov.rules"
+SRIOV_LOCK = "/run/partition-sriov.lock"
 UNIT = "/etc/systemd/system/partition-site.service"
 UNIT_LINK = "/etc/systemd/system/multi-user.target.wants/partition-site.service"
 # The program the boot-time service of another machine or an image runs, unless told
@@ -117,6 +129,25 @@ class EarlyDevice:
 
 
 @dataclass(frozen=True)
+class BootVf:
+    """One of the site's VFs: made at boot with its PF, given its settings, bound to vfio-pci."""
+
+    index: int
+    address: str  # where the PF's offset and stride put it
+    partition: str
+    settings: VfSettings | None
+
+
+@dataclass(frozen=True)
+class BootPf:
+    """A PF of ``host.sriov`` whose ``vfs`` VFs are made at boot; ``site_vfs``: the site's."""
+
+    address: str
+    vfs: int
+    site_vfs: tuple[BootVf, ...]
+
+
+@dataclass(frozen=True)
 class BootSettings:
     """What the running kernel must carry for the site: compiled once, used by setup and check."""
 
@@ -126,6 +157,7 @@ class BootSettings:
     hugepages: Mapping[int, Mapping[int, int]]  # page size -> node -> pages, boot-time pools
     devices: tuple[EarlyDevice, ...]
     notes: tuple[str, ...] = ()
+    sriov: tuple[BootPf, ...] = ()  # VFs made at boot, once each PF's driver has bound it
 
 
 def boot_settings(manifest: Manifest, plan: Plan, host: Host, facts: HostFacts) -> BootSettings:
@@ -198,8 +230,16 @@ def boot_settings(manifest: Manifest, plan: Plan, host: Host, facts: HostFacts) 
         )
 
     devices: list[EarlyDevice] = []
+    site_vfs: dict[str, list[BootVf]] = {}
     for p in plan.start_order():
         for d in p.devices:
+            if d.vf is not None:
+                # Made at boot once its PF's driver is bound, after the initramfs: the
+                # SR-IOV script binds it (sriov_files), not the early binding.
+                site_vfs.setdefault(str(d.vf.pf), []).append(
+                    BootVf(d.vf.index, str(d.address), p.name, d.vf.settings)
+                )
+                continue
             fn = host.pci.get(d.address)
             driver = fn.driver if fn is not None else d.driver
             if driver == "vfio-pci":
@@ -213,6 +253,14 @@ def boot_settings(manifest: Manifest, plan: Plan, host: Host, facts: HostFacts) 
         hugepages={s: dict(n) for s, n in pools.items()},
         devices=tuple(devices),
         notes=tuple(notes),
+        sriov=tuple(
+            BootPf(
+                str(pf.address),
+                pf.vfs,
+                tuple(sorted(site_vfs.get(str(pf.address), []), key=lambda v: v.index)),
+            )
+            for pf in plan.sriov
+        ),
     )
 
 
@@ -264,7 +312,7 @@ class SetupFile:
     purpose: str
     mode: int = 0o644
     symlink: bool = False
-    group: Literal["cmdline", "initramfs", "units", "site"] = "site"
+    group: Literal["cmdline", "initramfs", "units", "sriov", "site"] = "site"
 
 
 @dataclass(frozen=True)
@@ -391,7 +439,129 @@ def _initramfs_files(devices: Sequence[EarlyDevice], kind: Initramfs) -> list[Se
     return files
 
 
-def _unit(partition_cmd: Sequence[str]) -> str:
+def vf_setting_args(settings: VfSettings) -> list[list[str]]:
+    """The ``ip link set dev PF vf N`` arguments that give a new VF ``settings``, one list per
+    command (the kernel stops at the first setting a driver refuses), only what differs from
+    a new VF's: as ``apply`` sends them (``kernel.vflink.set_args``)."""
+    return set_args(VfLink().with_settings(settings), VfLink())
+
+
+def _sriov_script(pfs: Sequence[BootPf]) -> str:
+    """The shell that makes a PF's VFs and sets up the site's: run by udev when the PF's driver
+    binds it (``sriov-vfs PF``), and by the boot-time service before it starts the partitions
+    (``sriov-vfs``: every PF whose driver is bound)."""
+    lines = [
+        "#!/bin/sh",
+        f"# {HEADER}",
+        "# The site's SR-IOV virtual functions, made once the physical function's driver has",
+        "# bound it (the kernel makes VFs only through that driver): sriov_drivers_autoprobe 0",
+        "# first, so that no host driver probes a VF; then sriov_numvfs; then each of the",
+        "# site's VFs gets its MAC, VLAN and flags through the PF and is bound to vfio-pci by",
+        "# address.  udev runs it with the PF's address when its driver binds it, by",
+        f"# {SRIOV_RULES};",
+        "# the boot-time service runs it without one (every PF whose driver is bound)",
+        "# before it starts the partitions.  Both take turns by a lock.",
+        "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
+        'say() { echo "partition-sriov: $*" >&2; echo "partition-sriov: $*" > /dev/kmsg 2>/dev/null; }',
+        "",
+        "make_vfs() {  # PF COUNT",
+        '\tsys="/sys/bus/pci/devices/$1"',
+        '\t[ -e "$sys/sriov_numvfs" ] || { say "$1: not an SR-IOV physical function"; return 1; }',
+        '\t[ -e "$sys/driver" ] || { say "$1: no driver bound: its VFs wait for it"; return 1; }',
+        '\t[ "$(cat "$sys/sriov_numvfs")" = "$2" ] && return 0',
+        '\techo 0 > "$sys/sriov_drivers_autoprobe" || return 1',
+        "\t# The kernel takes a new count only from 0.",
+        '\t[ "$(cat "$sys/sriov_numvfs")" = 0 ] || echo 0 > "$sys/sriov_numvfs" || return 1',
+        '\techo "$2" > "$sys/sriov_numvfs" || { say "$1: sriov_numvfs $2 refused"; return 1; }',
+        '\tsay "$1: $2 VFs made, host drivers kept off them"',
+        "}",
+        "",
+        "set_vf() {  # PF INDEX ADDRESS SETTING...: one setting, through the PF's interface",
+        '\tpf="$1"; index="$2"; addr="$3"; shift 3',
+        '\tnet=$(ls "/sys/bus/pci/devices/$pf/net" 2>/dev/null | head -n 1)',
+        '\t[ -n "$net" ] || { say "$pf: no network interface to set VF $index through"; return 1; }',
+        '\tip link set dev "$net" vf "$index" "$@" && return 0',
+        '\tsay "$addr: VF $index of $pf: $1 refused: left unbound for apply to set up"; return 1',
+        "}",
+        "",
+        "bind_vf() {  # ADDRESS: to vfio-pci by address, as the early binding does",
+        '\tsysdev="/sys/bus/pci/devices/$1"',
+        '\t[ -e "$sysdev" ] || { say "$1: not there (the PF has fewer VFs)"; return 1; }',
+        '\techo vfio-pci > "$sysdev/driver_override"',
+        '\t[ -e "$sysdev/driver" ] || echo "$1" > /sys/bus/pci/drivers_probe',
+        "}",
+        "",
+        "pf_of_site() {  # PF",
+        '\tcase "$1" in',
+    ]
+    for pf in pfs:
+        lines.append(f"\t{pf.address})")
+        lines.append(f"\t\tmake_vfs {pf.address} {pf.vfs} || return 1")
+        if pf.site_vfs:
+            lines.append("\t\tmodprobe -q vfio-pci")
+        for v in pf.site_vfs:
+            cmds = vf_setting_args(v.settings) if v.settings is not None else []
+            sets = [
+                f"set_vf {pf.address} {v.index} {v.address} {' '.join(shlex.quote(a) for a in c)}"
+                for c in cmds
+            ]
+            # A VF whose settings were refused is left unbound: apply sets it up (or says why).
+            chain = " && ".join([*sets, f"bind_vf {v.address}"])
+            lines.append(f"\t\t{chain}  # {v.partition}")
+        lines.append("\t\t;;")
+    lines += [
+        '\t*) say "$1 is not a PF of the site"; return 1 ;;',
+        "\tesac",
+        "}",
+        "",
+        f'exec 9>"{SRIOV_LOCK}" && flock 9',
+        'if [ $# -gt 0 ]; then pf_of_site "$1"; exit $?; fi',
+        "rc=0",
+        f"for pf in {' '.join(pf.address for pf in pfs)}; do",
+        '\t[ -e "/sys/bus/pci/devices/$pf/driver" ] || continue  # udev runs it when bound',
+        '\tpf_of_site "$pf" || rc=1',
+        "done",
+        'exit "$rc"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _sriov_rules(pfs: Sequence[BootPf]) -> str:
+    lines = [
+        f"# {HEADER}",
+        "# When a PF of the site is bound by its driver (or found bound, at coldplug), make its",
+        f"# VFs and set up the site's ({SRIOV_SCRIPT}).  Not for vfio-pci: it is not the PF's",
+        "# network driver.",
+    ]
+    for pf in pfs:
+        lines.append(
+            f'ACTION=="add|bind", SUBSYSTEM=="pci", KERNEL=="{pf.address}", DRIVER=="?*", '
+            f'DRIVER!="vfio-pci", RUN+="{SRIOV_SCRIPT} {pf.address}"'
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _sriov_files(pfs: Sequence[BootPf]) -> list[SetupFile]:
+    if not pfs:
+        return []
+    return [
+        SetupFile(
+            SRIOV_SCRIPT,
+            _sriov_script(pfs),
+            "make the site's SR-IOV VFs (autoprobe off), set and bind the site's to vfio-pci",
+            mode=0o755,
+            group="sriov",
+        ),
+        SetupFile(
+            SRIOV_RULES,
+            _sriov_rules(pfs),
+            "run it when each PF's driver binds it",
+            group="sriov",
+        ),
+    ]
+
+
+def _unit(partition_cmd: Sequence[str], sriov: bool = False) -> str:
     cmd = shlex.join([*partition_cmd, "host", "boot", SITE_COPY])
     stop = shlex.join([*partition_cmd, "destroy", SITE_COPY])
     return (
@@ -406,7 +576,13 @@ def _unit(partition_cmd: Sequence[str]) -> str:
         "# would, then stays to restart the ones that crash (on_crash); systemd\n"
         "# restarts it in turn.  Stopping the service stops them in the reverse order.\n"
         "Type=exec\n"
-        f"ExecStart={cmd}\n"
+        + (
+            "# The site's VFs made first, if udev has not (its rule runs the same script).\n"
+            f"ExecStartPre=-{SRIOV_SCRIPT}\n"
+            if sriov
+            else ""
+        )
+        + f"ExecStart={cmd}\n"
         f"ExecStop={stop}\n"
         "Restart=on-failure\n"
         "RestartSec=5\n"
@@ -468,11 +644,12 @@ def compile_setup(
             )
         )
     files.extend(_initramfs_files(settings.devices, target.initramfs))
+    files.extend(_sriov_files(settings.sriov))
     if target.systemd:
         files.append(
             SetupFile(
                 UNIT,
-                _unit(partition_cmd),
+                _unit(partition_cmd, sriov=bool(settings.sriov)),
                 "start the site's partitions at boot, in order, and restart them on crash",
                 group="units",
             )
@@ -699,6 +876,8 @@ def _group_of(path: str) -> str:
         return "initramfs"
     if path.startswith("/etc/systemd"):
         return "units"
+    if path in (SRIOV_SCRIPT, SRIOV_RULES):
+        return "sriov"
     return "site"
 
 
@@ -761,6 +940,9 @@ def follow_up(target: Target, change_list: Sequence[FileChange], facts: HostFact
         else:
             argv.append(("dracut", "-f", "--regenerate-all"))
             reasons.append("dracut: put the early binding into the initramfs")
+    if "sriov" in changed and target.systemd:
+        argv.append(("udevadm", "control", "--reload"))
+        reasons.append("udevadm control --reload: udev reads the SR-IOV rule")
     if "units" in changed and target.systemd:
         argv.append(("systemctl", "daemon-reload"))
         reasons.append("systemctl daemon-reload: systemd reads the unit")

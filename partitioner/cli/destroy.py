@@ -12,6 +12,7 @@ from partitioner.cli.lifecycle import lifecycle_context
 from partitioner.engine.diff import teardown
 from partitioner.engine.executor import execute
 from partitioner.engine.isolation import destroy_actions
+from partitioner.engine.sriov import restore_all
 from partitioner.errors import UsageError
 from partitioner.record.reconcile import reconcile, reconcile_store
 from partitioner.record.store import StateStore
@@ -55,8 +56,11 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         state = found.state
         ctx.reconciled(found.findings, done=not args.dry_run)
         names = set(state.partitions) if wanted is None else wanted & set(state.partitions)
-        actions = teardown(r for n, r in state.partitions.items() if n in names)
+        actions = teardown((r for n, r in state.partitions.items() if n in names), state)
         actions = destroy_actions(actions, state, names, store.dir)  # host back with the last
+        if not set(state.partitions) - names:
+            # The PFs' VF counts back with the last partition, after every claim is released.
+            actions += restore_all(state)
         if not actions:
             ctx.say("nothing to do")
             return 0

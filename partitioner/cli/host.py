@@ -38,6 +38,7 @@ from partitioner.boot.setup import (
 from partitioner.cli.common import MANIFEST_HELP, Context
 from partitioner.errors import PartitionError, UsageError
 from partitioner.kernel import sysfs
+from partitioner.manifest.model import vf_settings_to_json
 
 
 class SetupIncomplete(PartitionError):
@@ -326,7 +327,7 @@ def run_setup(args: argparse.Namespace, ctx: Context) -> int:
         "reboot_needed": bool(
             changed
             and setup is not None
-            and (reboot or any(c.group in ("cmdline", "initramfs") for c in changed))
+            and (reboot or any(c.group in ("cmdline", "initramfs", "sriov") for c in changed))
         )
         or bool(args.undo and changed),
         "missing_kernel_args": reboot,
@@ -336,6 +337,22 @@ def run_setup(args: argparse.Namespace, ctx: Context) -> int:
         doc["devices"] = [
             {"address": d.address, "partition": d.partition, "host_driver": d.host_driver}
             for d in setup.settings.devices
+        ]
+        doc["sriov"] = [
+            {
+                "pf": pf.address,
+                "vfs": pf.vfs,
+                "site_vfs": [
+                    {
+                        "index": v.index,
+                        "address": v.address,
+                        "partition": v.partition,
+                        "settings": vf_settings_to_json(v.settings),
+                    }
+                    for v in pf.site_vfs
+                ],
+            }
+            for pf in setup.settings.sriov
         ]
         doc["hugepages"] = {
             str(size): {str(n): c for n, c in nodes.items()}

@@ -51,6 +51,53 @@ def record_json(rec: PartitionRecord, now: float, shown: str | None = None) -> d
     }
 
 
+def vfs_json(rec: PartitionRecord, state: State) -> list[dict[str, Any]]:
+    """The partition's VFs with the settings the host set on each (what the record says was
+    set: ``set`` false while that is under way, or when the VF was given no settings)."""
+    out: list[dict[str, Any]] = []
+    for d in rec.placement.devices:
+        if d.vf is None:
+            continue
+        pf = state.pf(str(d.vf.pf))
+        held = pf.vf(d.vf.index) if pf is not None else None
+        mine = held is not None and held.partition == rec.name
+        out.append(
+            {
+                "address": str(d.address),
+                "pf": str(d.vf.pf),
+                "index": d.vf.index,
+                "iommu_group": d.iommu_group,
+                "settings": held.want.to_json() if held is not None and mine else None,
+                "set": bool(mine and held is not None and not held.pending),
+            }
+        )
+    return out
+
+
+def sriov_json(state: State) -> list[dict[str, Any]]:
+    """The PFs whose VFs apply made (or found made, and keeps), with what destroy puts back."""
+    return [
+        {
+            "pf": r.pf,
+            "vfs": r.numvfs,
+            "numvfs_before": r.numvfs_before,
+            "autoprobe_before": r.autoprobe_before,
+            "pending": r.op if r.pending else None,
+        }
+        for r in state.sriov
+    ]
+
+
+def _vf_line(name: str, v: dict[str, Any]) -> str:
+    from partitioner.kernel.vflink import VfLink
+
+    head = f"{name}: VF {v['index']} of {v['pf']} ({v['address']})"
+    if v["settings"] is None:
+        return f"{head}: no settings of the site's"
+    said = VfLink.from_json(v["settings"]).describe()
+    return f"{head}: {said}" + ("" if v["set"] else " (being set)")
+
+
 def bounds_json(p: Placement) -> dict[str, int]:
     """What the partition has now against the bounds it may be changed within live (rule 11)."""
     s = p.spec
@@ -138,6 +185,7 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
 
     for name, d in docs.items():
         d.update(status_fields(store.dir, name))
+        d["vfs"] = vfs_json(recs[name], state)
 
     from partitioner.boot import watcher
 
@@ -149,7 +197,9 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
     for name, s in figures.items():
         docs[name]["stats"] = s.to_json()
     if ctx.json:
-        ctx.emit_json({"partitions": docs, "supervisor": watching.to_json()})
+        ctx.emit_json(
+            {"partitions": docs, "sriov": sriov_json(state), "supervisor": watching.to_json()}
+        )
         return 0
     if not docs:
         ctx.say("no partitions are applied on this host")
@@ -178,6 +228,16 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
         said = _bounds_line(name, d["bounds"])
         if said is not None:
             ctx.say(said)
+    for name, d in docs.items():
+        for v in d["vfs"]:
+            ctx.say(_vf_line(name, v))
+    for pf in sriov_json(state) if args.name is None else ():
+        ctx.say(
+            f"host: PF {pf['pf']}: {pf['vfs']} VFs for the site (the last destroy puts back "
+            f"sriov_numvfs {pf['numvfs_before']} and sriov_drivers_autoprobe "
+            f"{int(pf['autoprobe_before'])})"
+            + (f"; a {pf['pending']} was interrupted" if pf["pending"] else "")
+        )
     for name, d in docs.items():
         if d["restarts"] or d["failed_reason"]:
             ctx.say(f"{name}: restarted {d['restarts']} times; last exit: {d['last_exit']}")

@@ -35,6 +35,7 @@ from partitioner.engine.live import (
     Rerecord,
     ShrinkMemory,
 )
+from partitioner.engine.sriov import ClaimVf, ConfigureVf, clears_of, pf_changes
 from partitioner.engine.step import Action, Replace
 from partitioner.inventory.model import Host
 from partitioner.planning.live import LiveChange, hotplugged_after, live_change
@@ -48,22 +49,25 @@ def _stop_key(rec: PartitionRecord) -> tuple[int, str]:
     return (rec.placement.spec.order, rec.name)
 
 
-def teardown(records: Iterable[PartitionRecord]) -> list[Action]:
+def teardown(records: Iterable[PartitionRecord], state: State | None = None) -> list[Action]:
     """Take partitions down and give back what they hold: stops first (reverse start order), then
-    devices and pages, so nothing is released from under a guest that still runs."""
+    devices (a VF's settings put back after its claim is released) and pages, so nothing is
+    released from under a guest that still runs.  ``state``: the record, for the VFs' settings."""
     recs = sorted(records, key=_stop_key, reverse=True)
     out: list[Action] = [Stop(r.name) for r in recs if r.state is RunState.RUNNING]
     for r in recs:
-        out.extend(_release(r))
+        out.extend(_release(r, state))
         out.append(Forget(r.name, r))
     return out
 
 
-def _release(r: PartitionRecord) -> list[Action]:
+def _release(r: PartitionRecord, state: State | None) -> list[Action]:
     out: list[Action] = []
     for c in reversed(r.claims):
         fns = tuple((f.address, f.driver) for f in c.functions)
         out.append(ReleaseGroup(r.name, c.group, fns))
+    if state is not None:
+        out.extend(clears_of(r.name, state))
     out.extend(ReleaseHugepages(r.name, g.node, g.size_bytes, g.pages) for g in r.hugepages)
     if r.uid is not None:
         out.append(GiveBackUser(r.name, r.uid))
@@ -103,8 +107,19 @@ def _bring_up(
 def _claims(p: Placement, host: Host, held: Iterable[int]) -> list[Action]:
     out: list[Action] = []
     have = set(held)
+    # A VF gets its settings through its PF, then is claimed with the group the kernel gave
+    # it when it was made (a VF made by this apply has none known at plan time).
+    for d in p.devices:
+        if d.vf is not None:
+            pf = str(d.vf.pf)
+            if d.vf.settings is not None:
+                out.append(ConfigureVf(p.name, pf, d.vf.index, d.vf.settings))
+            out.append(ClaimVf(p.name, pf, d.vf.index, str(d.address)))
+    vf_only = {d.iommu_group for d in p.devices if d.vf is not None} - {
+        d.iommu_group for d in p.devices if d.vf is None
+    }
     for g in p.iommu_groups:
-        if g in have:
+        if g in have or g in vf_only:
             continue
 
         # What claim_group takes, listed as it will.
@@ -268,7 +283,17 @@ def diff(plan: Plan, state: State, host: Host, *, replace: set[str]) -> list[Act
     """The ordered actions that take the host from ``state`` to ``plan``; [] when nothing changed."""
     out: list[Action] = []
     gone = [r for n, r in state.partitions.items() if n not in plan.placements]
-    out.extend(teardown(gone))
+    out.extend(teardown(gone, state))
+    # PFs: those leaving the plan (or changing their count) put back once the partitions that
+    # left gave back their VFs, then the plan's VFs made before any partition comes up.
+    now = {
+        str(a): fn.sriov.num_vfs
+        for a, fn in ((pf.address, host.pci.get(pf.address)) for pf in plan.sriov)
+        if fn is not None and fn.sriov is not None
+    }
+    restores, creations = pf_changes(((str(pf.address), pf.vfs) for pf in plan.sriov), state, now)
+    out.extend(restores)
+    out.extend(creations)
     shortfall: dict[tuple[int, int], int] = {}
     # Live changes: every partition's give-backs before anything is taken.
     takes: dict[str, list[Action]] = {}
@@ -298,11 +323,11 @@ def diff(plan: Plan, state: State, host: Host, *, replace: set[str]) -> list[Act
             if rec.state is RunState.RUNNING:
                 if p.name not in replace:
                     continue  # held_replacements() reports it
-                steps = [Stop(p.name), *_release(rec), Forget(p.name, rec)]
+                steps = [Stop(p.name), *_release(rec, state), Forget(p.name, rec)]
                 steps += _bring_up(p, host, shortfall, without, confine=plan.confine)
                 out.append(Replace(p.name, tuple(steps), _changes(p, rec.placement)))
             else:
-                out.extend([*_release(rec), Forget(p.name, rec)])
+                out.extend([*_release(rec, state), Forget(p.name, rec)])
                 out.extend(_bring_up(p, host, shortfall, without, confine=plan.confine))
         elif rec.state is not RunState.RUNNING:
             # What is missing (pages or a claim an apply killed half-way never made, pages a

@@ -54,6 +54,11 @@ def virtfn(index: int) -> str:
     return f"virtfn{index}"
 
 
+def pci_virtfn(pf: str, index: int) -> str:
+    """The link from a physical function to its VF ``index`` (``virtfnN``)."""
+    return pci_device(pf, virtfn(index))
+
+
 def pci_driver(driver: str, leaf: str = "") -> str:
     """A PCI driver's directory, or a file in it (``bind``, ``unbind``, ``new_id``)."""
     return f"{PCI_DRIVERS}/{driver}/{leaf}" if leaf else f"{PCI_DRIVERS}/{driver}"

@@ -101,14 +101,27 @@ def _device_refusal(new: Placement, old: Placement) -> str | None:
     now = {d.address: d for d in new.devices}
     for a, d in now.items():
         o = before.get(a)
-        if o is not None and (d.rom, d.primary_display, d.iommu_group) != (
-            o.rom,
-            o.primary_display,
-            o.iommu_group,
-        ):
+        if o is not None and d.vf != o.vf:
+            return (
+                f"device {a} is another VF, or its VF settings change ({_vf_said(o)} -> "
+                f"{_vf_said(d)}): the host sets a VF up before its guest gets it"
+            )
+        if o is None:
+            continue
+        # A VF apply made has its group known only once made: None and a number are one group.
+        groups_differ = d.iommu_group != o.iommu_group and not (
+            d.vf is not None and None in (d.iommu_group, o.iommu_group)
+        )
+        if (d.rom, d.primary_display) != (o.rom, o.primary_display) or groups_differ:
             return f"device {a}'s rom or primary_display changes: it is on QEMU's command line"
     attached = [d for a, d in now.items() if a not in before]
     detached = [d for a, d in before.items() if a not in now]
+    for d in (*attached, *detached):
+        if d.vf is not None:
+            return (
+                f"{d.address} is VF {d.vf.index} of {d.vf.pf}: a VF is given to a guest when it "
+                "starts (its settings set and it claimed first), and taken back when it stops"
+            )
     for d in attached:
         if d.primary_display:
             return (
@@ -143,6 +156,26 @@ def _device_refusal(new: Placement, old: Placement) -> str | None:
     if new.hotplugged != hotplugged_after(old, new.devices):
         return "its spare slots are not as a live change leaves them"
     return None
+
+
+def _vf_said(d: DeviceAssignment) -> str:
+    if d.vf is None:
+        return "not a VF"
+    s = d.vf.settings
+    said = [f"VF {d.vf.index} of {d.vf.pf}"]
+    if s is not None:
+        said += [f"{k} {v}" for k, v in (("mac", s.mac), ("vlan", s.vlan), ("qos", s.qos)) if v]
+        said += [f"spoofchk {'on' if s.spoofchk else 'off'}", f"trust {'on' if s.trust else 'off'}"]
+        said += [
+            f"{k} {v}"
+            for k, v in (
+                ("link_state", s.link_state),
+                ("min_tx_rate", s.min_tx_rate),
+                ("max_tx_rate", s.max_tx_rate),
+            )
+            if v is not None
+        ]
+    return ", ".join(said)
 
 
 def _window_refusal(new: Placement, old: Placement) -> str | None:

@@ -221,9 +221,10 @@ class Placement:
             self.cpus == other.cpus
             and self.memory_per_node == other.memory_per_node
             and self.hugepage_bytes == other.hugepage_bytes
-            # A device's ROM and display role, and the PCI window, are on QEMU's command line.
-            and tuple((d.address, d.rom, d.primary_display) for d in self.devices)
-            == tuple((d.address, d.rom, d.primary_display) for d in other.devices)
+            # A device's ROM and display role, and the PCI window, are on QEMU's command line;
+            # a VF's settings are set before the guest gets it.
+            and tuple((d.address, d.rom, d.primary_display, d.vf) for d in self.devices)
+            == tuple((d.address, d.rom, d.primary_display, d.vf) for d in other.devices)
             and self.pci_hole64_bytes == other.pci_hole64_bytes
             and self.host_cache_info == other.host_cache_info
             and (self.sockets, self.cores, self.threads)

@@ -17,6 +17,7 @@ from typing import Any
 
 from partitioner.cpuset import CpuSet
 from partitioner.jsonvalues import nat, obj, seq
+from partitioner.kernel.vflink import VfLink
 from partitioner.pci import PciAddress
 from partitioner.planning.confine import in_user_range
 from partitioner.planning.model import Placement
@@ -30,7 +31,9 @@ from partitioner.record.model import (
     PoolIntent,
     RunState,
     SiteRecord,
+    SriovRecord,
     State,
+    VfRecord,
 )
 
 # 2: a placement is kept in the form `plan --json` shows (one form), not a form of its own.
@@ -46,11 +49,14 @@ def decode(data: bytes) -> State:
 
 
 def state_to_json(state: State) -> dict[str, Any]:
-    return {
+    out: dict[str, Any] = {
         "version": STATE_VERSION,
         "site": site_to_json(state.site) if state.site else None,
         "partitions": {n: partition_to_json(r) for n, r in sorted(state.partitions.items())},
     }
+    if state.sriov:  # (absent when no PF was changed: the record of a site without SR-IOV)
+        out["sriov"] = [sriov_to_json(r) for r in state.sriov]
+    return out
 
 
 def state_from_json(v: Any) -> State:
@@ -70,7 +76,20 @@ def state_from_json(v: Any) -> State:
             parts[str(n)] = partition_from_json(str(n), obj(r, f"partition {n}"))
         except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
             raise ValueError(f"partition {n!r}: {why(e)}") from e
-    return State(site=site_from_json(obj(site, "site")) if site else None, partitions=parts)
+    sriov: list[SriovRecord] = []
+    # A record from before SR-IOV has no list: no PF was changed.
+    for i, r in enumerate(seq(d.get("sriov", []), "sriov")):
+        try:
+            sriov.append(sriov_from_json(obj(r, "an SR-IOV record")))
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise ValueError(f"sriov[{i}]: {why(e)}") from e
+    if len({r.pf for r in sriov}) != len(sriov):
+        raise ValueError("sriov: a PF is recorded twice")
+    return State(
+        site=site_from_json(obj(site, "site")) if site else None,
+        partitions=parts,
+        sriov=tuple(sriov),
+    )
 
 
 def site_to_json(s: SiteRecord) -> dict[str, Any]:
@@ -127,6 +146,63 @@ def intent_from_json(d: Mapping[str, Any]) -> PoolIntent:
         nat(d["before"], "before"),
         nat(d["target"], "target"),
     )
+
+
+def sriov_to_json(r: SriovRecord) -> dict[str, Any]:
+    return {
+        "pf": r.pf,
+        "numvfs_before": r.numvfs_before,
+        "autoprobe_before": r.autoprobe_before,
+        "numvfs": r.numvfs,
+        "pending": r.pending,
+        "op": r.op,
+        "vfs": [
+            {
+                "index": v.index,
+                "partition": v.partition,
+                "before": v.before.to_json(),
+                "want": v.want.to_json(),
+                "pending": v.pending,
+            }
+            for v in r.vfs
+        ],
+    }
+
+
+def sriov_from_json(d: Mapping[str, Any]) -> SriovRecord:
+    op = str(d.get("op", "create"))
+    if op not in ("create", "restore"):
+        raise ValueError(f"SR-IOV intent op {op!r} is neither create nor restore")
+    vfs: list[VfRecord] = []
+    for v in (obj(x, "a VF record") for x in seq(d.get("vfs", []), "vfs")):
+        partition = str(v["partition"])
+        _check_name(partition)
+        vfs.append(
+            VfRecord(
+                index=nat(v["index"], "VF index"),
+                partition=partition,
+                before=VfLink.from_json(obj(v["before"], "a VF's settings before")),
+                want=VfLink.from_json(obj(v["want"], "a VF's settings")),
+                pending=_bool(v.get("pending", False), "VF pending"),
+            )
+        )
+    if len({v.index for v in vfs}) != len(vfs):
+        raise ValueError("a VF is recorded twice")
+    return SriovRecord(
+        pf=str(PciAddress.parse(str(d["pf"]))),
+        numvfs_before=nat(d["numvfs_before"], "numvfs_before"),
+        autoprobe_before=_bool(d["autoprobe_before"], "autoprobe_before"),
+        numvfs=nat(d["numvfs"], "numvfs"),
+        pending=_bool(d.get("pending", False), "pending"),
+        op=op,
+        vfs=tuple(vfs),
+    )
+
+
+def _bool(v: object, what: str) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{what} {v!r} is not true or false")
+    return v
 
 
 def claim_to_json(c: GroupClaim) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from enum import StrEnum
 
 from partitioner.cpuset import CpuSet
 from partitioner.errors import StateError
+from partitioner.kernel.vflink import VfLink
 from partitioner.planning.model import Placement, Plan, RunningPartition
 
 VFIO_PCI = "vfio-pci"
@@ -180,9 +181,47 @@ class PartitionRecord:
 
 
 @dataclass(frozen=True)
+class VfRecord:
+    """One VF's settings as set for a partition, with what it had before (destroy puts that back).
+
+    ``pending`` is the intent: saved before the first setting is sent; a kill before the
+    settings are recorded as made leaves it, and the next run puts ``before`` back.
+    """
+
+    index: int
+    partition: str
+    before: VfLink
+    want: VfLink
+    pending: bool = True
+
+
+@dataclass(frozen=True)
+class SriovRecord:
+    """A physical function whose VFs ``apply`` made: what it had before, so destroy puts it back.
+
+    ``pending`` is the intent, saved before ``sriov_drivers_autoprobe`` or ``sriov_numvfs``
+    is written: ``op`` "create" (making ``numvfs`` VFs) or "restore" (putting back
+    ``numvfs_before`` and ``autoprobe_before``).  A kill in between leaves it; the next run
+    records the VFs as made if they all are (create), or else puts both values back.
+    """
+
+    pf: str
+    numvfs_before: int
+    autoprobe_before: bool
+    numvfs: int
+    pending: bool = True
+    op: str = "create"  # or "restore"
+    vfs: tuple[VfRecord, ...] = ()  # VFs whose settings were changed, in the order they were
+
+    def vf(self, index: int) -> VfRecord | None:
+        return next((v for v in self.vfs if v.index == index), None)
+
+
+@dataclass(frozen=True)
 class State:
     site: SiteRecord | None = None
     partitions: Mapping[str, PartitionRecord] = field(default_factory=dict)
+    sriov: tuple[SriovRecord, ...] = ()  # PFs whose VFs apply made, in the order it made them
 
     def with_partition(self, rec: PartitionRecord) -> State:
         parts = dict(self.partitions)
@@ -191,6 +230,19 @@ class State:
 
     def without_partition(self, name: str) -> State:
         return replace(self, partitions={k: v for k, v in self.partitions.items() if k != name})
+
+    def pf(self, address: str) -> SriovRecord | None:
+        """The record of the PF at ``address``, if apply made its VFs."""
+        return next((r for r in self.sriov if r.pf == address), None)
+
+    def with_pf(self, rec: SriovRecord) -> State:
+        """``rec`` in place of the PF's record (appended when it has none)."""
+        if self.pf(rec.pf) is None:
+            return replace(self, sriov=(*self.sriov, rec))
+        return replace(self, sriov=tuple(rec if r.pf == rec.pf else r for r in self.sriov))
+
+    def without_pf(self, address: str) -> State:
+        return replace(self, sriov=tuple(r for r in self.sriov if r.pf != address))
 
 
 # -- changes to one partition's record (pure) ------------------------------------
@@ -226,6 +278,17 @@ def settle_pool_intent(rec: PartitionRecord, intent: PoolIntent, now: int) -> Pa
     return add_grant(
         drop_intent(rec, intent), HugepageGrant(intent.node, intent.size_bytes, signed)
     )
+
+
+def with_vf(rec: SriovRecord, vf: VfRecord) -> SriovRecord:
+    """``vf`` in place of the record of the same VF index (appended when there is none)."""
+    if rec.vf(vf.index) is None:
+        return replace(rec, vfs=(*rec.vfs, vf))
+    return replace(rec, vfs=tuple(vf if v.index == vf.index else v for v in rec.vfs))
+
+
+def without_vf(rec: SriovRecord, index: int) -> SriovRecord:
+    return replace(rec, vfs=tuple(v for v in rec.vfs if v.index != index))
 
 
 def drop_claim(rec: PartitionRecord, group: int) -> PartitionRecord:

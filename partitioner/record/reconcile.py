@@ -23,6 +23,9 @@ the lock and change the host call it; ``status`` and ``plan`` show the outcome).
   as its QEMU says (:mod:`partitioner.guest.view`): the vCPUs present are pinned and
   fenced, a virtio-mem device still on its way is held at the size it reached, a
   guest paused for a vCPU's pinning is let run, and the record takes that placement.
+- An SR-IOV intent: a VF's settings under way are put back as they were; a PF whose
+  VFs were being made is recorded as made if the kernel shows them all (with autoprobe
+  off), and otherwise gets back its VF count and autoprobe, as does a PF being put back.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from partitioner.cpuset import CpuSet
-from partitioner.errors import GuestError, HugepageError
+from partitioner.errors import DeviceError, GuestError, HugepageError
 from partitioner.guest.argv import GuestPaths
 from partitioner.guest.jail import remove_run_dir
 from partitioner.kernel import sysfs
@@ -45,8 +48,11 @@ from partitioner.record.model import (
     GroupClaim,
     PartitionRecord,
     RunState,
+    SriovRecord,
     State,
+    VfRecord,
     settle_pool_intent,
+    without_vf,
 )
 from partitioner.record.store import StateStore
 
@@ -59,14 +65,15 @@ from partitioner.units import format_size, page_size_name
 class Finding:
     """One thing reconciliation found: ``found`` is the fact, ``does`` what is done about it."""
 
-    partition: str
+    partition: str  # the partition's name; for a PF (``subject``), its PCI address
     found: str
     does: str = ""
     fix: Callable[[], None] | None = field(default=None, compare=False, repr=False)
+    subject: str = "partition"  # or "SR-IOV PF"
 
     def text(self, *, done: bool) -> str:
         """One line: the fact, then what was done (``done``) or what the next changing verb does."""
-        s = f"partition {self.partition}: {self.found}"
+        s = f"{self.subject} {self.partition}: {self.found}"
         if not self.does:
             return s
         if done:
@@ -74,12 +81,15 @@ class Finding:
         return f"{s}; the next apply, destroy, start or stop will {self.does}"
 
     def to_json(self, *, done: bool) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "partition": self.partition,
             "found": self.found,
             "does": self.does,
             "done": done,
         }
+        if self.subject != "partition":
+            out["subject"] = self.subject
+        return out
 
 
 @dataclass(frozen=True)
@@ -117,6 +127,9 @@ def reconcile(state: State, root: HostRoot, *, busy: bool = False) -> Reconciled
         rec = _settle_guest(rec, root, host_cpus, findings)
         rec = _settle_live(rec, root, findings)
         out = out.with_partition(rec)
+    if not busy:
+        # After the claims: a VF's claim is given back before its settings and its PF.
+        out = _settle_sriov(out, root, findings)
     return Reconciled(state, out, findings)
 
 
@@ -204,6 +217,69 @@ def _settle_claims(
     if len(kept) == len(rec.claims):
         return rec
     return replace(rec, claims=tuple(kept))
+
+
+# -- SR-IOV ------------------------------------------------------------------------
+
+
+def _settle_sriov(state: State, root: HostRoot, findings: list[Finding]) -> State:
+    from partitioner.engine.sriov import made, put_back, put_back_vf
+
+    for rec in state.sriov:
+        for v in rec.vfs:
+            if not v.pending:
+                continue
+
+            def vf_back(pf: str = rec.pf, v: VfRecord = v) -> None:
+                put_back_vf(root, pf, v)
+
+            findings.append(
+                Finding(
+                    v.partition,
+                    f"changing the settings of VF {v.index} of {rec.pf} was interrupted",
+                    f"put back what it had ({v.before.describe()})",
+                    vf_back,
+                )
+            )
+            rec = without_vf(rec, v.index)
+        if rec.pending and rec.op == "create" and _made(made, root, rec):
+            findings.append(
+                Finding(
+                    rec.pf,
+                    f"making its {rec.numvfs} VFs was interrupted after the kernel made them",
+                    f"record them as made (destroy puts back sriov_numvfs {rec.numvfs_before})",
+                    subject="SR-IOV PF",
+                )
+            )
+            rec = replace(rec, pending=False)
+        elif rec.pending:
+            what = f"making its {rec.numvfs} VFs" if rec.op == "create" else "putting it back"
+            probe = 1 if rec.autoprobe_before else 0
+
+            def pf_back(rec: SriovRecord = rec) -> None:
+                put_back(root, rec)
+
+            findings.append(
+                Finding(
+                    rec.pf,
+                    f"{what} was interrupted",
+                    f"put back sriov_numvfs {rec.numvfs_before} and sriov_drivers_autoprobe "
+                    f"{probe}",
+                    pf_back,
+                    subject="SR-IOV PF",
+                )
+            )
+            state = state.without_pf(rec.pf)
+            continue
+        state = state.with_pf(rec)
+    return state
+
+
+def _made(made: Callable[[HostRoot, SriovRecord], bool], root: HostRoot, rec: SriovRecord) -> bool:
+    try:
+        return made(root, rec)
+    except DeviceError:
+        return False  # no such PF (any more): nothing to record as made
 
 
 # -- the guest ---------------------------------------------------------------------

@@ -9,6 +9,8 @@ Console lines (one each, in this order)::
     GUEST-NUMA-NODES 1
     GUEST-SMT 0-1                     thread_siblings_list of CPU 0
     GUEST-PCI 8086:10d3 0000:01:00.0  one line per PCI function the guest sees
+    GUEST-NET eth0 52:54:00:5f:00:01  one line per network interface (a passed SR-IOV VF's
+                                      MAC is the one its PF set: igbvf is in the image)
     GUEST-READY
     GUEST-POWERDOWN                   when the power button was pressed (then poweroff -f)
 
@@ -44,9 +46,10 @@ BUSYBOX = Path("/bin/busybox")
 KERNEL_CMDLINE = "console=ttyS0 quiet panic=-1"
 
 # evdev gives /dev/input/eventN; button turns the ACPI power button into an input event;
-# virtio_pci and virtio_mem drive a dynamic partition's virtio-mem devices.  All are modules
+# virtio_pci and virtio_mem drive a dynamic partition's virtio-mem devices; igbvf drives an
+# 82576 VF (QEMU's igb) passed to the guest, which learns its MAC from the PF.  All are modules
 # in Debian's kernel; their dependencies come along, each loaded after what it needs.
-MODULES = ("evdev", "button", "virtio_pci", "virtio_mem")
+MODULES = ("evdev", "button", "virtio_pci", "virtio_mem", "igbvf")
 
 INIT = r"""#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -65,6 +68,9 @@ for d in /sys/bus/pci/devices/*; do
   [ -e "$d/vendor" ] || continue
   v=$(cat "$d/vendor"); i=$(cat "$d/device")
   echo "GUEST-PCI ${v#0x}:${i#0x} ${d##*/}"
+done
+for n in /sys/class/net/*; do
+  [ "${n##*/}" = lo ] || echo "GUEST-NET ${n##*/} $(cat "$n/address")"
 done
 for e in /sys/class/input/event*; do
   [ "$(cat "$e/device/name" 2>/dev/null)" = "Power Button" ] || continue

@@ -46,6 +46,7 @@ from partitioner.testbed.initramfs import (
     default_kernel,
     initramfs_for,
 )
+from partitioner.testbed.qemu import choose_qemu
 from partitioner.testbed.topology import Share, Topology, kernel_cmdline, load_topology, qemu_args
 
 QEMU = "qemu-system-x86_64"
@@ -298,6 +299,7 @@ class TestbedServer:
         # Kernel arguments after the topology's own: what `host setup` compiles for a site.
         self.append = [a for arg in append for a in shlex.split(arg)]
         self.run_dir: Path | None = None
+        self.qemu: str | None = None  # the QEMU binary chosen at start
         self.console_log: Path | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.boot_seconds: float | None = None  # from QEMU's start to the command's start
@@ -339,8 +341,8 @@ class TestbedServer:
         # The checkout (and the Python running this) may sit under /tmp, /var or /run, which
         # are private inside: those directories are shared on their own.
         hidden = hidden_shares([self.cwd, sys.prefix])
-        if shutil.which(QEMU) is None:
-            raise PreconditionError(f"{QEMU} not found: install qemu-system-x86")
+        # The QEMU that has every device the topology uses, asked, never judged by version.
+        self.qemu = choose_qemu(self.topology.name, self.topology.qemu_devices())
         kernel = self.kernel or default_kernel()
         initrd = initramfs_for(kernel)
         self.run_dir = Path(tempfile.mkdtemp(prefix="partition-testbed-"))
@@ -362,9 +364,9 @@ class TestbedServer:
                 Share("tbout", str(out.resolve()), readonly=False),
                 *hidden,
             ],
-            qemu=QEMU,
+            qemu=self.qemu,
         )
-        self._say(f"booting emulated server ({self.topology.describe()})...")
+        self._say(f"booting emulated server ({self.topology.describe()}) with {self.qemu}...")
         self._t0 = time.monotonic()
         self._spawn()
 

@@ -43,7 +43,11 @@ MODELS: Mapping[str, tuple[str, bool]] = {
     "secondary-vga": ("1234:1111", True),
     "ich9-intel-hda": ("8086:293e", True),
     "e1000": ("8086:100e", False),
+    # An 82576 with SR-IOV (QEMU 8.0 and later): its VFs are 8086:10ca.
+    "igb": ("8086:10c9", True),
 }
+# Models whose function is an SR-IOV physical function: the VFs its sriov_totalvfs offers.
+SRIOV_MODELS: Mapping[str, int] = {"igb": 8}
 
 # pcie.0 slots: 00.0 is the host bridge and 1f the ICH9 functions.  Root ports and
 # expander bridges take slots from 2 up; the 9p shares sit at fixed high slots so
@@ -125,6 +129,34 @@ class Topology:
     @property
     def memory_bytes(self) -> int:
         return sum(n.memory_bytes for n in self.nodes)
+
+    def models(self) -> frozenset[str]:
+        """Every device model the topology puts in a slot or behind a bridge."""
+        out: set[str] = set()
+        for p in self.ports:
+            if p.slot is not None:
+                out.update(p.slot.models)
+            out.update(p.bridge)
+            for s in p.switch:
+                out.update(s.models)
+        return frozenset(out)
+
+    @property
+    def has_sriov(self) -> bool:
+        """Whether a function of the topology is an SR-IOV physical function (``igb``)."""
+        return bool(self.models() & SRIOV_MODELS.keys())
+
+    def qemu_devices(self) -> frozenset[str]:
+        """The ``-device`` models :func:`qemu_args` uses for this topology: a QEMU that
+        lists all of them (``-device help``) can boot it."""
+        out = set(self.models()) | {"intel-iommu", "pcie-root-port", "virtio-9p-pci"}
+        if any(p.node is not None for p in self.ports):
+            out.add("pxb-pcie")
+        if any(p.bridge for p in self.ports):
+            out.add("pcie-pci-bridge")
+        if any(p.switch for p in self.ports):
+            out |= {"x3130-upstream", "xio3130-downstream"}
+        return frozenset(out)
 
     def describe(self) -> str:
         """``numa: 8 vCPUs, 2 nodes``: the words the progress message uses."""
