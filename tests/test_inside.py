@@ -17,7 +17,8 @@ tests/fixtures/hosts/testbed-sriov), whose other files are put in
 as udev would when the PF's driver binds it and checks the result, then puts the
 PF back for test_inside_sriov (``partition apply`` of the same site, its nested
 guests, and SIGKILL at each SR-IOV kill point).  The preset is small (3 vCPUs):
-its boot takes about 10 s; the suite keeps its one long boot on QEMU 7.2 (what
+its boot takes about 10 s, the two modules about 11 minutes (the two nested
+guests' boot, TCG inside TCG, is most of it); the suite keeps its one long boot on QEMU 7.2 (what
 users run) and adds this short one, rather than putting igb into the ``numa``
 preset and the whole suite on the newer QEMU.  Without a QEMU that has igb, the
 SR-IOV modules are skipped, saying so.  ``pytest -s`` shows the
