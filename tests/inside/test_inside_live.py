@@ -56,7 +56,7 @@ MARK = re.compile(r"partition-guest: cpus=(\d+) memtotal_kb=(\d+) pci=(\S*)")
 
 def lone_e1000e(host: Host) -> tuple[str, int]:
     """A NIC alone in its IOMMU group, on a NUMA node, free: (address, node); on the highest
-    node that has one (the host's reserve is on the lowest), for room to grow."""
+    node that has one (the host keeps CPUs 0-1, on the lowest), for room to grow."""
     found = []
     for g in sorted(host.iommu_groups):
         ends = [host.pci[a] for a in host.iommu_groups[g].members if not host.pci[a].is_bridge]
@@ -92,7 +92,7 @@ class Site:
         devices = f'    devices:\n      - pci: "{self.nic}"\n' if nic else ""
         path.write_text(
             "version: 1\n"
-            "host:\n  accel: tcg\n  smt: share\n  isolation: full\n"
+            'host:\n  accel: tcg\n  smt: share\n  isolation: full\n  reserve:\n    cpus: "0-1"\n'
             f"partitions:\n  {NAME}:\n"
             f"    cpus: {cpus}\n    min_cpus: 1\n    max_cpus: 3\n"
             f"    memory: 128MiB\n    hugepages: 2MiB\n    numa: {self.node}\n"
