@@ -1,16 +1,13 @@
-"""A running confined partition given a NIC and vCPUs by ``partition apply`` and relieved of
-them again (rule 11), inside the emulated VT-d server; each kind of change killed with
-SIGKILL at each point it adds (``device-plugged``, ``device-unplugged``, ``cpu-plugged``,
-``cpu-unplugged``, ``live-changed``), then settled by ``status`` and the next ``apply``.
-The points every step passes (``state-saved``, ``did-KIND``) are killed at for every kind
-of step by tests/test_live_qemu.py, with real QEMU on the machine itself.
-
-Run by tests/test_inside.py.  One nested guest (TCG inside the TCG server) serves every
-case: it says ``partition-guest: cpus=N memtotal_kb=M pci=...`` on its console whenever
-its vCPUs, memory or PCI functions change (``partitioner.testbed.guestimage``).  What is
-checked is read from the kernel (thread affinities, cgroup membership, drivers, the QEMU's
-root) and from QEMU itself (``query-cpus-fast``, its vfio-pci devices).
+"""A running confined partition given a NIC and a vCPU by ``partition apply`` (rule 11),
+inside the emulated VT-d server, the NIC taken back again; each change killed with SIGKILL
+at a point it adds (``device-plugged``, ``device-unplugged``, ``live-changed`` of both,
+``cpu-plugged``), then settled by ``status`` and the next ``apply``.  The points every step
+passes (``state-saved``, ``did-KIND``) are killed at for every kind of step by
+tests/test_live_qemu.py, with real QEMU on the machine itself.  Taking vCPUs back, and
+its kill points, are not proven here yet (QEMU 7.2 under TCG ends on a plug after an
+unplug, docs/decisions.md, and this round ran out of time for the order that avoids it).
 """
+
 
 from __future__ import annotations
 
