@@ -8,7 +8,6 @@ its kill points, are not proven here yet (QEMU 7.2 under TCG ends on a plug afte
 unplug, docs/decisions.md, and this round ran out of time for the order that avoids it).
 """
 
-
 from __future__ import annotations
 
 import json
