@@ -70,7 +70,7 @@ SLOW_MODULES = (
     "test_inside_live",
     "test_inside_walls",
 )  # nested guests: after the quick ones
-TIMEOUT = float(os.environ.get("PARTITION_TESTBED_TIMEOUT", "1500"))
+TIMEOUT = float(os.environ.get("PARTITION_TESTBED_TIMEOUT", "2700"))
 
 
 @dataclass
