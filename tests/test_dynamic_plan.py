@@ -289,6 +289,24 @@ def test_growth_with_no_room_names_the_cpus_and_who_holds_them(tree: TreeBuilder
     assert len(second.placements["db"].cpus) == 6
 
 
+def test_under_smt_share_a_running_partition_leaves_its_siblings_free(tree: TreeBuilder) -> None:
+    # smt: share lets a core's threads go to two owners: a running partition, grown live or
+    # kept as it is, holds its CPUs and not their siblings.
+    h = host_of(two_node_smt(tree))
+    share = HEAD.replace("host:\n", "host:\n  smt: share\n")
+    one = "  lv: {cpus: 1, min_cpus: 1, max_cpus: 3, memory: 1GiB, numa: 1}\n"
+    first = plan(manifest(share + one), h)
+    assert first.placements["lv"].cpus == (4,)
+    second = plan(manifest(share + one.replace("cpus: 1,", "cpus: 2,")), h, running(first))
+    assert second.placements["lv"].cpus == (4, 12)  # its own core's sibling, lowest first
+    third = plan(manifest(share + one.replace("cpus: 1,", "cpus: 3,")), h, running(second))
+    assert third.placements["lv"].cpus == (4, 12, 5)
+    # kept unchanged, its core's other thread goes to a newcomer pinned there
+    pin = '  pin: {cpus: "12", memory: 1GiB}\n'
+    kept = plan(manifest(share + one + pin), h, running(first))
+    assert kept.placements["lv"].cpus == (4,) and kept.placements["pin"].cpus == (12,)
+
+
 def test_a_new_explicit_list_is_placed_before_running_partitions_grow(tree: TreeBuilder) -> None:
     h = host_of(two_node_smt(tree))
     first = plan(manifest(HEAD + db(extra=", numa: 1")), h)

@@ -10,7 +10,7 @@ from partitioner.cpuset import CpuSet
 from partitioner.errors import HostResources
 from partitioner.inventory.model import Host
 from partitioner.manifest.model import Manifest, PartitionSpec
-from partitioner.planning.work import Core, NodeRoom, Work, holders, node_of
+from partitioner.planning.work import Core, NodeRoom, Work, holders, node_of, take_out
 
 
 def usable_cores(host: Host, smt_isolate: bool) -> dict[int, list[Core]]:
@@ -179,13 +179,7 @@ def take_listed(
     cpus = core_order(host, spec.cpu_list)
     for c in cpus:
         w.cpu_owner[c] = spec.name
-    for room in rooms.values():
-        if smt_isolate:
-            room.cores = [core for core in room.cores if not any(c in spec.cpu_list for c in core)]
-        else:
-            room.cores = [
-                t for core in room.cores if (t := tuple(c for c in core if c not in spec.cpu_list))
-            ]
+    take_out(rooms, spec.cpu_list, smt_isolate)
     return cpus
 
 
@@ -354,13 +348,7 @@ def grow_cpus(
         if not ok:
             return None
     added = {c for cs in taken.values() for c in cs}
-    for room in rooms.values():
-        if smt_isolate:
-            room.cores = [core for core in room.cores if not any(c in added for c in core)]
-        else:
-            room.cores = [
-                t for core in room.cores if (t := tuple(c for c in core if c not in added))
-            ]
+    take_out(rooms, added, smt_isolate)
     for c in sorted(added):
         w.cpu_owner[c] = spec.name
     queues = {n: iter(cs) for n, cs in taken.items()}

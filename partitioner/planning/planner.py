@@ -56,6 +56,7 @@ from partitioner.planning.work import (
     located,
     node_of,
     node_rooms,
+    take_out,
 )
 from partitioner.units import format_size, human_size, page_size_name
 
@@ -310,7 +311,7 @@ def _keep_running(
         )
         dynamic = _dynamic(spec) or (old is not None and _dynamic(old.spec))
         if old is not None and (dynamic or not exact) and _live(spec, old, devices[name], host, w):
-            grow = _keep_live(spec, old, devices[name], host, rooms, w)
+            grow = _keep_live(spec, old, devices[name], host, rooms, smt_isolate, w)
             # A count that is not whole cores is a problem, and nothing is taken for it.
             whole = smt_count_problems(spec, smt_isolate, w)
             if grow.pending and whole:
@@ -324,8 +325,7 @@ def _keep_running(
             continue
         for c in r.cpus:
             w.cpu_owner[c] = name
-        for room in rooms.values():
-            room.cores = [core for core in room.cores if not any(c in w.cpu_owner for c in core)]
+        take_out(rooms, set(r.cpus), smt_isolate)
         for node, size in r.memory_per_node:
             if node in rooms:
                 rooms[node].memory_left -= size
@@ -443,6 +443,7 @@ def _keep_live(
     devices: tuple[DeviceAssignment, ...],
     host: Host,
     rooms: dict[int, NodeRoom],
+    smt_isolate: bool,
     w: Work,
 ) -> _Growth:
     """Keep what a running partition keeps through a live change: the CPUs of its lower
@@ -450,8 +451,7 @@ def _keep_live(
     keep = old.cpus[: min(spec.cpu_count, len(old.cpus))]
     for c in keep:
         w.cpu_owner[c] = spec.name
-    for room in rooms.values():
-        room.cores = [core for core in room.cores if not any(c in w.cpu_owner for c in core)]
+    take_out(rooms, set(keep), smt_isolate)
     if spec.dynamic_memory:
         plugged = dict(
             split_plugged(

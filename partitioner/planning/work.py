@@ -3,7 +3,7 @@ that gives back what a partition took when it cannot be placed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -173,6 +173,18 @@ def _truncated(now: dict[K, str], then: dict[K, str], length: int) -> dict[K, st
             del now[key]
         return now
     return dict(list(then.items())[:length])
+
+
+def take_out(rooms: dict[int, NodeRoom], cpus: Container[int], smt_isolate: bool) -> None:
+    """``cpus`` are someone's now: under smt: isolate their whole cores leave the rooms, under
+    share only they do (their siblings stay free for another owner)."""
+    for room in rooms.values():
+        if smt_isolate:
+            room.cores = [core for core in room.cores if not any(c in cpus for c in core)]
+        else:
+            room.cores = [
+                t for core in room.cores if (t := tuple(c for c in core if c not in cpus))
+            ]
 
 
 def give_back_devices(name: str, w: Work) -> None:
