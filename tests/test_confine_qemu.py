@@ -130,6 +130,20 @@ def test_a_confined_partition_runs_walled_off_and_leaves_nothing_behind(site: Si
     assert StateStore(site.dir / "state").load().partitions == {}
 
 
+def _wait_exited(pid: int) -> None:
+    """Until `pid` is gone or a zombie: its memory is given back by then.
+
+    A dying process's cmdline reads empty as soon as its memory map is detached, which is
+    before its pages (hugepages included) are back in the pool."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        stat_line = ROOT.read(f"/proc/{pid}/stat")
+        if not stat_line or stat_line.rpartition(")")[2].split()[0] in ("Z", "X"):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} did not end within 30 s of SIGKILL")
+
+
 def test_audit_names_a_qemu_that_runs_as_root(site: Site) -> None:
     m = site.manifest("site", {"rt": site.guest()})
     cp = site.run("apply", "--no-supervise", str(m))
@@ -144,15 +158,17 @@ def test_audit_names_a_qemu_that_runs_as_root(site: Site) -> None:
         i = argv.index(option)
         del argv[i : i + 2]
     os.kill(rec.pid, signal.SIGKILL)
-    while rec.pid in _qemus_of(site):
-        time.sleep(0.05)
+    _wait_exited(rec.pid)  # its hugepages are free only once its exit is complete
     (site.dir / "run" / "rt").mkdir(mode=0o700, exist_ok=True)
     qmp = site.dir / "run" / "rt" / "qmp.sock"
     qmp.unlink(missing_ok=True)  # the killed QEMU's: wait for the new one's
-    by_hand = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    errors = site.dir / "by-hand.err"
+    with errors.open("wb") as err:
+        by_hand = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err)
     try:
         deadline = time.monotonic() + 60
         while not qmp.exists() and time.monotonic() < deadline:
+            assert by_hand.poll() is None, f"QEMU by hand ended: {errors.read_text()}"
             time.sleep(0.1)
         doc = json.loads(store.path.read_text())
         doc["partitions"]["rt"]["pid"] = by_hand.pid
