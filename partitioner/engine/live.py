@@ -169,6 +169,45 @@ def _is_running(ctx: ApplyContext, rec: PartitionRecord) -> bool:
         return bool(qmp.status() == "running")
 
 
+def _add_vcpus(
+    step: LiveStep, ctx: ApplyContext, to: Placement, added: tuple[tuple[int, int], ...]
+) -> None:
+    """Plug ``added`` (index, host CPU) into ``step``'s partition, which ends placed as ``to``:
+    the intent first, the record of the threads after (a failure half-way records what the
+    guest has)."""
+    rec = _record(ctx, step.target)
+    _intent(ctx, step.target, "add-cpus", to, resume=_is_running(ctx, rec))
+    try:
+        threads = _plug(ctx, rec, added)
+    except BaseException:
+        step._failed(ctx)
+        raise
+    point("live-changed")
+    rec = ctx.state.partitions[step.target]
+    _done(ctx, step.target, to, vcpu_threads={**rec.vcpu_threads, **threads})
+
+
+def _remove_vcpus(step: LiveStep, ctx: ApplyContext, to: Placement, gone: tuple[int, ...]) -> None:
+    """Unplug the vCPUs ``gone`` from ``step``'s partition, which ends placed as ``to``."""
+    rec = _record(ctx, step.target)
+    _intent(ctx, step.target, "remove-cpus", to, resume=False)
+    try:
+        _unplug(ctx, rec, gone)
+    except BaseException:
+        step._failed(ctx)
+        raise
+    point("live-changed")
+    rec = ctx.state.partitions[step.target]
+    threads = {i: t for i, t in rec.vcpu_threads.items() if i not in gone}
+    _done(ctx, step.target, to, vcpu_threads=threads)
+
+
+def _beyond(longer: Placement, shorter: Placement) -> tuple[tuple[int, int], ...]:
+    """(index, host CPU) of the vCPUs ``longer`` has and ``shorter`` has not."""
+    n = len(shorter.cpus)
+    return tuple((i, c) for i, c in enumerate(longer.cpus) if i >= n)
+
+
 @dataclass(frozen=True)
 class AddCpus(LiveStep):
     target: str
@@ -178,8 +217,7 @@ class AddCpus(LiveStep):
 
     @property
     def added(self) -> tuple[tuple[int, int], ...]:
-        n = len(self.before.cpus)
-        return tuple((i, c) for i, c in enumerate(self.after.cpus) if i >= n)
+        return _beyond(self.after, self.before)
 
     @property
     def detail(self) -> str:
@@ -190,27 +228,13 @@ class AddCpus(LiveStep):
         return have.cpus == want.cpus
 
     def do(self, ctx: ApplyContext) -> None:
-        rec = _record(ctx, self.target)
-        _intent(ctx, self.target, self.kind, self.after, resume=_is_running(ctx, rec))
-        try:
-            threads = _plug(ctx, rec, self.added)
-        except BaseException:
-            self._failed(ctx)
-            raise
-        point("live-changed")
-        rec = ctx.state.partitions[self.target]
-        _done(ctx, self.target, self.after, vcpu_threads={**rec.vcpu_threads, **threads})
+        _add_vcpus(self, ctx, self.after, self.added)
 
     def undo(self, ctx: ApplyContext) -> None:
-        rec = _record(ctx, self.target)
-        have = len(rec.placement.cpus)
+        have = len(_record(ctx, self.target).placement.cpus)
         gone = tuple(i for i, _ in self.added if i < have)
-        if not gone:
-            return
-        _intent(ctx, self.target, "remove-cpus", self.before, resume=False)
-        _unplug(ctx, rec, gone)
-        threads = {i: t for i, t in rec.vcpu_threads.items() if i not in gone}
-        _done(ctx, self.target, self.before, vcpu_threads=threads)
+        if gone:
+            _remove_vcpus(self, ctx, self.before, gone)
 
 
 @dataclass(frozen=True)
@@ -222,8 +246,7 @@ class RemoveCpus(LiveStep):
 
     @property
     def removed(self) -> tuple[tuple[int, int], ...]:
-        n = len(self.after.cpus)
-        return tuple((i, c) for i, c in enumerate(self.before.cpus) if i >= n)
+        return _beyond(self.before, self.after)
 
     @property
     def detail(self) -> str:
@@ -234,27 +257,13 @@ class RemoveCpus(LiveStep):
         return have.cpus == want.cpus
 
     def do(self, ctx: ApplyContext) -> None:
-        rec = _record(ctx, self.target)
-        _intent(ctx, self.target, self.kind, self.after, resume=False)
-        try:
-            _unplug(ctx, rec, tuple(i for i, _ in self.removed))
-        except BaseException:
-            self._failed(ctx)
-            raise
-        point("live-changed")
-        rec = ctx.state.partitions[self.target]
-        gone = {i for i, _ in self.removed}
-        threads = {i: t for i, t in rec.vcpu_threads.items() if i not in gone}
-        _done(ctx, self.target, self.after, vcpu_threads=threads)
+        _remove_vcpus(self, ctx, self.after, tuple(i for i, _ in self.removed))
 
     def undo(self, ctx: ApplyContext) -> None:
-        rec = _record(ctx, self.target)
-        back = tuple((i, c) for i, c in self.removed if i >= len(rec.placement.cpus))
-        if not back:
-            return
-        _intent(ctx, self.target, "add-cpus", self.before, resume=_is_running(ctx, rec))
-        threads = _plug(ctx, rec, back)
-        _done(ctx, self.target, self.before, vcpu_threads={**rec.vcpu_threads, **threads})
+        have = len(_record(ctx, self.target).placement.cpus)
+        back = tuple((i, c) for i, c in self.removed if i >= have)
+        if back:
+            _add_vcpus(self, ctx, self.before, back)
 
 
 # -- memory ----------------------------------------------------------------------
