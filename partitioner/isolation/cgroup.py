@@ -175,23 +175,32 @@ def remove(root: HostRoot, name: str, *, wait: float = 5.0) -> None:
         path = f"{top}/{child}" if child else top
         if child and not root.is_dir(path):
             continue
-        for tid in (root.read(f"{path}/{h.tasks_file}") or "").split():
-            with contextlib.suppress(OSError):
-                root.write(f"{h.mount}/{'cgroup.procs' if h.v2 else 'tasks'}", tid)
-        while True:
-            try:
-                os.rmdir(root.path(path))
-                break
-            except FileNotFoundError:
-                break
-            except OSError as e:
-                # An exited QEMU's threads leave the cgroup a moment after it is reaped.
-                if e.errno != errno_mod.EBUSY or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        # An exited QEMU's threads leave the cgroup a moment after it is reaped.
+        _empty_and_remove(
+            root, h, path, f"{h.mount}/{'cgroup.procs' if h.v2 else 'tasks'}", deadline
+        )
     if not [c for c in root.listdir(base) if root.is_dir(f"{base}/{c}")]:
         with contextlib.suppress(OSError):
             os.rmdir(root.path(base))
+
+
+def _empty_and_remove(root: HostRoot, h: Hierarchy, path: str, to: str, deadline: float) -> None:
+    """Move the threads still in cgroup ``path`` to the tasks file ``to``, then remove it,
+    waiting until ``deadline`` while the kernel says it is busy (threads of an ended process
+    leave a moment later)."""
+    for tid in (root.read(f"{path}/{h.tasks_file}") or "").split():
+        with contextlib.suppress(OSError):
+            root.write(to, tid)
+    while True:
+        try:
+            os.rmdir(root.path(path))
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            if e.errno != errno_mod.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def fence(root: HostRoot, rec: PartitionRecord, reserve: CpuSet) -> str | None:
@@ -251,21 +260,8 @@ def remove_vcpu(root: HostRoot, name: str, index: int, *, wait: float = 5.0) -> 
     top = cgroup_path(h, name)
     child = f"{top}/vcpu{index}"
     if root.is_dir(child):
-        deadline = time.monotonic() + wait
-        for tid in (root.read(f"{child}/{h.tasks_file}") or "").split():
-            with contextlib.suppress(OSError):
-                root.write(f"{top}/emulator/{h.tasks_file}", tid)
-        while True:
-            try:
-                os.rmdir(root.path(child))
-                break
-            except FileNotFoundError:
-                break
-            except OSError as e:
-                # The unplugged vCPU's thread leaves a moment after QEMU ends it.
-                if e.errno != errno_mod.EBUSY or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        # The unplugged vCPU's thread leaves a moment after QEMU ends it.
+        _empty_and_remove(root, h, child, f"{top}/emulator/{h.tasks_file}", time.monotonic() + wait)
     if h.cpuset and root.is_dir(top):
         keep = CpuSet()
         for c in root.listdir(top):
