@@ -128,16 +128,22 @@ def _settle_intent(ctx: ApplyContext, name: str, intent: PoolIntent) -> None:
 
 
 @dataclass(frozen=True)
-class ReserveHugepages(Step):
+class _PagesStep(Step):
+    """A change of a node's pool of one page size for a partition."""
+
     target: str
     node: int
     size_bytes: int
     pages: int
-    kind: str = "reserve-hugepages"
 
     @property
     def detail(self) -> str:
         return f"{self.pages} x {page_size_name(self.size_bytes)} pages on node {self.node}"
+
+
+@dataclass(frozen=True)
+class ReserveHugepages(_PagesStep):
+    kind: str = "reserve-hugepages"
 
     def do(self, ctx: ApplyContext) -> None:
         ctx.record(self.target)
@@ -164,16 +170,9 @@ class ReserveHugepages(Step):
 
 
 @dataclass(frozen=True)
-class ReleaseHugepages(Step):
-    target: str
-    node: int
-    size_bytes: int
-    pages: int  # what the record says was added for this partition
+class ReleaseHugepages(_PagesStep):
+    # pages: what the record says was added for this partition
     kind: str = "release-hugepages"
-
-    @property
-    def detail(self) -> str:
-        return f"{self.pages} x {page_size_name(self.size_bytes)} pages on node {self.node}"
 
     def do(self, ctx: ApplyContext) -> None:
         rec = ctx.state.partitions[self.target]
@@ -203,18 +202,10 @@ class ReleaseHugepages(Step):
 
 
 @dataclass(frozen=True)
-class ReservePagesLive(Step):
+class ReservePagesLive(_PagesStep):
     """Pages for memory a running partition is about to grow by, made free on its node first."""
 
-    target: str
-    node: int
-    size_bytes: int
-    pages: int
     kind: str = "reserve-hugepages"
-
-    @property
-    def detail(self) -> str:
-        return f"{self.pages} x {page_size_name(self.size_bytes)} pages on node {self.node}"
 
     def do(self, ctx: ApplyContext) -> None:
         want = self.pages + _idle_need(ctx.state, self.node, self.size_bytes, self.target)
@@ -240,14 +231,10 @@ def _give_back_grant(ctx: ApplyContext, name: str, node: int, size_bytes: int, p
 
 
 @dataclass(frozen=True)
-class ReleasePagesLive(Step):
+class ReleasePagesLive(_PagesStep):
     """Pages a running partition's guest has just given up (a shrink), taken out of the pool
     again when they were added for it."""
 
-    target: str
-    node: int
-    size_bytes: int
-    pages: int
     kind: str = "release-hugepages"
 
     @property
