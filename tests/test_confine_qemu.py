@@ -131,14 +131,20 @@ def test_a_confined_partition_runs_walled_off_and_leaves_nothing_behind(site: Si
 
 
 def _wait_exited(pid: int) -> None:
-    """Until `pid` is gone or a zombie: its memory is given back by then.
+    """Until `pid` is gone, or a zombie with no other thread left: its memory and its files
+    (the pid file's lock) are given back by then.
 
     A dying process's cmdline reads empty as soon as its memory map is detached, which is
-    before its pages (hugepages included) are back in the pool."""
+    before its pages (hugepages included) are back in the pool; its leader is a zombie while
+    its other threads still exit, holding its files."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         stat_line = ROOT.read(f"/proc/{pid}/stat")
-        if not stat_line or stat_line.rpartition(")")[2].split()[0] in ("Z", "X"):
+        if not stat_line:
+            return
+        state = stat_line.rpartition(")")[2].split()[0]
+        threads = ROOT.listdir(f"/proc/{pid}/task")
+        if state in ("Z", "X") and len(threads) <= 1:
             return
         time.sleep(0.05)
     raise AssertionError(f"process {pid} did not end within 30 s of SIGKILL")

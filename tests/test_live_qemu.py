@@ -187,6 +187,9 @@ def test_a_live_memory_change_killed_anywhere_converges_to_what_the_guest_has(
             env = {**site.env, "PARTITION_TEST_KILL_AT": f"{name}:{n}"}
             cp = _run_env(site, env, "apply", "--no-supervise", str(target))
             assert cp.returncode == -9, (name, n, cp.returncode, cp.stderr)
+            # what it had begun was said before it was killed
+            kind = "grow-memory" if target is grown else "shrink-memory"
+            assert cp.stdout.startswith("applying:") and kind in cp.stdout, (name, cp.stdout)
             # status answers, and what the record says is what QEMU says the guest has
             st = site.status()["db"]
             assert st["state"] == "running" and st["pid"] == pid, (name, n)

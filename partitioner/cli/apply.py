@@ -150,6 +150,8 @@ def run(args: argparse.Namespace, ctx: Context) -> int:
             return 0
         if not ctx.json:
             print_actions(ctx, acts, "applying:")
+            # Out now, not at exit: an apply that is killed has said what it had begun.
+            ctx.out.flush()
         converge(
             prepared,
             root=root,
