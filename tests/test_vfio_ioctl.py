@@ -60,14 +60,14 @@ def test_request_numbers_by_hand() -> None:
 
 
 def test_struct_layouts_by_hand() -> None:
-    assert v.ffi.sizeof("struct vfio_group_status") == 8
-    assert v.ffi.sizeof("struct vfio_device_info") == 20
-    assert v.ffi.offsetof("struct vfio_device_info", "num_regions") == 8
-    assert v.ffi.offsetof("struct vfio_device_info", "num_irqs") == 12
-    assert v.ffi.offsetof("struct vfio_device_info", "cap_offset") == 16
-    assert v.ffi.sizeof("struct vfio_pci_hot_reset_info") == 12
-    assert v.ffi.sizeof("struct vfio_pci_dependent_device") == 8
-    assert v.ffi.offsetof("struct vfio_pci_dependent_device", "devfn") == 7
+    assert v._binding.ffi.sizeof("struct vfio_group_status") == 8
+    assert v._binding.ffi.sizeof("struct vfio_device_info") == 20
+    assert v._binding.ffi.offsetof("struct vfio_device_info", "num_regions") == 8
+    assert v._binding.ffi.offsetof("struct vfio_device_info", "num_irqs") == 12
+    assert v._binding.ffi.offsetof("struct vfio_device_info", "cap_offset") == 16
+    assert v._binding.ffi.sizeof("struct vfio_pci_hot_reset_info") == 12
+    assert v._binding.ffi.sizeof("struct vfio_pci_dependent_device") == 8
+    assert v._binding.ffi.offsetof("struct vfio_pci_dependent_device", "devfn") == 7
 
 
 @pytest.mark.skipif(
@@ -101,13 +101,13 @@ def test_numbers_and_layouts_match_the_kernel_header(tmp_path: Path) -> None:
     got = dict(line.rsplit(" ", 1) for line in out.splitlines())
     for n in names:
         assert int(got[n]) == getattr(v, n), n
-    assert int(got["sizeof vfio_group_status"]) == v.ffi.sizeof("struct vfio_group_status")
+    assert int(got["sizeof vfio_group_status"]) == v._binding.ffi.sizeof("struct vfio_group_status")
     # Newer headers may grow vfio_device_info (a trailing pad); the kernel takes any argsz
     # that covers num_irqs, so only the fields read here must sit where the kernel puts them.
-    assert int(got["sizeof vfio_device_info"]) >= v.ffi.sizeof("struct vfio_device_info")
+    assert int(got["sizeof vfio_device_info"]) >= v._binding.ffi.sizeof("struct vfio_device_info")
     for f in ("flags", "num_regions", "num_irqs"):
-        assert int(got[f"offsetof {f}"]) == v.ffi.offsetof("struct vfio_device_info", f)
-    assert int(got["sizeof vfio_pci_hot_reset_info"]) == v.ffi.sizeof(
+        assert int(got[f"offsetof {f}"]) == v._binding.ffi.offsetof("struct vfio_device_info", f)
+    assert int(got["sizeof vfio_pci_hot_reset_info"]) == v._binding.ffi.sizeof(
         "struct vfio_pci_hot_reset_info"
     )
 

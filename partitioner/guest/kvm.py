@@ -44,7 +44,6 @@ struct kvm_msrs_1 {
 };
 """
 )
-ffi = _binding.ffi
 _ioctl = _binding.ioctl
 
 KVMIO = 0xAE
@@ -108,7 +107,7 @@ class KvmCaps:
 
 
 def _check(fd: int, cap: int) -> int:
-    ret: int = _ioctl(fd, KVM_CHECK_EXTENSION, ffi.cast("unsigned long", cap))
+    ret: int = _ioctl(fd, KVM_CHECK_EXTENSION, _binding.ffi.cast("unsigned long", cap))
     return max(ret, 0)  # KVM answers 0 for "no", never an error, for an unknown capability
 
 
@@ -119,7 +118,7 @@ def probe_kvm(path: str = KVM_PATH) -> KvmCaps:
     except OSError as e:
         return KvmCaps(available=False, error=f"{path}: {e.strerror}")
     try:
-        version: int = _ioctl(fd, KVM_GET_API_VERSION, ffi.cast("unsigned long", 0))
+        version: int = _ioctl(fd, KVM_GET_API_VERSION, _binding.ffi.cast("unsigned long", 0))
         if version != KVM_API_VERSION:
             return KvmCaps(available=False, error=f"{path}: KVM API version {version}, not 12")
         max_vcpus = _check(fd, KVM_CAP_MAX_VCPUS) or _check(fd, KVM_CAP_NR_VCPUS) or 4
@@ -138,17 +137,17 @@ def _arch_capabilities_settable(kvm_fd: int) -> bool | None:
     QEMU's ``-cpu host`` does first.  None when KVM does not report the MSR at all."""
     if not _check(kvm_fd, KVM_CAP_GET_MSR_FEATURES):
         return None
-    msrs = ffi.new("struct kvm_msrs_1 *")
+    msrs = _binding.ffi.new("struct kvm_msrs_1 *")
     msrs.nmsrs = 1
     msrs.entries[0].index = MSR_IA32_ARCH_CAPABILITIES
     if _ioctl(kvm_fd, KVM_GET_MSRS, msrs) != 1:
         return None  # the host CPU has no such MSR: -cpu host does not set it
     value = int(msrs.entries[0].data)
-    vm = _ioctl(kvm_fd, KVM_CREATE_VM, ffi.cast("unsigned long", 0))
+    vm = _ioctl(kvm_fd, KVM_CREATE_VM, _binding.ffi.cast("unsigned long", 0))
     if vm < 0:
         return None
     try:
-        vcpu = _ioctl(vm, KVM_CREATE_VCPU, ffi.cast("unsigned long", 0))
+        vcpu = _ioctl(vm, KVM_CREATE_VCPU, _binding.ffi.cast("unsigned long", 0))
         if vcpu < 0:
             return None
         try:

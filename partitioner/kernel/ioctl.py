@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import errno
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import cffi
+if TYPE_CHECKING:
+    import cffi
 
 # <asm-generic/ioctl.h>: dir(2 bits) << 30 | size(14) << 16 | type(8) << 8 | nr(8).
 IOC_NRSHIFT = 0
@@ -53,9 +54,21 @@ class Binding:
     """One binding's FFI (its own structures plus ``ioctl``) and the C library's ``ioctl``."""
 
     def __init__(self, cdef: str) -> None:
-        self.ffi = cffi.FFI()
-        self.ffi.cdef(cdef + "\nint ioctl(int fd, unsigned long request, ...);\n")
+        self._cdef = cdef
+        self._ffi: cffi.FFI | None = None
         self._libc: Any = None
+
+    @property
+    def ffi(self) -> cffi.FFI:
+        """The FFI, made on first use: cffi parses the declarations with pycparser, which
+        costs every command that merely imports a binding a noticeable part of its start."""
+        if self._ffi is None:
+            import cffi
+
+            ffi = cffi.FFI()
+            ffi.cdef(self._cdef + "\nint ioctl(int fd, unsigned long request, ...);\n")
+            self._ffi = ffi
+        return self._ffi
 
     def ioctl(self, fd: int, request: int, arg: Any) -> int:
         """The kernel's answer as it is: negative on failure, with the cause in :attr:`errno`.

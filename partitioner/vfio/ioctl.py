@@ -56,7 +56,6 @@ struct vfio_pci_hot_reset_info {
 };
 """
 )
-ffi = _binding.ffi
 
 VFIO_API_VERSION = 0
 VFIO_TYPE1_IOMMU = 1
@@ -176,7 +175,9 @@ def open_container(root: HostRoot) -> Container:
         "(enable VT-d / AMD-Vi and boot with intel_iommu=on or amd_iommu=on, then modprobe vfio-pci)",
     )
     try:
-        version = _ioctl(fd, VFIO_GET_API_VERSION, ffi.cast("int", 0), what="VFIO_GET_API_VERSION")
+        version = _ioctl(
+            fd, VFIO_GET_API_VERSION, _binding.ffi.cast("int", 0), what="VFIO_GET_API_VERSION"
+        )
         if version != VFIO_API_VERSION:
             raise DeviceError(
                 f"{CONTAINER_PATH} speaks VFIO API version {version}, not {VFIO_API_VERSION}",
@@ -185,7 +186,10 @@ def open_container(root: HostRoot) -> Container:
         # v2 first: it is what QEMU uses when the kernel offers it.
         for model in (VFIO_TYPE1v2_IOMMU, VFIO_TYPE1_IOMMU):
             if _ioctl(
-                fd, VFIO_CHECK_EXTENSION, ffi.cast("int", model), what="VFIO_CHECK_EXTENSION"
+                fd,
+                VFIO_CHECK_EXTENSION,
+                _binding.ffi.cast("int", model),
+                what="VFIO_CHECK_EXTENSION",
             ):
                 return Container(fd, model)
         raise DeviceError(
@@ -207,8 +211,8 @@ def _open_group(root: HostRoot, group: int) -> int:
 
 
 def _status_of(fd: int, group: int) -> GroupStatus:
-    st = ffi.new("struct vfio_group_status *")
-    st.argsz = ffi.sizeof("struct vfio_group_status")
+    st = _binding.ffi.new("struct vfio_group_status *")
+    st.argsz = _binding.ffi.sizeof("struct vfio_group_status")
     _ioctl(fd, VFIO_GROUP_GET_STATUS, st, what=f"VFIO_GROUP_GET_STATUS of group {group}")
     flags = int(st.flags)
     return GroupStatus(
@@ -225,7 +229,7 @@ def group_status(root: HostRoot, group: int) -> GroupStatus:
 
 def device_info(group_fd: int, address: str) -> DeviceInfo:
     """VFIO_GROUP_GET_DEVICE_FD then VFIO_DEVICE_GET_INFO for one function of an attached group."""
-    name = ffi.new("char[]", address.encode())
+    name = _binding.ffi.new("char[]", address.encode())
     dev = _ioctl(
         group_fd,
         VFIO_GROUP_GET_DEVICE_FD,
@@ -234,8 +238,8 @@ def device_info(group_fd: int, address: str) -> DeviceInfo:
         address=address,
     )
     with _fd(dev):
-        info = ffi.new("struct vfio_device_info *")
-        info.argsz = ffi.sizeof("struct vfio_device_info")
+        info = _binding.ffi.new("struct vfio_device_info *")
+        info.argsz = _binding.ffi.sizeof("struct vfio_device_info")
         _ioctl(
             dev,
             VFIO_DEVICE_GET_INFO,
@@ -256,8 +260,8 @@ def hot_reset_reach(device_fd: int, address: str) -> tuple[str, ...] | None:
     Asked twice, as the kernel wants: a header alone gets ENOSPC and the count, then an
     array of that size.
     """
-    hdr = ffi.new("struct vfio_pci_hot_reset_info *")
-    hdr.argsz = ffi.sizeof("struct vfio_pci_hot_reset_info")
+    hdr = _binding.ffi.new("struct vfio_pci_hot_reset_info *")
+    hdr.argsz = _binding.ffi.sizeof("struct vfio_pci_hot_reset_info")
     what = f"VFIO_DEVICE_GET_PCI_HOT_RESET_INFO of {address}"
     if _binding.ioctl(device_fd, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, hdr) >= 0:
         return ()
@@ -269,10 +273,10 @@ def hot_reset_reach(device_fd: int, address: str) -> tuple[str, ...] | None:
             f"{what}: the kernel answered {describe(code)}", address=address, errno=code
         )
     count = int(hdr.count)
-    full = ffi.new("struct vfio_pci_hot_reset_info *", {"devices": count})
-    full.argsz = ffi.sizeof("struct vfio_pci_hot_reset_info") + count * ffi.sizeof(
-        "struct vfio_pci_dependent_device"
-    )
+    full = _binding.ffi.new("struct vfio_pci_hot_reset_info *", {"devices": count})
+    full.argsz = _binding.ffi.sizeof(
+        "struct vfio_pci_hot_reset_info"
+    ) + count * _binding.ffi.sizeof("struct vfio_pci_dependent_device")
     _ioctl(device_fd, VFIO_DEVICE_GET_PCI_HOT_RESET_INFO, full, what=what, address=address)
     return tuple(
         dependent_address(int(d.segment), int(d.bus), int(d.devfn))
@@ -362,14 +366,14 @@ def check_group(
                 "a running QEMU (or another partition) holds it",
                 path=sysfs.dev_vfio(group),
             )
-        cfd = ffi.new("int *", container.fd)
+        cfd = _binding.ffi.new("int *", container.fd)
         _ioctl(
             gfd, VFIO_GROUP_SET_CONTAINER, cfd, what=f"VFIO_GROUP_SET_CONTAINER of group {group}"
         )
         _ioctl(
             container.fd,
             VFIO_SET_IOMMU,
-            ffi.cast("int", container.iommu_type),
+            _binding.ffi.cast("int", container.iommu_type),
             what=f"VFIO_SET_IOMMU for group {group}",
         )
         members = root.listdir(sysfs.iommu_group(group, "devices"))
