@@ -15,7 +15,7 @@ from dataclasses import replace
 from partitioner.inventory.bars import read_bars
 from partitioner.inventory.model import IommuGroup, PciFunction
 from partitioner.inventory.reader import Reader, is_number
-from partitioner.inventory.sriov import read_physfn, read_sriov, relate
+from partitioner.inventory.sriov import names_its_vfs, read_physfns, read_sriov, relate
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.pci import PciAddress, PciAddressSyntaxError
@@ -91,6 +91,8 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
     # their reset methods.  A large host's Host holds thousands fewer objects.
     upstreams: dict[str, tuple[PciAddress, ...]] = {}
     resets: dict[str | None, tuple[str, ...]] = {}
+    dirs: dict[PciAddress, str] = {}  # each function's directory, for a VF's physfn
+    vfs: list[PciAddress] | None = []  # what PFs name as VFs; None: a PF's links fall short
     for name in root.listdir(sysfs.PCI_DEVICES):
         try:
             addr = PciAddress.parse(name)
@@ -130,6 +132,11 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
         if named is None:
             named = names[(vendor, device)] = names_of(r, vendor, device)
         sriov, sriov_problem = read_sriov(r, real)
+        if not names_its_vfs(sriov, sriov_problem):
+            vfs = None
+        elif sriov is not None and vfs is not None:
+            vfs += sriov.vfs
+        dirs[addr] = real
         out[addr] = PciFunction(
             address=addr,
             vendor=vendor,
@@ -159,9 +166,9 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
             # only for a function the kernel can reset) says what reset_method would.
             reset_unnamed=reset is None and root.exists(f"{real}/reset"),
             sriov=sriov,
-            physfn=read_physfn(r, real),
             sriov_problem=sriov_problem,
         )
+    read_physfns(r, out, dirs, vfs)
     relate(out, r)
     return dict(sorted(out.items()))
 
