@@ -222,6 +222,14 @@ def test_bridges_are_told_by_header_type(tree: TreeBuilder) -> None:
     # Without a config file: the class decides (0604 / 0607 / 0609 have header type 1 or 2).
     tree.pci("0000:00:05.0", class_code="060400", iommu_group=6, header_type=None)
     tree.pci("0000:00:06.0", class_code="060000", iommu_group=7, header_type=None)
+    # The class the kernel gives a function whose class contradicts its header type (a
+    # CardBus header of another class), and "unassigned": the header type is asked.
+    tree.pci("0000:00:07.0", class_code="000000", iommu_group=8, header_type=2)
+    tree.pci("0000:00:08.0", class_code="ff0000", iommu_group=9, header_type=1)
+    # A bridge's header under an endpoint's class, which host controllers' drivers and
+    # quirks correct: the class is taken at its word, the header is not asked
+    # (docs/decisions.md).
+    tree.pci("0000:00:09.0", class_code="020000", iommu_group=10, header_type=1)
     host = scan(HostRoot(tree.build()))
     bridges = {str(a) for a, fn in host.pci.items() if fn.is_bridge}
     assert bridges == {
@@ -230,6 +238,8 @@ def test_bridges_are_told_by_header_type(tree: TreeBuilder) -> None:
         "0000:00:03.0",
         "0000:00:04.0",
         "0000:00:05.0",
+        "0000:00:07.0",
+        "0000:00:08.0",
     }
     # Neither kind is handed to a guest: bridges by rule 4, the chipset by rule 5.
     assert "bridges stay with the host (rule 4)" in (
@@ -238,6 +248,32 @@ def test_bridges_are_told_by_header_type(tree: TreeBuilder) -> None:
     assert "the chipset stays with the host (rule 5)" in (
         claim_preview(host, PciAddress.parse("00:00.0")).why_not or ""
     )
+
+
+class _ConfigOpens(HostRoot):
+    """Remembers whose config space the scan opens (``config`` is opened through ``local``)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.configs: list[str] = []
+
+    def local(self, kernel_path: str) -> str:
+        if kernel_path.endswith("/config"):
+            self.configs.append(kernel_path.split("/")[-2])
+        return super().local(kernel_path)
+
+
+def test_only_a_class_a_bridge_can_have_is_asked_its_header_type(tree: TreeBuilder) -> None:
+    """A host of thousands of endpoints opens no config space for them; a header type 1
+    under class 06 that no class fallback names (0680, "other bridge") is a bridge still."""
+    tree.cpus(count=2)
+    tree.pci("0000:00:01.0", class_code="068000", iommu_group=1, header_type=1)
+    tree.pci("0000:00:02.0", class_code="020000", iommu_group=2)
+    tree.pci("0000:00:03.0", class_code="010802", iommu_group=3)
+    root = _ConfigOpens(tree.build())
+    host = scan(root)
+    assert root.configs == ["0000:00:01.0"]
+    assert [str(a) for a, fn in host.pci.items() if fn.is_bridge] == ["0000:00:01.0"]
 
 
 def test_a_group_the_kernel_does_not_list_is_refused_not_planned_empty() -> None:
