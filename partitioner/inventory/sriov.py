@@ -38,6 +38,10 @@ def read_sriov(r: Reader, real: str) -> tuple[SriovCaps | None, str | None]:
     """The SR-IOV capability of the function at ``real`` (its /sys/devices path): (caps, None);
     (None, None) for a function without one; (None, why) for one whose files make no sense."""
     total_path = f"{real}/{sysfs.SRIOV_TOTALVFS}"
+    # Only a PF has the file, and asking whether it is there costs less than a failed
+    # open: most functions of a large host are no PF.
+    if not r.root.exists(total_path):
+        return None, None
     total = _count(r, total_path)
     if total is None:
         return None, None
