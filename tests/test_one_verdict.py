@@ -209,7 +209,8 @@ def test_every_kind_of_function_with_the_fake_kernel(tree: TreeBuilder) -> None:
 
 def test_bridges_are_told_by_header_type(tree: TreeBuilder) -> None:
     """Config space byte 0x0e (low 7 bits) says what is a bridge, as the kernel's
-    pci_is_bridge; the class says it only where a tree has no config file."""
+    pci_is_bridge; the class says it where a tree has no config file, and where it settles
+    the question (an endpoint's class, a PCI bridge's: docs/decisions.md)."""
     tree.cpus(count=2)
     tree.pci("0000:00:00.0", class_code="060000", iommu_group=0)  # host bridge: header 0
     tree.pci("0000:00:1f.0", class_code="060100", iommu_group=1)  # ISA bridge: header 0
