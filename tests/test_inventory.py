@@ -593,14 +593,17 @@ def _requests_per_port(tmp_path: Path, ports: int) -> dict[str, int]:
 
 def test_each_function_costs_its_own_files_and_links_only(tmp_path: Path) -> None:
     """Issue 18's host has 4,095 functions: the scan of one is its syscalls.  Per function:
-    the reads of its own files (uevent, driver_override, reset_method, numa_node, config,
-    resource, sriov_totalvfs: a PF or not) and four links (where it is, its group, its
-    driver, its physfn: a VF or not); no listing per function
-    or per group (interfaces come from one listing of /sys/class/net, group members from the
-    functions' links) and no stat (the uevent read tells its directory is there)."""
+    the reads of its own files (uevent, driver_override, reset_method, numa_node, resource;
+    config neither for an endpoint's class nor for a PCI bridge's, test_one_verdict),
+    whether it has sriov_totalvfs (a PF or not: asked, which costs less than a failed read)
+    and three links (where it is, its group, its driver); no physfn (only the functions a
+    PF names as VFs are asked, test_sriov), no listing per function or per group
+    (interfaces come from one listing of /sys/class/net, group members from the functions'
+    links) and no other stat (the uevent read tells its directory is there).  Here per
+    port: the port and its two-function NIC."""
     small, large = _requests_per_port(tmp_path, 8), _requests_per_port(tmp_path, 16)
-    per_function = {k: (large.get(k, 0) - small.get(k, 0)) / 24 for k in large.keys() | small}
-    assert per_function == {"read": 7, "readlink": 4, "listdir": 0, "stat": 0}
+    per_port = {k: (large.get(k, 0) - small.get(k, 0)) / 8 for k in large.keys() | small}
+    assert per_port == {"read": 3 * 5, "readlink": 3 * 3, "listdir": 0, "stat": 3 * 1}
 
 
 def test_nvme_multipath_root(tree: TreeBuilder) -> None:

@@ -209,19 +209,31 @@ def test_every_kind_of_function_with_the_fake_kernel(tree: TreeBuilder) -> None:
 
 def test_bridges_are_told_by_header_type(tree: TreeBuilder) -> None:
     """Config space byte 0x0e (low 7 bits) says what is a bridge, as the kernel's
-    pci_is_bridge; the class says it only where a tree has no config file."""
+    pci_is_bridge; the class says it where a tree has no config file, and where it settles
+    the question (an endpoint's class, a PCI bridge's: docs/decisions.md)."""
     tree.cpus(count=2)
     tree.pci("0000:00:00.0", class_code="060000", iommu_group=0)  # host bridge: header 0
     tree.pci("0000:00:1f.0", class_code="060100", iommu_group=1)  # ISA bridge: header 0
     tree.pci("0000:00:01.0", class_code="060400", iommu_group=2)  # PCI bridge: header 1
     tree.pci("0000:00:02.0", class_code="060700", iommu_group=3)  # CardBus: header 2
     # A multi-function bridge sets bit 7 of the header type: still type 1.
-    tree.pci("0000:00:03.0", class_code="060400", iommu_group=4, header_type=0x81)
+    tree.pci("0000:00:03.0", class_code="060900", iommu_group=4, header_type=0x81)
     # Header type says bridge whatever the class says (it is what the kernel reads).
     tree.pci("0000:00:04.0", class_code="068000", iommu_group=5, header_type=1)
     # Without a config file: the class decides (0604 / 0607 / 0609 have header type 1 or 2).
     tree.pci("0000:00:05.0", class_code="060400", iommu_group=6, header_type=None)
     tree.pci("0000:00:06.0", class_code="060000", iommu_group=7, header_type=None)
+    # The class the kernel gives a function whose class contradicts its header type (a
+    # CardBus header of another class), and "unassigned": the header type is asked.
+    tree.pci("0000:00:07.0", class_code="000000", iommu_group=8, header_type=2)
+    tree.pci("0000:00:08.0", class_code="ff0000", iommu_group=9, header_type=1)
+    # A bridge's header under an endpoint's class, which host controllers' drivers and
+    # quirks correct: the class is taken at its word, the header is not asked
+    # (docs/decisions.md).
+    tree.pci("0000:00:09.0", class_code="020000", iommu_group=10, header_type=1)
+    # A PCI bridge's class on a header type 0, which the kernel never shows (it makes such
+    # a class "not defined"): the class is taken at its word, the header is not asked.
+    tree.pci("0000:00:0a.0", class_code="060400", iommu_group=11, header_type=0)
     host = scan(HostRoot(tree.build()))
     bridges = {str(a) for a, fn in host.pci.items() if fn.is_bridge}
     assert bridges == {
@@ -230,6 +242,9 @@ def test_bridges_are_told_by_header_type(tree: TreeBuilder) -> None:
         "0000:00:03.0",
         "0000:00:04.0",
         "0000:00:05.0",
+        "0000:00:07.0",
+        "0000:00:08.0",
+        "0000:00:0a.0",
     }
     # Neither kind is handed to a guest: bridges by rule 4, the chipset by rule 5.
     assert "bridges stay with the host (rule 4)" in (
@@ -238,6 +253,37 @@ def test_bridges_are_told_by_header_type(tree: TreeBuilder) -> None:
     assert "the chipset stays with the host (rule 5)" in (
         claim_preview(host, PciAddress.parse("00:00.0")).why_not or ""
     )
+
+
+class _ConfigOpens(HostRoot):
+    """Remembers whose config space the scan opens (``config`` is opened through ``local``)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.configs: list[str] = []
+
+    def local(self, kernel_path: str) -> str:
+        if kernel_path.endswith("/config"):
+            self.configs.append(kernel_path.split("/")[-2])
+        return super().local(kernel_path)
+
+
+def test_only_a_class_a_bridge_can_have_is_asked_its_header_type(tree: TreeBuilder) -> None:
+    """A host of thousands of endpoints and ports opens no config space for them (a PCI
+    bridge's class is a header type 1's only); a header type 1 under class 06 that no class
+    fallback names (0680, "other bridge") is a bridge still, and so is one of class 00."""
+    tree.cpus(count=2)
+    tree.pci("0000:00:01.0", class_code="068000", iommu_group=1, header_type=1)
+    tree.pci("0000:00:02.0", class_code="020000", iommu_group=2)
+    tree.pci("0000:00:03.0", class_code="010802", iommu_group=3)
+    tree.pci("0000:00:04.0", class_code="060400", iommu_group=4)
+    tree.pci("0000:00:05.0", class_code="000000", iommu_group=5, header_type=1)
+    tree.pci("0000:00:06.0", class_code="060000", iommu_group=6)
+    root = _ConfigOpens(tree.build())
+    host = scan(root)
+    assert root.configs == ["0000:00:01.0", "0000:00:05.0", "0000:00:06.0"]
+    bridges = [str(a) for a, fn in host.pci.items() if fn.is_bridge]
+    assert bridges == ["0000:00:01.0", "0000:00:04.0", "0000:00:05.0"]
 
 
 def test_a_group_the_kernel_does_not_list_is_refused_not_planned_empty() -> None:

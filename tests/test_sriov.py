@@ -12,6 +12,7 @@ SR-IOV, and on node 0 a function 0000:01:00.0 with the VFs' id (8086:10ca) and n
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -239,6 +240,54 @@ def test_a_virtfn_whose_vf_does_not_name_the_pf_back_is_exit_2(
     (root / tree.device_path(VF[1]).lstrip("/") / "physfn").unlink()
     err = refused(capsys, root)
     assert f"{PF}/virtfn1 leads to {VF[1]}, which has no physfn link back" in err
+
+
+class _Links(HostRoot):
+    """Remembers the links the scan reads."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.links: list[str] = []
+
+    def readlink(self, kernel_path: str) -> str | None:
+        self.links.append(kernel_path)
+        return super().readlink(kernel_path)
+
+
+def test_only_the_functions_a_pf_names_are_asked_for_physfn(tree: TreeBuilder) -> None:
+    """The kernel makes virtfnN and physfn together: a host of thousands of functions and a
+    few PFs is not asked a physfn per function.  A physfn no PF names (which the kernel
+    never writes) is not read, so it makes no VF (docs/decisions.md)."""
+    root = sriov_host(tree, num_vfs=2).build()
+    lone = root / tree.device_path("0000:01:00.0").lstrip("/") / "physfn"
+    lone.symlink_to(os.path.relpath(tree.device_path(PF), tree.device_path("0000:01:00.0")))
+    links = _Links(root)
+    h = scan(links)
+    asked = sorted(p.split("/")[-2] for p in links.links if p.endswith("/physfn"))
+    assert asked == VF[:2]
+    assert [h.pci[A(v)].physfn for v in VF[:2]] == [A(PF), A(PF)]
+    assert h.pci[A("0000:01:00.0")].physfn is None and h.pci[A(PF)].physfn is None
+
+
+@pytest.mark.parametrize("damage", ["virtfn-missing", "numvfs-over-total"])
+def test_where_a_pfs_links_do_not_name_all_its_vfs_every_function_is_asked(
+    tree: TreeBuilder, damage: str
+) -> None:
+    """A PF with a virtfnN missing, or whose numbers make no sense (its links are not read):
+    its VFs are VFs still, each by its own physfn, as the kernel made them."""
+    root = sriov_host(tree, num_vfs=3).build()
+    pf_dir = root / tree.device_path(PF).lstrip("/")
+    if damage == "virtfn-missing":
+        (pf_dir / "virtfn1").unlink()
+    else:
+        (pf_dir / "sriov_numvfs").write_text("9\n")
+    links = _Links(root)
+    h = scan(links)
+    assert [h.pci[A(v)].physfn for v in VF[:3]] == [A(PF)] * 3
+    asked = {p.split("/")[-2] for p in links.links if p.endswith("/physfn")}
+    assert asked == {str(a) for a in h.pci}
+    said = "no virtfn1 link" if damage == "virtfn-missing" else "more than its sriov_totalvfs"
+    assert any(said in n for n in h.notes), h.notes
 
 
 def _plan_cli(

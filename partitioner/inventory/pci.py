@@ -15,7 +15,7 @@ from dataclasses import replace
 from partitioner.inventory.bars import read_bars
 from partitioner.inventory.model import IommuGroup, PciFunction
 from partitioner.inventory.reader import Reader, is_number
-from partitioner.inventory.sriov import read_physfn, read_sriov, relate
+from partitioner.inventory.sriov import names_its_vfs, read_physfns, read_sriov, relate
 from partitioner.kernel import sysfs
 from partitioner.kernel.root import HostRoot
 from partitioner.pci import PciAddress, PciAddressSyntaxError
@@ -91,6 +91,8 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
     # their reset methods.  A large host's Host holds thousands fewer objects.
     upstreams: dict[str, tuple[PciAddress, ...]] = {}
     resets: dict[str | None, tuple[str, ...]] = {}
+    dirs: dict[PciAddress, str] = {}  # each function's directory, for a VF's physfn
+    vfs: list[PciAddress] | None = []  # what PFs name as VFs; None: a PF's links fall short
     for name in root.listdir(sysfs.PCI_DEVICES):
         try:
             addr = PciAddress.parse(name)
@@ -130,6 +132,11 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
         if named is None:
             named = names[(vendor, device)] = names_of(r, vendor, device)
         sriov, sriov_problem = read_sriov(r, real)
+        if not names_its_vfs(sriov, sriov_problem):
+            vfs = None
+        elif sriov is not None and vfs is not None:
+            vfs += sriov.vfs
+        dirs[addr] = real
         out[addr] = PciFunction(
             address=addr,
             vendor=vendor,
@@ -159,9 +166,9 @@ def scan_pci(r: Reader) -> dict[PciAddress, PciFunction]:
             # only for a function the kernel can reset) says what reset_method would.
             reset_unnamed=reset is None and root.exists(f"{real}/reset"),
             sriov=sriov,
-            physfn=read_physfn(r, real),
             sriov_problem=sriov_problem,
         )
+    read_physfns(r, out, dirs, vfs)
     relate(out, r)
     return dict(sorted(out.items()))
 
@@ -277,6 +284,11 @@ def parse_pci(text: str) -> PciAddress:
     return PciAddress.parse(text)
 
 
+# The base classes a function with a bridge's header has: bridges (06); not defined (00),
+# which the kernel gives a function whose class contradicts its header type; unassigned (ff).
+_BRIDGE_BASE_CLASSES = ("06", "00", "ff")
+
+
 def pci_is_bridge(root: HostRoot, device_dir: str, class_code: str) -> bool:
     """A bridge as the kernel means it (``pci_is_bridge``): header type 1 (PCI-to-PCI
     bridge or port) or 2 (CardBus), the low 7 bits of config space byte 0x0e.
@@ -287,7 +299,20 @@ def pci_is_bridge(root: HostRoot, device_dir: str, class_code: str) -> bool:
     FIFO there).  A tree without it (hwloc's older dumps, snapshots) falls back to the
     classes that have header type 1 or 2: PCI bridge (0604), CardBus (0607),
     semi-transparent PCI bridge (0609).
+
+    Only a function whose class can go with a bridge's header is asked (base class 06, 00
+    or ff, or a class not known): pci_setup_device makes the class of a header type 0 or 2
+    that contradicts it "not defined" (000000), and a header type 1 with a class that is
+    no bridge's is an oddity that host controllers' drivers and quirks correct to 0604.
+    Nor is a PCI bridge (0604) asked: the kernel shows that class on a header type 1 only
+    (it makes a header type 0 or 2 of class 0604 "not defined").  A host of thousands of
+    endpoints and ports is spared an open each (docs/decisions.md).
     """
+    if len(class_code) == 6:
+        if class_code[:2] not in _BRIDGE_BASE_CLASSES:
+            return False
+        if class_code[:4] == "0604":
+            return True
     head = b""
     try:
         fd = os.open(root.local(f"{device_dir}/config"), os.O_RDONLY | os.O_NONBLOCK)

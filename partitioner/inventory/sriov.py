@@ -9,11 +9,19 @@ the kernel cannot have written, because a plan made from it could take a VF from
 wrong PF or change the VF count of a PF whose VFs are in use.  Numbers that are not
 numbers, or more VFs than the PF can have, degrade to "no SR-IOV here" with a note and
 ``PciFunction.sriov_problem`` saying why, which ``plan`` repeats if the site names the PF.
+
+The kernel makes the two links together (``pci_iov_sysfs_link``: ``virtfnN`` in the PF,
+then ``physfn`` in the VF; both or neither), so where every PF's links name all its VFs
+only the functions they name are asked for ``physfn`` (:func:`read_physfns`): a host of
+thousands of functions and a few PFs is spared a failing readlink per function.  A
+``physfn`` no ``virtfnN`` leads to is a link the kernel never wrote alone; it is not read
+(docs/decisions.md).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from partitioner.errors import HostReadError
 from partitioner.inventory.model import PciFunction, SriovCaps
@@ -30,6 +38,10 @@ def read_sriov(r: Reader, real: str) -> tuple[SriovCaps | None, str | None]:
     """The SR-IOV capability of the function at ``real`` (its /sys/devices path): (caps, None);
     (None, None) for a function without one; (None, why) for one whose files make no sense."""
     total_path = f"{real}/{sysfs.SRIOV_TOTALVFS}"
+    # Only a PF has the file, and asking whether it is there costs less than a failed
+    # open: most functions of a large host are no PF.
+    if not r.root.exists(total_path):
+        return None, None
     total = _count(r, total_path)
     if total is None:
         return None, None
@@ -75,11 +87,31 @@ def read_sriov(r: Reader, real: str) -> tuple[SriovCaps | None, str | None]:
     )
 
 
-def read_physfn(r: Reader, real: str) -> PciAddress | None:
-    """The physical function of the virtual function at ``real``; None if it is none."""
-    link = f"{real}/{sysfs.PHYSFN}"
-    target = r.root.readlink(link)
-    return None if target is None else _linked(r, link, target)
+def names_its_vfs(caps: SriovCaps | None, problem: str | None) -> bool:
+    """Whether a function's ``virtfnN`` links, as :func:`read_sriov` read them, name all the
+    VFs it has: true of a function without SR-IOV files and of a sound PF; false of a PF
+    whose numbers make no sense (its links are not read) or with a link missing."""
+    return problem is None and (caps is None or len(caps.vfs) == caps.num_vfs)
+
+
+def read_physfns(
+    r: Reader,
+    pci: dict[PciAddress, PciFunction],
+    dirs: dict[PciAddress, str],
+    named: list[PciAddress] | None,
+) -> None:
+    """Set ``physfn`` in ``pci`` from the links of the functions PFs ``named`` as VFs, or of
+    every function (None) where a PF's links do not name all its VFs, as :func:`relate` then
+    checks them; ``dirs`` holds each function's directory."""
+    for addr in pci if named is None else named:
+        fn = pci.get(addr)
+        if fn is None or fn.physfn is not None:
+            continue  # a virtfnN leading nowhere, or a VF two PFs name: relate says which
+        real = dirs[addr]
+        link = f"{real}/{sysfs.PHYSFN}"
+        target = r.root.readlink(link)
+        if target is not None:
+            pci[addr] = replace(fn, physfn=_linked(r, link, target))
 
 
 def relate(pci: dict[PciAddress, PciFunction], r: Reader) -> None:

@@ -34,6 +34,8 @@ _HEX_RE = re.compile(r"(?:0[xX])?[0-9a-fA-F]{1,16}")
 # many thousands of mounts) is a few MiB; a hostile tree's file could fill memory.
 MAX_FILE = 64 * 2**20
 
+_READ = os.O_RDONLY | os.O_CLOEXEC
+
 # Where a snapshot keeps the hwdb entries its scan read (udev's own source format).
 SNAPSHOT_HWDB = "/etc/udev/hwdb.d/60-partition-snapshot.hwdb"
 
@@ -112,7 +114,11 @@ class HostRoot:
         )
 
     def exists(self, kernel_path: str) -> bool:
-        return "\0" not in kernel_path and os.path.exists(self._local(kernel_path))
+        # access(F_OK) with the effective ids is stat's answer without stat's struct or a
+        # Python exception for a missing file: the scan asks it of every PCI function.
+        return "\0" not in kernel_path and os.access(
+            self._local(kernel_path), os.F_OK, effective_ids=True
+        )
 
     def is_dir(self, kernel_path: str) -> bool:
         return "\0" not in kernel_path and os.path.isdir(self._local(kernel_path))
@@ -123,24 +129,24 @@ class HostRoot:
         Sysfs files that exist but refuse a read (EINVAL, EIO, EACCES: write-only
         attributes, devices that went away) also give ``default``.
         """
+        # A host scan reads thousands of tiny files, and this is the price of each beyond its
+        # syscalls: os.read on raw bytes (a buffered text file costs several times the
+        # syscalls' price), and the checks of _local inline.
+        if not kernel_path.startswith("/"):
+            raise ValueError(f"kernel paths are absolute: {kernel_path!r}")
+        if "\0" in kernel_path:
+            return default  # built from a damaged file's text: no file has that name
         try:
-            # os.read on raw bytes: a buffered text file costs several times the
-            # syscalls' price, and a host scan reads thousands of tiny files.
-            fd = os.open(self._local(kernel_path), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self._prefix + kernel_path, _READ)
             try:
-                chunks = [os.read(fd, 65536)]
+                data = os.read(fd, 65536)
                 # A sysfs attribute comes whole in one read; procfs hands out about
                 # a page per read, so there only an empty read is the end.
-                if kernel_path.startswith("/proc/") or len(chunks[0]) == 65536:
-                    size = len(chunks[0])
-                    while chunks[-1]:
-                        chunks.append(os.read(fd, 65536))
-                        size += len(chunks[-1])
-                        if size > MAX_FILE:
-                            raise self._too_big(kernel_path)
+                if len(data) == 65536 or kernel_path.startswith("/proc/"):
+                    data = self._read_on(kernel_path, fd, data)
             finally:
                 os.close(fd)
-            return b"".join(chunks).decode("utf-8", errors="replace").strip()
+            return data.decode("utf-8", "replace").strip()
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError):
             return default
         except OSError as e:
@@ -149,6 +155,17 @@ class HostRoot:
             if e.errno == errno_mod.ELOOP:
                 raise self._loop(kernel_path) from None
             raise
+
+    def _read_on(self, kernel_path: str, fd: int, first: bytes) -> bytes:
+        """The rest of a file whose first read gave ``first``, up to an empty read."""
+        chunks = [first]
+        size = len(first)
+        while chunks[-1]:
+            chunks.append(os.read(fd, 65536))
+            size += len(chunks[-1])
+            if size > MAX_FILE:
+                raise self._too_big(kernel_path)
+        return b"".join(chunks)
 
     def read_int(self, kernel_path: str, default: int | None = None, base: int = 10) -> int | None:
         text = self.read(kernel_path)
@@ -171,7 +188,7 @@ class HostRoot:
     def readlink_name(self, kernel_path: str) -> str | None:
         """The last component of a symlink's target (``driver`` -> ``e1000e``), or None."""
         try:
-            return os.path.basename(os.readlink(self._local(kernel_path)))
+            return os.readlink(self._local(kernel_path)).rpartition("/")[2]
         except OSError:
             return None
 
