@@ -43,8 +43,11 @@ from pathlib import Path
 from typing import TextIO
 
 import pytest
+from guestimage import SHARED_KERNEL
 
-from partitioner.testbed.initramfs import OUT_DIR
+from partitioner.errors import GuestError
+from partitioner.testbed import guestimage
+from partitioner.testbed.initramfs import OUT_DIR, bootable_kernel
 from partitioner.testbed.qemu import QemuLacksDevices, choose_qemu
 from partitioner.testbed.server import (
     TestbedEmulationFault,
@@ -179,6 +182,7 @@ def inside_run(
     # TCG costs a second or more a command.  Compiled here, once, at the host's speed.
     for tree in ("partitioner", "tests"):
         compileall.compile_dir(PROJECT / tree, quiet=2, workers=1)
+    _share_guest_kernel(out)
     by_topology: dict[str, list[str]] = {}
     for m in selected:
         by_topology.setdefault(topology_of(m), []).append(m)
@@ -265,6 +269,22 @@ def _run_once_more_after_a_fault(
         stream.write(f"\n--- {problem}\n--- again on a fresh server: {' '.join(left)}\n")
         rc, problem, _ = boot_and_run(left, out, stream)
     return rc, problem, boot_seconds
+
+
+def _share_guest_kernel(out: Path) -> None:
+    """The nested guests' kernel as an uncompressed ELF image (booted through QEMU's PVH
+    entry), unpacked here at the host's speed and left in the shared output directory, where
+    tests/guestimage.py finds it: a bzImage unpacks itself inside the guest, minutes under
+    TCG inside TCG.  A kernel without PVH is left as it is."""
+    try:
+        kernel = guestimage.guest_kernel()
+    except GuestError:
+        return  # the modules that need a guest skip, saying why
+    elf = bootable_kernel(kernel)
+    if elf != kernel:
+        out.chmod(0o755)
+        shutil.copyfile(elf, out / SHARED_KERNEL)
+        (out / SHARED_KERNEL).chmod(0o644)
 
 
 def _boot_and_run(

@@ -233,9 +233,11 @@ def walls(request: pytest.FixtureRequest, testbed_out: Path) -> Iterator[Walls]:
         "PARTITION_RUN_DIR": str(tmp / "run"),
         "PARTITION_LOG_DIR": str(tmp / "log"),
     }
-    guest_kernel()
+    kernel = guest_kernel()
     initrd = build_guest_initramfs(tmp / "img")
     text = DEMO.read_text().replace("/srv/partition/demo/guest-initramfs.cpio.gz", str(initrd))
+    assert text.count("kernel: /vmlinuz") == 2, "the demo's two partitions boot /vmlinuz"
+    text = text.replace("kernel: /vmlinuz", f"kernel: {kernel}")
     text = text.replace(
         "  accel: tcg", f"  accel: tcg\n  confine: {'true' if confine else 'false'}"
     )
