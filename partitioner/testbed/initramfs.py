@@ -19,6 +19,7 @@ machine powers off.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import lzma
@@ -406,6 +407,7 @@ def bootable_kernel(kernel: str | os.PathLike[str]) -> Path:
     key = hashlib.sha256(f"{kernel}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir() / f"vmlinux-{version}-{key}"
     if target.exists():
+        _readable(target)
         return target
     data = kernel.read_bytes()
     start = data.find(b"\xfd7zXZ\x00")
@@ -418,7 +420,16 @@ def bootable_kernel(kernel: str | os.PathLike[str]) -> Path:
     if not elf.startswith(b"\x7fELF"):
         return kernel
     _write_atomically(target, elf)
+    _readable(target)
     return target
+
+
+def _readable(path: Path) -> None:
+    """Readable by all, as /boot's kernels are: a guest's QEMU (libvirt's, a confined one)
+    may open it as another user."""
+    with contextlib.suppress(OSError):
+        if path.stat().st_mode & 0o044 != 0o044:
+            path.chmod(0o644)
 
 
 def _write_atomically(target: Path, data: bytes) -> None:
